@@ -1,0 +1,5 @@
+import sys
+
+from sfedlora.cli import main
+
+sys.exit(main())

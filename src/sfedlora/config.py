@@ -1,0 +1,256 @@
+"""Experiment configuration: one YAML file plus dotted ``key=value`` overrides.
+
+Everything is validated before any model or data is touched. Errors are raised as
+:class:`ConfigError` with one message that names the field and says how to fix it,
+because a researcher launching a sweep should learn about a typo in one second, not
+after a model has loaded.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+METHODS = ("fedit", "ffa", "fedsa", "rolora", "sfed")
+SCALINGS = ("lora", "rslora", "sfed")
+A_INITS = ("independent", "shared")
+
+
+class ConfigError(ValueError):
+    """A configuration the run cannot start with; the message names field and fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ClientsConfig(_Section):
+    num: int = Field(10, gt=0, description="number of clients")
+    per_round: int | float | Literal["all"] = Field(
+        "all", description="clients per round: 'all', a count, or a fraction in (0, 1]"
+    )
+    min_clients: int = Field(1, gt=0, description="replies a round needs to aggregate")
+
+
+class LocalConfig(_Section):
+    steps: int | None = Field(5, gt=0, description="local optimizer steps per round")
+    epochs: int | None = Field(None, gt=0, description="local epochs (instead of steps)")
+    batch_size: int = Field(16, gt=0)
+    optimizer: Literal["sgd", "adamw"] = "adamw"
+    lr: float = Field(5e-4, gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    keep_optimizer_state: bool = Field(
+        False, description="keep each client's optimizer state across rounds"
+    )
+    max_grad_norm: float | None = Field(None, gt=0)
+
+
+class LoraConfig(_Section):
+    rank: int = Field(8, gt=0)
+    alpha: float = Field(16.0, gt=0)
+    scaling: Literal["lora", "rslora", "sfed"] | None = Field(
+        None, description="None: the method's default (sfed for sfed, lora otherwise)"
+    )
+    a_init: Literal["independent", "shared"] | None = Field(
+        None, description="None: the method's default"
+    )
+    targets: list[str] | None = Field(None, description="None: per-architecture default")
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
+class ModelConfig(_Section):
+    name: str = Field("all-MiniLM-L6-v2", description="hub name, local path or offline asset")
+    max_length: int = Field(128, gt=0)
+
+
+class DataConfig(_Section):
+    source: Literal["bbc", "files", "hf"] = "bbc"
+    train_path: str | None = None
+    test_path: str | None = None
+    dataset: str | None = Field(None, description="HF dataset name for source=hf, e.g. glue")
+    subset: str | None = Field(None, description="HF dataset config, e.g. sst2")
+    train_split: str = "train"
+    test_split: str | None = Field("validation", description="HF split used as global test")
+    text_column: str = "text"
+    label_column: str = "label"
+    partition: Literal["iid", "dirichlet", "classes"] = "dirichlet"
+    dirichlet_alpha: float = Field(0.5, gt=0)
+    classes_per_client: int = Field(2, gt=0)
+    min_partition_size: int = Field(10, ge=0)
+    client_test_fraction: float = Field(0.2, gt=0, lt=1)
+    global_test_fraction: float = Field(0.2, gt=0, lt=1)
+    max_train_examples: int | None = Field(None, gt=0)
+    max_test_examples: int | None = Field(None, gt=0)
+
+
+class EvalConfig(_Section):
+    every: int = Field(1, ge=0, description="evaluate every k rounds (the last always); 0: never")
+    batch_size: int = Field(64, gt=0)
+    probe_size: int = Field(16, gt=0, description="examples in the fixed probe batch")
+
+
+class ExperimentConfig(_Section):
+    method: Literal["fedit", "ffa", "fedsa", "rolora", "sfed"] = "sfed"
+    seed: int = 0
+    rounds: int = Field(10, gt=0)
+    clients: ClientsConfig = ClientsConfig()
+    local: LocalConfig = LocalConfig()
+    lora: LoraConfig = LoraConfig()
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    eval: EvalConfig = EvalConfig()
+    output_dir: str = "runs/latest"
+    progress: bool = True
+
+    @model_validator(mode="after")
+    def _combinations(self) -> ExperimentConfig:
+        from sfedlora.methods import get_method  # late import: methods import config types
+
+        c, local, data = self.clients, self.local, self.data
+        if local.steps is not None and local.epochs is not None:
+            raise ValueError(
+                "local.steps and local.epochs are both set; set one of them to null"
+            )
+        if local.steps is None and local.epochs is None:
+            raise ValueError("set local.steps (optimizer steps) or local.epochs per round")
+        if isinstance(c.per_round, float) and not 0 < c.per_round <= 1:
+            raise ValueError(
+                f"clients.per_round={c.per_round}: a fraction must lie in (0, 1]; "
+                "use an integer for a count"
+            )
+        if isinstance(c.per_round, int) and not 0 < c.per_round <= c.num:
+            raise ValueError(
+                f"clients.per_round={c.per_round} must be between 1 and clients.num={c.num}"
+            )
+        if c.min_clients > self.clients_per_round:
+            raise ValueError(
+                f"clients.min_clients={c.min_clients} exceeds the {self.clients_per_round} "
+                "clients sampled per round; lower it or raise clients.per_round"
+            )
+        method = get_method(self.method)
+        if self.lora.a_init is not None and self.lora.a_init not in method.a_init_modes:
+            raise ValueError(
+                f"lora.a_init={self.lora.a_init!r} does not apply to method {self.method!r} "
+                f"({method.a_init_note}); remove lora.a_init"
+            )
+        if data.source == "files" and not data.train_path:
+            raise ValueError("data.source=files needs data.train_path (a CSV, TSV or JSONL file)")
+        if data.source == "hf" and not data.dataset:
+            raise ValueError("data.source=hf needs data.dataset, e.g. data.dataset=glue")
+        if data.partition == "classes" and data.classes_per_client < 1:
+            raise ValueError("data.classes_per_client must be at least 1")
+        return self
+
+    # Derived values, resolved in one place so every runtime agrees on them.
+    @property
+    def clients_per_round(self) -> int:
+        """N: clients aggregated per round (fixed, so the sfed scale does not jump)."""
+        per = self.clients.per_round
+        if per == "all":
+            return self.clients.num
+        if isinstance(per, float):
+            return max(1, round(per * self.clients.num))
+        return per
+
+    @property
+    def scaling(self) -> str:
+        from sfedlora.methods import get_method
+
+        return self.lora.scaling or get_method(self.method).default_scaling
+
+    @property
+    def a_init(self) -> str:
+        from sfedlora.methods import get_method
+
+        return self.lora.a_init or get_method(self.method).a_init_modes[0]
+
+
+# --- loading ---------------------------------------------------------------------------
+
+
+def _field_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
+    paths = []
+    for name, info in model.model_fields.items():
+        ann = info.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            paths += _field_paths(ann, f"{prefix}{name}.")
+        else:
+            paths.append(f"{prefix}{name}")
+    return paths
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    known = _field_paths(ExperimentConfig)
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not isinstance(p, int))
+        # pydantic reports union members as extra path parts ('int', 'float', ...)
+        loc = next((k for k in known if loc.startswith(k)), loc) if loc not in known else loc
+        if e["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(loc, known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else "; remove it"
+            lines.append(f"unknown key {loc!r}{hint}")
+        elif e["type"] == "value_error" or not loc:
+            lines.append(str(e["msg"]).removeprefix("Value error, "))
+        else:
+            lines.append(f"{loc}={e.get('input')!r}: {e['msg']}; fix {loc} in the config")
+    return "invalid config: " + " | ".join(dict.fromkeys(lines))
+
+
+def _parse_value(text: str) -> Any:
+    """Parse an override value the way YAML would ('8' -> 8, 'null' -> None, '[a,b]')."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``dotted.key=value`` overrides to a nested dict (in place, also returned)."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
+        node = raw
+        *parents, leaf = key.split(".")
+        for p in parents:
+            child = node.setdefault(p, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {key!r}: {p!r} is not a section")
+            node = child
+        node[leaf] = _parse_value(value)
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> ExperimentConfig:
+    """Read a YAML config (or the defaults: the offline main job) and apply overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys")
+    apply_overrides(raw, list(overrides))
+    return validate(raw)
+
+
+def validate(raw: dict[str, Any]) -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc)) from None
+
+
+def to_yaml(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

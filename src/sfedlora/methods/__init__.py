@@ -1,0 +1,20 @@
+"""Registry of federated LoRA methods (see :mod:`sfedlora.methods.base`)."""
+
+from sfedlora.methods.base import Method, Part, RoundPlan, Update, part_of
+from sfedlora.methods.fedit import FedIT
+from sfedlora.methods.fedsa import FedSA
+from sfedlora.methods.ffa import FFA
+from sfedlora.methods.rolora import RoLoRA
+from sfedlora.methods.sfed import SFed
+
+REGISTRY: dict[str, type[Method]] = {m.name: m for m in (FedIT, FFA, FedSA, RoLoRA, SFed)}
+
+
+def get_method(name: str) -> Method:
+    try:
+        return REGISTRY[name]()
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; choose one of {sorted(REGISTRY)}") from None
+
+
+__all__ = ["REGISTRY", "Method", "Part", "RoundPlan", "Update", "get_method", "part_of"]

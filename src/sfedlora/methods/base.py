@@ -1,0 +1,125 @@
+"""The method interface: a small, pure description of one federated LoRA algorithm.
+
+A method says, and only says:
+
+* which parts of the adapter exist on the server (``shared``: downloaded every round),
+  stay with each client across rounds (``private``: never sent), or are fixed at one
+  seeded init on every client (``fixed``: never trained, never sent);
+* which parts train and which are sent up in a given round (:meth:`Method.plan`);
+* how the server combines the uploads (:meth:`Method.aggregate`);
+* which scale it uses by default and which ``a_init`` modes make sense.
+
+Runtimes (the in-process simulator, later Flower) execute a method; they never branch
+on its name. The parts are A (``lora_A``), B (``lora_B``) and the task head.
+
+How the methods still to come fit without a redesign:
+
+* **Quantised / sparse messages (FLoCoRA, top-k).** Messages are dicts of tensors that
+  the runtime serialises with safetensors (:mod:`sfedlora.wire`). A codec is a pair of
+  functions applied to that dict per direction before serialisation; methods do not
+  change.
+* **FLASC.** ``aggregate`` receives the previous global state and the decoded updates;
+  FLASC's method keeps a server AdamW state and returns ``global - step(mean delta)``.
+  Masked download is a down-codec; ``plan.upload`` is unchanged.
+* **FLoRA.** ``aggregate`` may return the stacked factors; a method attribute
+  ``merge_into_base`` lets the runtime fold ``gamma * B_s A_s`` into W0 and re-initialise
+  the adapter (A random, B zero) the next round. Mixed ranks are per-client shapes in
+  the client's initial state; ``aggregate`` already sees every client's tensors by name.
+* **FDLoRA.** A second adapter is one more part (``personal``) listed in ``private``;
+  the fusion weights are client-side state used at evaluation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import ClassVar
+
+import torch
+
+
+class Part(StrEnum):
+    A = "A"
+    B = "B"
+    HEAD = "head"
+
+
+def part_of(name: str) -> Part:
+    """Which part an adapter tensor belongs to, from its PEFT name."""
+    if ".lora_A." in name:
+        return Part.A
+    if ".lora_B." in name:
+        return Part.B
+    return Part.HEAD
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """What a client does in one round."""
+
+    train: frozenset[Part]
+    upload: frozenset[Part]
+
+
+@dataclass(frozen=True)
+class Update:
+    """One client's upload as the server decoded it."""
+
+    client_id: int
+    num_examples: int
+    tensors: dict[str, torch.Tensor]
+
+
+ALL_PARTS = frozenset(Part)
+
+
+class Method:
+    """Base description; subclasses override class attributes and rarely methods."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    shared: ClassVar[frozenset[Part]] = ALL_PARTS
+    private: ClassVar[frozenset[Part]] = frozenset()
+    fixed: ClassVar[frozenset[Part]] = frozenset()
+    default_scaling: ClassVar[str] = "lora"
+    weighting: ClassVar[str] = "examples"  # "examples": p_i ~ n_i; "uniform": p_i = 1/m
+    # First entry is the default; a_init is an error for methods with one mode.
+    a_init_modes: ClassVar[tuple[str, ...]] = ("shared",)
+    a_init_note: ClassVar[str] = "every client starts from one shared A"
+
+    @property
+    def has_global_adapter(self) -> bool:
+        """True when the server's state alone is a complete adapter."""
+        return not self.private
+
+    def plan(self, round_idx: int) -> RoundPlan:
+        """Default: everything that is not fixed trains; the shared parts go up."""
+        trainable = (self.shared | self.private) - self.fixed
+        return RoundPlan(train=frozenset(trainable), upload=frozenset(self.shared - self.fixed))
+
+    def weights(self, updates: Sequence[Update]) -> list[float]:
+        if self.weighting == "uniform":
+            return [1.0 / len(updates)] * len(updates)
+        total = sum(u.num_examples for u in updates)
+        return [u.num_examples / total for u in updates]
+
+    def aggregate(
+        self, global_state: dict[str, torch.Tensor], updates: Sequence[Update]
+    ) -> dict[str, torch.Tensor]:
+        """New global state: the weighted mean of every uploaded tensor.
+
+        Tensors nobody uploaded keep their global value. Updates are combined in
+        client-id order so the result does not depend on arrival order.
+        """
+        updates = sorted(updates, key=lambda u: u.client_id)
+        new_state = dict(global_state)
+        if not updates:
+            return new_state
+        weights = self.weights(updates)
+        for name in updates[0].tensors:
+            acc = torch.zeros_like(updates[0].tensors[name], dtype=torch.float64)
+            for w, u in zip(weights, updates, strict=True):
+                acc += w * u.tensors[name].to(torch.float64)
+            new_state[name] = acc.to(updates[0].tensors[name].dtype)
+        return new_state

@@ -1,0 +1,18 @@
+"""FedSA-LoRA (Guo et al., ICLR 2025): A learns general knowledge and is averaged;
+B and the classifier head are client-specific and stay on each client across rounds
+(the paper's per-client B, not the "relay" of the authors' public code, where one
+model object passes B from client to client). The server averages A uniformly, as
+the official code does.
+"""
+
+from sfedlora.methods.base import Method, Part
+
+
+class FedSA(Method):
+    name = "fedsa"
+    summary = "A averaged (uniform); B and head private per client"
+    shared = frozenset({Part.A})
+    private = frozenset({Part.B, Part.HEAD})
+    weighting = "uniform"
+    a_init_modes = ("shared", "independent")
+    a_init_note = "A is averaged, so clients may start from one A or their own"

@@ -1,0 +1,86 @@
+"""The run directory: resolved config, metrics, timings, summary, PEFT adapters.
+
+``metrics.jsonl`` holds only deterministic values (bit-identical for the same config
+and seed); wall-clock seconds go to ``timings.jsonl`` for that reason.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sfedlora.config import ExperimentConfig, to_yaml
+
+if TYPE_CHECKING:
+    from sfedlora.experiment import Experiment
+    from sfedlora.simulation import Simulation
+
+SUMMARY_KEYS = (
+    "round", "train_loss", "personalized_accuracy", "personalized_accuracy_weighted",
+    "global_accuracy", "personalized_loss", "global_loss", "grad_norm_A", "grad_norm_B",
+    "adapter_output_norm", "bytes_up", "bytes_down", "bytes_up_total", "bytes_down_total",
+)
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._log_handler: logging.Handler | None = None
+
+    def start(self, cfg: ExperimentConfig, experiment: Experiment) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / "config.yaml").write_text(to_yaml(cfg))
+        (self.path / "labels.json").write_text(json.dumps(experiment.data.label_names))
+        for name in ("metrics.jsonl", "timings.jsonl"):
+            (self.path / name).write_text("")
+        self._log_handler = logging.FileHandler(self.path / "run.log", mode="w")
+        self._log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logging.getLogger("sfedlora").addHandler(self._log_handler)
+
+    def _append(self, name: str, record: dict) -> None:
+        with open(self.path / name, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def log_metrics(self, record: dict) -> None:
+        self._append("metrics.jsonl", record)
+
+    def log_timing(self, record: dict) -> None:
+        self._append("timings.jsonl", record)
+
+    def export_adapters(self, sim: Simulation) -> list[Path]:
+        """PEFT-format adapters: one global adapter, or one per client where parts of
+        the adapter are private."""
+        worker = sim.exp.worker
+        if sim.method.has_global_adapter:
+            targets = {"global": sim.global_adapter()}
+        else:
+            targets = {f"client_{c}": sim.client_adapter(c) for c in range(sim.cfg.clients.num)}
+        written = []
+        for name, tensors in targets.items():
+            worker.slots.load(tensors)
+            out = self.path / "adapters" / name
+            worker.model.save_pretrained(out)
+            written.append(out)
+        return written
+
+    def finish(self, sim: Simulation, last: dict, wall_seconds: float) -> dict:
+        self.export_adapters(sim)
+        cfg = sim.cfg
+        summary = {k: last.get(k) for k in SUMMARY_KEYS}
+        summary.update(
+            method=cfg.method,
+            scaling=cfg.scaling,
+            a_init=cfg.a_init,
+            gamma=sim.exp.gamma,
+            rank=cfg.lora.rank,
+            clients_per_round=cfg.clients_per_round,
+            base_model=sim.exp.base_path,
+            wall_seconds=wall_seconds,
+        )
+        (self.path / "summary.json").write_text(json.dumps(summary, indent=2))
+        if self._log_handler is not None:
+            logging.getLogger("sfedlora").removeHandler(self._log_handler)
+            self._log_handler.close()
+        return summary

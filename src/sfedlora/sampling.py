@@ -1,0 +1,16 @@
+"""Seeded client sampling: which clients take part in a round."""
+
+from __future__ import annotations
+
+import numpy as np
+
+TAG_SAMPLE = 303
+
+
+def sample_clients(num_clients: int, per_round: int, seed: int, round_idx: int) -> list[int]:
+    """``per_round`` distinct client ids in ascending order, a pure function of
+    (seed, round), so any runtime draws the same clients."""
+    if per_round >= num_clients:
+        return list(range(num_clients))
+    rng = np.random.default_rng([seed, TAG_SAMPLE, round_idx])
+    return sorted(int(c) for c in rng.choice(num_clients, size=per_round, replace=False))

@@ -1,0 +1,37 @@
+"""Messages between clients and server: dicts of tensors serialised with safetensors.
+
+Every message really is serialised and parsed back, even in the in-process
+simulator, so the byte counts in the metrics are ``len(payload)`` of what would
+cross a network, and the server only ever sees tensors decoded from bytes (never
+unpickled objects).
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+
+class MessageError(ValueError):
+    """A payload that is not a valid message."""
+
+
+def encode(tensors: dict[str, torch.Tensor], meta: dict[str, object] | None = None) -> bytes:
+    """Serialise a message. An empty message is zero bytes: nothing is sent."""
+    if not tensors:
+        return b""
+    metadata = {"sfedlora": json.dumps(meta or {}, sort_keys=True)}
+    return st_save({k: v.detach().contiguous() for k, v in tensors.items()}, metadata=metadata)
+
+
+def decode(payload: bytes) -> dict[str, torch.Tensor]:
+    """Parse a message back into tensors; raises :class:`MessageError` on bad bytes."""
+    if not payload:
+        return {}
+    try:
+        return st_load(payload)
+    except Exception as exc:  # safetensors raises several types for corrupt input
+        raise MessageError(f"payload is not a valid safetensors message: {exc}") from exc

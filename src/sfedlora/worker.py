@@ -1,0 +1,219 @@
+"""Client-side execution: a client's round (fit) and evaluation on the one model.
+
+A :class:`Worker` owns the process's model and runs any client on it by swapping
+adapter tensors in and out. It follows the method's description (what trains, what
+goes up, what stays) and contains no method-specific logic, so every runtime (the
+in-process simulator, a Flower ClientApp) can call it.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from peft.tuners.lora import LoraLayer
+
+from sfedlora import wire
+from sfedlora.adapters import TAG_A_INIT, AdapterSlots, derive_seed
+from sfedlora.config import ExperimentConfig
+from sfedlora.methods import Method, Part
+from sfedlora.task import Collator, Encoded, eval_batches, steps_per_round, train_batches
+
+TAG_TRAIN = 202
+TAG_BATCHES = 203
+
+
+@dataclass
+class ClientState:
+    """What a client keeps across rounds, also while it is not sampled."""
+
+    private: dict[str, torch.Tensor] = field(default_factory=dict)
+    optimizer: dict | None = None
+
+
+@dataclass(frozen=True)
+class FitResult:
+    upload: bytes
+    num_examples: int
+    train_loss: float
+    grad_norm_A: float | None
+    grad_norm_B: float | None
+    steps: int
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    correct: int
+    count: int
+    loss_sum: float
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.count
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / self.count
+
+
+def lr_factor(schedule: str, step: int, total: int) -> float:
+    if schedule == "constant" or total <= 0:
+        return 1.0
+    progress = min(step / total, 1.0)
+    if schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class Worker:
+    def __init__(self, cfg: ExperimentConfig, model: torch.nn.Module, collate: Collator,
+                 method: Method):
+        self.cfg, self.model, self.collate, self.method = cfg, model, collate, method
+        self.slots = AdapterSlots(model)
+        self.shared_init = self.slots.initial_state(derive_seed(cfg.seed, TAG_A_INIT))
+        self._lora_layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+    # --- which tensors a client starts from ---------------------------------------
+
+    def client_init(self, cid: int) -> dict[str, torch.Tensor]:
+        if self.cfg.a_init == "independent":
+            return self.slots.initial_state(derive_seed(self.cfg.seed, TAG_A_INIT, 1, cid))
+        return self.shared_init
+
+    def assemble(self, cid: int, state: ClientState, shared: dict[str, torch.Tensor]):
+        """Client ``cid``'s full adapter: its init, then its private parts, then the
+        server's shared parts on top."""
+        return {**self.client_init(cid), **state.private, **shared}
+
+    def global_adapter(self, shared: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {**self.shared_init, **shared}
+
+    def initial_server_state(self) -> dict[str, torch.Tensor]:
+        """What the server holds before round 1: the shared parts of the common init
+        (without A when every client draws its own A)."""
+        parts = set(self.method.shared - self.method.fixed)
+        if self.cfg.a_init == "independent":
+            parts.discard(Part.A)
+        return {n: self.shared_init[n].clone() for n in self.slots.names(parts)}
+
+    # --- local training -----------------------------------------------------------
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        # Every adapter tensor in a fixed order; frozen ones get no gradient and so are
+        # left untouched, which keeps a stored optimizer state valid across rounds
+        # whose trainable parts differ (RoLoRA).
+        params = list(self.slots.params.values())
+        local = self.cfg.local
+        if local.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=local.lr, momentum=local.momentum,
+                                   weight_decay=local.weight_decay)
+        return torch.optim.AdamW(params, lr=local.lr, weight_decay=local.weight_decay)
+
+    def fit(self, cid: int, state: ClientState, download: bytes, data: Encoded,
+            round_idx: int) -> FitResult:
+        """Run client ``cid``'s local work for round ``round_idx`` (1-based); updates
+        ``state`` in place and returns the serialised upload."""
+        cfg, local = self.cfg, self.cfg.local
+        plan = self.method.plan(round_idx)
+        self.slots.load(self.assemble(cid, state, wire.decode(download)))
+        self.slots.set_trainable(plan.train)
+        optimizer = self._optimizer()
+        if local.keep_optimizer_state and state.optimizer is not None:
+            optimizer.load_state_dict(state.optimizer)
+        per_round = steps_per_round(len(data), local.batch_size, local.steps, local.epochs)
+        total = per_round * cfg.rounds
+        a_names = self.slots.names({Part.A})
+        b_names = self.slots.names({Part.B})
+        trainable = [p for p in self.slots.params.values() if p.requires_grad]
+
+        torch.manual_seed(derive_seed(cfg.seed, TAG_TRAIN, round_idx, cid))  # dropout
+        batches = train_batches(data, local.batch_size, local.steps, local.epochs,
+                                derive_seed(cfg.seed, TAG_BATCHES, round_idx, cid))
+        self.model.train()
+        losses, norms_a, norms_b = [], [], []
+        for k, idx in enumerate(batches):
+            step = (round_idx - 1) * per_round + k
+            for group in optimizer.param_groups:
+                group["lr"] = local.lr * lr_factor(local.schedule, step, total)
+            loss = self.model(**self.collate(data, idx)).loss
+            loss.backward()
+            norms_a.append(self._grad_norm(a_names))
+            norms_b.append(self._grad_norm(b_names))
+            if local.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(trainable, local.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+
+        state.private = self.slots.snapshot(self.method.private)
+        if local.keep_optimizer_state:
+            state.optimizer = copy.deepcopy(optimizer.state_dict())
+        upload = wire.encode(self.slots.snapshot(plan.upload),
+                             meta={"client": cid, "round": round_idx})
+        return FitResult(
+            upload=upload,
+            num_examples=len(data),
+            train_loss=float(np.mean(losses)),
+            grad_norm_A=_mean_or_none(norms_a),
+            grad_norm_B=_mean_or_none(norms_b),
+            steps=len(losses),
+        )
+
+    def _grad_norm(self, names: list[str]) -> float | None:
+        grads = [self.slots.params[n].grad for n in names]
+        grads = [g for g in grads if g is not None]
+        if not grads:
+            return None
+        return torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item()
+
+    # --- evaluation -----------------------------------------------------------------
+
+    @torch.inference_mode()
+    def logits(self, tensors: dict[str, torch.Tensor], data: Encoded) -> torch.Tensor:
+        """Logits of the adapter ``tensors`` on ``data`` (eval mode, in order)."""
+        self.slots.load(tensors)
+        self.model.eval()
+        out = [self.model(**{k: v for k, v in self.collate(data, idx).items() if k != "labels"})
+               .logits for idx in eval_batches(len(data), self.cfg.eval.batch_size)]
+        return torch.cat(out).float()
+
+    def evaluate(self, tensors: dict[str, torch.Tensor], data: Encoded) -> EvalResult:
+        logits = self.logits(tensors, data)
+        labels = torch.from_numpy(data.labels)
+        loss = F.cross_entropy(logits, labels, reduction="sum").item()
+        return EvalResult(int((logits.argmax(-1) == labels).sum()), len(data), loss)
+
+    @torch.inference_mode()
+    def adapter_output_norm(self, tensors: dict[str, torch.Tensor], probe: Encoded) -> float:
+        """Mean over adapted layers of the mean over real tokens of ``||gamma B A x||``
+        on a fixed probe batch: the paper's stability signal."""
+        self.slots.load(tensors)
+        self.model.eval()
+        batch = self.collate(probe, np.arange(len(probe)))
+        mask = batch["attention_mask"].bool()
+        per_layer: list[float] = []
+
+        def hook(module, inputs, _output):
+            x = inputs[0]
+            delta = module.lora_B["default"](module.lora_A["default"](x))
+            norms = (delta * module.scaling["default"]).norm(dim=-1)
+            if norms.shape == mask.shape:
+                norms = norms[mask]
+            per_layer.append(norms.mean().item())
+
+        handles = [m.register_forward_hook(hook) for m in self._lora_layers]
+        try:
+            self.model(**{k: v for k, v in batch.items() if k != "labels"})
+        finally:
+            for h in handles:
+                h.remove()
+        return float(np.mean(per_layer))
+
+
+def _mean_or_none(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return float(np.mean(present)) if present else None
