@@ -134,10 +134,10 @@ class ExperimentConfig(_Section):
                 "clients sampled per round; lower it or raise clients.per_round"
             )
         method = get_method(self.method)
-        if self.lora.a_init is not None and self.lora.a_init not in method.a_init_modes:
+        if self.lora.a_init is not None and len(method.a_init_modes) < 2:
             raise ValueError(
-                f"lora.a_init={self.lora.a_init!r} does not apply to method {self.method!r} "
-                f"({method.a_init_note}); remove lora.a_init"
+                f"lora.a_init={self.lora.a_init!r} does not apply to method {self.method!r}, "
+                f"which has no such choice ({method.a_init_note}); remove lora.a_init"
             )
         if data.source == "files" and not data.train_path:
             raise ValueError("data.source=files needs data.train_path (a CSV, TSV or JSONL file)")

