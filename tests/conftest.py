@@ -12,7 +12,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from sfedlora.config import load_config  # noqa: E402
+from sfedlora.config import load_config
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -48,7 +48,7 @@ def tiny_data_file(tmp_path_factory) -> Path:
     rows = ["text,label"]
     for i in range(240):
         label = list(WORDS)[i % 3]
-        words = WORDS[label].split() + "the a of and in on".split()
+        words = [*WORDS[label].split(), "the", "a", "of", "and", "in", "on"]
         rows.append(" ".join(rng.choice(words) for _ in range(8)) + f",{label}")
     path = tmp_path_factory.mktemp("data") / "tiny.csv"
     path.write_text("\n".join(rows) + "\n")

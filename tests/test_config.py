@@ -78,7 +78,7 @@ def test_label_column_that_does_not_exist(tiny_config):
 
 def test_more_clients_than_examples(tiny_config):
     cfg = tiny_config("clients.num=500", "data.partition=iid")
-    with pytest.raises(ConfigError, match="clients.num=500 exceeds the 192 training examples"):
+    with pytest.raises(ConfigError, match=r"clients\.num=500 exceeds the 192 training examples"):
         build_experiment(cfg)
 
 
