@@ -42,6 +42,9 @@ class LocalConfig(_Section):
     batch_size: int = Field(16, gt=0)
     optimizer: Literal["sgd", "adamw"] = "adamw"
     lr: float = Field(5e-4, gt=0)
+    head_lr: float | None = Field(
+        None, gt=0, description="learning rate of the task head (None: same as lr)"
+    )
     momentum: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     schedule: Literal["constant", "linear", "cosine"] = "constant"

@@ -61,7 +61,8 @@ class RunDir:
         for name, tensors in targets.items():
             worker.slots.load(tensors)
             out = self.path / "adapters" / name
-            worker.model.save_pretrained(out)
+            # Embeddings are never trained here; "auto" would look the base up online.
+            worker.model.save_pretrained(out, save_embedding_layers=False)
             written.append(out)
         return written
 

@@ -105,13 +105,18 @@ class Worker:
     def _optimizer(self) -> torch.optim.Optimizer:
         # Every adapter tensor in a fixed order; frozen ones get no gradient and so are
         # left untouched, which keeps a stored optimizer state valid across rounds
-        # whose trainable parts differ (RoLoRA).
-        params = list(self.slots.params.values())
+        # whose trainable parts differ (RoLoRA). The head, trained from scratch, may
+        # have its own learning rate.
         local = self.cfg.local
+        lora = [p for n, p in self.slots.params.items() if self.slots.parts[n] != Part.HEAD]
+        head = [p for n, p in self.slots.params.items() if self.slots.parts[n] == Part.HEAD]
+        groups = [{"params": lora, "base_lr": local.lr},
+                  {"params": head, "base_lr": local.head_lr or local.lr}]
+        groups = [g | {"lr": g["base_lr"]} for g in groups if g["params"]]
         if local.optimizer == "sgd":
-            return torch.optim.SGD(params, lr=local.lr, momentum=local.momentum,
+            return torch.optim.SGD(groups, lr=local.lr, momentum=local.momentum,
                                    weight_decay=local.weight_decay)
-        return torch.optim.AdamW(params, lr=local.lr, weight_decay=local.weight_decay)
+        return torch.optim.AdamW(groups, lr=local.lr, weight_decay=local.weight_decay)
 
     def fit(self, cid: int, state: ClientState, download: bytes, data: Encoded,
             round_idx: int) -> FitResult:
@@ -137,8 +142,9 @@ class Worker:
         losses, norms_a, norms_b = [], [], []
         for k, idx in enumerate(batches):
             step = (round_idx - 1) * per_round + k
+            factor = lr_factor(local.schedule, step, total)
             for group in optimizer.param_groups:
-                group["lr"] = local.lr * lr_factor(local.schedule, step, total)
+                group["lr"] = group["base_lr"] * factor
             loss = self.model(**self.collate(data, idx)).loss
             loss.backward()
             norms_a.append(self._grad_norm(a_names))
