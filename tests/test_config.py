@@ -97,3 +97,23 @@ def test_unloadable_model_says_so(tiny_config, tmp_path):
 def test_cli_reports_config_errors_with_exit_code_2(capsys):
     assert main(["run", "lora.rank=0"]) == 2
     assert "lora.rank=0" in capsys.readouterr().err
+
+
+def test_config_command_prints_the_resolved_config(capsys, tmp_path):
+    import yaml
+
+    assert main(["config", "lora.rank=32", "method=fedsa"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["lora"]["rank"] == 32 and printed["method"] == "fedsa"
+    assert load_config(None, ["lora.rank=32", "method=fedsa"]).model_dump(mode="json") == printed
+
+
+def test_device_that_is_not_there(tiny_config):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible")
+    with pytest.raises(ConfigError, match="no CUDA device is visible"):
+        build_experiment(tiny_config("model.device=cuda"))
+    with pytest.raises(ConfigError, match="is not a torch device"):
+        build_experiment(tiny_config("model.device=gpu0"))

@@ -59,17 +59,18 @@ class AdapterSlots:
 
     def initial_state(self, a_seed: int) -> dict[str, torch.Tensor]:
         """A fresh adapter: A drawn from ``a_seed`` (kaiming-uniform, as PEFT does),
-        B zero, the head as loaded."""
+        B zero, the head as loaded. Drawn on the CPU so the init does not depend on
+        the device."""
         gen = torch.Generator().manual_seed(a_seed)
         state: dict[str, torch.Tensor] = {}
         for name, p in self.params.items():
             part = self.parts[name]
             if part is Part.A:
-                t = torch.empty_like(p)
+                t = torch.empty(p.shape, dtype=p.dtype)
                 torch.nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=gen)
                 state[name] = t
             elif part is Part.B:
-                state[name] = torch.zeros_like(p)
+                state[name] = torch.zeros(p.shape, dtype=p.dtype)
             else:
                 state[name] = self._head_init[name].clone()
         return state

@@ -6,12 +6,14 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 
-from sfedlora.config import ConfigError, load_config
+from sfedlora.config import ConfigError, load_config, to_yaml
 
 
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     import transformers
 
     transformers.logging.set_verbosity_error()
@@ -47,16 +49,26 @@ def _print_table(summary: dict, run_dir: str) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    config_path, overrides = args.config, list(args.overrides)
-    if config_path is not None and "=" in config_path:  # only overrides were given
-        overrides.insert(0, config_path)
-        config_path = None
-    cfg = load_config(config_path, overrides)
+    cfg = load_config(*_split_config_arg(args))
     _quiet_libraries()
     from sfedlora.simulation import Simulation
 
     summary = Simulation(cfg).run()
     _print_table(summary, cfg.output_dir)
+    return 0
+
+
+def _split_config_arg(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    config_path, overrides = args.config, list(args.overrides)
+    if config_path is not None and "=" in config_path:  # only overrides were given
+        overrides.insert(0, config_path)
+        config_path = None
+    return config_path, overrides
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    cfg = load_config(*_split_config_arg(args))
+    print(to_yaml(cfg), end="")
     return 0
 
 
@@ -69,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", nargs="?", help="YAML config (default: the offline main job)")
     run.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     run.set_defaults(func=cmd_run)
+    show = sub.add_parser("config", help="print the resolved config (validated) and exit")
+    show.add_argument("config", nargs="?", help="YAML config (default: the offline main job)")
+    show.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    show.set_defaults(func=cmd_config)
     return parser
 
 

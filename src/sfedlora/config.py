@@ -70,6 +70,7 @@ class LoraConfig(_Section):
 class ModelConfig(_Section):
     name: str = Field("all-MiniLM-L6-v2", description="hub name, local path or offline asset")
     max_length: int = Field(128, gt=0)
+    device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1, or auto")
 
 
 class DataConfig(_Section):

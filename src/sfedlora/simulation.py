@@ -19,7 +19,7 @@ from sfedlora.experiment import Experiment, build_experiment
 from sfedlora.results import RunDir
 from sfedlora.sampling import sample_clients
 from sfedlora.server import Reply, Server
-from sfedlora.worker import ClientState, EvalResult
+from sfedlora.worker import ClientState, EvalResult, mean_or_none
 
 
 @dataclass
@@ -65,8 +65,8 @@ class Simulation:
             "round": round_idx,
             "clients": clients,
             "train_loss": float(np.mean([f.train_loss for f in fits.values()])),
-            "grad_norm_A": _mean([f.grad_norm_A for f in fits.values()]),
-            "grad_norm_B": _mean([f.grad_norm_B for f in fits.values()]),
+            "grad_norm_A": mean_or_none([f.grad_norm_A for f in fits.values()]),
+            "grad_norm_B": mean_or_none([f.grad_norm_B for f in fits.values()]),
             "aggregated": report.applied,
             "rejected": {str(c): why for c, why in report.rejected.items()},
             "bytes_up": sum(up.values()),
@@ -141,8 +141,3 @@ class Simulation:
             run_dir.log_timing({"round": round_idx, **record.seconds})
         summary = run_dir.finish(self, last, time.perf_counter() - start)
         return summary
-
-
-def _mean(values) -> float | None:
-    present = [v for v in values if v is not None]
-    return float(np.mean(present)) if present else None

@@ -49,6 +49,21 @@ def resolve_model_path(name: str) -> str:
     return str(module.get_model_path())
 
 
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present. Bit-identical reruns are promised on CPU only."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(
+            f"model.device={name!r} is not a torch device; use cpu, cuda or auto"
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("model.device=cuda but no CUDA device is visible; use model.device=cpu")
+    return device
+
+
 def default_targets(model_type: str) -> list[str]:
     """PEFT's per-architecture default LoRA targets (attention query/value)."""
     targets = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
@@ -110,6 +125,7 @@ def build_model(cfg: ExperimentConfig, label_names: list[str]) -> tuple[PeftMode
         model = get_peft_model(base, peft_config(cfg, base.config.model_type))
     except ValueError as exc:
         raise ConfigError(f"lora.targets={cfg.lora.targets!r}: {exc}") from None
+    model.to(resolve_device(cfg.model.device))
     package = OFFLINE_MODELS.get(cfg.model.name)
     model.peft_config["default"].base_model_name_or_path = HUB_IDS.get(package, path)
     return model, path

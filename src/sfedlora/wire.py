@@ -24,7 +24,8 @@ def encode(tensors: dict[str, torch.Tensor], meta: dict[str, object] | None = No
     if not tensors:
         return b""
     metadata = {"sfedlora": json.dumps(meta or {}, sort_keys=True)}
-    return st_save({k: v.detach().contiguous() for k, v in tensors.items()}, metadata=metadata)
+    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    return st_save(cpu, metadata=metadata)
 
 
 def decode(payload: bytes) -> dict[str, torch.Tensor]:

@@ -76,6 +76,13 @@ class Worker:
         self.slots = AdapterSlots(model)
         self.shared_init = self.slots.initial_state(derive_seed(cfg.seed, TAG_A_INIT))
         self._lora_layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+        self.device = next(model.parameters()).device
+
+    def _batch(self, data: Encoded, idx, labels: bool = True) -> dict[str, torch.Tensor]:
+        batch = self.collate(data, idx)
+        if not labels:
+            batch.pop("labels")
+        return {k: v.to(self.device) for k, v in batch.items()}
 
     # --- which tensors a client starts from ---------------------------------------
 
@@ -145,7 +152,7 @@ class Worker:
             factor = lr_factor(local.schedule, step, total)
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * factor
-            loss = self.model(**self.collate(data, idx)).loss
+            loss = self.model(**self._batch(data, idx)).loss
             loss.backward()
             norms_a.append(self._grad_norm(a_names))
             norms_b.append(self._grad_norm(b_names))
@@ -164,8 +171,8 @@ class Worker:
             upload=upload,
             num_examples=len(data),
             train_loss=float(np.mean(losses)),
-            grad_norm_A=_mean_or_none(norms_a),
-            grad_norm_B=_mean_or_none(norms_b),
+            grad_norm_A=mean_or_none(norms_a),
+            grad_norm_B=mean_or_none(norms_b),
             steps=len(losses),
         )
 
@@ -183,9 +190,9 @@ class Worker:
         """Logits of the adapter ``tensors`` on ``data`` (eval mode, in order)."""
         self.slots.load(tensors)
         self.model.eval()
-        out = [self.model(**{k: v for k, v in self.collate(data, idx).items() if k != "labels"})
-               .logits for idx in eval_batches(len(data), self.cfg.eval.batch_size)]
-        return torch.cat(out).float()
+        out = [self.model(**self._batch(data, idx, labels=False)).logits
+               for idx in eval_batches(len(data), self.cfg.eval.batch_size)]
+        return torch.cat(out).float().cpu()
 
     def evaluate(self, tensors: dict[str, torch.Tensor], data: Encoded) -> EvalResult:
         logits = self.logits(tensors, data)
@@ -199,7 +206,7 @@ class Worker:
         on a fixed probe batch: the paper's stability signal."""
         self.slots.load(tensors)
         self.model.eval()
-        batch = self.collate(probe, np.arange(len(probe)))
+        batch = self._batch(probe, np.arange(len(probe)), labels=False)
         mask = batch["attention_mask"].bool()
         per_layer: list[float] = []
 
@@ -213,13 +220,14 @@ class Worker:
 
         handles = [m.register_forward_hook(hook) for m in self._lora_layers]
         try:
-            self.model(**{k: v for k, v in batch.items() if k != "labels"})
+            self.model(**batch)
         finally:
             for h in handles:
                 h.remove()
         return float(np.mean(per_layer))
 
 
-def _mean_or_none(values: list[float | None]) -> float | None:
+def mean_or_none(values) -> float | None:
+    """Mean of the values that are not None (None if there are none)."""
     present = [v for v in values if v is not None]
     return float(np.mean(present)) if present else None
