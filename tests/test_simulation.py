@@ -154,3 +154,10 @@ def test_bad_update_is_rejected_and_the_round_goes_on(tiny_config, caplog):
     assert rec["aggregated"] and "non-finite" in rec["rejected"]["1"]
     assert all(torch.isfinite(t).all() for t in sim.server.state.values())
     assert "rejected update of client 1" in caplog.text
+
+
+def test_evaluation_off_still_summarises_training(tiny_config, tmp_path):
+    summary = Simulation(tiny_config("eval.every=0", "rounds=2")).run()
+    assert (tmp_path / "run/metrics.jsonl").read_text() == ""
+    assert summary["round"] == 2 and summary["train_loss"] > 0
+    assert summary["personalized_accuracy"] is None and summary["bytes_up_total"] > 0

@@ -81,7 +81,12 @@ class RunDir:
             wall_seconds=wall_seconds,
         )
         (self.path / "summary.json").write_text(json.dumps(summary, indent=2))
+        self.close()
+        return summary
+
+    def close(self) -> None:
+        """Detach the run's log file (also when the run fails)."""
         if self._log_handler is not None:
             logging.getLogger("sfedlora").removeHandler(self._log_handler)
             self._log_handler.close()
-        return summary
+            self._log_handler = None

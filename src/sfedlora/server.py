@@ -8,12 +8,13 @@ and skipping a round that has fewer than ``min_clients`` good updates.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
 
 from sfedlora import wire
-from sfedlora.methods import Method, Update
+from sfedlora.methods import Method, Part, Update
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,8 @@ class AggregationReport:
 
 class Server:
     def __init__(self, method: Method, state: dict[str, torch.Tensor],
-                 shapes: dict[str, tuple[int, ...]], names_for, min_clients: int = 1):
+                 shapes: dict[str, tuple[int, ...]],
+                 names_for: Callable[[Iterable[Part]], list[str]], min_clients: int = 1):
         """``names_for(parts)`` lists the tensor names of those parts (the model's
         layout); ``shapes`` maps every adapter tensor name to its shape."""
         self.method, self.state, self.shapes = method, state, shapes

@@ -128,16 +128,20 @@ class Simulation:
         last: dict = {}
         bar = tqdm(range(1, cfg.rounds + 1), desc=f"{cfg.method}", unit="round",
                    disable=not cfg.progress)
-        for round_idx in bar:
-            record = self.run_round(round_idx)
-            if self.should_evaluate(round_idx):
-                t = time.perf_counter()
-                record.metrics.update(self.evaluate())
-                record.seconds["eval"] = time.perf_counter() - t
-                run_dir.log_metrics(record.metrics)
-                last = record.metrics
-                bar.set_postfix(loss=f"{last['train_loss']:.3f}",
-                                acc=f"{last['personalized_accuracy']:.3f}")
-            run_dir.log_timing({"round": round_idx, **record.seconds})
+        try:
+            for round_idx in bar:
+                record = self.run_round(round_idx)
+                if self.should_evaluate(round_idx):
+                    t = time.perf_counter()
+                    record.metrics.update(self.evaluate())
+                    record.seconds["eval"] = time.perf_counter() - t
+                    run_dir.log_metrics(record.metrics)
+                    bar.set_postfix(loss=f"{record.metrics['train_loss']:.3f}",
+                                    acc=f"{record.metrics['personalized_accuracy']:.3f}")
+                run_dir.log_timing({"round": round_idx, **record.seconds})
+                last = record.metrics  # the last round is always evaluated when eval is on
+        except BaseException:
+            run_dir.close()
+            raise
         summary = run_dir.finish(self, last, time.perf_counter() - start)
         return summary
