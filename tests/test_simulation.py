@@ -86,8 +86,8 @@ def test_run_directory_contract(tiny_config, tmp_path):
 def test_byte_counts_are_real_payload_lengths(tiny_config):
     sim = Simulation(tiny_config("method=fedit"))
     rec = sim.run_round(1).metrics
-    shapes = sim.exp.worker.slots.shapes()
-    payload_floats = sum(torch.Size(s).numel() for s in shapes.values())
+    shapes = [s.shape for s in sim.exp.worker.slots.spec().values()]
+    payload_floats = sum(torch.Size(s).numel() for s in shapes)
     for n in rec["bytes_up_per_client"].values():
         # float32 payload plus a safetensors header (JSON, a few hundred bytes per tensor)
         assert payload_floats * 4 < n < payload_floats * 4 + 200 * len(shapes) + 200

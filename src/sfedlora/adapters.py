@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import torch
 
@@ -22,6 +23,11 @@ def derive_seed(*parts: int) -> int:
 
 
 TAG_A_INIT = 101
+
+
+class TensorSpec(NamedTuple):
+    shape: tuple[int, ...]
+    dtype: torch.dtype
 
 
 class AdapterSlots:
@@ -40,8 +46,9 @@ class AdapterSlots:
         wanted = set(parts)
         return [n for n in self.params if self.parts[n] in wanted]
 
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {n: tuple(p.shape) for n, p in self.params.items()}
+    def spec(self) -> dict[str, TensorSpec]:
+        """Name -> expected shape and dtype of every adapter tensor."""
+        return {n: TensorSpec(tuple(p.shape), p.dtype) for n, p in self.params.items()}
 
     @torch.no_grad()
     def load(self, tensors: dict[str, torch.Tensor]) -> None:

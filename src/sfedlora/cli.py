@@ -8,6 +8,7 @@ import os
 import sys
 import warnings
 
+from sfedlora.checkpoint import CheckpointError
 from sfedlora.config import ConfigError, load_config, to_yaml
 
 
@@ -49,11 +50,24 @@ def _print_table(summary: dict, run_dir: str) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    cfg = load_config(*_split_config_arg(args))
     _quiet_libraries()
     from sfedlora.simulation import Simulation
 
-    summary = Simulation(cfg).run()
+    if args.resume:
+        overrides = [a for a in (args.config, *args.overrides) if a is not None]
+        if any("=" not in a for a in overrides):
+            raise ConfigError("--resume takes the run directory's own config; give only "
+                              "dotted.key=value overrides, not a config file")
+        sim = Simulation.resume(args.resume, overrides)
+    else:
+        sim = Simulation(load_config(*_split_config_arg(args)))
+    cfg = sim.cfg
+    try:
+        summary = sim.run()
+    except KeyboardInterrupt:
+        print(f"interrupted; continue with: sfedlora run --resume {cfg.output_dir}",
+              file=sys.stderr)
+        return 130
     _print_table(summary, cfg.output_dir)
     return 0
 
@@ -80,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run one federated experiment in this process")
     run.add_argument("config", nargs="?", help="YAML config (default: the offline main job)")
     run.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    run.add_argument("--resume", metavar="RUN_DIR",
+                     help="continue the run in RUN_DIR from its last checkpoint")
     run.set_defaults(func=cmd_run)
     show = sub.add_parser("config", help="print the resolved config (validated) and exit")
     show.add_argument("config", nargs="?", help="YAML config (default: the offline main job)")
@@ -93,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except ConfigError as exc:
+    except (ConfigError, CheckpointError) as exc:
         print(f"sfedlora: {exc}", file=sys.stderr)
         return 2
 

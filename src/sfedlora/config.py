@@ -99,6 +99,39 @@ class EvalConfig(_Section):
     probe_size: int = Field(16, gt=0, description="examples in the fixed probe batch")
 
 
+class ServerConfig(_Section):
+    """How the server checks and combines uploads (any method)."""
+
+    aggregation: Literal["mean", "median", "trimmed_mean"] = Field(
+        "mean", description="mean: the method's weighted mean; median / trimmed_mean: "
+        "coordinate-wise and unweighted, robust to a minority of bad clients"
+    )
+    trim_fraction: float = Field(0.1, ge=0, lt=0.5, description="cut from each end")
+    clip_norm: float | None = Field(
+        None, gt=0, description="clip each client's update (its change to the global "
+        "state) to this L2 norm before combining"
+    )
+    max_update_norm: float | None = Field(
+        None, gt=0, description="reject an update whose change has a larger L2 norm"
+    )
+    max_update_bytes: int | None = Field(
+        None, gt=0, description="reject larger payloads (default: the expected size + 64 KiB)"
+    )
+
+
+class PrivacyConfig(_Section):
+    """Client-level differential privacy (DP-FedAvg): clip, average, add noise."""
+
+    enabled: bool = False
+    clip_norm: float = Field(1.0, gt=0, description="L2 bound on each client's update")
+    noise_multiplier: float = Field(1.0, ge=0, description="noise std / clip_norm")
+    delta: float = Field(1e-5, gt=0, lt=1)
+
+
+class CheckpointConfig(_Section):
+    every: int = Field(1, ge=0, description="write a checkpoint every k rounds; 0: only on Ctrl-C")
+
+
 class ExperimentConfig(_Section):
     method: Literal["fedit", "ffa", "fedsa", "rolora", "sfed"] = "sfed"
     seed: int = 0
@@ -109,6 +142,9 @@ class ExperimentConfig(_Section):
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     eval: EvalConfig = EvalConfig()
+    server: ServerConfig = ServerConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
     output_dir: str = "runs/latest"
     progress: bool = True
 
@@ -147,8 +183,16 @@ class ExperimentConfig(_Section):
             raise ValueError("data.source=files needs data.train_path (a CSV, TSV or JSONL file)")
         if data.source == "hf" and not data.dataset:
             raise ValueError("data.source=hf needs data.dataset, e.g. data.dataset=glue")
-        if data.partition == "classes" and data.classes_per_client < 1:
-            raise ValueError("data.classes_per_client must be at least 1")
+        if self.privacy.enabled and self.a_init == "independent":
+            raise ValueError(
+                "privacy.enabled with lora.a_init=independent: each client's first A is a "
+                "fresh random draw that clipping would all but erase; set lora.a_init=shared"
+            )
+        if self.privacy.enabled and self.server.aggregation != "mean":
+            raise ValueError(
+                f"privacy.enabled with server.aggregation={self.server.aggregation!r}: the "
+                "privacy accounting assumes a mean of clipped updates; set server.aggregation=mean"
+            )
         return self
 
     # Derived values, resolved in one place so every runtime agrees on them.

@@ -11,6 +11,8 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sfedlora.checkpoint import FILENAME as CHECKPOINT_FILE
+from sfedlora.checkpoint import Checkpoint, save_checkpoint
 from sfedlora.config import ExperimentConfig, to_yaml
 
 if TYPE_CHECKING:
@@ -21,6 +23,7 @@ SUMMARY_KEYS = (
     "round", "train_loss", "personalized_accuracy", "personalized_accuracy_weighted",
     "global_accuracy", "personalized_loss", "global_loss", "grad_norm_A", "grad_norm_B",
     "adapter_output_norm", "bytes_up", "bytes_down", "bytes_up_total", "bytes_down_total",
+    "dp_epsilon",
 )
 
 
@@ -29,15 +32,43 @@ class RunDir:
         self.path = Path(path)
         self._log_handler: logging.Handler | None = None
 
-    def start(self, cfg: ExperimentConfig, experiment: Experiment) -> None:
+    def start(self, cfg: ExperimentConfig, experiment: Experiment,
+              resume_after: int | None = None) -> None:
+        """Prepare the directory. On resume, keep what the first rounds wrote and drop
+        lines of rounds after the checkpoint (they will be written again)."""
         self.path.mkdir(parents=True, exist_ok=True)
-        (self.path / "config.yaml").write_text(to_yaml(cfg))
+        if resume_after is None:
+            (self.path / "config.yaml").write_text(to_yaml(cfg))
+            for name in ("metrics.jsonl", "timings.jsonl"):
+                (self.path / name).write_text("")
+        else:
+            for name in ("metrics.jsonl", "timings.jsonl"):
+                self._truncate_after(name, resume_after)
         (self.path / "labels.json").write_text(json.dumps(experiment.data.label_names))
-        for name in ("metrics.jsonl", "timings.jsonl"):
-            (self.path / name).write_text("")
-        self._log_handler = logging.FileHandler(self.path / "run.log", mode="w")
+        self._log_handler = logging.FileHandler(self.path / "run.log",
+                                                mode="w" if resume_after is None else "a")
         self._log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         logging.getLogger("sfedlora").addHandler(self._log_handler)
+
+    def _truncate_after(self, name: str, round_idx: int) -> None:
+        path = self.path / name
+        lines = path.read_text().splitlines(keepends=True) if path.exists() else []
+        kept = []
+        for line in lines:
+            if not line.endswith("\n"):  # a line cut short by a crash
+                break
+            if json.loads(line)["round"] > round_idx:
+                break
+            kept.append(line)
+        path.write_text("".join(kept))
+
+    def last_metrics(self) -> dict | None:
+        path = self.path / "metrics.jsonl"
+        lines = path.read_text().splitlines() if path.exists() else []
+        return json.loads(lines[-1]) if lines else None
+
+    def save_checkpoint(self, ckpt: Checkpoint) -> None:
+        save_checkpoint(self.path / CHECKPOINT_FILE, ckpt)
 
     def _append(self, name: str, record: dict) -> None:
         with open(self.path / name, "a") as f:

@@ -1,22 +1,35 @@
 """Server-side execution: hold the global state, check and combine uploads.
 
 The combining rule is the method's (:meth:`Method.aggregate`); the server adds what
-any method needs: decoding bytes, rejecting malformed updates with a logged reason,
-and skipping a round that has fewer than ``min_clients`` good updates.
+any method needs: size limits before anything is parsed, decoding (safetensors only,
+never pickle), rejecting malformed updates with a logged reason, optional clipping,
+robust combiners and differential-privacy noise, and skipping a round that has fewer
+than ``min_clients`` good updates.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from sfedlora import wire
+from sfedlora.adapters import TensorSpec
+from sfedlora.aggregation import clip_update, combiner_for, uniform_mean, update_norm
+from sfedlora.config import ServerConfig
 from sfedlora.methods import Method, Part, Update
+from sfedlora.privacy import GaussianMechanism
 
 log = logging.getLogger(__name__)
+
+HEADER_ALLOWANCE = 64 * 1024  # bytes of safetensors header/metadata an honest upload may carry
+
+
+class UpdateRejected(ValueError):
+    """An upload that fails a check; the message is the reason that gets logged."""
 
 
 @dataclass(frozen=True)
@@ -34,33 +47,65 @@ class AggregationReport:
 
 
 class Server:
-    def __init__(self, method: Method, state: dict[str, torch.Tensor],
-                 shapes: dict[str, tuple[int, ...]],
-                 names_for: Callable[[Iterable[Part]], list[str]], min_clients: int = 1):
+    def __init__(
+        self,
+        method: Method,
+        state: dict[str, torch.Tensor],
+        spec: dict[str, TensorSpec],
+        names_for: Callable[[Iterable[Part]], list[str]],
+        cfg: ServerConfig | None = None,
+        min_clients: int = 1,
+        privacy: GaussianMechanism | None = None,
+    ):
         """``names_for(parts)`` lists the tensor names of those parts (the model's
-        layout); ``shapes`` maps every adapter tensor name to its shape."""
-        self.method, self.state, self.shapes = method, state, shapes
+        layout); ``spec`` gives every adapter tensor's shape and dtype."""
+        self.method, self.state, self.spec = method, state, spec
         self.names_for, self.min_clients = names_for, min_clients
+        self.cfg = cfg or ServerConfig()
+        self.privacy = privacy
 
     def download(self) -> bytes:
         """The message every sampled client receives: the current shared state."""
         return wire.encode(self.state)
 
+    def _byte_limit(self, expected: set[str]) -> int:
+        if self.cfg.max_update_bytes is not None:
+            return self.cfg.max_update_bytes
+        payload = sum(math.prod(self.spec[n].shape) * self.spec[n].dtype.itemsize
+                      for n in expected)
+        return payload + HEADER_ALLOWANCE
+
     def check(self, reply: Reply, expected: set[str]) -> Update:
-        """Decode one reply; raise ValueError with the reason if it is malformed."""
-        tensors = wire.decode(reply.payload)
+        """Decode one reply; raise :class:`UpdateRejected` with the reason if it is bad."""
+        if not isinstance(reply.num_examples, int) or reply.num_examples <= 0:
+            raise UpdateRejected(f"num_examples={reply.num_examples!r} must be a positive int")
+        limit = self._byte_limit(expected)
+        if len(reply.payload) > limit:
+            raise UpdateRejected(f"payload of {len(reply.payload)} bytes exceeds {limit}")
+        try:
+            tensors = wire.decode(reply.payload)
+        except wire.MessageError as exc:
+            raise UpdateRejected(str(exc)) from None
         if set(tensors) != expected:
             missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-            raise ValueError(f"unexpected tensor names (missing {missing[:3]}, extra {extra[:3]})")
+            raise UpdateRejected(
+                f"unexpected tensor names (missing {missing[:3]}, extra {extra[:3]})"
+            )
         for name, t in tensors.items():
-            if tuple(t.shape) != self.shapes[name]:
-                raise ValueError(f"{name}: shape {tuple(t.shape)} != {self.shapes[name]}")
-            if not t.is_floating_point():
-                raise ValueError(f"{name}: dtype {t.dtype} is not floating point")
+            want = self.spec[name]
+            if tuple(t.shape) != want.shape:
+                raise UpdateRejected(f"{name}: shape {tuple(t.shape)} != {want.shape}")
+            if t.dtype != want.dtype:
+                raise UpdateRejected(f"{name}: dtype {t.dtype} != {want.dtype}")
             if not torch.isfinite(t).all():
-                raise ValueError(f"{name}: non-finite values")
-        if reply.num_examples <= 0:
-            raise ValueError(f"num_examples={reply.num_examples} must be positive")
+                raise UpdateRejected(f"{name}: non-finite values")
+        if self.cfg.max_update_norm is not None:
+            norm = update_norm(tensors, self.state)
+            if norm > self.cfg.max_update_norm:
+                raise UpdateRejected(
+                    f"update norm {norm:.4g} exceeds server.max_update_norm="
+                    f"{self.cfg.max_update_norm}"
+                )
         return Update(reply.client_id, reply.num_examples, tensors)
 
     def aggregate(self, round_idx: int, replies: list[Reply]) -> AggregationReport:
@@ -70,7 +115,7 @@ class Server:
             try:
                 updates.append(self.check(reply, expected))
                 report.accepted.append(reply.client_id)
-            except (ValueError, wire.MessageError) as exc:
+            except UpdateRejected as exc:
                 report.rejected[reply.client_id] = str(exc)
                 log.warning("round %d: rejected update of client %d: %s",
                             round_idx, reply.client_id, exc)
@@ -78,6 +123,18 @@ class Server:
             log.warning("round %d: %d good updates < min_clients=%d; global state unchanged",
                         round_idx, len(updates), self.min_clients)
             return report
-        self.state = self.method.aggregate(self.state, updates)
+        self.state = self._combine(round_idx, updates)
         report.applied = True
         return report
+
+    def _combine(self, round_idx: int, updates: list[Update]) -> dict[str, torch.Tensor]:
+        clip = self.privacy.cfg.clip_norm if self.privacy else self.cfg.clip_norm
+        if clip is not None:
+            updates = [replace(u, tensors=clip_update(u.tensors, self.state, clip))
+                       for u in updates]
+        if self.privacy is None:
+            return self.method.aggregate(self.state, updates, combiner_for(self.cfg))
+        # DP: equal weights bound each client's influence by the clip norm.
+        mean = self.method.aggregate(self.state, updates, uniform_mean)
+        uploaded = {n: mean[n] for n in updates[0].tensors}
+        return {**mean, **self.privacy.noise(uploaded, len(updates), round_idx)}

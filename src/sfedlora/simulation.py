@@ -8,18 +8,25 @@ combines, both as the method describes.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from sfedlora.config import ExperimentConfig
+from sfedlora.checkpoint import FILENAME as CHECKPOINT_FILE
+from sfedlora.checkpoint import Checkpoint, load_checkpoint
+from sfedlora.config import ConfigError, ExperimentConfig, load_config
 from sfedlora.experiment import Experiment, build_experiment
+from sfedlora.privacy import GaussianMechanism
 from sfedlora.results import RunDir
 from sfedlora.sampling import sample_clients
 from sfedlora.server import Reply, Server
 from sfedlora.worker import ClientState, EvalResult, mean_or_none
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -34,11 +41,16 @@ class Simulation:
         self.exp = experiment or build_experiment(cfg)
         worker = self.exp.worker
         self.method = worker.method
-        self.server = Server(self.method, worker.initial_server_state(), worker.slots.shapes(),
-                             worker.slots.names, cfg.clients.min_clients)
+        self.privacy = (GaussianMechanism(cfg.privacy, cfg.clients_per_round / cfg.clients.num,
+                                          cfg.seed) if cfg.privacy.enabled else None)
+        self.server = Server(self.method, worker.initial_server_state(), worker.slots.spec(),
+                             worker.slots.names, cfg.server, cfg.clients.min_clients,
+                             self.privacy)
         self.states = {cid: ClientState() for cid in range(cfg.clients.num)}
         self.bytes_up_total = 0
         self.bytes_down_total = 0
+        self.done_rounds = 0
+        self.prior_seconds = 0.0
 
     # --- one round ------------------------------------------------------------------
 
@@ -76,6 +88,8 @@ class Simulation:
             "bytes_up_total": self.bytes_up_total,
             "bytes_down_total": self.bytes_down_total,
         }
+        if self.privacy is not None:
+            metrics["dp_epsilon"] = self.privacy.epsilon(round_idx)
         return RoundRecord(metrics, {"train": t1 - t0, "aggregate": t2 - t1})
 
     # --- evaluation -----------------------------------------------------------------
@@ -120,14 +134,46 @@ class Simulation:
         every = self.cfg.eval.every
         return every > 0 and (round_idx % every == 0 or round_idx == self.cfg.rounds)
 
+    # --- checkpoints ----------------------------------------------------------------
+
+    def checkpoint(self, round_idx: int, wall_seconds: float) -> Checkpoint:
+        return Checkpoint(
+            round=round_idx,
+            server_state=self.server.state,
+            clients=self.states,
+            totals={"bytes_up": self.bytes_up_total, "bytes_down": self.bytes_down_total,
+                    "wall_seconds": wall_seconds},
+            config=self.cfg.model_dump(mode="json"),
+        )
+
+    def restore(self, ckpt: Checkpoint) -> None:
+        """Continue from a checkpoint of this same experiment."""
+        self.server.state = ckpt.server_state
+        self.states = {cid: ckpt.clients.get(cid, ClientState())
+                       for cid in range(self.cfg.clients.num)}
+        self.bytes_up_total = int(ckpt.totals["bytes_up"])
+        self.bytes_down_total = int(ckpt.totals["bytes_down"])
+        self.done_rounds = ckpt.round
+        self.prior_seconds = float(ckpt.totals.get("wall_seconds", 0.0))
+
+    def should_checkpoint(self, round_idx: int) -> bool:
+        every = self.cfg.checkpoint.every
+        return every > 0 and (round_idx % every == 0 or round_idx == self.cfg.rounds)
+
+    # --- the whole run --------------------------------------------------------------
+
     def run(self, run_dir: RunDir | None = None) -> dict:
+        """Run the remaining rounds (all of them, or those after a restored checkpoint),
+        writing metrics, checkpoints and finally the summary and adapters."""
         cfg = self.cfg
         run_dir = run_dir or RunDir(cfg.output_dir)
-        run_dir.start(cfg, self.exp)
-        start = time.perf_counter()
-        last: dict = {}
-        bar = tqdm(range(1, cfg.rounds + 1), desc=f"{cfg.method}", unit="round",
-                   disable=not cfg.progress)
+        first = self.done_rounds + 1
+        run_dir.start(cfg, self.exp, resume_after=self.done_rounds or None)
+        start = time.perf_counter() - self.prior_seconds
+        last: dict = run_dir.last_metrics() or {}
+        saved = self.done_rounds
+        bar = tqdm(range(first, cfg.rounds + 1), desc=f"{cfg.method}", unit="round",
+                   initial=first - 1, total=cfg.rounds, disable=not cfg.progress)
         try:
             for round_idx in bar:
                 record = self.run_round(round_idx)
@@ -140,8 +186,57 @@ class Simulation:
                                     acc=f"{record.metrics['personalized_accuracy']:.3f}")
                 run_dir.log_timing({"round": round_idx, **record.seconds})
                 last = record.metrics  # the last round is always evaluated when eval is on
+                if self.should_checkpoint(round_idx):
+                    run_dir.save_checkpoint(self.checkpoint(round_idx, time.perf_counter() - start))
+                    saved = round_idx
+                self.done_rounds = round_idx
+        except KeyboardInterrupt:
+            if self.done_rounds > saved:
+                run_dir.save_checkpoint(
+                    self.checkpoint(self.done_rounds, time.perf_counter() - start))
+            log.warning("interrupted after round %d; continue with: sfedlora run --resume %s",
+                        self.done_rounds, run_dir.path)
+            run_dir.close()
+            raise
         except BaseException:
             run_dir.close()
             raise
-        summary = run_dir.finish(self, last, time.perf_counter() - start)
-        return summary
+        return run_dir.finish(self, last, time.perf_counter() - start)
+
+    @classmethod
+    def resume(cls, run_dir: str | Path, overrides: list[str] = ()) -> Simulation:
+        """A simulation that continues the run in ``run_dir`` from its checkpoint.
+
+        Overrides may change only settings that do not change results (``progress``,
+        ``checkpoint.every``); anything else is refused with the list of differences.
+        """
+        run_dir = Path(run_dir)
+        ckpt = load_checkpoint(run_dir / CHECKPOINT_FILE)
+        cfg = load_config(run_dir / "config.yaml", [*overrides, f"output_dir={run_dir}"])
+        diffs = config_differences(ckpt.config, cfg.model_dump(mode="json"),
+                                   ignore=RESUME_MAY_CHANGE)
+        if diffs:
+            raise ConfigError(
+                f"cannot resume {run_dir} with a config that would change results: "
+                + "; ".join(diffs) + ". Drop those overrides (or restore config.yaml), or "
+                "start a new run in another output_dir."
+            )
+        sim = cls(cfg)
+        sim.restore(ckpt)
+        return sim
+
+
+RESUME_MAY_CHANGE = frozenset({"progress", "output_dir", "checkpoint.every"})
+
+
+def config_differences(old: dict, new: dict, ignore=frozenset(), prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every dotted key whose value differs."""
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        dotted = f"{prefix}{key}"
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += config_differences(a, b, ignore, f"{dotted}.")
+        elif a != b and dotted not in ignore:
+            diffs.append(f"{dotted}: {a!r} -> {b!r}")
+    return diffs

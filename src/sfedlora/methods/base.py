@@ -38,6 +38,8 @@ from typing import ClassVar
 
 import torch
 
+from sfedlora.aggregation import Combiner, weighted_mean
+
 
 class Part(StrEnum):
     A = "A"
@@ -105,11 +107,14 @@ class Method:
         return [u.num_examples / total for u in updates]
 
     def aggregate(
-        self, global_state: dict[str, torch.Tensor], updates: Sequence[Update]
+        self,
+        global_state: dict[str, torch.Tensor],
+        updates: Sequence[Update],
+        combine: Combiner = weighted_mean,
     ) -> dict[str, torch.Tensor]:
-        """New global state: the weighted mean of every uploaded tensor.
-
-        Tensors nobody uploaded keep their global value. Updates are combined in
+        """New global state: every uploaded tensor combined across clients with the
+        method's weights (by default their weighted mean; the server may pass a robust
+        combiner). Tensors nobody uploaded keep their global value. Updates are taken in
         client-id order so the result does not depend on arrival order.
         """
         updates = sorted(updates, key=lambda u: u.client_id)
@@ -118,8 +123,5 @@ class Method:
             return new_state
         weights = self.weights(updates)
         for name in updates[0].tensors:
-            acc = torch.zeros_like(updates[0].tensors[name], dtype=torch.float64)
-            for w, u in zip(weights, updates, strict=True):
-                acc += w * u.tensors[name].to(torch.float64)
-            new_state[name] = acc.to(updates[0].tensors[name].dtype)
+            new_state[name] = combine([u.tensors[name] for u in updates], weights)
         return new_state

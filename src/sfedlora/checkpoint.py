@@ -1,0 +1,119 @@
+"""Checkpoints: everything a run needs to continue bit-identically, in one file.
+
+The file is safetensors: the tensors (server state, every client's private tensors and
+optimizer state) plus a JSON document in the safetensors metadata for the rest (round,
+byte totals, the resolved config, the structure of optimizer states). Nothing is ever
+unpickled, so a crafted file cannot run code; it fails to parse instead. It is written
+to a temporary name and renamed over the old one, so a crash leaves either the previous
+checkpoint or the new one, never half of one.
+
+RNG state needs no saving: every random draw (client sampling, batch order, dropout,
+A inits, DP noise) is seeded from (seed, round, client), so a resumed round draws what
+the uninterrupted round would have drawn.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from sfedlora.worker import ClientState
+
+FORMAT = "sfedlora-checkpoint/1"
+FILENAME = "checkpoint.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message says why."""
+
+
+@dataclass
+class Checkpoint:
+    round: int
+    server_state: dict[str, torch.Tensor]
+    clients: dict[int, ClientState]
+    totals: dict[str, int]
+    config: dict[str, Any]
+
+
+def _flatten(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """JSON-able structure with tensors replaced by references into ``tensors``.
+    Dicts become lists of pairs so integer keys (optimizer state) survive."""
+    if isinstance(obj, torch.Tensor):
+        tensors[prefix] = obj.detach().to("cpu").contiguous().clone()
+        return {"tensor": prefix}
+    if isinstance(obj, dict):
+        return {"dict": [[k, _flatten(v, f"{prefix}/{k}", tensors)] for k, v in obj.items()]}
+    if isinstance(obj, list | tuple):
+        return {"list": [_flatten(v, f"{prefix}/{i}", tensors) for i, v in enumerate(obj)]}
+    return {"value": obj}
+
+
+def _unflatten(node: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if "tensor" in node:
+        return tensors[node["tensor"]]
+    if "dict" in node:
+        return {k: _unflatten(v, tensors) for k, v in node["dict"]}
+    if "list" in node:
+        return [_unflatten(v, tensors) for v in node["list"]]
+    return node["value"]
+
+
+def save_checkpoint(path: Path, ckpt: Checkpoint) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    doc = {
+        "format": FORMAT,
+        "round": ckpt.round,
+        "totals": ckpt.totals,
+        "config": ckpt.config,
+        "server": _flatten(ckpt.server_state, "server", tensors),
+        "clients": [
+            [cid, _flatten(st.private, f"client/{cid}/private", tensors),
+             _flatten(st.optimizer, f"client/{cid}/optimizer", tensors)]
+            for cid, st in sorted(ckpt.clients.items())
+        ],
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"sfedlora": json.dumps(doc)})
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}; was the run started with "
+                              "checkpoint.every > 0, and did it finish a round?")
+    try:
+        tensors = load_file(str(path))
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        doc = json.loads(meta["sfedlora"])
+        if doc.get("format") != FORMAT:
+            raise KeyError("format")
+    except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as exc:
+        raise CheckpointError(
+            f"{path} is not an sfedlora checkpoint ({type(exc).__name__}: {exc}); checkpoints "
+            "are safetensors files, and sfedlora never unpickles anything"
+        ) from None
+    clients = {
+        int(cid): ClientState(private=_unflatten(private, tensors),
+                              optimizer=_unflatten(optim, tensors))
+        for cid, private, optim in doc["clients"]
+    }
+    return Checkpoint(
+        round=int(doc["round"]),
+        server_state=_unflatten(doc["server"], tensors),
+        clients=clients,
+        totals=doc["totals"],
+        config=doc["config"],
+    )
