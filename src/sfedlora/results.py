@@ -33,17 +33,17 @@ class RunDir:
         self._log_handler: logging.Handler | None = None
 
     def start(self, cfg: ExperimentConfig, experiment: Experiment,
-              resume_after: int | None = None) -> None:
-        """Prepare the directory. On resume, keep what the first rounds wrote and drop
-        lines of rounds after the checkpoint (they will be written again)."""
+              resume_after: int | None = None, metrics: list[str] = ()) -> None:
+        """Prepare the directory. On resume, ``metrics.jsonl`` is rewritten from the
+        checkpoint's copy and timing lines after the checkpoint's round are dropped
+        (those rounds run again)."""
         self.path.mkdir(parents=True, exist_ok=True)
         if resume_after is None:
             (self.path / "config.yaml").write_text(to_yaml(cfg))
-            for name in ("metrics.jsonl", "timings.jsonl"):
-                (self.path / name).write_text("")
+            (self.path / "timings.jsonl").write_text("")
         else:
-            for name in ("metrics.jsonl", "timings.jsonl"):
-                self._truncate_after(name, resume_after)
+            self._truncate_after("timings.jsonl", resume_after)
+        (self.path / "metrics.jsonl").write_text("".join(metrics))
         (self.path / "labels.json").write_text(json.dumps(experiment.data.label_names))
         self._log_handler = logging.FileHandler(self.path / "run.log",
                                                 mode="w" if resume_after is None else "a")
@@ -61,6 +61,9 @@ class RunDir:
                 break
             kept.append(line)
         path.write_text("".join(kept))
+
+    def metrics_lines(self) -> list[str]:
+        return (self.path / "metrics.jsonl").read_text().splitlines(keepends=True)
 
     def last_metrics(self) -> dict | None:
         path = self.path / "metrics.jsonl"

@@ -51,6 +51,7 @@ class Simulation:
         self.bytes_down_total = 0
         self.done_rounds = 0
         self.prior_seconds = 0.0
+        self.restored_metrics: list[str] = []
 
     # --- one round ------------------------------------------------------------------
 
@@ -136,7 +137,7 @@ class Simulation:
 
     # --- checkpoints ----------------------------------------------------------------
 
-    def checkpoint(self, round_idx: int, wall_seconds: float) -> Checkpoint:
+    def checkpoint(self, round_idx: int, wall_seconds: float, metrics: list[str]) -> Checkpoint:
         return Checkpoint(
             round=round_idx,
             server_state=self.server.state,
@@ -144,6 +145,7 @@ class Simulation:
             totals={"bytes_up": self.bytes_up_total, "bytes_down": self.bytes_down_total,
                     "wall_seconds": wall_seconds},
             config=self.cfg.model_dump(mode="json"),
+            metrics=metrics,
         )
 
     def restore(self, ckpt: Checkpoint) -> None:
@@ -155,6 +157,7 @@ class Simulation:
         self.bytes_down_total = int(ckpt.totals["bytes_down"])
         self.done_rounds = ckpt.round
         self.prior_seconds = float(ckpt.totals.get("wall_seconds", 0.0))
+        self.restored_metrics = ckpt.metrics
 
     def should_checkpoint(self, round_idx: int) -> bool:
         every = self.cfg.checkpoint.every
@@ -168,7 +171,8 @@ class Simulation:
         cfg = self.cfg
         run_dir = run_dir or RunDir(cfg.output_dir)
         first = self.done_rounds + 1
-        run_dir.start(cfg, self.exp, resume_after=self.done_rounds or None)
+        run_dir.start(cfg, self.exp, resume_after=self.done_rounds or None,
+                      metrics=self.restored_metrics)
         start = time.perf_counter() - self.prior_seconds
         last: dict = run_dir.last_metrics() or {}
         saved = self.done_rounds
@@ -187,13 +191,14 @@ class Simulation:
                 run_dir.log_timing({"round": round_idx, **record.seconds})
                 last = record.metrics  # the last round is always evaluated when eval is on
                 if self.should_checkpoint(round_idx):
-                    run_dir.save_checkpoint(self.checkpoint(round_idx, time.perf_counter() - start))
+                    run_dir.save_checkpoint(self.checkpoint(
+                        round_idx, time.perf_counter() - start, run_dir.metrics_lines()))
                     saved = round_idx
                 self.done_rounds = round_idx
         except KeyboardInterrupt:
             if self.done_rounds > saved:
-                run_dir.save_checkpoint(
-                    self.checkpoint(self.done_rounds, time.perf_counter() - start))
+                run_dir.save_checkpoint(self.checkpoint(
+                    self.done_rounds, time.perf_counter() - start, run_dir.metrics_lines()))
             log.warning("interrupted after round %d; continue with: sfedlora run --resume %s",
                         self.done_rounds, run_dir.path)
             run_dir.close()
