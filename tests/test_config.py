@@ -12,7 +12,7 @@ from sfedlora.experiment import build_experiment
 def test_defaults_are_the_offline_main_job():
     cfg = load_config()
     assert cfg.method == "sfed" and cfg.data.source == "bbc"
-    assert cfg.model.name == "all-MiniLM-L6-v2"
+    assert cfg.model_name == "all-MiniLM-L6-v2"
     assert cfg.scaling == "sfed" and cfg.a_init == "independent"
 
 

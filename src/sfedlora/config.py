@@ -68,8 +68,12 @@ class LoraConfig(_Section):
 
 
 class ModelConfig(_Section):
-    name: str = Field("all-MiniLM-L6-v2", description="hub name, local path or offline asset")
+    name: str | None = Field(
+        None, description="hub name, local path or offline asset (None: the task's "
+        "offline default, all-MiniLM-L6-v2 or SmolLM2-135M-Instruct)"
+    )
     max_length: int = Field(128, gt=0)
+    load_in_4bit: bool = Field(False, description="QLoRA base weights (CUDA + bitsandbytes)")
     device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1, or auto")
 
 
@@ -83,7 +87,13 @@ class DataConfig(_Section):
     test_split: str | None = Field("validation", description="HF split used as global test")
     text_column: str = "text"
     label_column: str = "label"
-    partition: Literal["iid", "dirichlet", "classes"] = "dirichlet"
+    prompt_column: str = Field("question", description="causal-lm: the instruction/prompt")
+    response_column: str = Field("answer", description="causal-lm: the target response")
+    input_column: str | None = Field(
+        None, description="causal-lm: optional extra input appended to the prompt (Alpaca)"
+    )
+    packing: bool = Field(False, description="causal-lm: pack examples into full blocks")
+    partition: Literal["iid", "dirichlet", "classes", "size"] = "dirichlet"
     dirichlet_alpha: float = Field(0.5, gt=0)
     classes_per_client: int = Field(2, gt=0)
     min_partition_size: int = Field(10, ge=0)
@@ -95,6 +105,13 @@ class DataConfig(_Section):
 
 class EvalConfig(_Section):
     every: int = Field(1, ge=0, description="evaluate every k rounds (the last always); 0: never")
+    at_start: bool = Field(False, description="also evaluate before training (round 0)")
+    generate: int = Field(
+        16, ge=0, description="causal-lm: examples per client and of the global test set "
+        "answered by greedy generation for exact match"
+    )
+    max_new_tokens: int = Field(256, gt=0)
+    few_shot: int = Field(0, ge=0, description="causal-lm: solved training examples in the prompt")
     batch_size: int = Field(64, gt=0)
     probe_size: int = Field(16, gt=0, description="examples in the fixed probe batch")
 
@@ -133,6 +150,7 @@ class CheckpointConfig(_Section):
 
 
 class ExperimentConfig(_Section):
+    task: Literal["classification", "causal-lm"] = "classification"
     method: Literal["fedit", "ffa", "fedsa", "rolora", "sfed"] = "sfed"
     seed: int = 0
     rounds: int = Field(10, gt=0)
@@ -183,6 +201,11 @@ class ExperimentConfig(_Section):
             raise ValueError("data.source=files needs data.train_path (a CSV, TSV or JSONL file)")
         if data.source == "hf" and not data.dataset:
             raise ValueError("data.source=hf needs data.dataset, e.g. data.dataset=glue")
+        if self.task == "causal-lm" and data.source == "bbc":
+            raise ValueError(
+                "task=causal-lm needs prompt/response data: set data.source=files (e.g. "
+                "data.train_path=../shared/data/gsm8k/train.jsonl) or data.source=hf"
+            )
         if self.privacy.enabled and self.a_init == "independent":
             raise ValueError(
                 "privacy.enabled with lora.a_init=independent: each client's first A is a "
@@ -205,6 +228,12 @@ class ExperimentConfig(_Section):
         if isinstance(per, float):
             return max(1, round(per * self.clients.num))
         return per
+
+    @property
+    def model_name(self) -> str:
+        if self.model.name:
+            return self.model.name
+        return "SmolLM2-135M-Instruct" if self.task == "causal-lm" else "all-MiniLM-L6-v2"
 
     @property
     def scaling(self) -> str:

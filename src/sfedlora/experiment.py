@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sfedlora import lm
 from sfedlora.config import ExperimentConfig
 from sfedlora.data import FederatedData, build_federated_data
 from sfedlora.methods import get_method
@@ -19,10 +20,10 @@ from sfedlora.worker import Worker
 class Experiment:
     cfg: ExperimentConfig
     data: FederatedData
-    client_train: list[Encoded]
-    client_test: list[Encoded]
-    global_test: Encoded
-    probe: Encoded
+    client_train: list[Encoded | lm.EncodedLM]
+    client_test: list[Encoded | lm.EncodedLM]
+    global_test: Encoded | lm.EncodedLM
+    probe: Encoded | lm.EncodedLM
     worker: Worker
     base_path: str
 
@@ -31,22 +32,45 @@ class Experiment:
         return gamma(self.cfg.scaling, self.cfg.lora.alpha, self.cfg.lora.rank,
                      self.cfg.clients_per_round)
 
+    # causal-lm: the raw pairs behind the encoded test sets, for generation
+    def client_test_pairs(self, cid: int) -> lm.PairDataset:
+        return self.data.train.subset(self.data.clients[cid].test)
+
+    def shots(self) -> list[tuple[str, str]]:
+        """Solved training examples placed before each generation prompt (few-shot)."""
+        k = self.cfg.eval.few_shot
+        return list(zip(self.data.train.prompts[:k], self.data.train.responses[:k],
+                        strict=True))
+
 
 def build_experiment(cfg: ExperimentConfig) -> Experiment:
     # Data first: its errors (missing column, too many clients) are cheap to find.
-    data = build_federated_data(cfg.data, cfg.clients.num, cfg.seed)
+    data = build_federated_data(cfg.data, cfg.clients.num, cfg.seed, cfg.task)
     model, base_path = build_model(cfg, data.label_names)
     tokenizer = load_tokenizer(base_path)
-    train = encode(tokenizer, data.train.texts, data.train.labels, cfg.model.max_length)
-    test = data.global_test
-    global_test = encode(tokenizer, test.texts, test.labels, cfg.model.max_length)
+    if cfg.task == "causal-lm":
+        def enc(pairs):
+            return lm.encode_pairs(tokenizer, pairs, cfg.model.max_length, cfg.data.packing)
+
+        collate = lm.LMCollator(tokenizer)
+        global_test = lm.encode_pairs(tokenizer, data.global_test, cfg.model.max_length)
+        client_test = [lm.encode_pairs(tokenizer, data.train.subset(s.test),
+                                       cfg.model.max_length) for s in data.clients]
+        client_train = [enc(data.train.subset(s.train)) for s in data.clients]
+    else:
+        train = encode(tokenizer, data.train.texts, data.train.labels, cfg.model.max_length)
+        test = data.global_test
+        global_test = encode(tokenizer, test.texts, test.labels, cfg.model.max_length)
+        collate = Collator(tokenizer)
+        client_test = [train.subset(s.test) for s in data.clients]
+        client_train = [train.subset(s.train) for s in data.clients]
     probe = global_test.subset(np.arange(min(cfg.eval.probe_size, len(global_test))))
-    worker = Worker(cfg, model, Collator(tokenizer), get_method(cfg.method))
+    worker = Worker(cfg, model, collate, get_method(cfg.method), tokenizer)
     return Experiment(
         cfg=cfg,
         data=data,
-        client_train=[train.subset(s.train) for s in data.clients],
-        client_test=[train.subset(s.test) for s in data.clients],
+        client_train=client_train,
+        client_test=client_test,
         global_test=global_test,
         probe=probe,
         worker=worker,

@@ -23,7 +23,8 @@ SUMMARY_KEYS = (
     "round", "train_loss", "personalized_accuracy", "personalized_accuracy_weighted",
     "global_accuracy", "personalized_loss", "global_loss", "grad_norm_A", "grad_norm_B",
     "adapter_output_norm", "bytes_up", "bytes_down", "bytes_up_total", "bytes_down_total",
-    "dp_epsilon",
+    "dp_epsilon", "personalized_perplexity", "global_perplexity", "personalized_exact_match",
+    "global_exact_match",
 )
 
 
@@ -61,6 +62,16 @@ class RunDir:
                 break
             kept.append(line)
         path.write_text("".join(kept))
+
+    def log_samples(self, round_idx: int, samples: list[dict]) -> None:
+        """Generated answers of one evaluation (causal-lm), for reading by a person."""
+        if not samples:
+            return
+        out = self.path / "samples"
+        out.mkdir(exist_ok=True)
+        with open(out / f"round_{round_idx:04d}.jsonl", "w") as f:
+            for sample in samples:
+                f.write(json.dumps(sample) + "\n")
 
     def metrics_lines(self) -> list[str]:
         return (self.path / "metrics.jsonl").read_text().splitlines(keepends=True)

@@ -20,6 +20,7 @@ from peft import PeftModel, TaskType, get_peft_model
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
+from sfedlora import lm
 from sfedlora.config import ConfigError, ExperimentConfig
 from sfedlora.scaling import peft_scale
 
@@ -106,28 +107,72 @@ def load_base_model(path: str, label_names: list[str], seed: int):
 
 def peft_config(cfg: ExperimentConfig, model_type: str) -> PeftLoraConfig:
     scale = peft_scale(cfg.scaling, cfg.lora.alpha, cfg.clients_per_round)
+    causal = cfg.task == "causal-lm"
+    targets = cfg.lora.targets or (causal and lm.default_targets(model_type)) \
+        or default_targets(model_type)
     return PeftLoraConfig(
-        task_type=TaskType.SEQ_CLS,
+        task_type=TaskType.CAUSAL_LM if causal else TaskType.SEQ_CLS,
         r=cfg.lora.rank,
         lora_alpha=scale.lora_alpha,
         use_rslora=scale.use_rslora,
-        target_modules=cfg.lora.targets or default_targets(model_type),
+        target_modules=targets,
         lora_dropout=cfg.lora.dropout,
     )
+
+
+def load_causal_lm(path: str, cfg: ExperimentConfig):
+    """The frozen base LM; 4-bit base weights (QLoRA) on CUDA when asked."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict = {"dtype": torch.float32}
+    if cfg.model.load_in_4bit:
+        if not torch.cuda.is_available():
+            raise ConfigError("model.load_in_4bit=true needs a CUDA GPU (bitsandbytes 4-bit "
+                              "kernels); on this machine set model.load_in_4bit=false")
+        try:
+            from transformers import BitsAndBytesConfig
+        except ImportError:  # pragma: no cover - depends on the install
+            raise ConfigError("model.load_in_4bit=true needs: pip install bitsandbytes") from None
+        kwargs = {"quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.bfloat16), "device_map": {"": 0}}
+    torch.manual_seed(cfg.seed)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as exc:
+        raise ConfigError(f"model.name={path!r} could not be loaded: {exc}") from None
+    if cfg.model.load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model)
+    return model
+
+
+def resolve_path(cfg: ExperimentConfig) -> str:
+    name = cfg.model_name
+    if name in lm.SMOLLM2_ALIASES:
+        return str(lm.smollm2_path())
+    return resolve_model_path(name)
 
 
 def build_model(cfg: ExperimentConfig, label_names: list[str]) -> tuple[PeftModel, str]:
     """The one model instance of this process, with LoRA injected. Returns it and the
     resolved base path (written into exported adapters)."""
-    path = resolve_model_path(cfg.model.name)
-    base = load_base_model(path, label_names, cfg.seed)
+    path = resolve_path(cfg)
+    if cfg.task == "causal-lm":
+        base = load_causal_lm(path, cfg)
+    else:
+        base = load_base_model(path, label_names, cfg.seed)
     try:
         model = get_peft_model(base, peft_config(cfg, base.config.model_type))
     except ValueError as exc:
         raise ConfigError(f"lora.targets={cfg.lora.targets!r}: {exc}") from None
-    model.to(resolve_device(cfg.model.device))
-    package = OFFLINE_MODELS.get(cfg.model.name)
-    model.peft_config["default"].base_model_name_or_path = HUB_IDS.get(package, path)
+    if not cfg.model.load_in_4bit:
+        model.to(resolve_device(cfg.model.device))
+    package = OFFLINE_MODELS.get(cfg.model_name)
+    hub_id = HUB_IDS.get(package) or (
+        "HuggingFaceTB/SmolLM2-135M-Instruct" if cfg.model_name in lm.SMOLLM2_ALIASES else path)
+    model.peft_config["default"].base_model_name_or_path = hub_id
     return model, path
 
 

@@ -60,6 +60,20 @@ class EvalResult:
         return self.loss_sum / self.count
 
 
+@dataclass(frozen=True)
+class LMEvalResult:
+    loss_sum: float
+    tokens: int
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(self.tokens, 1)
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.loss)
+
+
 def lr_factor(schedule: str, step: int, total: int) -> float:
     if schedule == "constant" or total <= 0:
         return 1.0
@@ -71,8 +85,9 @@ def lr_factor(schedule: str, step: int, total: int) -> float:
 
 class Worker:
     def __init__(self, cfg: ExperimentConfig, model: torch.nn.Module, collate: Collator,
-                 method: Method):
+                 method: Method, tokenizer=None):
         self.cfg, self.model, self.collate, self.method = cfg, model, collate, method
+        self.tokenizer = tokenizer
         self.slots = AdapterSlots(model)
         self.shared_init = self.slots.initial_state(derive_seed(cfg.seed, TAG_A_INIT))
         self._lora_layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
@@ -199,6 +214,44 @@ class Worker:
         labels = torch.from_numpy(data.labels)
         loss = F.cross_entropy(logits, labels, reduction="sum").item()
         return EvalResult(int((logits.argmax(-1) == labels).sum()), len(data), loss)
+
+    @torch.inference_mode()
+    def lm_loss(self, tensors: dict[str, torch.Tensor], data) -> LMEvalResult:
+        """Summed token loss over the response tokens of ``data`` (for perplexity)."""
+        self.slots.load(tensors)
+        self.model.eval()
+        loss_sum, tokens = 0.0, 0
+        for idx in eval_batches(len(data), self.cfg.eval.batch_size):
+            batch = self._batch(data, idx)
+            logits = self.model(input_ids=batch["input_ids"],
+                                attention_mask=batch["attention_mask"]).logits
+            labels = batch["labels"][:, 1:]
+            loss_sum += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
+                                        labels.flatten(), ignore_index=-100,
+                                        reduction="sum").item()
+            tokens += int((labels != -100).sum())
+        return LMEvalResult(loss_sum, tokens)
+
+    @torch.inference_mode()
+    def generate(self, tensors: dict[str, torch.Tensor], prompts: list[str]) -> list[str]:
+        """Greedy completions of already formatted prompts (left-padded batches)."""
+        self.slots.load(tensors)
+        self.model.eval()
+        tok = self.tokenizer
+        side, tok.padding_side = tok.padding_side, "left"
+        out: list[str] = []
+        try:
+            for start in range(0, len(prompts), self.cfg.eval.batch_size):
+                enc = tok(prompts[start : start + self.cfg.eval.batch_size],
+                          add_special_tokens=False, padding=True, return_tensors="pt")
+                enc = {k: v.to(self.device) for k, v in enc.items()}
+                gen = self.model.generate(**enc, max_new_tokens=self.cfg.eval.max_new_tokens,
+                                          do_sample=False, pad_token_id=tok.pad_token_id)
+                new = gen[:, enc["input_ids"].shape[1]:]
+                out += tok.batch_decode(new, skip_special_tokens=True)
+        finally:
+            tok.padding_side = side
+        return out
 
     @torch.inference_mode()
     def adapter_output_norm(self, tensors: dict[str, torch.Tensor], probe: Encoded) -> float:

@@ -1,9 +1,9 @@
 """Splitting a training set over clients, and each client's share into train/test.
 
-The client partitioners are flwr-datasets' (IID, Dirichlet per class, k classes per
-client), seeded. The per-client train/test split is stratified by hand: the
-``datasets`` stratified split refuses classes with a single example, which Dirichlet
-partitions produce all the time.
+The client partitioners are flwr-datasets' (IID, size-skewed, Dirichlet per class or
+metadata group, k classes per client), seeded. The per-client train/test split is
+stratified by hand: the ``datasets`` stratified split refuses classes with a single
+example, which Dirichlet partitions produce all the time.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import datasets
 import numpy as np
 from flwr_datasets.partitioner import (
     DirichletPartitioner,
+    ExponentialPartitioner,
     IidPartitioner,
     PathologicalPartitioner,
 )
@@ -39,6 +40,9 @@ def partition_indices(labels: np.ndarray, num_clients: int, cfg: DataConfig, see
     if cfg.partition == "iid":
         table = table.shuffle(seed=seed)
         partitioner = IidPartitioner(num_partitions=num_clients)
+    elif cfg.partition == "size":  # IID content, client sizes growing exponentially
+        table = table.shuffle(seed=seed)
+        partitioner = ExponentialPartitioner(num_partitions=num_clients)
     elif cfg.partition == "dirichlet":
         partitioner = DirichletPartitioner(
             num_partitions=num_clients,

@@ -142,15 +142,22 @@ def load_hf(cfg: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     return ds[cfg.train_split].to_pandas(), test
 
 
+def load_frames(cfg: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame | None, str]:
+    """Raw train and (optional) test tables of a files or hub source, and a name for
+    messages."""
+    if cfg.source == "files":
+        train = read_table(cfg.train_path)
+        test = read_table(cfg.test_path) if cfg.test_path else None
+        return train, test, cfg.train_path
+    train, test = load_hf(cfg)
+    return train, test, f"hf:{cfg.dataset}"
+
+
 def load_source(cfg: DataConfig) -> tuple[TextDataset, TextDataset | None]:
     """Train set and, when the source provides one, the global test set."""
     if cfg.source == "bbc":
         frame = load_bbc()
         cfg = cfg.model_copy(update={"text_column": "text", "label_column": "label"})
         return _to_datasets(frame, None, cfg, "BBC News")
-    if cfg.source == "files":
-        train = read_table(cfg.train_path)
-        test = read_table(cfg.test_path) if cfg.test_path else None
-        return _to_datasets(train, test, cfg, cfg.train_path)
-    train, test = load_hf(cfg)
-    return _to_datasets(train, test, cfg, f"hf:{cfg.dataset}")
+    train, test, where = load_frames(cfg)
+    return _to_datasets(train, test, cfg, where)
