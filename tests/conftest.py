@@ -81,3 +81,56 @@ def tiny_config(tiny_model_dir, tiny_data_file, tmp_path):
         return load_config(None, base + list(overrides))
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A 2-layer, 32-wide Llama with SmolLM2's tokenizer (and chat template)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from sfedlora.lm import smollm2_path
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
+    torch.manual_seed(4321)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, tie_word_embeddings=True,
+                         initializer_range=0.3,  # logits wide enough for LoRA to move
+                         pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_math_file(tmp_path_factory) -> Path:
+    """GSM8K-shaped JSONL: small additions with the answer after ####."""
+    import json
+
+    rng = random.Random(11)
+    rows = []
+    for _ in range(160):
+        a, b = rng.randint(1, 20), rng.randint(1, 20)
+        rows.append({"question": f"What is {a} plus {b}?",
+                     "answer": f"{a} + {b} = {a + b}\n#### {a + b}"})
+    path = tmp_path_factory.mktemp("math") / "math.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def tiny_lm_config(tiny_llama_dir, tiny_math_file, tmp_path):
+    def make(*overrides: str):
+        base = [
+            "task=causal-lm", f"model.name={tiny_llama_dir}", "model.max_length=64",
+            "data.source=files", f"data.train_path={tiny_math_file}", "data.partition=iid",
+            "clients.num=3", "rounds=3", "local.steps=6", "local.batch_size=8",
+            "local.lr=0.01", "lora.rank=4", "lora.alpha=8", "eval.generate=2",
+            "eval.max_new_tokens=8", "progress=false", f"output_dir={tmp_path / 'run'}",
+        ]
+        return load_config(None, base + list(overrides))
+
+    return make

@@ -1,0 +1,136 @@
+"""The causal-LM task: loss mask, answer parsing, federated runs on a tiny Llama."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from sfedlora.config import ConfigError
+from sfedlora.experiment import build_experiment
+from sfedlora.lm import EncodedLM, LMCollator, PairDataset, encode_pairs, parse_answer
+from sfedlora.simulation import Simulation
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_llama_dir):
+    return AutoTokenizer.from_pretrained(tiny_llama_dir)
+
+
+def test_loss_mask_covers_exactly_the_response_tokens(tokenizer):
+    pairs = PairDataset(["What is 2 plus 3?", "Name a colour."],
+                        ["2 + 3 = 5\n#### 5", "Blue."], np.zeros(2, dtype=np.int64))
+    enc = encode_pairs(tokenizer, pairs, max_length=256)
+    for ids, labels, response in zip(enc.input_ids, enc.labels, pairs.responses, strict=True):
+        target = [t for t in labels if t != -100]
+        expected = tokenizer(response, add_special_tokens=False)["input_ids"]
+        assert target == [*expected, tokenizer.eos_token_id]
+        start = labels.index(target[0])
+        assert all(t == -100 for t in labels[:start])  # the whole prompt is masked
+        assert ids[start:] == target  # labels are the tokens themselves at those positions
+        prompt = tokenizer.decode(ids[:start])
+        assert "<|im_start|>assistant" in prompt  # the chat template was applied
+
+
+def test_collator_pads_labels_with_ignore_index(tokenizer):
+    enc = EncodedLM([[5, 6, 7], [8]], [[-100, 6, 7], [8]])
+    batch = LMCollator(tokenizer)(enc, [0, 1])
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["input_ids"][1, 1].item() == tokenizer.pad_token_id
+
+
+def test_packing_fills_blocks_and_keeps_the_mask(tokenizer):
+    pairs = PairDataset(["q"] * 20, ["an answer of a few tokens"] * 20,
+                        np.zeros(20, dtype=np.int64))
+    plain = encode_pairs(tokenizer, pairs, max_length=64)
+    packed = encode_pairs(tokenizer, pairs, max_length=64, packing=True)
+    assert all(len(s) == 64 for s in packed.input_ids)
+    total = sum(len(s) for s in plain.input_ids)
+    assert len(packed) == total // 64
+    assert packed.num_target_tokens <= plain.num_target_tokens
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("Janet sells 16 - 3 - 4 = 9 eggs.\n#### 18", "18"),
+        ("#### 1,234", "1234"),
+        ("#### $70,000", "70000"),
+        ("#### -5", "-5"),
+        ("The answer is $1,250.50 in total.", "1250.5"),
+        ("So she has -3 apples left. Hooray!", "-3"),
+        ("It takes 2 hours, then 3.0 more", "3"),
+        ("#### 42 apples\nmore text 7", "42"),
+        ("no number here", None),
+        ("#### 0.25", "0.25"),
+    ],
+)
+def test_answer_parser(text, expected):
+    assert parse_answer(text) == expected
+
+
+@pytest.mark.parametrize("method", ["fedit", "ffa", "fedsa", "rolora", "sfed"])
+def test_every_method_lowers_the_training_loss_of_a_tiny_llama(method, tiny_lm_config,
+                                                               tmp_path):
+    cfg = tiny_lm_config(f"method={method}", "local.lr=0.02", "eval.generate=0")
+    summary = Simulation(cfg).run()
+    lines = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert summary["train_loss"] < 0.9 * lines[0]["train_loss"]
+    assert summary["personalized_perplexity"] < lines[0]["personalized_perplexity"]
+
+
+def test_lm_run_writes_perplexity_exact_match_and_samples(tiny_lm_config, tmp_path):
+    cfg = tiny_lm_config("method=sfed", "eval.at_start=true", "rounds=2")
+    Simulation(cfg).run()
+    out = tmp_path / "run"
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["round"] for x in lines] == [0, 1, 2]
+    for key in ("personalized_perplexity", "global_perplexity", "personalized_exact_match",
+                "global_exact_match"):
+        assert all(x[key] is not None for x in lines), key
+    samples = [json.loads(x) for x in (out / "samples/round_0002.jsonl").read_text().splitlines()]
+    assert len(samples) == 3 * 2 + 3 * 2  # 2 per client's own test part, 2 per client@global
+    assert {"question", "reference", "generated", "parsed", "correct"} <= set(samples[0])
+    assert (out / "adapters/client_0/adapter_config.json").is_file()
+
+
+def test_lm_exported_adapter_loads_in_peft(tiny_lm_config, tiny_llama_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    sim = Simulation(tiny_lm_config("method=fedit", "rounds=1", "eval.generate=0"))
+    sim.run()
+    batch = sim.exp.worker.collate(sim.exp.global_test, list(range(4)))
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+                                      tmp_path / "run/adapters/global").eval()
+    sim.exp.worker.slots.load(sim.global_adapter())
+    sim.exp.worker.model.eval()
+    with torch.inference_mode():
+        ours = sim.exp.worker.model(input_ids=batch["input_ids"],
+                                    attention_mask=batch["attention_mask"]).logits
+        theirs = model(input_ids=batch["input_ids"],
+                       attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+
+
+def test_llama_targets_default_to_attention_and_mlp(tiny_lm_config):
+    exp = build_experiment(tiny_lm_config())
+    targets = exp.worker.model.peft_config["default"].target_modules
+    assert set(targets) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                            "down_proj"}
+
+
+def test_lm_config_errors(tiny_lm_config):
+    with pytest.raises(ConfigError, match="task=causal-lm needs prompt/response data"):
+        tiny_lm_config("data.source=bbc")
+    with pytest.raises(ConfigError, match=r"data\.prompt_column='instruction' is not a column"):
+        build_experiment(tiny_lm_config("data.prompt_column=instruction"))
+    with pytest.raises(ConfigError, match="metadata field"):
+        build_experiment(tiny_lm_config("data.partition=dirichlet"))
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="needs a CUDA GPU"):
+            build_experiment(tiny_lm_config("model.load_in_4bit=true"))
