@@ -29,11 +29,22 @@ def _print_table(summary: dict, run_dir: str) -> None:
                         f"gamma={summary['gamma']:.3g})")
     table.add_column("metric")
     table.add_column("value", justify="right")
+    if summary.get("personalized_perplexity") is not None:  # causal-lm
+        quality = [
+            ("personalised perplexity", summary["personalized_perplexity"]),
+            ("global perplexity", summary["global_perplexity"]),
+            ("personalised exact match", summary["personalized_exact_match"]),
+            ("global exact match", summary["global_exact_match"]),
+        ]
+    else:
+        quality = [
+            ("personalised accuracy", summary["personalized_accuracy"]),
+            ("global accuracy", summary["global_accuracy"]),
+        ]
     rows = [
         ("rounds", summary["round"]),
         ("train loss", summary["train_loss"]),
-        ("personalised accuracy", summary["personalized_accuracy"]),
-        ("global accuracy", summary["global_accuracy"]),
+        *quality,
         ("bytes up (total)", summary["bytes_up_total"]),
         ("bytes down (total)", summary["bytes_down_total"]),
         ("wall seconds", summary["wall_seconds"]),

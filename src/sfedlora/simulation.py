@@ -16,16 +16,16 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from sfedlora import lm
 from sfedlora.checkpoint import FILENAME as CHECKPOINT_FILE
 from sfedlora.checkpoint import Checkpoint, load_checkpoint
 from sfedlora.config import ConfigError, ExperimentConfig, load_config
+from sfedlora.evaluation import AdapterView, evaluate_classification, evaluate_lm
 from sfedlora.experiment import Experiment, build_experiment
 from sfedlora.privacy import GaussianMechanism
 from sfedlora.results import RunDir
 from sfedlora.sampling import sample_clients
 from sfedlora.server import Reply, Server
-from sfedlora.worker import ClientState, EvalResult, mean_or_none
+from sfedlora.worker import ClientState, mean_or_none
 
 log = logging.getLogger(__name__)
 
@@ -104,89 +104,14 @@ class Simulation:
         return self.exp.worker.global_adapter(self.server.state)
 
     def evaluate(self) -> dict:
+        """Metrics of the current adapters (see :mod:`sfedlora.evaluation`); for a
+        language model the generated answers are kept in ``self.samples``."""
+        view = AdapterView(self.exp, self.method.has_global_adapter, self.client_adapter,
+                           self.global_adapter)
         if self.cfg.task == "causal-lm":
-            return self.evaluate_lm()
-        return self.evaluate_classification()
-
-    def evaluate_lm(self) -> dict:
-        """Perplexity on response tokens (each client's adapter on its own test part, and
-        the global adapter or the mean over clients on the global test set), plus exact
-        match of greedy answers on the first ``eval.generate`` examples of each."""
-        worker, exp, cfg = self.exp.worker, self.exp, self.cfg
-        shots = exp.shots()
-        n = cfg.eval.generate
-        own, own_em, samples = [], [], []
-
-        def exact_match(tensors, pairs, who: str) -> float | None:
-            if n == 0 or len(pairs) == 0:
-                return None
-            pairs = pairs.subset(np.arange(min(n, len(pairs))))
-            prompts = [lm.prompt_text(worker.tokenizer, p, shots) for p in pairs.prompts]
-            answers = worker.generate(tensors, prompts)
-            hits = []
-            for q, ref, out in zip(pairs.prompts, pairs.responses, answers, strict=True):
-                want, got = lm.parse_answer(ref), lm.parse_answer(out)
-                hits.append(want is not None and want == got)
-                samples.append({"adapter": who, "question": q, "reference": want,
-                                "parsed": got, "correct": hits[-1], "generated": out})
-            return float(np.mean(hits))
-
-        for cid in range(cfg.clients.num):
-            tensors = self.client_adapter(cid)
-            own.append(worker.lm_loss(tensors, exp.client_test[cid]))
-            own_em.append(exact_match(tensors, exp.client_test_pairs(cid), f"client_{cid}"))
-        if self.method.has_global_adapter:
-            adapters = {"global": self.global_adapter()}
-        else:
-            adapters = {f"client_{c}": self.client_adapter(c) for c in range(cfg.clients.num)}
-        on_global, global_em, norms = [], [], []
-        for who, tensors in adapters.items():
-            on_global.append(worker.lm_loss(tensors, exp.global_test))
-            global_em.append(exact_match(tensors, exp.data.global_test, f"{who}@global"))
-            norms.append(worker.adapter_output_norm(tensors, exp.probe))
-        self.samples = samples
-        return {
-            "personalized_perplexity": float(np.mean([r.perplexity for r in own])),
-            "personalized_loss": float(np.mean([r.loss for r in own])),
-            "global_perplexity": float(np.mean([r.perplexity for r in on_global])),
-            "global_loss": float(np.mean([r.loss for r in on_global])),
-            "personalized_exact_match": mean_or_none(own_em),
-            "global_exact_match": mean_or_none(global_em),
-            # the contract's accuracy keys carry exact match for a language model
-            "personalized_accuracy": mean_or_none(own_em),
-            "global_accuracy": mean_or_none(global_em),
-            "adapter_output_norm": float(np.mean(norms)),
-        }
-
-    def evaluate_classification(self) -> dict:
-        """Personalised accuracy (each client's adapter on its own test part) and
-        global accuracy (the global adapter where the method has one, else the mean
-        over clients of each client's adapter on the global test set)."""
-        worker, exp = self.exp.worker, self.exp
-        own: list[EvalResult] = []
-        on_global: list[EvalResult] = []
-        norms: list[float] = []
-        for cid in range(self.cfg.clients.num):
-            tensors = self.client_adapter(cid)
-            own.append(worker.evaluate(tensors, exp.client_test[cid]))
-            if not self.method.has_global_adapter:
-                on_global.append(worker.evaluate(tensors, exp.global_test))
-                norms.append(worker.adapter_output_norm(tensors, exp.probe))
-        if self.method.has_global_adapter:
-            tensors = self.global_adapter()
-            on_global.append(worker.evaluate(tensors, exp.global_test))
-            norms.append(worker.adapter_output_norm(tensors, exp.probe))
-        return {
-            "personalized_accuracy": float(np.mean([r.accuracy for r in own])),
-            "personalized_accuracy_weighted": sum(r.correct for r in own)
-            / sum(r.count for r in own),
-            "personalized_loss": float(np.mean([r.loss for r in own])),
-            "global_accuracy": float(np.mean([r.accuracy for r in on_global])),
-            "global_loss": float(np.mean([r.loss for r in on_global])),
-            "adapter_output_norm": float(np.mean(norms)),
-        }
-
-    # --- the whole run --------------------------------------------------------------
+            metrics, self.samples = evaluate_lm(view)
+            return metrics
+        return evaluate_classification(view)
 
     def should_evaluate(self, round_idx: int) -> bool:
         every = self.cfg.eval.every
