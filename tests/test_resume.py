@@ -30,10 +30,17 @@ def _args(tiny_model_dir, tiny_data_file, out: Path, *extra: str) -> list[str]:
     ]
 
 
+def _default_sigint() -> None:
+    # A shell that runs the tests in the background starts children with SIGINT
+    # ignored; Python then installs no KeyboardInterrupt handler. Restore the default.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _cli(*args: str) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.Popen([sys.executable, "-m", "sfedlora", "run", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint)
 
 
 def _rounds_logged(out: Path) -> int:
@@ -79,12 +86,13 @@ def test_sigkill_then_resume_is_bit_identical(tiny_model_dir, tiny_data_file, tm
     assert len(ours["metrics.jsonl"].splitlines()) == 6
 
 
-def test_ctrl_c_writes_a_checkpoint_and_says_how_to_resume(tiny_model_dir, tiny_data_file,
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_writes_a_checkpoint_and_says_how_to_resume(sig, tiny_model_dir, tiny_data_file,
                                                            tmp_path):
     out = tmp_path / "run"
     proc = _cli(*_args(tiny_model_dir, tiny_data_file, out, "checkpoint.every=0", "rounds=60"))
     _wait_for_rounds(proc, out, 2)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130
     assert f"sfedlora run --resume {out}" in err

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import warnings
 
@@ -60,6 +61,10 @@ def _print_table(summary: dict, run_dir: str) -> None:
     console.print(f"run directory: {run_dir}")
 
 
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     _quiet_libraries()
     from sfedlora.simulation import Simulation
@@ -73,6 +78,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         sim = Simulation(load_config(*_split_config_arg(args)))
     cfg = sim.cfg
+    # Schedulers (SLURM, Kubernetes) stop jobs with SIGTERM: checkpoint as on Ctrl-C.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         summary = sim.run()
     except KeyboardInterrupt:
