@@ -90,6 +90,7 @@ class Worker:
         self.tokenizer = tokenizer
         self.slots = AdapterSlots(model)
         self.shared_init = self.slots.initial_state(derive_seed(cfg.seed, TAG_A_INIT))
+        self._a_names = self.slots.names({Part.A})
         self._lora_layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
         self.device = next(model.parameters()).device
         if self.device.type == "cpu":
@@ -113,8 +114,11 @@ class Worker:
 
     def assemble(self, cid: int, state: ClientState, shared: dict[str, torch.Tensor]):
         """Client ``cid``'s full adapter: its init, then its private parts, then the
-        server's shared parts on top."""
-        return {**self.client_init(cid), **state.private, **shared}
+        server's shared parts on top. Once the server holds A, the client's own A draw
+        would be overwritten, so it is not drawn."""
+        has_a = all(n in shared for n in self._a_names)
+        base = self.shared_init if has_a else self.client_init(cid)
+        return {**base, **state.private, **shared}
 
     def global_adapter(self, shared: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {**self.shared_init, **shared}
