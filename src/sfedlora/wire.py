@@ -28,6 +28,23 @@ def encode(tensors: dict[str, torch.Tensor], meta: dict[str, object] | None = No
     return st_save(cpu, metadata=metadata)
 
 
+def read_meta(payload: bytes) -> dict[str, object]:
+    """The JSON metadata of a message. Read straight from the safetensors header
+    (an 8-byte little-endian length, then JSON) because ``safetensors.torch.load``
+    returns only the tensors."""
+    if not payload:
+        return {}
+    try:
+        size = int.from_bytes(payload[:8], "little")
+        header = json.loads(payload[8 : 8 + size])
+        meta = json.loads(header.get("__metadata__", {}).get("sfedlora", "{}"))
+    except (ValueError, AttributeError, TypeError) as exc:
+        raise MessageError(f"message header is not valid JSON: {exc}") from None
+    if not isinstance(meta, dict):
+        raise MessageError("message metadata must be a JSON object")
+    return meta
+
+
 def decode(payload: bytes) -> dict[str, torch.Tensor]:
     """Parse a message back into tensors; raises :class:`MessageError` on bad bytes."""
     if not payload:

@@ -1,0 +1,233 @@
+"""A codec turns the tensors a method sends into the bytes that cross the wire.
+
+Stages, each optional, applied to every message of one direction:
+
+1. **delta**: send ``x - reference`` where the receiver holds the reference (for
+   uploads, the state the client downloaded, which the server also knows). Untouched
+   entries then cost nothing and quantisation works on a small range.
+2. **top-k**: keep the ``ceil(density * n)`` entries of largest magnitude over *all*
+   tensors of the message together (ties: lower position first), with their positions
+   (:mod:`.indices`). Dropped entries decode as 0 (as the reference, with delta).
+3. **values**: quantised per output channel to 2, 4 or 8 bits (:mod:`.quantize`;
+   1-D tensors stay float32), or cast to float16 / bfloat16, or float32.
+
+The message is safetensors with at most five flat pieces, each the concatenation over
+tensors (``values``: float values; ``codes``: bit-packed quantised values; ``index``;
+``scale`` and ``zero``: per channel), plus a JSON header listing each tensor's name,
+shape, dtype and stage settings in order. So it is self-describing, a message of many
+small tensors pays one header entry per piece rather than per tensor, and its size is
+``len(payload)``. A codec that does nothing writes the plain tensors, byte for
+byte the message it replaces.
+
+Error feedback (Seide et al. 2014; off by default, FLASC has none) keeps on the sender
+what the message lost, ``target - decoded``, and adds it to the next message.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from sfedlora import wire
+from sfedlora.adapters import TensorSpec
+from sfedlora.codecs.indices import IndexError_, decode_indices, encode_indices
+from sfedlora.codecs.quantize import BITS, dequantize_rows, pack_bits, quantize_rows, unpack_bits
+from sfedlora.wire import MessageError
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+PIECES = ("values", "codes", "index", "scale", "zero")
+
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Codec:
+    density: float = 1.0
+    bits: int | None = None
+    dtype: str = "fp32"
+    delta: bool = False
+    error_feedback: bool = False
+
+    def __post_init__(self):
+        if not 0 < self.density <= 1:
+            raise ValueError(f"density={self.density} must lie in (0, 1]")
+        if self.bits is not None and self.bits not in BITS:
+            raise ValueError(f"bits={self.bits} must be one of {BITS}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} must be one of {sorted(DTYPES)}")
+        if self.bits is not None and self.dtype != "fp32":
+            raise ValueError("quantised values carry no float dtype; set bits or dtype")
+
+    @property
+    def lossless(self) -> bool:
+        return self.density == 1 and self.bits is None and self.dtype == "fp32"
+
+    @property
+    def plain(self) -> bool:
+        """Writes the tensors unchanged (the message of an uncompressed run)."""
+        return self.lossless and not self.delta
+
+    # --- encoding --------------------------------------------------------------------
+
+    def encode(self, tensors: Tensors, reference: Tensors | None = None,
+               meta: dict | None = None) -> bytes:
+        if self.plain or not tensors:
+            return wire.encode(tensors, meta)
+        reference = reference or {}
+        delta = {n for n in tensors if self.delta and n in reference}
+        values = {n: (t - reference[n] if n in delta else t).reshape(-1).float()
+                  for n, t in tensors.items()}
+        kept = self._top_k(values) if self.density < 1 else None
+        out: dict[str, list[torch.Tensor]] = {p: [] for p in PIECES}
+        layout = []
+        for name, t in tensors.items():
+            flat, positions, index_kind, index_bytes = values[name], None, None, 0
+            if kept is not None:
+                positions = kept[name]
+                index_kind, buf = encode_indices(positions.numpy(), flat.numel())
+                out["index"].append(torch.from_numpy(buf))
+                index_bytes = buf.size
+                flat = flat[positions]
+            bits = self.bits if self.bits is not None and t.dim() >= 2 else None
+            if bits is not None:
+                q, scale, zero = quantize_rows(flat, _rows(positions, t.shape), t.shape[0], bits)
+                out["codes"].append(torch.from_numpy(pack_bits(q.numpy(), bits)))
+                out["scale"].append(scale)
+                out["zero"].append(zero)
+            else:
+                out["values"].append(flat)
+            layout.append([name, list(t.shape), str(t.dtype).removeprefix("torch."),
+                           name in delta, index_kind, index_bytes, flat.numel(), bits])
+        wire_dtype = DTYPES[self.dtype]
+        pieces = {p: torch.cat(v).to(wire_dtype if p == "values" else v[0].dtype)
+                  for p, v in out.items() if v}
+        return wire.encode(pieces, {**(meta or {}), "codec": layout})
+
+    def _top_k(self, values: Tensors) -> dict[str, torch.Tensor]:
+        """Sorted kept positions per tensor, chosen over all tensors together."""
+        magnitudes = torch.cat([v.abs() for v in values.values()])
+        k = math.ceil(self.density * magnitudes.numel())
+        chosen = torch.sort(magnitudes, descending=True, stable=True).indices[:k].sort().values
+        kept, offset = {}, 0
+        for name, v in values.items():
+            lo, hi = torch.searchsorted(chosen, torch.tensor([offset, offset + v.numel()]))
+            kept[name] = chosen[lo:hi] - offset
+            offset += v.numel()
+        return kept
+
+    def send(self, tensors: Tensors, reference: Tensors | None, residual: Tensors | None,
+             meta: dict | None = None) -> tuple[bytes, Tensors | None]:
+        """Encode with error feedback when it is on: returns the payload and the
+        residual to keep for the next message (None when feedback is off)."""
+        if not self.error_feedback:
+            return self.encode(tensors, reference, meta), None
+        residual = residual or {}
+        target = {n: t + residual[n] if n in residual else t for n, t in tensors.items()}
+        payload = self.encode(target, reference, meta)
+        received = decode(payload, reference)
+        return payload, {n: target[n] - received[n] for n in target}
+
+
+def _rows(positions: torch.Tensor | None, shape: torch.Size) -> torch.Tensor:
+    """Output channel (row) of each flat position."""
+    numel = math.prod(shape)
+    flat = torch.arange(numel) if positions is None else positions
+    return flat // (numel // shape[0])
+
+
+# --- decoding (self-describing: no codec settings needed) ---------------------------
+
+
+def decode(payload: bytes, reference: Tensors | None = None,
+           spec: dict[str, TensorSpec] | None = None) -> Tensors:
+    """Tensors of a message. ``reference`` supplies what delta-coded tensors are
+    relative to; with ``spec`` every declared tensor must match a known name, shape and
+    dtype before anything is allocated. Raises :class:`MessageError` on bad input."""
+    pieces = wire.decode(payload)
+    layout = wire.read_meta(payload).get("codec")
+    if layout is None:
+        return pieces
+    if not isinstance(layout, list) or set(pieces) - set(PIECES):
+        raise MessageError("codec header must list the tensors; pieces are "
+                           f"{', '.join(PIECES)}")
+    reader = _Reader(pieces)
+    out = {}
+    for entry in layout:
+        name = entry[0] if isinstance(entry, list) and entry else "?"
+        try:
+            out[name] = _decode_tensor(entry, reader, reference or {}, spec)
+        except MessageError:
+            raise
+        except (KeyError, TypeError, ValueError, IndexError_, RuntimeError) as exc:
+            raise MessageError(f"{name}: malformed encoded tensor ({type(exc).__name__}: "
+                               f"{exc})") from None
+    if leftover := reader.leftover():
+        raise MessageError(f"message has bytes no tensor describes (in {leftover})")
+    return out
+
+
+class _Reader:
+    """Consecutive slices of the concatenated pieces, with bounds checks."""
+
+    def __init__(self, pieces: Tensors):
+        self.pieces = {k: v.reshape(-1) for k, v in pieces.items()}
+        self.offsets = dict.fromkeys(pieces, 0)
+
+    def take(self, piece: str, count: int) -> torch.Tensor:
+        data = self.pieces.get(piece, torch.zeros(0))
+        start = self.offsets.get(piece, 0)
+        if count < 0 or start + count > data.numel():
+            raise MessageError(f"piece {piece!r} is too short for the tensors declared")
+        self.offsets[piece] = start + count
+        return data[start : start + count]
+
+    def leftover(self) -> list[str]:
+        return [k for k, v in self.pieces.items() if self.offsets[k] != v.numel()]
+
+
+def _decode_tensor(entry: list, reader: _Reader, reference: Tensors,
+                   spec: dict[str, TensorSpec] | None) -> torch.Tensor:
+    name, shape, dtype, delta, index_kind, index_bytes, count, bits = entry
+    shape, dtype = tuple(int(s) for s in shape), FLOAT_DTYPES[dtype]
+    if spec is not None:
+        if name not in spec:
+            raise MessageError(f"unexpected tensor {name!r}")
+        if (shape, dtype) != (spec[name].shape, spec[name].dtype):
+            raise MessageError(f"{name}: declared {shape} {dtype} != {spec[name].shape} "
+                               f"{spec[name].dtype}")
+    numel = math.prod(shape)
+    positions = None
+    if index_kind is not None:
+        buf = reader.take("index", int(index_bytes))
+        if buf.dtype != torch.uint8:
+            raise MessageError(f"{name}: index bytes must be uint8")
+        positions = torch.from_numpy(decode_indices(index_kind, buf.numpy(), numel))
+    expected = numel if positions is None else positions.numel()
+    if count != expected:
+        raise MessageError(f"{name}: {count} values declared for {expected} entries")
+    if bits is not None:
+        if bits not in BITS or len(shape) < 2:
+            raise MessageError(f"{name}: bits={bits} is not a valid quantisation")
+        packed = reader.take("codes", -(-count * bits // 8))
+        scale, zero = reader.take("scale", shape[0]).float(), reader.take("zero", shape[0]).float()
+        if packed.dtype != torch.uint8:
+            raise MessageError(f"{name}: quantised codes must be uint8")
+        q = torch.from_numpy(np.ascontiguousarray(unpack_bits(packed.numpy(), bits, count)))
+        values = dequantize_rows(q, _rows(positions, torch.Size(shape)), scale, zero)
+    else:
+        values = reader.take("values", count).float()
+    if positions is None:
+        dense = values
+    else:
+        dense = torch.zeros(numel, dtype=torch.float32).index_put_((positions,), values)
+    if delta:
+        if name not in reference:
+            raise MessageError(f"{name}: delta-coded but the receiver holds no reference")
+        dense = reference[name].reshape(-1).float() + dense
+    if not torch.isfinite(dense).all():
+        raise MessageError(f"{name}: non-finite values")
+    return dense.reshape(shape).to(dtype)

@@ -1,0 +1,241 @@
+"""Message codecs: exact round trips where lossless, the quantisation bound where not,
+top-k and index encodings, byte counts, error feedback, and malformed messages."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sfedlora import wire
+from sfedlora.adapters import TensorSpec
+from sfedlora.codecs import Codec, decode
+from sfedlora.codecs.indices import (
+    BITMAP,
+    VARINT,
+    IndexError_,
+    encode_indices,
+    varint_decode,
+    varint_encode,
+)
+from sfedlora.codecs.quantize import pack_bits, unpack_bits
+
+
+def _tensors(seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "m.q.lora_A.default.weight": torch.randn(4, 48, generator=gen),
+        "m.q.lora_B.default.weight": torch.randn(48, 4, generator=gen) * 0.01,
+        "m.classifier.bias": torch.randn(3, generator=gen),
+    }
+
+
+def _pieces_and_meta(payload: bytes) -> tuple[dict, dict]:
+    return wire.decode(payload), wire.read_meta(payload)
+
+
+def test_plain_codec_writes_the_tensors_unchanged():
+    t = _tensors()
+    payload = Codec().encode(t, meta={"client": 1})
+    assert payload == wire.encode(t, meta={"client": 1})
+    out = decode(payload)
+    assert all(torch.equal(out[n], t[n]) for n in t)
+
+
+@pytest.mark.parametrize("density", [1.0, 0.3, 0.01])
+def test_sparse_fp32_keeps_exact_values_and_zeroes_the_rest(density):
+    t = _tensors()
+    out = decode(Codec(density=density).encode(t))
+    total = sum(v.numel() for v in t.values())
+    kept = sum(int((out[n] != 0).sum()) for n in out)
+    assert kept == math.ceil(density * total)
+    for n in t:
+        nz = out[n] != 0
+        assert torch.equal(out[n][nz], t[n][nz])  # kept entries are bit-exact
+
+
+def test_top_k_keeps_the_k_largest_magnitudes_over_all_tensors():
+    t = _tensors(3)
+    codec = Codec(density=0.05)
+    out = decode(codec.encode(t))
+    flat = torch.cat([v.reshape(-1) for v in t.values()])
+    k = math.ceil(0.05 * flat.numel())
+    expected = set(torch.topk(flat.abs(), k).indices.tolist())
+    got = set(torch.cat([out[n].reshape(-1) for n in t]).nonzero().flatten().tolist())
+    assert got == expected
+    # global, not per tensor: B is 100x smaller, so none of it survives
+    assert int((out["m.q.lora_B.default.weight"] != 0).sum()) == 0
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("density", [1.0, 0.25])
+def test_quantisation_error_is_within_half_a_step_per_channel(bits, density):
+    t = _tensors(1)
+    out = decode(Codec(bits=bits, density=density).encode(t))
+    for name, x in t.items():
+        y = out[name]
+        if x.dim() == 1:
+            kept = y != 0
+            assert torch.equal(y[kept], x[kept])  # 1-D tensors stay float32
+            continue
+        kept = y != 0 if density < 1 else torch.ones_like(x, dtype=torch.bool)
+        for row in range(x.shape[0]):
+            xs, ys = x[row][kept[row]], y[row][kept[row]]
+            if xs.numel() == 0:
+                continue
+            step = (xs.max() - xs.min()) / (2**bits - 1)
+            assert (xs - ys).abs().max() <= step / 2 + 1e-6
+
+
+def test_quantised_message_size_is_bits_per_value_plus_64_bits_per_channel():
+    a = {"x.lora_A.default.weight": torch.randn(8, 1000), "x.bias": torch.randn(5)}
+    for bits in (2, 4, 8):
+        pieces, meta = _pieces_and_meta(Codec(bits=bits).encode(a))
+        assert pieces["codes"].dtype == torch.uint8
+        assert pieces["codes"].numel() == 8000 * bits // 8
+        assert pieces["scale"].dtype == pieces["zero"].dtype == torch.float32
+        assert pieces["scale"].numel() == pieces["zero"].numel() == 8
+        assert pieces["values"].dtype == torch.float32 and pieces["values"].numel() == 5
+        assert [e[-1] for e in meta["codec"]] == [bits, None]
+
+
+@pytest.mark.parametrize("dtype,tol", [("fp16", 1e-3), ("bf16", 8e-3)])
+def test_casting_rounds_to_the_wire_dtype(dtype, tol):
+    t = _tensors()
+    out = decode(Codec(dtype=dtype).encode(t))
+    for n in t:
+        assert out[n].dtype == torch.float32
+        assert torch.allclose(out[n], t[n], rtol=tol, atol=1e-6)
+
+
+def test_delta_coding_is_relative_to_the_reference():
+    t = _tensors()
+    ref = {n: v + 0.5 for n, v in t.items()}
+    codec = Codec(density=0.1, delta=True)
+    out = decode(codec.encode(t, ref), ref)
+    for n in t:
+        untouched = out[n] == ref[n]
+        assert untouched.float().mean() > 0.5  # dropped entries keep the reference
+        assert torch.allclose(out[n][~untouched], t[n][~untouched], atol=1e-6)
+    with pytest.raises(wire.MessageError, match="no reference"):
+        decode(codec.encode(t, ref))
+
+
+def test_byte_count_is_the_payload_length_and_indices_pick_the_smaller_encoding():
+    t = _tensors()
+    for density, kind in ((0.9, BITMAP), (0.01, VARINT)):
+        payload = Codec(density=density).encode(t)
+        pieces, meta = _pieces_and_meta(payload)
+        header = int.from_bytes(payload[:8], "little")
+        assert len(payload) == 8 + header + sum(p.numel() * p.element_size()
+                                                for p in pieces.values())
+        entry = meta["codec"][0]  # [name, shape, dtype, delta, index kind, bytes, count, bits]
+        assert entry[0] == "m.q.lora_A.default.weight" and entry[4] == kind
+        if kind == BITMAP:
+            assert entry[5] == math.ceil(4 * 48 / 8)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 5000), st.data())
+def test_index_encodings_round_trip(numel, data):
+    positions = np.array(sorted(data.draw(st.sets(st.integers(0, numel - 1), max_size=200))),
+                         dtype=np.int64)
+    kind, buf = encode_indices(positions, numel)
+    mask = np.zeros(numel, dtype=bool)
+    mask[positions] = True
+    from sfedlora.codecs.indices import decode_indices
+
+    assert np.array_equal(decode_indices(kind, buf, numel), positions)
+    assert np.array_equal(varint_decode(varint_encode(positions), numel), positions)
+    assert buf.size <= math.ceil(numel / 8)
+
+
+def test_varint_is_one_byte_below_128_and_rejects_garbage():
+    assert varint_encode(np.array([0, 127, 254])).tolist() == [0, 127, 127]
+    assert varint_encode(np.array([128])).tolist() == [0x80, 0x01]
+    with pytest.raises(IndexError_):
+        varint_decode(np.array([0x80], dtype=np.uint8), 10)  # cut mid-number
+    with pytest.raises(IndexError_):
+        varint_decode(np.array([5, 0], dtype=np.uint8), 10)  # repeated position
+    with pytest.raises(IndexError_):
+        varint_decode(np.array([20], dtype=np.uint8), 10)  # past the end
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_bit_packing_round_trips(bits):
+    q = np.random.default_rng(0).integers(0, 2**bits, size=37).astype(np.uint8)
+    packed = pack_bits(q, bits)
+    assert packed.size == math.ceil(37 * bits / 8)
+    assert np.array_equal(unpack_bits(packed, bits, 37), q)
+
+
+def test_error_feedback_carries_what_was_lost_into_the_next_message():
+    codec = Codec(density=0.1, delta=True, error_feedback=True)
+    ref = {n: torch.zeros_like(v) for n, v in _tensors().items()}
+    residual, sent_sum = None, {n: torch.zeros_like(v) for n, v in ref.items()}
+    target_sum = {n: torch.zeros_like(v) for n, v in ref.items()}
+    for step in range(5):
+        x = _tensors(step)
+        payload, new_residual = codec.send(x, ref, residual)
+        received = decode(payload, ref)
+        for n in x:
+            target = x[n] + (residual[n] if residual else 0)
+            assert torch.allclose(new_residual[n], target - received[n])
+            sent_sum[n] += received[n]
+            target_sum[n] += x[n]
+        residual = new_residual
+    # telescoping: everything ever meant to be sent = what arrived + what is still owed
+    for n in ref:
+        assert torch.allclose(sent_sum[n] + residual[n], target_sum[n], atol=1e-5)
+
+
+SPEC = {n: TensorSpec(tuple(v.shape), v.dtype) for n, v in _tensors().items()}
+
+
+def _tamper(payload: bytes, edit) -> bytes:
+    pieces, meta = _pieces_and_meta(payload)
+    pieces, meta = edit(pieces, meta)
+    from safetensors.torch import save
+
+    return save(pieces, metadata={"sfedlora": json.dumps(meta)})
+
+
+def _with_entry(meta, i, **changes):
+    fields = ["name", "shape", "dtype", "delta", "index", "index_bytes", "count", "bits"]
+    layout = [list(e) for e in meta["codec"]]
+    for key, value in changes.items():
+        layout[i][fields.index(key)] = value
+    return {**meta, "codec": layout}
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda p, m: (p, _with_entry(m, 0, shape=[4000, 48000])), "declared"),
+    (lambda p, m: (p, _with_entry(m, 0, name="not.known")), "unexpected tensor"),
+    (lambda p, m: (p, _with_entry(m, 0, count=3)), "values declared"),
+    (lambda p, m: (p, _with_entry(m, 0, bits=3)), "not a valid quantisation"),
+    (lambda p, m: (p, _with_entry(m, 0, index="zip")), "malformed"),
+    (lambda p, m: ({k: v for k, v in p.items() if k != "index"}, m), "too short"),
+    (lambda p, m: ({**p, "codes": p["codes"][:-1]}, m), "too short"),
+    (lambda p, m: ({**p, "values": torch.cat([p["values"], torch.zeros(1)])}, m),
+     "no tensor describes"),
+    (lambda p, m: ({**p, "evil": torch.zeros(3)}, m), "pieces are"),
+    (lambda p, m: (p, {**m, "codec": {"a": 1}}), "codec header"),
+])
+def test_malformed_messages_are_refused_before_use(edit, match):
+    payload = Codec(density=0.5, bits=4).encode(_tensors())
+    with pytest.raises(wire.MessageError, match=match):
+        decode(_tamper(payload, edit), spec=SPEC)
+
+
+def test_codec_settings_are_checked():
+    with pytest.raises(ValueError, match="density"):
+        Codec(density=0.0)
+    with pytest.raises(ValueError, match="bits"):
+        Codec(bits=3)
+    with pytest.raises(ValueError, match="set bits or dtype"):
+        Codec(bits=8, dtype="fp16")
