@@ -1,9 +1,9 @@
 """Checkpoints: everything a run needs to continue bit-identically, in one file.
 
-The file is safetensors: the tensors (server state, every client's private tensors and
-optimizer state) plus a JSON document in the safetensors metadata for the rest (round,
-byte totals, the resolved config, the metrics lines written so far, the structure of
-optimizer states). Nothing is ever
+The file is safetensors: the tensors (server state and optimizer, every client's
+private tensors, optimizer state and error-feedback residual) plus a JSON document in
+the safetensors metadata for the rest (round, byte totals, the resolved config, the
+metrics lines written so far, the structure of optimizer states). Nothing is ever
 unpickled, so a crafted file cannot run code; it fails to parse instead. It is written
 to a temporary name and renamed over the old one, so a crash leaves either the previous
 checkpoint or the new one, never half of one.
@@ -27,8 +27,9 @@ from safetensors.torch import load_file, save_file
 
 from sfedlora.worker import ClientState
 
-FORMAT = "sfedlora-checkpoint/1"
+FORMAT = "sfedlora-checkpoint/2"
 FILENAME = "checkpoint.safetensors"
+CLIENT_FIELDS = ("private", "optimizer", "residual")
 
 
 class CheckpointError(ValueError):
@@ -39,6 +40,7 @@ class CheckpointError(ValueError):
 class Checkpoint:
     round: int
     server_state: dict[str, torch.Tensor]
+    server_optimizer: dict | None
     clients: dict[int, ClientState]
     totals: dict[str, float]
     config: dict[str, Any]
@@ -77,9 +79,10 @@ def save_checkpoint(path: Path, ckpt: Checkpoint) -> None:
         "config": ckpt.config,
         "metrics": ckpt.metrics,
         "server": _flatten(ckpt.server_state, "server", tensors),
+        "server_optimizer": _flatten(ckpt.server_optimizer, "server_optimizer", tensors),
         "clients": [
-            [cid, _flatten(st.private, f"client/{cid}/private", tensors),
-             _flatten(st.optimizer, f"client/{cid}/optimizer", tensors)]
+            [cid, {part: _flatten(getattr(st, part), f"client/{cid}/{part}", tensors)
+                   for part in CLIENT_FIELDS}]
             for cid, st in sorted(ckpt.clients.items())
         ],
     }
@@ -109,13 +112,14 @@ def load_checkpoint(path: Path) -> Checkpoint:
             "are safetensors files, and sfedlora never unpickles anything"
         ) from None
     clients = {
-        int(cid): ClientState(private=_unflatten(private, tensors),
-                              optimizer=_unflatten(optim, tensors))
-        for cid, private, optim in doc["clients"]
+        int(cid): ClientState(**{part: _unflatten(fields[part], tensors)
+                                 for part in CLIENT_FIELDS})
+        for cid, fields in doc["clients"]
     }
     return Checkpoint(
         round=int(doc["round"]),
         server_state=_unflatten(doc["server"], tensors),
+        server_optimizer=_unflatten(doc["server_optimizer"], tensors),
         clients=clients,
         totals=doc["totals"],
         config=doc["config"],

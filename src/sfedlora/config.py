@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-METHODS = ("fedit", "ffa", "fedsa", "rolora", "sfed")
+METHODS = ("fedit", "ffa", "fedsa", "rolora", "sfed", "flasc", "flocora")
 SCALINGS = ("lora", "rslora", "sfed")
 A_INITS = ("independent", "shared")
 
@@ -132,8 +132,41 @@ class ServerConfig(_Section):
         None, gt=0, description="reject an update whose change has a larger L2 norm"
     )
     max_update_bytes: int | None = Field(
-        None, gt=0, description="reject larger payloads (default: the expected size + 64 KiB)"
+        None, gt=0, description="reject larger payloads (default: the largest size an "
+        "honest encoding of the expected tensors can have + 64 KiB)"
     )
+    optimizer: Literal["none", "sgd", "adamw"] | None = Field(
+        None, description="server optimizer fed the mean client change as its gradient "
+        "(FedOpt); None: the method's default (adamw for flasc, none otherwise)"
+    )
+    lr: float = Field(1e-3, gt=0, description="server optimizer learning rate")
+    weight_decay: float = Field(0.01, ge=0, description="server AdamW weight decay")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="server AdamW betas")
+
+
+class CodecConfig(_Section):
+    """How one direction's messages are encoded (:mod:`sfedlora.codecs`). Unset fields
+    take the method's preset (FLASC, FLoCoRA), else no compression."""
+
+    density: float | None = Field(
+        None, gt=0, le=1, description="top-k: fraction of entries kept, over all tensors"
+    )
+    bits: Literal[2, 4, 8] | None = Field(
+        None, description="affine per-output-channel quantisation (1-D tensors stay fp32)"
+    )
+    dtype: Literal["fp32", "fp16", "bf16"] | None = Field(None, description="value dtype")
+    delta: bool | None = Field(
+        None, description="uploads: send the change to the downloaded state (default: on "
+        "when the codec is lossy)"
+    )
+    error_feedback: bool | None = Field(
+        None, description="uploads: keep what a message lost and add it to the next one"
+    )
+
+
+class CommConfig(_Section):
+    up: CodecConfig = CodecConfig()
+    down: CodecConfig = CodecConfig()
 
 
 class PrivacyConfig(_Section):
@@ -151,7 +184,7 @@ class CheckpointConfig(_Section):
 
 class ExperimentConfig(_Section):
     task: Literal["classification", "causal-lm"] = "classification"
-    method: Literal["fedit", "ffa", "fedsa", "rolora", "sfed"] = "sfed"
+    method: Literal["fedit", "ffa", "fedsa", "rolora", "sfed", "flasc", "flocora"] = "sfed"
     seed: int = 0
     rounds: int = Field(10, gt=0)
     clients: ClientsConfig = ClientsConfig()
@@ -161,6 +194,7 @@ class ExperimentConfig(_Section):
     data: DataConfig = DataConfig()
     eval: EvalConfig = EvalConfig()
     server: ServerConfig = ServerConfig()
+    comm: CommConfig = CommConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     output_dir: str = "runs/latest"
@@ -216,7 +250,40 @@ class ExperimentConfig(_Section):
                 f"privacy.enabled with server.aggregation={self.server.aggregation!r}: the "
                 "privacy accounting assumes a mean of clipped updates; set server.aggregation=mean"
             )
+        self._check_codecs(method)
         return self
+
+    def _check_codecs(self, method) -> None:
+        down = self.comm.down
+        if down.error_feedback:
+            raise ValueError(
+                "comm.down.error_feedback: downloads carry absolute values to clients that "
+                "keep no copy, so there is no residual to feed back; remove it"
+            )
+        if down.delta:
+            raise ValueError(
+                "comm.down.delta: clients keep no copy of the last download to add a "
+                "change to; remove it"
+            )
+        up = self.codec("up")
+        if not up.error_feedback:
+            return
+        if not any(method.plan(r).upload for r in (1, 2)):
+            raise ValueError(
+                f"comm.up.error_feedback with method {self.method!r}, which sends nothing "
+                "up; remove comm.up.error_feedback"
+            )
+        if up.lossless:
+            raise ValueError(
+                "comm.up.error_feedback with a lossless upload codec: nothing is lost, so "
+                "there is nothing to feed back; set comm.up.density < 1, comm.up.bits or "
+                "comm.up.dtype, or remove error_feedback"
+            )
+        if not up.delta:
+            raise ValueError(
+                "comm.up.error_feedback needs comm.up.delta=true: the residual is a change, "
+                "and adding it to absolute values would count it twice"
+            )
 
     # Derived values, resolved in one place so every runtime agrees on them.
     @property
@@ -240,6 +307,29 @@ class ExperimentConfig(_Section):
         from sfedlora.methods import get_method
 
         return self.lora.scaling or get_method(self.method).default_scaling
+
+    def codec(self, direction: Literal["up", "down"]):
+        """The resolved codec of a direction: explicit settings, then the method's
+        preset, then no compression (uploads use delta coding when lossy)."""
+        from sfedlora.codecs import Codec
+        from sfedlora.methods import get_method
+
+        preset = get_method(self.method).comm.get(direction, {})
+        given = getattr(self.comm, direction).model_dump(exclude_none=True)
+        settings = {"density": 1.0, "bits": None, "dtype": "fp32", **preset, **given}
+        probe = Codec(**{k: v for k, v in settings.items() if k in ("density", "bits", "dtype")})
+        settings.setdefault("delta", direction == "up" and not probe.lossless)
+        settings.setdefault("error_feedback", False)
+        try:
+            return Codec(**settings)
+        except ValueError as exc:
+            raise ValueError(f"comm.{direction}: {exc}; fix comm.{direction}") from None
+
+    @property
+    def server_optimizer(self) -> str:
+        from sfedlora.methods import get_method
+
+        return self.server.optimizer or get_method(self.method).server_optimizer
 
     @property
     def a_init(self) -> str:

@@ -1,10 +1,11 @@
 """Server-side execution: hold the global state, check and combine uploads.
 
 The combining rule is the method's (:meth:`Method.aggregate`); the server adds what
-any method needs: size limits before anything is parsed, decoding (safetensors only,
-never pickle), rejecting malformed updates with a logged reason, optional clipping,
-robust combiners and differential-privacy noise, and skipping a round that has fewer
-than ``min_clients`` good updates.
+any method needs: encoding the download, size limits before anything is parsed,
+decoding (safetensors only, never pickle), an optional server optimizer, rejecting
+malformed updates with a logged reason, optional clipping, robust combiners and
+differential-privacy noise, and skipping a round that has fewer than ``min_clients``
+good updates.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from sfedlora import wire
+from sfedlora import codecs, wire
 from sfedlora.adapters import TensorSpec
 from sfedlora.aggregation import clip_update, combiner_for, uniform_mean, update_norm
+from sfedlora.codecs import Codec
 from sfedlora.config import ServerConfig
+from sfedlora.fedopt import ServerOptimizer
 from sfedlora.methods import Method, Part, Update
 from sfedlora.privacy import GaussianMechanism
 
@@ -56,23 +59,46 @@ class Server:
         cfg: ServerConfig | None = None,
         min_clients: int = 1,
         privacy: GaussianMechanism | None = None,
+        down: Codec | None = None,
+        optimizer: str = "none",
     ):
         """``names_for(parts)`` lists the tensor names of those parts (the model's
-        layout); ``spec`` gives every adapter tensor's shape and dtype."""
+        layout); ``spec`` gives every adapter tensor's shape and dtype; ``down`` encodes
+        the download; ``optimizer`` names the server optimizer (``"none"``: replace)."""
         self.method, self.state, self.spec = method, state, spec
         self.names_for, self.min_clients = names_for, min_clients
         self.cfg = cfg or ServerConfig()
         self.privacy = privacy
+        self.down = down or Codec()
+        self.sent: dict[str, torch.Tensor] = dict(state)  # what clients last received
+        shared = names_for(method.shared - method.fixed)
+        self.optimizer = (None if optimizer == "none"
+                          else ServerOptimizer(optimizer, self.cfg, spec, shared))
 
     def download(self) -> bytes:
-        """The message every sampled client receives: the current shared state."""
-        return wire.encode(self.state)
+        """The message every sampled client receives this round: the shared state,
+        encoded. Uploads are decoded (and changes measured) relative to what it holds."""
+        payload = self.down.encode(self.state)
+        self.sent = codecs.decode(payload)
+        return payload
+
+    def received_state(self) -> dict[str, torch.Tensor]:
+        """The shared state as clients would receive it now (the masked or quantised
+        model, where the download is lossy): what evaluation and export use."""
+        if self.down.plain:
+            return self.state
+        return codecs.decode(self.down.encode(self.state))
 
     def _byte_limit(self, expected: set[str]) -> int:
+        """The largest payload an honest client can send: dense float32 values, plus a
+        bitmap and a scale and zero point per row for the compressed encodings."""
         if self.cfg.max_update_bytes is not None:
             return self.cfg.max_update_bytes
-        payload = sum(math.prod(self.spec[n].shape) * self.spec[n].dtype.itemsize
-                      for n in expected)
+        payload = 0
+        for name in expected:
+            shape, dtype = self.spec[name]
+            numel = math.prod(shape)
+            payload += numel * dtype.itemsize + numel // 8 + 1 + 8 * (shape[0] if shape else 1)
         return payload + HEADER_ALLOWANCE
 
     def check(self, reply: Reply, expected: set[str]) -> Update:
@@ -83,7 +109,7 @@ class Server:
         if len(reply.payload) > limit:
             raise UpdateRejected(f"payload of {len(reply.payload)} bytes exceeds {limit}")
         try:
-            tensors = wire.decode(reply.payload)
+            tensors = codecs.decode(reply.payload, reference=self.sent, spec=self.spec)
         except wire.MessageError as exc:
             raise UpdateRejected(str(exc)) from None
         if set(tensors) != expected:
@@ -100,7 +126,7 @@ class Server:
             if not torch.isfinite(t).all():
                 raise UpdateRejected(f"{name}: non-finite values")
         if self.cfg.max_update_norm is not None:
-            norm = update_norm(tensors, self.state)
+            norm = update_norm(tensors, self.sent)
             if norm > self.cfg.max_update_norm:
                 raise UpdateRejected(
                     f"update norm {norm:.4g} exceeds server.max_update_norm="
@@ -130,11 +156,16 @@ class Server:
     def _combine(self, round_idx: int, updates: list[Update]) -> dict[str, torch.Tensor]:
         clip = self.privacy.cfg.clip_norm if self.privacy else self.cfg.clip_norm
         if clip is not None:
-            updates = [replace(u, tensors=clip_update(u.tensors, self.state, clip))
+            updates = [replace(u, tensors=clip_update(u.tensors, self.sent, clip))
                        for u in updates]
         if self.privacy is None:
-            return self.method.aggregate(self.state, updates, combiner_for(self.cfg))
-        # DP: equal weights bound each client's influence by the clip norm.
-        mean = self.method.aggregate(self.state, updates, uniform_mean)
-        uploaded = {n: mean[n] for n in updates[0].tensors}
-        return {**mean, **self.privacy.noise(uploaded, len(updates), round_idx)}
+            new = self.method.aggregate(self.state, updates, combiner_for(self.cfg))
+        else:
+            # DP: equal weights bound each client's influence by the clip norm.
+            mean = self.method.aggregate(self.state, updates, uniform_mean)
+            uploaded = {n: mean[n] for n in updates[0].tensors}
+            new = {**mean, **self.privacy.noise(uploaded, len(updates), round_idx)}
+        if self.optimizer is None:
+            return new
+        return self.optimizer.step(self.state, self.sent,
+                                   {n: new[n] for n in updates[0].tensors})

@@ -46,10 +46,12 @@ class Simulation:
                                           cfg.seed) if cfg.privacy.enabled else None)
         self.server = Server(self.method, worker.initial_server_state(), worker.slots.spec(),
                              worker.slots.names, cfg.server, cfg.clients.min_clients,
-                             self.privacy)
+                             self.privacy, down=cfg.codec("down"),
+                             optimizer=cfg.server_optimizer)
         self.states = {cid: ClientState() for cid in range(cfg.clients.num)}
         self.bytes_up_total = 0
         self.bytes_down_total = 0
+        self.bytes_per_client = {cid: {"up": 0, "down": 0} for cid in range(cfg.clients.num)}
         self.done_rounds = 0
         self.prior_seconds = 0.0
         self.restored_metrics: list[str] = []
@@ -76,6 +78,9 @@ class Simulation:
         down = {str(c): len(download) for c in clients}
         self.bytes_up_total += sum(up.values())
         self.bytes_down_total += sum(down.values())
+        for c in clients:
+            self.bytes_per_client[c]["up"] += up[str(c)]
+            self.bytes_per_client[c]["down"] += down[str(c)]
         metrics = {
             "round": round_idx,
             "clients": clients,
@@ -90,6 +95,11 @@ class Simulation:
             "bytes_down_per_client": down,
             "bytes_up_total": self.bytes_up_total,
             "bytes_down_total": self.bytes_down_total,
+            "bytes_total": self.bytes_up_total + self.bytes_down_total,
+            "bytes_up_total_per_client": {str(c): b["up"]
+                                          for c, b in self.bytes_per_client.items()},
+            "bytes_down_total_per_client": {str(c): b["down"]
+                                            for c, b in self.bytes_per_client.items()},
         }
         if self.privacy is not None:
             metrics["dp_epsilon"] = self.privacy.epsilon(round_idx)
@@ -97,11 +107,13 @@ class Simulation:
 
     # --- evaluation -----------------------------------------------------------------
 
+    # Adapters are built from the shared state as clients receive it: with a lossy
+    # download (FLASC's mask) that is the model a client really holds.
     def client_adapter(self, cid: int):
-        return self.exp.worker.assemble(cid, self.states[cid], self.server.state)
+        return self.exp.worker.assemble(cid, self.states[cid], self.server.received_state())
 
     def global_adapter(self):
-        return self.exp.worker.global_adapter(self.server.state)
+        return self.exp.worker.global_adapter(self.server.received_state())
 
     def evaluate(self) -> dict:
         """Metrics of the current adapters (see :mod:`sfedlora.evaluation`); for a
@@ -123,8 +135,11 @@ class Simulation:
         return Checkpoint(
             round=round_idx,
             server_state=self.server.state,
+            server_optimizer=(self.server.optimizer.state_dict()
+                              if self.server.optimizer else None),
             clients=self.states,
             totals={"bytes_up": self.bytes_up_total, "bytes_down": self.bytes_down_total,
+                    "per_client": {str(c): b for c, b in self.bytes_per_client.items()},
                     "wall_seconds": wall_seconds},
             config=self.cfg.model_dump(mode="json"),
             metrics=metrics,
@@ -133,10 +148,14 @@ class Simulation:
     def restore(self, ckpt: Checkpoint) -> None:
         """Continue from a checkpoint of this same experiment."""
         self.server.state = ckpt.server_state
+        if self.server.optimizer is not None:
+            self.server.optimizer.load_state_dict(ckpt.server_optimizer)
         self.states = {cid: ckpt.clients.get(cid, ClientState())
                        for cid in range(self.cfg.clients.num)}
         self.bytes_up_total = int(ckpt.totals["bytes_up"])
         self.bytes_down_total = int(ckpt.totals["bytes_down"])
+        self.bytes_per_client = {int(c): {k: int(v) for k, v in b.items()}
+                                 for c, b in ckpt.totals["per_client"].items()}
         self.done_rounds = ckpt.round
         self.prior_seconds = float(ckpt.totals.get("wall_seconds", 0.0))
         self.restored_metrics = ckpt.metrics

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.lora import LoraLayer
 
-from sfedlora import wire
+from sfedlora import codecs
 from sfedlora.adapters import TAG_A_INIT, AdapterSlots, derive_seed
 from sfedlora.config import ExperimentConfig
 from sfedlora.methods import Method, Part
@@ -33,6 +33,7 @@ class ClientState:
 
     private: dict[str, torch.Tensor] = field(default_factory=dict)
     optimizer: dict | None = None
+    residual: dict[str, torch.Tensor] | None = None  # upload error feedback
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,7 @@ class Worker:
                  method: Method, tokenizer=None):
         self.cfg, self.model, self.collate, self.method = cfg, model, collate, method
         self.tokenizer = tokenizer
+        self.up = cfg.codec("up")
         self.slots = AdapterSlots(model)
         self.shared_init = self.slots.initial_state(derive_seed(cfg.seed, TAG_A_INIT))
         self._a_names = self.slots.names({Part.A})
@@ -155,7 +157,8 @@ class Worker:
         ``state`` in place and returns the serialised upload."""
         cfg, local = self.cfg, self.cfg.local
         plan = self.method.plan(round_idx)
-        self.slots.load(self.assemble(cid, state, wire.decode(download)))
+        received = codecs.decode(download)
+        self.slots.load(self.assemble(cid, state, received))
         self.slots.set_trainable(plan.train)
         optimizer = self._optimizer()
         if local.keep_optimizer_state and state.optimizer is not None:
@@ -190,8 +193,9 @@ class Worker:
         state.private = self.slots.snapshot(self.method.private)
         if local.keep_optimizer_state:
             state.optimizer = copy.deepcopy(optimizer.state_dict())
-        upload = wire.encode(self.slots.snapshot(plan.upload),
-                             meta={"client": cid, "round": round_idx})
+        upload, state.residual = self.up.send(
+            self.slots.snapshot(plan.upload), reference=received, residual=state.residual,
+            meta={"client": cid, "round": round_idx})
         return FitResult(
             upload=upload,
             num_examples=len(data),

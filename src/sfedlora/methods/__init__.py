@@ -4,10 +4,14 @@ from sfedlora.methods.base import Method, Part, RoundPlan, Update, part_of
 from sfedlora.methods.fedit import FedIT
 from sfedlora.methods.fedsa import FedSA
 from sfedlora.methods.ffa import FFA
+from sfedlora.methods.flasc import FLASC
+from sfedlora.methods.flocora import FLoCoRA
 from sfedlora.methods.rolora import RoLoRA
 from sfedlora.methods.sfed import SFed
 
-REGISTRY: dict[str, type[Method]] = {m.name: m for m in (FedIT, FFA, FedSA, RoLoRA, SFed)}
+REGISTRY: dict[str, type[Method]] = {
+    m.name: m for m in (FedIT, FFA, FedSA, RoLoRA, SFed, FLASC, FLoCoRA)
+}
 
 
 def get_method(name: str) -> Method:

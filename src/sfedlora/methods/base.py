@@ -12,15 +12,16 @@ A method says, and only says:
 Runtimes (the in-process simulator, later Flower) execute a method; they never branch
 on its name. The parts are A (``lora_A``), B (``lora_B``) and the task head.
 
-How the methods still to come fit without a redesign:
+How the other methods fit:
 
-* **Quantised / sparse messages (FLoCoRA, top-k).** Messages are dicts of tensors that
-  the runtime serialises with safetensors (:mod:`sfedlora.wire`). A codec is a pair of
-  functions applied to that dict per direction before serialisation; methods do not
-  change.
-* **FLASC.** ``aggregate`` receives the previous global state and the decoded updates;
-  FLASC's method keeps a server AdamW state and returns ``global - step(mean delta)``.
-  Masked download is a down-codec; ``plan.upload`` is unchanged.
+* **Compressed messages (top-k, quantisation, casting).** Messages are dicts of
+  tensors that a codec (:mod:`sfedlora.codecs`) turns into bytes per direction, by
+  config; any method composes with any codec. A method may carry a preset (``comm``).
+  FLoCoRA is FedIT with the preset "8-bit uploads".
+* **FLASC.** Its preset masks the download and sparsifies the uploaded change (both
+  top-k), and it names a server optimizer (``server_optimizer = "adamw"``): the
+  runtime feeds the mean client change to AdamW as a gradient instead of replacing the
+  global state. Evaluation uses what clients receive, i.e. the masked model.
 * **FLoRA.** ``aggregate`` may return the stacked factors; a method attribute
   ``merge_into_base`` lets the runtime fold ``gamma * B_s A_s`` into W0 and re-initialise
   the adapter (A random, B zero) the next round. Mixed ranks are per-client shapes in
@@ -89,6 +90,11 @@ class Method:
     # First entry is the default; a_init is an error for methods with one mode.
     a_init_modes: ClassVar[tuple[str, ...]] = ("shared",)
     a_init_note: ClassVar[str] = "every client starts from one shared A"
+    # Codec settings per direction ("up", "down") that config fields left unset take.
+    comm: ClassVar[dict[str, dict]] = {}
+    # "none": the combined uploads become the global state; "sgd" / "adamw": their
+    # mean change is the gradient of a server optimizer step (FedOpt).
+    server_optimizer: ClassVar[str] = "none"
 
     @property
     def has_global_adapter(self) -> bool:

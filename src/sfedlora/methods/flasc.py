@@ -1,0 +1,28 @@
+"""FLASC (Kuo et al., arXiv 2406.05233): sparse communication in both directions.
+
+The server keeps a dense LoRA (and head). Clients receive it masked to its top-k
+entries at density d_dl (the rest start at 0), train densely, and send the top-k of
+their change at density d_ul. The server uses the mean change, taken relative to the
+masked download, as the gradient of an AdamW step (FedAdam, weight decay 0.01). There
+is no error feedback. Evaluation uses the masked model.
+
+Densities are the codec settings ``comm.down.density`` / ``comm.up.density`` (both
+1/4 by default); the server step is ``server.lr`` / ``server.weight_decay``.
+"""
+
+from typing import ClassVar
+
+from sfedlora.methods.fedit import FedIT
+
+
+class FLASC(FedIT):
+    name = "flasc"
+    summary = "sparse up/down messages, mean change as the gradient of a server AdamW"
+    weighting = "uniform"
+    comm: ClassVar[dict[str, dict]] = {
+        "down": {"density": 0.25},
+        "up": {"density": 0.25, "delta": True},
+    }
+    server_optimizer = "adamw"
+    a_init_modes = ("shared",)
+    a_init_note = "the server keeps one dense A from one shared init"
