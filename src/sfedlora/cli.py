@@ -48,6 +48,8 @@ def _print_table(summary: dict, run_dir: str) -> None:
         *quality,
         ("bytes up (total)", summary["bytes_up_total"]),
         ("bytes down (total)", summary["bytes_down_total"]),
+        ("bytes up + down", summary["bytes_total"]),
+        ("bytes per client (up / down, mean)", _per_client_bytes(summary)),
         ("wall seconds", summary["wall_seconds"]),
     ]
     for name, value in rows:
@@ -59,6 +61,14 @@ def _print_table(summary: dict, run_dir: str) -> None:
     console = Console()
     console.print(table)
     console.print(f"run directory: {run_dir}")
+
+
+def _per_client_bytes(summary: dict) -> str:
+    up = summary.get("bytes_up_total_per_client") or {}
+    down = summary.get("bytes_down_total_per_client") or {}
+    if not up:
+        return "-"
+    return f"{sum(up.values()) / len(up):,.0f} / {sum(down.values()) / len(down):,.0f}"
 
 
 def _raise_interrupt(signum, frame):
@@ -104,6 +114,18 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    from sfedlora.plots import plot_runs
+
+    try:
+        out = plot_runs(args.runs, args.out, x=args.x, y=args.y, labels=args.labels,
+                        title=args.title)
+    except (FileNotFoundError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
+    print(out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sfedlora", description="Federated LoRA fine-tuning (SFed-LoRA and baselines)."
@@ -119,6 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("config", nargs="?", help="YAML config (default: the offline main job)")
     show.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     show.set_defaults(func=cmd_config)
+    plot = sub.add_parser("plot", help="draw a metric of runs against rounds or bytes")
+    plot.add_argument("runs", nargs="+", help="run directories")
+    plot.add_argument("--x", choices=["round", "bytes"], default="round")
+    plot.add_argument("--y", default="personalized_accuracy", help="metric to draw")
+    plot.add_argument("--labels", nargs="+", help="one legend label per run")
+    plot.add_argument("--title")
+    plot.add_argument("--out", default="plot.png", help="PNG file to write")
+    plot.set_defaults(func=cmd_plot)
     return parser
 
 
