@@ -176,3 +176,19 @@ def test_presets_resolve_and_explicit_settings_win(tiny_config):
     plain = tiny_config("method=fedit")
     assert plain.codec("up").plain and plain.codec("down").plain
     assert plain.server_optimizer == "none"
+
+
+def test_plot_draws_accuracy_against_bytes(tiny_config, tmp_path, capsys):
+    from sfedlora.cli import main
+
+    runs = []
+    for method in ("fedit", "flocora"):
+        cfg = tiny_config(f"method={method}", "rounds=2", f"output_dir={tmp_path / method}")
+        Simulation(cfg).run()
+        runs.append(str(tmp_path / method))
+    out = tmp_path / "fig.png"
+    assert main(["plot", *runs, "--x", "bytes", "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["plot", *runs, "--y", "no_such_metric", "--out", str(out)]) == 2
+    assert "no round has both" in capsys.readouterr().err
+    assert main(["plot", str(tmp_path / "missing"), "--out", str(out)]) == 2
