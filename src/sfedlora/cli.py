@@ -114,6 +114,19 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    _quiet_libraries()
+    from sfedlora.sweep import parse_grid, run_sweep
+
+    config, overrides = _split_config_arg(args)
+    grid = parse_grid(args.grid)
+    out = run_sweep(config, grid, args.out, overrides,
+                    on_start=lambda name: print(f"run {name}", file=sys.stderr, flush=True))
+    print((out / "table.md").read_text(), end="")
+    print(f"sweep directory: {out}")
+    return 0
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from sfedlora.plots import plot_runs
 
@@ -141,6 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("config", nargs="?", help="YAML config (default: the offline main job)")
     show.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     show.set_defaults(func=cmd_config)
+    sweep = sub.add_parser("sweep", help="run the cross product of grid values; resumable")
+    sweep.add_argument("config", nargs="?", help="base YAML config")
+    sweep.add_argument("overrides", nargs="*", help="dotted.key=value for every run")
+    sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                       help="a swept key and its values (repeat for a cross product)")
+    sweep.add_argument("--out", default="runs/sweep", help="sweep directory")
+    sweep.set_defaults(func=cmd_sweep)
     plot = sub.add_parser("plot", help="draw a metric of runs against rounds or bytes")
     plot.add_argument("runs", nargs="+", help="run directories")
     plot.add_argument("--x", choices=["round", "bytes"], default="round")

@@ -1,0 +1,135 @@
+"""Sweeps: the cross product of grid values over one base config, each run in its own
+directory, resumable, summarised in one table (mean and spread over seeds).
+
+A sweep directory holds ``runs/<name>/`` (ordinary run directories, named after their
+grid values), ``results.csv`` (one row per run) and ``table.csv`` / ``table.md`` (rows
+grouped by every grid key except ``seed``). Rerunning the same command skips finished
+runs and resumes interrupted ones from their checkpoint, so a long sweep can be spread
+over several sessions.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from sfedlora.config import ConfigError, _parse_value, load_config
+
+log = logging.getLogger(__name__)
+
+TABLE_METRICS = (
+    "personalized_accuracy", "global_accuracy", "personalized_loss", "train_loss",
+    "grad_norm_A", "grad_norm_B", "adapter_output_norm", "bytes_total",
+    "personalized_perplexity", "global_perplexity",
+)
+
+
+@dataclass(frozen=True)
+class SweepRun:
+    values: dict[str, object]  # grid key -> value
+
+    @property
+    def name(self) -> str:
+        return "__".join(f"{k}-{v}" for k, v in self.values.items()).replace("/", "_")
+
+    @property
+    def overrides(self) -> list[str]:
+        return [f"{k}={json.dumps(v) if isinstance(v, str) else v}"
+                for k, v in self.values.items()]
+
+
+def parse_grid(items: Sequence[str]) -> dict[str, list]:
+    """``["lora.rank=4,16", "seed=0,1"]`` -> ``{"lora.rank": [4, 16], "seed": [0, 1]}``."""
+    if not items:
+        raise ConfigError("a sweep needs at least one --grid dotted.key=v1,v2,...")
+    grid: dict[str, list] = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        if not sep or not key or not values:
+            raise ConfigError(f"--grid {item!r} is not of the form dotted.key=v1,v2,...")
+        if key in grid:
+            raise ConfigError(f"--grid {key} is given twice; list all its values once")
+        grid[key] = [_parse_value(v) for v in values.split(",")]
+    return grid
+
+
+def expand(grid: dict[str, list]) -> list[SweepRun]:
+    keys = list(grid)
+    return [SweepRun(dict(zip(keys, combo, strict=True)))
+            for combo in itertools.product(*(grid[k] for k in keys))]
+
+
+def run_sweep(config: str | None, grid: dict[str, list], out: Path,
+              overrides: Sequence[str] = (), on_start: Callable[[str], None] | None = None
+              ) -> Path:
+    """Run (or finish) every run of the grid, then write the tables. Every config is
+    validated before the first run starts, so a bad value fails in a second."""
+    from sfedlora.simulation import Simulation
+
+    runs = expand(grid)
+    out = Path(out)
+    configs = {}
+    for run in runs:
+        run_dir = out / "runs" / run.name
+        configs[run.name] = load_config(config, [*overrides, *run.overrides,
+                                                 f"output_dir={run_dir}", "progress=false"])
+    for run in runs:
+        cfg = configs[run.name]
+        run_dir = Path(cfg.output_dir)
+        if (run_dir / "summary.json").is_file():
+            continue
+        if on_start:
+            on_start(run.name)
+        if (run_dir / "checkpoint.safetensors").is_file():
+            Simulation.resume(run_dir, ["progress=false"]).run()
+        else:
+            Simulation(cfg).run()
+    write_tables(out, runs, list(grid))
+    return out
+
+
+def write_tables(out: Path, runs: Sequence[SweepRun], keys: list[str]) -> None:
+    import pandas as pd
+
+    rows = []
+    for run in runs:
+        summary = json.loads((out / "runs" / run.name / "summary.json").read_text())
+        rows.append({**run.values, **{m: summary.get(m) for m in TABLE_METRICS}})
+    results = pd.DataFrame(rows)
+    metrics = [m for m in TABLE_METRICS if results[m].notna().any()]
+    results = results[[*keys, *metrics]]
+    results.to_csv(out / "results.csv", index=False)
+    group = [k for k in keys if k != "seed"]
+    if group:
+        table = results.groupby(group, sort=False)[metrics].agg(["mean", "std", "count"])
+        table.columns = [f"{m}_{stat}" for m, stat in table.columns]
+        table = table.reset_index()
+    else:
+        table = results[metrics].agg(["mean", "std", "count"]).T.reset_index()
+    table.to_csv(out / "table.csv", index=False)
+    (out / "table.md").write_text(_markdown(results, group, metrics))
+
+
+def _markdown(results, group: list[str], metrics: list[str]) -> str:
+    """mean ± std (n runs) per group; std is blank for a single seed."""
+    seeds = results.groupby(group, sort=False) if group else [((), results)]
+    lines = ["| " + " | ".join([*group, *metrics, "runs"]) + " |",
+             "|" + "---|" * (len(group) + len(metrics) + 1)]
+    for key, frame in seeds:
+        key = key if isinstance(key, tuple) else (key,)
+        cells = [str(k) for k in key]
+        for m in metrics:
+            col = frame[m].dropna()
+            if col.empty:
+                cells.append("-")
+            elif len(col) == 1:
+                cells.append(f"{col.iloc[0]:.4g}")
+            else:
+                cells.append(f"{col.mean():.4g} ± {col.std():.2g}")
+        cells.append(str(len(frame)))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,54 @@
+"""Sweeps: the cross product runs once, resumes, and is summarised over seeds."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from sfedlora.config import ConfigError, to_yaml
+from sfedlora.simulation import Simulation
+from sfedlora.sweep import parse_grid, run_sweep
+
+
+@pytest.fixture
+def base_config(tiny_config, tmp_path):
+    path = tmp_path / "base.yaml"
+    path.write_text(to_yaml(tiny_config("method=fedsa", "rounds=2", "checkpoint.every=1")))
+    return str(path)
+
+
+def test_sweep_runs_the_cross_product_and_averages_over_seeds(base_config, tmp_path):
+    out = tmp_path / "sweep"
+    started: list[str] = []
+    run_sweep(base_config, parse_grid(["lora.rank=2,4", "seed=0,1"]), out,
+              on_start=started.append)
+    assert len(started) == 4
+    results = pd.read_csv(out / "results.csv")
+    assert sorted(zip(results["lora.rank"], results["seed"], strict=True)) == [
+        (2, 0), (2, 1), (4, 0), (4, 1)]
+    table = pd.read_csv(out / "table.csv").set_index("lora.rank")
+    for rank in (2, 4):
+        rows = results[results["lora.rank"] == rank]["personalized_accuracy"]
+        assert table.loc[rank, "personalized_accuracy_mean"] == pytest.approx(rows.mean())
+        assert table.loc[rank, "personalized_accuracy_std"] == pytest.approx(rows.std())
+        assert table.loc[rank, "personalized_accuracy_count"] == 2
+    assert "±" in (out / "table.md").read_text()
+
+    # finished runs are never redone; an interrupted one is resumed from its checkpoint
+    run_dir = out / "runs" / "lora.rank-4__seed-1"
+    (run_dir / "summary.json").unlink()
+    started.clear()
+    run_sweep(base_config, parse_grid(["lora.rank=2,4", "seed=0,1"]), out,
+              on_start=started.append)
+    assert started == ["lora.rank-4__seed-1"]
+    assert pd.read_csv(out / "results.csv").equals(results)
+
+
+def test_bad_grid_fails_before_any_run(base_config, tmp_path, monkeypatch):
+    monkeypatch.setattr(Simulation, "run", lambda self: pytest.fail("a run started"))
+    with pytest.raises(ConfigError, match="lora.rank"):
+        run_sweep(base_config, parse_grid(["lora.rank=4,banana"]), tmp_path / "s")
+    with pytest.raises(ConfigError, match="dotted.key=v1,v2"):
+        parse_grid(["lora.rank"])
+    with pytest.raises(ConfigError, match="at least one"):
+        parse_grid([])
