@@ -46,9 +46,9 @@ def test_sweep_runs_the_cross_product_and_averages_over_seeds(base_config, tmp_p
 
 def test_bad_grid_fails_before_any_run(base_config, tmp_path, monkeypatch):
     monkeypatch.setattr(Simulation, "run", lambda self: pytest.fail("a run started"))
-    with pytest.raises(ConfigError, match="lora.rank"):
+    with pytest.raises(ConfigError, match=r"lora\.rank"):
         run_sweep(base_config, parse_grid(["lora.rank=4,banana"]), tmp_path / "s")
-    with pytest.raises(ConfigError, match="dotted.key=v1,v2"):
+    with pytest.raises(ConfigError, match=r"dotted\.key=v1,v2"):
         parse_grid(["lora.rank"])
     with pytest.raises(ConfigError, match="at least one"):
         parse_grid([])
