@@ -8,7 +8,10 @@ reduction against dense FedIT, and the bytes each arm needed to first reach dens
 FedIT's final accuracy minus one point ("equal accuracy").
 
     python benchmarks/communication.py                 # all arms
-    python benchmarks/communication.py --arms fedit flasc-d16 --rounds 10
+    python benchmarks/communication.py rounds=10 --arms fedit flasc-d16
+
+On a machine with spare cores, split the arms over processes (``--runs-only``, each
+with ``OMP_NUM_THREADS=1``) and run the plain command last to print the table.
 """
 
 from __future__ import annotations
@@ -90,14 +93,19 @@ def main() -> None:
     parser.add_argument("--out", default="runs/communication", type=Path)
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--plot", default="docs/results/communication.png", type=Path)
+    parser.add_argument("--runs-only", action="store_true",
+                        help="run just these arms, no table (to split arms over processes)")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value for every arm")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    arms = [BASELINE, *[a for a in args.arms if a != BASELINE]]
+    arms = args.arms if args.runs_only else [BASELINE, *[a for a in args.arms
+                                                         if a != BASELINE]]
     run_dirs = {}
     for name in arms:
         print(f"arm {name} ...", flush=True)
         run_dirs[name] = run_arm(name, args.config, args.out, args.overrides)
+    if args.runs_only:
+        return
     print(table(run_dirs))
     plot_runs(list(run_dirs.values()), args.plot, x="bytes", y=METRIC, labels=list(run_dirs),
               title="SST-2, all-MiniLM-L6-v2, 10 clients, Dirichlet(0.5)")
