@@ -43,6 +43,26 @@ def test_sweep_runs_the_cross_product_and_averages_over_seeds(base_config, tmp_p
     assert started == ["lora.rank-4__seed-1"]
     assert pd.read_csv(out / "results.csv").equals(results)
 
+    from sfedlora.cli import main
+
+    assert main(["plot", "--sweep", str(out)]) == 0
+    for name in ("curves", "final_vs_rank", "stability"):
+        assert (out / "figures" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_joint_keys_vary_together():
+    from sfedlora.sweep import expand, grid_keys
+
+    grid = parse_grid(["lora.scaling+lora.a_init=lora+shared,sfed+independent",
+                       "lora.rank=4,16"])
+    runs = expand(grid)
+    assert grid_keys(grid) == ["lora.scaling", "lora.a_init", "lora.rank"]
+    assert [(r.values["lora.scaling"], r.values["lora.a_init"], r.values["lora.rank"])
+            for r in runs] == [("lora", "shared", 4), ("lora", "shared", 16),
+                               ("sfed", "independent", 4), ("sfed", "independent", 16)]
+    with pytest.raises(ConfigError, match="needs 2 parts"):
+        parse_grid(["lora.scaling+lora.a_init=lora"])
+
 
 def test_bad_grid_fails_before_any_run(base_config, tmp_path, monkeypatch):
     monkeypatch.setattr(Simulation, "run", lambda self: pytest.fail("a run started"))

@@ -128,14 +128,19 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from sfedlora.plots import plot_runs
+    from sfedlora.plots import plot_runs, plot_sweep
 
+    if bool(args.runs) == bool(args.sweep):
+        raise ConfigError("give run directories or --sweep SWEEP_DIR (one of the two)")
     try:
-        out = plot_runs(args.runs, args.out, x=args.x, y=args.y, labels=args.labels,
-                        title=args.title)
-    except (FileNotFoundError, ValueError) as exc:
+        if args.sweep:
+            written = plot_sweep(args.sweep, metric=args.y)
+        else:
+            written = [plot_runs(args.runs, args.out, x=args.x, y=args.y, labels=args.labels,
+                                 title=args.title)]
+    except (FileNotFoundError, ValueError, KeyError) as exc:
         raise ConfigError(str(exc)) from None
-    print(out)
+    print("\n".join(str(p) for p in written))
     return 0
 
 
@@ -162,7 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--out", default="runs/sweep", help="sweep directory")
     sweep.set_defaults(func=cmd_sweep)
     plot = sub.add_parser("plot", help="draw a metric of runs against rounds or bytes")
-    plot.add_argument("runs", nargs="+", help="run directories")
+    plot.add_argument("runs", nargs="*", help="run directories")
+    plot.add_argument("--sweep", help="a sweep directory: write the scaling-study figures "
+                      "to SWEEP/figures/")
     plot.add_argument("--x", choices=["round", "bytes"], default="round")
     plot.add_argument("--y", default="personalized_accuracy", help="metric to draw")
     plot.add_argument("--labels", nargs="+", help="one legend label per run")

@@ -53,3 +53,138 @@ def plot_runs(run_dirs: Sequence[Path], out: Path, x: str = "round",
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+# --- sweeps: the scaling study's figures -----------------------------------------------
+
+
+def _rule_label(row, rule_keys: Sequence[str]) -> str:
+    return " / ".join(str(row[k]) for k in rule_keys if k in row and str(row[k]) != "nan")
+
+
+def plot_sweep(sweep_dir: Path, out_dir: Path | None = None, rank_key: str = "lora.rank",
+               rule_keys: Sequence[str] = ("lora.scaling", "lora.a_init"),
+               panel_key: str = "clients.num", metric: str = "personalized_accuracy"
+               ) -> list[Path]:
+    """The paper's figures from a sweep directory (see :mod:`sfedlora.sweep`), one set
+    per value of every other swept key (e.g. the optimizer):
+
+    * ``curves``: ``metric`` against round, one line per rank, one panel per rule and
+      ``panel_key`` value (mean over seeds);
+    * ``final_vs_rank``: final ``metric`` against rank per rule, one panel per
+      ``panel_key`` value (mean and std over seeds);
+    * ``stability``: the mean over logged rounds of the gradient norm of B and of
+      ``||gamma B A x||`` against rank per rule (log-log).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    import pandas as pd
+
+    sweep_dir = Path(sweep_dir)
+    out_dir = Path(out_dir or sweep_dir / "figures")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = pd.read_csv(sweep_dir / "results.csv")
+    if rank_key not in results:
+        raise ValueError(f"{sweep_dir}: the sweep does not vary {rank_key!r}")
+    rule_keys = [k for k in rule_keys if k in results]
+    results["rule"] = [_rule_label(r, rule_keys) or "run" for _, r in results.iterrows()]
+    if panel_key not in results:
+        results[panel_key] = "-"
+    for name in results["run"]:
+        lines = load_metrics(sweep_dir / "runs" / name)
+        results.loc[results["run"] == name, "grad_B_mean"] = np.nanmean(
+            [m.get("grad_norm_B") or np.nan for m in lines])
+        results.loc[results["run"] == name, "output_norm_mean"] = np.nanmean(
+            [m.get("adapter_output_norm") or np.nan for m in lines])
+    fixed = {"run", "seed", rank_key, panel_key, "rule", *rule_keys}
+    split_keys = [k for k in results.columns
+                  if k not in fixed and k not in _metric_columns(results)]
+    groups = results.groupby(split_keys, sort=False) if split_keys else [((), results)]
+    written = []
+    for split, frame in groups:
+        split = split if isinstance(split, tuple) else (split,)
+        suffix = "".join(f"_{k}-{v}" for k, v in zip(split_keys, split, strict=True))
+        where = ", ".join(f"{k}={v}" for k, v in zip(split_keys, split, strict=True))
+        rules = list(dict.fromkeys(frame["rule"]))
+        panels = sorted(frame[panel_key].unique(), key=str)
+        ranks = sorted(frame[rank_key].unique())
+        colours = plt.cm.viridis(np.linspace(0, 0.9, len(ranks)))
+
+        fig, axes = plt.subplots(len(panels), len(rules), squeeze=False, sharey=True,
+                                 figsize=(3.6 * len(rules), 2.8 * len(panels)))
+        for i, panel in enumerate(panels):
+            for j, rule in enumerate(rules):
+                ax = axes[i][j]
+                for colour, rank in zip(colours, ranks, strict=True):
+                    runs = frame[(frame[panel_key] == panel) & (frame["rule"] == rule)
+                                 & (frame[rank_key] == rank)]["run"]
+                    curves = [[(m["round"], m[metric]) for m in load_metrics(
+                        sweep_dir / "runs" / r) if m.get(metric) is not None] for r in runs]
+                    if not curves or not curves[0]:
+                        continue
+                    rounds = [p[0] for p in curves[0]]
+                    mean = np.mean([[p[1] for p in c] for c in curves], axis=0)
+                    ax.plot(rounds, mean, color=colour, label=f"r={rank}")
+                ax.set_title(f"{rule}, {panel_key}={panel}", fontsize=9)
+                ax.set_xlabel("round")
+                ax.grid(True, alpha=0.3)
+            axes[i][0].set_ylabel(metric.replace("_", " "))
+        axes[0][-1].legend(fontsize=7)
+        written.append(_save(fig, out_dir / f"curves{suffix}.png", where))
+
+        fig, axes = plt.subplots(1, len(panels), squeeze=False, sharey=True,
+                                 figsize=(4.2 * len(panels), 3.4))
+        for ax, panel in zip(axes[0], panels, strict=True):
+            for rule in rules:
+                sel = frame[(frame[panel_key] == panel) & (frame["rule"] == rule)]
+                stats = sel.groupby(rank_key)[metric].agg(["mean", "std"]).reset_index()
+                ax.errorbar(stats[rank_key], stats["mean"], yerr=stats["std"].fillna(0),
+                            marker="o", capsize=3, label=rule)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("rank r")
+            ax.set_title(f"{panel_key}={panel}", fontsize=9)
+            ax.grid(True, alpha=0.3)
+        axes[0][0].set_ylabel(f"final {metric.replace('_', ' ')}")
+        axes[0][-1].legend(fontsize=7)
+        written.append(_save(fig, out_dir / f"final_vs_rank{suffix}.png", where))
+
+        fig, axes = plt.subplots(2, len(panels), squeeze=False,
+                                 figsize=(4.2 * len(panels), 6.0))
+        for col, panel in enumerate(panels):
+            for row, (column, label) in enumerate((
+                    ("grad_B_mean", "gradient norm of B"),
+                    ("output_norm_mean", "||gamma B A x||"))):
+                ax = axes[row][col]
+                for rule in rules:
+                    sel = frame[(frame[panel_key] == panel) & (frame["rule"] == rule)]
+                    stats = sel.groupby(rank_key)[column].mean()
+                    ax.plot(stats.index, stats.values, marker="o", label=rule)
+                ax.set_xscale("log", base=2)
+                ax.set_yscale("log")
+                ax.set_xlabel("rank r")
+                ax.set_ylabel(label)
+                ax.set_title(f"{panel_key}={panel}", fontsize=9)
+                ax.grid(True, alpha=0.3)
+        axes[0][-1].legend(fontsize=7)
+        written.append(_save(fig, out_dir / f"stability{suffix}.png", where))
+    return written
+
+
+def _metric_columns(results) -> set[str]:
+    from sfedlora.sweep import TABLE_METRICS
+
+    return {*TABLE_METRICS, "grad_B_mean", "output_norm_mean"}
+
+
+def _save(fig, path: Path, title: str) -> Path:
+    import matplotlib.pyplot as plt
+
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

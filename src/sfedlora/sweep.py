@@ -1,6 +1,9 @@
 """Sweeps: the cross product of grid values over one base config, each run in its own
 directory, resumable, summarised in one table (mean and spread over seeds).
 
+Keys joined by ``+`` vary together instead of crossing: ``lora.scaling+lora.a_init=
+lora+shared,sfed+independent`` gives two runs, not four.
+
 A sweep directory holds ``runs/<name>/`` (ordinary run directories, named after their
 grid values), ``results.csv`` (one row per run) and ``table.csv`` / ``table.md`` (rows
 grouped by every grid key except ``seed``). Rerunning the same command skips finished
@@ -42,25 +45,47 @@ class SweepRun:
                 for k, v in self.values.items()]
 
 
-def parse_grid(items: Sequence[str]) -> dict[str, list]:
-    """``["lora.rank=4,16", "seed=0,1"]`` -> ``{"lora.rank": [4, 16], "seed": [0, 1]}``."""
+Grid = dict[str, list]  # "key" or "key1+key2" -> values (tuples for joint keys)
+
+
+def parse_grid(items: Sequence[str]) -> Grid:
+    """``["lora.rank=4,16", "seed=0,1"]`` -> ``{"lora.rank": [4, 16], "seed": [0, 1]}``;
+    a joint key ``a+b=x+y,z+w`` -> ``{"a+b": [(x, y), (z, w)]}``."""
     if not items:
         raise ConfigError("a sweep needs at least one --grid dotted.key=v1,v2,...")
-    grid: dict[str, list] = {}
+    grid: Grid = {}
     for item in items:
         key, sep, values = item.partition("=")
         if not sep or not key or not values:
             raise ConfigError(f"--grid {item!r} is not of the form dotted.key=v1,v2,...")
         if key in grid:
             raise ConfigError(f"--grid {key} is given twice; list all its values once")
-        grid[key] = [_parse_value(v) for v in values.split(",")]
+        width = len(key.split("+"))
+        parsed = []
+        for value in values.split(","):
+            parts = [_parse_value(v) for v in value.split("+")] if width > 1 else [value]
+            if len(parts) != width:
+                raise ConfigError(f"--grid {key}: value {value!r} needs {width} parts "
+                                  "joined by '+'")
+            parsed.append(tuple(parts) if width > 1 else _parse_value(value))
+        grid[key] = parsed
     return grid
 
 
-def expand(grid: dict[str, list]) -> list[SweepRun]:
-    keys = list(grid)
-    return [SweepRun(dict(zip(keys, combo, strict=True)))
-            for combo in itertools.product(*(grid[k] for k in keys))]
+def grid_keys(grid: Grid) -> list[str]:
+    """The config keys a grid sets, joint keys split."""
+    return [k for key in grid for k in key.split("+")]
+
+
+def expand(grid: Grid) -> list[SweepRun]:
+    runs = []
+    for combo in itertools.product(*grid.values()):
+        values: dict[str, object] = {}
+        for key, value in zip(grid, combo, strict=True):
+            keys = key.split("+")
+            values.update(zip(keys, value if len(keys) > 1 else (value,), strict=True))
+        runs.append(SweepRun(values))
+    return runs
 
 
 def run_sweep(config: str | None, grid: dict[str, list], out: Path,
@@ -88,7 +113,7 @@ def run_sweep(config: str | None, grid: dict[str, list], out: Path,
             Simulation.resume(run_dir, ["progress=false"]).run()
         else:
             Simulation(cfg).run()
-    write_tables(out, runs, list(grid))
+    write_tables(out, runs, grid_keys(grid))
     return out
 
 
@@ -98,10 +123,11 @@ def write_tables(out: Path, runs: Sequence[SweepRun], keys: list[str]) -> None:
     rows = []
     for run in runs:
         summary = json.loads((out / "runs" / run.name / "summary.json").read_text())
-        rows.append({**run.values, **{m: summary.get(m) for m in TABLE_METRICS}})
+        rows.append({"run": run.name, **run.values,
+                     **{m: summary.get(m) for m in TABLE_METRICS}})
     results = pd.DataFrame(rows)
     metrics = [m for m in TABLE_METRICS if results[m].notna().any()]
-    results = results[[*keys, *metrics]]
+    results = results[["run", *keys, *metrics]]
     results.to_csv(out / "results.csv", index=False)
     group = [k for k in keys if k != "seed"]
     if group:
