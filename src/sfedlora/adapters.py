@@ -39,8 +39,9 @@ class AdapterSlots:
         if not self.params:
             raise ValueError("the model has no trainable adapter parameters")
         self.parts: dict[str, Part] = {n: part_of(n) for n in self.params}
-        # The head's init as loaded; every client starts from this same head.
-        self._head_init = self.snapshot({Part.HEAD})
+        # Inits as loaded: every client starts from this same head (and, for VeRA, the
+        # same lambda vectors, whose PEFT init is a constant, not a random draw).
+        self._loaded = {n: p.detach().clone() for n, p in self.params.items()}
 
     def names(self, parts: Iterable[Part]) -> list[str]:
         wanted = set(parts)
@@ -66,18 +67,17 @@ class AdapterSlots:
 
     def initial_state(self, a_seed: int) -> dict[str, torch.Tensor]:
         """A fresh adapter: A drawn from ``a_seed`` (kaiming-uniform, as PEFT does),
-        B zero, the head as loaded. Drawn on the CPU so the init does not depend on
-        the device."""
+        B zero, the head (and VeRA's lambdas) as loaded. Drawn on the CPU so the init
+        does not depend on the device."""
         gen = torch.Generator().manual_seed(a_seed)
         state: dict[str, torch.Tensor] = {}
         for name, p in self.params.items():
-            part = self.parts[name]
-            if part is Part.A:
+            if ".lora_A." in name:
                 t = torch.empty(p.shape, dtype=p.dtype)
                 torch.nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=gen)
                 state[name] = t
-            elif part is Part.B:
+            elif ".lora_B." in name:
                 state[name] = torch.zeros(p.shape, dtype=p.dtype)
             else:
-                state[name] = self._head_init[name].clone()
+                state[name] = self._loaded[name].clone()
         return state

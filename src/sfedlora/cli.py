@@ -27,7 +27,8 @@ def _print_table(summary: dict, run_dir: str) -> None:
     from rich.table import Table
 
     table = Table(title=f"sfedlora: {summary['method']} ({summary['scaling']} scaling, "
-                        f"gamma={summary['gamma']:.3g})")
+                        + ("VeRA)" if summary["gamma"] is None
+                           else f"gamma={summary['gamma']:.3g})"))
     table.add_column("metric")
     table.add_column("value", justify="right")
     if summary.get("personalized_perplexity") is not None:  # causal-lm

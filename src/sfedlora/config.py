@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 METHODS = ("fedit", "ffa", "fedsa", "rolora", "sfed", "flasc", "flocora")
 SCALINGS = ("lora", "rslora", "sfed")
 A_INITS = ("independent", "shared")
+VERA_METHODS = ("fedit", "fedsa")
 
 
 class ConfigError(ValueError):
@@ -55,6 +56,10 @@ class LocalConfig(_Section):
 
 
 class LoraConfig(_Section):
+    adapter: Literal["lora", "vera"] = Field(
+        "lora", description="lora, or vera (PEFT's VeRA: frozen shared random projections, "
+        "trained scaling vectors lambda_d and lambda_b; with fedsa: FedSA-VeRA)"
+    )
     rank: int = Field(8, gt=0)
     alpha: float = Field(16.0, gt=0)
     scaling: Literal["lora", "rslora", "sfed"] | None = Field(
@@ -231,6 +236,8 @@ class ExperimentConfig(_Section):
                 f"lora.a_init={self.lora.a_init!r} does not apply to method {self.method!r}, "
                 f"which has no such choice ({method.a_init_note}); remove lora.a_init"
             )
+        if self.lora.adapter == "vera":
+            self._check_vera()
         if data.source == "files" and not data.train_path:
             raise ValueError("data.source=files needs data.train_path (a CSV, TSV or JSONL file)")
         if data.source == "hf" and not data.dataset:
@@ -252,6 +259,20 @@ class ExperimentConfig(_Section):
             )
         self._check_codecs(method)
         return self
+
+    def _check_vera(self) -> None:
+        if self.method not in VERA_METHODS:
+            raise ValueError(
+                f"lora.adapter=vera with method={self.method!r}: VeRA's projections are "
+                f"frozen and shared, so only {', '.join(VERA_METHODS)} apply to it (fedsa "
+                "is FedSA-VeRA); choose one of them or lora.adapter=lora"
+            )
+        for key in ("scaling", "a_init"):
+            if getattr(self.lora, key) is not None:
+                raise ValueError(
+                    f"lora.{key} does not apply to lora.adapter=vera (VeRA has no LoRA scale "
+                    f"and its projections come from one seed); remove lora.{key}"
+                )
 
     def _check_codecs(self, method) -> None:
         down = self.comm.down

@@ -28,7 +28,10 @@ class Experiment:
     base_path: str
 
     @property
-    def gamma(self) -> float:
+    def gamma(self) -> float | None:
+        """The LoRA scale (None for VeRA, which has none)."""
+        if self.cfg.lora.adapter == "vera":
+            return None
         return gamma(self.cfg.scaling, self.cfg.lora.alpha, self.cfg.lora.rank,
                      self.cfg.clients_per_round)
 

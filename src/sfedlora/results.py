@@ -119,7 +119,7 @@ class RunDir:
         summary = {k: last.get(k) for k in SUMMARY_KEYS}
         summary.update(
             method=cfg.method,
-            scaling=cfg.scaling,
+            scaling=cfg.scaling if cfg.lora.adapter == "lora" else "vera",
             a_init=cfg.a_init,
             gamma=sim.exp.gamma,
             rank=cfg.lora.rank,

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from peft import LoraConfig as PeftLoraConfig
-from peft import PeftModel, TaskType, get_peft_model
+from peft import PeftConfig, PeftModel, TaskType, VeraConfig, get_peft_model
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
@@ -105,11 +105,20 @@ def load_base_model(path: str, label_names: list[str], seed: int):
     return model
 
 
-def peft_config(cfg: ExperimentConfig, model_type: str) -> PeftLoraConfig:
-    scale = peft_scale(cfg.scaling, cfg.lora.alpha, cfg.clients_per_round)
+def peft_config(cfg: ExperimentConfig, model_type: str) -> PeftConfig:
     causal = cfg.task == "causal-lm"
     targets = cfg.lora.targets or (causal and lm.default_targets(model_type)) \
         or default_targets(model_type)
+    if cfg.lora.adapter == "vera":
+        return VeraConfig(
+            task_type=TaskType.CAUSAL_LM if causal else TaskType.SEQ_CLS,
+            r=cfg.lora.rank,
+            target_modules=targets,
+            vera_dropout=cfg.lora.dropout,
+            projection_prng_key=cfg.seed,
+            save_projection=True,  # exported adapters carry the projections they used
+        )
+    scale = peft_scale(cfg.scaling, cfg.lora.alpha, cfg.clients_per_round)
     return PeftLoraConfig(
         task_type=TaskType.CAUSAL_LM if causal else TaskType.SEQ_CLS,
         r=cfg.lora.rank,

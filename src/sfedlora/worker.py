@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from peft.tuners.lora import LoraLayer
+from peft.tuners.vera import VeraLayer
 
 from sfedlora import codecs
 from sfedlora.adapters import TAG_A_INIT, AdapterSlots, derive_seed
@@ -93,7 +94,8 @@ class Worker:
         self.slots = AdapterSlots(model)
         self.shared_init = self.slots.initial_state(derive_seed(cfg.seed, TAG_A_INIT))
         self._a_names = self.slots.names({Part.A})
-        self._lora_layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+        self._lora_layers = [m for m in model.modules()
+                             if isinstance(m, LoraLayer | VeraLayer)]
         self.device = next(model.parameters()).device
         if self.device.type == "cpu":
             # Adam's second moments of near-zero gradients fall into the denormal range,
@@ -278,9 +280,7 @@ class Worker:
         per_layer: list[float] = []
 
         def hook(module, inputs, _output):
-            x = inputs[0]
-            delta = module.lora_B["default"](module.lora_A["default"](x))
-            norms = (delta * module.scaling["default"]).norm(dim=-1)
+            norms = _adapter_delta(module, inputs[0]).norm(dim=-1)
             if norms.shape == mask.shape:
                 norms = norms[mask]
             per_layer.append(norms.mean().item())
@@ -292,6 +292,18 @@ class Worker:
             for h in handles:
                 h.remove()
         return float(np.mean(per_layer))
+
+
+def _adapter_delta(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What the adapter adds to the frozen layer's output (eval mode, no dropout):
+    ``gamma B A x`` for LoRA, ``lambda_b * (B (lambda_d * (A x)))`` for VeRA."""
+    if isinstance(module, VeraLayer):
+        a = module.vera_A["default"][:, : module.in_features]
+        b = module.vera_B["default"][: module.out_features, :]
+        inner = module.vera_lambda_d["default"] * F.linear(x, a)
+        return module.vera_lambda_b["default"] * F.linear(inner, b)
+    delta = module.lora_B["default"](module.lora_A["default"](x))
+    return delta * module.scaling["default"]
 
 
 def mean_or_none(values) -> float | None:

@@ -49,10 +49,12 @@ class Part(StrEnum):
 
 
 def part_of(name: str) -> Part:
-    """Which part an adapter tensor belongs to, from its PEFT name."""
-    if ".lora_A." in name:
+    """Which part an adapter tensor belongs to, from its PEFT name. VeRA's lambda_d
+    scales the (shared, frozen) down-projection like A, lambda_b the up-projection
+    like B, so FedSA semantics carry over: lambda_d is shared, lambda_b stays local."""
+    if ".lora_A." in name or ".vera_lambda_d." in name:
         return Part.A
-    if ".lora_B." in name:
+    if ".lora_B." in name or ".vera_lambda_b." in name:
         return Part.B
     return Part.HEAD
 
