@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-METHODS = ("fedit", "ffa", "fedsa", "rolora", "sfed", "flasc", "flocora")
+METHODS = ("fedit", "ffa", "fedsa", "rolora", "sfed", "flasc", "flocora", "hetlora")
 SCALINGS = ("lora", "rslora", "sfed")
 A_INITS = ("independent", "shared")
 VERA_METHODS = ("fedit", "fedsa")
@@ -61,6 +61,10 @@ class LoraConfig(_Section):
         "trained scaling vectors lambda_d and lambda_b; with fedsa: FedSA-VeRA)"
     )
     rank: int = Field(8, gt=0)
+    client_ranks: list[int] | None = Field(
+        None, description="mixed ranks (hetlora): one rank per client, or a shorter list "
+        "of tiers splitting client ids into equal contiguous groups; each <= lora.rank"
+    )
     alpha: float = Field(16.0, gt=0)
     scaling: Literal["lora", "rslora", "sfed"] | None = Field(
         None, description="None: the method's default (sfed for sfed, lora otherwise)"
@@ -189,7 +193,9 @@ class CheckpointConfig(_Section):
 
 class ExperimentConfig(_Section):
     task: Literal["classification", "causal-lm"] = "classification"
-    method: Literal["fedit", "ffa", "fedsa", "rolora", "sfed", "flasc", "flocora"] = "sfed"
+    method: Literal[
+        "fedit", "ffa", "fedsa", "rolora", "sfed", "flasc", "flocora", "hetlora"
+    ] = "sfed"
     seed: int = 0
     rounds: int = Field(10, gt=0)
     clients: ClientsConfig = ClientsConfig()
@@ -238,6 +244,8 @@ class ExperimentConfig(_Section):
             )
         if self.lora.adapter == "vera":
             self._check_vera()
+        if self.lora.client_ranks is not None:
+            self._check_client_ranks(method)
         if data.source == "files" and not data.train_path:
             raise ValueError("data.source=files needs data.train_path (a CSV, TSV or JSONL file)")
         if data.source == "hf" and not data.dataset:
@@ -259,6 +267,22 @@ class ExperimentConfig(_Section):
             )
         self._check_codecs(method)
         return self
+
+    def _check_client_ranks(self, method) -> None:
+        ranks, num = self.lora.client_ranks, self.clients.num
+        if not method.mixed_ranks:
+            raise ValueError(
+                f"lora.client_ranks with method={self.method!r}, which needs one rank for "
+                "every client; use method=hetlora or remove lora.client_ranks"
+            )
+        if not ranks or len(ranks) > num or any(r <= 0 or r > self.lora.rank for r in ranks):
+            raise ValueError(
+                f"lora.client_ranks={ranks}: give 1 to clients.num={num} ranks, each between "
+                f"1 and lora.rank={self.lora.rank} (the server's rank)"
+            )
+        if self.server_optimizer != "none" or self.lora.adapter != "lora":
+            raise ValueError("lora.client_ranks works with LoRA adapters and no server "
+                             "optimizer; remove server.optimizer / lora.adapter")
 
     def _check_vera(self) -> None:
         if self.method not in VERA_METHODS:
@@ -345,6 +369,13 @@ class ExperimentConfig(_Section):
             return Codec(**settings)
         except ValueError as exc:
             raise ValueError(f"comm.{direction}: {exc}; fix comm.{direction}") from None
+
+    def client_rank(self, cid: int) -> int:
+        """Client ``cid``'s LoRA rank (``lora.rank`` unless ranks are mixed)."""
+        ranks = self.lora.client_ranks
+        if ranks is None:
+            return self.lora.rank
+        return ranks[cid * len(ranks) // self.clients.num]
 
     @property
     def server_optimizer(self) -> str:

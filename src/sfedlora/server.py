@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -25,6 +25,7 @@ from sfedlora.config import ServerConfig
 from sfedlora.fedopt import ServerOptimizer
 from sfedlora.methods import Method, Part, Update
 from sfedlora.privacy import GaussianMechanism
+from sfedlora.ranks import pad, truncate, truncated_spec
 
 log = logging.getLogger(__name__)
 
@@ -61,33 +62,68 @@ class Server:
         privacy: GaussianMechanism | None = None,
         down: Codec | None = None,
         optimizer: str = "none",
+        ranks: Sequence[int] | None = None,
     ):
         """``names_for(parts)`` lists the tensor names of those parts (the model's
         layout); ``spec`` gives every adapter tensor's shape and dtype; ``down`` encodes
-        the download; ``optimizer`` names the server optimizer (``"none"``: replace)."""
-        self.method, self.state, self.spec = method, state, spec
+        the download; ``optimizer`` names the server optimizer (``"none"``: replace);
+        ``ranks`` gives each client's rank where ranks are mixed (:mod:`sfedlora.ranks`)."""
+        self.spec, self.method = spec, method
+        self.state = state
         self.names_for, self.min_clients = names_for, min_clients
         self.cfg = cfg or ServerConfig()
         self.privacy = privacy
         self.down = down or Codec()
-        self.sent: dict[str, torch.Tensor] = dict(state)  # what clients last received
+        self.ranks = list(ranks) if ranks is not None else None
+        self.sent: dict[str, torch.Tensor] = dict(state)  # what full-rank clients received
         shared = names_for(method.shared - method.fixed)
         self.optimizer = (None if optimizer == "none"
                           else ServerOptimizer(optimizer, self.cfg, spec, shared))
 
-    def download(self) -> bytes:
-        """The message every sampled client receives this round: the shared state,
-        encoded. Uploads are decoded (and changes measured) relative to what it holds."""
-        payload = self.down.encode(self.state)
-        self.sent = codecs.decode(payload)
-        return payload
+    @property
+    def state(self) -> dict[str, torch.Tensor]:
+        return self._state
 
-    def received_state(self) -> dict[str, torch.Tensor]:
-        """The shared state as clients would receive it now (the masked or quantised
-        model, where the download is lossy): what evaluation and export use."""
-        if self.down.plain:
+    @state.setter
+    def state(self, value: dict[str, torch.Tensor]) -> None:
+        self._state = value
+        self._downloads: dict[int | None, tuple[bytes, dict[str, torch.Tensor]]] = {}
+
+    def _rank(self, cid: int | None) -> int | None:
+        """The truncation rank of a client, None for the full rank."""
+        if self.ranks is None or cid is None:
+            return None
+        return self.ranks[cid]
+
+    def download(self, cid: int | None = None) -> bytes:
+        """The message client ``cid`` receives this round: the shared state (truncated
+        to its rank where ranks are mixed), encoded. Uploads are decoded (and changes
+        measured) relative to what the client received."""
+        rank = self._rank(cid)
+        if rank not in self._downloads:
+            shared = self.state if rank is None else truncate(self.state, rank)
+            payload = self.down.encode(shared)
+            self._downloads[rank] = (payload, codecs.decode(payload))
+            if rank is None:
+                self.sent = self._downloads[rank][1]
+        return self._downloads[rank][0]
+
+    def reference(self, cid: int | None) -> dict[str, torch.Tensor]:
+        """What client ``cid`` received, at full shape (zero beyond its rank)."""
+        rank = self._rank(cid)
+        if rank is None:
+            return self.sent
+        self.download(cid)
+        return pad(self._downloads[rank][1], self.spec)
+
+    def received_state(self, cid: int | None = None) -> dict[str, torch.Tensor]:
+        """The shared state as client ``cid`` (or a full-rank client) would receive it
+        now (the masked or quantised model where the download is lossy, truncated to
+        its rank): what evaluation and export use."""
+        if self.down.plain and self._rank(cid) is None:
             return self.state
-        return codecs.decode(self.down.encode(self.state))
+        self.download(cid)
+        return pad(self._downloads[self._rank(cid)][1], self.spec)
 
     def _byte_limit(self, expected: set[str]) -> int:
         """The largest payload an honest client can send: dense float32 values, plus a
@@ -108,10 +144,24 @@ class Server:
         limit = self._byte_limit(expected)
         if len(reply.payload) > limit:
             raise UpdateRejected(f"payload of {len(reply.payload)} bytes exceeds {limit}")
+        rank = self._rank(reply.client_id)
+        reference = self.reference(reply.client_id)
         try:
-            tensors = codecs.decode(reply.payload, reference=self.sent, spec=self.spec)
+            if rank is None:
+                tensors = codecs.decode(reply.payload, reference=reference, spec=self.spec)
+            else:
+                self.download(reply.client_id)
+                want = truncated_spec(self.spec, rank)
+                tensors = codecs.decode(reply.payload, self._downloads[rank][1], want)
         except wire.MessageError as exc:
             raise UpdateRejected(str(exc)) from None
+        if rank is not None:
+            for name, t in tensors.items():
+                if name in want and tuple(t.shape) != want[name].shape:
+                    raise UpdateRejected(f"{name}: shape {tuple(t.shape)} != "
+                                         f"{want[name].shape} (client rank {rank})")
+            tensors = pad({n: t for n, t in tensors.items() if n in want}, self.spec) | {
+                n: t for n, t in tensors.items() if n not in want}
         if set(tensors) != expected:
             missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
             raise UpdateRejected(
@@ -126,7 +176,7 @@ class Server:
             if not torch.isfinite(t).all():
                 raise UpdateRejected(f"{name}: non-finite values")
         if self.cfg.max_update_norm is not None:
-            norm = update_norm(tensors, self.sent)
+            norm = update_norm(tensors, reference)
             if norm > self.cfg.max_update_norm:
                 raise UpdateRejected(
                     f"update norm {norm:.4g} exceeds server.max_update_norm="
@@ -156,7 +206,8 @@ class Server:
     def _combine(self, round_idx: int, updates: list[Update]) -> dict[str, torch.Tensor]:
         clip = self.privacy.cfg.clip_norm if self.privacy else self.cfg.clip_norm
         if clip is not None:
-            updates = [replace(u, tensors=clip_update(u.tensors, self.sent, clip))
+            updates = [replace(u, tensors=clip_update(u.tensors, self.reference(u.client_id),
+                                                      clip))
                        for u in updates]
         if self.privacy is None:
             new = self.method.aggregate(self.state, updates, combiner_for(self.cfg))

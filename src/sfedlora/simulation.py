@@ -47,7 +47,9 @@ class Simulation:
         self.server = Server(self.method, worker.initial_server_state(), worker.slots.spec(),
                              worker.slots.names, cfg.server, cfg.clients.min_clients,
                              self.privacy, down=cfg.codec("down"),
-                             optimizer=cfg.server_optimizer)
+                             optimizer=cfg.server_optimizer,
+                             ranks=([cfg.client_rank(c) for c in range(cfg.clients.num)]
+                                    if cfg.lora.client_ranks else None))
         self.states = {cid: ClientState() for cid in range(cfg.clients.num)}
         self.bytes_up_total = 0
         self.bytes_down_total = 0
@@ -63,9 +65,10 @@ class Simulation:
         cfg, worker = self.cfg, self.exp.worker
         clients = sample_clients(cfg.clients.num, cfg.clients_per_round, cfg.seed, round_idx)
         t0 = time.perf_counter()
-        download = self.server.download()
-        replies, fits = [], {}
+        replies, fits, down = [], {}, {}
         for cid in clients:
+            download = self.server.download(cid)
+            down[str(cid)] = len(download)
             fit = worker.fit(cid, self.states[cid], download, self.exp.client_train[cid],
                              round_idx)
             fits[cid] = fit
@@ -75,7 +78,6 @@ class Simulation:
         t2 = time.perf_counter()
 
         up = {str(c): len(fits[c].upload) for c in clients}
-        down = {str(c): len(download) for c in clients}
         self.bytes_up_total += sum(up.values())
         self.bytes_down_total += sum(down.values())
         for c in clients:
@@ -110,7 +112,8 @@ class Simulation:
     # Adapters are built from the shared state as clients receive it: with a lossy
     # download (FLASC's mask) that is the model a client really holds.
     def client_adapter(self, cid: int):
-        return self.exp.worker.assemble(cid, self.states[cid], self.server.received_state())
+        return self.exp.worker.assemble(cid, self.states[cid],
+                                        self.server.received_state(cid))
 
     def global_adapter(self):
         return self.exp.worker.global_adapter(self.server.received_state())

@@ -22,6 +22,7 @@ from sfedlora import codecs
 from sfedlora.adapters import TAG_A_INIT, AdapterSlots, derive_seed
 from sfedlora.config import ExperimentConfig
 from sfedlora.methods import Method, Part
+from sfedlora.ranks import pad, truncate
 from sfedlora.task import Collator, Encoded, eval_batches, steps_per_round, train_batches
 
 TAG_TRAIN = 202
@@ -92,6 +93,7 @@ class Worker:
         self.tokenizer = tokenizer
         self.up = cfg.codec("up")
         self.slots = AdapterSlots(model)
+        self.spec = self.slots.spec()
         self.shared_init = self.slots.initial_state(derive_seed(cfg.seed, TAG_A_INIT))
         self._a_names = self.slots.names({Part.A})
         self._lora_layers = [m for m in model.modules()
@@ -159,8 +161,9 @@ class Worker:
         ``state`` in place and returns the serialised upload."""
         cfg, local = self.cfg, self.cfg.local
         plan = self.method.plan(round_idx)
-        received = codecs.decode(download)
-        self.slots.load(self.assemble(cid, state, received))
+        rank = cfg.client_rank(cid)
+        received = codecs.decode(download)  # truncated to ``rank`` where ranks are mixed
+        self.slots.load(self.assemble(cid, state, pad(received, self.spec)))
         self.slots.set_trainable(plan.train)
         optimizer = self._optimizer()
         if local.keep_optimizer_state and state.optimizer is not None:
@@ -196,8 +199,8 @@ class Worker:
         if local.keep_optimizer_state:
             state.optimizer = copy.deepcopy(optimizer.state_dict())
         upload, state.residual = self.up.send(
-            self.slots.snapshot(plan.upload), reference=received, residual=state.residual,
-            meta={"client": cid, "round": round_idx})
+            self._truncate(self.slots.snapshot(plan.upload), rank), reference=received,
+            residual=state.residual, meta={"client": cid, "round": round_idx})
         return FitResult(
             upload=upload,
             num_examples=len(data),
@@ -206,6 +209,9 @@ class Worker:
             grad_norm_B=mean_or_none(norms_b),
             steps=len(losses),
         )
+
+    def _truncate(self, tensors: dict[str, torch.Tensor], rank: int):
+        return tensors if rank == self.cfg.lora.rank else truncate(tensors, rank)
 
     def _grad_norm(self, names: list[str]) -> float | None:
         grads = [self.slots.params[n].grad for n in names]

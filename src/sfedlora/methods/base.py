@@ -92,6 +92,8 @@ class Method:
     # First entry is the default; a_init is an error for methods with one mode.
     a_init_modes: ClassVar[tuple[str, ...]] = ("shared",)
     a_init_note: ClassVar[str] = "every client starts from one shared A"
+    # Whether clients may hold different ranks (lora.client_ranks).
+    mixed_ranks: ClassVar[bool] = False
     # Codec settings per direction ("up", "down") that config fields left unset take.
     comm: ClassVar[dict[str, dict]] = {}
     # "none": the combined uploads become the global state; "sgd" / "adamw": their
