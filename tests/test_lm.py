@@ -73,10 +73,15 @@ def test_answer_parser(text, expected):
     assert parse_answer(text) == expected
 
 
-@pytest.mark.parametrize("method", ["fedit", "ffa", "fedsa", "rolora", "sfed"])
+@pytest.mark.parametrize("method", [
+    "fedit", "ffa", "fedsa", "rolora", "sfed", "flocora", "flasc server.lr=0.1",
+    "hetlora lora.client_ranks=[2,4]", "fedsa lora.adapter=vera local.lr=0.1",
+    "sfed comm.up.density=0.25 comm.up.bits=4 comm.down.bits=8",
+])
 def test_every_method_lowers_the_training_loss_of_a_tiny_llama(method, tiny_lm_config,
                                                                tmp_path):
-    cfg = tiny_lm_config(f"method={method}", "local.lr=0.02", "eval.generate=0")
+    name, *extra = method.split()
+    cfg = tiny_lm_config(f"method={name}", "local.lr=0.02", "eval.generate=0", *extra)
     summary = Simulation(cfg).run()
     lines = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert summary["train_loss"] < 0.9 * lines[0]["train_loss"]
