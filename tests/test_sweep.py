@@ -72,3 +72,15 @@ def test_bad_grid_fails_before_any_run(base_config, tmp_path, monkeypatch):
         parse_grid(["lora.rank"])
     with pytest.raises(ConfigError, match="at least one"):
         parse_grid([])
+
+
+def test_overrides_may_follow_options(monkeypatch, tmp_path):
+    from sfedlora import cli
+
+    seen = {}
+    monkeypatch.setattr(cli, "cmd_sweep", lambda args: seen.update(vars(args)) or 0)
+    parser_args = ["sweep", "base.yaml", "--grid", "seed=0,1", "local.lr=0.01", "--out",
+                   str(tmp_path), "rounds=2"]
+    assert cli.main(parser_args) == 0
+    assert seen["overrides"] == ["local.lr=0.01", "rounds=2"]
+    assert seen["grid"] == ["seed=0,1"] and seen["config"] == "base.yaml"
