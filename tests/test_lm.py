@@ -76,7 +76,7 @@ def test_answer_parser(text, expected):
 @pytest.mark.parametrize("method", [
     "fedit", "ffa", "fedsa", "rolora", "sfed", "flocora", "flasc server.lr=0.1",
     "hetlora lora.client_ranks=[2,4]", "fedsa lora.adapter=vera local.lr=0.1",
-    "sfed comm.up.density=0.25 comm.up.bits=4 comm.down.bits=8",
+    "sfed comm.up.density=0.25 comm.up.bits=4 comm.down.bits=8", "fdlora",
 ])
 def test_every_method_lowers_the_training_loss_of_a_tiny_llama(method, tiny_lm_config,
                                                                tmp_path):

@@ -29,7 +29,7 @@ from sfedlora.worker import ClientState
 
 FORMAT = "sfedlora-checkpoint/2"
 FILENAME = "checkpoint.safetensors"
-CLIENT_FIELDS = ("private", "optimizer", "residual")
+CLIENT_FIELDS = ("private", "optimizer", "residual", "personal")
 
 
 class CheckpointError(ValueError):

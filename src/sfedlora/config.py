@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-METHODS = ("fedit", "ffa", "fedsa", "rolora", "sfed", "flasc", "flocora", "hetlora")
+METHODS = ("fedit", "ffa", "fedsa", "rolora", "sfed", "flasc", "flocora", "hetlora", "fdlora")
 SCALINGS = ("lora", "rslora", "sfed")
 A_INITS = ("independent", "shared")
 VERA_METHODS = ("fedit", "fedsa")
@@ -187,6 +187,23 @@ class PrivacyConfig(_Section):
     delta: float = Field(1e-5, gt=0, lt=1)
 
 
+class PersonalConfig(_Section):
+    """FDLoRA: each client's personal adapter and its fusion with the global one."""
+
+    sync_every: int = Field(
+        1, gt=0, description="refresh the personal adapter from the locally trained global "
+        "one in rounds divisible by this (and on the client's first round)"
+    )
+    holdout: int = Field(
+        32, gt=0, description="examples of each client's training data kept out of "
+        "training to choose the fusion weights (at most a fifth of the client's data)"
+    )
+    grid: list[float] = Field(
+        [0.0, 0.25, 0.5, 0.75, 1.0], min_length=1,
+        description="values tried for each of w1 (global) and w2 (personal)"
+    )
+
+
 class CheckpointConfig(_Section):
     every: int = Field(1, ge=0, description="write a checkpoint every k rounds; 0: only on Ctrl-C")
 
@@ -194,7 +211,7 @@ class CheckpointConfig(_Section):
 class ExperimentConfig(_Section):
     task: Literal["classification", "causal-lm"] = "classification"
     method: Literal[
-        "fedit", "ffa", "fedsa", "rolora", "sfed", "flasc", "flocora", "hetlora"
+        "fedit", "ffa", "fedsa", "rolora", "sfed", "flasc", "flocora", "hetlora", "fdlora"
     ] = "sfed"
     seed: int = 0
     rounds: int = Field(10, gt=0)
@@ -206,6 +223,7 @@ class ExperimentConfig(_Section):
     eval: EvalConfig = EvalConfig()
     server: ServerConfig = ServerConfig()
     comm: CommConfig = CommConfig()
+    personal: PersonalConfig = PersonalConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     output_dir: str = "runs/latest"
@@ -246,6 +264,8 @@ class ExperimentConfig(_Section):
             self._check_vera()
         if self.lora.client_ranks is not None:
             self._check_client_ranks(method)
+        if not any(self.personal.grid):
+            raise ValueError("personal.grid needs a non-zero weight, e.g. [0, 0.5, 1]")
         if data.source == "files" and not data.train_path:
             raise ValueError("data.source=files needs data.train_path (a CSV, TSV or JSONL file)")
         if data.source == "hf" and not data.dataset:

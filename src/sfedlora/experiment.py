@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sfedlora import lm
+from sfedlora.adapters import derive_seed
 from sfedlora.config import ExperimentConfig
 from sfedlora.data import FederatedData, build_federated_data
 from sfedlora.methods import get_method
@@ -22,6 +23,8 @@ class Experiment:
     data: FederatedData
     client_train: list[Encoded | lm.EncodedLM]
     client_test: list[Encoded | lm.EncodedLM]
+    # FDLoRA: a slice of each client's training data kept out of training (else empty)
+    client_holdout: list[Encoded | lm.EncodedLM]
     global_test: Encoded | lm.EncodedLM
     probe: Encoded | lm.EncodedLM
     worker: Worker
@@ -46,6 +49,17 @@ class Experiment:
                         strict=True))
 
 
+TAG_HOLDOUT = 204
+
+
+def hold_out(data, size: int, seed: int):
+    """``(train, holdout)``: a seeded random ``size`` examples (at most a fifth) apart."""
+    n = len(data)
+    size = max(1, min(size, n // 5))
+    order = np.random.default_rng(seed).permutation(n)
+    return data.subset(np.sort(order[size:])), data.subset(np.sort(order[:size]))
+
+
 def build_experiment(cfg: ExperimentConfig) -> Experiment:
     # Data first: its errors (missing column, too many clients) are cheap to find.
     data = build_federated_data(cfg.data, cfg.clients.num, cfg.seed, cfg.task)
@@ -67,13 +81,20 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
         collate = Collator(tokenizer)
         client_test = [train.subset(s.test) for s in data.clients]
         client_train = [train.subset(s.train) for s in data.clients]
+    method = get_method(cfg.method)
+    client_holdout = []
+    if method.personal_adapter:
+        split = [hold_out(t, cfg.personal.holdout, derive_seed(cfg.seed, TAG_HOLDOUT, c))
+                 for c, t in enumerate(client_train)]
+        client_train, client_holdout = [s[0] for s in split], [s[1] for s in split]
     probe = global_test.subset(np.arange(min(cfg.eval.probe_size, len(global_test))))
-    worker = Worker(cfg, model, collate, get_method(cfg.method), tokenizer)
+    worker = Worker(cfg, model, collate, method, tokenizer)
     return Experiment(
         cfg=cfg,
         data=data,
         client_train=client_train,
         client_test=client_test,
+        client_holdout=client_holdout,
         global_test=global_test,
         probe=probe,
         worker=worker,

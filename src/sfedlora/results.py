@@ -97,13 +97,14 @@ class RunDir:
         self._append("timings.jsonl", record)
 
     def export_adapters(self, sim: Simulation) -> list[Path]:
-        """PEFT-format adapters: one global adapter, or one per client where parts of
-        the adapter are private."""
+        """PEFT-format adapters: the global adapter where there is one, and one per
+        client where parts are private or fused with a personal adapter (FDLoRA)."""
         worker = sim.exp.worker
-        if sim.method.has_global_adapter:
-            targets = {"global": sim.global_adapter()}
-        else:
-            targets = {f"client_{c}": sim.client_adapter(c) for c in range(sim.cfg.clients.num)}
+        targets = {"global": sim.global_adapter()} if sim.method.has_global_adapter else {}
+        if not sim.method.has_global_adapter or sim.method.personal_adapter:
+            # private parts, or FDLoRA's fused personal adapters
+            targets |= {f"client_{c}": sim.client_adapter(c)
+                        for c in range(sim.cfg.clients.num)}
         written = []
         for name, tensors in targets.items():
             worker.slots.load(tensors)

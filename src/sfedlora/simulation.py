@@ -25,7 +25,7 @@ from sfedlora.privacy import GaussianMechanism
 from sfedlora.results import RunDir
 from sfedlora.sampling import sample_clients
 from sfedlora.server import Reply, Server
-from sfedlora.worker import ClientState, mean_or_none
+from sfedlora.worker import ClientState, fuse, mean_or_none
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ class Simulation:
         self.prior_seconds = 0.0
         self.restored_metrics: list[str] = []
         self.samples: list[dict] = []  # generated answers of the last evaluation (causal-lm)
+        self.fusion_weights: dict[str, list[float]] = {}  # FDLoRA, last evaluation
 
     # --- one round ------------------------------------------------------------------
 
@@ -112,8 +113,13 @@ class Simulation:
     # Adapters are built from the shared state as clients receive it: with a lossy
     # download (FLASC's mask) that is the model a client really holds.
     def client_adapter(self, cid: int):
-        return self.exp.worker.assemble(cid, self.states[cid],
-                                        self.server.received_state(cid))
+        worker, state = self.exp.worker, self.states[cid]
+        own = worker.assemble(cid, state, self.server.received_state(cid))
+        if not self.method.personal_adapter or state.personal is None:
+            return own
+        w1, w2, _ = worker.choose_fusion(own, state.personal, self.exp.client_holdout[cid])
+        self.fusion_weights[str(cid)] = [w1, w2]
+        return fuse(own, state.personal, w1, w2)
 
     def global_adapter(self):
         return self.exp.worker.global_adapter(self.server.received_state())
@@ -125,8 +131,12 @@ class Simulation:
                            self.global_adapter)
         if self.cfg.task == "causal-lm":
             metrics, self.samples = evaluate_lm(view)
-            return metrics
-        return evaluate_classification(view)
+        else:
+            metrics = evaluate_classification(view)
+        if self.method.personal_adapter:
+            metrics["fusion_weights"] = dict(sorted(self.fusion_weights.items(),
+                                                    key=lambda kv: int(kv[0])))
+        return metrics
 
     def should_evaluate(self, round_idx: int) -> bool:
         every = self.cfg.eval.every

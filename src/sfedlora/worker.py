@@ -36,6 +36,7 @@ class ClientState:
     private: dict[str, torch.Tensor] = field(default_factory=dict)
     optimizer: dict | None = None
     residual: dict[str, torch.Tensor] | None = None  # upload error feedback
+    personal: dict[str, torch.Tensor] | None = None  # FDLoRA's personal adapter
 
 
 @dataclass(frozen=True)
@@ -196,6 +197,9 @@ class Worker:
             optimizer.zero_grad(set_to_none=True)
 
         state.private = self.slots.snapshot(self.method.private)
+        if self.method.personal_adapter and (
+                state.personal is None or round_idx % cfg.personal.sync_every == 0):
+            state.personal = self.slots.snapshot(set(Part))
         if local.keep_optimizer_state:
             state.optimizer = copy.deepcopy(optimizer.state_dict())
         upload, state.residual = self.up.send(
@@ -275,6 +279,30 @@ class Worker:
             tok.padding_side = side
         return out
 
+    # --- FDLoRA's fusion -------------------------------------------------------------
+
+    def holdout_loss(self, tensors: dict[str, torch.Tensor], data) -> float:
+        if self.cfg.task == "causal-lm":
+            return self.lm_loss(tensors, data).loss
+        return self.evaluate(tensors, data).loss
+
+    def choose_fusion(self, global_: dict[str, torch.Tensor],
+                      personal: dict[str, torch.Tensor], holdout
+                      ) -> tuple[float, float, float]:
+        """``(w1, w2, loss)`` minimising the held-out loss of ``fuse`` over the grid
+        (gradient-free; the first minimum in grid order wins ties)."""
+        grid = self.cfg.personal.grid
+        best: tuple[float, float, float] | None = None
+        for w1 in grid:
+            for w2 in grid:
+                if w1 == 0 and w2 == 0:
+                    continue
+                loss = self.holdout_loss(fuse(global_, personal, w1, w2), holdout)
+                if best is None or loss < best[2]:
+                    best = (w1, w2, loss)
+        assert best is not None, "personal.grid has a non-zero value (validated)"
+        return best
+
     @torch.inference_mode()
     def adapter_output_norm(self, tensors: dict[str, torch.Tensor], probe: Encoded) -> float:
         """Mean over adapted layers of the mean over real tokens of ``||gamma B A x||``
@@ -298,6 +326,12 @@ class Worker:
             for h in handles:
                 h.remove()
         return float(np.mean(per_layer))
+
+
+def fuse(global_: dict[str, torch.Tensor], personal: dict[str, torch.Tensor], w1: float,
+         w2: float) -> dict[str, torch.Tensor]:
+    """``w1 * global + w2 * personal`` on every adapter tensor."""
+    return {n: w1 * t + w2 * personal[n] for n, t in global_.items()}
 
 
 def _adapter_delta(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

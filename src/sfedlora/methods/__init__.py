@@ -1,6 +1,7 @@
 """Registry of federated LoRA methods (see :mod:`sfedlora.methods.base`)."""
 
 from sfedlora.methods.base import Method, Part, RoundPlan, Update, part_of
+from sfedlora.methods.fdlora import FDLoRA
 from sfedlora.methods.fedit import FedIT
 from sfedlora.methods.fedsa import FedSA
 from sfedlora.methods.ffa import FFA
@@ -11,7 +12,7 @@ from sfedlora.methods.rolora import RoLoRA
 from sfedlora.methods.sfed import SFed
 
 REGISTRY: dict[str, type[Method]] = {
-    m.name: m for m in (FedIT, FFA, FedSA, RoLoRA, SFed, FLASC, FLoCoRA, HetLoRA)
+    m.name: m for m in (FedIT, FFA, FedSA, RoLoRA, SFed, FLASC, FLoCoRA, HetLoRA, FDLoRA)
 }
 
 

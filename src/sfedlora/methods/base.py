@@ -26,8 +26,9 @@ How the other methods fit:
   ``merge_into_base`` lets the runtime fold ``gamma * B_s A_s`` into W0 and re-initialise
   the adapter (A random, B zero) the next round. Mixed ranks are per-client shapes in
   the client's initial state; ``aggregate`` already sees every client's tensors by name.
-* **FDLoRA.** A second adapter is one more part (``personal``) listed in ``private``;
-  the fusion weights are client-side state used at evaluation.
+* **FDLoRA.** ``personal_adapter = True``: each client keeps a personal copy of the
+  adapter next to the global one (refreshed from its locally trained global adapter),
+  never sent; a gradient-free search fuses the two for personalised evaluation.
 """
 
 from __future__ import annotations
@@ -92,6 +93,8 @@ class Method:
     # First entry is the default; a_init is an error for methods with one mode.
     a_init_modes: ClassVar[tuple[str, ...]] = ("shared",)
     a_init_note: ClassVar[str] = "every client starts from one shared A"
+    # Whether each client also keeps a personal copy of the adapter (FDLoRA).
+    personal_adapter: ClassVar[bool] = False
     # Whether clients may hold different ranks (lora.client_ranks).
     mixed_ranks: ClassVar[bool] = False
     # Codec settings per direction ("up", "down") that config fields left unset take.

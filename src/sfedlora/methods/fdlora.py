@@ -1,0 +1,23 @@
+"""FDLoRA (Qi et al., arXiv 2406.07925): a personal and a global adapter per client.
+
+The global adapter (A, B, head) is trained locally, sent and averaged as in FedIT. Each
+client also keeps a personal adapter that never leaves it: a copy of its locally
+trained global adapter, refreshed in rounds divisible by ``personal.sync_every`` (and
+on the client's first round). For personalised evaluation a gradient-free grid search
+(as LoraHub does for module composition) picks weights (w1, w2) from ``personal.grid``
+that minimise the loss of ``w1 * global + w2 * personal`` (elementwise on every adapter
+tensor) on a held-out slice of the client's training data (``personal.holdout``
+examples, kept out of training).
+
+The paper's exact schedule is not confirmed (METHODS.md); this is the reading above.
+"""
+
+from sfedlora.methods.fedit import FedIT
+
+
+class FDLoRA(FedIT):
+    name = "fdlora"
+    summary = "global adapter averaged; personal copy kept; fused by held-out grid search"
+    personal_adapter = True
+    a_init_modes = ("shared",)
+    a_init_note = "the global adapter starts from one shared A"
