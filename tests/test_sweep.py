@@ -42,6 +42,9 @@ def test_sweep_runs_the_cross_product_and_averages_over_seeds(base_config, tmp_p
               on_start=started.append)
     assert started == ["lora.rank-4__seed-1"]
     assert pd.read_csv(out / "results.csv").equals(results)
+    with pytest.raises(ConfigError, match=r"local\.lr: 0\.01 -> 0\.5.*another --out"):
+        run_sweep(base_config, parse_grid(["lora.rank=2,4", "seed=0,1"]), out,
+                  overrides=["local.lr=0.5"])
 
     from sfedlora.cli import main
 

@@ -105,6 +105,7 @@ def run_sweep(config: str | None, grid: dict[str, list], out: Path,
     for run in runs:
         cfg = configs[run.name]
         run_dir = Path(cfg.output_dir)
+        _same_experiment(run_dir, cfg)
         if (run_dir / "summary.json").is_file():
             continue
         if on_start:
@@ -115,6 +116,23 @@ def run_sweep(config: str | None, grid: dict[str, list], out: Path,
             Simulation(cfg).run()
     write_tables(out, runs, grid_keys(grid))
     return out
+
+
+def _same_experiment(run_dir: Path, cfg) -> None:
+    """Refuse to reuse a run directory that holds a different experiment (a base config
+    or override changed since the sweep started)."""
+    from sfedlora.simulation import RESUME_MAY_CHANGE, config_differences
+
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return
+    old = load_config(saved).model_dump(mode="json")
+    diffs = config_differences(old, cfg.model_dump(mode="json"), ignore=RESUME_MAY_CHANGE)
+    if diffs:
+        raise ConfigError(
+            f"{run_dir} holds a run with other settings ({'; '.join(diffs[:3])}); give "
+            "this sweep another --out, or delete that run"
+        )
 
 
 def write_tables(out: Path, runs: Sequence[SweepRun], keys: list[str]) -> None:
