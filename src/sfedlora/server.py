@@ -108,13 +108,17 @@ class Server:
                 self.sent = self._downloads[rank][1]
         return self._downloads[rank][0]
 
-    def reference(self, cid: int | None) -> dict[str, torch.Tensor]:
-        """What client ``cid`` received, at full shape (zero beyond its rank)."""
-        rank = self._rank(cid)
-        if rank is None:
-            return self.sent
+    def _received(self, cid: int | None) -> dict[str, torch.Tensor]:
+        """What client ``cid`` decodes from its download (truncated to its rank)."""
         self.download(cid)
-        return pad(self._downloads[rank][1], self.spec)
+        return self._downloads[self._rank(cid)][1]
+
+    def reference(self, cid: int | None) -> dict[str, torch.Tensor]:
+        """What client ``cid`` received, at full shape (zero beyond its rank): what its
+        change is measured against."""
+        if self._rank(cid) is None:
+            return self.sent
+        return pad(self._received(cid), self.spec)
 
     def received_state(self, cid: int | None = None) -> dict[str, torch.Tensor]:
         """The shared state as client ``cid`` (or a full-rank client) would receive it
@@ -122,8 +126,7 @@ class Server:
         its rank): what evaluation and export use."""
         if self.down.plain and self._rank(cid) is None:
             return self.state
-        self.download(cid)
-        return pad(self._downloads[self._rank(cid)][1], self.spec)
+        return pad(self._received(cid), self.spec)
 
     def _byte_limit(self, expected: set[str]) -> int:
         """The largest payload an honest client can send: dense float32 values, plus a
@@ -144,39 +147,32 @@ class Server:
         limit = self._byte_limit(expected)
         if len(reply.payload) > limit:
             raise UpdateRejected(f"payload of {len(reply.payload)} bytes exceeds {limit}")
+        # A client of lower rank sends (and received) truncated tensors: check those
+        # shapes, then zero-pad to the server's.
         rank = self._rank(reply.client_id)
-        reference = self.reference(reply.client_id)
+        spec = self.spec if rank is None else truncated_spec(self.spec, rank)
+        received = self.sent if rank is None else self._received(reply.client_id)
         try:
-            if rank is None:
-                tensors = codecs.decode(reply.payload, reference=reference, spec=self.spec)
-            else:
-                self.download(reply.client_id)
-                want = truncated_spec(self.spec, rank)
-                tensors = codecs.decode(reply.payload, self._downloads[rank][1], want)
+            tensors = codecs.decode(reply.payload, reference=received, spec=spec)
         except wire.MessageError as exc:
             raise UpdateRejected(str(exc)) from None
-        if rank is not None:
-            for name, t in tensors.items():
-                if name in want and tuple(t.shape) != want[name].shape:
-                    raise UpdateRejected(f"{name}: shape {tuple(t.shape)} != "
-                                         f"{want[name].shape} (client rank {rank})")
-            tensors = pad({n: t for n, t in tensors.items() if n in want}, self.spec) | {
-                n: t for n, t in tensors.items() if n not in want}
         if set(tensors) != expected:
             missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
             raise UpdateRejected(
                 f"unexpected tensor names (missing {missing[:3]}, extra {extra[:3]})"
             )
         for name, t in tensors.items():
-            want = self.spec[name]
+            want = spec[name]
             if tuple(t.shape) != want.shape:
-                raise UpdateRejected(f"{name}: shape {tuple(t.shape)} != {want.shape}")
+                of_rank = "" if rank is None else f" (client rank {rank})"
+                raise UpdateRejected(f"{name}: shape {tuple(t.shape)} != {want.shape}{of_rank}")
             if t.dtype != want.dtype:
                 raise UpdateRejected(f"{name}: dtype {t.dtype} != {want.dtype}")
             if not torch.isfinite(t).all():
                 raise UpdateRejected(f"{name}: non-finite values")
+        tensors = pad(tensors, self.spec)
         if self.cfg.max_update_norm is not None:
-            norm = update_norm(tensors, reference)
+            norm = update_norm(tensors, self.reference(reply.client_id))
             if norm > self.cfg.max_update_norm:
                 raise UpdateRejected(
                     f"update norm {norm:.4g} exceeds server.max_update_norm="
