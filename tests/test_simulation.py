@@ -10,6 +10,7 @@ import torch
 from sfedlora import task, wire
 from sfedlora.methods import Part, part_of
 from sfedlora.simulation import Simulation
+from sfedlora.worker import Worker
 
 
 def _messages(monkeypatch):
@@ -161,3 +162,16 @@ def test_evaluation_off_still_summarises_training(tiny_config, tmp_path):
     assert (tmp_path / "run/metrics.jsonl").read_text() == ""
     assert summary["round"] == 2 and summary["train_loss"] > 0
     assert summary["personalized_accuracy"] is None and summary["bytes_up_total"] > 0
+
+
+def test_global_metrics_off_skips_the_global_test_set(tiny_config, monkeypatch):
+    sim = Simulation(tiny_config("method=fedsa", "eval.global_metrics=false", "rounds=1"))
+    sim.run_round(1)
+    scored = []
+    real = Worker.evaluate
+    monkeypatch.setattr(Worker, "evaluate",
+                        lambda self, t, data: scored.append(data) or real(self, t, data))
+    metrics = sim.evaluate()
+    assert metrics["global_accuracy"] is None and metrics["global_loss"] is None
+    assert metrics["personalized_accuracy"] > 0 and metrics["adapter_output_norm"] > 0
+    assert all(data is not sim.exp.global_test for data in scored) and len(scored) == 4

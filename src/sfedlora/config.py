@@ -15,7 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-METHODS = ("fedit", "ffa", "fedsa", "rolora", "sfed", "flasc", "flocora", "hetlora", "fdlora")
+METHODS = ("fedit", "ffa", "fedsa", "rolora", "sfed", "flasc", "flocora", "hetlora", "fdlora",
+           "flora")
 SCALINGS = ("lora", "rslora", "sfed")
 A_INITS = ("independent", "shared")
 VERA_METHODS = ("fedit", "fedsa")
@@ -115,6 +116,11 @@ class DataConfig(_Section):
 class EvalConfig(_Section):
     every: int = Field(1, ge=0, description="evaluate every k rounds (the last always); 0: never")
     at_start: bool = Field(False, description="also evaluate before training (round 0)")
+    global_metrics: bool = Field(
+        True, description="also score on the global test set; without a global adapter "
+        "that costs one pass per client, so sweeps that only need personalised figures "
+        "turn it off"
+    )
     generate: int = Field(
         16, ge=0, description="causal-lm: examples per client and of the global test set "
         "answered by greedy generation for exact match"
@@ -210,9 +216,7 @@ class CheckpointConfig(_Section):
 
 class ExperimentConfig(_Section):
     task: Literal["classification", "causal-lm"] = "classification"
-    method: Literal[
-        "fedit", "ffa", "fedsa", "rolora", "sfed", "flasc", "flocora", "hetlora", "fdlora"
-    ] = "sfed"
+    method: Literal[METHODS] = "sfed"
     seed: int = 0
     rounds: int = Field(10, gt=0)
     clients: ClientsConfig = ClientsConfig()
@@ -286,6 +290,8 @@ class ExperimentConfig(_Section):
                 "privacy accounting assumes a mean of clipped updates; set server.aggregation=mean"
             )
         self._check_codecs(method)
+        if method.merge_into_base:
+            self._check_merging()
         return self
 
     def _check_client_ranks(self, method) -> None:
@@ -293,7 +299,7 @@ class ExperimentConfig(_Section):
         if not method.mixed_ranks:
             raise ValueError(
                 f"lora.client_ranks with method={self.method!r}, which needs one rank for "
-                "every client; use method=hetlora or remove lora.client_ranks"
+                "every client; use method=hetlora or flora, or remove lora.client_ranks"
             )
         if not ranks or len(ranks) > num or any(r <= 0 or r > self.lora.rank for r in ranks):
             raise ValueError(
@@ -317,6 +323,29 @@ class ExperimentConfig(_Section):
                     f"lora.{key} does not apply to lora.adapter=vera (VeRA has no LoRA scale "
                     f"and its projections come from one seed); remove lora.{key}"
                 )
+
+    def _check_merging(self) -> None:
+        """FLoRA: clients merge the downloaded factors into their base weights and start
+        every round from a fresh adapter; refuse settings that break either."""
+        refused = [  # (refused?, the setting, why)
+            (self.lora.adapter != "lora", "lora.adapter", "stacking needs LoRA factors"),
+            (self.server_optimizer != "none", "server.optimizer",
+             "the merged factors are the exact weighted sum a server optimizer would change"),
+            (self.server.aggregation != "mean", "server.aggregation",
+             "stacking is exact for the weighted mean only"),
+            (self.privacy.enabled, "privacy.enabled", "the stacked factors carry no noise"),
+            (self.local.keep_optimizer_state, "local.keep_optimizer_state",
+             "every round starts from a fresh adapter"),
+            (not self.codec("down").lossless, "comm.down",
+             "clients merge what they receive into their base weights, so a lossy download "
+             "would drift them away from the server's record"),
+            (self.codec("up").delta, "comm.up.delta",
+             "the server never sees a client's fresh A, so a change to it cannot be decoded"),
+        ]
+        for bad, setting, why in refused:
+            if bad:
+                raise ValueError(f"method=flora does not work with this {setting}: {why}; "
+                                 f"remove or change {setting}")
 
     def _check_codecs(self, method) -> None:
         down = self.comm.down
@@ -396,6 +425,13 @@ class ExperimentConfig(_Section):
         if ranks is None:
             return self.lora.rank
         return ranks[cid * len(ranks) // self.clients.num]
+
+    def client_gamma(self, cid: int) -> float:
+        """The scale of client ``cid``'s adapter at its own rank (FLoRA)."""
+        from sfedlora.scaling import gamma
+
+        return gamma(self.scaling, self.lora.alpha, self.client_rank(cid),
+                     self.clients_per_round)
 
     @property
     def server_optimizer(self) -> str:

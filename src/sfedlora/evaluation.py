@@ -41,23 +41,26 @@ def evaluate_classification(view: AdapterView) -> dict:
     own: list[EvalResult] = []
     on_global: list[EvalResult] = []
     norms: list[float] = []
+    scored_globally = exp.cfg.eval.global_metrics
     for cid in range(exp.cfg.clients.num):
         tensors = view.client_adapter(cid)
         own.append(worker.evaluate(tensors, exp.client_test[cid]))
         if not view.has_global_adapter:
-            on_global.append(worker.evaluate(tensors, exp.global_test))
+            if scored_globally:
+                on_global.append(worker.evaluate(tensors, exp.global_test))
             norms.append(worker.adapter_output_norm(tensors, exp.probe))
     if view.has_global_adapter:
         tensors = view.global_adapter()
-        on_global.append(worker.evaluate(tensors, exp.global_test))
+        if scored_globally:
+            on_global.append(worker.evaluate(tensors, exp.global_test))
         norms.append(worker.adapter_output_norm(tensors, exp.probe))
     return {
         "personalized_accuracy": float(np.mean([r.accuracy for r in own])),
         "personalized_accuracy_weighted": sum(r.correct for r in own)
         / sum(r.count for r in own),
         "personalized_loss": float(np.mean([r.loss for r in own])),
-        "global_accuracy": float(np.mean([r.accuracy for r in on_global])),
-        "global_loss": float(np.mean([r.loss for r in on_global])),
+        "global_accuracy": mean_or_none([r.accuracy for r in on_global]),
+        "global_loss": mean_or_none([r.loss for r in on_global]),
         "adapter_output_norm": float(np.mean(norms)),
     }
 
@@ -97,14 +100,15 @@ def evaluate_lm(view: AdapterView) -> tuple[dict, list[dict]]:
         adapters = {f"client_{c}": view.client_adapter(c) for c in range(cfg.clients.num)}
     on_global, global_em, norms = [], [], []
     for who, tensors in adapters.items():
-        on_global.append(worker.lm_loss(tensors, exp.global_test))
-        global_em.append(exact_match(tensors, exp.data.global_test, f"{who}@global"))
+        if cfg.eval.global_metrics:
+            on_global.append(worker.lm_loss(tensors, exp.global_test))
+            global_em.append(exact_match(tensors, exp.data.global_test, f"{who}@global"))
         norms.append(worker.adapter_output_norm(tensors, exp.probe))
     return {
         "personalized_perplexity": float(np.mean([r.perplexity for r in own])),
         "personalized_loss": float(np.mean([r.loss for r in own])),
-        "global_perplexity": float(np.mean([r.perplexity for r in on_global])),
-        "global_loss": float(np.mean([r.loss for r in on_global])),
+        "global_perplexity": mean_or_none([r.perplexity for r in on_global]),
+        "global_loss": mean_or_none([r.loss for r in on_global]),
         "personalized_exact_match": mean_or_none(own_em),
         "global_exact_match": mean_or_none(global_em),
         # the contract's accuracy keys carry exact match for a language model
