@@ -134,3 +134,23 @@ def tiny_lm_config(tiny_llama_dir, tiny_math_file, tmp_path):
         return load_config(None, base + list(overrides))
 
     return make
+
+
+@pytest.fixture
+def peft_logits(tiny_model_dir):
+    """``f(adapter_dir, labels, exp)``: logits of the tiny base model with an exported
+    adapter loaded by Hugging Face PEFT on the experiment's global test set."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    def logits(adapter_dir, labels, exp):
+        base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir,
+                                                                  num_labels=len(labels))
+        model = PeftModel.from_pretrained(base, adapter_dir).eval()
+        with torch.inference_mode():
+            batch = exp.worker.collate(exp.global_test, list(range(len(exp.global_test))))
+            batch.pop("labels")
+            return model(**batch).logits
+
+    return logits

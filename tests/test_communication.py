@@ -40,7 +40,7 @@ def test_flasc_server_step_is_adamw_on_the_mean_change():
     v = {n: torch.zeros_like(t) for n, t in p.items()}
     gen = torch.Generator().manual_seed(1)
     for t in (1, 2, 3):
-        sent = server.sent = {n: x.clone() for n, x in server.state.items()}
+        sent = {n: x.clone() for n, x in server.state.items()}  # the download is lossless
         clients = [{n: x + torch.randn(x.shape, generator=gen) for n, x in sent.items()}
                    for _ in range(3)]
         assert server.aggregate(t, [_reply(i, c) for i, c in enumerate(clients)]).applied

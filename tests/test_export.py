@@ -6,20 +6,8 @@ import json
 
 import pytest
 import torch
-from peft import PeftModel
-from transformers import AutoModelForSequenceClassification
 
 from sfedlora.simulation import Simulation
-
-
-def _peft_logits(base_dir, adapter_dir, labels, exp):
-    base = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=len(labels))
-    model = PeftModel.from_pretrained(base, adapter_dir).eval()
-    collate = exp.worker.collate
-    with torch.inference_mode():
-        batch = collate(exp.global_test, list(range(len(exp.global_test))))
-        batch.pop("labels")
-        return model(**batch).logits
 
 
 @pytest.mark.parametrize(
@@ -27,7 +15,7 @@ def _peft_logits(base_dir, adapter_dir, labels, exp):
     [("fedit", "lora", "global"), ("sfed", "sfed", "client_2"), ("ffa", "rslora", "global")],
 )
 def test_peft_reproduces_evaluation_logits(method, scaling, adapter, tiny_config, tmp_path,
-                                           tiny_model_dir):
+                                           peft_logits):
     cfg = tiny_config(f"method={method}", f"lora.scaling={scaling}", "rounds=2",
                       "clients.per_round=3", "local.lr=0.05")
     sim = Simulation(cfg)
@@ -37,7 +25,7 @@ def test_peft_reproduces_evaluation_logits(method, scaling, adapter, tiny_config
         sim.exp.global_test,
     )
     labels = json.loads((tmp_path / "run/labels.json").read_text())
-    theirs = _peft_logits(tiny_model_dir, tmp_path / "run/adapters" / adapter, labels, sim.exp)
+    theirs = peft_logits(tmp_path / "run/adapters" / adapter, labels, sim.exp)
     assert ours.abs().max() > 0
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
 

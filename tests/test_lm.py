@@ -77,6 +77,7 @@ def test_answer_parser(text, expected):
     "fedit", "ffa", "fedsa", "rolora", "sfed", "flocora", "flasc server.lr=0.1",
     "hetlora lora.client_ranks=[2,4]", "fedsa lora.adapter=vera local.lr=0.1",
     "sfed comm.up.density=0.25 comm.up.bits=4 comm.down.bits=8", "fdlora",
+    "flora lora.client_ranks=[2,4]",
 ])
 def test_every_method_lowers_the_training_loss_of_a_tiny_llama(method, tiny_lm_config,
                                                                tmp_path):

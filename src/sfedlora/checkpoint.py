@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from sfedlora.worker import ClientState
 
-FORMAT = "sfedlora-checkpoint/2"
+FORMAT = "sfedlora-checkpoint/3"
 FILENAME = "checkpoint.safetensors"
 CLIENT_FIELDS = ("private", "optimizer", "residual", "personal")
 
@@ -45,6 +45,8 @@ class Checkpoint:
     totals: dict[str, float]
     config: dict[str, Any]
     metrics: list[str]  # the lines of metrics.jsonl up to this round, verbatim
+    # FLoRA: {"rounds": {round: merged factors}, "synced": {client: last round received}}
+    server_merges: dict | None = None
 
 
 def _flatten(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
@@ -80,6 +82,7 @@ def save_checkpoint(path: Path, ckpt: Checkpoint) -> None:
         "metrics": ckpt.metrics,
         "server": _flatten(ckpt.server_state, "server", tensors),
         "server_optimizer": _flatten(ckpt.server_optimizer, "server_optimizer", tensors),
+        "server_merges": _flatten(ckpt.server_merges, "server_merges", tensors),
         "clients": [
             [cid, {part: _flatten(getattr(st, part), f"client/{cid}/{part}", tensors)
                    for part in CLIENT_FIELDS}]
@@ -120,6 +123,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
         round=int(doc["round"]),
         server_state=_unflatten(doc["server"], tensors),
         server_optimizer=_unflatten(doc["server_optimizer"], tensors),
+        server_merges=_unflatten(doc["server_merges"], tensors),
         clients=clients,
         totals=doc["totals"],
         config=doc["config"],

@@ -4,9 +4,10 @@ The model is built at the largest rank r_max. A client of rank r receives and se
 only ``A[:r]`` and ``B[:, :r]`` (so messages are really smaller), and trains inside the
 r_max slots with the rest zero. Zero rows of A and columns of B stay exactly zero under
 training (their gradients are products with the other factor's zero part, and Adam's
-or SGD's step of a zero gradient is zero), so the client trains a rank-r adapter. One
-scale (that of r_max) serves every client, so a truncated adapter is exactly the leading
-r components of the full one.
+or SGD's step of a zero gradient is zero), so the client trains a rank-r adapter. For
+HetLoRA one scale (that of r_max) serves every client, so a truncated adapter is exactly
+the leading r components of the full one; FLoRA, whose clients' products are merged and
+never averaged, trains each client at the scale of its own rank.
 """
 
 from __future__ import annotations

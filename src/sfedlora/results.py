@@ -11,9 +11,13 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
+from safetensors.torch import load_file, save_file
+
 from sfedlora.checkpoint import FILENAME as CHECKPOINT_FILE
 from sfedlora.checkpoint import Checkpoint, save_checkpoint
 from sfedlora.config import ExperimentConfig, to_yaml
+from sfedlora.merging import merged_lora
 
 if TYPE_CHECKING:
     from sfedlora.experiment import Experiment
@@ -111,6 +115,8 @@ class RunDir:
             out = self.path / "adapters" / name
             # Embeddings are never trained here; "auto" would look the base up online.
             worker.model.save_pretrained(out, save_embedding_layers=False)
+            if sim.method.merge_into_base:  # FLoRA: what was learned is in the base
+                _replace_lora(out, *merged_lora(sim.server.merges))
             written.append(out)
         return written
 
@@ -138,3 +144,17 @@ class RunDir:
             logging.getLogger("sfedlora").removeHandler(self._log_handler)
             self._log_handler.close()
             self._log_handler = None
+
+
+def _replace_lora(adapter_dir: Path, factors: dict[str, torch.Tensor], rank: int) -> None:
+    """Rewrite a saved PEFT adapter's LoRA factors as ``factors`` of rank ``rank`` at
+    scale 1 (``r = lora_alpha = rank``); the head and other saved modules stay."""
+    weights_path = adapter_dir / "adapter_model.safetensors"
+    saved = load_file(str(weights_path))
+    for name, t in factors.items():
+        saved[name.replace(".default.", ".")] = t.contiguous()
+    save_file(saved, str(weights_path), metadata={"format": "pt"})
+    config_path = adapter_dir / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config.update(r=rank, lora_alpha=rank, use_rslora=False, rank_pattern={}, alpha_pattern={})
+    config_path.write_text(json.dumps(config, indent=2))

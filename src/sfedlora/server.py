@@ -23,6 +23,7 @@ from sfedlora.aggregation import clip_update, combiner_for, uniform_mean, update
 from sfedlora.codecs import Codec
 from sfedlora.config import ServerConfig
 from sfedlora.fedopt import ServerOptimizer
+from sfedlora.merging import merge_name
 from sfedlora.methods import Method, Part, Update
 from sfedlora.privacy import GaussianMechanism
 from sfedlora.ranks import pad, truncate, truncated_spec
@@ -63,11 +64,13 @@ class Server:
         down: Codec | None = None,
         optimizer: str = "none",
         ranks: Sequence[int] | None = None,
+        scales: Sequence[float] | None = None,
     ):
         """``names_for(parts)`` lists the tensor names of those parts (the model's
         layout); ``spec`` gives every adapter tensor's shape and dtype; ``down`` encodes
         the download; ``optimizer`` names the server optimizer (``"none"``: replace);
-        ``ranks`` gives each client's rank where ranks are mixed (:mod:`sfedlora.ranks`)."""
+        ``ranks`` gives each client's rank where ranks are mixed (:mod:`sfedlora.ranks`);
+        ``scales`` each client's LoRA scale, for methods that merge into the base."""
         self.spec, self.method = spec, method
         self.state = state
         self.names_for, self.min_clients = names_for, min_clients
@@ -75,7 +78,14 @@ class Server:
         self.privacy = privacy
         self.down = down or Codec()
         self.ranks = list(ranks) if ranks is not None else None
-        self.sent: dict[str, torch.Tensor] = dict(state)  # what full-rank clients received
+        self.scales = list(scales) if scales is not None else None
+        self.full_rank = next((s.shape[0] for n, s in spec.items() if ".lora_A." in n), 0)
+        # FLoRA: the factors merged into the base each round, and per client the last
+        # round whose factors it has received.
+        self.merges: dict[int, dict[str, torch.Tensor]] = {}
+        self.synced: dict[int, int] = {}
+        if method.merge_into_base and self.scales is None:
+            raise ValueError(f"method {method.name!r} merges into the base: pass scales")
         shared = names_for(method.shared - method.fixed)
         self.optimizer = (None if optimizer == "none"
                           else ServerOptimizer(optimizer, self.cfg, spec, shared))
@@ -87,7 +97,8 @@ class Server:
     @state.setter
     def state(self, value: dict[str, torch.Tensor]) -> None:
         self._state = value
-        self._downloads: dict[int | None, tuple[bytes, dict[str, torch.Tensor]]] = {}
+        self._payloads: dict[tuple[int | None, int | None], bytes] = {}
+        self._decoded: dict[int | None, dict[str, torch.Tensor]] = {}
 
     def _rank(self, cid: int | None) -> int | None:
         """The truncation rank of a client, None for the full rank."""
@@ -95,23 +106,48 @@ class Server:
             return None
         return self.ranks[cid]
 
+    @property
+    def merged_round(self) -> int:
+        """The last round whose factors were merged into the base (0: none yet)."""
+        return max(self.merges, default=0)
+
+    def merges_since(self, round_idx: int) -> dict[str, torch.Tensor]:
+        """The merged factors of every round after ``round_idx``, named
+        ``merge.<round>.<tensor>`` (what a client that has seen up to ``round_idx``
+        needs to bring its base weights up to date)."""
+        return {merge_name(r, n): t for r in sorted(self.merges) if r > round_idx
+                for n, t in self.merges[r].items()}
+
+    def _payload(self, rank: int | None, since: int | None) -> bytes:
+        if (rank, since) not in self._payloads:
+            shared = self.state if rank is None else truncate(self.state, rank)
+            merges = self.merges_since(since) if since is not None else {}
+            self._payloads[rank, since] = self.down.encode({**shared, **merges})
+        return self._payloads[rank, since]
+
     def download(self, cid: int | None = None) -> bytes:
         """The message client ``cid`` receives this round: the shared state (truncated
-        to its rank where ranks are mixed), encoded. Uploads are decoded (and changes
-        measured) relative to what the client received."""
-        rank = self._rank(cid)
-        if rank not in self._downloads:
-            shared = self.state if rank is None else truncate(self.state, rank)
-            payload = self.down.encode(shared)
-            self._downloads[rank] = (payload, codecs.decode(payload))
-            if rank is None:
-                self.sent = self._downloads[rank][1]
-        return self._downloads[rank][0]
+        to its rank where ranks are mixed), encoded, plus, for methods that merge into
+        the base, the factors of every round it has not received yet. Uploads are
+        decoded (and changes measured) relative to what the client received."""
+        since = (self.synced.get(cid, 0)
+                 if self.method.merge_into_base and cid is not None else None)
+        payload = self._payload(self._rank(cid), since)
+        if since is not None:
+            self.synced[cid] = self.merged_round
+        return payload
 
     def _received(self, cid: int | None) -> dict[str, torch.Tensor]:
-        """What client ``cid`` decodes from its download (truncated to its rank)."""
-        self.download(cid)
-        return self._downloads[self._rank(cid)][1]
+        """The shared state as client ``cid`` decodes it (truncated to its rank)."""
+        rank = self._rank(cid)
+        if rank not in self._decoded:
+            self._decoded[rank] = codecs.decode(self._payload(rank, None))
+        return self._decoded[rank]
+
+    @property
+    def sent(self) -> dict[str, torch.Tensor]:
+        """What full-rank clients receive this round."""
+        return self._received(None)
 
     def reference(self, cid: int | None) -> dict[str, torch.Tensor]:
         """What client ``cid`` received, at full shape (zero beyond its rank): what its
@@ -151,7 +187,7 @@ class Server:
         # shapes, then zero-pad to the server's.
         rank = self._rank(reply.client_id)
         spec = self.spec if rank is None else truncated_spec(self.spec, rank)
-        received = self.sent if rank is None else self._received(reply.client_id)
+        received = self._received(reply.client_id)
         try:
             tensors = codecs.decode(reply.payload, reference=received, spec=spec)
         except wire.MessageError as exc:
@@ -212,7 +248,13 @@ class Server:
             mean = self.method.aggregate(self.state, updates, uniform_mean)
             uploaded = {n: mean[n] for n in updates[0].tensors}
             new = {**mean, **self.privacy.noise(uploaded, len(updates), round_idx)}
+        if self.method.merge_into_base:
+            ordered = sorted(updates, key=lambda u: u.client_id)
+            self.merges[round_idx] = self.method.merge(
+                ordered, [self._rank(u.client_id) or self.full_rank for u in ordered],
+                [self.scales[u.client_id] for u in ordered])
         if self.optimizer is None:
             return new
         return self.optimizer.step(self.state, self.sent,
                                    {n: new[n] for n in updates[0].tensors})
+

@@ -49,7 +49,9 @@ class Simulation:
                              self.privacy, down=cfg.codec("down"),
                              optimizer=cfg.server_optimizer,
                              ranks=([cfg.client_rank(c) for c in range(cfg.clients.num)]
-                                    if cfg.lora.client_ranks else None))
+                                    if cfg.lora.client_ranks else None),
+                             scales=[cfg.client_gamma(c) for c in range(cfg.clients.num)]
+                             if self.method.merge_into_base else None)
         self.states = {cid: ClientState() for cid in range(cfg.clients.num)}
         self.bytes_up_total = 0
         self.bytes_down_total = 0
@@ -65,6 +67,7 @@ class Simulation:
     def run_round(self, round_idx: int) -> RoundRecord:
         cfg, worker = self.cfg, self.exp.worker
         clients = sample_clients(cfg.clients.num, cfg.clients_per_round, cfg.seed, round_idx)
+        self._catch_up_base()
         t0 = time.perf_counter()
         replies, fits, down = [], {}, {}
         for cid in clients:
@@ -124,9 +127,16 @@ class Simulation:
     def global_adapter(self):
         return self.exp.worker.global_adapter(self.server.received_state())
 
+    def _catch_up_base(self) -> None:
+        """Bring the one model's base weights to the server's last merge (FLoRA): the
+        evaluated model, and after a resume the base the next downloads continue."""
+        if self.method.merge_into_base:
+            self.exp.worker.base.apply(self.server.merges)
+
     def evaluate(self) -> dict:
         """Metrics of the current adapters (see :mod:`sfedlora.evaluation`); for a
         language model the generated answers are kept in ``self.samples``."""
+        self._catch_up_base()
         view = AdapterView(self.exp, self.method.has_global_adapter, self.client_adapter,
                            self.global_adapter)
         if self.cfg.task == "causal-lm":
@@ -150,6 +160,8 @@ class Simulation:
             server_state=self.server.state,
             server_optimizer=(self.server.optimizer.state_dict()
                               if self.server.optimizer else None),
+            server_merges={"rounds": {str(r): m for r, m in self.server.merges.items()},
+                           "synced": {str(c): r for c, r in self.server.synced.items()}},
             clients=self.states,
             totals={"bytes_up": self.bytes_up_total, "bytes_down": self.bytes_down_total,
                     "per_client": {str(c): b for c, b in self.bytes_per_client.items()},
@@ -163,6 +175,9 @@ class Simulation:
         self.server.state = ckpt.server_state
         if self.server.optimizer is not None:
             self.server.optimizer.load_state_dict(ckpt.server_optimizer)
+        merges = ckpt.server_merges or {"rounds": {}, "synced": {}}
+        self.server.merges = {int(r): m for r, m in merges["rounds"].items()}
+        self.server.synced = {int(c): int(r) for c, r in merges["synced"].items()}
         self.states = {cid: ckpt.clients.get(cid, ClientState())
                        for cid in range(self.cfg.clients.num)}
         self.bytes_up_total = int(ckpt.totals["bytes_up"])

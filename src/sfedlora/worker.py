@@ -21,6 +21,7 @@ from peft.tuners.vera import VeraLayer
 from sfedlora import codecs
 from sfedlora.adapters import TAG_A_INIT, AdapterSlots, derive_seed
 from sfedlora.config import ExperimentConfig
+from sfedlora.merging import BaseWeights, split_merges
 from sfedlora.methods import Method, Part
 from sfedlora.ranks import pad, truncate
 from sfedlora.task import Collator, Encoded, eval_batches, steps_per_round, train_batches
@@ -99,6 +100,9 @@ class Worker:
         self._a_names = self.slots.names({Part.A})
         self._lora_layers = [m for m in model.modules()
                              if isinstance(m, LoraLayer | VeraLayer)]
+        self.base = BaseWeights(model)  # FLoRA merges into these
+        self._lora_only = [m for m in self._lora_layers if isinstance(m, LoraLayer)]
+        self._own_scales = [m.scaling["default"] for m in self._lora_only]
         self.device = next(model.parameters()).device
         if self.device.type == "cpu":
             # Adam's second moments of near-zero gradients fall into the denormal range,
@@ -119,12 +123,20 @@ class Worker:
             return self.slots.initial_state(derive_seed(self.cfg.seed, TAG_A_INIT, 1, cid))
         return self.shared_init
 
-    def assemble(self, cid: int, state: ClientState, shared: dict[str, torch.Tensor]):
+    def assemble(self, cid: int, state: ClientState, shared: dict[str, torch.Tensor],
+                 round_idx: int | None = None):
         """Client ``cid``'s full adapter: its init, then its private parts, then the
         server's shared parts on top. Once the server holds A, the client's own A draw
-        would be overwritten, so it is not drawn."""
-        has_a = all(n in shared for n in self._a_names)
-        base = self.shared_init if has_a else self.client_init(cid)
+        would be overwritten, so it is not drawn. Where the method re-initialises parts
+        every round (FLoRA), the init of a training round is a fresh draw at the
+        client's rank."""
+        if self.method.fresh and round_idx is not None:
+            fresh = self.slots.initial_state(derive_seed(self.cfg.seed, TAG_A_INIT, 2,
+                                                         round_idx, cid))
+            base = pad(self._truncate(fresh, self.cfg.client_rank(cid)), self.spec)
+        else:
+            has_a = all(n in shared for n in self._a_names)
+            base = self.shared_init if has_a else self.client_init(cid)
         return {**base, **state.private, **shared}
 
     def global_adapter(self, shared: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -133,7 +145,7 @@ class Worker:
     def initial_server_state(self) -> dict[str, torch.Tensor]:
         """What the server holds before round 1: the shared parts of the common init
         (without A when every client draws its own A)."""
-        parts = set(self.method.shared - self.method.fixed)
+        parts = set(self.method.shared - self.method.fixed - self.method.fresh)
         if self.cfg.a_init == "independent":
             parts.discard(Part.A)
         return {n: self.shared_init[n].clone() for n in self.slots.names(parts)}
@@ -163,12 +175,43 @@ class Worker:
         cfg, local = self.cfg, self.cfg.local
         plan = self.method.plan(round_idx)
         rank = cfg.client_rank(cid)
-        received = codecs.decode(download)  # truncated to ``rank`` where ranks are mixed
-        self.slots.load(self.assemble(cid, state, pad(received, self.spec)))
+        # truncated to ``rank`` where ranks are mixed; FLoRA's factors go into the base
+        received, merges = split_merges(codecs.decode(download))
+        self.base.apply(merges)
+        self.slots.load(self.assemble(cid, state, pad(received, self.spec), round_idx))
         self.slots.set_trainable(plan.train)
         optimizer = self._optimizer()
         if local.keep_optimizer_state and state.optimizer is not None:
             optimizer.load_state_dict(state.optimizer)
+        if self.method.merge_into_base:  # a fresh adapter at the scale of its own rank
+            self._set_scale(cfg.client_gamma(cid))
+        try:
+            losses, norms_a, norms_b = self._train(cid, optimizer, data, round_idx)
+        finally:
+            self._set_scale(None)
+
+        state.private = self.slots.snapshot(self.method.private)
+        if self.method.personal_adapter and (
+                state.personal is None or round_idx % cfg.personal.sync_every == 0):
+            state.personal = self.slots.snapshot(set(Part))
+        if local.keep_optimizer_state:
+            state.optimizer = copy.deepcopy(optimizer.state_dict())
+        upload, state.residual = self.up.send(
+            self._truncate(self.slots.snapshot(plan.upload), rank), reference=received,
+            residual=state.residual, meta={"client": cid, "round": round_idx})
+        return FitResult(
+            upload=upload,
+            num_examples=len(data),
+            train_loss=float(np.mean(losses)),
+            grad_norm_A=mean_or_none(norms_a),
+            grad_norm_B=mean_or_none(norms_b),
+            steps=len(losses),
+        )
+
+    def _train(self, cid: int, optimizer: torch.optim.Optimizer, data: Encoded,
+               round_idx: int) -> tuple[list[float], list, list]:
+        """The local steps: losses and the gradient norms of A and B per step."""
+        cfg, local = self.cfg, self.cfg.local
         per_round = steps_per_round(len(data), local.batch_size, local.steps, local.epochs)
         total = per_round * cfg.rounds
         a_names = self.slots.names({Part.A})
@@ -195,24 +238,12 @@ class Worker:
                 torch.nn.utils.clip_grad_norm_(trainable, local.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+        return losses, norms_a, norms_b
 
-        state.private = self.slots.snapshot(self.method.private)
-        if self.method.personal_adapter and (
-                state.personal is None or round_idx % cfg.personal.sync_every == 0):
-            state.personal = self.slots.snapshot(set(Part))
-        if local.keep_optimizer_state:
-            state.optimizer = copy.deepcopy(optimizer.state_dict())
-        upload, state.residual = self.up.send(
-            self._truncate(self.slots.snapshot(plan.upload), rank), reference=received,
-            residual=state.residual, meta={"client": cid, "round": round_idx})
-        return FitResult(
-            upload=upload,
-            num_examples=len(data),
-            train_loss=float(np.mean(losses)),
-            grad_norm_A=mean_or_none(norms_a),
-            grad_norm_B=mean_or_none(norms_b),
-            steps=len(losses),
-        )
+    def _set_scale(self, value: float | None) -> None:
+        """Set every LoRA layer's scale (None: back to the model's own)."""
+        for layer, own in zip(self._lora_only, self._own_scales, strict=True):
+            layer.scaling["default"] = own if value is None else value
 
     def _truncate(self, tensors: dict[str, torch.Tensor], rank: int):
         return tensors if rank == self.cfg.lora.rank else truncate(tensors, rank)

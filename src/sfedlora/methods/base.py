@@ -22,10 +22,10 @@ How the other methods fit:
   top-k), and it names a server optimizer (``server_optimizer = "adamw"``): the
   runtime feeds the mean client change to AdamW as a gradient instead of replacing the
   global state. Evaluation uses what clients receive, i.e. the masked model.
-* **FLoRA.** ``aggregate`` may return the stacked factors; a method attribute
-  ``merge_into_base`` lets the runtime fold ``gamma * B_s A_s`` into W0 and re-initialise
-  the adapter (A random, B zero) the next round. Mixed ranks are per-client shapes in
-  the client's initial state; ``aggregate`` already sees every client's tensors by name.
+* **FLoRA.** ``merge_into_base = True``: A and B are ``fresh`` (re-initialised every
+  round, never held by the server); :meth:`Method.merge` turns the round's uploads into
+  stacked factors that the server records and every client merges into its base
+  weights, receiving the factors of each round it has not seen with its next download.
 * **FDLoRA.** ``personal_adapter = True``: each client keeps a personal copy of the
   adapter next to the global one (refreshed from its locally trained global adapter),
   never sent; a gradient-free search fuses the two for personalised evaluation.
@@ -102,6 +102,10 @@ class Method:
     # "none": the combined uploads become the global state; "sgd" / "adamw": their
     # mean change is the gradient of a server optimizer step (FedOpt).
     server_optimizer: ClassVar[str] = "none"
+    # Parts re-initialised every round (never held by the server), and whether the
+    # round's uploads are merged into the base weights (FLoRA, see :meth:`merge`).
+    fresh: ClassVar[frozenset[Part]] = frozenset()
+    merge_into_base: ClassVar[bool] = False
 
     @property
     def has_global_adapter(self) -> bool:
@@ -138,3 +142,10 @@ class Method:
         for name in updates[0].tensors:
             new_state[name] = combine([u.tensors[name] for u in updates], weights)
         return new_state
+
+    def merge(self, updates: Sequence[Update], ranks: Sequence[int],
+              scales: Sequence[float]) -> dict[str, torch.Tensor]:
+        """Factors to merge into the base weights, ``{lora_A name: A_s, lora_B name:
+        B_s}`` with ``B_s A_s`` the change; ``ranks`` and ``scales`` give each update's
+        rank and LoRA scale (in client-id order). Only for ``merge_into_base`` methods."""
+        raise NotImplementedError(f"{self.name} does not merge into the base weights")

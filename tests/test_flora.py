@@ -1,0 +1,170 @@
+"""FLoRA: exact stacking with mixed ranks, merging into the base, growing downloads,
+resume and PEFT export."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sfedlora import codecs
+from sfedlora.config import ConfigError
+from sfedlora.merging import split_merges
+from sfedlora.methods import Update
+from sfedlora.methods.flora import stack
+from sfedlora.ranks import pad, truncate
+from sfedlora.simulation import Simulation
+from sfedlora.worker import Worker
+
+A, B = "m.q.lora_A.default.weight", "m.q.lora_B.default.weight"
+
+
+def test_stacked_product_is_the_weighted_sum_of_scaled_client_products():
+    gen = torch.Generator().manual_seed(0)
+    ranks, scales, counts = [2, 4, 3], [8.0, 4.0, 16 / 3], [5, 20, 15]
+    full = {A: (4, 6), B: (5, 4)}
+    updates = []
+    for cid, r in enumerate(ranks):  # zero-padded to rank 4, as the server holds them
+        t = {n: torch.randn(s, generator=gen) for n, s in full.items()}
+        updates.append(Update(cid, counts[cid], pad(truncate(t, r), {n: _spec(s)
+                                                                     for n, s in full.items()})))
+    p = [n / sum(counts) for n in counts]
+    out = stack(updates, p, ranks, scales)
+    assert out[A].shape == (sum(ranks), 6) and out[B].shape == (5, sum(ranks))
+    expected = sum(pi * g * u.tensors[B].double() @ u.tensors[A].double()
+                   for pi, g, u in zip(p, scales, updates, strict=True))
+    torch.testing.assert_close(out[B].double() @ out[A].double(), expected, rtol=0, atol=1e-5)
+
+
+def _spec(shape):
+    from sfedlora.adapters import TensorSpec
+
+    return TensorSpec(shape, torch.float32)
+
+
+def _base_weights(worker: Worker) -> dict[str, torch.Tensor]:
+    return {n: m.get_base_layer().weight.detach().clone() for n, m in worker.base.layers.items()}
+
+
+def test_a_round_merges_exactly_the_weighted_scaled_products(tiny_config, monkeypatch):
+    uploads: dict[int, dict[str, torch.Tensor]] = {}
+    real = Worker.fit
+
+    def spy(self, cid, *args, **kwargs):
+        fit = real(self, cid, *args, **kwargs)
+        uploads[cid] = (fit.num_examples, codecs.decode(fit.upload))
+        return fit
+
+    monkeypatch.setattr(Worker, "fit", spy)
+    cfg = tiny_config("method=flora", "lora.rank=4", "lora.client_ranks=[1,2,3,4]",
+                      "local.lr=0.05")
+    sim = Simulation(cfg)
+    worker = sim.exp.worker
+    before = _base_weights(worker)
+    sim.run_round(1)
+    sim.evaluate()  # brings the model's base up to the last merge
+    after = _base_weights(worker)
+    total = sum(n for n, _ in uploads.values())
+    for layer in before:
+        a, b = f"{layer}.lora_A.default.weight", f"{layer}.lora_B.default.weight"
+        expected = sum(n / total * cfg.client_gamma(c) * t[b].double() @ t[a].double()
+                       for c, (n, t) in uploads.items())
+        assert expected.abs().max() > 0
+        torch.testing.assert_close((after[layer] - before[layer]).double(), expected,
+                                   rtol=0, atol=1e-6)
+    # each client trained and sent its own rank, at the scale of that rank
+    assert [uploads[c][1][f"{layer}.lora_A.default.weight"].shape[0] for c in range(4)] == \
+        [1, 2, 3, 4]
+    assert cfg.client_gamma(0) == pytest.approx(cfg.lora.alpha / 1)
+
+
+def test_downloads_carry_every_unseen_rounds_stacked_factors(tiny_config, monkeypatch):
+    downloads: dict[tuple[int, int], bytes] = {}
+    real = Worker.fit
+
+    def spy(self, cid, state, download, data, round_idx):
+        downloads[round_idx, cid] = download
+        return real(self, cid, state, download, data, round_idx)
+
+    monkeypatch.setattr(Worker, "fit", spy)
+    sim = Simulation(tiny_config("method=flora", "lora.client_ranks=[2,4]",
+                                 "clients.per_round=2", "rounds=4"))
+    seen: dict[int, int] = {}
+    for r in range(1, 5):
+        rec = sim.run_round(r).metrics
+        for cid in rec["clients"]:
+            shared, merges = split_merges(codecs.decode(downloads[r, cid]))
+            assert shared and not any(".lora_" in n for n in shared)  # only the head
+            assert sorted(merges) == list(range(seen.get(cid, 0) + 1, r))
+            for m in merges.values():  # stacked rank = the sum of that round's ranks
+                a = next(t for n, t in m.items() if ".lora_A." in n)
+                assert a.shape[0] in (4, 6, 8)
+            seen[cid] = r - 1
+    # the download of a round grows with the clients merged since the client last came
+    first = [len(downloads[k]) for k in downloads if k[0] == 1]
+    assert min(len(d) for k, d in downloads.items() if k[0] > 1) > max(first)
+
+
+def test_resume_is_bit_identical(tiny_config, tmp_path):
+    full = Simulation(tiny_config("method=flora", "lora.client_ranks=[2,4]", "rounds=3",
+                                  f"output_dir={tmp_path / 'full'}"))
+    full.run()
+    part = Simulation(tiny_config("method=flora", "lora.client_ranks=[2,4]", "rounds=3",
+                                  f"output_dir={tmp_path / 'part'}"))
+    part.cfg = part.cfg.model_copy(update={"rounds": 3})
+    from sfedlora.results import RunDir
+
+    run_dir = RunDir(tmp_path / "part")
+    run_dir.start(part.cfg, part.exp)
+    for r in (1, 2):
+        rec = part.run_round(r)
+        if part.should_evaluate(r):
+            rec.metrics.update(part.evaluate())
+        run_dir.log_metrics(rec.metrics)
+        part.done_rounds = r
+    run_dir.save_checkpoint(part.checkpoint(2, 0.0, run_dir.metrics_lines()))
+    run_dir.close()
+    resumed = Simulation.resume(tmp_path / "part")
+    assert resumed.exp.worker.base.round == 0  # a fresh process: pretrained weights
+    resumed.run()
+    a = (tmp_path / "full/metrics.jsonl").read_text()
+    b = (tmp_path / "part/metrics.jsonl").read_text()
+    assert a == b
+
+
+def test_exported_adapter_reproduces_the_merged_model_in_peft(tiny_config, tmp_path,
+                                                              peft_logits):
+    sim = Simulation(tiny_config("method=flora", "lora.client_ranks=[2,4]", "rounds=2",
+                                 "local.lr=0.05"))
+    sim.run()
+    ours = sim.exp.worker.logits(sim.global_adapter(), sim.exp.global_test)
+    out = tmp_path / "run/adapters/global"
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["r"] == config["lora_alpha"] == 24  # 2 rounds x (2+2+4+4), below 32 dims
+    labels = json.loads((tmp_path / "run/labels.json").read_text())
+    theirs = peft_logits(out, labels, sim.exp)
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
+
+
+def test_flora_learns_the_tiny_task(tiny_config):
+    sim = Simulation(tiny_config("method=flora", "lora.client_ranks=[1,2,4]", "rounds=5",
+                                 "local.steps=10", "local.lr=0.1", "lora.alpha=8"))
+    first = sim.run_round(1).metrics["train_loss"]
+    for r in range(2, 6):
+        last = sim.run_round(r).metrics["train_loss"]
+    assert last < 0.9 * first
+    assert sim.evaluate()["personalized_accuracy"] > 0.5
+
+
+@pytest.mark.parametrize("override,match", [
+    ("comm.down.bits=8", "comm.down"),
+    ("comm.up.delta=true", "comm.up.delta"),
+    ("server.optimizer=adamw", "server.optimizer"),
+    ("server.aggregation=median", "server.aggregation"),
+    ("local.keep_optimizer_state=true", "keep_optimizer_state"),
+    ("lora.a_init=shared", "fresh A every round"),
+])
+def test_settings_that_break_merging_are_refused(override, match, tiny_config):
+    with pytest.raises(ConfigError, match=match):
+        tiny_config("method=flora", override)
