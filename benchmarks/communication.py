@@ -41,15 +41,14 @@ METRIC = "personalized_accuracy"
 BASELINE = "fedit"
 
 
-def run_arm(name: str, config: str, out: Path, overrides: list[str]) -> Path:
-    run_dir = out / name
+def run_arm(run_dir: Path, config: str, overrides: list[str]) -> Path:
+    """Run one arm into ``run_dir``: reused when finished, resumed when half done."""
     if (run_dir / "summary.json").is_file():
         return run_dir
     if (run_dir / "checkpoint.safetensors").is_file():
         Simulation.resume(run_dir, ["progress=false"]).run()
         return run_dir
-    cfg = load_config(config, [*ARMS[name], *overrides, f"output_dir={run_dir}",
-                               "progress=false"])
+    cfg = load_config(config, [*overrides, f"output_dir={run_dir}", "progress=false"])
     Simulation(cfg).run()
     return run_dir
 
@@ -103,7 +102,7 @@ def main() -> None:
     run_dirs = {}
     for name in arms:
         print(f"arm {name} ...", flush=True)
-        run_dirs[name] = run_arm(name, args.config, args.out, args.overrides)
+        run_dirs[name] = run_arm(args.out / name, args.config, [*ARMS[name], *args.overrides])
     if args.runs_only:
         return
     print(table(run_dirs))
