@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from test_export import _peft_logits
 
 from sfedlora import wire
 from sfedlora.config import ConfigError
@@ -14,7 +13,7 @@ from sfedlora.simulation import Simulation
 
 
 def test_fedsa_vera_sends_only_lambda_d_and_exports_to_peft(tiny_config, tmp_path,
-                                                            tiny_model_dir, monkeypatch):
+                                                            peft_logits, monkeypatch):
     sent: list[set[str]] = []
     real = wire.encode
     monkeypatch.setattr(wire, "encode", lambda t, meta=None: sent.append(set(t)) or real(t, meta))
@@ -38,7 +37,7 @@ def test_fedsa_vera_sends_only_lambda_d_and_exports_to_peft(tiny_config, tmp_pat
     assert json.loads((adapter / "adapter_config.json").read_text())["peft_type"] == "VERA"
     labels = json.loads((tmp_path / "run/labels.json").read_text())
     ours = sim.exp.worker.logits(sim.client_adapter(1), sim.exp.global_test)
-    theirs = _peft_logits(tiny_model_dir, adapter, labels, sim.exp)
+    theirs = peft_logits(adapter, labels, sim.exp)
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
 
 
