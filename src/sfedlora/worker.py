@@ -8,6 +8,7 @@ in-process simulator, a Flower ClientApp) can call it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import dataclass, field
@@ -101,8 +102,6 @@ class Worker:
         self._lora_layers = [m for m in model.modules()
                              if isinstance(m, LoraLayer | VeraLayer)]
         self.base = BaseWeights(model)  # FLoRA merges into these
-        self._lora_only = [m for m in self._lora_layers if isinstance(m, LoraLayer)]
-        self._own_scales = [m.scaling["default"] for m in self._lora_only]
         self.device = next(model.parameters()).device
         if self.device.type == "cpu":
             # Adam's second moments of near-zero gradients fall into the denormal range,
@@ -183,12 +182,10 @@ class Worker:
         optimizer = self._optimizer()
         if local.keep_optimizer_state and state.optimizer is not None:
             optimizer.load_state_dict(state.optimizer)
-        if self.method.merge_into_base:  # a fresh adapter at the scale of its own rank
-            self._set_scale(cfg.client_gamma(cid))
-        try:
+        # FLoRA: a fresh adapter at the scale of the client's own rank
+        with (self._scaled(cfg.client_gamma(cid)) if self.method.merge_into_base
+              else contextlib.nullcontext()):
             losses, norms_a, norms_b = self._train(cid, optimizer, data, round_idx)
-        finally:
-            self._set_scale(None)
 
         state.private = self.slots.snapshot(self.method.private)
         if self.method.personal_adapter and (
@@ -240,10 +237,18 @@ class Worker:
             optimizer.zero_grad(set_to_none=True)
         return losses, norms_a, norms_b
 
-    def _set_scale(self, value: float | None) -> None:
-        """Set every LoRA layer's scale (None: back to the model's own)."""
-        for layer, own in zip(self._lora_only, self._own_scales, strict=True):
-            layer.scaling["default"] = own if value is None else value
+    @contextlib.contextmanager
+    def _scaled(self, value: float):
+        """Every LoRA layer at scale ``value`` inside the block, its own scale after."""
+        layers = list(self.base.layers.values())
+        own = [layer.scaling["default"] for layer in layers]
+        for layer in layers:
+            layer.scaling["default"] = value
+        try:
+            yield
+        finally:
+            for layer, scale in zip(layers, own, strict=True):
+                layer.scaling["default"] = scale
 
     def _truncate(self, tensors: dict[str, torch.Tensor], rank: int):
         return tensors if rank == self.cfg.lora.rank else truncate(tensors, rank)
