@@ -53,6 +53,25 @@ def test_sweep_runs_the_cross_product_and_averages_over_seeds(base_config, tmp_p
         assert (out / "figures" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_shards_split_the_grid_and_the_last_writes_the_tables(base_config, tmp_path):
+    from sfedlora.sweep import parse_shard
+
+    out, grid = tmp_path / "sweep", parse_grid(["lora.rank=2,4", "seed=0,1,2"])
+    seen: dict[int, list[str]] = {}
+    for k in (1, 0):  # the shard that finishes last writes the tables
+        seen[k] = []
+        done = run_sweep(base_config, grid, out, ["rounds=1"], on_start=seen[k].append,
+                         shard=parse_shard(f"{k}/2"))
+        assert done is (k == 0)
+        assert (out / "results.csv").is_file() is (k == 0)
+    assert len(seen[0]) == len(seen[1]) == 3
+    assert not set(seen[0]) & set(seen[1])
+    assert len(pd.read_csv(out / "results.csv")) == 6
+    for bad in ("2/2", "1", "a/b", "0/0"):
+        with pytest.raises(ConfigError, match="K/M"):
+            parse_shard(bad)
+
+
 def test_joint_keys_vary_together():
     from sfedlora.sweep import expand, grid_keys
 

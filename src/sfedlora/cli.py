@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import warnings
+from pathlib import Path
 
 from sfedlora.checkpoint import CheckpointError
 from sfedlora.config import ConfigError, load_config, to_yaml
@@ -117,13 +118,17 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     _quiet_libraries()
-    from sfedlora.sweep import parse_grid, run_sweep
+    from sfedlora.sweep import parse_grid, parse_shard, run_sweep
 
     config, overrides = _split_config_arg(args)
     grid = parse_grid(args.grid)
-    out = run_sweep(config, grid, args.out, overrides,
-                    on_start=lambda name: print(f"run {name}", file=sys.stderr, flush=True))
-    print((out / "table.md").read_text(), end="")
+    out = Path(args.out)
+    done = run_sweep(config, grid, out, overrides, shard=parse_shard(args.shard),
+                     on_start=lambda name: print(f"run {name}", file=sys.stderr, flush=True))
+    if done:
+        print((out / "table.md").read_text(), end="")
+    else:
+        print(f"shard {args.shard} finished; the tables are written when every shard is")
     print(f"sweep directory: {out}")
     return 0
 
@@ -166,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
                        help="a swept key and its values (repeat for a cross product)")
     sweep.add_argument("--out", default="runs/sweep", help="sweep directory")
+    sweep.add_argument("--shard", default="0/1", metavar="K/M",
+                       help="run only runs K, K+M, K+2M, ... (M processes share one sweep)")
     sweep.set_defaults(func=cmd_sweep)
     plot = sub.add_parser("plot", help="draw a metric of runs against rounds or bytes")
     plot.add_argument("runs", nargs="*", help="run directories")

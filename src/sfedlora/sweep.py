@@ -8,7 +8,9 @@ A sweep directory holds ``runs/<name>/`` (ordinary run directories, named after 
 grid values), ``results.csv`` (one row per run) and ``table.csv`` / ``table.md`` (rows
 grouped by every grid key except ``seed``). Rerunning the same command skips finished
 runs and resumes interrupted ones from their checkpoint, so a long sweep can be spread
-over several sessions.
+over several sessions. ``shard=(k, m)`` runs only every m-th run starting at k, so m
+processes (one per GPU, node or core) share one sweep directory; the tables are written
+once every run is finished.
 """
 
 from __future__ import annotations
@@ -88,11 +90,24 @@ def expand(grid: Grid) -> list[SweepRun]:
     return runs
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"2/8"`` -> ``(2, 8)``: this process runs runs 2, 10, 18, ... of the grid."""
+    index, sep, count = text.partition("/")
+    try:
+        k, m = int(index), int(count)
+    except ValueError:
+        k, m = -1, 0
+    if not sep or m < 1 or not 0 <= k < m:
+        raise ConfigError(f"--shard {text!r} must be K/M with 0 <= K < M, e.g. --shard 0/4")
+    return k, m
+
+
 def run_sweep(config: str | None, grid: dict[str, list], out: Path,
-              overrides: Sequence[str] = (), on_start: Callable[[str], None] | None = None
-              ) -> Path:
-    """Run (or finish) every run of the grid, then write the tables. Every config is
-    validated before the first run starts, so a bad value fails in a second."""
+              overrides: Sequence[str] = (), on_start: Callable[[str], None] | None = None,
+              shard: tuple[int, int] = (0, 1)) -> bool:
+    """Run (or finish) this shard's runs of the grid; once every run of the grid is
+    finished, write the tables and return True. Every config is validated before the
+    first run starts, so a bad value fails in a second."""
     from sfedlora.simulation import Simulation
 
     runs = expand(grid)
@@ -103,9 +118,10 @@ def run_sweep(config: str | None, grid: dict[str, list], out: Path,
         configs[run.name] = load_config(config, [*overrides, *run.overrides,
                                                  f"output_dir={run_dir}", "progress=false"])
     for run in runs:
-        cfg = configs[run.name]
-        run_dir = Path(cfg.output_dir)
-        _same_experiment(run_dir, cfg)
+        _same_experiment(Path(configs[run.name].output_dir), configs[run.name])
+    index, count = shard
+    for run in runs[index::count]:
+        run_dir = Path(configs[run.name].output_dir)
         if (run_dir / "summary.json").is_file():
             continue
         if on_start:
@@ -113,9 +129,11 @@ def run_sweep(config: str | None, grid: dict[str, list], out: Path,
         if (run_dir / "checkpoint.safetensors").is_file():
             Simulation.resume(run_dir, ["progress=false"]).run()
         else:
-            Simulation(cfg).run()
+            Simulation(configs[run.name]).run()
+    if not all((out / "runs" / run.name / "summary.json").is_file() for run in runs):
+        return False  # other shards are still running; the last one writes the tables
     write_tables(out, runs, grid_keys(grid))
-    return out
+    return True
 
 
 def _same_experiment(run_dir: Path, cfg) -> None:
