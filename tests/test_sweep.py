@@ -49,8 +49,10 @@ def test_sweep_runs_the_cross_product_and_averages_over_seeds(base_config, tmp_p
     from sfedlora.cli import main
 
     assert main(["plot", "--sweep", str(out)]) == 0
-    for name in ("curves", "final_vs_rank", "stability"):
-        assert (out / "figures" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["plot", "--sweep", str(out), "--out", str(tmp_path / "figs")]) == 0
+    for folder in (out / "figures", tmp_path / "figs"):
+        for name in ("curves", "final_vs_rank", "stability"):
+            assert (folder / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_shards_split_the_grid_and_the_last_writes_the_tables(base_config, tmp_path):

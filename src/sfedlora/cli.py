@@ -140,10 +140,10 @@ def cmd_plot(args: argparse.Namespace) -> int:
         raise ConfigError("give run directories or --sweep SWEEP_DIR (one of the two)")
     try:
         if args.sweep:
-            written = plot_sweep(args.sweep, metric=args.y)
+            written = plot_sweep(args.sweep, args.out, metric=args.y)
         else:
-            written = [plot_runs(args.runs, args.out, x=args.x, y=args.y, labels=args.labels,
-                                 title=args.title)]
+            written = [plot_runs(args.runs, args.out or "plot.png", x=args.x, y=args.y,
+                                 labels=args.labels, title=args.title)]
     except (FileNotFoundError, ValueError, KeyError) as exc:
         raise ConfigError(str(exc)) from None
     print("\n".join(str(p) for p in written))
@@ -182,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--y", default="personalized_accuracy", help="metric to draw")
     plot.add_argument("--labels", nargs="+", help="one legend label per run")
     plot.add_argument("--title")
-    plot.add_argument("--out", default="plot.png", help="PNG file to write")
+    plot.add_argument("--out", help="PNG file to write (default plot.png); with --sweep, "
+                      "the folder for the figures (default SWEEP_DIR/figures)")
     plot.set_defaults(func=cmd_plot)
     return parser
 

@@ -109,7 +109,7 @@ def plot_sweep(sweep_dir: Path, out_dir: Path | None = None, rank_key: str = "lo
         suffix = "".join(f"_{k}-{v}" for k, v in zip(split_keys, split, strict=True))
         where = ", ".join(f"{k}={v}" for k, v in zip(split_keys, split, strict=True))
         rules = list(dict.fromkeys(frame["rule"]))
-        panels = sorted(frame[panel_key].unique(), key=str)
+        panels = sorted(frame[panel_key].unique(), key=_numeric_first)
         ranks = sorted(frame[rank_key].unique())
         colours = plt.cm.viridis(np.linspace(0, 0.9, len(ranks)))
 
@@ -171,6 +171,14 @@ def plot_sweep(sweep_dir: Path, out_dir: Path | None = None, rank_key: str = "lo
         axes[0][-1].legend(fontsize=7)
         written.append(_save(fig, out_dir / f"stability{suffix}.png", where))
     return written
+
+
+def _numeric_first(value) -> tuple:
+    """Sort key: numbers in numeric order (5 before 10), then anything else as text."""
+    try:
+        return (0, float(value), "")
+    except (TypeError, ValueError):
+        return (1, 0.0, str(value))
 
 
 def _metric_columns(results) -> set[str]:
