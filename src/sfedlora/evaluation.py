@@ -32,28 +32,38 @@ class AdapterView:
     global_adapter: Callable[[], Adapter]
 
 
-def evaluate_classification(view: AdapterView) -> dict:
-    """Personalised accuracy (each client's adapter on its own test part) and
-    global accuracy (the global adapter where the method has one, else the mean
-    over clients of each client's adapter on the global test set)."""
-    exp = view.exp
+@dataclass(frozen=True)
+class Scores:
+    """One adapter's evaluation: on its client's own test part (``own``), on the
+    global test set (``on_global``) and its output norm on the probe batch. Computed
+    where the adapter lives (this process, or a Flower node) and combined by
+    :func:`combine_classification`."""
+
+    own: EvalResult | None
+    on_global: EvalResult | None
+    norm: float | None
+
+
+def score_adapter(exp: Experiment, tensors: Adapter, cid: int | None,
+                  global_part: bool) -> Scores:
+    """Client ``cid``'s adapter on its own test part; with ``global_part`` also on the
+    global test set (when ``eval.global_metrics``) and its output norm. The global
+    adapter is scored with ``cid=None`` (no own part)."""
     worker = exp.worker
-    own: list[EvalResult] = []
-    on_global: list[EvalResult] = []
-    norms: list[float] = []
-    scored_globally = exp.cfg.eval.global_metrics
-    for cid in range(exp.cfg.clients.num):
-        tensors = view.client_adapter(cid)
-        own.append(worker.evaluate(tensors, exp.client_test[cid]))
-        if not view.has_global_adapter:
-            if scored_globally:
-                on_global.append(worker.evaluate(tensors, exp.global_test))
-            norms.append(worker.adapter_output_norm(tensors, exp.probe))
-    if view.has_global_adapter:
-        tensors = view.global_adapter()
-        if scored_globally:
-            on_global.append(worker.evaluate(tensors, exp.global_test))
-        norms.append(worker.adapter_output_norm(tensors, exp.probe))
+    own = worker.evaluate(tensors, exp.client_test[cid]) if cid is not None else None
+    if not global_part:
+        return Scores(own, None, None)
+    on_global = (worker.evaluate(tensors, exp.global_test) if exp.cfg.eval.global_metrics
+                 else None)
+    return Scores(own, on_global, worker.adapter_output_norm(tensors, exp.probe))
+
+
+def combine_classification(clients: list[Scores], global_: Scores | None) -> dict:
+    """The metrics from every client's scores (in client-id order) and the global
+    adapter's, where the method has one."""
+    every = [*clients, *([global_] if global_ is not None else [])]
+    own = [s.own for s in clients]
+    on_global = [s.on_global for s in every if s.on_global is not None]
     return {
         "personalized_accuracy": float(np.mean([r.accuracy for r in own])),
         "personalized_accuracy_weighted": sum(r.correct for r in own)
@@ -61,9 +71,20 @@ def evaluate_classification(view: AdapterView) -> dict:
         "personalized_loss": float(np.mean([r.loss for r in own])),
         "global_accuracy": mean_or_none([r.accuracy for r in on_global]),
         "global_loss": mean_or_none([r.loss for r in on_global]),
-        "adapter_output_norm": float(np.mean(norms)),
+        "adapter_output_norm": float(np.mean([s.norm for s in every if s.norm is not None])),
     }
 
+
+def evaluate_classification(view: AdapterView) -> dict:
+    """Personalised accuracy (each client's adapter on its own test part) and
+    global accuracy (the global adapter where the method has one, else the mean
+    over clients of each client's adapter on the global test set)."""
+    clients = [score_adapter(view.exp, view.client_adapter(cid), cid,
+                             global_part=not view.has_global_adapter)
+               for cid in range(view.exp.cfg.clients.num)]
+    global_ = (score_adapter(view.exp, view.global_adapter(), None, global_part=True)
+               if view.has_global_adapter else None)
+    return combine_classification(clients, global_)
 
 
 def evaluate_lm(view: AdapterView) -> tuple[dict, list[dict]]:

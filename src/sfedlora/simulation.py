@@ -19,13 +19,19 @@ from tqdm.auto import tqdm
 from sfedlora.checkpoint import FILENAME as CHECKPOINT_FILE
 from sfedlora.checkpoint import Checkpoint, load_checkpoint
 from sfedlora.config import ConfigError, ExperimentConfig, load_config
-from sfedlora.evaluation import AdapterView, evaluate_classification, evaluate_lm
+from sfedlora.evaluation import (
+    AdapterView,
+    Scores,
+    combine_classification,
+    evaluate_lm,
+    score_adapter,
+)
 from sfedlora.experiment import Experiment, build_experiment
 from sfedlora.privacy import GaussianMechanism
 from sfedlora.results import RunDir
 from sfedlora.sampling import sample_clients
 from sfedlora.server import Reply, Server
-from sfedlora.worker import ClientState, fuse, mean_or_none
+from sfedlora.worker import ClientState, FitResult, mean_or_none
 
 log = logging.getLogger(__name__)
 
@@ -65,18 +71,16 @@ class Simulation:
     # --- one round ------------------------------------------------------------------
 
     def run_round(self, round_idx: int) -> RoundRecord:
-        cfg, worker = self.cfg, self.exp.worker
+        cfg = self.cfg
         clients = sample_clients(cfg.clients.num, cfg.clients_per_round, cfg.seed, round_idx)
         self._catch_up_base()
         t0 = time.perf_counter()
-        replies, fits, down = [], {}, {}
-        for cid in clients:
-            download = self.server.download(cid)
-            down[str(cid)] = len(download)
-            fit = worker.fit(cid, self.states[cid], download, self.exp.client_train[cid],
-                             round_idx)
-            fits[cid] = fit
-            replies.append(Reply(cid, fit.num_examples, fit.upload))
+        downloads = {cid: self.server.download(cid) for cid in clients}
+        down = {str(cid): len(d) for cid, d in downloads.items()}
+        fits = self.fit_clients(round_idx, downloads)
+        dropped = [c for c in clients if c not in fits]
+        clients = [c for c in clients if c in fits]
+        replies = [Reply(c, fits[c].num_examples, fits[c].upload) for c in clients]
         t1 = time.perf_counter()
         report = self.server.aggregate(round_idx, replies)
         t2 = time.perf_counter()
@@ -107,22 +111,47 @@ class Simulation:
             "bytes_down_total_per_client": {str(c): b["down"]
                                             for c, b in self.bytes_per_client.items()},
         }
+        if dropped:
+            metrics["dropped"] = dropped
         if self.privacy is not None:
             metrics["dp_epsilon"] = self.privacy.epsilon(round_idx)
         return RoundRecord(metrics, {"train": t1 - t0, "aggregate": t2 - t1})
+
+    # --- where the clients are --------------------------------------------------------
+    # The two places a runtime differs: here every client runs in this process on the
+    # one model; the Flower runtime (sfedlora.flower) overrides both to send messages.
+
+    def fit_clients(self, round_idx: int, downloads: dict[int, bytes]) -> dict[int, FitResult]:
+        """Each client's local round on its download, in client-id order; a client
+        missing from the result dropped out."""
+        return {cid: self.exp.worker.fit(cid, self.states[cid], download,
+                                         self.exp.client_train[cid], round_idx)
+                for cid, download in downloads.items()}
+
+    def score_clients(self) -> dict[int, tuple[Scores, list[float] | None]]:
+        """Every client's scores (own test part; the global test set and output norm
+        where the method has no global adapter) and FDLoRA's fusion weights."""
+        global_part = not self.method.has_global_adapter
+        scores = {}
+        for cid in range(self.cfg.clients.num):
+            tensors, fusion = self._client_adapter(cid)
+            scores[cid] = (score_adapter(self.exp, tensors, cid, global_part), fusion)
+        return scores
 
     # --- evaluation -----------------------------------------------------------------
 
     # Adapters are built from the shared state as clients receive it: with a lossy
     # download (FLASC's mask) that is the model a client really holds.
+    def _client_adapter(self, cid: int):
+        tensors, fusion = self.exp.worker.scored_adapter(
+            cid, self.states[cid], self.server.received_state(cid),
+            self.exp.client_holdout[cid] if self.method.personal_adapter else None)
+        if fusion is not None:
+            self.fusion_weights[str(cid)] = fusion
+        return tensors, fusion
+
     def client_adapter(self, cid: int):
-        worker, state = self.exp.worker, self.states[cid]
-        own = worker.assemble(cid, state, self.server.received_state(cid))
-        if not self.method.personal_adapter or state.personal is None:
-            return own
-        w1, w2, _ = worker.choose_fusion(own, state.personal, self.exp.client_holdout[cid])
-        self.fusion_weights[str(cid)] = [w1, w2]
-        return fuse(own, state.personal, w1, w2)
+        return self._client_adapter(cid)[0]
 
     def global_adapter(self):
         return self.exp.worker.global_adapter(self.server.received_state())
@@ -137,12 +166,17 @@ class Simulation:
         """Metrics of the current adapters (see :mod:`sfedlora.evaluation`); for a
         language model the generated answers are kept in ``self.samples``."""
         self._catch_up_base()
-        view = AdapterView(self.exp, self.method.has_global_adapter, self.client_adapter,
-                           self.global_adapter)
         if self.cfg.task == "causal-lm":
+            view = AdapterView(self.exp, self.method.has_global_adapter, self.client_adapter,
+                               self.global_adapter)
             metrics, self.samples = evaluate_lm(view)
         else:
-            metrics = evaluate_classification(view)
+            scores = self.score_clients()
+            self.fusion_weights |= {str(c): f for c, (_, f) in scores.items() if f is not None}
+            global_ = (score_adapter(self.exp, self.global_adapter(), None, global_part=True)
+                       if self.method.has_global_adapter else None)
+            metrics = combine_classification([s for _, (s, _) in sorted(scores.items())],
+                                             global_)
         if self.method.personal_adapter:
             metrics["fusion_weights"] = dict(sorted(self.fusion_weights.items(),
                                                     key=lambda kv: int(kv[0])))

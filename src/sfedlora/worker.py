@@ -138,6 +138,17 @@ class Worker:
             base = self.shared_init if has_a else self.client_init(cid)
         return {**base, **state.private, **shared}
 
+    def scored_adapter(self, cid: int, state: ClientState, shared: dict[str, torch.Tensor],
+                       holdout) -> tuple[dict[str, torch.Tensor], list[float] | None]:
+        """The adapter client ``cid`` is evaluated and exported with, and FDLoRA's
+        fusion weights: its assembled adapter, fused with its personal copy where the
+        method keeps one (weights chosen on the client's held-out slice)."""
+        own = self.assemble(cid, state, shared)
+        if not self.method.personal_adapter or state.personal is None:
+            return own, None
+        w1, w2, _ = self.choose_fusion(own, state.personal, holdout)
+        return fuse(own, state.personal, w1, w2), [w1, w2]
+
     def global_adapter(self, shared: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {**self.shared_init, **shared}
 
