@@ -25,6 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from sfedlora import wire
 from sfedlora.worker import ClientState
 
 FORMAT = "sfedlora-checkpoint/3"
@@ -129,3 +130,30 @@ def load_checkpoint(path: Path) -> Checkpoint:
         config=doc["config"],
         metrics=doc["metrics"],
     )
+
+
+CLIENT_FORMAT = "sfedlora-client-state/1"
+
+
+def encode_client_state(state: ClientState) -> bytes:
+    """One client's private state as safetensors bytes, in the checkpoint's layout: a
+    Flower node keeps it in its context and on disk. A fresh state is zero bytes."""
+    tensors: dict[str, torch.Tensor] = {}
+    fields = {part: _flatten(getattr(state, part), part, tensors) for part in CLIENT_FIELDS}
+    if not tensors:
+        return b""
+    return wire.encode(tensors, {"format": CLIENT_FORMAT, "fields": fields})
+
+
+def decode_client_state(data: bytes) -> ClientState:
+    if not data:
+        return ClientState()
+    try:
+        meta, tensors = wire.read_meta(data), wire.decode(data)
+    except wire.MessageError as exc:
+        raise CheckpointError(f"not an sfedlora client state: {exc}") from None
+    if meta.get("format") != CLIENT_FORMAT:
+        raise CheckpointError(f"client state format {meta.get('format')!r}, expected "
+                              f"{CLIENT_FORMAT!r}")
+    return ClientState(**{part: _unflatten(meta["fields"][part], tensors)
+                          for part in CLIENT_FIELDS})

@@ -214,6 +214,16 @@ class CheckpointConfig(_Section):
     every: int = Field(1, ge=0, description="write a checkpoint every k rounds; 0: only on Ctrl-C")
 
 
+class FlowerConfig(_Section):
+    """The Flower runtime (``sfedlora.flower``); ignored by the in-process simulator."""
+
+    round_timeout: float | None = Field(
+        300.0, gt=0, description="seconds the server waits for a round's replies; clients "
+        "that have not replied by then count as dropped (null: wait forever)")
+    connect_timeout: float = Field(
+        120.0, gt=0, description="seconds the server waits for clients.num nodes to connect")
+
+
 class ExperimentConfig(_Section):
     task: Literal["classification", "causal-lm"] = "classification"
     method: Literal[METHODS] = "sfed"
@@ -230,6 +240,7 @@ class ExperimentConfig(_Section):
     personal: PersonalConfig = PersonalConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    flower: FlowerConfig = FlowerConfig()
     output_dir: str = "runs/latest"
     progress: bool = True
 

@@ -43,6 +43,8 @@ class RoundRecord:
 
 
 class Simulation:
+    checkpoints = True  # whether this runtime can write a checkpoint that resumes the run
+
     def __init__(self, cfg: ExperimentConfig, experiment: Experiment | None = None):
         self.cfg = cfg
         self.exp = experiment or build_experiment(cfg)
@@ -224,7 +226,8 @@ class Simulation:
 
     def should_checkpoint(self, round_idx: int) -> bool:
         every = self.cfg.checkpoint.every
-        return every > 0 and (round_idx % every == 0 or round_idx == self.cfg.rounds)
+        return self.checkpoints and every > 0 and (
+            round_idx % every == 0 or round_idx == self.cfg.rounds)
 
     # --- the whole run --------------------------------------------------------------
 
@@ -265,7 +268,7 @@ class Simulation:
                     saved = round_idx
                 self.done_rounds = round_idx
         except KeyboardInterrupt:
-            if self.done_rounds > saved:
+            if self.checkpoints and self.done_rounds > saved:
                 run_dir.save_checkpoint(self.checkpoint(
                     self.done_rounds, time.perf_counter() - start, run_dir.metrics_lines()))
             log.warning("interrupted after round %d; continue with: sfedlora run --resume %s",

@@ -1,0 +1,71 @@
+"""The Flower runtime gives the in-process simulator's numbers (issue 5)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from sfedlora.config import ConfigError, to_yaml
+from sfedlora.simulation import Simulation
+
+pytest.importorskip("flwr")
+
+COMPARED = ("train_loss", "grad_norm_A", "grad_norm_B", "personalized_accuracy",
+            "personalized_loss", "global_accuracy", "global_loss", "adapter_output_norm")
+
+
+def _lines(run_dir):
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("method", ["sfed", "fedit"])
+def test_flower_simulation_equals_in_process(method, tiny_config, tmp_path, monkeypatch):
+    from sfedlora.flower.simulation import run_simulation
+
+    monkeypatch.setenv("SFEDLORA_STATE_DIR", str(tmp_path / "state"))
+    cfg = tiny_config(f"method={method}", "clients.num=3", "rounds=2", "eval.every=1",
+                      "checkpoint.every=0", f"output_dir={tmp_path / 'local'}")
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(to_yaml(cfg))
+    Simulation(cfg).run()
+    run_simulation(str(config_file), [f"output_dir={tmp_path / 'flower'}"], workers=2)
+
+    local, flower = _lines(tmp_path / "local"), _lines(tmp_path / "flower")
+    assert [m["round"] for m in flower] == [m["round"] for m in local] == [1, 2]
+    for a, b in zip(local, flower, strict=True):
+        for key in COMPARED:
+            if a[key] is None:
+                assert b[key] is None, key
+            else:
+                assert math.isclose(a[key], b[key], rel_tol=0, abs_tol=1e-5), (key, a, b)
+        assert a["bytes_up_per_client"] == b["bytes_up_per_client"]
+        assert a["bytes_down_per_client"] == b["bytes_down_per_client"]
+        assert a["clients"] == b["clients"] and "dropped" not in b
+    # the exported adapters come from the nodes and match the local ones
+    assert sorted(p.name for p in (tmp_path / "flower" / "adapters").iterdir()) == sorted(
+        p.name for p in (tmp_path / "local" / "adapters").iterdir())
+
+
+def test_client_state_round_trips_through_bytes():
+    import torch
+
+    from sfedlora.checkpoint import decode_client_state, encode_client_state
+    from sfedlora.worker import ClientState
+
+    state = ClientState(private={"b": torch.randn(3, 2)}, residual={"a": torch.ones(2)},
+                        optimizer={"state": {0: {"step": torch.tensor(3.0)}}, "lr": 0.1})
+    back = decode_client_state(encode_client_state(state))
+    assert torch.equal(back.private["b"], state.private["b"])
+    assert torch.equal(back.residual["a"], state.residual["a"])
+    assert back.optimizer["lr"] == 0.1 and back.optimizer["state"][0]["step"].item() == 3.0
+    assert back.personal is None
+    assert decode_client_state(b"") == ClientState()
+
+
+def test_flower_refuses_what_it_cannot_run_yet(tiny_config):
+    from sfedlora.flower.server_app import refuse_unsupported
+
+    with pytest.raises(ConfigError, match="flora"):
+        refuse_unsupported(tiny_config("method=flora"))
