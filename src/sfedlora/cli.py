@@ -133,6 +133,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_flower_sim(args: argparse.Namespace) -> int:
+    _quiet_libraries()
+    from sfedlora.flower.simulation import run_simulation
+
+    config, overrides = _split_config_arg(args)
+    run_simulation(config, overrides, workers=args.workers)
+    return 0
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from sfedlora.plots import plot_runs, plot_sweep
 
@@ -174,6 +183,15 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--shard", default="0/1", metavar="K/M",
                        help="run only runs K, K+M, K+2M, ... (M processes share one sweep)")
     sweep.set_defaults(func=cmd_sweep)
+    flower = sub.add_parser(
+        "flower-sim", help="run one experiment on Flower's simulation engine (one virtual "
+        "SuperNode per client); same results as `run`")
+    flower.add_argument("config", nargs="?", help="YAML config (default: the offline main job)")
+    flower.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    flower.add_argument("--workers", type=int, help="worker processes, one model each "
+                        "(default: one per CPU core)")
+    flower.set_defaults(func=cmd_flower_sim)
+
     plot = sub.add_parser("plot", help="draw a metric of runs against rounds or bytes")
     plot.add_argument("runs", nargs="*", help="run directories")
     plot.add_argument("--sweep", help="a sweep directory: write the scaling-study figures "
