@@ -69,3 +69,55 @@ def test_flower_refuses_what_it_cannot_run_yet(tiny_config):
 
     with pytest.raises(ConfigError, match="flora"):
         refuse_unsupported(tiny_config("method=flora"))
+
+
+def _failing_client_app(run_config: dict, fail_client: int, fail_round: int):
+    """The real ClientApp, except that one client's node fails one round."""
+    from flwr.clientapp import ClientApp
+
+    from sfedlora.flower import client_app
+
+    app = ClientApp()
+
+    @app.train()
+    def train(msg, context):
+        if (int(context.node_config["partition-id"]) == fail_client
+                and int(msg.content["request"]["round"]) == fail_round):
+            raise RuntimeError("node lost")
+        return client_app.train(msg, context, run_config)
+
+    app.evaluate()(lambda msg, context: client_app.evaluate(msg, context, run_config))
+    app.query()(lambda msg, context: client_app.query(msg, context, run_config))
+    return app
+
+
+def test_a_failed_client_is_dropped_and_the_round_goes_on(tiny_config, tmp_path, monkeypatch):
+    import sys
+
+    from flwr.simulation import run_simulation
+    from ray import cloudpickle  # the pickler Ray ships functions to its workers with
+
+    from sfedlora.flower import server_app
+    from sfedlora.flower.config import as_run_config
+    from sfedlora.flower.simulation import QUIET_ENV
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers get this file
+    monkeypatch.setenv("SFEDLORA_STATE_DIR", str(tmp_path / "state"))
+    for key, value in QUIET_ENV.items():
+        monkeypatch.setenv(key, value)
+    cfg = tiny_config("method=sfed", "clients.num=3", "clients.min_clients=2", "rounds=3",
+                      "eval.every=1", f"output_dir={tmp_path / 'run'}")
+    (tmp_path / "config.yaml").write_text(to_yaml(cfg))
+    run_config = as_run_config(str(tmp_path / "config.yaml"), [])
+    run_simulation(server_app.make_app(run_config),
+                   _failing_client_app(run_config, fail_client=1, fail_round=2),
+                   num_supernodes=3, backend_config={
+                       "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                       "init_args": {"num_cpus": 2, "include_dashboard": False}})
+    lines = _lines(tmp_path / "run")
+    assert [m["round"] for m in lines] == [1, 2, 3]
+    assert [m.get("dropped") for m in lines] == [None, [1], None]
+    assert lines[1]["clients"] == [0, 2] and lines[1]["aggregated"] is True
+    assert set(lines[1]["bytes_up_per_client"]) == {"0", "2"}
+    assert lines[2]["clients"] == [0, 1, 2]  # the client is back the next round
+    assert (tmp_path / "run" / "summary.json").is_file()
