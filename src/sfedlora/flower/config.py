@@ -1,29 +1,37 @@
-"""Experiment config from Flower run config (identical on the server and every node)."""
+"""Experiment config from Flower run config (identical on the server and every node).
+
+Two keys are declared in pyproject ``[tool.flwr.app.config]`` so that ``flwr run -c``
+accepts them: ``config-file`` (a YAML config; absolute, or relative to the directory
+the SuperLink was started in) and ``overrides`` (space-separated ``dotted.key=value``
+items, as on the ``sfedlora run`` command line). Programmatic runs may also pass each
+override as its own run-config key.
+"""
 
 from __future__ import annotations
 
 import json
+import shlex
 from collections.abc import Mapping
 
 from sfedlora.config import ExperimentConfig, load_config
 
 CONFIG_FILE_KEY = "config-file"
+OVERRIDES_KEY = "overrides"
 
 
 def experiment_config(run_config: Mapping[str, object]) -> ExperimentConfig:
-    """``config-file`` (optional YAML) with every other key as a dotted override.
-    Strings are passed through; other values are written as JSON so that lists and
-    booleans keep their type."""
+    """``config-file`` (optional YAML), then the ``overrides`` string, then every other
+    key as a dotted override. Strings are passed through; other values are written as
+    JSON so that lists and booleans keep their type."""
     path = run_config.get(CONFIG_FILE_KEY) or None
-    overrides = [f"{k}={v if isinstance(v, str) else json.dumps(v)}"
-                 for k, v in sorted(run_config.items()) if k != CONFIG_FILE_KEY]
+    overrides = shlex.split(str(run_config.get(OVERRIDES_KEY) or ""))
+    overrides += [f"{k}={v if isinstance(v, str) else json.dumps(v)}"
+                  for k, v in sorted(run_config.items())
+                  if k not in (CONFIG_FILE_KEY, OVERRIDES_KEY)]
     return load_config(str(path) if path else None, [*overrides, "progress=false"])
 
 
 def as_run_config(config_file: str | None, overrides: list[str]) -> dict[str, str]:
-    """The run config that :func:`experiment_config` turns back into this experiment."""
-    run_config = {CONFIG_FILE_KEY: config_file} if config_file else {}
-    for item in overrides:
-        key, _, value = item.partition("=")
-        run_config[key] = value
-    return run_config
+    """The run config that :func:`experiment_config` turns back into this experiment
+    (the two declared keys only, so ``flwr run`` accepts it too)."""
+    return {CONFIG_FILE_KEY: config_file or "", OVERRIDES_KEY: shlex.join(overrides)}
