@@ -111,6 +111,10 @@ class RunDir:
                         for c in range(sim.cfg.clients.num)}
         written = []
         for name, tensors in targets.items():
+            if tensors is None:
+                logging.getLogger(__name__).warning(
+                    "%s: no adapter to export (its node is gone)", name)
+                continue
             worker.slots.load(tensors)
             out = self.path / "adapters" / name
             # Embeddings are never trained here; "auto" would look the base up online.

@@ -132,7 +132,8 @@ class Simulation:
 
     def score_clients(self) -> dict[int, tuple[Scores, list[float] | None]]:
         """Every client's scores (own test part; the global test set and output norm
-        where the method has no global adapter) and FDLoRA's fusion weights."""
+        where the method has no global adapter) and FDLoRA's fusion weights; a client
+        missing from the result could not be scored (its node is gone)."""
         global_part = not self.method.has_global_adapter
         scores = {}
         for cid in range(self.cfg.clients.num):
@@ -153,6 +154,8 @@ class Simulation:
         return tensors, fusion
 
     def client_adapter(self, cid: int):
+        """Client ``cid``'s adapter; None where it cannot be had (a remote runtime
+        whose node is gone), which the export skips."""
         return self._client_adapter(cid)[0]
 
     def global_adapter(self):
@@ -179,6 +182,8 @@ class Simulation:
                        if self.method.has_global_adapter else None)
             metrics = combine_classification([s for _, (s, _) in sorted(scores.items())],
                                              global_)
+            if unscored := sorted(set(range(self.cfg.clients.num)) - set(scores)):
+                metrics["unscored"] = unscored  # the means are over the others
         if self.method.personal_adapter:
             metrics["fusion_weights"] = dict(sorted(self.fusion_weights.items(),
                                                     key=lambda kv: int(kv[0])))
@@ -252,6 +257,7 @@ class Simulation:
                 run_dir.log_samples(0, self.samples)
                 run_dir.log_timing({"round": 0, "eval": time.perf_counter() - t})
             for round_idx in bar:
+                started_at = time.time()  # wall clock: comparable across processes
                 record = self.run_round(round_idx)
                 if self.should_evaluate(round_idx):
                     t = time.perf_counter()
@@ -260,7 +266,8 @@ class Simulation:
                     run_dir.log_metrics(record.metrics)
                     run_dir.log_samples(round_idx, self.samples)
                     bar.set_postfix(loss=f"{record.metrics['train_loss']:.3f}")
-                run_dir.log_timing({"round": round_idx, **record.seconds})
+                run_dir.log_timing({"round": round_idx, **record.seconds,
+                                    "started_at": started_at, "ended_at": time.time()})
                 last = record.metrics  # the last round is always evaluated when eval is on
                 if self.should_checkpoint(round_idx):
                     run_dir.save_checkpoint(self.checkpoint(

@@ -73,11 +73,17 @@ class FlowerSimulation(Simulation):
 
     def _send(self, kind: str, requests: dict[int, dict], timeout: float | None
               ) -> dict[int, Message]:
-        """One message per node (keyed by node id); the replies without an error, keyed
-        by node id. Errors are logged; late or missing replies are simply absent."""
+        """One message per online node (keyed by node id); the replies without an
+        error, keyed by node id. Errors are logged; late or missing replies are simply
+        absent. A node the SuperLink already knows is offline is not waited for."""
+        online = set(self.grid.get_node_ids())
+        if offline := sorted(set(requests) - online):
+            log.warning("nodes %s are offline; not sending them %s messages", offline, kind)
         sent = [Message(RecordDict({messages.REQUEST: ConfigRecord(body)}),
                         dst_node_id=node, message_type=kind)
-                for node, body in requests.items()]
+                for node, body in requests.items() if node in online]
+        if not sent:
+            return {}
         replies = {}
         for reply in self.grid.send_and_receive(sent, timeout=timeout):
             node = reply.metadata.src_node_id
@@ -122,7 +128,8 @@ class FlowerSimulation(Simulation):
                                messages.DOWNLOAD: self._eval_download(cid)}},
             self.cfg.flower.round_timeout))
         if cid not in replies:
-            raise RuntimeError(f"client {cid}'s node did not return its adapter")
+            log.warning("client %d's node did not return its adapter", cid)
+            return None
         return wire.decode(replies[cid].content[messages.REPLY][messages.ADAPTER])
 
 
