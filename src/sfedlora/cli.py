@@ -142,6 +142,26 @@ def cmd_flower_sim(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_deploy_local(args: argparse.Namespace) -> int:
+    _quiet_libraries()
+    from sfedlora.flower.deploy import DeploymentError, deploy_local
+
+    if args.nodes < 1:
+        raise ConfigError(f"--nodes must be at least 1, got {args.nodes}")
+    config, overrides = _split_config_arg(args)
+    try:
+        run_dir = deploy_local(config, overrides, args.nodes, timeout=args.timeout)
+    except DeploymentError as exc:
+        print(f"sfedlora: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; every process the deployment started is stopped",
+              file=sys.stderr)
+        return 130
+    print(f"run directory: {run_dir} (process logs in {run_dir / 'deploy'})")
+    return 0
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from sfedlora.plots import plot_runs, plot_sweep
 
@@ -191,6 +211,17 @@ def build_parser() -> argparse.ArgumentParser:
     flower.add_argument("--workers", type=int, help="worker processes, one model each "
                         "(default: one per CPU core)")
     flower.set_defaults(func=cmd_flower_sim)
+    deploy = sub.add_parser(
+        "deploy-local", help="run one experiment on Flower's deployment engine on this "
+        "machine: a SuperLink and one SuperNode per client as separate processes, with TLS "
+        "and node authentication")
+    deploy.add_argument("config", nargs="?", help="YAML config (default: the offline main job)")
+    deploy.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    deploy.add_argument("--nodes", type=int, required=True,
+                        help="SuperNodes to start, one per client (sets clients.num)")
+    deploy.add_argument("--timeout", type=float, help="give up (and stop everything) after "
+                        "this many seconds (default: wait for the run)")
+    deploy.set_defaults(func=cmd_deploy_local)
 
     plot = sub.add_parser("plot", help="draw a metric of runs against rounds or bytes")
     plot.add_argument("runs", nargs="*", help="run directories")
