@@ -1,0 +1,142 @@
+"""Flower's deployment engine on loopback: TLS, node authentication, every process
+stopped, a node killed mid-round (issue 5)."""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+
+import pytest
+
+from sfedlora.config import to_yaml
+from sfedlora.simulation import Simulation
+
+pytest.importorskip("flwr")
+
+COMPARED = ("train_loss", "personalized_accuracy", "personalized_loss", "global_accuracy",
+            "adapter_output_norm")
+
+
+def _lines(run_dir):
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def config_file(tiny_config, tmp_path):
+    def make(*overrides):
+        cfg = tiny_config("method=sfed", "clients.num=2", "rounds=2", "eval.every=2",
+                          "checkpoint.every=0", *overrides)
+        path = tmp_path / "config.yaml"
+        path.write_text(to_yaml(cfg))
+        return cfg, path
+    return make
+
+
+def test_deploy_local_runs_the_experiment_and_leaves_no_process(config_file, tmp_path):
+    from sfedlora.flower.deploy import deploy_local, marked_processes
+
+    cfg, path = config_file(f"output_dir={tmp_path / 'local'}")
+    Simulation(cfg).run()
+    run_dir = deploy_local(str(path), [f"output_dir={tmp_path / 'deployed'}"], nodes=2,
+                           timeout=400)
+
+    assert marked_processes() == []  # SuperLink, SuperNodes and their children are gone
+    assert run_dir == tmp_path / "deployed"
+    local, deployed = _lines(tmp_path / "local"), _lines(run_dir)
+    assert [m["round"] for m in deployed] == [2]
+    for key in COMPARED:  # the same numbers as the in-process simulator
+        assert math.isclose(local[-1][key], deployed[-1][key], abs_tol=1e-5), key
+    assert deployed[-1]["bytes_up_per_client"] == local[-1]["bytes_up_per_client"]
+    assert sorted(p.name for p in (run_dir / "adapters").iterdir()) == ["client_0", "client_1"]
+    logs = sorted(p.name for p in (run_dir / "deploy").iterdir())
+    assert logs == ["superlink.log", "supernode-0.log", "supernode-1.log"]
+    assert json.loads((run_dir / "summary.json").read_text())["round"] == 2
+
+
+def test_tls_is_required_and_an_unregistered_node_is_refused(tmp_path):
+    import httpx
+
+    from sfedlora.flower.credentials import make_node_key
+    from sfedlora.flower.deploy import LocalDeployment, marked_processes
+
+    with LocalDeployment(tmp_path / "work") as deployment:
+        deployment.start_superlink()
+        with pytest.raises(httpx.HTTPError):  # no plain-text endpoint
+            httpx.get(f"http://{deployment.address}/health", timeout=5)
+        key = make_node_key(deployment.workdir / "keys", "registered")
+        node_id = deployment.register(key)
+        deployment.start_node(0, key)
+        intruder = deployment.start_node(
+            1, make_node_key(deployment.workdir / "keys", "intruder"), max_retries=1)
+        assert intruder.popen.wait(timeout=120) != 0
+        assert "Failed to activate SuperNode" in intruder.log.read_text()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            nodes = deployment.supernodes()
+            if [n["status"] for n in nodes] == ["online"]:
+                break
+            time.sleep(1)
+        assert [(int(n["node-id"]), n["status"]) for n in nodes] == [(node_id, "online")]
+        deployment_id = deployment.id
+    assert marked_processes(deployment_id) == []
+
+
+def _kill_when_training(node, round_idx: int, stop: threading.Event) -> None:
+    """Kill ``node`` once its ``round_idx``-th training message has arrived."""
+    while not stop.is_set():
+        if node.log.read_text(errors="replace").count("Receiving: train message") >= round_idx:
+            node.kill()
+            return
+        time.sleep(0.2)
+
+
+def test_a_node_killed_mid_round_is_dropped_and_the_run_finishes(config_file, tmp_path):
+    from sfedlora.flower.config import as_run_config
+    from sfedlora.flower.credentials import make_node_key
+    from sfedlora.flower.deploy import LocalDeployment, marked_processes
+
+    run_dir = tmp_path / "run"
+    # The SuperLink reports the dead node after two missed 30 s heartbeats, well within
+    # the round timeout: this is the "Node Unavailable" path, not the timeout path.
+    _, path = config_file("rounds=1", "clients.min_clients=1", "flower.round_timeout=120",
+                          f"output_dir={run_dir}")
+    stop = threading.Event()
+    with LocalDeployment(tmp_path / "work") as deployment:
+        deployment.start_superlink()
+        for cid in range(2):
+            key = make_node_key(deployment.workdir / "keys", f"node-{cid}")
+            deployment.register(key)
+            deployment.start_node(cid, key)
+        killer = threading.Thread(target=_kill_when_training,
+                                  args=(deployment.nodes[1], 1, stop), daemon=True)
+        killer.start()
+        try:
+            status = deployment.wait(deployment.submit(as_run_config(str(path), [])), 400)
+        finally:
+            stop.set()
+        assert not deployment.nodes[1].alive() and deployment.nodes[0].alive()
+        deployment_id = deployment.id
+    assert marked_processes(deployment_id) == []
+
+    assert status == "finished:completed"
+    (last,) = _lines(run_dir)
+    assert last["round"] == 1 and last["dropped"] == [1] and last["clients"] == [0]
+    assert last["aggregated"] is True and last["unscored"] == [1]
+    assert 0.0 <= last["personalized_accuracy"] <= 1.0
+    assert [p.name for p in (run_dir / "adapters").iterdir()] == ["client_0"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--nodes", "0"], "--nodes must be at least 1"),
+    (["--nodes", "2", "method=flora"], "method=flora"),
+    (["--nodes", "2", "lora.rank=0"], "lora.rank"),
+])
+def test_deploy_local_refuses_bad_input_before_starting_anything(args, message, capsys):
+    from sfedlora.cli import main
+    from sfedlora.flower.deploy import marked_processes
+
+    assert main(["deploy-local", *args]) == 2
+    assert message in capsys.readouterr().err
+    assert marked_processes() == []
