@@ -121,11 +121,13 @@ def evaluate(msg: Message, context: Context, defaults: dict) -> Message:
 def query(msg: Message, context: Context, defaults: dict) -> Message:
     """``describe``: the node's client id; ``adapter``: the client's adapter (for the
     exported PEFT adapters at the end of a run)."""
-    exp, cid = _setup(context, defaults)
     request = msg.content[messages.REQUEST]
+    cfg = experiment_config({**defaults, **context.run_config})
+    cid = client_id(context, cfg)
     reply = {messages.CLIENT: cid}
-    if request[messages.WHAT] == messages.ADAPTER:
-        tensors, _ = _scored_adapter(exp, cid, context, request[messages.DOWNLOAD])
+    if request[messages.WHAT] == messages.ADAPTER:  # only this needs the model
+        tensors, _ = _scored_adapter(experiment(cfg), cid, context,
+                                     request[messages.DOWNLOAD])
         reply[messages.ADAPTER] = wire.encode(tensors)
     return Message(RecordDict({messages.REPLY: ConfigRecord(reply)}), reply_to=msg)
 
