@@ -107,8 +107,8 @@ class RunDir:
         targets = {"global": sim.global_adapter()} if sim.method.has_global_adapter else {}
         if not sim.method.has_global_adapter or sim.method.personal_adapter:
             # private parts, or FDLoRA's fused personal adapters
-            targets |= {f"client_{c}": sim.client_adapter(c)
-                        for c in range(sim.cfg.clients.num)}
+            adapters = sim.client_adapters(range(sim.cfg.clients.num))
+            targets |= {f"client_{c}": tensors for c, tensors in adapters.items()}
         written = []
         for name, tensors in targets.items():
             if tensors is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -157,6 +158,11 @@ class Simulation:
         """Client ``cid``'s adapter; None where it cannot be had (a remote runtime
         whose node is gone), which the export skips."""
         return self._client_adapter(cid)[0]
+
+    def client_adapters(self, cids: Sequence[int]) -> dict[int, dict | None]:
+        """:meth:`client_adapter` for many clients (a remote runtime asks them all at
+        once)."""
+        return {cid: self.client_adapter(cid) for cid in cids}
 
     def global_adapter(self):
         return self.exp.worker.global_adapter(self.server.received_state())

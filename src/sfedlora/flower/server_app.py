@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
@@ -122,15 +123,23 @@ class FlowerSimulation(Simulation):
                 for cid, r in replies.items()}
 
     def client_adapter(self, cid: int):
-        replies = self._by_client(self._send(
-            MessageType.QUERY,
-            {self.nodes[cid]: {messages.WHAT: messages.ADAPTER,
-                               messages.DOWNLOAD: self._eval_download(cid)}},
-            self.cfg.flower.round_timeout))
-        if cid not in replies:
-            log.warning("client %d's node did not return its adapter", cid)
-            return None
-        return wire.decode(replies[cid].content[messages.REPLY][messages.ADAPTER])
+        return self.client_adapters([cid])[cid]
+
+    def client_adapters(self, cids: Sequence[int]) -> dict[int, dict | None]:
+        requests = {self.nodes[cid]: {messages.WHAT: messages.ADAPTER,
+                                      messages.DOWNLOAD: self._eval_download(cid)}
+                    for cid in cids}
+        replies = self._by_client(self._send(MessageType.QUERY, requests,
+                                             self.cfg.flower.round_timeout))
+        adapters = {}
+        for cid in cids:
+            if cid in replies:
+                adapters[cid] = wire.decode(
+                    replies[cid].content[messages.REPLY][messages.ADAPTER])
+            else:
+                log.warning("client %d's node did not return its adapter", cid)
+                adapters[cid] = None
+        return adapters
 
 
 def refuse_unsupported(cfg: ExperimentConfig) -> None:
