@@ -131,10 +131,6 @@ class Process:
                 proc.kill()
         self.popen.wait()
 
-    def stop(self, grace: float = STOP_GRACE_S) -> None:
-        _end(_tree(self.popen.pid), grace)
-        self.popen.wait()
-
 
 @dataclass
 class LocalDeployment:
@@ -171,10 +167,10 @@ class LocalDeployment:
 
     # --- processes ------------------------------------------------------------------
 
-    def _spawn(self, name: str, command: list[str]) -> Process:
+    def _spawn(self, name: str, command: list[str], env: dict | None = None) -> Process:
         log_path = self.logs / f"{name}.log"
         with log_path.open("ab") as out:
-            popen = subprocess.Popen(command, env=self.env, stdout=out,
+            popen = subprocess.Popen(command, env={**self.env, **(env or {})}, stdout=out,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      start_new_session=True)  # Ctrl-C reaches us, not them
         proc = Process(name, popen, log_path)
@@ -230,9 +226,12 @@ class LocalDeployment:
         """The SuperLink's view of its registered nodes (``node-id``, ``status``, ...)."""
         return self._flwr("supernode", "list", CONNECTION)["nodes"]
 
-    def start_node(self, cid: int, key: NodeKey, *, max_retries: int | None = None) -> Process:
+    def start_node(self, cid: int, key: NodeKey, *, max_retries: int | None = None,
+                   threads: int | None = None) -> Process:
         """A SuperNode serving client ``cid`` (its ``partition-id``); its client state
-        goes to ``workdir/state``."""
+        goes to ``workdir/state``. ``threads`` caps torch's threads in the node's
+        ClientApp processes: nodes sharing one machine should share its cores, not
+        each take all of them."""
         node_config = f'partition-id={cid} state-dir="{self.workdir / "state"}"'
         command = ["flower-supernode", "--superlink", self.address,
                    "--root-certificates", str(self.tls.ca_cert),
@@ -241,7 +240,9 @@ class LocalDeployment:
                    "--host", self.host, "--port", str(free_port(self.host))]
         if max_retries is not None:
             command += ["--max-retries", str(max_retries)]
-        proc = self._spawn(f"supernode-{cid}", command)
+        env = None if threads is None else {"OMP_NUM_THREADS": str(threads),
+                                             "MKL_NUM_THREADS": str(threads)}
+        proc = self._spawn(f"supernode-{cid}", command, env)
         self.nodes[cid] = proc
         return proc
 
@@ -274,9 +275,13 @@ class LocalDeployment:
     # --- shutdown -------------------------------------------------------------------
 
     def stop(self) -> None:
-        """SuperNodes first, then the SuperLink, then anything left with our marker."""
-        for proc in reversed(self.processes):
-            proc.stop()
+        """SuperNodes first (all at once), then the SuperLink, then anything left with
+        our marker."""
+        others = [proc for proc in self.processes if proc not in self.nodes.values()]
+        for group in ([*self.nodes.values()], others):
+            _end([p for proc in group for p in _tree(proc.popen.pid)], STOP_GRACE_S)
+            for proc in group:
+                proc.popen.wait()
         leftovers = marked_processes(self.id)
         if leftovers:
             log.warning("stopping %d leftover processes: %s", len(leftovers),
@@ -311,10 +316,11 @@ def deploy_local(config_file: str | None, overrides: list[str], nodes: int, *,
             deployment = LocalDeployment(Path(work))
             try:
                 deployment.start_superlink()
+                threads = max(1, (os.cpu_count() or 1) // nodes)  # the nodes share this machine
                 for cid in range(nodes):
                     key = make_node_key(deployment.workdir / "keys", f"node-{cid}")
                     deployment.register(key)
-                    deployment.start_node(cid, key)
+                    deployment.start_node(cid, key, threads=threads)
                 run_id = deployment.submit(run_config)
                 log.info("run %d on %s with %d SuperNodes", run_id, deployment.address, nodes)
                 status = deployment.wait(run_id, timeout)
