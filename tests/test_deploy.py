@@ -140,3 +140,25 @@ def test_deploy_local_refuses_bad_input_before_starting_anything(args, message, 
     assert main(["deploy-local", *args]) == 2
     assert message in capsys.readouterr().err
     assert marked_processes() == []
+
+
+def test_sigterm_mid_run_stops_every_process(config_file, tmp_path):
+    """What a scheduler (SLURM, Kubernetes) sends; Ctrl-C takes the same path."""
+    import signal
+    import subprocess
+    import sys
+
+    from sfedlora.flower.deploy import marked_processes
+
+    _, path = config_file(f"output_dir={tmp_path / 'run'}")
+    cli = subprocess.Popen([sys.executable, "-m", "sfedlora.cli", "deploy-local", str(path),
+                            "--nodes", "2"], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while len(marked_processes()) < 3 and time.monotonic() < deadline:  # link + 2 nodes
+        time.sleep(0.5)
+    assert len(marked_processes()) >= 3
+    cli.send_signal(signal.SIGTERM)
+    _, err = cli.communicate(timeout=120)
+    assert cli.returncode == 130 and "every process the deployment started is stopped" in err
+    assert marked_processes() == []
+    assert (tmp_path / "run" / "deploy" / "superlink.log").is_file()

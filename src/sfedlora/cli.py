@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -158,7 +159,8 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
         print("interrupted; every process the deployment started is stopped",
               file=sys.stderr)
         return 130
-    print(f"run directory: {run_dir} (process logs in {run_dir / 'deploy'})")
+    _print_table(json.loads((run_dir / "summary.json").read_text()), str(run_dir))
+    print(f"process logs: {run_dir / 'deploy'}")
     return 0
 
 
