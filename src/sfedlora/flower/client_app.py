@@ -81,9 +81,15 @@ def save_state(context: Context, cid: int, state: ClientState) -> None:
     os.replace(tmp, path)  # atomic: a node killed mid-write keeps the previous state
 
 
-def _setup(context: Context, defaults: dict) -> tuple[Experiment, int]:
+def _client(context: Context, defaults: dict) -> tuple[ExperimentConfig, int]:
+    """The run's experiment config and this node's client id (no model needed)."""
     cfg = experiment_config({**defaults, **context.run_config})
-    return experiment(cfg), client_id(context, cfg)
+    return cfg, client_id(context, cfg)
+
+
+def _setup(context: Context, defaults: dict) -> tuple[Experiment, int]:
+    cfg, cid = _client(context, defaults)
+    return experiment(cfg), cid
 
 
 def _scored_adapter(exp: Experiment, cid: int, context: Context, download: bytes):
@@ -122,8 +128,7 @@ def query(msg: Message, context: Context, defaults: dict) -> Message:
     """``describe``: the node's client id; ``adapter``: the client's adapter (for the
     exported PEFT adapters at the end of a run)."""
     request = msg.content[messages.REQUEST]
-    cfg = experiment_config({**defaults, **context.run_config})
-    cid = client_id(context, cfg)
+    cfg, cid = _client(context, defaults)
     reply = {messages.CLIENT: cid}
     if request[messages.WHAT] == messages.ADAPTER:  # only this needs the model
         tensors, _ = _scored_adapter(experiment(cfg), cid, context,

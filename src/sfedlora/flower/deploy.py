@@ -31,7 +31,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from sfedlora.config import ConfigError, load_config
+from sfedlora.config import load_config
 from sfedlora.flower.config import as_run_config
 from sfedlora.flower.credentials import NodeKey, make_node_key, make_tls
 from sfedlora.flower.server_app import refuse_unsupported
@@ -334,4 +334,4 @@ def deploy_local(config_file: str | None, overrides: list[str], nodes: int, *,
     return run_dir
 
 
-__all__ = ["ConfigError", "DeploymentError", "LocalDeployment", "deploy_local"]
+__all__ = ["DeploymentError", "LocalDeployment", "deploy_local", "marked_processes"]
