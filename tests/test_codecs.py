@@ -72,11 +72,39 @@ def test_top_k_keeps_the_k_largest_magnitudes_over_all_tensors():
     assert int((out["m.q.lora_B.default.weight"] != 0).sum()) == 0
 
 
+def _row_grids(payload: bytes) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per quantised tensor, the (scale, offset) of each row as sent."""
+    pieces, meta = _pieces_and_meta(payload)
+    grids, at = {}, 0
+    for name, shape, *_, bits in meta["codec"]:
+        if bits is not None:
+            rows = shape[0]
+            grids[name] = (pieces["scale"][at:at + rows], pieces["offset"][at:at + rows])
+            at += rows
+    return grids
+
+
+def _assert_within_half_a_step(x, y, kept, scale, offset, bits):
+    """|x - x'| <= s/2 per row, up to the float32 rounding of the decoded value, and the
+    step is at most range / (2**b - 2) (the price of an exact zero point)."""
+    eps = torch.finfo(torch.float32).eps
+    for row in range(x.shape[0]):
+        xs, ys = x[row][kept[row]].double(), y[row][kept[row]].double()
+        if xs.numel() == 0:
+            continue
+        s = float(scale[row])
+        if xs.max() > xs.min():
+            assert s <= float(xs.max() - xs.min()) / (2**bits - 2) * (1 + 4 * eps)
+        rounding = 2 * eps * (xs.abs().max() + abs(float(offset[row])) + (2**bits) * s)
+        assert (xs - ys).abs().max() <= s / 2 + rounding
+
+
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("density", [1.0, 0.25])
 def test_quantisation_error_is_within_half_a_step_per_channel(bits, density):
     t = _tensors(1)
-    out = decode(Codec(bits=bits, density=density).encode(t))
+    payload = Codec(bits=bits, density=density).encode(t)
+    out, grids = decode(payload), _row_grids(payload)
     for name, x in t.items():
         y = out[name]
         if x.dim() == 1:
@@ -84,12 +112,40 @@ def test_quantisation_error_is_within_half_a_step_per_channel(bits, density):
             assert torch.equal(y[kept], x[kept])  # 1-D tensors stay float32
             continue
         kept = y != 0 if density < 1 else torch.ones_like(x, dtype=torch.bool)
-        for row in range(x.shape[0]):
-            xs, ys = x[row][kept[row]], y[row][kept[row]]
-            if xs.numel() == 0:
-                continue
-            step = (xs.max() - xs.min()) / (2**bits - 1)
-            assert (xs - ys).abs().max() <= step / 2 + 1e-6
+        _assert_within_half_a_step(x, y, kept, *grids[name], bits)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_quantisation_bound_holds_on_rows_far_from_zero(bits):
+    """Rows 10 + 0.001*u: the codes must come from x - lo, not x/s + z, whose large
+    terms cancel in float32 (1.46x the bound at 8 bits before)."""
+    gen = torch.Generator().manual_seed(3)
+    x = 10 + 0.001 * torch.rand(6, 64, generator=gen)
+    x[3] = -250 + 0.01 * torch.rand(64, generator=gen)
+    payload = Codec(bits=bits).encode({"m.lora_A.default.weight": x})
+    y = decode(payload)["m.lora_A.default.weight"]
+    scale, offset = _row_grids(payload)["m.lora_A.default.weight"]
+    _assert_within_half_a_step(x, y, torch.ones_like(x, dtype=torch.bool), scale, offset,
+                               bits)
+    assert (scale < 0.011).all()  # the grid spans the row, not [0, 10]
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("delta", [False, True])
+def test_quantisation_keeps_exact_zeros(bits, delta):
+    """A zero in a row (an unchanged entry of a delta) decodes to exactly zero."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(8, 40, generator=gen)
+    x[:, ::3] = 0.0
+    x[2] = torch.rand(40, generator=gen)  # a row with min 0 ...
+    x[2, 5] = 0.0
+    x[5] = -torch.rand(40, generator=gen)  # ... and one with max 0
+    x[5, 7] = 0.0
+    x[6] = 0.0  # a constant zero row
+    ref = {"m.lora_B.default.weight": torch.zeros_like(x)}
+    y = decode(Codec(bits=bits, delta=delta).encode({"m.lora_B.default.weight": x}, ref), ref)
+    y = y["m.lora_B.default.weight"]
+    assert torch.equal(y[x == 0], torch.zeros(int((x == 0).sum())))
 
 
 def test_quantised_message_size_is_bits_per_value_plus_64_bits_per_channel():
@@ -98,8 +154,8 @@ def test_quantised_message_size_is_bits_per_value_plus_64_bits_per_channel():
         pieces, meta = _pieces_and_meta(Codec(bits=bits).encode(a))
         assert pieces["codes"].dtype == torch.uint8
         assert pieces["codes"].numel() == 8000 * bits // 8
-        assert pieces["scale"].dtype == pieces["zero"].dtype == torch.float32
-        assert pieces["scale"].numel() == pieces["zero"].numel() == 8
+        assert pieces["scale"].dtype == pieces["offset"].dtype == torch.float32
+        assert pieces["scale"].numel() == pieces["offset"].numel() == 8
         assert pieces["values"].dtype == torch.float32 and pieces["values"].numel() == 5
         assert [e[-1] for e in meta["codec"]] == [bits, None]
 
@@ -192,6 +248,23 @@ def test_error_feedback_carries_what_was_lost_into_the_next_message():
     # telescoping: everything ever meant to be sent = what arrived + what is still owed
     for n in ref:
         assert torch.allclose(sent_sum[n] + residual[n], target_sum[n], atol=1e-5)
+
+
+def test_error_feedback_keeps_residuals_of_tensors_not_sent_this_round():
+    """RoLoRA alternates B and A: what B's message lost in round 1 must still be owed
+    (and added) when B is sent again in round 3."""
+    codec = Codec(density=0.1, delta=True, error_feedback=True)
+    full = _tensors()
+    a, b = "m.q.lora_A.default.weight", "m.q.lora_B.default.weight"
+    ref = {n: torch.zeros_like(v) for n, v in full.items()}
+    _, residual = codec.send({b: full[b]}, ref, None)  # round 1: B goes up
+    owed_b = residual[b].clone()
+    assert owed_b.abs().sum() > 0
+    _, residual = codec.send({a: full[a]}, ref, residual)  # round 2: A goes up
+    assert torch.equal(residual[b], owed_b)  # B's residual survives A's round
+    payload, residual = codec.send({b: full[b]}, ref, residual)  # round 3: B again
+    received = decode(payload, ref)
+    torch.testing.assert_close(received[b] + residual[b], full[b] + owed_b)
 
 
 SPEC = {n: TensorSpec(tuple(v.shape), v.dtype) for n, v in _tensors().items()}

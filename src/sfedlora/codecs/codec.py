@@ -13,7 +13,7 @@ Stages, each optional, applied to every message of one direction:
 
 The message is safetensors with at most five flat pieces, each the concatenation over
 tensors (``values``: float values; ``codes``: bit-packed quantised values; ``index``;
-``scale`` and ``zero``: per channel), plus a JSON header listing each tensor's name,
+``scale`` and ``offset``: per channel), plus a JSON header listing each tensor's name,
 shape, dtype and stage settings in order. So it is self-describing, a message of many
 small tensors pays one header entry per piece rather than per tensor, and its size is
 ``len(payload)``. A codec that does nothing writes the plain tensors, byte for
@@ -39,7 +39,7 @@ from sfedlora.wire import MessageError
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-PIECES = ("values", "codes", "index", "scale", "zero")
+PIECES = ("values", "codes", "index", "scale", "offset")
 
 Tensors = dict[str, torch.Tensor]
 
@@ -94,10 +94,11 @@ class Codec:
                 flat = flat[positions]
             bits = self.bits if self.bits is not None and t.dim() >= 2 else None
             if bits is not None:
-                q, scale, zero = quantize_rows(flat, _rows(positions, t.shape), t.shape[0], bits)
+                q, scale, offset = quantize_rows(flat, _rows(positions, t.shape), t.shape[0],
+                                                 bits)
                 out["codes"].append(torch.from_numpy(pack_bits(q.numpy(), bits)))
                 out["scale"].append(scale)
-                out["zero"].append(zero)
+                out["offset"].append(offset)
             else:
                 out["values"].append(flat)
             layout.append([name, list(t.shape), str(t.dtype).removeprefix("torch."),
@@ -122,14 +123,18 @@ class Codec:
     def send(self, tensors: Tensors, reference: Tensors | None, residual: Tensors | None,
              meta: dict | None = None) -> tuple[bytes, Tensors | None]:
         """Encode with error feedback when it is on: returns the payload and the
-        residual to keep for the next message (None when feedback is off)."""
+        residual to keep for the next message (None when feedback is off).
+
+        The residual is kept per tensor: a tensor not sent in this message keeps what
+        its last message lost until it is sent again, so methods whose uploads
+        alternate between tensors (RoLoRA: B, then A) lose nothing."""
         if not self.error_feedback:
             return self.encode(tensors, reference, meta), None
         residual = residual or {}
         target = {n: t + residual[n] if n in residual else t for n, t in tensors.items()}
         payload = self.encode(target, reference, meta)
         received = decode(payload, reference)
-        return payload, {n: target[n] - received[n] for n in target}
+        return payload, {**residual, **{n: target[n] - received[n] for n in target}}
 
 
 def _rows(positions: torch.Tensor | None, shape: torch.Size) -> torch.Tensor:
@@ -213,11 +218,12 @@ def _decode_tensor(entry: list, reader: _Reader, reference: Tensors,
         if bits not in BITS or len(shape) < 2:
             raise MessageError(f"{name}: bits={bits} is not a valid quantisation")
         packed = reader.take("codes", -(-count * bits // 8))
-        scale, zero = reader.take("scale", shape[0]).float(), reader.take("zero", shape[0]).float()
+        scale = reader.take("scale", shape[0]).float()
+        offset = reader.take("offset", shape[0]).float()
         if packed.dtype != torch.uint8:
             raise MessageError(f"{name}: quantised codes must be uint8")
         q = torch.from_numpy(np.ascontiguousarray(unpack_bits(packed.numpy(), bits, count)))
-        values = dequantize_rows(q, _rows(positions, torch.Size(shape)), scale, zero)
+        values = dequantize_rows(q, _rows(positions, torch.Size(shape)), scale, offset)
     else:
         values = reader.take("values", count).float()
     if positions is None:
