@@ -9,8 +9,10 @@ to a temporary name and renamed over the old one, so a crash leaves either the p
 checkpoint or the new one, never half of one.
 
 RNG state needs no saving: every random draw (client sampling, batch order, dropout,
-A inits, DP noise) is seeded from (seed, round, client), so a resumed round draws what
-the uninterrupted round would have drawn.
+A inits) is seeded from (seed, round, client), so a resumed round draws what the
+uninterrupted round would have drawn. DP noise is the exception: it comes from OS
+entropy (a seeded draw could be subtracted by anyone who knows the seed), so a DP run
+continues from the noised state its checkpoint holds and draws fresh noise after it.
 """
 
 from __future__ import annotations
