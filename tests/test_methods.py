@@ -98,3 +98,23 @@ def test_registry_and_unknown_method():
                              "hetlora", "fdlora", "flora"}
     with pytest.raises(ValueError, match="unknown method"):
         get_method("fedavg")
+
+
+def test_part_of_classifies_every_peft_adapter_name():
+    from sfedlora.methods import part_of
+
+    stem = "base_model.model.bert.embeddings.word_embeddings"
+    assert part_of(f"{stem}.lora_embedding_A.default") is Part.A
+    assert part_of(f"{stem}.lora_embedding_B.default") is Part.B
+    assert part_of(A) is Part.A and part_of(B) is Part.B and part_of(H) is Part.HEAD
+    assert part_of("m.q.vera_lambda_d.default") is Part.A
+    assert part_of("m.q.vera_lambda_b.default") is Part.B
+
+
+def test_embedding_targets_are_refused_by_name(tiny_config):
+    from sfedlora.config import ConfigError
+    from sfedlora.simulation import Simulation
+
+    cfg = tiny_config("lora.targets=[query,value,word_embeddings]")
+    with pytest.raises(ConfigError, match=r"lora\.targets=.*embedding layer.*word_embeddings"):
+        Simulation(cfg)

@@ -157,6 +157,19 @@ def load_causal_lm(path: str, cfg: ExperimentConfig):
     return model
 
 
+def refuse_non_linear_targets(model: torch.nn.Module, targets) -> None:
+    """sfedlora adapts linear layers only: its mixed ranks, merging, output-norm probe
+    and exports read ``lora_A``/``lora_B`` modules, which PEFT's embedding (and
+    convolution) LoRA layers do not have. Refuse such targets by name instead of
+    training them wrongly."""
+    odd = sorted({name.split(".lora_embedding_")[0] for name, _ in model.named_parameters()
+                  if ".lora_embedding_" in name})
+    if odd:
+        raise ConfigError(
+            f"lora.targets={targets!r} adapts embedding layer(s) {odd[:3]}: sfedlora trains "
+            "LoRA on linear layers only; remove the embedding modules from lora.targets")
+
+
 def resolve_path(cfg: ExperimentConfig) -> str:
     name = cfg.model_name
     if name in lm.SMOLLM2_ALIASES:
@@ -176,6 +189,7 @@ def build_model(cfg: ExperimentConfig, label_names: list[str]) -> tuple[PeftMode
         model = get_peft_model(base, peft_config(cfg, base.config.model_type))
     except ValueError as exc:
         raise ConfigError(f"lora.targets={cfg.lora.targets!r}: {exc}") from None
+    refuse_non_linear_targets(model, cfg.lora.targets)
     if not cfg.model.load_in_4bit:
         model.to(resolve_device(cfg.model.device))
     package = OFFLINE_MODELS.get(cfg.model_name)
