@@ -36,6 +36,9 @@ def test_yaml_file_then_overrides(tmp_path):
     [
         (["lora.rnak=8"], "unknown key 'lora.rnak'; did you mean 'lora.rank'"),
         (["colour=blue"], "unknown key 'colour'"),
+        # a key that extends a known one is reported as itself, not as the known key
+        (["local.lrx=0.01"], "unknown key 'local.lrx'; did you mean 'local.lr'"),
+        (["eval.everyx=2"], "unknown key 'eval.everyx'; did you mean 'eval.every'"),
         (["lora.rank=0"], "lora.rank=0: Input should be greater than 0"),
         (["lora.rank=eight"], "lora.rank='eight'"),
         (["local.lr=fast"], "local.lr='fast'"),

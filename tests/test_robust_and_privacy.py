@@ -13,7 +13,7 @@ from sfedlora import wire
 from sfedlora.adapters import TensorSpec
 from sfedlora.aggregation import clip_update, coordinate_median, trimmed_mean, update_norm
 from sfedlora.config import PrivacyConfig, ServerConfig
-from sfedlora.methods import get_method
+from sfedlora.methods import Part, get_method
 from sfedlora.privacy import GaussianMechanism
 from sfedlora.server import Reply, Server
 from sfedlora.simulation import Simulation
@@ -74,21 +74,62 @@ def test_clip_update_scales_the_change_not_the_tensor():
                                                      (2.0, 1.0, 3)])
 def test_epsilon_matches_the_accountant(sigma, q, rounds):
     mech = GaussianMechanism(PrivacyConfig(enabled=True, noise_multiplier=sigma, delta=1e-5),
-                             sample_rate=q, seed=0)
+                             sample_rate=q)
     orders = RDPAccountant.DEFAULT_ALPHAS
     rdp = compute_rdp(q=q, noise_multiplier=sigma, steps=rounds, orders=orders)
     expected, _ = get_privacy_spent(orders=orders, rdp=rdp, delta=1e-5)
     assert mech.epsilon(rounds) == pytest.approx(expected, rel=1e-12)
 
 
-def test_dp_noise_has_the_right_scale_and_is_seeded():
+def test_dp_noise_has_the_right_scale_and_comes_from_os_entropy(monkeypatch):
     cfg = PrivacyConfig(enabled=True, noise_multiplier=2.0, clip_norm=0.5)
-    mech = GaussianMechanism(cfg, sample_rate=1.0, seed=3)
+    mech = GaussianMechanism(cfg, sample_rate=1.0)
     zeros = {A: torch.zeros(200, 200)}
-    noisy = mech.noise(zeros, num_updates=4, round_idx=1)[A]
+    noisy = mech.noise(zeros, num_updates=4)[A]
     assert noisy.std().item() == pytest.approx(2.0 * 0.5 / 4, rel=0.02)
-    assert torch.equal(noisy, mech.noise(zeros, 4, 1)[A])
-    assert not torch.equal(noisy, mech.noise(zeros, 4, 2)[A])
+    assert abs(noisy.mean().item()) < 0.01  # 40,000 draws of std 0.25: 5 sigma is 0.006
+    assert not torch.equal(noisy, mech.noise(zeros, 4)[A])  # never the same draw twice
+    # the only source is os.urandom: with its bytes fixed, the noise is fixed
+    monkeypatch.setattr("os.urandom", lambda n: bytes(range(256)) * (n // 256) + bytes(n % 256))
+    assert torch.equal(mech.noise(zeros, 4)[A], mech.noise(zeros, 4)[A])
+
+
+def test_dp_noise_cannot_be_regenerated_from_the_config_seed(tiny_config):
+    """Two runs of one DP config release different states, and the noise is not the
+    seeded draw an attacker who read config.yaml would subtract."""
+    from sfedlora.adapters import derive_seed
+
+    cfg = tiny_config("method=fedit", "privacy.enabled=true", "privacy.noise_multiplier=1.0")
+    released = []
+    for _ in range(2):
+        sim = Simulation(cfg)
+        sim.run_round(1)
+        released.append(sim.server.state[next(iter(sim.server.state))])
+    assert not torch.equal(released[0], released[1])
+    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, 404, 1))
+    seeded = torch.randn(released[0].shape, generator=gen)
+    diff = released[0] - released[1]  # = noise_0 - noise_1: the clipped means cancel
+    assert not torch.allclose(diff, torch.zeros_like(diff), atol=1e-3)
+    std = cfg.privacy.noise_multiplier * cfg.privacy.clip_norm / cfg.clients_per_round
+    assert (diff - std * seeded).abs().max() > 1e-3
+
+
+def test_dp_accounts_the_sampling_rate_of_partial_participation(tiny_config, tmp_path):
+    """2 of 8 clients per round: the accountant must use q = 0.25 (it spends far less
+    than q = 1, which the earlier tests would not have noticed)."""
+    cfg = tiny_config("method=fedit", "clients.num=8", "clients.per_round=2", "rounds=2",
+                      "privacy.enabled=true", "privacy.noise_multiplier=1.1",
+                      "data.min_partition_size=2")
+    Simulation(cfg).run()
+    lines = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [x["round"] for x in lines] == [1, 2]
+    orders = RDPAccountant.DEFAULT_ALPHAS
+    for line in lines:
+        rdp = compute_rdp(q=0.25, noise_multiplier=1.1, steps=line["round"], orders=orders)
+        expected, _ = get_privacy_spent(orders=orders, rdp=rdp, delta=cfg.privacy.delta)
+        assert line["dp_epsilon"] == pytest.approx(expected, rel=1e-12)
+    full = GaussianMechanism(cfg.privacy, sample_rate=1.0).epsilon(2)
+    assert lines[-1]["dp_epsilon"] < 0.6 * full  # 3.30 against 6.33 at q = 1
 
 
 def test_dp_run_reports_epsilon_per_round_and_still_learns(tiny_config, tmp_path):
@@ -98,7 +139,7 @@ def test_dp_run_reports_epsilon_per_round_and_still_learns(tiny_config, tmp_path
                       "data.min_partition_size=2")
     summary = Simulation(cfg).run()
     lines = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
-    mech = GaussianMechanism(cfg.privacy, sample_rate=1.0, seed=0)
+    mech = GaussianMechanism(cfg.privacy, sample_rate=1.0)
     assert [x["dp_epsilon"] for x in lines] == [mech.epsilon(r) for r in range(1, 6)]
     assert lines[0]["dp_epsilon"] < lines[-1]["dp_epsilon"]
     assert summary["train_loss"] < 0.9 * lines[0]["train_loss"]
@@ -111,3 +152,66 @@ def test_privacy_needs_a_shared_a_init(tiny_config):
         tiny_config("method=sfed", "privacy.enabled=true")
     with pytest.raises(ConfigError, match=r"set server\.aggregation=mean"):
         tiny_config("method=fedit", "privacy.enabled=true", "server.aggregation=median")
+
+
+def _own_draw_norm(sim, cid: int, round_idx: int, names) -> float:
+    own = sim.exp.worker.drawn_start(cid, round_idx)
+    return float(sum(own[n].double().pow(2).sum() for n in names)) ** 0.5
+
+
+def test_flora_clipping_measures_the_change_from_the_clients_own_fresh_draw(tiny_config):
+    """FLoRA's A is drawn fresh each round and never sent: a clip bound well above the
+    honest change (but below ||A||) must leave the merged factors untouched; counting A
+    from zero clipped them to 13-20% before, shrinking the merged product ~40x."""
+    args = ("method=flora", "lora.client_ranks=[2,4]", "local.lr=0.001", "rounds=2")
+    plain = Simulation(tiny_config(*args))
+    plain.run_round(1)
+    a_names = plain.exp.worker.slots.names({Part.A})
+    smallest = min(_own_draw_norm(plain, c, 1, a_names) for c in range(4))
+    clipped = Simulation(tiny_config(*args, f"server.clip_norm={smallest / 2}"))
+    clipped.run_round(1)
+    assert set(clipped.server.merges[1]) == set(plain.server.merges[1])
+    for name, t in plain.server.merges[1].items():
+        assert torch.equal(clipped.server.merges[1][name], t)
+
+
+def test_clipping_a_fresh_draw_bounds_its_change_not_its_value(tiny_config):
+    sim = Simulation(tiny_config("method=flora", "server.clip_norm=1e-3"))
+    seen = []
+    real = clip_update
+    import sfedlora.server as server_module
+
+    def spy(tensors, reference, max_norm):
+        out = real(tensors, reference, max_norm)
+        seen.append((update_norm(out, reference), {n: reference[n] for n in tensors}))
+        return out
+
+    server_module.clip_update = spy
+    try:
+        sim.run_round(1)
+    finally:
+        server_module.clip_update = real
+    assert len(seen) == 4
+    for norm, reference in seen:
+        assert norm == pytest.approx(1e-3, rel=1e-3)  # float32 values ~0.1, changes ~1e-5
+        a = [t for n, t in reference.items() if ".lora_A." in n]
+        assert a and all(t.abs().sum() > 0 for t in a)  # measured from the own draw
+
+
+def test_norm_bound_accepts_an_honest_first_round_with_independent_a(tiny_config):
+    """sfed's default a_init=independent: the first round's A was never sent, so a norm
+    bound must measure it against each client's own draw (before: from zero, so every
+    honest client was rejected)."""
+    probe = Simulation(tiny_config("method=sfed", "local.lr=0.001"))
+    a_names = probe.exp.worker.slots.names({Part.A})
+    bound = min(_own_draw_norm(probe, c, 1, a_names) for c in range(4)) / 2
+    sim = Simulation(tiny_config("method=sfed", "local.lr=0.001",
+                                 f"server.max_update_norm={bound}"))
+    rec = sim.run_round(1).metrics
+    assert rec["rejected"] == {} and rec["aggregated"]
+    assert sorted(rec["clients"]) == [0, 1, 2, 3]
+
+
+def test_a_change_without_a_reference_is_an_error_not_a_change_from_zero():
+    with pytest.raises(KeyError, match="no reference value"):
+        update_norm({A: torch.ones(4, 8)}, {})

@@ -61,14 +61,22 @@ def combiner_for(cfg: ServerConfig) -> Combiner:
     return weighted_mean
 
 
+def _reference_of(name: str, reference: dict[str, torch.Tensor]) -> torch.Tensor:
+    ref = reference.get(name)
+    if ref is None:
+        raise KeyError(f"no reference value for {name!r}: a change can only be measured "
+                       "against what the client started from")
+    return ref
+
+
 def update_norm(tensors: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
-    """L2 norm of the change an upload makes to the global state (over all its tensors;
-    tensors the server has no value for count from zero)."""
+    """L2 norm of the change an upload makes, over all its tensors, measured against
+    ``reference``: what the client started from (its download, and its own draw for
+    tensors it was not sent). A tensor without a reference is an error, never a change
+    from zero (which would count a freshly drawn A as an update)."""
     total = 0.0
     for name, t in tensors.items():
-        ref = reference.get(name)
-        delta = t.double() if ref is None else t.double() - ref.double()
-        total += float(delta.pow(2).sum())
+        total += float((t.double() - _reference_of(name, reference).double()).pow(2).sum())
     return math.sqrt(total)
 
 
@@ -81,7 +89,6 @@ def clip_update(tensors: dict[str, torch.Tensor], reference: dict[str, torch.Ten
     factor = max_norm / norm
     clipped = {}
     for name, t in tensors.items():
-        ref = reference.get(name)
-        base = torch.zeros_like(t) if ref is None else ref.to(t.dtype)
+        base = _reference_of(name, reference).to(t.dtype)
         clipped[name] = base + (t - base) * factor
     return clipped

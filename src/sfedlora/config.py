@@ -292,8 +292,9 @@ class ExperimentConfig(_Section):
             )
         if self.privacy.enabled and self.a_init == "independent":
             raise ValueError(
-                "privacy.enabled with lora.a_init=independent: each client's first A is a "
-                "fresh random draw that clipping would all but erase; set lora.a_init=shared"
+                "privacy.enabled with lora.a_init=independent: each client's first A is its "
+                "own random draw, so whether it took part shows in the released mean beyond "
+                "what clipping its change can bound; set lora.a_init=shared"
             )
         if self.privacy.enabled and self.server.aggregation != "mean":
             raise ValueError(
@@ -476,8 +477,11 @@ def _format_validation_error(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"] if not isinstance(p, int))
-        # pydantic reports union members as extra path parts ('int', 'float', ...)
-        loc = next((k for k in known if loc.startswith(k)), loc) if loc not in known else loc
+        # pydantic reports union members as extra path parts ('lora.alpha.float'): map
+        # such a location onto its field, matching whole dotted parts only, so that a key
+        # that merely extends a known one ('local.lrx') is reported as itself.
+        if loc not in known:
+            loc = next((k for k in known if loc.startswith(k + ".")), loc)
         if e["type"] == "extra_forbidden":
             close = difflib.get_close_matches(loc, known, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else "; remove it"

@@ -65,12 +65,16 @@ class Server:
         optimizer: str = "none",
         ranks: Sequence[int] | None = None,
         scales: Sequence[float] | None = None,
+        client_start: Callable[[int, int], dict[str, torch.Tensor]] | None = None,
     ):
         """``names_for(parts)`` lists the tensor names of those parts (the model's
         layout); ``spec`` gives every adapter tensor's shape and dtype; ``down`` encodes
         the download; ``optimizer`` names the server optimizer (``"none"``: replace);
         ``ranks`` gives each client's rank where ranks are mixed (:mod:`sfedlora.ranks`);
-        ``scales`` each client's LoRA scale, for methods that merge into the base."""
+        ``scales`` each client's LoRA scale, for methods that merge into the base;
+        ``client_start(cid, round)`` the adapter a client starts a round from before its
+        download (its own A draw where A is independent or fresh, B zero): what changes
+        to tensors the server never sent are measured against."""
         self.spec, self.method = spec, method
         self.state = state
         self.names_for, self.min_clients = names_for, min_clients
@@ -79,6 +83,7 @@ class Server:
         self.down = down or Codec()
         self.ranks = list(ranks) if ranks is not None else None
         self.scales = list(scales) if scales is not None else None
+        self.client_start = client_start
         self.full_rank = next((s.shape[0] for n, s in spec.items() if ".lora_A." in n), 0)
         # FLoRA: the factors merged into the base each round, and per client the last
         # round whose factors it has received.
@@ -149,12 +154,17 @@ class Server:
         """What full-rank clients receive this round."""
         return self._received(None)
 
-    def reference(self, cid: int | None) -> dict[str, torch.Tensor]:
-        """What client ``cid`` received, at full shape (zero beyond its rank): what its
-        change is measured against."""
-        if self._rank(cid) is None:
-            return self.sent
-        return pad(self._received(cid), self.spec)
+    def reference(self, cid: int | None, round_idx: int) -> dict[str, torch.Tensor]:
+        """What client ``cid`` started round ``round_idx`` from, at full shape (zero
+        beyond its rank): what it received, and for the tensors it was not sent (its
+        own first A, FLoRA's fresh factors) the values it drew itself. Norm bounds and
+        clipping measure its change against this, never against zero."""
+        received = self.sent if self._rank(cid) is None else pad(self._received(cid),
+                                                                 self.spec)
+        if cid is None or self.client_start is None:
+            return received
+        own = self.client_start(cid, round_idx)
+        return {**{n: t for n, t in own.items() if n not in received}, **received}
 
     def received_state(self, cid: int | None = None) -> dict[str, torch.Tensor]:
         """The shared state as client ``cid`` (or a full-rank client) would receive it
@@ -176,7 +186,7 @@ class Server:
             payload += numel * dtype.itemsize + numel // 8 + 1 + 8 * (shape[0] if shape else 1)
         return payload + HEADER_ALLOWANCE
 
-    def check(self, reply: Reply, expected: set[str]) -> Update:
+    def check(self, reply: Reply, expected: set[str], round_idx: int) -> Update:
         """Decode one reply; raise :class:`UpdateRejected` with the reason if it is bad."""
         if not isinstance(reply.num_examples, int) or reply.num_examples <= 0:
             raise UpdateRejected(f"num_examples={reply.num_examples!r} must be a positive int")
@@ -208,7 +218,7 @@ class Server:
                 raise UpdateRejected(f"{name}: non-finite values")
         tensors = pad(tensors, self.spec)
         if self.cfg.max_update_norm is not None:
-            norm = update_norm(tensors, self.reference(reply.client_id))
+            norm = update_norm(tensors, self.reference(reply.client_id, round_idx))
             if norm > self.cfg.max_update_norm:
                 raise UpdateRejected(
                     f"update norm {norm:.4g} exceeds server.max_update_norm="
@@ -221,7 +231,7 @@ class Server:
         report, updates = AggregationReport(), []
         for reply in sorted(replies, key=lambda r: r.client_id):
             try:
-                updates.append(self.check(reply, expected))
+                updates.append(self.check(reply, expected, round_idx))
                 report.accepted.append(reply.client_id)
             except UpdateRejected as exc:
                 report.rejected[reply.client_id] = str(exc)
@@ -238,16 +248,15 @@ class Server:
     def _combine(self, round_idx: int, updates: list[Update]) -> dict[str, torch.Tensor]:
         clip = self.privacy.cfg.clip_norm if self.privacy else self.cfg.clip_norm
         if clip is not None:
-            updates = [replace(u, tensors=clip_update(u.tensors, self.reference(u.client_id),
-                                                      clip))
-                       for u in updates]
+            updates = [replace(u, tensors=clip_update(
+                u.tensors, self.reference(u.client_id, round_idx), clip)) for u in updates]
         if self.privacy is None:
             new = self.method.aggregate(self.state, updates, combiner_for(self.cfg))
         else:
             # DP: equal weights bound each client's influence by the clip norm.
             mean = self.method.aggregate(self.state, updates, uniform_mean)
             uploaded = {n: mean[n] for n in updates[0].tensors}
-            new = {**mean, **self.privacy.noise(uploaded, len(updates), round_idx)}
+            new = {**mean, **self.privacy.noise(uploaded, len(updates))}
         if self.method.merge_into_base:
             ordered = sorted(updates, key=lambda u: u.client_id)
             self.merges[round_idx] = self.method.merge(

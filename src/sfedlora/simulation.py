@@ -51,8 +51,8 @@ class Simulation:
         self.exp = experiment or build_experiment(cfg)
         worker = self.exp.worker
         self.method = worker.method
-        self.privacy = (GaussianMechanism(cfg.privacy, cfg.clients_per_round / cfg.clients.num,
-                                          cfg.seed) if cfg.privacy.enabled else None)
+        self.privacy = (GaussianMechanism(cfg.privacy, cfg.clients_per_round / cfg.clients.num)
+                        if cfg.privacy.enabled else None)
         self.server = Server(self.method, worker.initial_server_state(), worker.slots.spec(),
                              worker.slots.names, cfg.server, cfg.clients.min_clients,
                              self.privacy, down=cfg.codec("down"),
@@ -60,7 +60,8 @@ class Simulation:
                              ranks=([cfg.client_rank(c) for c in range(cfg.clients.num)]
                                     if cfg.lora.client_ranks else None),
                              scales=[cfg.client_gamma(c) for c in range(cfg.clients.num)]
-                             if self.method.merge_into_base else None)
+                             if self.method.merge_into_base else None,
+                             client_start=worker.drawn_start)
         self.states = {cid: ClientState() for cid in range(cfg.clients.num)}
         self.bytes_up_total = 0
         self.bytes_down_total = 0

@@ -138,6 +138,13 @@ class Worker:
             base = self.shared_init if has_a else self.client_init(cid)
         return {**base, **state.private, **shared}
 
+    def drawn_start(self, cid: int, round_idx: int) -> dict[str, torch.Tensor]:
+        """The adapter client ``cid`` starts round ``round_idx`` from before anything
+        downloaded is applied: its own A draw (independent or fresh), B zero, the head
+        as loaded. Every draw is seeded from the public config, so the server can
+        measure a change to a tensor it never sent against it."""
+        return self.assemble(cid, ClientState(), {}, round_idx)
+
     def scored_adapter(self, cid: int, state: ClientState, shared: dict[str, torch.Tensor],
                        holdout) -> tuple[dict[str, torch.Tensor], list[float] | None]:
         """The adapter client ``cid`` is evaluated and exported with, and FDLoRA's
