@@ -9,7 +9,7 @@ import torch
 from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
-from sfedlora import wire
+from sfedlora import codecs, wire
 from sfedlora.adapters import TensorSpec
 from sfedlora.aggregation import clip_update, coordinate_median, trimmed_mean, update_norm
 from sfedlora.config import PrivacyConfig, ServerConfig
@@ -215,3 +215,71 @@ def test_norm_bound_accepts_an_honest_first_round_with_independent_a(tiny_config
 def test_a_change_without_a_reference_is_an_error_not_a_change_from_zero():
     with pytest.raises(KeyError, match="no reference value"):
         update_norm({A: torch.ones(4, 8)}, {})
+
+
+def _sparse_round(aggregation: str, clients: int = 7, density: float = 0.25):
+    """A server holding A; each client sends the top-k of its change (delta-coded)."""
+    from sfedlora.codecs import Codec
+
+    spec = {A: TensorSpec((16, 32), torch.float32)}
+    gen = torch.Generator().manual_seed(0)
+    start = torch.randn(16, 32, generator=gen)
+    server = Server(get_method("fedsa"), {A: start.clone()}, spec, lambda parts: [A],
+                    ServerConfig(aggregation=aggregation))
+    codec = Codec(density=density, delta=True)
+    news = [start + torch.randn(16, 32, generator=gen) for _ in range(clients)]
+    replies = [Reply(i, 10, codec.encode({A: t}, {A: start})) for i, t in enumerate(news)]
+    sent = [(codecs.decode(r.payload, {A: start})[A] != start) for r in replies]
+    server.aggregate(1, replies)
+    return server.state[A], start, news, torch.stack(sent)
+
+
+@pytest.mark.parametrize("aggregation", ["median", "trimmed_mean"])
+def test_robust_combiners_use_only_the_clients_that_sent_a_coordinate(aggregation):
+    """25% top-k deltas from 7 clients: the median moved 4.3% of the coordinates the
+    mean moves (trimmed mean 47.5%) when unsent coordinates counted as 'no change'."""
+    result, start, news, sent = _sparse_round(aggregation)
+    mean_result, *_ = _sparse_round("mean")
+    moved, mean_moved = result != start, mean_result != start
+    assert torch.equal(moved, mean_moved)  # every coordinate somebody sent moves
+    assert torch.equal(moved, sent.any(0))
+    values = torch.stack(news).double()
+    combine = coordinate_median if aggregation == "median" else trimmed_mean(0.1)
+    for i, j in [tuple(x) for x in sent.any(0).nonzero()[:50].tolist()]:
+        senders = [values[c, i, j] for c in range(len(news)) if sent[c, i, j]]
+        expected = combine([s.reshape(1) for s in senders], [1.0] * len(senders))
+        torch.testing.assert_close(result[i, j].double(), expected[0], rtol=0, atol=1e-6)
+
+
+def test_median_over_mixed_ranks_combines_each_component_over_its_holders():
+    """HetLoRA, most clients at rank 2 of 4: the median zeroed every row of A beyond
+    rank 2 each round; it must be the median over the clients that hold the row."""
+    b = A.replace("lora_A", "lora_B")
+    spec = {A: TensorSpec((4, 8), torch.float32), b: TensorSpec((6, 4), torch.float32)}
+    ranks = [2, 2, 2, 2, 4, 4, 4]
+    server = Server(get_method("hetlora"), {A: torch.zeros(4, 8), b: torch.zeros(6, 4)},
+                    spec, lambda parts: [A, b], ServerConfig(aggregation="median"),
+                    ranks=ranks)
+    gen = torch.Generator().manual_seed(1)
+    full = [torch.randn(4, 8, generator=gen) for _ in ranks]
+    bs = [torch.randn(6, 4, generator=gen) for _ in ranks]
+    replies = [Reply(c, 10, wire.encode({A: t[:r], b: u[:, :r]}))
+               for c, (t, u, r) in enumerate(zip(full, bs, ranks, strict=True))]
+    report = server.aggregate(1, replies)
+    assert report.accepted == list(range(7))
+    new = server.state[A]
+    torch.testing.assert_close(new[:2], torch.stack(full).median(0).values[:2], rtol=0, atol=0)
+    torch.testing.assert_close(new[2:], torch.stack(full[4:]).median(0).values[2:],
+                               rtol=0, atol=0)
+    torch.testing.assert_close(server.state[b][:, 2:],
+                               torch.stack(bs[4:]).median(0).values[:, 2:], rtol=0, atol=0)
+
+
+def test_combiners_without_masks_keep_their_formulas():
+    ts = [torch.tensor([1.0, 10.0]), torch.tensor([2.0, -1.0]), torch.tensor([3.0, 0.0])]
+    masks = [torch.tensor([True, False]), torch.tensor([True, True]),
+             torch.tensor([False, True])]
+    assert torch.equal(coordinate_median(ts, [1 / 3] * 3, masks), torch.tensor([1.5, -0.5]))
+    assert torch.equal(trimmed_mean(0.5)(ts, [1 / 3] * 3, masks), torch.tensor([1.5, -0.5]))
+    none_sent = [torch.tensor([False, True])] * 3
+    assert torch.equal(coordinate_median(ts, [1 / 3] * 3, none_sent), torch.tensor([2.0, 0.0]))

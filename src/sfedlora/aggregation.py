@@ -16,39 +16,68 @@ import torch
 
 from sfedlora.config import ServerConfig
 
-Combiner = Callable[[Sequence[torch.Tensor], Sequence[float]], torch.Tensor]
+# A combiner gets one tensor per client, the method's weights, and optionally per
+# client a boolean mask of the coordinates that client really sent (None: all of them;
+# a sparse upload or a lower-rank client's zero padding sends fewer).
+Presence = Sequence[torch.Tensor | None] | None
+Combiner = Callable[..., torch.Tensor]
 
 
-def weighted_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    """sum_i w_i T_i, accumulated in float64 in the given (client-id) order."""
+def weighted_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float],
+                  present: Presence = None) -> torch.Tensor:
+    """sum_i w_i T_i, accumulated in float64 in the given (client-id) order. Unsent
+    coordinates count with the value they decoded to (the method's own formula: FLASC
+    averages zero changes, HetLoRA zero padding)."""
     acc = torch.zeros_like(tensors[0], dtype=torch.float64)
     for w, t in zip(weights, tensors, strict=True):
         acc += w * t.to(torch.float64)
     return acc.to(tensors[0].dtype)
 
 
-def uniform_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+def uniform_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float],
+                 present: Presence = None) -> torch.Tensor:
     return weighted_mean(tensors, [1.0 / len(tensors)] * len(tensors))
 
 
-def coordinate_median(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    """Coordinate-wise median (the mean of the two middle values for an even count);
-    unweighted, so one client cannot buy influence with a large claimed data size."""
-    ordered = torch.stack([t.to(torch.float64) for t in tensors]).sort(dim=0).values
-    m = len(tensors)
-    mid = (ordered[(m - 1) // 2] + ordered[m // 2]) / 2
-    return mid.to(tensors[0].dtype)
+def _sorted_senders(tensors: Sequence[torch.Tensor], present: Presence
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per coordinate, the values of the clients that sent it in ascending order (the
+    rest after them as +inf) and how many there are. A coordinate nobody sent is
+    combined over every client (all hold the value they decoded to)."""
+    stack = torch.stack([t.to(torch.float64) for t in tensors])
+    if present is None or all(p is None for p in present):
+        return stack.sort(dim=0).values, torch.full(stack.shape[1:], len(tensors))
+    sent = torch.stack([torch.ones_like(t, dtype=torch.bool) if p is None else p.bool()
+                        for t, p in zip(tensors, present, strict=True)])
+    sent |= ~sent.any(dim=0, keepdim=True)
+    ordered = stack.masked_fill(~sent, torch.inf).sort(dim=0).values
+    return ordered, sent.sum(dim=0)
+
+
+def coordinate_median(tensors: Sequence[torch.Tensor], weights: Sequence[float],
+                      present: Presence = None) -> torch.Tensor:
+    """Coordinate-wise median over the clients that sent each coordinate (the mean of
+    the two middle values for an even count); unweighted, so one client cannot buy
+    influence with a large claimed data size."""
+    ordered, count = _sorted_senders(tensors, present)
+    low = ordered.gather(0, ((count - 1) // 2).unsqueeze(0))[0]
+    high = ordered.gather(0, (count // 2).unsqueeze(0))[0]
+    return ((low + high) / 2).to(tensors[0].dtype)
 
 
 def trimmed_mean(fraction: float) -> Combiner:
-    """Coordinate-wise mean after dropping the ``floor(fraction * m)`` largest and
-    smallest values of each coordinate (unweighted)."""
+    """Coordinate-wise mean, over the clients that sent each coordinate (c of them),
+    after dropping the ``min(floor(fraction * c), (c - 1) // 2)`` largest and smallest
+    values (unweighted)."""
 
-    def combine(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-        m = len(tensors)
-        k = min(math.floor(fraction * m), (m - 1) // 2)
-        ordered = torch.stack([t.to(torch.float64) for t in tensors]).sort(dim=0).values
-        return ordered[k : m - k].mean(dim=0).to(tensors[0].dtype)
+    def combine(tensors: Sequence[torch.Tensor], weights: Sequence[float],
+                present: Presence = None) -> torch.Tensor:
+        ordered, count = _sorted_senders(tensors, present)
+        cut = torch.minimum(torch.floor(fraction * count.double()).long(), (count - 1) // 2)
+        position = torch.arange(len(tensors)).reshape(-1, *[1] * (ordered.dim() - 1))
+        kept = (position >= cut) & (position < count - cut)
+        total = torch.where(kept, ordered, 0.0).sum(dim=0)
+        return (total / (count - 2 * cut)).to(tensors[0].dtype)
 
     return combine
 

@@ -199,7 +199,8 @@ class Server:
         spec = self.spec if rank is None else truncated_spec(self.spec, rank)
         received = self._received(reply.client_id)
         try:
-            tensors = codecs.decode(reply.payload, reference=received, spec=spec)
+            tensors, present = codecs.decode_with_presence(reply.payload, reference=received,
+                                                           spec=spec)
         except wire.MessageError as exc:
             raise UpdateRejected(str(exc)) from None
         if set(tensors) != expected:
@@ -216,6 +217,9 @@ class Server:
                 raise UpdateRejected(f"{name}: dtype {t.dtype} != {want.dtype}")
             if not torch.isfinite(t).all():
                 raise UpdateRejected(f"{name}: non-finite values")
+        if rank is not None:  # the components beyond its rank were never sent
+            present = pad({n: present.get(n, torch.ones_like(t, dtype=torch.bool))
+                           for n, t in tensors.items()}, self.spec)
         tensors = pad(tensors, self.spec)
         if self.cfg.max_update_norm is not None:
             norm = update_norm(tensors, self.reference(reply.client_id, round_idx))
@@ -224,7 +228,7 @@ class Server:
                     f"update norm {norm:.4g} exceeds server.max_update_norm="
                     f"{self.cfg.max_update_norm}"
                 )
-        return Update(reply.client_id, reply.num_examples, tensors)
+        return Update(reply.client_id, reply.num_examples, tensors, present)
 
     def aggregate(self, round_idx: int, replies: list[Reply]) -> AggregationReport:
         expected = set(self.names_for(self.method.plan(round_idx).upload))

@@ -152,27 +152,41 @@ def decode(payload: bytes, reference: Tensors | None = None,
     """Tensors of a message. ``reference`` supplies what delta-coded tensors are
     relative to; with ``spec`` every declared tensor must match a known name, shape and
     dtype before anything is allocated. Raises :class:`MessageError` on bad input."""
+    return decode_with_presence(payload, reference, spec)[0]
+
+
+def decode_with_presence(payload: bytes, reference: Tensors | None = None,
+                         spec: dict[str, TensorSpec] | None = None
+                         ) -> tuple[Tensors, Tensors]:
+    """:func:`decode`, plus for every sparse-coded tensor a boolean mask of the entries
+    the sender actually sent (the others decoded as 0 or as the reference). A robust
+    combiner needs it: a coordinate median over clients that mostly did not send a
+    coordinate would return the reference there."""
     pieces = wire.decode(payload)
     layout = wire.read_meta(payload).get("codec")
     if layout is None:
-        return pieces
+        return pieces, {}
     if not isinstance(layout, list) or set(pieces) - set(PIECES):
         raise MessageError("codec header must list the tensors; pieces are "
                            f"{', '.join(PIECES)}")
     reader = _Reader(pieces)
-    out = {}
+    out, present = {}, {}
     for entry in layout:
         name = entry[0] if isinstance(entry, list) and entry else "?"
         try:
-            out[name] = _decode_tensor(entry, reader, reference or {}, spec)
+            out[name], positions = _decode_tensor(entry, reader, reference or {}, spec)
         except MessageError:
             raise
         except (KeyError, TypeError, ValueError, IndexError_, RuntimeError) as exc:
             raise MessageError(f"{name}: malformed encoded tensor ({type(exc).__name__}: "
                                f"{exc})") from None
+        if positions is not None:
+            mask = torch.zeros(out[name].numel(), dtype=torch.bool)
+            mask[positions] = True
+            present[name] = mask.reshape(out[name].shape)
     if leftover := reader.leftover():
         raise MessageError(f"message has bytes no tensor describes (in {leftover})")
-    return out
+    return out, present
 
 
 class _Reader:
@@ -195,7 +209,9 @@ class _Reader:
 
 
 def _decode_tensor(entry: list, reader: _Reader, reference: Tensors,
-                   spec: dict[str, TensorSpec] | None) -> torch.Tensor:
+                   spec: dict[str, TensorSpec] | None
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The dense tensor, and the positions it was sent at (None: all of them)."""
     name, shape, dtype, delta, index_kind, index_bytes, count, bits = entry
     shape, dtype = tuple(int(s) for s in shape), FLOAT_DTYPES[dtype]
     if spec is not None:
@@ -236,4 +252,4 @@ def _decode_tensor(entry: list, reader: _Reader, reference: Tensors,
         dense = reference[name].reshape(-1).float() + dense
     if not torch.isfinite(dense).all():
         raise MessageError(f"{name}: non-finite values")
-    return dense.reshape(shape).to(dtype)
+    return dense.reshape(shape).to(dtype), positions

@@ -34,7 +34,7 @@ How the other methods fit:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import ClassVar
 
@@ -82,6 +82,9 @@ class Update:
     client_id: int
     num_examples: int
     tensors: dict[str, torch.Tensor]
+    # Per tensor, the coordinates the client really sent, where it sent fewer than all
+    # (a sparse upload, a lower rank's zero padding); robust combiners use only those.
+    present: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 ALL_PARTS = frozenset(Part)
@@ -147,7 +150,8 @@ class Method:
             return new_state
         weights = self.weights(updates)
         for name in updates[0].tensors:
-            new_state[name] = combine([u.tensors[name] for u in updates], weights)
+            new_state[name] = combine([u.tensors[name] for u in updates], weights,
+                                      [u.present.get(name) for u in updates])
         return new_state
 
     def merge(self, updates: Sequence[Update], ranks: Sequence[int],
