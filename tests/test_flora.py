@@ -47,7 +47,12 @@ def _base_weights(worker: Worker) -> dict[str, torch.Tensor]:
     return {n: m.get_base_layer().weight.detach().clone() for n, m in worker.base.layers.items()}
 
 
-def test_a_round_merges_exactly_the_weighted_scaled_products(tiny_config, monkeypatch):
+@pytest.mark.parametrize(("scaling", "gammas"), [
+    ([], [2.0, 2.0, 2.0, 2.0]),  # the official code's lora_alpha = 2 * r_i (the default)
+    (["lora.scaling=lora", "lora.alpha=16"], [16.0, 8.0, 16 / 3, 4.0]),  # alpha / r_i
+])
+def test_a_round_merges_exactly_the_weighted_scaled_products(scaling, gammas, tiny_config,
+                                                             monkeypatch):
     uploads: dict[int, dict[str, torch.Tensor]] = {}
     real = Worker.fit
 
@@ -58,7 +63,7 @@ def test_a_round_merges_exactly_the_weighted_scaled_products(tiny_config, monkey
 
     monkeypatch.setattr(Worker, "fit", spy)
     cfg = tiny_config("method=flora", "lora.rank=4", "lora.client_ranks=[1,2,3,4]",
-                      "local.lr=0.05")
+                      "local.lr=0.05", *scaling)
     sim = Simulation(cfg)
     worker = sim.exp.worker
     before = _base_weights(worker)
@@ -68,7 +73,7 @@ def test_a_round_merges_exactly_the_weighted_scaled_products(tiny_config, monkey
     total = sum(n for n, _ in uploads.values())
     for layer in before:
         a, b = f"{layer}.lora_A.default.weight", f"{layer}.lora_B.default.weight"
-        expected = sum(n / total * cfg.client_gamma(c) * t[b].double() @ t[a].double()
+        expected = sum(n / total * gammas[c] * t[b].double() @ t[a].double()
                        for c, (n, t) in uploads.items())
         assert expected.abs().max() > 0
         torch.testing.assert_close((after[layer] - before[layer]).double(), expected,
@@ -76,7 +81,7 @@ def test_a_round_merges_exactly_the_weighted_scaled_products(tiny_config, monkey
     # each client trained and sent its own rank, at the scale of that rank
     assert [uploads[c][1][f"{layer}.lora_A.default.weight"].shape[0] for c in range(4)] == \
         [1, 2, 3, 4]
-    assert cfg.client_gamma(0) == pytest.approx(cfg.lora.alpha / 1)
+    assert [cfg.client_gamma(c) for c in range(4)] == pytest.approx(gammas, rel=1e-12)
 
 
 def test_downloads_carry_every_unseen_rounds_stacked_factors(tiny_config, monkeypatch):

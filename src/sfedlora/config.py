@@ -17,7 +17,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 METHODS = ("fedit", "ffa", "fedsa", "rolora", "sfed", "flasc", "flocora", "hetlora", "fdlora",
            "flora")
-SCALINGS = ("lora", "rslora", "sfed")
 A_INITS = ("independent", "shared")
 VERA_METHODS = ("fedit", "fedsa")
 
@@ -66,9 +65,13 @@ class LoraConfig(_Section):
         None, description="mixed ranks (hetlora): one rank per client, or a shorter list "
         "of tiers splitting client ids into equal contiguous groups; each <= lora.rank"
     )
-    alpha: float = Field(16.0, gt=0)
-    scaling: Literal["lora", "rslora", "sfed"] | None = Field(
-        None, description="None: the method's default (sfed for sfed, lora otherwise)"
+    alpha: float | None = Field(
+        None, gt=0, description="None: 2 under scaling=fixed (FLoRA's official "
+        "lora_alpha = 2r), 16 otherwise"
+    )
+    scaling: Literal["lora", "rslora", "sfed", "fixed"] | None = Field(
+        None, description="None: the method's default (sfed for sfed, fixed for flora, lora "
+        "otherwise); fixed: gamma = alpha at every rank"
     )
     a_init: Literal["independent", "shared"] | None = Field(
         None, description="None: the method's default"
@@ -442,8 +445,15 @@ class ExperimentConfig(_Section):
         """The scale of client ``cid``'s adapter at its own rank (FLoRA)."""
         from sfedlora.scaling import gamma
 
-        return gamma(self.scaling, self.lora.alpha, self.client_rank(cid),
+        return gamma(self.scaling, self.alpha, self.client_rank(cid),
                      self.clients_per_round)
+
+    @property
+    def alpha(self) -> float:
+        """alpha of the scaling rule: ``lora.alpha``, else the rule's default."""
+        from sfedlora.scaling import default_alpha
+
+        return self.lora.alpha if self.lora.alpha is not None else default_alpha(self.scaling)
 
     @property
     def server_optimizer(self) -> str:

@@ -35,7 +35,7 @@ class Experiment:
         """The LoRA scale (None for VeRA, which has none)."""
         if self.cfg.lora.adapter == "vera":
             return None
-        return gamma(self.cfg.scaling, self.cfg.lora.alpha, self.cfg.lora.rank,
+        return gamma(self.cfg.scaling, self.cfg.alpha, self.cfg.lora.rank,
                      self.cfg.clients_per_round)
 
     # causal-lm: the raw pairs behind the encoded test sets, for generation

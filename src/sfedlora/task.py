@@ -118,7 +118,7 @@ def peft_config(cfg: ExperimentConfig, model_type: str) -> PeftConfig:
             projection_prng_key=cfg.seed,
             save_projection=True,  # exported adapters carry the projections they used
         )
-    scale = peft_scale(cfg.scaling, cfg.lora.alpha, cfg.clients_per_round)
+    scale = peft_scale(cfg.scaling, cfg.alpha, cfg.clients_per_round, cfg.lora.rank)
     return PeftLoraConfig(
         task_type=TaskType.CAUSAL_LM if causal else TaskType.SEQ_CLS,
         r=cfg.lora.rank,

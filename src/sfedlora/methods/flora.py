@@ -1,8 +1,11 @@
 """FLoRA (Wang et al., NeurIPS 2024, arXiv 2409.05976): stacking, mixed ranks.
 
 Every round each client trains a fresh LoRA (A drawn anew, B zero) of its own rank r_i
-on the current base weights, with the scale gamma_i of its own rank. The server stacks
-the factors,
+on the current base weights, with the scale gamma_i of its own rank. By default gamma_i
+= 2 for every rank, as in the official code (``lora_alpha = 2 * r_i``, scaling rule
+``fixed`` with alpha 2); ``lora.scaling=lora`` gives gamma_i = alpha / r_i (alpha 16:
+16 at rank 1, 0.25 at rank 64, so low-rank clients take far larger effective steps).
+The server stacks the factors,
 
     A_s = [p_1 gamma_1 A_1; ...; p_k gamma_k A_k]   (rows)
     B_s = [B_1, ..., B_k]                           (columns),
@@ -35,6 +38,8 @@ class FLoRA(Method):
     mixed_ranks = True
     a_init_modes = ("independent",)
     a_init_note = "each client draws a fresh A every round"
+    # The official code sets lora_alpha = 2 * r_i: gamma = 2 at every client rank.
+    default_scaling = "fixed"
     # The server never sees a fresh A, so lossy uploads are coded as values, not changes.
     comm: ClassVar[dict[str, dict]] = {"up": {"delta": False}}
 
