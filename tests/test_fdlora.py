@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import torch
+from conftest import assert_learns
 
 from sfedlora import codecs, worker
 from sfedlora.simulation import Simulation
@@ -60,19 +61,17 @@ def test_fusion_minimises_the_held_out_loss_over_the_grid(tiny_config):
         assert all(torch.equal(fused[n], w1 * own[n] + w2 * personal[n]) for n in own)
 
 
-def test_fdlora_holds_out_data_learns_and_exports_fused_adapters(tiny_config, tmp_path):
-    cfg = tiny_config("method=fdlora", "rounds=5", "local.steps=10", "local.lr=0.1",
-                      "lora.alpha=8", "personal.holdout=8")
+def test_fdlora_holds_out_data_learns_and_exports_fused_adapters(encoder_config, tmp_path):
+    cfg = encoder_config("method=fdlora", "personal.holdout=8")
     sim = Simulation(cfg)
     exp = sim.exp
     for cid, part in enumerate(exp.data.clients):
         total = len(part.train)
         assert len(exp.client_holdout[cid]) == min(8, total // 5)
         assert len(exp.client_train[cid]) + len(exp.client_holdout[cid]) == total
-    summary = sim.run()
+    sim.run()
+    assert_learns(cfg, tmp_path / "run")
     lines = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
-    assert summary["train_loss"] < 0.9 * lines[0]["train_loss"]
-    assert summary["personalized_accuracy"] > 0.5
     assert set(lines[-1]["fusion_weights"]) == {"0", "1", "2", "3"}
     exported = sorted(p.name for p in (tmp_path / "run/adapters").iterdir())
     assert exported == ["client_0", "client_1", "client_2", "client_3", "global"]

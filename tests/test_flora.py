@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from conftest import assert_learns
 
 from sfedlora import codecs
 from sfedlora.config import ConfigError
@@ -152,14 +153,11 @@ def test_exported_adapter_reproduces_the_merged_model_in_peft(tiny_config, tmp_p
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
 
 
-def test_flora_learns_the_tiny_task(tiny_config):
-    sim = Simulation(tiny_config("method=flora", "lora.client_ranks=[1,2,4]", "rounds=5",
-                                 "local.steps=10", "local.lr=0.1", "lora.alpha=8"))
-    first = sim.run_round(1).metrics["train_loss"]
-    for r in range(2, 6):
-        last = sim.run_round(r).metrics["train_loss"]
-    assert last < 0.9 * first
-    assert sim.evaluate()["personalized_accuracy"] > 0.5
+def test_flora_learns_the_tiny_task(encoder_config, tmp_path):
+    # gamma = 2 (the official scale) instead of the others' 16/4: a 4x learning rate
+    cfg = encoder_config("method=flora", "lora.client_ranks=[1,2,4]", "local.lr=0.02")
+    Simulation(cfg).run()
+    assert_learns(cfg, tmp_path / "run")
 
 
 @pytest.mark.parametrize("override,match", [
