@@ -1,8 +1,10 @@
 """FedSA-LoRA (Guo et al., ICLR 2025): A learns general knowledge and is averaged;
 B and the classifier head are client-specific and stay on each client across rounds
 (the paper's per-client B, not the "relay" of the authors' public code, where one
-model object passes B from client to client). The server averages A uniformly, as
-the official code does.
+model object passes B from client to client). The server averages A uniformly; the
+official code weights by the samples each client processed, which is the same when
+every client runs the same fixed ``local.steps`` at one batch size (the default) and
+differs under ``local.epochs``.
 """
 
 from sfedlora.methods.base import Method, Part

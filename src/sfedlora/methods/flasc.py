@@ -8,6 +8,10 @@ is no error feedback. Evaluation uses the masked model.
 
 Densities are the codec settings ``comm.down.density`` / ``comm.up.density`` (both
 1/4 by default); the server step is ``server.lr`` / ``server.weight_decay``.
+
+Deviations from the official code: clients use the configured local optimizer (AdamW
+by default; the paper's code uses SGD with momentum 0.9, ``local.optimizer=sgd
+local.momentum=0.9``), and top-k keeps ``ceil(d * n)`` entries (official: floor).
 """
 
 from typing import ClassVar

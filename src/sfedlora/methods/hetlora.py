@@ -6,6 +6,10 @@ The server keeps rank r_max (``lora.rank``); client k of rank r_k
 r_max and combines with weights proportional to the client's ``||B_k A_k||_F`` (over
 all adapted layers), so clients whose adapters carry more signal count more. The head is
 combined with the same weights. The paper's rank self-pruning is not implemented.
+
+Deviations, stated where users read them: every client trains at the scale of r_max
+(so a truncated adapter is exactly the leading components of the full one), and the
+head is weighted by ``||B_k A_k||`` like the factors.
 """
 
 from collections.abc import Sequence
