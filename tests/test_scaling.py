@@ -57,3 +57,48 @@ def test_forward_adds_gamma_b_a_x(rule, tiny_model_dir):
         delta = layer(x) - layer.base_layer(x)
         a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
         torch.testing.assert_close(delta, g * (x @ a.T @ b.T), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("optimizer", "power"), [("adamw", 1), ("sgd", 2)])
+def test_scale_is_a_learning_rate_of_b_in_disguise(optimizer, power, tiny_config, tmp_path):
+    """B starts at zero, the optimizer is rebuilt every round, no weight decay, one shared
+    A: scale c*gamma at learning rate eta trains what scale gamma does with B's learning
+    rate c*eta (AdamW) or c^2*eta (SGD), since c*gamma*B = gamma*(c*B). So a comparison
+    of scales at one learning rate compares B learning rates. Exact under SGD; under
+    AdamW up to its eps (1e-8) against B's smallest gradients (1.2e-5 in the loss after
+    3 rounds here), while leaving B's learning rate at eta is off by far more."""
+    import json
+
+    from sfedlora.simulation import Simulation
+
+    c, eta = (4.0, 0.01) if optimizer == "adamw" else (2.0, 0.5)
+    common = ("method=fedsa", "lora.a_init=shared", "lora.scaling=lora",
+              f"local.optimizer={optimizer}", f"local.lr={eta}", "rounds=3")
+    arms = {"scaled": [f"lora.alpha={8 * c}"],
+            "lr_B": ["lora.alpha=8", f"local.lr_B={eta * c**power}"],
+            "unadjusted": ["lora.alpha=8"]}
+    runs = {}
+    for arm, extra in arms.items():
+        cfg = tiny_config(*common, *extra, f"output_dir={tmp_path / arm}")
+        sim = Simulation(cfg)
+        sim.run()
+        lines = [json.loads(x) for x in (tmp_path / arm / "metrics.jsonl").read_text()
+                 .splitlines()]
+        runs[arm] = (lines, sim.exp.worker.logits(sim.client_adapter(0), sim.exp.global_test))
+    (scaled, out_scaled), (moved, out_moved) = runs["scaled"], runs["lr_B"]
+    tol = 1e-6 if optimizer == "sgd" else 1e-4
+    keys = ["train_loss", "personalized_loss", "personalized_accuracy", "grad_norm_A"]
+    if optimizer == "sgd":
+        # Not under AdamW: entries of B with gradients near eps are directions the loss
+        # hardly sees (the classifier reads one token) but the probe norm over every
+        # token does (~2%).
+        keys.append("adapter_output_norm")
+    for a, b in zip(scaled, moved, strict=True):
+        for key in keys:
+            assert a[key] == pytest.approx(b[key], abs=tol), key
+        assert a["grad_norm_B"] == pytest.approx(c * b["grad_norm_B"], rel=100 * tol)
+    torch.testing.assert_close(out_scaled, out_moved, rtol=0, atol=tol)
+    # B's own learning rate left at eta: the adapter moves c (AdamW) or c^2 (SGD) times less
+    unadjusted = runs["unadjusted"][0][-1]["adapter_output_norm"]
+    ratio = scaled[-1]["adapter_output_norm"] / unadjusted
+    assert ratio == pytest.approx(c**power, rel=0.25)  # measured 3.68 (AdamW), 4.00 (SGD)

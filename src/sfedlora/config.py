@@ -46,6 +46,14 @@ class LocalConfig(_Section):
     head_lr: float | None = Field(
         None, gt=0, description="learning rate of the task head (None: same as lr)"
     )
+    lr_A: float | None = Field(
+        None, gt=0, description="learning rate of A (VeRA: lambda_d); None: same as lr"
+    )
+    lr_B: float | None = Field(
+        None, gt=0, description="learning rate of B (VeRA: lambda_b); None: same as lr. "
+        "With B starting at zero, scale c*gamma at lr is exactly scale gamma at lr_B = c*lr "
+        "(AdamW) or c^2*lr (SGD)"
+    )
     momentum: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     schedule: Literal["constant", "linear", "cosine"] = "constant"

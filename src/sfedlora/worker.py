@@ -174,11 +174,16 @@ class Worker:
         # left untouched, which keeps a stored optimizer state valid across rounds
         # whose trainable parts differ (RoLoRA). The head, trained from scratch, may
         # have its own learning rate.
+        # A and B may have learning rates of their own (local.lr_A / lr_B): one group
+        # per distinct learning rate, A and B together when theirs are equal.
         local = self.cfg.local
-        lora = [p for n, p in self.slots.params.items() if self.slots.parts[n] != Part.HEAD]
-        head = [p for n, p in self.slots.params.items() if self.slots.parts[n] == Part.HEAD]
-        groups = [{"params": lora, "base_lr": local.lr},
-                  {"params": head, "base_lr": local.head_lr or local.lr}]
+        lr = {Part.A: local.lr_A or local.lr, Part.B: local.lr_B or local.lr,
+              Part.HEAD: local.head_lr or local.lr}
+        order = [[Part.A, Part.B], [Part.HEAD]] if lr[Part.A] == lr[Part.B] else \
+            [[Part.A], [Part.B], [Part.HEAD]]
+        groups = [{"params": [p for n, p in self.slots.params.items()
+                              if self.slots.parts[n] in parts], "base_lr": lr[parts[0]]}
+                  for parts in order]
         groups = [g | {"lr": g["base_lr"]} for g in groups if g["params"]]
         if local.optimizer == "sgd":
             return torch.optim.SGD(groups, lr=local.lr, momentum=local.momentum,
