@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-from conftest import assert_learns
 
 from sfedlora import codecs
 from sfedlora.adapters import TensorSpec
@@ -16,6 +15,7 @@ from sfedlora.config import ConfigError, ServerConfig
 from sfedlora.methods import Part, get_method
 from sfedlora.server import Reply, Server
 from sfedlora.simulation import Simulation
+from tests.conftest import assert_learns
 
 NAMES = ["x.lora_A.default.weight", "x.lora_B.default.weight"]
 SPEC = {NAMES[0]: TensorSpec((2, 3), torch.float32), NAMES[1]: TensorSpec((3, 2), torch.float32)}

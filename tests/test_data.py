@@ -78,3 +78,45 @@ def test_sst2_tsv_reads_with_quotes_intact():
     train, test = load_source(cfg)
     assert len(train) == 60614 and len(test) == 872
     assert train.label_names == ["0", "1"]
+
+
+@pytest.mark.parametrize("scheme", ["iid", "dirichlet"])
+def test_examples_per_client_fixes_each_clients_data_whatever_n(scheme):
+    """Partition control: every client holds exactly K train and T test examples, and
+    client k's examples are the same with 2 or 8 clients, so N changes only how many
+    adapters are averaged (not each client's data size, steps or label skew)."""
+    cfg = DataConfig(partition=scheme, dirichlet_alpha=0.5, examples_per_client=20,
+                     client_test_examples=5)
+    few, many = split_clients(LABELS, 2, cfg, seed=0), split_clients(LABELS, 8, cfg, seed=0)
+    assert all(len(s.train) == 20 and len(s.test) == 5 for s in many)
+    used = np.concatenate([np.concatenate([s.train, s.test]) for s in many])
+    assert len(used) == len(set(used.tolist()))  # disjoint within and across clients
+    for a, b in zip(few, many[:2], strict=True):
+        assert np.array_equal(a.train, b.train) and np.array_equal(a.test, b.test)
+    for s in many:  # test and train share one label mix (largest-remainder counts)
+        train_mix = np.bincount(LABELS[s.train], minlength=4) / 20
+        test_mix = np.bincount(LABELS[s.test], minlength=4) / 5
+        assert np.abs(train_mix - test_mix).max() <= 1 / 5
+    if scheme == "iid":
+        assert all((np.bincount(LABELS[s.train], minlength=4) == 5).all() for s in many)
+    else:
+        mixes = {tuple(np.bincount(LABELS[s.train], minlength=4)) for s in many}
+        assert len(mixes) > 1  # skewed, differently per client
+
+
+def test_examples_per_client_refuses_more_than_the_data_holds():
+    from sfedlora.config import ConfigError, load_config
+
+    cfg = DataConfig(partition="iid", examples_per_client=60, client_test_examples=20)
+    with pytest.raises(ConfigError, match=r"examples_per_client=60 .* client 5 needs 15 more"):
+        split_clients(LABELS, 6, cfg, seed=0)  # 6 x 80 > 400
+    with pytest.raises(ConfigError, match=r"set data\.partition=iid or dirichlet"):
+        load_config(None, ["data.examples_per_client=10", "data.partition=classes"])
+
+
+def test_largest_remainder_counts():
+    from sfedlora.data.partition import largest_remainder
+
+    assert largest_remainder(np.array([0.5, 0.3, 0.2]), 7).tolist() == [4, 2, 1]
+    assert largest_remainder(np.array([1 / 3] * 3), 4).tolist() == [2, 1, 1]
+    assert largest_remainder(np.array([0.0, 1.0]), 3).tolist() == [0, 3]

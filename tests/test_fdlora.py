@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 
 import torch
-from conftest import assert_learns
 
 from sfedlora import codecs, worker
 from sfedlora.simulation import Simulation
 from sfedlora.worker import fuse
+from tests.conftest import assert_learns
 
 
 def _run(tiny_config, *overrides):

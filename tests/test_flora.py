@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-from conftest import assert_learns
 
 from sfedlora import codecs
 from sfedlora.config import ConfigError
@@ -17,6 +16,7 @@ from sfedlora.methods.flora import stack
 from sfedlora.ranks import pad, truncate
 from sfedlora.simulation import Simulation
 from sfedlora.worker import Worker
+from tests.conftest import assert_learns
 
 A, B = "m.q.lora_A.default.weight", "m.q.lora_B.default.weight"
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_learns
 
 from sfedlora import codecs
 from sfedlora.adapters import TensorSpec
@@ -14,6 +13,7 @@ from sfedlora.methods.hetlora import product_norm
 from sfedlora.ranks import pad, truncate, truncated_spec
 from sfedlora.simulation import Simulation
 from sfedlora.worker import Worker
+from tests.conftest import assert_learns
 
 A, B, H = "m.q.lora_A.default.weight", "m.q.lora_B.default.weight", "m.classifier.weight"
 SPEC = {A: TensorSpec((4, 6), torch.float32), B: TensorSpec((5, 4), torch.float32),

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from conftest import assert_learns
 from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
@@ -18,6 +17,7 @@ from sfedlora.methods import Part, get_method
 from sfedlora.privacy import GaussianMechanism
 from sfedlora.server import Reply, Server
 from sfedlora.simulation import Simulation
+from tests.conftest import assert_learns
 
 A = "m.l0.q.lora_A.default.weight"
 SPEC = {A: TensorSpec((4, 8), torch.float32)}

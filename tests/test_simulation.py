@@ -7,12 +7,12 @@ import json
 
 import pytest
 import torch
-from conftest import assert_learns
 
 from sfedlora import task, wire
 from sfedlora.methods import Part, part_of
 from sfedlora.simulation import Simulation
 from sfedlora.worker import Worker
+from tests.conftest import assert_learns
 
 
 def _messages(monkeypatch):

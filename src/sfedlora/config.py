@@ -119,6 +119,15 @@ class DataConfig(_Section):
     classes_per_client: int = Field(2, gt=0)
     min_partition_size: int = Field(10, ge=0)
     client_test_fraction: float = Field(0.2, gt=0, lt=1)
+    examples_per_client: int | None = Field(
+        None, gt=0, description="give every client exactly this many training examples "
+        "(and data.client_test_examples test examples) with partition iid or dirichlet; "
+        "client k's data does not depend on clients.num, so changing N changes only how "
+        "many adapters are averaged"
+    )
+    client_test_examples: int = Field(
+        50, gt=0, description="test examples per client with data.examples_per_client"
+    )
     global_test_fraction: float = Field(0.2, gt=0, lt=1)
     max_train_examples: int | None = Field(None, gt=0)
     max_test_examples: int | None = Field(None, gt=0)
@@ -292,6 +301,12 @@ class ExperimentConfig(_Section):
             self._check_client_ranks(method)
         if not any(self.personal.grid):
             raise ValueError("personal.grid needs a non-zero weight, e.g. [0, 0.5, 1]")
+        if data.examples_per_client is not None and data.partition not in ("iid", "dirichlet"):
+            raise ValueError(
+                f"data.examples_per_client with data.partition={data.partition!r}: fixed-size "
+                "clients are drawn iid or by Dirichlet label mixes; set data.partition=iid "
+                "or dirichlet, or remove data.examples_per_client"
+            )
         if data.source == "files" and not data.train_path:
             raise ValueError("data.source=files needs data.train_path (a CSV, TSV or JSONL file)")
         if data.source == "hf" and not data.dataset:

@@ -95,9 +95,59 @@ def stratified_split(
     return ClientSplit(tr, te)
 
 
+def largest_remainder(p: np.ndarray, total: int) -> np.ndarray:
+    """Integer counts summing to ``total`` closest to ``p * total`` (largest remainders
+    first, ties to the lower index)."""
+    exact = p * total
+    counts = np.floor(exact).astype(np.int64)
+    order = np.argsort(-(exact - counts), kind="stable")
+    counts[order[: total - counts.sum()]] += 1
+    return counts
+
+
+def fixed_size_splits(labels: np.ndarray, num_clients: int, cfg: DataConfig, seed: int
+                      ) -> list[ClientSplit]:
+    """Exactly ``cfg.examples_per_client`` training and ``cfg.client_test_examples`` test
+    examples per client, disjoint across clients. Client k's label mix is the data's
+    (``iid``) or a Dirichlet draw seeded by (seed, k) (``dirichlet``), and its examples
+    are taken in turn from per-label pools shuffled once, so client k's data is the same
+    whatever the number of clients: changing N changes only how many adapters are
+    averaged, not each client's data size, steps or skew."""
+    train_size, test_size = cfg.examples_per_client, cfg.client_test_examples
+    classes, frequency = np.unique(labels, return_counts=True)
+    shuffle = np.random.default_rng([seed, 19])
+    pools = {c: shuffle.permutation(np.flatnonzero(labels == c)) for c in classes}
+    used = dict.fromkeys(classes, 0)
+    splits = []
+    for cid in range(num_clients):
+        if cfg.partition == "iid":
+            mix = frequency / frequency.sum()
+        else:
+            mix = np.random.default_rng([seed, 23, cid]).dirichlet(
+                np.full(len(classes), cfg.dirichlet_alpha))
+        parts: dict[str, list[np.ndarray]] = {"train": [], "test": []}
+        for part, size in (("train", train_size), ("test", test_size)):
+            for c, count in zip(classes, largest_remainder(mix, size), strict=True):
+                start = used[c]
+                if start + count > len(pools[c]):
+                    raise ConfigError(
+                        f"data.examples_per_client={train_size} with data."
+                        f"client_test_examples={test_size}: client {cid} needs {count} more "
+                        f"examples of label id {int(c)}, but only {len(pools[c]) - start} are left "
+                        f"of {len(pools[c])}; lower clients.num or those sizes, or raise "
+                        "data.dirichlet_alpha")
+                parts[part].append(pools[c][start:start + count])
+                used[c] = start + count
+        splits.append(ClientSplit(np.sort(np.concatenate(parts["train"])),
+                                  np.sort(np.concatenate(parts["test"]))))
+    return splits
+
+
 def split_clients(
     labels: np.ndarray, num_clients: int, cfg: DataConfig, seed: int
 ) -> list[ClientSplit]:
+    if cfg.examples_per_client is not None:
+        return fixed_size_splits(labels, num_clients, cfg, seed)
     rng = np.random.default_rng([seed, 17])
     splits = []
     for cid, idx in enumerate(partition_indices(labels, num_clients, cfg, seed)):
