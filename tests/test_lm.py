@@ -85,8 +85,9 @@ def test_every_method_lowers_the_training_loss_of_a_tiny_llama(method, tiny_lm_c
     cfg = tiny_lm_config(f"method={name}", "local.lr=0.02", "eval.generate=0", *extra)
     summary = Simulation(cfg).run()
     lines = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    # measured in seeds 0 and 1: train-loss ratio 0.67-0.78, perplexity ratio 0.04-0.14
     assert summary["train_loss"] < 0.9 * lines[0]["train_loss"]
-    assert summary["personalized_perplexity"] < lines[0]["personalized_perplexity"]
+    assert summary["personalized_perplexity"] < 0.5 * lines[0]["personalized_perplexity"]
 
 
 def test_lm_run_writes_perplexity_exact_match_and_samples(tiny_lm_config, tmp_path):
