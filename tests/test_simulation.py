@@ -244,3 +244,32 @@ def test_independent_a_draws_differ_and_their_first_average_shrinks_by_sqrt_n(ti
     same = torch.cat([shared.server.state[k].flatten() for k in names]).norm()
     start = torch.cat([shared.exp.worker.shared_init[k].flatten() for k in names]).norm()
     assert 0.99 < float(same / start) < 1.01  # a shared A does not shrink
+
+
+def test_classification_metrics_include_balanced_accuracy_spread_baseline_and_norm_a(
+        tiny_config, tmp_path):
+    """Each figure recomputed from the run's own adapters and data."""
+    import numpy as np
+
+    sim = Simulation(tiny_config("method=sfed", "rounds=2", "clients.num=3"))
+    rec = sim.run_round(1).metrics
+    a_names = [n for n in sim.server.state if part_of(n) is Part.A]
+    expected_norm = float(sum(sim.server.state[n].double().pow(2).sum() for n in a_names))
+    assert rec["norm_A_mean"] == pytest.approx(expected_norm**0.5, rel=1e-12)
+    metrics = sim.evaluate()
+    exp, worker = sim.exp, sim.exp.worker
+    losses, balanced, majority = [], [], []
+    for cid in range(3):
+        logits = worker.logits(sim.client_adapter(cid), exp.client_test[cid])
+        labels = torch.from_numpy(exp.client_test[cid].labels)
+        losses.append(torch.nn.functional.cross_entropy(logits, labels).item())
+        pred = logits.argmax(-1)
+        balanced.append(np.mean([float((pred[labels == c] == c).float().mean())
+                                 for c in labels.unique()]))
+        top = np.bincount(exp.client_train[cid].labels).argmax()
+        majority.append(float(np.mean(exp.client_test[cid].labels == top)))
+    assert metrics["personalized_loss_std"] == pytest.approx(np.std(losses), rel=1e-5)
+    assert metrics["personalized_loss_min"] == pytest.approx(min(losses), rel=1e-5)
+    assert metrics["personalized_loss_max"] == pytest.approx(max(losses), rel=1e-5)
+    assert metrics["personalized_balanced_accuracy"] == pytest.approx(np.mean(balanced))
+    assert metrics["majority_baseline_accuracy"] == pytest.approx(np.mean(majority))

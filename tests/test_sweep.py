@@ -108,3 +108,68 @@ def test_overrides_may_follow_options(monkeypatch, tmp_path):
     assert cli.main(parser_args) == 0
     assert seen["overrides"] == ["local.lr=0.01", "rounds=2"]
     assert seen["grid"] == ["seed=0,1"] and seen["config"] == "base.yaml"
+
+
+def test_best_lr_table_chooses_on_validation_loss_and_reports_intervals(tiny_config, tmp_path):
+    """A learning-rate ladder: per cell the learning rate with the lowest mean
+    validation loss over seeds, flagged when it is an end of the ladder, and each metric
+    at it as mean and 95% t-interval over seeds (recomputed here from results.csv)."""
+    from scipy import stats
+
+    base = tmp_path / "base.yaml"
+    base.write_text(to_yaml(tiny_config("method=fedsa", "rounds=1",
+                                        "data.validation_fraction=0.25")))
+    out = tmp_path / "sweep"
+    run_sweep(str(base), parse_grid(["lora.rank=2,4", "local.lr=0.001,0.01,0.1",
+                                     "seed=0,1,2"]), out)
+    results = pd.read_csv(out / "results.csv")
+    assert results["personalized_val_loss"].notna().all()
+    best = pd.read_csv(out / "best_lr.csv").set_index("lora.rank")
+    for rank in (2, 4):
+        rows = results[results["lora.rank"] == rank]
+        curve = rows.groupby("local.lr")["personalized_val_loss"].mean()
+        assert best.loc[rank, "best_lr"] == curve.idxmin()
+        assert bool(best.loc[rank, "lr_at_ladder_end"]) == (curve.idxmin() in (0.001, 0.1))
+        chosen = rows[rows["local.lr"] == curve.idxmin()]["personalized_accuracy"]
+        half = stats.t.ppf(0.975, 2) * chosen.std(ddof=1) / 3**0.5
+        assert best.loc[rank, "personalized_accuracy_mean"] == pytest.approx(chosen.mean())
+        assert best.loc[rank, "personalized_accuracy_ci95"] == pytest.approx(half)
+        assert best.loc[rank, "seeds"] == 3
+    assert "±" in (out / "best_lr.md").read_text()
+
+    from sfedlora.cli import main
+
+    assert main(["plot", "--sweep", str(out), "--lr-transfer"]) == 0
+    assert (out / "figures" / "lr_transfer.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_best_lr_table_is_refused_without_a_validation_part(base_config, tmp_path, caplog):
+    out = tmp_path / "sweep"
+    run_sweep(base_config, parse_grid(["local.lr=0.001,0.01"]), out, ["rounds=1"])
+    assert (out / "table.csv").is_file() and not (out / "best_lr.csv").exists()
+    assert "set data.validation_fraction" in caplog.text
+
+
+def test_validation_part_is_held_out_of_training(tiny_config):
+    from sfedlora.experiment import build_experiment
+
+    exp = build_experiment(tiny_config("data.validation_fraction=0.25"))
+    for split in exp.data.clients:
+        assert len(split.val) > 0
+        parts = [set(split.train.tolist()), set(split.val.tolist()), set(split.test.tolist())]
+        assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+    sizes = [len(t) for t in exp.client_train]
+    assert sizes == [len(s.train) for s in exp.data.clients]
+
+
+def test_committed_scaling_sweep_regenerates_its_headline_figure(tmp_path):
+    """The README's command on a clean clone: the committed sweep holds results.csv but
+    not its runs, so the final-value figure must come from results.csv alone."""
+    from pathlib import Path
+
+    from sfedlora.cli import main
+
+    sweep = Path(__file__).resolve().parents[1] / "docs/results/scaling/sweeps/adamw"
+    assert main(["plot", "--sweep", str(sweep), "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "final_vs_rank.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (tmp_path / "curves.png").exists()  # needs the runs' metrics.jsonl

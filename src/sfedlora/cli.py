@@ -165,12 +165,14 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from sfedlora.plots import plot_runs, plot_sweep
+    from sfedlora.plots import plot_lr_transfer, plot_runs, plot_sweep
 
     if bool(args.runs) == bool(args.sweep):
         raise ConfigError("give run directories or --sweep SWEEP_DIR (one of the two)")
     try:
-        if args.sweep:
+        if args.sweep and args.lr_transfer:
+            written = plot_lr_transfer(args.sweep, args.out, curve_key=args.curve)
+        elif args.sweep:
             written = plot_sweep(args.sweep, args.out, metric=args.y)
         else:
             written = [plot_runs(args.runs, args.out or "plot.png", x=args.x, y=args.y,
@@ -235,6 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--title")
     plot.add_argument("--out", help="PNG file to write (default plot.png); with --sweep, "
                       "the folder for the figures (default SWEEP_DIR/figures)")
+    plot.add_argument("--lr-transfer", action="store_true",
+                      help="with --sweep: held-out loss against learning rate per rule, "
+                           "one curve per rank (or client count), minima starred")
+    plot.add_argument("--curve", help="with --lr-transfer: the key with one curve per value "
+                      "(default lora.rank, else clients.num)")
     plot.set_defaults(func=cmd_plot)
     return parser
 

@@ -119,6 +119,11 @@ class DataConfig(_Section):
     classes_per_client: int = Field(2, gt=0)
     min_partition_size: int = Field(10, ge=0)
     client_test_fraction: float = Field(0.2, gt=0, lt=1)
+    validation_fraction: float = Field(
+        0.0, ge=0, lt=1, description="hold this fraction of each client's training part "
+        "out of training as its validation part (stratified); choose learning rates on "
+        "the validation metrics, never on the test part (0: none)"
+    )
     examples_per_client: int | None = Field(
         None, gt=0, description="give every client exactly this many training examples "
         "(and data.client_test_examples test examples) with partition iid or dirichlet; "

@@ -42,6 +42,7 @@ class Scores:
     own: EvalResult | None
     on_global: EvalResult | None
     norm: float | None
+    val: EvalResult | None = None  # on the client's validation part, where it has one
 
 
 def score_adapter(exp: Experiment, tensors: Adapter, cid: int | None,
@@ -51,11 +52,13 @@ def score_adapter(exp: Experiment, tensors: Adapter, cid: int | None,
     adapter is scored with ``cid=None`` (no own part)."""
     worker = exp.worker
     own = worker.evaluate(tensors, exp.client_test[cid]) if cid is not None else None
+    val = (worker.evaluate(tensors, exp.client_val[cid])
+           if cid is not None and len(exp.client_val[cid]) else None)
     if not global_part:
-        return Scores(own, None, None)
+        return Scores(own, None, None, val)
     on_global = (worker.evaluate(tensors, exp.global_test) if exp.cfg.eval.global_metrics
                  else None)
-    return Scores(own, on_global, worker.adapter_output_norm(tensors, exp.probe))
+    return Scores(own, on_global, worker.adapter_output_norm(tensors, exp.probe), val)
 
 
 def combine_classification(clients: list[Scores], global_: Scores | None) -> dict:
@@ -64,15 +67,35 @@ def combine_classification(clients: list[Scores], global_: Scores | None) -> dic
     every = [*clients, *([global_] if global_ is not None else [])]
     own = [s.own for s in clients]
     on_global = [s.on_global for s in every if s.on_global is not None]
+    losses = [r.loss for r in own]
+    val = [s.val for s in clients if s.val is not None]
     return {
+        **validation_metrics([r.loss for r in val], [r.accuracy for r in val]),
         "personalized_accuracy": float(np.mean([r.accuracy for r in own])),
         "personalized_accuracy_weighted": sum(r.correct for r in own)
         / sum(r.count for r in own),
-        "personalized_loss": float(np.mean([r.loss for r in own])),
+        "personalized_balanced_accuracy": mean_or_none([r.balanced_accuracy for r in own]),
+        "personalized_loss": float(np.mean(losses)),
+        # the spread over clients: a client's test part may hold only a few examples
+        "personalized_loss_std": float(np.std(losses)),
+        "personalized_loss_min": float(np.min(losses)),
+        "personalized_loss_max": float(np.max(losses)),
         "global_accuracy": mean_or_none([r.accuracy for r in on_global]),
         "global_loss": mean_or_none([r.loss for r in on_global]),
         "adapter_output_norm": float(np.mean([s.norm for s in every if s.norm is not None])),
     }
+
+
+def validation_metrics(losses: list[float], accuracies: list[float] | None = None) -> dict:
+    """Mean (and spread over clients) of the clients' validation figures: what
+    learning rates are chosen on. Empty without a validation split."""
+    if not losses:
+        return {}
+    out = {"personalized_val_loss": float(np.mean(losses)),
+           "personalized_val_loss_std": float(np.std(losses))}
+    if accuracies:
+        out["personalized_val_accuracy"] = float(np.mean(accuracies))
+    return out
 
 
 def evaluate_classification(view: AdapterView) -> dict:
@@ -111,9 +134,12 @@ def evaluate_lm(view: AdapterView) -> tuple[dict, list[dict]]:
                             "parsed": got, "correct": hits[-1], "generated": out})
         return float(np.mean(hits))
 
+    val = []
     for cid in range(cfg.clients.num):
         tensors = view.client_adapter(cid)
         own.append(worker.lm_loss(tensors, exp.client_test[cid]))
+        if len(exp.client_val[cid]):
+            val.append(worker.lm_loss(tensors, exp.client_val[cid]).loss)
         own_em.append(exact_match(tensors, exp.client_test_pairs(cid), f"client_{cid}"))
     if view.has_global_adapter:
         adapters = {"global": view.global_adapter()}
@@ -126,6 +152,7 @@ def evaluate_lm(view: AdapterView) -> tuple[dict, list[dict]]:
             global_em.append(exact_match(tensors, exp.data.global_test, f"{who}@global"))
         norms.append(worker.adapter_output_norm(tensors, exp.probe))
     return {
+        **validation_metrics(val),
         "personalized_perplexity": float(np.mean([r.perplexity for r in own])),
         "personalized_loss": float(np.mean([r.loss for r in own])),
         "global_perplexity": mean_or_none([r.perplexity for r in on_global]),

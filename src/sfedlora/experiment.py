@@ -23,6 +23,8 @@ class Experiment:
     data: FederatedData
     client_train: list[Encoded | lm.EncodedLM]
     client_test: list[Encoded | lm.EncodedLM]
+    # each client's validation part (data.validation_fraction; else empty)
+    client_val: list[Encoded | lm.EncodedLM]
     # FDLoRA: a slice of each client's training data kept out of training (else empty)
     client_holdout: list[Encoded | lm.EncodedLM]
     global_test: Encoded | lm.EncodedLM
@@ -37,6 +39,16 @@ class Experiment:
             return None
         return gamma(self.cfg.scaling, self.cfg.alpha, self.cfg.lora.rank,
                      self.cfg.clients_per_round)
+
+    def majority_baseline(self) -> float:
+        """Mean over clients of the accuracy of predicting the client's most frequent
+        training label on its own test part: what a head that learned only its client's
+        label skew scores (under Dirichlet splits, far above chance)."""
+        scores = []
+        for train, test in zip(self.client_train, self.client_test, strict=True):
+            majority = np.bincount(train.labels).argmax()
+            scores.append(float(np.mean(test.labels == majority)))
+        return float(np.mean(scores))
 
     # causal-lm: the raw pairs behind the encoded test sets, for generation
     def client_test_pairs(self, cid: int) -> lm.PairDataset:
@@ -74,6 +86,8 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
         client_test = [lm.encode_pairs(tokenizer, data.train.subset(s.test),
                                        cfg.model.max_length) for s in data.clients]
         client_train = [enc(data.train.subset(s.train)) for s in data.clients]
+        client_val = [lm.encode_pairs(tokenizer, data.train.subset(s.val),
+                                      cfg.model.max_length) for s in data.clients]
     else:
         train = encode(tokenizer, data.train.texts, data.train.labels, cfg.model.max_length)
         test = data.global_test
@@ -81,6 +95,7 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
         collate = Collator(tokenizer)
         client_test = [train.subset(s.test) for s in data.clients]
         client_train = [train.subset(s.train) for s in data.clients]
+        client_val = [train.subset(s.val) for s in data.clients]
     method = get_method(cfg.method)
     client_holdout = []
     if method.personal_adapter:
@@ -94,6 +109,7 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
         data=data,
         client_train=client_train,
         client_test=client_test,
+        client_val=client_val,
         client_holdout=client_holdout,
         global_test=global_test,
         probe=probe,

@@ -4,11 +4,14 @@ bytes that crossed the wire (up plus down), one line per run."""
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 X_AXES = {"round": "round", "bytes": "bytes_total"}
 X_LABELS = {"round": "round", "bytes": "cumulative bytes sent (up + down, all clients)"}
+
+log = logging.getLogger(__name__)
 
 
 def load_metrics(run_dir: Path) -> list[dict]:
@@ -93,7 +96,13 @@ def plot_sweep(sweep_dir: Path, out_dir: Path | None = None, rank_key: str = "lo
     results["rule"] = [_rule_label(r, rule_keys) or "run" for _, r in results.iterrows()]
     if panel_key not in results:
         results[panel_key] = "-"
-    for name in results["run"]:
+    # Curves and stability need every run's metrics.jsonl; the final values come from
+    # results.csv alone, so a sweep committed without its runs still regenerates those.
+    per_run = all((sweep_dir / "runs" / n / "metrics.jsonl").is_file() for n in results["run"])
+    if not per_run:
+        log.warning("%s: some runs have no metrics.jsonl under runs/; drawing only the final "
+                    "values from results.csv (no curves or stability figures)", sweep_dir)
+    for name in results["run"] if per_run else []:
         lines = load_metrics(sweep_dir / "runs" / name)
         results.loc[results["run"] == name, "grad_B_mean"] = np.nanmean(
             [m.get("grad_norm_B") or np.nan for m in lines])
@@ -111,29 +120,10 @@ def plot_sweep(sweep_dir: Path, out_dir: Path | None = None, rank_key: str = "lo
         rules = list(dict.fromkeys(frame["rule"]))
         panels = sorted(frame[panel_key].unique(), key=_numeric_first)
         ranks = sorted(frame[rank_key].unique())
-        colours = plt.cm.viridis(np.linspace(0, 0.9, len(ranks)))
 
-        fig, axes = plt.subplots(len(panels), len(rules), squeeze=False, sharey=True,
-                                 figsize=(3.6 * len(rules), 2.8 * len(panels)))
-        for i, panel in enumerate(panels):
-            for j, rule in enumerate(rules):
-                ax = axes[i][j]
-                for colour, rank in zip(colours, ranks, strict=True):
-                    runs = frame[(frame[panel_key] == panel) & (frame["rule"] == rule)
-                                 & (frame[rank_key] == rank)]["run"]
-                    curves = [[(m["round"], m[metric]) for m in load_metrics(
-                        sweep_dir / "runs" / r) if m.get(metric) is not None] for r in runs]
-                    if not curves or not curves[0]:
-                        continue
-                    rounds = [p[0] for p in curves[0]]
-                    mean = np.mean([[p[1] for p in c] for c in curves], axis=0)
-                    ax.plot(rounds, mean, color=colour, label=f"r={rank}")
-                ax.set_title(f"{rule}, {panel_key}={panel}", fontsize=9)
-                ax.set_xlabel("round")
-                ax.grid(True, alpha=0.3)
-            axes[i][0].set_ylabel(metric.replace("_", " "))
-        axes[0][-1].legend(fontsize=7)
-        written.append(_save(fig, out_dir / f"curves{suffix}.png", where))
+        if per_run:
+            written.append(_curves(frame, sweep_dir, panels, rules, ranks, panel_key,
+                                   rank_key, metric, out_dir / f"curves{suffix}.png", where))
 
         fig, axes = plt.subplots(1, len(panels), squeeze=False, sharey=True,
                                  figsize=(4.2 * len(panels), 3.4))
@@ -151,6 +141,8 @@ def plot_sweep(sweep_dir: Path, out_dir: Path | None = None, rank_key: str = "lo
         axes[0][-1].legend(fontsize=7)
         written.append(_save(fig, out_dir / f"final_vs_rank{suffix}.png", where))
 
+        if not per_run:
+            continue
         fig, axes = plt.subplots(2, len(panels), squeeze=False,
                                  figsize=(4.2 * len(panels), 6.0))
         for col, panel in enumerate(panels):
@@ -170,6 +162,108 @@ def plot_sweep(sweep_dir: Path, out_dir: Path | None = None, rank_key: str = "lo
                 ax.grid(True, alpha=0.3)
         axes[0][-1].legend(fontsize=7)
         written.append(_save(fig, out_dir / f"stability{suffix}.png", where))
+    return written
+
+
+def _curves(frame, sweep_dir: Path, panels, rules, ranks, panel_key: str, rank_key: str,
+            metric: str, path: Path, where: str) -> Path:
+    """``metric`` against round, one line per rank, one panel per rule and panel value
+    (mean over seeds), from each run's metrics.jsonl."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    colours = plt.cm.viridis(np.linspace(0, 0.9, len(ranks)))
+    fig, axes = plt.subplots(len(panels), len(rules), squeeze=False, sharey=True,
+                             figsize=(3.6 * len(rules), 2.8 * len(panels)))
+    for i, panel in enumerate(panels):
+        for j, rule in enumerate(rules):
+            ax = axes[i][j]
+            for colour, rank in zip(colours, ranks, strict=True):
+                runs = frame[(frame[panel_key] == panel) & (frame["rule"] == rule)
+                             & (frame[rank_key] == rank)]["run"]
+                curves = [[(m["round"], m[metric]) for m in load_metrics(
+                    sweep_dir / "runs" / r) if m.get(metric) is not None] for r in runs]
+                if not curves or not curves[0]:
+                    continue
+                rounds = [p[0] for p in curves[0]]
+                mean = np.mean([[p[1] for p in c] for c in curves], axis=0)
+                ax.plot(rounds, mean, color=colour, label=f"r={rank}")
+            ax.set_title(f"{rule}, {panel_key}={panel}", fontsize=9)
+            ax.set_xlabel("round")
+            ax.grid(True, alpha=0.3)
+        axes[i][0].set_ylabel(metric.replace("_", " "))
+    axes[0][-1].legend(fontsize=7)
+    return _save(fig, path, where)
+
+
+def plot_lr_transfer(sweep_dir: Path, out_dir: Path | None = None,
+                     curve_key: str | None = None,
+                     rule_keys: Sequence[str] = ("lora.scaling", "lora.a_init"),
+                     lr_key: str = "local.lr") -> list[Path]:
+    """Learning-rate transfer from a sweep's ``results.csv``: for each rule, the final
+    held-out loss against the learning rate (log axis), one curve per value of
+    ``curve_key`` (the rank, or else the client count), mean over seeds with 95%
+    intervals, each curve's minimum starred. The validation loss is drawn where the
+    runs have one (what a learning rate is chosen on), else the test loss, labelled so.
+    One figure per value of every other swept key (e.g. the optimizer)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    import pandas as pd
+
+    from sfedlora.sweep import SELECT_ON, ci95
+
+    sweep_dir = Path(sweep_dir)
+    out_dir = Path(out_dir or sweep_dir / "figures")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = pd.read_csv(sweep_dir / "results.csv")
+    if lr_key not in results or results[lr_key].nunique() < 2:
+        raise ValueError(f"{sweep_dir}: the sweep does not vary {lr_key!r}")
+    if curve_key is None:
+        curve_key = next((k for k in ("lora.rank", "clients.num")
+                          if k in results and results[k].nunique() > 1), None)
+    if curve_key is None or curve_key not in results:
+        raise ValueError(f"{sweep_dir}: give the key to draw one curve per value of")
+    metric = SELECT_ON if SELECT_ON in results and results[SELECT_ON].notna().any() \
+        else "personalized_loss"
+    rule_keys = [k for k in rule_keys if k in results]
+    results["rule"] = [_rule_label(r, rule_keys) or "run" for _, r in results.iterrows()]
+    fixed = {"run", "seed", lr_key, curve_key, "rule", *rule_keys}
+    split_keys = [k for k in results.columns
+                  if k not in fixed and k not in _metric_columns(results)]
+    groups = results.groupby(split_keys, sort=False) if split_keys else [((), results)]
+    written = []
+    for split, frame in groups:
+        split = split if isinstance(split, tuple) else (split,)
+        suffix = "".join(f"_{k}-{v}" for k, v in zip(split_keys, split, strict=True))
+        where = ", ".join(f"{k}={v}" for k, v in zip(split_keys, split, strict=True))
+        rules = list(dict.fromkeys(frame["rule"]))
+        values = sorted(frame[curve_key].unique(), key=_numeric_first)
+        colours = plt.cm.viridis(np.linspace(0, 0.9, len(values)))
+        fig, axes = plt.subplots(1, len(rules), squeeze=False, sharey=True,
+                                 figsize=(3.8 * len(rules), 3.4))
+        for ax, rule in zip(axes[0], rules, strict=True):
+            for colour, value in zip(colours, values, strict=True):
+                sel = frame[(frame["rule"] == rule) & (frame[curve_key] == value)]
+                stats = sel.groupby(lr_key)[metric].agg(["mean", ci95]).reset_index()
+                if stats.empty:
+                    continue
+                ax.errorbar(stats[lr_key], stats["mean"], yerr=stats["ci95"].fillna(0),
+                            color=colour, marker="o", ms=3, capsize=2,
+                            label=f"{curve_key.split('.')[-1]}={value}")
+                best = stats.loc[stats["mean"].idxmin()]
+                ax.plot(best[lr_key], best["mean"], marker="*", ms=12, color=colour,
+                        markeredgecolor="black")
+            ax.set_xscale("log")
+            ax.set_xlabel("learning rate")
+            ax.set_title(rule, fontsize=9)
+            ax.grid(True, alpha=0.3)
+        label = "validation loss" if metric == SELECT_ON else "test loss (no validation part)"
+        axes[0][0].set_ylabel(f"final held-out {label}")
+        axes[0][-1].legend(fontsize=7)
+        written.append(_save(fig, out_dir / f"lr_transfer{suffix}.png", where))
     return written
 
 

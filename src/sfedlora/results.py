@@ -24,10 +24,12 @@ if TYPE_CHECKING:
     from sfedlora.simulation import Simulation
 
 SUMMARY_KEYS = (
-    "round", "train_loss", "personalized_accuracy", "personalized_accuracy_weighted",
-    "global_accuracy", "personalized_loss", "global_loss", "grad_norm_A", "grad_norm_B",
-    "adapter_output_norm", "bytes_up", "bytes_down", "bytes_up_total", "bytes_down_total",
-    "bytes_total",
+    "round", "train_loss", "personalized_val_loss", "personalized_val_accuracy",
+    "personalized_accuracy", "personalized_accuracy_weighted",
+    "personalized_balanced_accuracy", "majority_baseline_accuracy",
+    "global_accuracy", "personalized_loss", "personalized_loss_std", "global_loss",
+    "grad_norm_A", "grad_norm_B", "norm_A_mean", "adapter_output_norm",
+    "bytes_up", "bytes_down", "bytes_up_total", "bytes_down_total", "bytes_total",
     "bytes_up_total_per_client", "bytes_down_total_per_client",
     "dp_epsilon", "personalized_perplexity", "global_perplexity", "personalized_exact_match",
     "global_exact_match",

@@ -28,6 +28,7 @@ from sfedlora.evaluation import (
     score_adapter,
 )
 from sfedlora.experiment import Experiment, build_experiment
+from sfedlora.methods import Part, part_of
 from sfedlora.privacy import GaussianMechanism
 from sfedlora.results import RunDir
 from sfedlora.sampling import sample_clients
@@ -115,11 +116,21 @@ class Simulation:
             "bytes_down_total_per_client": {str(c): b["down"]
                                             for c, b in self.bytes_per_client.items()},
         }
+        metrics["norm_A_mean"] = self.shared_a_norm()
         if dropped:
             metrics["dropped"] = dropped
         if self.privacy is not None:
             metrics["dp_epsilon"] = self.privacy.epsilon(round_idx)
         return RoundRecord(metrics, {"train": t1 - t0, "aggregate": t2 - t1})
+
+    def shared_a_norm(self) -> float | None:
+        """Frobenius norm, over every adapted layer, of the A the server holds after this
+        round's aggregation (None where the server holds no A): the averaged A whose
+        shrinkage by sqrt(N) under independent inits the sfed scale compensates."""
+        names = sorted(n for n in self.server.state if part_of(n) is Part.A)  # fixed order:
+        if not names:  # a restored state's dict order may differ, the sum must not
+            return None
+        return float(sum(self.server.state[n].double().pow(2).sum() for n in names)) ** 0.5
 
     # --- where the clients are --------------------------------------------------------
     # The two places a runtime differs: here every client runs in this process on the
@@ -189,6 +200,7 @@ class Simulation:
                        if self.method.has_global_adapter else None)
             metrics = combine_classification([s for _, (s, _) in sorted(scores.items())],
                                              global_)
+            metrics["majority_baseline_accuracy"] = self.exp.majority_baseline()
             if unscored := sorted(set(range(self.cfg.clients.num)) - set(scores)):
                 metrics["unscored"] = unscored  # the means are over the others
         if self.method.personal_adapter:

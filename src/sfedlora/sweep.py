@@ -27,8 +27,10 @@ from sfedlora.config import ConfigError, _parse_value, load_config
 log = logging.getLogger(__name__)
 
 TABLE_METRICS = (
-    "personalized_accuracy", "global_accuracy", "personalized_loss", "train_loss",
-    "grad_norm_A", "grad_norm_B", "adapter_output_norm", "bytes_total",
+    "personalized_val_loss", "personalized_val_accuracy", "personalized_accuracy",
+    "personalized_balanced_accuracy", "majority_baseline_accuracy",
+    "global_accuracy", "personalized_loss", "personalized_loss_std", "train_loss",
+    "grad_norm_A", "grad_norm_B", "norm_A_mean", "adapter_output_norm", "bytes_total",
     "personalized_perplexity", "global_perplexity",
 )
 
@@ -174,6 +176,80 @@ def write_tables(out: Path, runs: Sequence[SweepRun], keys: list[str]) -> None:
         table = results[metrics].agg(["mean", "std", "count"]).T.reset_index()
     table.to_csv(out / "table.csv", index=False)
     (out / "table.md").write_text(_markdown(results, group, metrics))
+    if LR_KEY in keys:
+        write_best_lr_tables(out, results, keys, metrics)
+
+
+LR_KEY = "local.lr"
+SELECT_ON = "personalized_val_loss"
+
+
+def ci95(values) -> float:
+    """Half-width of the two-sided 95% t-interval of the mean (nan below two values)."""
+    import math
+
+    from scipy import stats
+
+    n = len(values)
+    if n < 2:
+        return math.nan
+    return float(stats.t.ppf(0.975, n - 1) * values.std(ddof=1) / math.sqrt(n))
+
+
+def best_learning_rates(results, keys: list[str], metrics: list[str]):
+    """Per cell (every grid key but the learning rate and the seed): the learning rate
+    whose mean validation loss over seeds is lowest, whether it sits at an end of the
+    ladder (then the ladder should be extended), and every metric at that learning rate
+    as mean and 95% interval over seeds. Chosen on the validation part only."""
+    import pandas as pd
+
+    cell = [k for k in keys if k not in ("seed", LR_KEY)]
+    ladder = sorted(results[LR_KEY].unique())
+    rows = []
+    groups = results.groupby(cell, sort=False) if cell else [((), results)]
+    for key, frame in groups:
+        key = key if isinstance(key, tuple) else (key,)
+        curve = frame.groupby(LR_KEY)[SELECT_ON].mean()
+        best = curve.idxmin()
+        chosen = frame[frame[LR_KEY] == best]
+        row = dict(zip(cell, key, strict=True))
+        row.update({"best_lr": best, "lr_at_ladder_end": best in (ladder[0], ladder[-1]),
+                    "seeds": len(chosen)})
+        for m in metrics:
+            col = chosen[m].dropna()
+            row[f"{m}_mean"] = col.mean() if len(col) else None
+            row[f"{m}_ci95"] = ci95(col) if len(col) else None
+        rows.append(row)
+    return pd.DataFrame(rows), cell
+
+
+def write_best_lr_tables(out: Path, results, keys: list[str], metrics: list[str]) -> None:
+    """``best_lr.csv`` / ``best_lr.md`` for a grid with a learning-rate ladder; skipped,
+    with a warning, when the runs have no validation part to choose on."""
+    if SELECT_ON not in results or results[SELECT_ON].isna().all():
+        log.warning("%s: the sweep varies %s but its runs have no %s; set "
+                    "data.validation_fraction to choose learning rates (never on the test "
+                    "part); best_lr tables not written", out, LR_KEY, SELECT_ON)
+        return
+    table, cell = best_learning_rates(results, keys, metrics)
+    table.to_csv(out / "best_lr.csv", index=False)
+    shown = [m for m in metrics if m != SELECT_ON]
+    lines = ["| " + " | ".join([*cell, "best lr", SELECT_ON, *shown, "seeds"]) + " |",
+             "|" + "---|" * (len(cell) + len(shown) + 3)]
+    for _, row in table.iterrows():
+        cells = [str(row[k]) for k in cell]
+        cells.append(f"{row['best_lr']:g}" + (" (ladder end)" if row["lr_at_ladder_end"]
+                                             else ""))
+        for m in [SELECT_ON, *shown]:
+            mean, half = row[f"{m}_mean"], row[f"{m}_ci95"]
+            cells.append("-" if mean is None or mean != mean else
+                         f"{mean:.4g}" if half != half else f"{mean:.4g} ± {half:.2g}")
+        cells.append(str(row["seeds"]))
+        lines.append("| " + " | ".join(cells) + " |")
+    (out / "best_lr.md").write_text(
+        f"Best learning rate per cell by mean {SELECT_ON} over seeds; every metric at "
+        "that learning rate as mean ± 95% t-interval over seeds.\n\n"
+        + "\n".join(lines) + "\n")
 
 
 def _markdown(results, group: list[str], metrics: list[str]) -> str:

@@ -56,10 +56,21 @@ class EvalResult:
     correct: int
     count: int
     loss_sum: float
+    # per label id: examples of that label, and how many of them were right
+    class_correct: tuple[int, ...] = ()
+    class_count: tuple[int, ...] = ()
 
     @property
     def accuracy(self) -> float:
         return self.correct / self.count
+
+    @property
+    def balanced_accuracy(self) -> float | None:
+        """Mean over the labels present of the accuracy on that label (a head that
+        always predicts its client's majority label scores 1 / #labels present)."""
+        recalls = [c / n for c, n in zip(self.class_correct, self.class_count, strict=True)
+                   if n > 0]
+        return float(np.mean(recalls)) if recalls else None
 
     @property
     def loss(self) -> float:
@@ -298,7 +309,12 @@ class Worker:
         logits = self.logits(tensors, data)
         labels = torch.from_numpy(data.labels)
         loss = F.cross_entropy(logits, labels, reduction="sum").item()
-        return EvalResult(int((logits.argmax(-1) == labels).sum()), len(data), loss)
+        right = logits.argmax(-1) == labels
+        classes = logits.shape[-1]
+        per_class = torch.bincount(labels[right], minlength=classes)
+        return EvalResult(int(right.sum()), len(data), loss,
+                          tuple(per_class.tolist()),
+                          tuple(torch.bincount(labels, minlength=classes).tolist()))
 
     @torch.inference_mode()
     def lm_loss(self, tensors: dict[str, torch.Tensor], data) -> LMEvalResult:

@@ -8,7 +8,7 @@ example, which Dirichlet partitions produce all the time.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import datasets
 import numpy as np
@@ -26,6 +26,8 @@ from sfedlora.config import ConfigError, DataConfig
 class ClientSplit:
     train: np.ndarray  # indices into the training set
     test: np.ndarray
+    # held out of training to choose hyperparameters on (data.validation_fraction)
+    val: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
 
 def partition_indices(labels: np.ndarray, num_clients: int, cfg: DataConfig, seed: int):
@@ -144,6 +146,20 @@ def fixed_size_splits(labels: np.ndarray, num_clients: int, cfg: DataConfig, see
 
 
 def split_clients(
+    labels: np.ndarray, num_clients: int, cfg: DataConfig, seed: int
+) -> list[ClientSplit]:
+    splits = _client_splits(labels, num_clients, cfg, seed)
+    if cfg.validation_fraction == 0:
+        return splits
+    rng = np.random.default_rng([seed, 29])
+    out = []
+    for split in splits:
+        kept = stratified_split(split.train, labels, cfg.validation_fraction, rng)
+        out.append(replace(split, train=kept.train, val=kept.test))
+    return out
+
+
+def _client_splits(
     labels: np.ndarray, num_clients: int, cfg: DataConfig, seed: int
 ) -> list[ClientSplit]:
     if cfg.examples_per_client is not None:

@@ -24,12 +24,16 @@ def fit_result(upload: bytes, metrics: dict) -> FitResult:
     return FitResult(upload=upload, **{name: metrics.get(name) for name in _FIT_FIELDS})
 
 
-def scores_metrics(scores: Scores, fusion: list[float] | None) -> dict[str, float | int]:
-    out: dict[str, float | int] = {}
-    for prefix, result in (("own", scores.own), ("global", scores.on_global)):
+def scores_metrics(scores: Scores, fusion: list[float] | None
+                   ) -> dict[str, float | int | list[int]]:
+    out: dict[str, float | int | list[int]] = {}
+    for prefix, result in (("own", scores.own), ("global", scores.on_global),
+                           ("val", scores.val)):
         if result is not None:
             out |= {f"{prefix}_correct": result.correct, f"{prefix}_count": result.count,
-                    f"{prefix}_loss_sum": result.loss_sum}
+                    f"{prefix}_loss_sum": result.loss_sum,
+                    f"{prefix}_class_correct": list(result.class_correct),
+                    f"{prefix}_class_count": list(result.class_count)}
     if scores.norm is not None:
         out["norm"] = scores.norm
     if fusion is not None:
@@ -42,8 +46,10 @@ def scores(metrics: dict) -> tuple[Scores, list[float] | None]:
         if f"{prefix}_count" not in metrics:
             return None
         return EvalResult(int(metrics[f"{prefix}_correct"]), int(metrics[f"{prefix}_count"]),
-                          float(metrics[f"{prefix}_loss_sum"]))
+                          float(metrics[f"{prefix}_loss_sum"]),
+                          tuple(int(x) for x in metrics.get(f"{prefix}_class_correct", [])),
+                          tuple(int(x) for x in metrics.get(f"{prefix}_class_count", [])))
 
     fusion = ([metrics["fusion_w1"], metrics["fusion_w2"]] if "fusion_w1" in metrics
               else None)
-    return Scores(result("own"), result("global"), metrics.get("norm")), fusion
+    return Scores(result("own"), result("global"), metrics.get("norm"), result("val")), fusion
