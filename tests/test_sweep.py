@@ -74,6 +74,15 @@ def test_shards_split_the_grid_and_the_last_writes_the_tables(base_config, tmp_p
             parse_shard(bad)
 
 
+def test_grid_values_in_exponent_notation_are_numbers():
+    """YAML 1.1 reads 1e-3 as text; a learning-rate ladder must sort as numbers."""
+    grid = parse_grid(["local.lr=1e-3,4e-3,1.6e-2,0.1", "lora.scaling=lora,sfed",
+                       "model.name=e5,nan"])
+    assert grid["local.lr"] == [0.001, 0.004, 0.016, 0.1]
+    assert all(isinstance(v, float) for v in grid["local.lr"])
+    assert grid["lora.scaling"] == ["lora", "sfed"] and grid["model.name"] == ["e5", "nan"]
+
+
 def test_joint_keys_vary_together():
     from sfedlora.sweep import expand, grid_keys
 

@@ -9,6 +9,7 @@ after a model has loaded.
 from __future__ import annotations
 
 import difflib
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -532,11 +533,20 @@ def _format_validation_error(err: ValidationError) -> str:
 
 
 def _parse_value(text: str) -> Any:
-    """Parse an override value the way YAML would ('8' -> 8, 'null' -> None, '[a,b]')."""
+    """Parse an override value the way YAML would ('8' -> 8, 'null' -> None, '[a,b]'),
+    and numbers in exponent notation as numbers: YAML 1.1 reads '1e-3' as a string, so
+    a sweep's ladder 1e-3,1e-2 would be sorted and grouped as text."""
     try:
-        return yaml.safe_load(text)
+        value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+        return number if math.isfinite(number) else value
+    return value
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
