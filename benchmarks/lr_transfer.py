@@ -20,7 +20,7 @@ changes only how many adapters are averaged. ``--size gpu`` is the issue's budge
 rounds x 8 steps x batch 32); ``--size cpu`` cuts it for a 2-core machine (fewer rounds,
 steps, tokens); ``--size smoke`` is a seconds-long check of the plumbing. ``--shard K/M``
 lets M processes share a stage (one per GPU or core); the last one writes the tables.
-Resumable: rerunning skips finished runs.
+Resumable: rerunning skips finished runs, also runs committed under docs/results/.
 """
 
 from __future__ import annotations
@@ -69,8 +69,12 @@ def base_overrides(args) -> list[str]:
     return [*fixed, *opt, *SIZES[args.size], f"model.device={args.device}", *args.overrides]
 
 
+def study_dir(args) -> Path:
+    return Path(args.out) / f"{args.part}-{args.optimizer}-{args.size}"
+
+
 def stage_dir(args, stage: str) -> Path:
-    return Path(args.out) / f"{args.part}-{args.optimizer}" / stage
+    return study_dir(args) / stage
 
 
 def ladder(args) -> bool:
@@ -116,7 +120,7 @@ def report(args) -> Path:
     runs = pd.concat([chosen, rest], ignore_index=True)
     metrics = [m for m in TABLE_METRICS if m in runs and runs[m].notna().any()]
     table, _ = best_learning_rates(runs, [*cell, LR_KEY, "seed"], metrics)
-    out = Path(args.out) / f"{args.part}-{args.optimizer}"
+    out = study_dir(args)
     table.to_csv(out / "final.csv", index=False)
     lines = ["| rule | " + key + " | best lr | " + " | ".join(metrics) + " | seeds |",
              "|" + "---|" * (len(metrics) + 4)]
@@ -143,7 +147,9 @@ def main(argv=None) -> int:
     parser.add_argument("--stage", choices=["ladder", "seeds", "report"], required=True)
     parser.add_argument("--size", choices=sorted(SIZES), default="cpu")
     parser.add_argument("--config", default=str(ROOT / "configs/lr_transfer_sst2.yaml"))
-    parser.add_argument("--out", default="runs/lr-transfer")
+    parser.add_argument("--out", default="docs/results/lr_transfer",
+                        help="where the study lives; under docs/results/ only configs, "
+                        "metrics, timings and summaries are tracked (see .gitignore)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--ladder", help="comma-separated learning rates (default per optimizer)")
     parser.add_argument("--seeds", default=SEEDS)
