@@ -92,8 +92,6 @@ def plot_sweep(sweep_dir: Path, out_dir: Path | None = None, rank_key: str = "lo
     results = pd.read_csv(sweep_dir / "results.csv")
     if rank_key not in results:
         raise ValueError(f"{sweep_dir}: the sweep does not vary {rank_key!r}")
-    rule_keys = [k for k in rule_keys if k in results]
-    results["rule"] = [_rule_label(r, rule_keys) or "run" for _, r in results.iterrows()]
     if panel_key not in results:
         results[panel_key] = "-"
     # Curves and stability need every run's metrics.jsonl; the final values come from
@@ -108,15 +106,8 @@ def plot_sweep(sweep_dir: Path, out_dir: Path | None = None, rank_key: str = "lo
             [m.get("grad_norm_B") or np.nan for m in lines])
         results.loc[results["run"] == name, "output_norm_mean"] = np.nanmean(
             [m.get("adapter_output_norm") or np.nan for m in lines])
-    fixed = {"run", "seed", rank_key, panel_key, "rule", *rule_keys}
-    split_keys = [k for k in results.columns
-                  if k not in fixed and k not in _metric_columns(results)]
-    groups = results.groupby(split_keys, sort=False) if split_keys else [((), results)]
     written = []
-    for split, frame in groups:
-        split = split if isinstance(split, tuple) else (split,)
-        suffix = "".join(f"_{k}-{v}" for k, v in zip(split_keys, split, strict=True))
-        where = ", ".join(f"{k}={v}" for k, v in zip(split_keys, split, strict=True))
+    for suffix, where, frame in _by_other_keys(results, rule_keys, {rank_key, panel_key}):
         rules = list(dict.fromkeys(frame["rule"]))
         panels = sorted(frame[panel_key].unique(), key=_numeric_first)
         ranks = sorted(frame[rank_key].unique())
@@ -228,17 +219,8 @@ def plot_lr_transfer(sweep_dir: Path, out_dir: Path | None = None,
         raise ValueError(f"{sweep_dir}: give the key to draw one curve per value of")
     metric = SELECT_ON if SELECT_ON in results and results[SELECT_ON].notna().any() \
         else "personalized_loss"
-    rule_keys = [k for k in rule_keys if k in results]
-    results["rule"] = [_rule_label(r, rule_keys) or "run" for _, r in results.iterrows()]
-    fixed = {"run", "seed", lr_key, curve_key, "rule", *rule_keys}
-    split_keys = [k for k in results.columns
-                  if k not in fixed and k not in _metric_columns(results)]
-    groups = results.groupby(split_keys, sort=False) if split_keys else [((), results)]
     written = []
-    for split, frame in groups:
-        split = split if isinstance(split, tuple) else (split,)
-        suffix = "".join(f"_{k}-{v}" for k, v in zip(split_keys, split, strict=True))
-        where = ", ".join(f"{k}={v}" for k, v in zip(split_keys, split, strict=True))
+    for suffix, where, frame in _by_other_keys(results, rule_keys, {lr_key, curve_key}):
         rules = list(dict.fromkeys(frame["rule"]))
         values = sorted(frame[curve_key].unique(), key=_numeric_first)
         colours = plt.cm.viridis(np.linspace(0, 0.9, len(values)))
@@ -265,6 +247,22 @@ def plot_lr_transfer(sweep_dir: Path, out_dir: Path | None = None,
         axes[0][-1].legend(fontsize=7)
         written.append(_save(fig, out_dir / f"lr_transfer{suffix}.png", where))
     return written
+
+
+def _by_other_keys(results, rule_keys: Sequence[str], drawn: set[str]):
+    """Label each run with its rule (``rule`` column) and yield ``(file suffix, title,
+    runs)`` for each value of every swept key that a figure does not draw itself (the
+    optimizer, say): one set of figures each."""
+    rule_keys = [k for k in rule_keys if k in results]
+    results["rule"] = [_rule_label(r, rule_keys) or "run" for _, r in results.iterrows()]
+    fixed = {"run", "seed", "rule", *rule_keys, *drawn}
+    split_keys = [k for k in results.columns
+                  if k not in fixed and k not in _metric_columns(results)]
+    groups = results.groupby(split_keys, sort=False) if split_keys else [((), results)]
+    for split, frame in groups:
+        split = split if isinstance(split, tuple) else (split,)
+        yield ("".join(f"_{k}-{v}" for k, v in zip(split_keys, split, strict=True)),
+               ", ".join(f"{k}={v}" for k, v in zip(split_keys, split, strict=True)), frame)
 
 
 def _numeric_first(value) -> tuple:
