@@ -48,6 +48,11 @@ LADDERS = {  # 8 rungs 4x apart: the rules' gammas differ by up to ~250x at one 
     "adamw": "1e-5,4e-5,1.6e-4,6.4e-4,2.56e-3,1.024e-2,4.096e-2,1.6384e-1",
     "sgd": "1e-4,4e-4,1.6e-3,6.4e-3,2.56e-2,1.024e-1,4.096e-1,1.6384",
 }
+# The head (private under FedSA) trains at one fixed learning rate per optimizer, so the
+# ladder moves only the adapter's: with head_lr = lr, a CPU pilot's curves were the
+# head's, identical across ranks even for alpha/r at r=256 (gamma 1/16). AdamW's value
+# is that pilot's best for the head alone; SGD's is a guess for its pilot to check.
+HEAD_LR = {"adamw": 2.56e-3, "sgd": 0.1}
 PARTS = {"rank": ("lora.rank", "4,32,256", ["clients.num=4"]),
          "clients": ("clients.num", "2,8,32", ["lora.rank=64"])}
 SIZES = {
@@ -63,7 +68,7 @@ SEEDS = "1,2,3,4"
 
 def base_overrides(args) -> list[str]:
     fixed = PARTS[args.part][2]
-    opt = [f"local.optimizer={args.optimizer}"]
+    opt = [f"local.optimizer={args.optimizer}", f"local.head_lr={HEAD_LR[args.optimizer]}"]
     if args.optimizer == "sgd":
         opt.append("local.momentum=0.9")
     return [*fixed, *opt, *SIZES[args.size], f"model.device={args.device}", *args.overrides]
