@@ -85,7 +85,9 @@ def stage_dir(args, stage: str) -> Path:
 def ladder(args) -> bool:
     key, values, _ = PARTS[args.part]
     rungs = args.ladder or LADDERS[args.optimizer]
-    grid = parse_grid([RULES, f"{key}={values}", f"{LR_KEY}={rungs}", "seed=0"])
+    rules = f"lora.scaling+lora.a_init={args.rules}" if args.rules else RULES
+    grid = parse_grid([rules, f"{key}={args.values or values}", f"{LR_KEY}={rungs}",
+                       "seed=0"])
     return run_sweep(args.config, grid, stage_dir(args, "ladder"), base_overrides(args),
                      on_start=lambda name: print("run", name, flush=True),
                      shard=parse_shard(args.shard))
@@ -141,7 +143,9 @@ def report(args) -> Path:
         + "\n".join(lines) + "\n")
     plot_lr_transfer(stage_dir(args, "ladder"), out / "figures", curve_key=key)
     (out / "settings.json").write_text(json.dumps(
-        {"size": args.size, "overrides": base_overrides(args)}, indent=2))
+        {"size": args.size, "overrides": base_overrides(args), "rules": args.rules or RULES,
+         "values": args.values or PARTS[args.part][1],
+         "ladder": args.ladder or LADDERS[args.optimizer], "seeds": args.seeds}, indent=2))
     return out / "final.md"
 
 
@@ -157,6 +161,10 @@ def main(argv=None) -> int:
                         "metrics, timings and summaries are tracked (see .gitignore)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--ladder", help="comma-separated learning rates (default per optimizer)")
+    parser.add_argument("--rules", help="comma-separated scaling+a_init pairs, e.g. "
+                        "rslora+shared,sfed+independent (default: all five)")
+    parser.add_argument("--values", help="comma-separated r (rank part) or N (clients "
+                        "part) instead of the part's default")
     parser.add_argument("--seeds", default=SEEDS)
     parser.add_argument("--shard", default="0/1")
     parser.add_argument("overrides", nargs="*", help="extra dotted.key=value settings")

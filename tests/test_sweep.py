@@ -182,3 +182,17 @@ def test_committed_scaling_sweep_regenerates_its_headline_figure(tmp_path):
     assert main(["plot", "--sweep", str(sweep), "--out", str(tmp_path)]) == 0
     assert (tmp_path / "final_vs_rank.png").read_bytes()[:4] == b"\x89PNG"
     assert not (tmp_path / "curves.png").exists()  # needs the runs' metrics.jsonl
+
+
+def test_fitted_best_lr_recovers_an_optimum_between_rungs():
+    """A loss exactly quadratic in log lr with its minimum at 3e-3, sampled on a 4x ladder
+    that misses it: the fit finds 3e-3; a minimum at a ladder end gives nan."""
+    import math
+
+    from sfedlora.sweep import fitted_best_lr
+
+    rungs = [1e-4, 4e-4, 1.6e-3, 6.4e-3, 2.56e-2]
+    curve = pd.Series([(math.log(lr) - math.log(3e-3)) ** 2 + 0.2 for lr in rungs],
+                      index=rungs)
+    assert fitted_best_lr(curve) == pytest.approx(3e-3, rel=1e-9)
+    assert math.isnan(fitted_best_lr(pd.Series([0.1, 0.2, 0.3], index=rungs[:3])))

@@ -214,13 +214,32 @@ def best_learning_rates(results, keys: list[str], metrics: list[str]):
         chosen = frame[frame[LR_KEY] == best]
         row = dict(zip(cell, key, strict=True))
         row.update({"best_lr": best, "lr_at_ladder_end": best in (ladder[0], ladder[-1]),
-                    "seeds": len(chosen)})
+                    "lr_fit": fitted_best_lr(curve), "seeds": len(chosen)})
         for m in metrics:
             col = chosen[m].dropna()
             row[f"{m}_mean"] = col.mean() if len(col) else None
             row[f"{m}_ci95"] = ci95(col) if len(col) else None
         rows.append(row)
     return pd.DataFrame(rows), cell
+
+
+def fitted_best_lr(curve) -> float:
+    """The minimum of the parabola through the lowest point of a loss-vs-learning-rate
+    curve and its two neighbours, in log learning rate: where the optimum sits between
+    rungs, so a shift smaller than one rung (sqrt(8) from N=2 to N=16, say) can still be
+    read. nan where the lowest point is a ladder end or the three points are not convex."""
+    import math
+
+    import numpy as np
+
+    curve = curve.sort_index()
+    i = int(np.argmin(curve.to_numpy()))
+    if i == 0 or i == len(curve) - 1:
+        return math.nan
+    x = np.log(curve.index.to_numpy(dtype=float)[i - 1:i + 2])
+    y = curve.to_numpy(dtype=float)[i - 1:i + 2]
+    a, b, _ = np.polyfit(x, y, 2)
+    return float(math.exp(-b / (2 * a))) if a > 0 else math.nan
 
 
 def write_best_lr_tables(out: Path, results, keys: list[str], metrics: list[str]) -> None:
@@ -239,7 +258,7 @@ def write_best_lr_tables(out: Path, results, keys: list[str], metrics: list[str]
     for _, row in table.iterrows():
         cells = [str(row[k]) for k in cell]
         cells.append(f"{row['best_lr']:g}" + (" (ladder end)" if row["lr_at_ladder_end"]
-                                             else ""))
+                                             else f" (fit {row['lr_fit']:.2g})"))
         for m in [SELECT_ON, *shown]:
             mean, half = row[f"{m}_mean"], row[f"{m}_ci95"]
             cells.append("-" if mean is None or mean != mean else
