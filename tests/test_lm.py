@@ -35,6 +35,23 @@ def test_loss_mask_covers_exactly_the_response_tokens(tokenizer):
         assert "<|im_start|>assistant" in prompt  # the chat template was applied
 
 
+def test_a_max_length_that_cuts_off_every_response_is_refused(tokenizer, caplog):
+    """Otherwise the loss reads 0 and the perplexity 1, as if the model were perfect."""
+    from sfedlora.config import ConfigError
+    from sfedlora.lm import prompt_text
+
+    short = len(tokenizer(prompt_text(tokenizer, "Hi."), add_special_tokens=False)["input_ids"])
+    long_prompt = "Tell me the number that follows this long question please. " * 8
+    pairs = PairDataset([long_prompt, long_prompt], ["#### 5", "#### 6"],
+                        np.zeros(2, dtype=np.int64))
+    with pytest.raises(ConfigError, match=r"raise model\.max_length"):
+        encode_pairs(tokenizer, pairs, max_length=short + 2)
+    mixed = PairDataset(["Hi.", long_prompt], ["#### 5", "#### 6"], np.zeros(2, dtype=np.int64))
+    enc = encode_pairs(tokenizer, mixed, max_length=short + 2)
+    assert "1 of 2 examples" in caplog.text
+    assert any(t != -100 for t in enc.labels[0])
+
+
 def test_collator_pads_labels_with_ignore_index(tokenizer):
     enc = EncodedLM([[5, 6, 7], [8]], [[-100, 6, 7], [8]])
     batch = LMCollator(tokenizer)(enc, [0, 1])

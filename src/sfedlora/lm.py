@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import re
 import shutil
@@ -27,6 +28,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from sfedlora.config import ConfigError, DataConfig
+
+log = logging.getLogger(__name__)
 
 SMOLLM2 = "SmolLM2-135M-Instruct"
 SMOLLM2_ALIASES = {SMOLLM2, "HuggingFaceTB/SmolLM2-135M-Instruct"}
@@ -181,12 +184,28 @@ def encode_pairs(tokenizer: PreTrainedTokenizerBase, data: PairDataset, max_leng
         ids.append((p + r)[:max_length])
         labels.append(([-100] * len(p) + r)[:max_length])
     if not packing:
+        _refuse_truncated_responses(labels, max_length)
         return EncodedLM(ids, labels)
     flat_ids = [t for seq in ids for t in seq]
     flat_labels = [t for seq in labels for t in seq]
     blocks = range(0, len(flat_ids) - max_length + 1, max_length)
     return EncodedLM([flat_ids[i : i + max_length] for i in blocks],
                      [flat_labels[i : i + max_length] for i in blocks])
+
+
+def _refuse_truncated_responses(labels: list[list[int]], max_length: int) -> None:
+    """A response cut off entirely leaves nothing to learn or score: the loss would read
+    0 (perplexity 1) instead of failing. Refuse when every example is cut, warn when
+    some are."""
+    empty = sum(all(t == -100 for t in lab) for lab in labels)
+    if labels and empty == len(labels):
+        raise ConfigError(
+            f"model.max_length={max_length} cuts off every response (the prompts alone "
+            "fill it): raise model.max_length (GSM8K prompts run to about 200 tokens "
+            "with the chat template)")
+    if empty:
+        log.warning("model.max_length=%d cuts off the whole response of %d of %d "
+                    "examples; they add nothing to the loss", max_length, empty, len(labels))
 
 
 class LMCollator:
