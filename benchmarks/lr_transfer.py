@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,36 +43,81 @@ from sfedlora.sweep import (  # noqa: E402
     run_sweep,
 )
 
-RULES = "lora.scaling+lora.a_init=lora+shared,rslora+shared,sfed+shared,rslora+independent," \
-    "sfed+independent"
+RULES = "lora+shared,rslora+shared,sfed+shared,rslora+independent,sfed+independent"
 LADDERS = {  # 8 rungs 4x apart: the rules' gammas differ by up to ~250x at one (r, N)
     "adamw": "1e-5,4e-5,1.6e-4,6.4e-4,2.56e-3,1.024e-2,4.096e-2,1.6384e-1",
     "sgd": "1e-4,4e-4,1.6e-3,6.4e-3,2.56e-2,1.024e-1,4.096e-1,1.6384",
 }
 # The head (private under FedSA) trains at one fixed learning rate per optimizer, so the
 # ladder moves only the adapter's: with head_lr = lr, a CPU pilot's curves were the
-# head's, identical across ranks even for alpha/r at r=256 (gamma 1/16). AdamW's value
-# is that pilot's best for the head alone; SGD's is a guess for its pilot to check.
+# head's, identical across ranks even for alpha/r at r=256 (gamma 1/16). Each value is
+# the best of a pilot with the adapter at a negligible learning rate (for SGD:
+# docs/results/lr_transfer/sgd-head-pilot/).
 HEAD_LR = {"adamw": 2.56e-3, "sgd": 0.1}
-PARTS = {"rank": ("lora.rank", "4,32,256", ["clients.num=4"]),
-         "clients": ("clients.num", "2,8,32", ["lora.rank=64"])}
-SIZES = {
-    "gpu": ["rounds=15", "local.steps=8", "local.batch_size=32", "model.max_length=64",
-            "data.examples_per_client=320", "data.client_test_examples=60"],
-    "cpu": ["rounds=8", "local.steps=4", "local.batch_size=16", "model.max_length=32",
-            "data.examples_per_client=96", "data.client_test_examples=40"],
-    "smoke": ["rounds=1", "local.steps=1", "local.batch_size=4", "model.max_length=16",
-              "data.examples_per_client=12", "data.client_test_examples=4"],
+
+
+@dataclass(frozen=True)
+class Part:
+    """One part of the study: the key drawn as one curve per value, its values, fixed
+    settings, further swept keys, the base config and the budget per ``--size``."""
+
+    key: str
+    values: str
+    fixed: tuple[str, ...]
+    config: str
+    sizes: dict[str, tuple[str, ...]]
+    grid: tuple[str, ...] = ()
+    rules: str = RULES
+    ladder: dict[str, str] = field(default_factory=lambda: LADDERS)
+    head: bool = True  # a classification head with its own learning rate
+
+
+SST2_SIZES = {
+    "gpu": ("rounds=15", "local.steps=8", "local.batch_size=32", "model.max_length=64",
+            "data.examples_per_client=320", "data.client_test_examples=60"),
+    "cpu": ("rounds=8", "local.steps=4", "local.batch_size=16", "model.max_length=32",
+            "data.examples_per_client=96", "data.client_test_examples=40"),
+    "smoke": ("rounds=1", "local.steps=1", "local.batch_size=4", "model.max_length=16",
+              "data.examples_per_client=12", "data.client_test_examples=4"),
+}
+LM_SIZES = {
+    "gpu": ("rounds=10", "local.steps=8", "local.batch_size=8", "model.max_length=256",
+            "data.examples_per_client=64", "data.client_test_examples=16"),
+    "smoke": ("rounds=1", "local.steps=1", "local.batch_size=2", "model.max_length=256",
+              "data.examples_per_client=5", "data.client_test_examples=2"),
+}
+PARTS = {
+    "rank": Part("lora.rank", "4,32,256", ("clients.num=4",), "configs/lr_transfer_sst2.yaml",
+                 SST2_SIZES),
+    "clients": Part("clients.num", "2,8,32", ("lora.rank=64",),
+                    "configs/lr_transfer_sst2.yaml", SST2_SIZES),
+    # SmolLM2-135M on GSM8K, one figure per N: a GPU study (no --size cpu)
+    "lm": Part("lora.rank", "8,64,512", (), "configs/lr_transfer_gsm8k.yaml", LM_SIZES,
+               grid=("clients.num=2,8",), rules="rslora+independent,sfed+independent",
+               ladder={"adamw": "1e-5,4e-5,1.6e-4,6.4e-4,2.56e-3,1.024e-2"}, head=False),
 }
 SEEDS = "1,2,3,4"
 
 
 def base_overrides(args) -> list[str]:
-    fixed = PARTS[args.part][2]
-    opt = [f"local.optimizer={args.optimizer}", f"local.head_lr={HEAD_LR[args.optimizer]}"]
+    part = PARTS[args.part]
+    opt = [f"local.optimizer={args.optimizer}"]
+    if part.head:
+        opt.append(f"local.head_lr={HEAD_LR[args.optimizer]}")
     if args.optimizer == "sgd":
         opt.append("local.momentum=0.9")
-    return [*fixed, *opt, *SIZES[args.size], f"model.device={args.device}", *args.overrides]
+    return [*part.fixed, *opt, *part.sizes[args.size], f"model.device={args.device}",
+            *args.overrides]
+
+
+def config(args) -> str:
+    return args.config or str(ROOT / PARTS[args.part].config)
+
+
+def cell_keys(args) -> list[str]:
+    """The keys that name a cell: the rule, the curve key and any further swept key."""
+    part = PARTS[args.part]
+    return ["lora.scaling", "lora.a_init", part.key, *(g.split("=")[0] for g in part.grid)]
 
 
 def study_dir(args) -> Path:
@@ -83,12 +129,11 @@ def stage_dir(args, stage: str) -> Path:
 
 
 def ladder(args) -> bool:
-    key, values, _ = PARTS[args.part]
-    rungs = args.ladder or LADDERS[args.optimizer]
-    rules = f"lora.scaling+lora.a_init={args.rules}" if args.rules else RULES
-    grid = parse_grid([rules, f"{key}={args.values or values}", f"{LR_KEY}={rungs}",
-                       "seed=0"])
-    return run_sweep(args.config, grid, stage_dir(args, "ladder"), base_overrides(args),
+    part = PARTS[args.part]
+    grid = parse_grid([f"lora.scaling+lora.a_init={args.rules or part.rules}",
+                       f"{part.key}={args.values or part.values}", *part.grid,
+                       f"{LR_KEY}={args.ladder or part.ladder[args.optimizer]}", "seed=0"])
+    return run_sweep(config(args), grid, stage_dir(args, "ladder"), base_overrides(args),
                      on_start=lambda name: print("run", name, flush=True),
                      shard=parse_shard(args.shard))
 
@@ -96,29 +141,36 @@ def ladder(args) -> bool:
 def seeds(args) -> bool:
     import pandas as pd
 
-    key = PARTS[args.part][0]
+    cell = cell_keys(args)
     best = pd.read_csv(stage_dir(args, "ladder") / "best_lr.csv")
     if best["lr_at_ladder_end"].any():
         ends = best[best["lr_at_ladder_end"]]
         print("warning: best learning rate at a ladder end (extend --ladder) for:\n"
-              + ends[["lora.scaling", "lora.a_init", key, "best_lr"]].to_string(index=False))
-    cells = ",".join(f"{r['lora.scaling']}+{r['lora.a_init']}+{r[key]}+{r['best_lr']!r}"
+              + ends[[*cell, "best_lr"]].to_string(index=False))
+    cells = ",".join("+".join([*(str(r[k]) for k in cell), repr(r["best_lr"])])
                      for _, r in best.iterrows())
-    grid = parse_grid([f"lora.scaling+lora.a_init+{key}+{LR_KEY}={cells}",
-                       f"seed={args.seeds}"])
-    return run_sweep(args.config, grid, stage_dir(args, "seeds"), base_overrides(args),
+    grid = parse_grid([f"{'+'.join(cell)}+{LR_KEY}={cells}", f"seed={args.seeds}"])
+    return run_sweep(config(args), grid, stage_dir(args, "seeds"), base_overrides(args),
                      on_start=lambda name: print("run", name, flush=True),
                      shard=parse_shard(args.shard))
 
 
+REFERENCE = ("sfed", "independent")  # the flagship: every other rule is compared to it
+SHOWN = ("personalized_loss", "personalized_balanced_accuracy", "personalized_accuracy",
+         "majority_baseline_accuracy", "adapter_output_norm")
+
+
 def report(args) -> Path:
-    """Seed 0 at each cell's best learning rate plus the other seeds' runs."""
+    """Seed 0 at each cell's best learning rate plus the other seeds' runs: ``final``
+    (every metric per cell), ``transfer`` (where each rule's best learning rate sits
+    along the curve key), ``paired`` (each rule minus the flagship, paired by seed),
+    and the lr-transfer figure."""
     import pandas as pd
 
     from sfedlora.plots import plot_lr_transfer
 
-    key = PARTS[args.part][0]
-    cell = ["lora.scaling", "lora.a_init", key]
+    part = PARTS[args.part]
+    cell = cell_keys(args)
     first = pd.read_csv(stage_dir(args, "ladder") / "results.csv")
     best = pd.read_csv(stage_dir(args, "ladder") / "best_lr.csv")
     chosen = first.merge(best[[*cell, "best_lr"]], on=cell)
@@ -127,26 +179,104 @@ def report(args) -> Path:
     runs = pd.concat([chosen, rest], ignore_index=True)
     metrics = [m for m in TABLE_METRICS if m in runs and runs[m].notna().any()]
     table, _ = best_learning_rates(runs, [*cell, LR_KEY, "seed"], metrics)
+    table = table.drop(columns=["lr_at_ladder_end", "lr_fit"]).merge(
+        best[[*cell, "lr_at_ladder_end", "lr_fit"]], on=cell)
     out = study_dir(args)
     table.to_csv(out / "final.csv", index=False)
-    lines = ["| rule | " + key + " | best lr | " + " | ".join(metrics) + " | seeds |",
-             "|" + "---|" * (len(metrics) + 4)]
+    command = (f"python benchmarks/lr_transfer.py --part {args.part} --optimizer "
+               f"{args.optimizer} --size {args.size} --stage report")
+    shown = [m for m in SHOWN if m in metrics]
+    others = cell[2:]
+    rows = []
     for _, row in table.iterrows():
-        cells = [f"{row['lora.scaling']}/{row['lora.a_init']}", str(row[key]),
-                 f"{row['best_lr']:g}"]
-        cells += [f"{row[f'{m}_mean']:.4g} ± {row[f'{m}_ci95']:.2g}" for m in metrics]
-        lines.append("| " + " | ".join([*cells, str(row["seeds"])]) + " |")
+        lr = f"{row['best_lr']:g}" + (" (end)" if row["lr_at_ladder_end"]
+                                      else f" ({row['lr_fit']:.2g})")
+        rows.append([_rule(row), *(str(row[k]) for k in others), lr,
+                     *(f"{row[f'{m}_mean']:.4g} ± {row[f'{m}_ci95']:.2g}" for m in shown),
+                     str(row["seeds"])])
     (out / "final.md").write_text(
-        f"Command: python benchmarks/lr_transfer.py --part {args.part} --optimizer "
-        f"{args.optimizer} --size {args.size} --stage report\n\nmean ± 95% t-interval "
-        "over seeds at each cell's learning rate chosen on validation loss (seed 0)\n\n"
-        + "\n".join(lines) + "\n")
-    plot_lr_transfer(stage_dir(args, "ladder"), out / "figures", curve_key=key)
+        f"Command: `{command}`\n\nPer cell: the learning rate chosen on seed 0's mean "
+        "client validation loss (in brackets the fitted optimum between rungs, or 'end' "
+        "at a ladder end), and each metric there as mean ± 95% t-interval over seeds "
+        "(test parts). Every metric: final.csv.\n\n"
+        + _markdown(["rule", *others, "best lr (fit)", *shown, "seeds"], rows))
+    (out / "transfer.md").write_text(
+        f"Command: `{command}`\n\n" + _transfer_table(best, part.key, cell))
+    (out / "paired.md").write_text(
+        f"Command: `{command}`\n\n" + _paired_table(runs, cell))
+    plot_lr_transfer(stage_dir(args, "ladder"), out / "figures", curve_key=part.key)
     (out / "settings.json").write_text(json.dumps(
-        {"size": args.size, "overrides": base_overrides(args), "rules": args.rules or RULES,
-         "values": args.values or PARTS[args.part][1],
-         "ladder": args.ladder or LADDERS[args.optimizer], "seeds": args.seeds}, indent=2))
+        {"size": args.size, "config": config(args), "overrides": base_overrides(args),
+         "ladder": sorted(first[LR_KEY].unique().tolist()),
+         "seeds": sorted(runs["seed"].unique().tolist())}, indent=2))
     return out / "final.md"
+
+
+def _rule(row) -> str:
+    return f"{row['lora.scaling']}/{row['lora.a_init']}"
+
+
+def _markdown(header: list[str], rows: list[list[str]]) -> str:
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+                      *("| " + " | ".join(r) + " |" for r in rows)]) + "\n"
+
+
+def _transfer_table(best, key: str, cell: list[str]) -> str:
+    """One row per rule (and further swept key): the best learning rate at each value
+    of the curve key, and how far the fitted optimum moves (largest over smallest)."""
+    import math
+
+    group = [k for k in cell if k != key]
+    values = sorted(best[key].unique())
+    rows = []
+    for _, frame in best.groupby(group, sort=False):
+        frame = frame.set_index(key)
+        fits = [frame.loc[v, "lr_fit"] for v in values if v in frame.index]
+        ends = frame["lr_at_ladder_end"].any()
+        spread = "-" if ends or any(math.isnan(f) for f in fits) \
+            else f"{max(fits) / min(fits):.2g}x"
+        first = frame.iloc[0]
+        rows.append([_rule(first), *(str(first[k]) for k in group[2:]),
+                     *(f"{frame.loc[v, 'best_lr']:g} ({frame.loc[v, 'lr_fit']:.2g})"
+                       if v in frame.index else "-" for v in values), spread])
+    return (f"Best learning rate on the ladder (fitted optimum) at each {key}, chosen on "
+            "seed 0's validation loss; the last column is the largest fitted optimum over "
+            "the smallest ('-' where one sits at a ladder end).\n\n"
+            + _markdown(["rule", *group[2:], *(f"{key}={v}" for v in values),
+                         "optimum moves"], rows))
+
+
+def _paired_table(runs, cell: list[str]) -> str:
+    """Each rule minus the flagship in held-out loss and balanced accuracy, per cell, at
+    each rule's own chosen learning rate, paired by seed (one seed draws one partition
+    and one initialisation for every rule), as mean ± 95% t-interval."""
+    import pandas as pd
+
+    from sfedlora.sweep import ci95
+
+    group = [k for k in cell if k not in ("lora.scaling", "lora.a_init")]
+    is_ref = (runs["lora.scaling"] == REFERENCE[0]) & (runs["lora.a_init"] == REFERENCE[1])
+    metrics = ["personalized_loss", "personalized_balanced_accuracy"]
+    ref = runs[is_ref].set_index([*group, "seed"])[metrics]
+    rows = []
+    for key, frame in runs[~is_ref].groupby(["lora.scaling", "lora.a_init", *group],
+                                            sort=False):
+        diff = frame.set_index([*group, "seed"])[metrics] - ref
+        diff = diff.dropna()
+        if diff.empty:
+            continue
+        cells = [f"{key[0]}/{key[1]}", *(str(v) for v in key[2:])]
+        for m in metrics:
+            cells.append(f"{diff[m].mean():+.4f} ± {ci95(diff[m]):.2g}")
+        rows.append([*cells, str(len(diff))])
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return "no rule to compare with the flagship\n"
+    return (f"Each rule minus {REFERENCE[0]}/{REFERENCE[1]}, paired by seed, at each "
+            "rule's own chosen learning rate: mean ± 95% t-interval. A positive loss "
+            "difference (negative accuracy difference) means the flagship did better.\n\n"
+            + _markdown(["rule", *group, "held-out loss difference",
+                         "balanced accuracy difference", "seeds"], rows))
 
 
 def main(argv=None) -> int:
@@ -154,8 +284,8 @@ def main(argv=None) -> int:
     parser.add_argument("--part", choices=sorted(PARTS), required=True)
     parser.add_argument("--optimizer", choices=sorted(LADDERS), required=True)
     parser.add_argument("--stage", choices=["ladder", "seeds", "report"], required=True)
-    parser.add_argument("--size", choices=sorted(SIZES), default="cpu")
-    parser.add_argument("--config", default=str(ROOT / "configs/lr_transfer_sst2.yaml"))
+    parser.add_argument("--size", choices=["gpu", "cpu", "smoke"], default="cpu")
+    parser.add_argument("--config", help="base config (default: the part's)")
     parser.add_argument("--out", default="docs/results/lr_transfer",
                         help="where the study lives; under docs/results/ only configs, "
                         "metrics, timings and summaries are tracked (see .gitignore)")
@@ -169,6 +299,13 @@ def main(argv=None) -> int:
     parser.add_argument("--shard", default="0/1")
     parser.add_argument("overrides", nargs="*", help="extra dotted.key=value settings")
     args = parser.parse_args(argv)
+    part = PARTS[args.part]
+    if args.size not in part.sizes:
+        parser.error(f"--part {args.part} has no --size {args.size}; choose one of "
+                     f"{sorted(part.sizes)}")
+    if args.optimizer not in part.ladder and not args.ladder:
+        parser.error(f"--part {args.part} has no default ladder for {args.optimizer}; "
+                     "give --ladder")
     if args.stage == "report":
         print(report(args))
         return 0
