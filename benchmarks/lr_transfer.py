@@ -51,9 +51,9 @@ LADDERS = {  # 8 rungs 4x apart: the rules' gammas differ by up to ~250x at one 
 # The head (private under FedSA) trains at one fixed learning rate per optimizer, so the
 # ladder moves only the adapter's: with head_lr = lr, a CPU pilot's curves were the
 # head's, identical across ranks even for alpha/r at r=256 (gamma 1/16). Each value is
-# the best of a pilot with the adapter at a negligible learning rate (for SGD:
-# docs/results/lr_transfer/sgd-head-pilot/).
-HEAD_LR = {"adamw": 2.56e-3, "sgd": 0.1}
+# the best validation loss of a pilot with the adapter at a negligible learning rate
+# (SGD: docs/results/lr_transfer/sgd-head-pilot/, head_lr 0.01 to 1.0 with momentum 0.9).
+HEAD_LR = {"adamw": 2.56e-3, "sgd": 0.3}
 
 
 @dataclass(frozen=True)
