@@ -156,8 +156,8 @@ def seeds(args) -> bool:
 
 
 REFERENCE = ("sfed", "independent")  # the flagship: every other rule is compared to it
-SHOWN = ("personalized_loss", "personalized_balanced_accuracy", "personalized_accuracy",
-         "majority_baseline_accuracy", "adapter_output_norm")
+SHOWN = ("personalized_loss", "personalized_loss_std", "personalized_balanced_accuracy",
+         "personalized_accuracy", "majority_baseline_accuracy", "adapter_output_norm")
 
 
 def report(args) -> Path:
