@@ -204,6 +204,8 @@ def report(args) -> Path:
         f"Command: `{command}`\n\n" + _transfer_table(best, part.key, cell))
     (out / "paired.md").write_text(
         f"Command: `{command}`\n\n" + _paired_table(runs, cell))
+    (out / "trend.md").write_text(
+        f"Command: `{command}`\n\n" + _trend_table(runs, part.key, cell))
     plot_lr_transfer(stage_dir(args, "ladder"), out / "figures", curve_key=part.key)
     (out / "settings.json").write_text(json.dumps(
         {"size": args.size, "config": config(args), "overrides": base_overrides(args),
@@ -244,6 +246,28 @@ def _transfer_table(best, key: str, cell: list[str]) -> str:
             "the smallest ('-' where one sits at a ladder end).\n\n"
             + _markdown(["rule", *group[2:], *(f"{key}={v}" for v in values),
                          "optimum moves"], rows))
+
+
+def _trend_table(runs, key: str, cell: list[str]) -> str:
+    """Per rule, held-out loss at each value of the curve key minus at its smallest
+    value (r=256 minus r=4, say), each at its own chosen learning rate, paired by seed:
+    does a rule get worse at high rank (or many clients) even when tuned?"""
+    from sfedlora.sweep import ci95
+
+    group = [k for k in cell if k != key]
+    values = sorted(runs[key].unique())
+    rows = []
+    for name, frame in runs.groupby(group, sort=False):
+        table = frame.pivot(index="seed", columns=key, values="personalized_loss")
+        cells = [f"{name[0]}/{name[1]}", *(str(v) for v in name[2:])]
+        for v in values[1:]:
+            diff = (table[v] - table[values[0]]).dropna()
+            cells.append(f"{diff.mean():+.4f} ± {ci95(diff):.2g}")
+        rows.append(cells)
+    return (f"Held-out loss at each {key} minus at {key}={values[0]}, per rule, each at "
+            "its own chosen learning rate, paired by seed: mean ± 95% t-interval. "
+            "Positive: worse than at the smallest value.\n\n"
+            + _markdown(["rule", *group[2:], *(f"{key}={v}" for v in values[1:])], rows))
 
 
 def _paired_table(runs, cell: list[str]) -> str:

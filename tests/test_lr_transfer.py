@@ -60,6 +60,6 @@ def test_the_committed_rank_study_regenerates_its_tables_and_figure(lr_transfer,
     for table in ("ladder/results.csv", "ladder/best_lr.csv", "seeds/results.csv",
                   "final.csv"):
         pd.testing.assert_frame_equal(pd.read_csv(out / table), pd.read_csv(STUDY / table))
-    for page in ("final.md", "transfer.md", "paired.md"):
+    for page in ("final.md", "transfer.md", "paired.md", "trend.md"):
         assert (out / page).read_text() == (STUDY / page).read_text()
     assert (out / "figures/lr_transfer.png").read_bytes()[:4] == b"\x89PNG"
