@@ -155,6 +155,28 @@ def seeds(args) -> bool:
                      shard=parse_shard(args.shard))
 
 
+def replicate(args) -> bool:
+    """The chosen rung's two neighbours again with other seeds (``--seeds``; the chosen
+    rung itself ran in ``seeds``): a second estimate of each cell's fitted optimum, to
+    tell a shift of the optimum from the jitter of one seed's ladder."""
+    import pandas as pd
+
+    cell = cell_keys(args)
+    ladder_runs = pd.read_csv(stage_dir(args, "ladder") / "results.csv")
+    rungs = sorted(ladder_runs[LR_KEY].unique())
+    best = pd.read_csv(stage_dir(args, "ladder") / "best_lr.csv")
+    cells = []
+    for _, row in best.iterrows():
+        i = rungs.index(row["best_lr"])
+        cells += ["+".join([*(str(row[k]) for k in cell), repr(rungs[j])])
+                  for j in (i - 1, i + 1) if 0 <= j < len(rungs)]
+    grid = parse_grid([f"{'+'.join(cell)}+{LR_KEY}={','.join(cells)}",
+                       f"seed={args.seeds}"])
+    return run_sweep(config(args), grid, stage_dir(args, "replicate"), base_overrides(args),
+                     on_start=lambda name: print("run", name, flush=True),
+                     shard=parse_shard(args.shard))
+
+
 REFERENCE = ("sfed", "independent")  # the flagship: every other rule is compared to it
 SHOWN = ("personalized_loss", "personalized_loss_std", "personalized_balanced_accuracy",
          "personalized_accuracy", "majority_baseline_accuracy", "adapter_output_norm")
@@ -206,6 +228,11 @@ def report(args) -> Path:
         f"Command: `{command}`\n\n" + _paired_table(runs, cell))
     (out / "trend.md").write_text(
         f"Command: `{command}`\n\n" + _trend_table(runs, part.key, cell))
+    if (stage_dir(args, "replicate") / "results.csv").is_file():
+        again = pd.concat([first, rest, pd.read_csv(stage_dir(args, "replicate")
+                                                    / "results.csv")], ignore_index=True)
+        (out / "replicate.md").write_text(
+            f"Command: `{command}`\n\n" + _replicate_table(again, best, cell))
     plot_lr_transfer(stage_dir(args, "ladder"), out / "figures", curve_key=part.key)
     (out / "settings.json").write_text(json.dumps(
         {"size": args.size, "config": config(args), "overrides": base_overrides(args),
@@ -270,6 +297,51 @@ def _trend_table(runs, key: str, cell: list[str]) -> str:
             + _markdown(["rule", *group[2:], *(f"{key}={v}" for v in values[1:])], rows))
 
 
+def _replicate_table(runs, best, cell: list[str]) -> str:
+    """Per cell, the fitted optimum over the chosen rung and its two neighbours for each
+    seed that ran all three, and for their mean curve."""
+    from sfedlora.sweep import SELECT_ON
+
+    rows = []
+    seeds = sorted(runs["seed"].unique())
+    for _, row in best.iterrows():
+        mine = runs
+        for k in cell:
+            mine = mine[mine[k] == row[k]]
+        ladder = sorted(mine[mine["seed"] == seeds[0]][LR_KEY].unique())
+        i = ladder.index(row["best_lr"])
+        near = mine[mine[LR_KEY].isin(ladder[max(i - 1, 0):i + 2])]
+        counts = near.groupby("seed")[LR_KEY].nunique()
+        full = [s for s in seeds if counts.get(s, 0) == 3]
+        near = near[near["seed"].isin(full)]
+        fits = [_fit_text(near[near["seed"] == s].groupby(LR_KEY)[SELECT_ON].mean())
+                for s in full]
+        mean = _fit_text(near.groupby(LR_KEY)[SELECT_ON].mean()) if len(full) > 1 else "-"
+        rows.append([_rule(row), *(str(row[k]) for k in cell[2:]),
+                     "; ".join(f"seed {s}: {f}" for s, f in zip(full, fits, strict=True)),
+                     mean])
+    return ("The optimum fitted through the chosen rung and its two neighbours, per seed "
+            "and for the mean over seeds ('below'/'above': that seed's lowest of the three "
+            "is a neighbour, so its optimum lies beyond it).\n\n"
+            + _markdown(["rule", *cell[2:], "fitted optimum per seed", "mean curve"], rows))
+
+
+def _fit_text(curve) -> str:
+    import math
+
+    from sfedlora.sweep import fitted_best_lr
+
+    if len(curve) < 3:
+        return "-"
+    lowest = curve.idxmin()
+    if lowest == curve.index.min():
+        return f"below {lowest:.2g}"
+    if lowest == curve.index.max():
+        return f"above {lowest:.2g}"
+    fit = fitted_best_lr(curve)
+    return "-" if math.isnan(fit) else f"{fit:.2g}"
+
+
 def _paired_table(runs, cell: list[str]) -> str:
     """Each rule minus the flagship in held-out loss and balanced accuracy, per cell, at
     each rule's own chosen learning rate, paired by seed (one seed draws one partition
@@ -307,7 +379,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--part", choices=sorted(PARTS), required=True)
     parser.add_argument("--optimizer", choices=sorted(LADDERS), required=True)
-    parser.add_argument("--stage", choices=["ladder", "seeds", "report"], required=True)
+    parser.add_argument("--stage", choices=["ladder", "seeds", "replicate", "report"],
+                        required=True)
     parser.add_argument("--size", choices=["gpu", "cpu", "smoke"], default="cpu")
     parser.add_argument("--config", help="base config (default: the part's)")
     parser.add_argument("--out", default="docs/results/lr_transfer",
@@ -333,7 +406,7 @@ def main(argv=None) -> int:
     if args.stage == "report":
         print(report(args))
         return 0
-    done = ladder(args) if args.stage == "ladder" else seeds(args)
+    done = {"ladder": ladder, "seeds": seeds, "replicate": replicate}[args.stage](args)
     print("tables written" if done else "other shards still running")
     return 0
 
