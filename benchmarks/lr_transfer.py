@@ -395,7 +395,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", default=SEEDS)
     parser.add_argument("--shard", default="0/1")
     parser.add_argument("overrides", nargs="*", help="extra dotted.key=value settings")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     part = PARTS[args.part]
     if args.size not in part.sizes:
         parser.error(f"--part {args.part} has no --size {args.size}; choose one of "
