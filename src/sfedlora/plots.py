@@ -203,6 +203,7 @@ def plot_lr_transfer(sweep_dir: Path, out_dir: Path | None = None,
     import matplotlib.pyplot as plt
     import numpy as np
     import pandas as pd
+    from matplotlib.ticker import NullFormatter
 
     from sfedlora.sweep import SELECT_ON, ci95
 
@@ -239,6 +240,8 @@ def plot_lr_transfer(sweep_dir: Path, out_dir: Path | None = None,
                 ax.plot(best[lr_key], best["mean"], marker="*", ms=12, color=colour,
                         markeredgecolor="black")
             ax.set_xscale("log")
+            # a ladder spanning under a decade gets labelled minor ticks that overlap
+            ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set_xlabel("learning rate")
             ax.set_title(rule, fontsize=9)
             ax.grid(True, alpha=0.3)
