@@ -235,10 +235,16 @@ def report(args) -> Path:
             f"Command: `{command}`\n\n" + _replicate_table(again, best, cell))
     plot_lr_transfer(stage_dir(args, "ladder"), out / "figures", curve_key=part.key)
     (out / "settings.json").write_text(json.dumps(
-        {"size": args.size, "config": config(args), "overrides": base_overrides(args),
+        {"size": args.size, "config": _relative(config(args)), "overrides": base_overrides(args),
          "ladder": sorted(first[LR_KEY].unique().tolist()),
          "seeds": sorted(runs["seed"].unique().tolist())}, indent=2))
     return out / "final.md"
+
+
+def _relative(path: str) -> str:
+    """A path as the repository sees it, so committed settings name no machine."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else path
 
 
 def _rule(row) -> str:
