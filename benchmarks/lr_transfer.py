@@ -197,7 +197,8 @@ def report(args) -> Path:
     best = pd.read_csv(stage_dir(args, "ladder") / "best_lr.csv")
     chosen = first.merge(best[[*cell, "best_lr"]], on=cell)
     chosen = chosen[chosen[LR_KEY] == chosen["best_lr"]].drop(columns="best_lr")
-    rest = pd.read_csv(stage_dir(args, "seeds") / "results.csv")
+    seeded = stage_dir(args, "seeds") / "results.csv"
+    rest = pd.read_csv(seeded) if seeded.is_file() else chosen.iloc[:0]  # seed 0 only
     runs = pd.concat([chosen, rest], ignore_index=True)
     metrics = [m for m in TABLE_METRICS if m in runs and runs[m].notna().any()]
     table, _ = best_learning_rates(runs, [*cell, LR_KEY, "seed"], metrics)
@@ -214,7 +215,7 @@ def report(args) -> Path:
         lr = f"{row['best_lr']:g}" + (" (end)" if row["lr_at_ladder_end"]
                                       else f" ({row['lr_fit']:.2g})")
         rows.append([_rule(row), *(str(row[k]) for k in others), lr,
-                     *(f"{row[f'{m}_mean']:.4g} ± {row[f'{m}_ci95']:.2g}" for m in shown),
+                     *(_pm(row[f"{m}_mean"], row[f"{m}_ci95"]) for m in shown),
                      str(row["seeds"])])
     (out / "final.md").write_text(
         f"Command: `{command}`\n\nPer cell: the learning rate chosen on seed 0's mean "
@@ -239,6 +240,12 @@ def report(args) -> Path:
          "ladder": sorted(first[LR_KEY].unique().tolist()),
          "seeds": sorted(runs["seed"].unique().tolist())}, indent=2))
     return out / "final.md"
+
+
+def _pm(mean: float, half: float, signed: bool = False) -> str:
+    """``mean ± half`` ("mean" alone where one seed gives no interval)."""
+    text = f"{mean:+.4f}" if signed else f"{mean:.4g}"
+    return text if half != half else f"{text} ± {half:.2g}"
 
 
 def _relative(path: str) -> str:
@@ -295,7 +302,7 @@ def _trend_table(runs, key: str, cell: list[str]) -> str:
         cells = [f"{name[0]}/{name[1]}", *(str(v) for v in name[2:])]
         for v in values[1:]:
             diff = (table[v] - table[values[0]]).dropna()
-            cells.append(f"{diff.mean():+.4f} ± {ci95(diff):.2g}")
+            cells.append(_pm(diff.mean(), ci95(diff), signed=True))
         rows.append(cells)
     return (f"Held-out loss at each {key} minus at {key}={values[0]}, per rule, each at "
             "its own chosen learning rate, paired by seed: mean ± 95% t-interval. "
@@ -369,7 +376,7 @@ def _paired_table(runs, cell: list[str]) -> str:
             continue
         cells = [f"{key[0]}/{key[1]}", *(str(v) for v in key[2:])]
         for m in metrics:
-            cells.append(f"{diff[m].mean():+.4f} ± {ci95(diff[m]):.2g}")
+            cells.append(_pm(diff[m].mean(), ci95(diff[m]), signed=True))
         rows.append([*cells, str(len(diff))])
     frame = pd.DataFrame(rows)
     if frame.empty:
