@@ -163,7 +163,7 @@ def replicate(args) -> bool:
 
     cell = cell_keys(args)
     ladder_runs = pd.read_csv(stage_dir(args, "ladder") / "results.csv")
-    rungs = sorted(ladder_runs[LR_KEY].unique())
+    rungs = sorted(float(lr) for lr in ladder_runs[LR_KEY].unique())
     best = pd.read_csv(stage_dir(args, "ladder") / "best_lr.csv")
     cells = []
     for _, row in best.iterrows():
