@@ -23,11 +23,12 @@ import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from sfedlora.adapters import derive_seed
 from sfedlora.config import load_config
+from sfedlora.model import train_batches
+from sfedlora.seeds import BATCHES as TAG_BATCHES
+from sfedlora.seeds import TRAIN as TAG_TRAIN
+from sfedlora.seeds import derive_seed
 from sfedlora.simulation import Simulation
-from sfedlora.task import train_batches
-from sfedlora.worker import TAG_BATCHES, TAG_TRAIN
 
 DEFAULTS = [
     "task=causal-lm", "method=sfed", "data.source=files",
@@ -39,13 +40,13 @@ DEFAULTS = [
 
 def batches_of(sim: Simulation, cid: int, round_idx: int):
     cfg = sim.cfg
-    return list(train_batches(sim.exp.client_train[cid], cfg.local.batch_size, cfg.local.steps,
+    return list(train_batches(sim.pool.exp.client_train[cid], cfg.local.batch_size, cfg.local.steps,
                               cfg.local.epochs, derive_seed(cfg.seed, TAG_BATCHES, round_idx,
                                                             cid)))
 
 
 def plain_loop(sim: Simulation, cid: int, round_idx: int) -> None:
-    worker, data = sim.exp.worker, sim.exp.client_train[cid]
+    worker, data = sim.pool.exp.worker, sim.pool.exp.client_train[cid]
     params = [p for p in worker.slots.params.values() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=sim.cfg.local.lr)
     worker.model.train()
@@ -57,7 +58,7 @@ def plain_loop(sim: Simulation, cid: int, round_idx: int) -> None:
 
 
 def tokens_in(sim: Simulation, cid: int, round_idx: int) -> int:
-    data = sim.exp.client_train[cid]
+    data = sim.pool.exp.client_train[cid]
     return sum(len(data.input_ids[i]) for idx in batches_of(sim, cid, round_idx) for i in idx)
 
 
@@ -72,16 +73,16 @@ def main() -> None:
 
     transformers.logging.set_verbosity_error()
     sim = Simulation(cfg)
-    worker = sim.exp.worker
+    worker = sim.pool.exp.worker
     download = sim.server.download()
     cid = 0
-    worker.fit(cid, sim.states[cid], download, sim.exp.client_train[cid], 1)  # warm-up
+    worker.fit(cid, sim.pool.states[cid], download, sim.pool.exp.client_train[cid], 1)  # warm-up
     plain_loop(sim, cid, 1)  # warm-up of the plain arm too
     ours, plain, tokens = [], [], []
 
     def time_ours(r: int) -> float:
         t = time.perf_counter()
-        worker.fit(cid, sim.states[cid], download, sim.exp.client_train[cid], r)
+        worker.fit(cid, sim.pool.states[cid], download, sim.pool.exp.client_train[cid], r)
         return time.perf_counter() - t
 
     def time_plain(r: int) -> float:

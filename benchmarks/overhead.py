@@ -21,22 +21,23 @@ import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from sfedlora.adapters import derive_seed
 from sfedlora.config import load_config
+from sfedlora.model import train_batches
 from sfedlora.sampling import sample_clients
+from sfedlora.seeds import BATCHES as TAG_BATCHES
+from sfedlora.seeds import TRAIN as TAG_TRAIN
+from sfedlora.seeds import derive_seed
 from sfedlora.simulation import Simulation
-from sfedlora.task import train_batches
-from sfedlora.worker import TAG_BATCHES, TAG_TRAIN
 
 
 def plain_round(sim: Simulation, round_idx: int, optimizer: torch.optim.Optimizer) -> None:
     """The same clients' batches, trained back to back on one adapter: no swapping,
     no messages, no aggregation."""
-    cfg, worker = sim.cfg, sim.exp.worker
+    cfg, worker = sim.cfg, sim.pool.exp.worker
     model, collate = worker.model, worker.collate
     model.train()
     for cid in sample_clients(cfg.clients.num, cfg.clients_per_round, cfg.seed, round_idx):
-        data = sim.exp.client_train[cid]
+        data = sim.pool.exp.client_train[cid]
         torch.manual_seed(derive_seed(cfg.seed, TAG_TRAIN, round_idx, cid))
         for idx in train_batches(data, cfg.local.batch_size, cfg.local.steps, cfg.local.epochs,
                                  derive_seed(cfg.seed, TAG_BATCHES, round_idx, cid)):
@@ -57,7 +58,7 @@ def main() -> None:
 
     transformers.logging.set_verbosity_error()
     sim = Simulation(cfg)
-    worker = sim.exp.worker
+    worker = sim.pool.exp.worker
     worker.slots.set_trainable(worker.method.plan(1).train)
     optimizer = torch.optim.AdamW([p for p in worker.slots.params.values() if p.requires_grad],
                                   lr=cfg.local.lr)

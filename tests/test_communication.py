@@ -65,7 +65,7 @@ def test_flasc_clients_receive_the_masked_model_and_evaluation_uses_it(tiny_conf
     sim = Simulation(tiny_config("method=flasc", "comm.down.density=0.125",
                                  "comm.up.density=0.0625", "server.lr=0.05"))
     sim.run_round(1)
-    shared = sim.exp.worker.slots.names(get_method("flasc").shared)
+    shared = sim.pool.exp.worker.slots.names(get_method("flasc").shared)
     total = sum(sim.server.state[n].numel() for n in shared)
     received = sim.global_adapter()
     kept = sum(int((received[n] != 0).sum()) for n in shared)
@@ -132,7 +132,7 @@ def test_server_optimizer_and_residuals_survive_a_checkpoint(tiny_config, tmp_pa
         straight.run_round(r)
     path = tmp_path / "ckpt.safetensors"
     save_checkpoint(path, straight.checkpoint(2, 0.0, []))
-    assert any(s.residual for s in straight.states.values())
+    assert any(s.residual for s in straight.pool.states.values())
     resumed = Simulation(tiny_config(*overrides))
     resumed.restore(load_checkpoint(path))
     a, b = straight.run_round(3).metrics, resumed.run_round(3).metrics

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from sfedlora.simulation import Simulation
+from sfedlora.tasks.classification import logits
 
 
 @pytest.mark.parametrize(
@@ -20,12 +21,12 @@ def test_peft_reproduces_evaluation_logits(method, scaling, adapter, tiny_config
                       "clients.per_round=3", "local.lr=0.05")
     sim = Simulation(cfg)
     sim.run()
-    ours = sim.exp.worker.logits(
+    ours = logits(sim.pool.exp.worker,
         sim.global_adapter() if adapter == "global" else sim.client_adapter(2),
-        sim.exp.global_test,
+        sim.pool.exp.global_test,
     )
     labels = json.loads((tmp_path / "run/labels.json").read_text())
-    theirs = peft_logits(tmp_path / "run/adapters" / adapter, labels, sim.exp)
+    theirs = peft_logits(tmp_path / "run/adapters" / adapter, labels, sim.pool.exp)
     assert ours.abs().max() > 0
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
 

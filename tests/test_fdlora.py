@@ -8,8 +8,8 @@ import json
 import torch
 
 from sfedlora import codecs, worker
+from sfedlora.methods.fdlora.fusion import choose_fusion, fuse, personal_adapter
 from sfedlora.simulation import Simulation
-from sfedlora.worker import fuse
 from tests.conftest import assert_learns
 
 
@@ -30,13 +30,13 @@ def test_personal_adapter_is_never_sent_and_refreshes_on_schedule(tiny_config, m
     monkeypatch.setattr(worker.Worker, "fit", spy)
     sim = _run(tiny_config, "personal.sync_every=2", "clients.num=3")
     sim.run_round(1)
-    first = {c: dict(s.personal) for c, s in sim.states.items()}
+    first = {c: personal_adapter(s) for c, s in sim.pool.states.items()}
     uploads.clear()
     sim.run_round(2)
-    second = {c: dict(s.personal) for c, s in sim.states.items()}
+    second = {c: personal_adapter(s) for c, s in sim.pool.states.items()}
     sim.run_round(3)  # 3 is not divisible by 2: kept
-    for c, st in sim.states.items():
-        assert all(torch.equal(st.personal[n], second[c][n]) for n in second[c])
+    for c, st in sim.pool.states.items():
+        assert all(torch.equal(personal_adapter(st)[n], second[c][n]) for n in second[c])
         assert any(not torch.equal(second[c][n], first[c][n]) for n in first[c])
     # round 2's messages hold the global adapter; round 1's personal copy is in none
     for message in uploads:
@@ -48,14 +48,15 @@ def test_fusion_minimises_the_held_out_loss_over_the_grid(tiny_config):
     sim = _run(tiny_config, "personal.grid=[0,0.5,1,1.5]", "rounds=2")
     for r in (1, 2):
         sim.run_round(r)
-    w = sim.exp.worker
+    w = sim.pool.exp.worker
     sim.server.state = {n: t * 0.5 for n, t in sim.server.state.items()}  # move global
     for cid in range(4):
-        own = w.assemble(cid, sim.states[cid], sim.server.received_state(cid))
-        personal, holdout = sim.states[cid].personal, sim.exp.client_holdout[cid]
+        own = w.inits.assemble(cid, sim.pool.states[cid], sim.server.received_state(cid))
+        personal = personal_adapter(sim.pool.states[cid])
+        holdout = sim.pool.exp.client_holdout[cid]
         losses = {(a, b): w.holdout_loss(fuse(own, personal, a, b), holdout)
                   for a in (0, 0.5, 1, 1.5) for b in (0, 0.5, 1, 1.5) if a or b}
-        w1, w2, loss = w.choose_fusion(own, personal, holdout)
+        w1, w2, loss = choose_fusion(w, [0, 0.5, 1, 1.5], own, personal, holdout)
         assert loss == min(losses.values()) == losses[(w1, w2)]
         fused = sim.client_adapter(cid)
         assert all(torch.equal(fused[n], w1 * own[n] + w2 * personal[n]) for n in own)
@@ -64,7 +65,7 @@ def test_fusion_minimises_the_held_out_loss_over_the_grid(tiny_config):
 def test_fdlora_holds_out_data_learns_and_exports_fused_adapters(encoder_config, tmp_path):
     cfg = encoder_config("method=fdlora", "personal.holdout=8")
     sim = Simulation(cfg)
-    exp = sim.exp
+    exp = sim.pool.exp
     for cid, part in enumerate(exp.data.clients):
         total = len(part.train)
         assert len(exp.client_holdout[cid]) == min(8, total // 5)

@@ -10,11 +10,12 @@ import torch
 
 from sfedlora import codecs
 from sfedlora.config import ConfigError
-from sfedlora.merging import split_merges
 from sfedlora.methods import Update
 from sfedlora.methods.flora import stack
+from sfedlora.methods.flora.merging import split_merges
 from sfedlora.ranks import pad, truncate
 from sfedlora.simulation import Simulation
+from sfedlora.tasks.classification import logits
 from sfedlora.worker import Worker
 from tests.conftest import assert_learns
 
@@ -45,7 +46,8 @@ def _spec(shape):
 
 
 def _base_weights(worker: Worker) -> dict[str, torch.Tensor]:
-    return {n: m.get_base_layer().weight.detach().clone() for n, m in worker.base.layers.items()}
+    return {n: m.get_base_layer().weight.detach().clone()
+            for n, m in worker.hooks.base.layers.items()}
 
 
 @pytest.mark.parametrize(("scaling", "gammas"), [
@@ -66,7 +68,7 @@ def test_a_round_merges_exactly_the_weighted_scaled_products(scaling, gammas, ti
     cfg = tiny_config("method=flora", "lora.rank=4", "lora.client_ranks=[1,2,3,4]",
                       "local.lr=0.05", *scaling)
     sim = Simulation(cfg)
-    worker = sim.exp.worker
+    worker = sim.pool.exp.worker
     before = _base_weights(worker)
     sim.run_round(1)
     sim.evaluate()  # brings the model's base up to the last merge
@@ -122,7 +124,7 @@ def test_resume_is_bit_identical(tiny_config, tmp_path):
     from sfedlora.results import RunDir
 
     run_dir = RunDir(tmp_path / "part")
-    run_dir.start(part.cfg, part.exp)
+    run_dir.start(part.cfg, part.info.label_names)
     for r in (1, 2):
         rec = part.run_round(r)
         if part.should_evaluate(r):
@@ -132,7 +134,7 @@ def test_resume_is_bit_identical(tiny_config, tmp_path):
     run_dir.save_checkpoint(part.checkpoint(2, 0.0, run_dir.metrics_lines()))
     run_dir.close()
     resumed = Simulation.resume(tmp_path / "part")
-    assert resumed.exp.worker.base.round == 0  # a fresh process: pretrained weights
+    assert resumed.pool.exp.worker.hooks.base.round == 0  # a fresh process: pretrained weights
     resumed.run()
     a = (tmp_path / "full/metrics.jsonl").read_text()
     b = (tmp_path / "part/metrics.jsonl").read_text()
@@ -144,12 +146,12 @@ def test_exported_adapter_reproduces_the_merged_model_in_peft(tiny_config, tmp_p
     sim = Simulation(tiny_config("method=flora", "lora.client_ranks=[2,4]", "rounds=2",
                                  "local.lr=0.05"))
     sim.run()
-    ours = sim.exp.worker.logits(sim.global_adapter(), sim.exp.global_test)
+    ours = logits(sim.pool.exp.worker, sim.global_adapter(), sim.pool.exp.global_test)
     out = tmp_path / "run/adapters/global"
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["r"] == config["lora_alpha"] == 24  # 2 rounds x (2+2+4+4), below 32 dims
     labels = json.loads((tmp_path / "run/labels.json").read_text())
-    theirs = peft_logits(out, labels, sim.exp)
+    theirs = peft_logits(out, labels, sim.pool.exp)
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
 
 

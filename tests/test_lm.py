@@ -128,13 +128,13 @@ def test_lm_exported_adapter_loads_in_peft(tiny_lm_config, tiny_llama_dir, tmp_p
 
     sim = Simulation(tiny_lm_config("method=fedit", "rounds=1", "eval.generate=0"))
     sim.run()
-    batch = sim.exp.worker.collate(sim.exp.global_test, list(range(4)))
+    batch = sim.pool.exp.worker.collate(sim.pool.exp.global_test, list(range(4)))
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
                                       tmp_path / "run/adapters/global").eval()
-    sim.exp.worker.slots.load(sim.global_adapter())
-    sim.exp.worker.model.eval()
+    sim.pool.exp.worker.slots.load(sim.global_adapter())
+    sim.pool.exp.worker.model.eval()
     with torch.inference_mode():
-        ours = sim.exp.worker.model(input_ids=batch["input_ids"],
+        ours = sim.pool.exp.worker.model(input_ids=batch["input_ids"],
                                     attention_mask=batch["attention_mask"]).logits
         theirs = model(input_ids=batch["input_ids"],
                        attention_mask=batch["attention_mask"]).logits

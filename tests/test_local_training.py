@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from sfedlora.task import Encoded, steps_per_round, train_batches
+from sfedlora.model import steps_per_round, train_batches
+from sfedlora.tasks.classification import Encoded
 from sfedlora.worker import lr_factor
 
 DATA = Encoded([[1, 2]] * 10, np.zeros(10, dtype=np.int64))

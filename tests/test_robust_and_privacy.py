@@ -98,7 +98,7 @@ def test_dp_noise_has_the_right_scale_and_comes_from_os_entropy(monkeypatch):
 def test_dp_noise_cannot_be_regenerated_from_the_config_seed(tiny_config):
     """Two runs of one DP config release different states, and the noise is not the
     seeded draw an attacker who read config.yaml would subtract."""
-    from sfedlora.adapters import derive_seed
+    from sfedlora.seeds import derive_seed
 
     cfg = tiny_config("method=fedit", "privacy.enabled=true", "privacy.noise_multiplier=1.0")
     released = []
@@ -156,7 +156,7 @@ def test_privacy_needs_a_shared_a_init(tiny_config):
 
 
 def _own_draw_norm(sim, cid: int, round_idx: int, names) -> float:
-    own = sim.exp.worker.drawn_start(cid, round_idx)
+    own = sim.pool.exp.worker.drawn_start(cid, round_idx)
     return float(sum(own[n].double().pow(2).sum() for n in names)) ** 0.5
 
 
@@ -167,13 +167,13 @@ def test_flora_clipping_measures_the_change_from_the_clients_own_fresh_draw(tiny
     args = ("method=flora", "lora.client_ranks=[2,4]", "local.lr=0.001", "rounds=2")
     plain = Simulation(tiny_config(*args))
     plain.run_round(1)
-    a_names = plain.exp.worker.slots.names({Part.A})
+    a_names = plain.pool.exp.worker.slots.names({Part.A})
     smallest = min(_own_draw_norm(plain, c, 1, a_names) for c in range(4))
     clipped = Simulation(tiny_config(*args, f"server.clip_norm={smallest / 2}"))
     clipped.run_round(1)
-    assert set(clipped.server.merges[1]) == set(plain.server.merges[1])
-    for name, t in plain.server.merges[1].items():
-        assert torch.equal(clipped.server.merges[1][name], t)
+    assert set(clipped.server.hooks.merges[1]) == set(plain.server.hooks.merges[1])
+    for name, t in plain.server.hooks.merges[1].items():
+        assert torch.equal(clipped.server.hooks.merges[1][name], t)
 
 
 def test_clipping_a_fresh_draw_bounds_its_change_not_its_value(tiny_config):
@@ -204,7 +204,7 @@ def test_norm_bound_accepts_an_honest_first_round_with_independent_a(tiny_config
     bound must measure it against each client's own draw (before: from zero, so every
     honest client was rejected)."""
     probe = Simulation(tiny_config("method=sfed", "local.lr=0.001"))
-    a_names = probe.exp.worker.slots.names({Part.A})
+    a_names = probe.pool.exp.worker.slots.names({Part.A})
     bound = min(_own_draw_norm(probe, c, 1, a_names) for c in range(4)) / 2
     sim = Simulation(tiny_config("method=sfed", "local.lr=0.001",
                                  f"server.max_update_norm={bound}"))

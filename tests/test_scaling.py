@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from sfedlora.config import load_config
+from sfedlora.model import build_model
 from sfedlora.scaling import gamma, peft_scale
-from sfedlora.task import build_model
+from sfedlora.tasks import get_task
 
 
 @pytest.mark.parametrize(
@@ -43,7 +44,7 @@ def test_forward_adds_gamma_b_a_x(rule, tiny_model_dir):
     cfg = load_config(None, [f"model.name={tiny_model_dir}", f"lora.scaling={rule}",
                              "lora.rank=4", "lora.alpha=8", "clients.num=6",
                              "clients.per_round=3", "method=fedsa"])
-    model, _ = build_model(cfg, ["x", "y"])
+    model, _ = build_model(cfg, get_task(cfg.task), ["x", "y"])
     layer = model.base_model.model.bert.encoder.layer[0].attention.self.query
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -70,6 +71,7 @@ def test_scale_is_a_learning_rate_of_b_in_disguise(optimizer, power, tiny_config
     import json
 
     from sfedlora.simulation import Simulation
+    from sfedlora.tasks.classification import logits
 
     c, eta = (4.0, 0.01) if optimizer == "adamw" else (2.0, 0.5)
     common = ("method=fedsa", "lora.a_init=shared", "lora.scaling=lora",
@@ -84,7 +86,8 @@ def test_scale_is_a_learning_rate_of_b_in_disguise(optimizer, power, tiny_config
         sim.run()
         lines = [json.loads(x) for x in (tmp_path / arm / "metrics.jsonl").read_text()
                  .splitlines()]
-        runs[arm] = (lines, sim.exp.worker.logits(sim.client_adapter(0), sim.exp.global_test))
+        exp = sim.pool.exp
+        runs[arm] = (lines, logits(exp.worker, sim.client_adapter(0), exp.global_test))
     (scaled, out_scaled), (moved, out_moved) = runs["scaled"], runs["lr_B"]
     tol = 1e-6 if optimizer == "sgd" else 1e-4
     keys = ["train_loss", "personalized_loss", "personalized_accuracy", "grad_norm_A"]

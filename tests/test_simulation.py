@@ -8,9 +8,10 @@ import json
 import pytest
 import torch
 
-from sfedlora import task, wire
+from sfedlora import wire
 from sfedlora.methods import Part, part_of
 from sfedlora.simulation import Simulation
+from sfedlora.tasks import classification
 from sfedlora.worker import Worker
 from tests.conftest import assert_learns
 
@@ -40,15 +41,15 @@ def test_fedsa_family_never_sends_b_or_head(method, tiny_config, monkeypatch):
 
 def test_ffa_a_is_bit_identical_on_every_client_forever(tiny_config):
     sim = Simulation(tiny_config("method=ffa", "rounds=4"))
-    a_names = sim.exp.worker.slots.names({Part.A})
-    init = {n: sim.exp.worker.shared_init[n].clone() for n in a_names}
+    a_names = sim.pool.exp.worker.slots.names({Part.A})
+    init = {n: sim.pool.exp.worker.shared_init[n].clone() for n in a_names}
     for r in range(1, 5):
         sim.run_round(r)
         for cid in range(sim.cfg.clients.num):
             adapter = sim.client_adapter(cid)
             assert all(torch.equal(adapter[n], init[n]) for n in a_names)
         # and what the model holds after the last client's training
-        assert all(torch.equal(sim.exp.worker.slots.params[n], init[n]) for n in a_names)
+        assert all(torch.equal(sim.pool.exp.worker.slots.params[n], init[n]) for n in a_names)
 
 
 def test_rolora_uploads_b_first_then_a(tiny_config, monkeypatch):
@@ -89,7 +90,7 @@ def test_run_directory_contract(tiny_config, tmp_path):
 def test_byte_counts_are_real_payload_lengths(tiny_config):
     sim = Simulation(tiny_config("method=fedit"))
     rec = sim.run_round(1).metrics
-    shapes = [s.shape for s in sim.exp.worker.slots.spec().values()]
+    shapes = [s.shape for s in sim.pool.exp.worker.slots.spec().values()]
     payload_floats = sum(torch.Size(s).numel() for s in shapes)
     for n in rec["bytes_up_per_client"].values():
         # float32 payload plus a safetensors header (JSON, a few hundred bytes per tensor)
@@ -102,7 +103,7 @@ def test_unsampled_clients_keep_their_private_state(tiny_config):
     seen: dict[int, dict] = {}
     for r in range(1, 5):
         sampled = set(sim.run_round(r).metrics["clients"])
-        for cid, state in sim.states.items():
+        for cid, state in sim.pool.states.items():
             if cid in seen and cid not in sampled:
                 assert all(torch.equal(state.private[k], v) for k, v in seen[cid].items())
             if state.private:
@@ -113,17 +114,18 @@ def test_unsampled_clients_keep_their_private_state(tiny_config):
 def test_optimizer_state_kept_across_rounds_when_configured(tiny_config):
     sim = Simulation(tiny_config("method=fedsa", "local.keep_optimizer_state=true"))
     sim.run_round(1)
-    state = sim.states[0].optimizer
+    state = sim.pool.states[0].optimizer
     steps = [s["step"].item() for s in state["state"].values()]
     sim.run_round(2)
-    steps2 = [s["step"].item() for s in sim.states[0].optimizer["state"].values()]
+    steps2 = [s["step"].item() for s in sim.pool.states[0].optimizer["state"].values()]
     assert steps2 == [s + 3 for s in steps]  # AdamW continued, 3 more local steps
 
 
 def test_one_model_instance_per_process(tiny_config, monkeypatch):
     calls = []
-    real = task.load_base_model
-    monkeypatch.setattr(task, "load_base_model", lambda *a: calls.append(1) or real(*a))
+    real = classification.load_base_model
+    monkeypatch.setattr(classification, "load_base_model",
+                        lambda *a: calls.append(1) or real(*a))
     Simulation(tiny_config("method=sfed", "rounds=2")).run()
     assert len(calls) == 1
 
@@ -140,7 +142,7 @@ def test_every_method_learns_the_tiny_task(overrides, encoder_config, tmp_path):
 
 def test_bad_update_is_rejected_and_the_round_goes_on(tiny_config, caplog):
     sim = Simulation(tiny_config("method=fedit", "clients.num=3"))
-    worker = sim.exp.worker
+    worker = sim.pool.exp.worker
     real_fit = worker.fit
 
     def poisoned(cid, *args):
@@ -170,13 +172,13 @@ def test_global_metrics_off_skips_the_global_test_set(tiny_config, monkeypatch):
     sim = Simulation(tiny_config("method=fedsa", "eval.global_metrics=false", "rounds=1"))
     sim.run_round(1)
     scored = []
-    real = Worker.evaluate
-    monkeypatch.setattr(Worker, "evaluate",
-                        lambda self, t, data: scored.append(data) or real(self, t, data))
+    real = classification.evaluate
+    monkeypatch.setattr(classification, "evaluate",
+                        lambda w, t, data: scored.append(data) or real(w, t, data))
     metrics = sim.evaluate()
     assert metrics["global_accuracy"] is None and metrics["global_loss"] is None
     assert metrics["personalized_accuracy"] > 0 and metrics["adapter_output_norm"] > 0
-    assert all(data is not sim.exp.global_test for data in scored) and len(scored) == 4
+    assert all(data is not sim.pool.exp.global_test for data in scored) and len(scored) == 4
 
 
 @pytest.mark.parametrize("method", ["fedsa", "sfed"])
@@ -200,7 +202,7 @@ def test_a_returning_client_starts_from_exactly_the_b_and_head_it_kept(method, t
     monkeypatch.setattr(Worker, "_train", train)
     monkeypatch.setattr(Worker, "fit", fit)
     sim = Simulation(tiny_config(f"method={method}", "clients.per_round=2", "rounds=5"))
-    initial = sim.exp.worker.shared_init
+    initial = sim.pool.exp.worker.shared_init
     for r in range(1, 6):
         sim.run_round(r)
     returns = 0
@@ -242,7 +244,7 @@ def test_independent_a_draws_differ_and_their_first_average_shrinks_by_sqrt_n(ti
     shared = Simulation(tiny_config("method=sfed", "lora.a_init=shared", "local.lr=1e-4"))
     shared.run_round(1)
     same = torch.cat([shared.server.state[k].flatten() for k in names]).norm()
-    start = torch.cat([shared.exp.worker.shared_init[k].flatten() for k in names]).norm()
+    start = torch.cat([shared.pool.exp.worker.shared_init[k].flatten() for k in names]).norm()
     assert 0.99 < float(same / start) < 1.01  # a shared A does not shrink
 
 
@@ -257,10 +259,10 @@ def test_classification_metrics_include_balanced_accuracy_spread_baseline_and_no
     expected_norm = float(sum(sim.server.state[n].double().pow(2).sum() for n in a_names))
     assert rec["norm_A_mean"] == pytest.approx(expected_norm**0.5, rel=1e-12)
     metrics = sim.evaluate()
-    exp, worker = sim.exp, sim.exp.worker
+    exp, worker = sim.pool.exp, sim.pool.exp.worker
     losses, balanced, majority = [], [], []
     for cid in range(3):
-        logits = worker.logits(sim.client_adapter(cid), exp.client_test[cid])
+        logits = classification.logits(worker, sim.client_adapter(cid), exp.client_test[cid])
         labels = torch.from_numpy(exp.client_test[cid].labels)
         losses.append(torch.nn.functional.cross_entropy(logits, labels).item())
         pred = logits.argmax(-1)

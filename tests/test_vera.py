@@ -10,6 +10,7 @@ import torch
 from sfedlora import wire
 from sfedlora.config import ConfigError
 from sfedlora.simulation import Simulation
+from sfedlora.tasks.classification import logits
 
 
 def test_fedsa_vera_sends_only_lambda_d_and_exports_to_peft(tiny_config, tmp_path,
@@ -36,8 +37,8 @@ def test_fedsa_vera_sends_only_lambda_d_and_exports_to_peft(tiny_config, tmp_pat
     adapter = tmp_path / "run/adapters/client_1"
     assert json.loads((adapter / "adapter_config.json").read_text())["peft_type"] == "VERA"
     labels = json.loads((tmp_path / "run/labels.json").read_text())
-    ours = sim.exp.worker.logits(sim.client_adapter(1), sim.exp.global_test)
-    theirs = peft_logits(adapter, labels, sim.exp)
+    ours = logits(sim.pool.exp.worker, sim.client_adapter(1), sim.pool.exp.global_test)
+    theirs = peft_logits(adapter, labels, sim.pool.exp)
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
 
 

@@ -1,7 +1,10 @@
-"""Named handles on the adapter tensors of the one model instance in this process.
+"""The adapter's layout, and named handles on the adapter tensors of the one model.
 
 Clients never rebuild or reload the model: a client's round starts by copying its
-adapter tensors into these parameters and ends by reading them back.
+adapter tensors into these parameters (:class:`AdapterSlots`) and ends by reading them
+back. :class:`AdapterLayout` is what a process that holds no model (a Flower
+ServerApp) needs to know of the adapter: names, shapes and dtypes, and the values the
+head starts from; every seeded init is drawn from it alone.
 """
 
 from __future__ import annotations
@@ -12,22 +15,57 @@ from typing import NamedTuple
 
 import torch
 
+from sfedlora import wire
 from sfedlora.methods import Part, part_of
-
-
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed that depends on every part (seed, tag, client, round...)."""
-    import numpy as np
-
-    return int(np.random.SeedSequence(list(parts)).generate_state(2, np.uint64)[0] >> 1)
-
-
-TAG_A_INIT = 101
 
 
 class TensorSpec(NamedTuple):
     shape: tuple[int, ...]
     dtype: torch.dtype
+
+
+class AdapterLayout:
+    """Every adapter tensor's name, part, shape and dtype, and the loaded values of
+    those that are not drawn (the head; VeRA's lambdas, whose init is a constant)."""
+
+    def __init__(self, spec: dict[str, TensorSpec], loaded: dict[str, torch.Tensor]):
+        self.spec = spec
+        self.parts: dict[str, Part] = {n: part_of(n) for n in spec}
+        self.loaded = loaded
+
+    def names(self, parts: Iterable[Part]) -> list[str]:
+        wanted = set(parts)
+        return [n for n in self.spec if self.parts[n] in wanted]
+
+    def initial_state(self, a_seed: int) -> dict[str, torch.Tensor]:
+        """A fresh adapter: A drawn from ``a_seed`` (kaiming-uniform, as PEFT does),
+        B zero, the head (and VeRA's lambdas) as loaded. Drawn on the CPU so the init
+        does not depend on the device."""
+        gen = torch.Generator().manual_seed(a_seed)
+        state: dict[str, torch.Tensor] = {}
+        for name, (shape, dtype) in self.spec.items():
+            if ".lora_A." in name:
+                t = torch.empty(shape, dtype=dtype)
+                torch.nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=gen)
+                state[name] = t
+            elif ".lora_B." in name:
+                state[name] = torch.zeros(shape, dtype=dtype)
+            else:
+                state[name] = self.loaded[name].clone()
+        return state
+
+    def encode(self, meta: dict | None = None) -> bytes:
+        """As safetensors: the loaded values, the spec in the metadata."""
+        spec = {n: [list(s.shape), str(s.dtype).removeprefix("torch.")]
+                for n, s in self.spec.items()}
+        return wire.encode(self.loaded, {"spec": spec, **(meta or {})})
+
+    @classmethod
+    def decode(cls, data: bytes) -> tuple[AdapterLayout, dict]:
+        meta = dict(wire.read_meta(data))
+        spec = {n: TensorSpec(tuple(shape), getattr(torch, dtype))
+                for n, (shape, dtype) in meta.pop("spec").items()}
+        return cls(spec, wire.decode(data)), meta
 
 
 class AdapterSlots:
@@ -41,7 +79,10 @@ class AdapterSlots:
         self.parts: dict[str, Part] = {n: part_of(n) for n in self.params}
         # Inits as loaded: every client starts from this same head (and, for VeRA, the
         # same lambda vectors, whose PEFT init is a constant, not a random draw).
-        self._loaded = {n: p.detach().clone() for n, p in self.params.items()}
+        self.layout = AdapterLayout(
+            {n: TensorSpec(tuple(p.shape), p.dtype) for n, p in self.params.items()},
+            {n: p.detach().cpu().clone() for n, p in self.params.items()
+             if ".lora_A." not in n and ".lora_B." not in n})
 
     def names(self, parts: Iterable[Part]) -> list[str]:
         wanted = set(parts)
@@ -66,18 +107,4 @@ class AdapterSlots:
             p.requires_grad_(self.parts[name] in wanted)
 
     def initial_state(self, a_seed: int) -> dict[str, torch.Tensor]:
-        """A fresh adapter: A drawn from ``a_seed`` (kaiming-uniform, as PEFT does),
-        B zero, the head (and VeRA's lambdas) as loaded. Drawn on the CPU so the init
-        does not depend on the device."""
-        gen = torch.Generator().manual_seed(a_seed)
-        state: dict[str, torch.Tensor] = {}
-        for name, p in self.params.items():
-            if ".lora_A." in name:
-                t = torch.empty(p.shape, dtype=p.dtype)
-                torch.nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=gen)
-                state[name] = t
-            elif ".lora_B." in name:
-                state[name] = torch.zeros(p.shape, dtype=p.dtype)
-            else:
-                state[name] = self._loaded[name].clone()
-        return state
+        return self.layout.initial_state(a_seed)

@@ -1,9 +1,11 @@
 """Checkpoints: everything a run needs to continue bit-identically, in one file.
 
-The file is safetensors: the tensors (server state and optimizer, every client's
-private tensors, optimizer state and error-feedback residual) plus a JSON document in
-the safetensors metadata for the rest (round, byte totals, the resolved config, the
-metrics lines written so far, the structure of optimizer states). Nothing is ever
+The file is safetensors: the tensors (the server's state, optimizer and method state;
+the client pool's state, i.e. in-process every client's private tensors, optimizer
+state, residual and method-owned tensors, while Flower nodes keep theirs in their state
+directories) plus a JSON document in the safetensors metadata for the rest (round, byte
+totals, the resolved config, the metrics lines written so far, the structure of every
+nested state). Nothing is ever
 unpickled, so a crafted file cannot run code; it fails to parse instead. It is written
 to a temporary name and renamed over the old one, so a crash leaves either the previous
 checkpoint or the new one, never half of one.
@@ -28,11 +30,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from sfedlora import wire
-from sfedlora.worker import ClientState
+from sfedlora.records import ClientState
 
-FORMAT = "sfedlora-checkpoint/3"
+FORMAT = "sfedlora-checkpoint/4"
 FILENAME = "checkpoint.safetensors"
-CLIENT_FIELDS = ("private", "optimizer", "residual", "personal")
+CLIENT_FIELDS = ("private", "optimizer", "residual", "method")
 
 
 class CheckpointError(ValueError):
@@ -42,14 +44,11 @@ class CheckpointError(ValueError):
 @dataclass
 class Checkpoint:
     round: int
-    server_state: dict[str, torch.Tensor]
-    server_optimizer: dict | None
-    clients: dict[int, ClientState]
-    totals: dict[str, float]
+    server: dict[str, Any]  # Server.state_dict(): state, optimizer, method hooks
+    pool: dict[str, Any]  # ClientPool.state_dict()
+    totals: dict[str, Any]  # byte counts, wall seconds, the run key
     config: dict[str, Any]
     metrics: list[str]  # the lines of metrics.jsonl up to this round, verbatim
-    # FLoRA: {"rounds": {round: merged factors}, "synced": {client: last round received}}
-    server_merges: dict | None = None
 
 
 def _flatten(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
@@ -58,6 +57,9 @@ def _flatten(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
     if isinstance(obj, torch.Tensor):
         tensors[prefix] = obj.detach().to("cpu").contiguous().clone()
         return {"tensor": prefix}
+    if isinstance(obj, ClientState):
+        return {"client": {f: _flatten(getattr(obj, f), f"{prefix}/{f}", tensors)
+                           for f in CLIENT_FIELDS}}
     if isinstance(obj, dict):
         return {"dict": [[k, _flatten(v, f"{prefix}/{k}", tensors)] for k, v in obj.items()]}
     if isinstance(obj, list | tuple):
@@ -68,6 +70,8 @@ def _flatten(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
 def _unflatten(node: Any, tensors: dict[str, torch.Tensor]) -> Any:
     if "tensor" in node:
         return tensors[node["tensor"]]
+    if "client" in node:
+        return ClientState(**{f: _unflatten(v, tensors) for f, v in node["client"].items()})
     if "dict" in node:
         return {k: _unflatten(v, tensors) for k, v in node["dict"]}
     if "list" in node:
@@ -83,14 +87,8 @@ def save_checkpoint(path: Path, ckpt: Checkpoint) -> None:
         "totals": ckpt.totals,
         "config": ckpt.config,
         "metrics": ckpt.metrics,
-        "server": _flatten(ckpt.server_state, "server", tensors),
-        "server_optimizer": _flatten(ckpt.server_optimizer, "server_optimizer", tensors),
-        "server_merges": _flatten(ckpt.server_merges, "server_merges", tensors),
-        "clients": [
-            [cid, {part: _flatten(getattr(st, part), f"client/{cid}/{part}", tensors)
-                   for part in CLIENT_FIELDS}]
-            for cid, st in sorted(ckpt.clients.items())
-        ],
+        "server": _flatten(ckpt.server, "server", tensors),
+        "pool": _flatten(ckpt.pool, "pool", tensors),
     }
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata={"sfedlora": json.dumps(doc)})
@@ -117,29 +115,22 @@ def load_checkpoint(path: Path) -> Checkpoint:
             f"{path} is not an sfedlora checkpoint ({type(exc).__name__}: {exc}); checkpoints "
             "are safetensors files, and sfedlora never unpickles anything"
         ) from None
-    clients = {
-        int(cid): ClientState(**{part: _unflatten(fields[part], tensors)
-                                 for part in CLIENT_FIELDS})
-        for cid, fields in doc["clients"]
-    }
     return Checkpoint(
         round=int(doc["round"]),
-        server_state=_unflatten(doc["server"], tensors),
-        server_optimizer=_unflatten(doc["server_optimizer"], tensors),
-        server_merges=_unflatten(doc["server_merges"], tensors),
-        clients=clients,
+        server=_unflatten(doc["server"], tensors),
+        pool=_unflatten(doc["pool"], tensors),
         totals=doc["totals"],
         config=doc["config"],
         metrics=doc["metrics"],
     )
 
 
-CLIENT_FORMAT = "sfedlora-client-state/1"
+CLIENT_FORMAT = "sfedlora-client-state/2"
 
 
 def encode_client_state(state: ClientState) -> bytes:
     """One client's private state as safetensors bytes, in the checkpoint's layout: a
-    Flower node keeps it in its context and on disk. A fresh state is zero bytes."""
+    Flower node keeps it in its state directory. A fresh state is zero bytes."""
     tensors: dict[str, torch.Tensor] = {}
     fields = {part: _flatten(getattr(state, part), part, tensors) for part in CLIENT_FIELDS}
     if not tensors:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from sfedlora.checkpoint import CheckpointError
 from sfedlora.config import ConfigError, load_config, to_yaml
+from sfedlora.records import Metric
 
 
 def _quiet_libraries() -> None:
@@ -33,25 +34,25 @@ def _print_table(summary: dict, run_dir: str) -> None:
                            else f"gamma={summary['gamma']:.3g})"))
     table.add_column("metric")
     table.add_column("value", justify="right")
-    if summary.get("personalized_perplexity") is not None:  # causal-lm
+    if summary.get(Metric.PERSONALIZED_PERPLEXITY) is not None:  # causal-lm
         quality = [
-            ("personalised perplexity", summary["personalized_perplexity"]),
-            ("global perplexity", summary["global_perplexity"]),
-            ("personalised exact match", summary["personalized_exact_match"]),
-            ("global exact match", summary["global_exact_match"]),
+            ("personalised perplexity", summary[Metric.PERSONALIZED_PERPLEXITY]),
+            ("global perplexity", summary[Metric.GLOBAL_PERPLEXITY]),
+            ("personalised exact match", summary[Metric.PERSONALIZED_EXACT_MATCH]),
+            ("global exact match", summary[Metric.GLOBAL_EXACT_MATCH]),
         ]
     else:
         quality = [
-            ("personalised accuracy", summary["personalized_accuracy"]),
-            ("global accuracy", summary["global_accuracy"]),
+            ("personalised accuracy", summary[Metric.PERSONALIZED_ACCURACY]),
+            ("global accuracy", summary[Metric.GLOBAL_ACCURACY]),
         ]
     rows = [
         ("rounds", summary["round"]),
-        ("train loss", summary["train_loss"]),
+        ("train loss", summary[Metric.TRAIN_LOSS]),
         *quality,
-        ("bytes up (total)", summary["bytes_up_total"]),
-        ("bytes down (total)", summary["bytes_down_total"]),
-        ("bytes up + down", summary["bytes_total"]),
+        ("bytes up (total)", summary[Metric.BYTES_UP_TOTAL]),
+        ("bytes down (total)", summary[Metric.BYTES_DOWN_TOTAL]),
+        ("bytes up + down", summary[Metric.BYTES_TOTAL]),
         ("bytes per client (up / down, mean)", _per_client_bytes(summary)),
         ("wall seconds", summary["wall_seconds"]),
     ]
@@ -67,8 +68,8 @@ def _print_table(summary: dict, run_dir: str) -> None:
 
 
 def _per_client_bytes(summary: dict) -> str:
-    up = summary.get("bytes_up_total_per_client") or {}
-    down = summary.get("bytes_down_total_per_client") or {}
+    up = summary.get(Metric.BYTES_UP_TOTAL_PER_CLIENT) or {}
+    down = summary.get(Metric.BYTES_DOWN_TOTAL_PER_CLIENT) or {}
     if not up:
         return "-"
     return f"{sum(up.values()) / len(up):,.0f} / {sum(down.values()) / len(down):,.0f}"
@@ -83,11 +84,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from sfedlora.simulation import Simulation
 
     if args.resume:
-        overrides = [a for a in (args.config, *args.overrides) if a is not None]
-        if any("=" not in a for a in overrides):
-            raise ConfigError("--resume takes the run directory's own config; give only "
-                              "dotted.key=value overrides, not a config file")
-        sim = Simulation.resume(args.resume, overrides)
+        sim = Simulation.resume(args.resume, _resume_overrides(args))
     else:
         sim = Simulation(load_config(*_split_config_arg(args)))
     cfg = sim.cfg
@@ -101,6 +98,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 130
     _print_table(summary, cfg.output_dir)
     return 0
+
+
+def _resume_overrides(args: argparse.Namespace) -> list[str]:
+    overrides = [a for a in (args.config, *args.overrides) if a is not None]
+    if any("=" not in a for a in overrides):
+        raise ConfigError("--resume takes the run directory's own config; give only "
+                          "dotted.key=value overrides, not a config file")
+    return overrides
 
 
 def _split_config_arg(args: argparse.Namespace) -> tuple[str | None, list[str]]:
@@ -138,8 +143,12 @@ def cmd_flower_sim(args: argparse.Namespace) -> int:
     _quiet_libraries()
     from sfedlora.flower.simulation import run_simulation
 
-    config, overrides = _split_config_arg(args)
-    run_simulation(config, overrides, workers=args.workers)
+    if args.resume:
+        run_simulation(None, _resume_overrides(args), workers=args.workers,
+                       resume=args.resume)
+    else:
+        config, overrides = _split_config_arg(args)
+        run_simulation(config, overrides, workers=args.workers)
     return 0
 
 
@@ -149,9 +158,11 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
 
     if args.nodes < 1:
         raise ConfigError(f"--nodes must be at least 1, got {args.nodes}")
-    config, overrides = _split_config_arg(args)
+    config, overrides = ((None, _resume_overrides(args)) if args.resume
+                         else _split_config_arg(args))
     try:
-        run_dir = deploy_local(config, overrides, args.nodes, timeout=args.timeout)
+        run_dir = deploy_local(config, overrides, args.nodes, timeout=args.timeout,
+                               resume=args.resume)
     except DeploymentError as exc:
         print(f"sfedlora: {exc}", file=sys.stderr)
         return 1
@@ -214,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     flower.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     flower.add_argument("--workers", type=int, help="worker processes, one model each "
                         "(default: one per CPU core)")
+    flower.add_argument("--resume", metavar="RUN_DIR", help="continue the Flower run in "
+                        "RUN_DIR from its last checkpoint (nodes read their state dirs)")
     flower.set_defaults(func=cmd_flower_sim)
     deploy = sub.add_parser(
         "deploy-local", help="run one experiment on Flower's deployment engine on this "
@@ -225,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="SuperNodes to start, one per client (sets clients.num)")
     deploy.add_argument("--timeout", type=float, help="give up (and stop everything) after "
                         "this many seconds (default: wait for the run)")
+    deploy.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR "
+                        "from its last checkpoint")
     deploy.set_defaults(func=cmd_deploy_local)
 
     plot = sub.add_parser("plot", help="draw a metric of runs against rounds or bytes")

@@ -8,7 +8,9 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-X_AXES = {"round": "round", "bytes": "bytes_total"}
+from sfedlora.records import Metric
+
+X_AXES = {"round": "round", "bytes": Metric.BYTES_TOTAL}
 X_LABELS = {"round": "round", "bytes": "cumulative bytes sent (up + down, all clients)"}
 
 log = logging.getLogger(__name__)

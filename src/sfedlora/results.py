@@ -1,4 +1,5 @@
-"""The run directory: resolved config, metrics, timings, summary, PEFT adapters.
+"""The run directory: resolved config, metrics (also as TensorBoard events), timings,
+summary, PEFT adapters.
 
 ``metrics.jsonl`` holds only deterministic values (bit-identical for the same config
 and seed); wall-clock seconds go to ``timings.jsonl`` for that reason.
@@ -9,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -17,31 +17,19 @@ from safetensors.torch import load_file, save_file
 from sfedlora.checkpoint import FILENAME as CHECKPOINT_FILE
 from sfedlora.checkpoint import Checkpoint, save_checkpoint
 from sfedlora.config import ExperimentConfig, to_yaml
-from sfedlora.merging import merged_lora
+from sfedlora.records import SUMMARY_METRICS
+from sfedlora.tracking import MetricWriter, TensorBoardWriter
 
-if TYPE_CHECKING:
-    from sfedlora.experiment import Experiment
-    from sfedlora.simulation import Simulation
-
-SUMMARY_KEYS = (
-    "round", "train_loss", "personalized_val_loss", "personalized_val_accuracy",
-    "personalized_accuracy", "personalized_accuracy_weighted",
-    "personalized_balanced_accuracy", "majority_baseline_accuracy",
-    "global_accuracy", "personalized_loss", "personalized_loss_std", "global_loss",
-    "grad_norm_A", "grad_norm_B", "norm_A_mean", "adapter_output_norm",
-    "bytes_up", "bytes_down", "bytes_up_total", "bytes_down_total", "bytes_total",
-    "bytes_up_total_per_client", "bytes_down_total_per_client",
-    "dp_epsilon", "personalized_perplexity", "global_perplexity", "personalized_exact_match",
-    "global_exact_match",
-)
+log = logging.getLogger(__name__)
 
 
 class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._log_handler: logging.Handler | None = None
+        self.writers: list[MetricWriter] = []
 
-    def start(self, cfg: ExperimentConfig, experiment: Experiment,
+    def start(self, cfg: ExperimentConfig, label_names: list[str],
               resume_after: int | None = None, metrics: list[str] = ()) -> None:
         """Prepare the directory. On resume, ``metrics.jsonl`` is rewritten from the
         checkpoint's copy and timing lines after the checkpoint's round are dropped
@@ -53,7 +41,9 @@ class RunDir:
         else:
             self._truncate_after("timings.jsonl", resume_after)
         (self.path / "metrics.jsonl").write_text("".join(metrics))
-        (self.path / "labels.json").write_text(json.dumps(experiment.data.label_names))
+        (self.path / "labels.json").write_text(json.dumps(label_names))
+        self.writers = [TensorBoardWriter(self.path, (resume_after or 0) + 1
+                                          if resume_after else 0)]
         self._log_handler = logging.FileHandler(self.path / "run.log",
                                                 mode="w" if resume_after is None else "a")
         self._log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
@@ -98,46 +88,44 @@ class RunDir:
 
     def log_metrics(self, record: dict) -> None:
         self._append("metrics.jsonl", record)
+        for writer in self.writers:
+            writer.write(record)
 
     def log_timing(self, record: dict) -> None:
         self._append("timings.jsonl", record)
 
-    def export_adapters(self, sim: Simulation) -> list[Path]:
-        """PEFT-format adapters: the global adapter where there is one, and one per
-        client where parts are private or fused with a personal adapter (FDLoRA)."""
-        worker = sim.exp.worker
-        targets = {"global": sim.global_adapter()} if sim.method.has_global_adapter else {}
-        if not sim.method.has_global_adapter or sim.method.personal_adapter:
-            # private parts, or FDLoRA's fused personal adapters
-            adapters = sim.client_adapters(range(sim.cfg.clients.num))
-            targets |= {f"client_{c}": tensors for c, tensors in adapters.items()}
+    def write_adapters(self, adapters: dict[str, dict[str, bytes] | None],
+                       exact_lora: tuple[dict[str, torch.Tensor], int] | None = None
+                       ) -> list[Path]:
+        """Write PEFT adapters (``name -> file name -> bytes``, as ``save_pretrained``
+        wrote them where the adapter lives) under ``adapters/``. ``exact_lora``
+        replaces their LoRA factors where what was learned lives elsewhere (FLoRA's
+        merged base weights, see :meth:`ServerHooks.export_lora`)."""
         written = []
-        for name, tensors in targets.items():
-            if tensors is None:
-                logging.getLogger(__name__).warning(
-                    "%s: no adapter to export (its node is gone)", name)
+        for name, files in adapters.items():
+            if files is None:
+                log.warning("%s: no adapter to export (its node is gone)", name)
                 continue
-            worker.slots.load(tensors)
             out = self.path / "adapters" / name
-            # Embeddings are never trained here; "auto" would look the base up online.
-            worker.model.save_pretrained(out, save_embedding_layers=False)
-            if sim.method.merge_into_base:  # FLoRA: what was learned is in the base
-                _replace_lora(out, *merged_lora(sim.server.merges))
+            for rel, data in files.items():
+                (out / rel).parent.mkdir(parents=True, exist_ok=True)
+                (out / rel).write_bytes(data)
+            if exact_lora is not None:
+                _replace_lora(out, *exact_lora)
             written.append(out)
         return written
 
-    def finish(self, sim: Simulation, last: dict, wall_seconds: float) -> dict:
-        self.export_adapters(sim)
-        cfg = sim.cfg
-        summary = {k: last.get(k) for k in SUMMARY_KEYS}
+    def finish(self, cfg: ExperimentConfig, base_path: str, last: dict,
+               wall_seconds: float) -> dict:
+        summary = {str(k): last.get(k) for k in SUMMARY_METRICS}
         summary.update(
             method=cfg.method,
             scaling=cfg.scaling if cfg.lora.adapter == "lora" else "vera",
             a_init=cfg.a_init,
-            gamma=sim.exp.gamma,
+            gamma=cfg.gamma,
             rank=cfg.lora.rank,
             clients_per_round=cfg.clients_per_round,
-            base_model=sim.exp.base_path,
+            base_model=base_path,
             wall_seconds=wall_seconds,
         )
         (self.path / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -145,7 +133,11 @@ class RunDir:
         return summary
 
     def close(self) -> None:
-        """Detach the run's log file (also when the run fails)."""
+        """Detach the run's log file and close the metric writers (also when the run
+        fails)."""
+        for writer in self.writers:
+            writer.close()
+        self.writers = []
         if self._log_handler is not None:
             logging.getLogger("sfedlora").removeHandler(self._log_handler)
             self._log_handler.close()

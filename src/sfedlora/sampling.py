@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-TAG_SAMPLE = 303
+from sfedlora import seeds
 
 
 def sample_clients(num_clients: int, per_round: int, seed: int, round_idx: int) -> list[int]:
@@ -12,5 +12,5 @@ def sample_clients(num_clients: int, per_round: int, seed: int, round_idx: int) 
     (seed, round), so any runtime draws the same clients."""
     if per_round >= num_clients:
         return list(range(num_clients))
-    rng = np.random.default_rng([seed, TAG_SAMPLE, round_idx])
+    rng = np.random.default_rng([seed, seeds.SAMPLE, round_idx])
     return sorted(int(c) for c in rng.choice(num_clients, size=per_round, replace=False))

@@ -23,8 +23,8 @@ from sfedlora.aggregation import clip_update, combiner_for, uniform_mean, update
 from sfedlora.codecs import Codec
 from sfedlora.config import ServerConfig
 from sfedlora.fedopt import ServerOptimizer
-from sfedlora.merging import merge_name
 from sfedlora.methods import Method, Part, Update
+from sfedlora.methods.base import ServerHooks
 from sfedlora.privacy import GaussianMechanism
 from sfedlora.ranks import pad, truncate, truncated_spec
 
@@ -64,14 +64,14 @@ class Server:
         down: Codec | None = None,
         optimizer: str = "none",
         ranks: Sequence[int] | None = None,
-        scales: Sequence[float] | None = None,
         client_start: Callable[[int, int], dict[str, torch.Tensor]] | None = None,
+        hooks: ServerHooks | None = None,
     ):
         """``names_for(parts)`` lists the tensor names of those parts (the model's
         layout); ``spec`` gives every adapter tensor's shape and dtype; ``down`` encodes
         the download; ``optimizer`` names the server optimizer (``"none"``: replace);
         ``ranks`` gives each client's rank where ranks are mixed (:mod:`sfedlora.ranks`);
-        ``scales`` each client's LoRA scale, for methods that merge into the base;
+        ``hooks`` the method's server-side mechanics (default: none);
         ``client_start(cid, round)`` the adapter a client starts a round from before its
         download (its own A draw where A is independent or fresh, B zero): what changes
         to tensors the server never sent are measured against."""
@@ -82,15 +82,8 @@ class Server:
         self.privacy = privacy
         self.down = down or Codec()
         self.ranks = list(ranks) if ranks is not None else None
-        self.scales = list(scales) if scales is not None else None
         self.client_start = client_start
-        self.full_rank = next((s.shape[0] for n, s in spec.items() if ".lora_A." in n), 0)
-        # FLoRA: the factors merged into the base each round, and per client the last
-        # round whose factors it has received.
-        self.merges: dict[int, dict[str, torch.Tensor]] = {}
-        self.synced: dict[int, int] = {}
-        if method.merge_into_base and self.scales is None:
-            raise ValueError(f"method {method.name!r} merges into the base: pass scales")
+        self.hooks = hooks or ServerHooks()
         shared = names_for(method.shared - method.fixed)
         self.optimizer = (None if optimizer == "none"
                           else ServerOptimizer(optimizer, self.cfg, spec, shared))
@@ -99,10 +92,23 @@ class Server:
     def state(self) -> dict[str, torch.Tensor]:
         return self._state
 
+    def state_dict(self) -> dict:
+        """Everything a resumed server needs: the shared state, the server optimizer's
+        state and the method's server-side state."""
+        return {"state": self.state,
+                "optimizer": self.optimizer.state_dict() if self.optimizer else None,
+                "hooks": self.hooks.state_dict()}
+
+    def load_state_dict(self, saved: dict) -> None:
+        self.state = saved["state"]
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(saved["optimizer"])
+        self.hooks.load_state_dict(saved.get("hooks") or {})
+
     @state.setter
     def state(self, value: dict[str, torch.Tensor]) -> None:
         self._state = value
-        self._payloads: dict[tuple[int | None, int | None], bytes] = {}
+        self._payloads: dict[tuple[int | None, tuple[str, ...]], bytes] = {}
         self._decoded: dict[int | None, dict[str, torch.Tensor]] = {}
 
     def _rank(self, cid: int | None) -> int | None:
@@ -111,42 +117,33 @@ class Server:
             return None
         return self.ranks[cid]
 
-    @property
-    def merged_round(self) -> int:
-        """The last round whose factors were merged into the base (0: none yet)."""
-        return max(self.merges, default=0)
-
-    def merges_since(self, round_idx: int) -> dict[str, torch.Tensor]:
-        """The merged factors of every round after ``round_idx``, named
-        ``merge.<round>.<tensor>`` (what a client that has seen up to ``round_idx``
-        needs to bring its base weights up to date)."""
-        return {merge_name(r, n): t for r in sorted(self.merges) if r > round_idx
-                for n, t in self.merges[r].items()}
-
-    def _payload(self, rank: int | None, since: int | None) -> bytes:
-        if (rank, since) not in self._payloads:
+    def _payload(self, rank: int | None, extras: dict[str, torch.Tensor]) -> bytes:
+        key = (rank, tuple(sorted(extras)))  # an extra's name says what it holds
+        if key not in self._payloads:
             shared = self.state if rank is None else truncate(self.state, rank)
-            merges = self.merges_since(since) if since is not None else {}
-            self._payloads[rank, since] = self.down.encode({**shared, **merges})
-        return self._payloads[rank, since]
+            self._payloads[key] = self.down.encode({**shared, **extras})
+        return self._payloads[key]
 
     def download(self, cid: int | None = None) -> bytes:
         """The message client ``cid`` receives this round: the shared state (truncated
-        to its rank where ranks are mixed), encoded, plus, for methods that merge into
-        the base, the factors of every round it has not received yet. Uploads are
+        to its rank where ranks are mixed), encoded, plus the method's extra tensors
+        for it (FLoRA: the factors of every round it has not received yet). Uploads are
         decoded (and changes measured) relative to what the client received."""
-        since = (self.synced.get(cid, 0)
-                 if self.method.merge_into_base and cid is not None else None)
-        payload = self._payload(self._rank(cid), since)
-        if since is not None:
-            self.synced[cid] = self.merged_round
-        return payload
+        extras = self.hooks.download_extras(cid) if cid is not None else {}
+        return self._payload(self._rank(cid), extras)
+
+    def evaluation_request(self, cid: int) -> tuple[dict[str, torch.Tensor],
+                                                    dict[str, torch.Tensor]]:
+        """What client ``cid`` is scored with now: the shared state as it would receive
+        it, and the method's extras it has not received yet (which an evaluation
+        request carries without counting them as received)."""
+        return self.received_state(cid), self.hooks.download_extras(cid, advance=False)
 
     def _received(self, cid: int | None) -> dict[str, torch.Tensor]:
         """The shared state as client ``cid`` decodes it (truncated to its rank)."""
         rank = self._rank(cid)
         if rank not in self._decoded:
-            self._decoded[rank] = codecs.decode(self._payload(rank, None))
+            self._decoded[rank] = codecs.decode(self._payload(rank, {}))
         return self._decoded[rank]
 
     @property
@@ -261,11 +258,7 @@ class Server:
             mean = self.method.aggregate(self.state, updates, uniform_mean)
             uploaded = {n: mean[n] for n in updates[0].tensors}
             new = {**mean, **self.privacy.noise(uploaded, len(updates))}
-        if self.method.merge_into_base:
-            ordered = sorted(updates, key=lambda u: u.client_id)
-            self.merges[round_idx] = self.method.merge(
-                ordered, [self._rank(u.client_id) or self.full_rank for u in ordered],
-                [self.scales[u.client_id] for u in ordered])
+        self.hooks.after_combine(round_idx, sorted(updates, key=lambda u: u.client_id))
         if self.optimizer is None:
             return new
         return self.optimizer.step(self.state, self.sent,

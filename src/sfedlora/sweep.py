@@ -22,17 +22,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from sfedlora.config import ConfigError, _parse_value, load_config
+from sfedlora.config import ConfigError, load_config, parse_value
+from sfedlora.records import Metric
 
 log = logging.getLogger(__name__)
 
-TABLE_METRICS = (
-    "personalized_val_loss", "personalized_val_accuracy", "personalized_accuracy",
-    "personalized_balanced_accuracy", "majority_baseline_accuracy",
-    "global_accuracy", "personalized_loss", "personalized_loss_std", "train_loss",
-    "grad_norm_A", "grad_norm_B", "norm_A_mean", "adapter_output_norm", "bytes_total",
-    "personalized_perplexity", "global_perplexity",
-)
+TABLE_METRICS = tuple(str(m) for m in (
+    Metric.PERSONALIZED_VAL_LOSS, Metric.PERSONALIZED_VAL_ACCURACY,
+    Metric.PERSONALIZED_ACCURACY, Metric.PERSONALIZED_BALANCED_ACCURACY,
+    Metric.MAJORITY_BASELINE_ACCURACY, Metric.GLOBAL_ACCURACY, Metric.PERSONALIZED_LOSS,
+    Metric.PERSONALIZED_LOSS_STD, Metric.TRAIN_LOSS, Metric.GRAD_NORM_A, Metric.GRAD_NORM_B,
+    Metric.NORM_A_MEAN, Metric.ADAPTER_OUTPUT_NORM, Metric.BYTES_TOTAL,
+    Metric.PERSONALIZED_PERPLEXITY, Metric.GLOBAL_PERPLEXITY,
+))
 
 
 @dataclass(frozen=True)
@@ -67,11 +69,11 @@ def parse_grid(items: Sequence[str]) -> Grid:
         width = len(key.split("+"))
         parsed = []
         for value in values.split(","):
-            parts = [_parse_value(v) for v in value.split("+")] if width > 1 else [value]
+            parts = [parse_value(v) for v in value.split("+")] if width > 1 else [value]
             if len(parts) != width:
                 raise ConfigError(f"--grid {key}: value {value!r} needs {width} parts "
                                   "joined by '+'")
-            parsed.append(tuple(parts) if width > 1 else _parse_value(value))
+            parsed.append(tuple(parts) if width > 1 else parse_value(value))
         grid[key] = parsed
     return grid
 
@@ -181,7 +183,7 @@ def write_tables(out: Path, runs: Sequence[SweepRun], keys: list[str]) -> None:
 
 
 LR_KEY = "local.lr"
-SELECT_ON = "personalized_val_loss"
+SELECT_ON = str(Metric.PERSONALIZED_VAL_LOSS)
 
 
 def ci95(values) -> float:

@@ -1,17 +1,16 @@
-"""Client-side execution: a client's round (fit) and evaluation on the one model.
+"""Client-side execution: a client's round (fit) and its scores, on the one model.
 
 A :class:`Worker` owns the process's model and runs any client on it by swapping
 adapter tensors in and out. It follows the method's description (what trains, what
-goes up, what stays) and contains no method-specific logic, so every runtime (the
-in-process simulator, a Flower ClientApp) can call it.
+goes up, what stays) and calls the method's client hooks at fixed points; what a
+batch is, the loss and the scores are the task's. It contains no method- or
+task-specific logic, so every runtime (the in-process pool, a Flower ClientApp) calls it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -19,76 +18,16 @@ import torch.nn.functional as F
 from peft.tuners.lora import LoraLayer
 from peft.tuners.vera import VeraLayer
 
-from sfedlora import codecs
-from sfedlora.adapters import TAG_A_INIT, AdapterSlots, derive_seed
+from sfedlora import codecs, seeds
+from sfedlora.adapters import AdapterSlots
 from sfedlora.config import ExperimentConfig
-from sfedlora.merging import BaseWeights, split_merges
+from sfedlora.inits import AdapterInits
 from sfedlora.methods import Method, Part
+from sfedlora.model import steps_per_round, train_batches
 from sfedlora.ranks import pad, truncate
-from sfedlora.task import Collator, Encoded, eval_batches, steps_per_round, train_batches
-
-TAG_TRAIN = 202
-TAG_BATCHES = 203
-
-
-@dataclass
-class ClientState:
-    """What a client keeps across rounds, also while it is not sampled."""
-
-    private: dict[str, torch.Tensor] = field(default_factory=dict)
-    optimizer: dict | None = None
-    residual: dict[str, torch.Tensor] | None = None  # upload error feedback
-    personal: dict[str, torch.Tensor] | None = None  # FDLoRA's personal adapter
-
-
-@dataclass(frozen=True)
-class FitResult:
-    upload: bytes
-    num_examples: int
-    train_loss: float
-    grad_norm_A: float | None
-    grad_norm_B: float | None
-    steps: int
-
-
-@dataclass(frozen=True)
-class EvalResult:
-    correct: int
-    count: int
-    loss_sum: float
-    # per label id: examples of that label, and how many of them were right
-    class_correct: tuple[int, ...] = ()
-    class_count: tuple[int, ...] = ()
-
-    @property
-    def accuracy(self) -> float:
-        return self.correct / self.count
-
-    @property
-    def balanced_accuracy(self) -> float | None:
-        """Mean over the labels present of the accuracy on that label (a head that
-        always predicts its client's majority label scores 1 / #labels present)."""
-        recalls = [c / n for c, n in zip(self.class_correct, self.class_count, strict=True)
-                   if n > 0]
-        return float(np.mean(recalls)) if recalls else None
-
-    @property
-    def loss(self) -> float:
-        return self.loss_sum / self.count
-
-
-@dataclass(frozen=True)
-class LMEvalResult:
-    loss_sum: float
-    tokens: int
-
-    @property
-    def loss(self) -> float:
-        return self.loss_sum / max(self.tokens, 1)
-
-    @property
-    def perplexity(self) -> float:
-        return math.exp(self.loss)
+from sfedlora.records import ClientState, FitResult, Tensors, mean_or_none
+from sfedlora.stores import MemoryStore, TensorStore
+from sfedlora.tasks import Task
 
 
 def lr_factor(schedule: str, step: int, total: int) -> float:
@@ -101,18 +40,21 @@ def lr_factor(schedule: str, step: int, total: int) -> float:
 
 
 class Worker:
-    def __init__(self, cfg: ExperimentConfig, model: torch.nn.Module, collate: Collator,
+    def __init__(self, cfg: ExperimentConfig, model: torch.nn.Module, task: Task,
                  method: Method, tokenizer=None):
-        self.cfg, self.model, self.collate, self.method = cfg, model, collate, method
+        self.cfg, self.model, self.task, self.method = cfg, model, task, method
         self.tokenizer = tokenizer
+        self.collate = task.collator(tokenizer)
         self.up = cfg.codec("up")
         self.slots = AdapterSlots(model)
         self.spec = self.slots.spec()
-        self.shared_init = self.slots.initial_state(derive_seed(cfg.seed, TAG_A_INIT))
-        self._a_names = self.slots.names({Part.A})
+        self.inits = AdapterInits(cfg, method, self.slots.layout)
         self._lora_layers = [m for m in model.modules()
                              if isinstance(m, LoraLayer | VeraLayer)]
-        self.base = BaseWeights(model)  # FLoRA merges into these
+        # Tensors every client on this machine may read (the runtime may replace it:
+        # a Flower node keeps it in its state directory).
+        self.shared_store: TensorStore = MemoryStore()
+        self.hooks = method.client_hooks(cfg, self)
         self.device = next(model.parameters()).device
         if self.device.type == "cpu":
             # Adam's second moments of near-zero gradients fall into the denormal range,
@@ -120,7 +62,7 @@ class Worker:
             # nothing in accuracy and keeps runs deterministic.
             torch.set_flush_denormal(True)
 
-    def batch(self, data: Encoded, idx, labels: bool = True) -> dict[str, torch.Tensor]:
+    def batch(self, data, idx, labels: bool = True) -> dict[str, torch.Tensor]:
         batch = self.collate(data, idx)
         if not labels:
             batch.pop("labels")
@@ -128,55 +70,30 @@ class Worker:
 
     # --- which tensors a client starts from ---------------------------------------
 
-    def client_init(self, cid: int) -> dict[str, torch.Tensor]:
-        if self.cfg.a_init == "independent":
-            return self.slots.initial_state(derive_seed(self.cfg.seed, TAG_A_INIT, 1, cid))
-        return self.shared_init
+    @property
+    def shared_init(self) -> Tensors:
+        return self.inits.shared_init
 
-    def assemble(self, cid: int, state: ClientState, shared: dict[str, torch.Tensor],
-                 round_idx: int | None = None):
-        """Client ``cid``'s full adapter: its init, then its private parts, then the
-        server's shared parts on top. Once the server holds A, the client's own A draw
-        would be overwritten, so it is not drawn. Where the method re-initialises parts
-        every round (FLoRA), the init of a training round is a fresh draw at the
-        client's rank."""
-        if self.method.fresh and round_idx is not None:
-            fresh = self.slots.initial_state(derive_seed(self.cfg.seed, TAG_A_INIT, 2,
-                                                         round_idx, cid))
-            base = pad(self._truncate(fresh, self.cfg.client_rank(cid)), self.spec)
-        else:
-            has_a = all(n in shared for n in self._a_names)
-            base = self.shared_init if has_a else self.client_init(cid)
-        return {**base, **state.private, **shared}
+    def drawn_start(self, cid: int, round_idx: int) -> Tensors:
+        return self.inits.drawn_start(cid, round_idx)
 
-    def drawn_start(self, cid: int, round_idx: int) -> dict[str, torch.Tensor]:
-        """The adapter client ``cid`` starts round ``round_idx`` from before anything
-        downloaded is applied: its own A draw (independent or fresh), B zero, the head
-        as loaded. Every draw is seeded from the public config, so the server can
-        measure a change to a tensor it never sent against it."""
-        return self.assemble(cid, ClientState(), {}, round_idx)
+    def split_download(self, tensors: Tensors) -> tuple[Tensors, Tensors]:
+        """A decoded download: the adapter tensors, and the method's extra tensors
+        (names outside the adapter, see :class:`~sfedlora.methods.base.ServerHooks`)."""
+        shared = {n: t for n, t in tensors.items() if n in self.spec}
+        return shared, {n: t for n, t in tensors.items() if n not in self.spec}
 
-    def scored_adapter(self, cid: int, state: ClientState, shared: dict[str, torch.Tensor],
-                       holdout) -> tuple[dict[str, torch.Tensor], list[float] | None]:
-        """The adapter client ``cid`` is evaluated and exported with, and FDLoRA's
-        fusion weights: its assembled adapter, fused with its personal copy where the
-        method keeps one (weights chosen on the client's held-out slice)."""
-        own = self.assemble(cid, state, shared)
-        if not self.method.personal_adapter or state.personal is None:
-            return own, None
-        w1, w2, _ = self.choose_fusion(own, state.personal, holdout)
-        return fuse(own, state.personal, w1, w2), [w1, w2]
+    def scored_adapter(self, cid: int, state: ClientState, shared: Tensors, holdout
+                       ) -> tuple[Tensors, dict[str, list[float]]]:
+        """The adapter client ``cid`` is evaluated and exported with (its assembled
+        adapter, or what the method's hooks make of it, e.g. FDLoRA's fusion), and the
+        method's per-client values."""
+        return self.hooks.scored_adapter(cid, state, self.inits.assemble(cid, state, shared),
+                                         holdout)
 
-    def global_adapter(self, shared: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {**self.shared_init, **shared}
-
-    def initial_server_state(self) -> dict[str, torch.Tensor]:
-        """What the server holds before round 1: the shared parts of the common init
-        (without A when every client draws its own A)."""
-        parts = set(self.method.shared - self.method.fixed - self.method.fresh)
-        if self.cfg.a_init == "independent":
-            parts.discard(Part.A)
-        return {n: self.shared_init[n].clone() for n in self.slots.names(parts)}
+    def holdout_loss(self, tensors: Tensors, data) -> float:
+        """The task's mean loss of an adapter on held-out data."""
+        return self.task.holdout_loss(self, tensors, data)
 
     # --- local training -----------------------------------------------------------
 
@@ -201,30 +118,26 @@ class Worker:
                                    weight_decay=local.weight_decay)
         return torch.optim.AdamW(groups, lr=local.lr, weight_decay=local.weight_decay)
 
-    def fit(self, cid: int, state: ClientState, download: bytes, data: Encoded,
+    def fit(self, cid: int, state: ClientState, download: bytes, data,
             round_idx: int) -> FitResult:
         """Run client ``cid``'s local work for round ``round_idx`` (1-based); updates
         ``state`` in place and returns the serialised upload."""
         cfg, local = self.cfg, self.cfg.local
         plan = self.method.plan(round_idx)
         rank = cfg.client_rank(cid)
-        # truncated to ``rank`` where ranks are mixed; FLoRA's factors go into the base
-        received, merges = split_merges(codecs.decode(download))
-        self.base.apply(merges)
-        self.slots.load(self.assemble(cid, state, pad(received, self.spec), round_idx))
+        # truncated to ``rank`` where ranks are mixed; the method's extras to its hooks
+        received, extras = self.split_download(codecs.decode(download))
+        self.hooks.receive(extras)
+        self.slots.load(self.inits.assemble(cid, state, pad(received, self.spec), round_idx))
         self.slots.set_trainable(plan.train)
         optimizer = self._optimizer()
         if local.keep_optimizer_state and state.optimizer is not None:
             optimizer.load_state_dict(state.optimizer)
-        # FLoRA: a fresh adapter at the scale of the client's own rank
-        with (self._scaled(cfg.client_gamma(cid)) if self.method.merge_into_base
-              else contextlib.nullcontext()):
+        with self.hooks.training(cid):
             losses, norms_a, norms_b = self._train(cid, optimizer, data, round_idx)
 
         state.private = self.slots.snapshot(self.method.private)
-        if self.method.personal_adapter and (
-                state.personal is None or round_idx % cfg.personal.sync_every == 0):
-            state.personal = self.slots.snapshot(set(Part))
+        self.hooks.after_fit(cid, state, round_idx)
         if local.keep_optimizer_state:
             state.optimizer = copy.deepcopy(optimizer.state_dict())
         upload, state.residual = self.up.send(
@@ -239,7 +152,7 @@ class Worker:
             steps=len(losses),
         )
 
-    def _train(self, cid: int, optimizer: torch.optim.Optimizer, data: Encoded,
+    def _train(self, cid: int, optimizer: torch.optim.Optimizer, data,
                round_idx: int) -> tuple[list[float], list, list]:
         """The local steps: losses and the gradient norms of A and B per step."""
         cfg, local = self.cfg, self.cfg.local
@@ -249,9 +162,9 @@ class Worker:
         b_names = self.slots.names({Part.B})
         trainable = [p for p in self.slots.params.values() if p.requires_grad]
 
-        torch.manual_seed(derive_seed(cfg.seed, TAG_TRAIN, round_idx, cid))  # dropout
+        torch.manual_seed(seeds.derive_seed(cfg.seed, seeds.TRAIN, round_idx, cid))  # dropout
         batches = train_batches(data, local.batch_size, local.steps, local.epochs,
-                                derive_seed(cfg.seed, TAG_BATCHES, round_idx, cid))
+                                seeds.derive_seed(cfg.seed, seeds.BATCHES, round_idx, cid))
         self.model.train()
         losses, norms_a, norms_b = [], [], []
         for k, idx in enumerate(batches):
@@ -271,19 +184,6 @@ class Worker:
             optimizer.zero_grad(set_to_none=True)
         return losses, norms_a, norms_b
 
-    @contextlib.contextmanager
-    def _scaled(self, value: float):
-        """Every LoRA layer at scale ``value`` inside the block, its own scale after."""
-        layers = list(self.base.layers.values())
-        own = [layer.scaling["default"] for layer in layers]
-        for layer in layers:
-            layer.scaling["default"] = value
-        try:
-            yield
-        finally:
-            for layer, scale in zip(layers, own, strict=True):
-                layer.scaling["default"] = scale
-
     def _truncate(self, tensors: dict[str, torch.Tensor], rank: int):
         return tensors if rank == self.cfg.lora.rank else truncate(tensors, rank)
 
@@ -297,89 +197,7 @@ class Worker:
     # --- evaluation -----------------------------------------------------------------
 
     @torch.inference_mode()
-    def logits(self, tensors: dict[str, torch.Tensor], data: Encoded) -> torch.Tensor:
-        """Logits of the adapter ``tensors`` on ``data`` (eval mode, in order)."""
-        self.slots.load(tensors)
-        self.model.eval()
-        out = [self.model(**self.batch(data, idx, labels=False)).logits
-               for idx in eval_batches(len(data), self.cfg.eval.batch_size)]
-        return torch.cat(out).float().cpu()
-
-    def evaluate(self, tensors: dict[str, torch.Tensor], data: Encoded) -> EvalResult:
-        logits = self.logits(tensors, data)
-        labels = torch.from_numpy(data.labels)
-        loss = F.cross_entropy(logits, labels, reduction="sum").item()
-        right = logits.argmax(-1) == labels
-        classes = logits.shape[-1]
-        per_class = torch.bincount(labels[right], minlength=classes)
-        return EvalResult(int(right.sum()), len(data), loss,
-                          tuple(per_class.tolist()),
-                          tuple(torch.bincount(labels, minlength=classes).tolist()))
-
-    @torch.inference_mode()
-    def lm_loss(self, tensors: dict[str, torch.Tensor], data) -> LMEvalResult:
-        """Summed token loss over the response tokens of ``data`` (for perplexity)."""
-        self.slots.load(tensors)
-        self.model.eval()
-        loss_sum, tokens = 0.0, 0
-        for idx in eval_batches(len(data), self.cfg.eval.batch_size):
-            batch = self.batch(data, idx)
-            logits = self.model(input_ids=batch["input_ids"],
-                                attention_mask=batch["attention_mask"]).logits
-            labels = batch["labels"][:, 1:]
-            loss_sum += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
-                                        labels.flatten(), ignore_index=-100,
-                                        reduction="sum").item()
-            tokens += int((labels != -100).sum())
-        return LMEvalResult(loss_sum, tokens)
-
-    @torch.inference_mode()
-    def generate(self, tensors: dict[str, torch.Tensor], prompts: list[str]) -> list[str]:
-        """Greedy completions of already formatted prompts (left-padded batches)."""
-        self.slots.load(tensors)
-        self.model.eval()
-        tok = self.tokenizer
-        side, tok.padding_side = tok.padding_side, "left"
-        out: list[str] = []
-        try:
-            for start in range(0, len(prompts), self.cfg.eval.batch_size):
-                enc = tok(prompts[start : start + self.cfg.eval.batch_size],
-                          add_special_tokens=False, padding=True, return_tensors="pt")
-                enc = {k: v.to(self.device) for k, v in enc.items()}
-                gen = self.model.generate(**enc, max_new_tokens=self.cfg.eval.max_new_tokens,
-                                          do_sample=False, pad_token_id=tok.pad_token_id)
-                new = gen[:, enc["input_ids"].shape[1]:]
-                out += tok.batch_decode(new, skip_special_tokens=True)
-        finally:
-            tok.padding_side = side
-        return out
-
-    # --- FDLoRA's fusion -------------------------------------------------------------
-
-    def holdout_loss(self, tensors: dict[str, torch.Tensor], data) -> float:
-        if self.cfg.task == "causal-lm":
-            return self.lm_loss(tensors, data).loss
-        return self.evaluate(tensors, data).loss
-
-    def choose_fusion(self, global_: dict[str, torch.Tensor],
-                      personal: dict[str, torch.Tensor], holdout
-                      ) -> tuple[float, float, float]:
-        """``(w1, w2, loss)`` minimising the held-out loss of ``fuse`` over the grid
-        (gradient-free; the first minimum in grid order wins ties)."""
-        grid = self.cfg.personal.grid
-        best: tuple[float, float, float] | None = None
-        for w1 in grid:
-            for w2 in grid:
-                if w1 == 0 and w2 == 0:
-                    continue
-                loss = self.holdout_loss(fuse(global_, personal, w1, w2), holdout)
-                if best is None or loss < best[2]:
-                    best = (w1, w2, loss)
-        assert best is not None, "personal.grid has a non-zero value (validated)"
-        return best
-
-    @torch.inference_mode()
-    def adapter_output_norm(self, tensors: dict[str, torch.Tensor], probe: Encoded) -> float:
+    def adapter_output_norm(self, tensors: Tensors, probe) -> float:
         """Mean over adapted layers of the mean over real tokens of ``||gamma B A x||``
         on a fixed probe batch: the paper's stability signal."""
         self.slots.load(tensors)
@@ -403,12 +221,6 @@ class Worker:
         return float(np.mean(per_layer))
 
 
-def fuse(global_: dict[str, torch.Tensor], personal: dict[str, torch.Tensor], w1: float,
-         w2: float) -> dict[str, torch.Tensor]:
-    """``w1 * global + w2 * personal`` on every adapter tensor."""
-    return {n: w1 * t + w2 * personal[n] for n, t in global_.items()}
-
-
 def _adapter_delta(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """What the adapter adds to the frozen layer's output (eval mode, no dropout):
     ``gamma B A x`` for LoRA, ``lambda_b * (B (lambda_d * (A x)))`` for VeRA."""
@@ -419,9 +231,3 @@ def _adapter_delta(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         return module.vera_lambda_b["default"] * F.linear(inner, b)
     delta = module.lora_B["default"](module.lora_A["default"](x))
     return delta * module.scaling["default"]
-
-
-def mean_or_none(values) -> float | None:
-    """Mean of the values that are not None (None if there are none)."""
-    present = [v for v in values if v is not None]
-    return float(np.mean(present)) if present else None

@@ -1,15 +1,20 @@
-"""Data for the classification task: sources and partitioning."""
+"""Federated data for any task: the task's pools, a global test set, client splits."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from sfedlora import seeds
 from sfedlora.config import DataConfig
 from sfedlora.data.partition import ClientSplit, split_clients, stratified_split
-from sfedlora.data.sources import TextDataset, load_frames, load_source
-from sfedlora.lm import PairDataset, pairs_from_frame
+from sfedlora.data.sources import TextDataset
+
+if TYPE_CHECKING:
+    from sfedlora.lm import PairDataset
+    from sfedlora.tasks import Task
 
 
 @dataclass(frozen=True)
@@ -25,30 +30,27 @@ class FederatedData:
     label_names: list[str]
 
 
-def _load(cfg: DataConfig, task: str):
-    if task == "classification":
-        train, test = load_source(cfg)
-        return train, test, train.label_names, train.labels
-    frame, test_frame, where = load_frames(cfg)
-    train, groups = pairs_from_frame(frame, cfg, where)
-    test = pairs_from_frame(test_frame, cfg, cfg.test_path or where, groups)[0] \
-        if test_frame is not None else None
-    return train, test, [str(g) for g in groups], train.groups
-
-
 def build_federated_data(cfg: DataConfig, num_clients: int, seed: int,
-                         task: str = "classification") -> FederatedData:
-    train, test, names, labels = _load(cfg, task)
-    rng = np.random.default_rng([seed, 3])
+                         task: Task | None = None) -> FederatedData:
+    """The task's pools (default: classification), a global test set apart from every
+    client, and each client's split of the training pool (by the task's partition
+    labels)."""
+    if task is None:
+        from sfedlora.tasks import get_task
+
+        task = get_task("classification")
+    train, test, names = task.load_pools(cfg)
+    rng = np.random.default_rng([seed, seeds.GLOBAL_TEST])
     if test is None:
-        split = stratified_split(np.arange(len(train)), labels, cfg.global_test_fraction, rng)
+        split = stratified_split(np.arange(len(train)), task.partition_labels(train),
+                                 cfg.global_test_fraction, rng)
         train, test = train.subset(split.train), train.subset(split.test)
     if cfg.max_train_examples and len(train) > cfg.max_train_examples:
         train = train.subset(np.sort(rng.permutation(len(train))[: cfg.max_train_examples]))
     if cfg.max_test_examples and len(test) > cfg.max_test_examples:
         test = test.subset(np.sort(rng.permutation(len(test))[: cfg.max_test_examples]))
-    labels = train.labels if task == "classification" else train.groups
-    return FederatedData(train, test, split_clients(labels, num_clients, cfg, seed), names)
+    return FederatedData(train, test, split_clients(task.partition_labels(train), num_clients,
+                                                    cfg, seed), names)
 
 
 __all__ = ["ClientSplit", "FederatedData", "TextDataset", "build_federated_data"]

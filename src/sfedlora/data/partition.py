@@ -19,6 +19,7 @@ from flwr_datasets.partitioner import (
     PathologicalPartitioner,
 )
 
+from sfedlora import seeds
 from sfedlora.config import ConfigError, DataConfig
 
 
@@ -117,7 +118,7 @@ def fixed_size_splits(labels: np.ndarray, num_clients: int, cfg: DataConfig, see
     averaged, not each client's data size, steps or skew."""
     train_size, test_size = cfg.examples_per_client, cfg.client_test_examples
     classes, frequency = np.unique(labels, return_counts=True)
-    shuffle = np.random.default_rng([seed, 19])
+    shuffle = np.random.default_rng([seed, seeds.PARTITION_SHUFFLE])
     pools = {c: shuffle.permutation(np.flatnonzero(labels == c)) for c in classes}
     used = dict.fromkeys(classes, 0)
     splits = []
@@ -125,7 +126,7 @@ def fixed_size_splits(labels: np.ndarray, num_clients: int, cfg: DataConfig, see
         if cfg.partition == "iid":
             mix = frequency / frequency.sum()
         else:
-            mix = np.random.default_rng([seed, 23, cid]).dirichlet(
+            mix = np.random.default_rng([seed, seeds.DIRICHLET_MIX, cid]).dirichlet(
                 np.full(len(classes), cfg.dirichlet_alpha))
         parts: dict[str, list[np.ndarray]] = {"train": [], "test": []}
         for part, size in (("train", train_size), ("test", test_size)):
@@ -151,7 +152,7 @@ def split_clients(
     splits = _client_splits(labels, num_clients, cfg, seed)
     if cfg.validation_fraction == 0:
         return splits
-    rng = np.random.default_rng([seed, 29])
+    rng = np.random.default_rng([seed, seeds.VALIDATION])
     out = []
     for split in splits:
         kept = stratified_split(split.train, labels, cfg.validation_fraction, rng)
@@ -164,7 +165,7 @@ def _client_splits(
 ) -> list[ClientSplit]:
     if cfg.examples_per_client is not None:
         return fixed_size_splits(labels, num_clients, cfg, seed)
-    rng = np.random.default_rng([seed, 17])
+    rng = np.random.default_rng([seed, seeds.CLIENT_TEST])
     splits = []
     for cid, idx in enumerate(partition_indices(labels, num_clients, cfg, seed)):
         if len(idx) < 2:

@@ -3,34 +3,27 @@
 The node's client id is ``partition-id`` from its node config (Flower's simulation
 engine sets it; ``flower-supernode --node-config "partition-id=3"`` in a deployment).
 The model is built once per worker process and reused by every message, whichever
-node it serves; a client's private state (B, head, optimizer state, error-feedback
-residuals, FDLoRA's personal copy) lives in the node's ``Context.state`` and, so that
-it survives a node restart, in ``STATE_DIR/run-<run id>/client-<id>.safetensors``
-(``state-dir`` in the node config, else ``$SFEDLORA_STATE_DIR``, else
-``~/.cache/sfedlora/flower-state``).
+node it serves. A client's private state (B, head, optimizer state, error-feedback
+residuals, method-owned tensors) lives in the node's state directory
+(:mod:`sfedlora.flower.node_state`), never in memory between messages, so a node
+restarts, and a run resumes, from what is on disk.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import os
-from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from sfedlora import codecs, wire
-from sfedlora.checkpoint import decode_client_state, encode_client_state
 from sfedlora.config import ConfigError, ExperimentConfig
-from sfedlora.evaluation import score_adapter
 from sfedlora.experiment import Experiment, build_experiment
 from sfedlora.flower import messages
 from sfedlora.flower.config import experiment_config
+from sfedlora.flower.node_state import NodeState, state_root
+from sfedlora.pool import saved_files
 from sfedlora.ranks import pad
-from sfedlora.worker import ClientState
-
-log = logging.getLogger(__name__)
 
 _experiments: dict[str, Experiment] = {}  # one model per process, keyed by its config
 
@@ -54,59 +47,44 @@ def client_id(context: Context, cfg: ExperimentConfig) -> int:
     return cid
 
 
-def state_file(context: Context, cid: int) -> Path:
-    root = (context.node_config.get("state-dir") or os.environ.get("SFEDLORA_STATE_DIR")
-            or Path.home() / ".cache" / "sfedlora" / "flower-state")
-    return Path(str(root)) / f"run-{context.run_id}" / f"client-{cid}.safetensors"
-
-
-def load_state(context: Context, cid: int) -> ClientState:
-    """From the node's context; after a restart, from disk; else a fresh client."""
-    if messages.STATE in context.state:
-        return decode_client_state(context.state[messages.STATE][messages.STATE])
-    path = state_file(context, cid)
-    if path.is_file():
-        log.info("client %d: restoring its state from %s", cid, path)
-        return decode_client_state(path.read_bytes())
-    return ClientState()
-
-
-def save_state(context: Context, cid: int, state: ClientState) -> None:
-    data = encode_client_state(state)
-    context.state[messages.STATE] = ConfigRecord({messages.STATE: data})
-    path = state_file(context, cid)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)  # atomic: a node killed mid-write keeps the previous state
-
-
 def _client(context: Context, defaults: dict) -> tuple[ExperimentConfig, int]:
     """The run's experiment config and this node's client id (no model needed)."""
     cfg = experiment_config({**defaults, **context.run_config})
     return cfg, client_id(context, cfg)
 
 
-def _setup(context: Context, defaults: dict) -> tuple[Experiment, int]:
+def _setup(msg: Message, context: Context, defaults: dict):
+    """This node's experiment (its process's model), client id, state directory and
+    request, with the machine's shared store in place."""
     cfg, cid = _client(context, defaults)
-    return experiment(cfg), cid
+    exp = experiment(cfg)
+    request = msg.content[messages.REQUEST]
+    node = NodeState(state_root(context.node_config, str(request[messages.RUN_KEY])), cid)
+    exp.worker.shared_store = node.shared
+    return exp, cid, node, request
 
 
-def _scored_adapter(exp: Experiment, cid: int, context: Context, download: bytes):
-    method = exp.worker.method
-    shared = codecs.decode(download)
-    return exp.worker.scored_adapter(
-        cid, load_state(context, cid), pad(shared, exp.worker.spec),
-        exp.client_holdout[cid] if method.personal_adapter else None)
+def _adapter(exp: Experiment, cid: int, node: NodeState, request):
+    """The requested adapter (this client's, or the global one) and the method's
+    per-client values, built from the request's download."""
+    worker = exp.worker
+    shared, extras = worker.split_download(codecs.decode(request[messages.DOWNLOAD]))
+    worker.hooks.receive(extras)
+    shared = pad(shared, worker.spec)
+    if request[messages.GLOBAL]:
+        return worker.inits.global_adapter(shared), {}
+    state = node.load(at_most=int(request[messages.ROUND]))
+    holdout = exp.client_holdout[cid] if exp.client_holdout else None
+    return worker.scored_adapter(cid, state, shared, holdout)
 
 
 def train(msg: Message, context: Context, defaults: dict) -> Message:
-    exp, cid = _setup(context, defaults)
-    request = msg.content[messages.REQUEST]
-    state = load_state(context, cid)
+    exp, cid, node, request = _setup(msg, context, defaults)
+    round_idx = int(request[messages.ROUND])
+    state = node.load(at_most=round_idx - 1)
     fit = exp.worker.fit(cid, state, request[messages.DOWNLOAD], exp.client_train[cid],
-                         int(request[messages.ROUND]))
-    save_state(context, cid, state)
+                         round_idx)
+    node.save(round_idx, state, int(request[messages.CHECKPOINTED]))
     return Message(RecordDict({
         messages.REPLY: ConfigRecord({messages.UPLOAD: fit.upload}),
         messages.METRICS: MetricRecord(messages.fit_metrics(fit)),
@@ -114,26 +92,34 @@ def train(msg: Message, context: Context, defaults: dict) -> Message:
 
 
 def evaluate(msg: Message, context: Context, defaults: dict) -> Message:
-    exp, cid = _setup(context, defaults)
-    tensors, fusion = _scored_adapter(exp, cid, context,
-                                      msg.content[messages.REQUEST][messages.DOWNLOAD])
-    scores = score_adapter(exp, tensors, cid,
-                           global_part=not exp.worker.method.has_global_adapter)
-    return Message(RecordDict({
-        messages.METRICS: MetricRecord(messages.scores_metrics(scores, fusion)),
-    }), reply_to=msg)
+    exp, cid, node, request = _setup(msg, context, defaults)
+    tensors, extras = _adapter(exp, cid, node, request)
+    who = None if request[messages.GLOBAL] else cid
+    scores = exp.task.score(exp, tensors, who, bool(request[messages.GLOBAL_PART]))
+    scores = type(scores)(scores.values, extras, scores.samples)
+    return Message(RecordDict(messages.scores_records(scores)), reply_to=msg)
 
 
 def query(msg: Message, context: Context, defaults: dict) -> Message:
-    """``describe``: the node's client id; ``adapter``: the client's adapter (for the
-    exported PEFT adapters at the end of a run)."""
+    """``describe``: the node's client id; ``layout``: the adapter's layout, labels and
+    base model (what the ServerApp needs instead of a model); ``adapter``: an adapter's
+    tensors; ``export``: an adapter saved by PEFT, file by file."""
     request = msg.content[messages.REQUEST]
     cfg, cid = _client(context, defaults)
-    reply = {messages.CLIENT: cid}
-    if request[messages.WHAT] == messages.ADAPTER:  # only this needs the model
-        tensors, _ = _scored_adapter(experiment(cfg), cid, context,
-                                     request[messages.DOWNLOAD])
-        reply[messages.ADAPTER] = wire.encode(tensors)
+    reply: dict = {messages.CLIENT: cid}
+    what = request[messages.WHAT]
+    if what == messages.LAYOUT:
+        exp = experiment(cfg)
+        reply[messages.LAYOUT] = exp.worker.slots.layout.encode(
+            {"label_names": exp.data.label_names, "base_path": exp.base_path})
+    elif what in (messages.ADAPTER, messages.EXPORT):
+        exp, cid, node, request = _setup(msg, context, defaults)
+        tensors, _ = _adapter(exp, cid, node, request)
+        if what == messages.ADAPTER:
+            reply[messages.ADAPTER] = wire.encode(tensors)
+        else:
+            files = saved_files(exp.worker.model, tensors, exp.worker.slots)
+            reply |= {messages.FILE + name: data for name, data in files.items()}
     return Message(RecordDict({messages.REPLY: ConfigRecord(reply)}), reply_to=msg)
 
 

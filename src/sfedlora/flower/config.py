@@ -17,6 +17,7 @@ from sfedlora.config import ExperimentConfig, load_config
 
 CONFIG_FILE_KEY = "config-file"
 OVERRIDES_KEY = "overrides"
+RESUME_KEY = "resume"  # a run directory to continue from its checkpoint
 
 
 def experiment_config(run_config: Mapping[str, object]) -> ExperimentConfig:
@@ -27,7 +28,7 @@ def experiment_config(run_config: Mapping[str, object]) -> ExperimentConfig:
     overrides = shlex.split(str(run_config.get(OVERRIDES_KEY) or ""))
     overrides += [f"{k}={v if isinstance(v, str) else json.dumps(v)}"
                   for k, v in sorted(run_config.items())
-                  if k not in (CONFIG_FILE_KEY, OVERRIDES_KEY)]
+                  if k not in (CONFIG_FILE_KEY, OVERRIDES_KEY, RESUME_KEY)]
     return load_config(str(path) if path else None, [*overrides, "progress=false"])
 
 
@@ -35,3 +36,13 @@ def as_run_config(config_file: str | None, overrides: list[str]) -> dict[str, st
     """The run config that :func:`experiment_config` turns back into this experiment
     (the two declared keys only, so ``flwr run`` accepts it too)."""
     return {CONFIG_FILE_KEY: config_file or "", OVERRIDES_KEY: shlex.join(overrides)}
+
+
+def resume_run_config(run_dir: str, overrides: list[str] = ()) -> dict[str, str]:
+    """The run config that continues the run in ``run_dir``: its saved config (so the
+    nodes build the same experiment) and the ``resume`` key for the ServerApp."""
+    from pathlib import Path
+
+    run_dir = str(Path(run_dir).resolve())
+    return {**as_run_config(str(Path(run_dir) / "config.yaml"),
+                            [*overrides, f"output_dir={run_dir}"]), RESUME_KEY: run_dir}

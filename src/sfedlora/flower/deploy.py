@@ -32,9 +32,8 @@ import httpx
 import psutil
 
 from sfedlora.config import load_config
-from sfedlora.flower.config import as_run_config
+from sfedlora.flower.config import as_run_config, resume_run_config
 from sfedlora.flower.credentials import NodeKey, make_node_key, make_tls
-from sfedlora.flower.server_app import refuse_unsupported
 from sfedlora.flower.simulation import QUIET_ENV
 
 log = logging.getLogger(__name__)
@@ -300,16 +299,21 @@ def _terminate_as_interrupt(signum, frame) -> None:
 
 
 def deploy_local(config_file: str | None, overrides: list[str], nodes: int, *,
-                 timeout: float | None = None) -> Path:
+                 timeout: float | None = None, resume: str | None = None) -> Path:
     """Run one experiment on a loopback deployment with ``nodes`` SuperNodes (one per
-    client); the run directory, with the processes' logs under ``deploy/``."""
+    client); the run directory, with the processes' logs under ``deploy/``. ``resume``
+    (a run directory) continues that run from its checkpoint."""
     overrides = [*overrides, f"clients.num={nodes}"]
-    cfg = load_config(config_file, overrides)  # refuse a bad config before starting
-    refuse_unsupported(cfg)
-    run_dir = Path(cfg.output_dir).resolve()
-    overrides.append(f"output_dir={run_dir}")
-    run_config = as_run_config(str(Path(config_file).resolve()) if config_file else None,
-                               overrides)
+    if resume:
+        run_dir = Path(resume).resolve()
+        load_config(run_dir / "config.yaml", overrides)  # refuse a bad config first
+        run_config = resume_run_config(str(run_dir), overrides)
+    else:
+        cfg = load_config(config_file, overrides)  # refuse a bad config before starting
+        run_dir = Path(cfg.output_dir).resolve()
+        overrides.append(f"output_dir={run_dir}")
+        run_config = as_run_config(str(Path(config_file).resolve()) if config_file else None,
+                                   overrides)
     previous = signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     try:
         with tempfile.TemporaryDirectory(prefix="sfedlora-deploy-") as work:

@@ -4,12 +4,18 @@ counts apply unchanged; numbers travel in MetricRecords."""
 
 from __future__ import annotations
 
-from sfedlora.evaluation import Scores
-from sfedlora.worker import EvalResult, FitResult
+import json
 
-REQUEST, REPLY, METRICS, STATE = "request", "reply", "metrics", "sfedlora-client-state"
+from flwr.app import ConfigRecord, MetricRecord
+
+from sfedlora.records import ClientScores, FitResult
+
+REQUEST, REPLY, METRICS, EXTRAS = "request", "reply", "metrics", "extras"
 DOWNLOAD, UPLOAD, ROUND = "download", "upload", "round"
-WHAT, DESCRIBE, ADAPTER, CLIENT = "what", "describe", "adapter", "client"
+RUN_KEY, CHECKPOINTED = "run-key", "checkpointed"
+WHAT, DESCRIBE, LAYOUT, ADAPTER, EXPORT, CLIENT = ("what", "describe", "layout", "adapter",
+                                                   "export", "client")
+GLOBAL, GLOBAL_PART, SAMPLES, FILE = "global", "global-part", "samples", "file:"
 
 _FIT_FIELDS = ("num_examples", "train_loss", "grad_norm_A", "grad_norm_B", "steps")
 
@@ -24,32 +30,15 @@ def fit_result(upload: bytes, metrics: dict) -> FitResult:
     return FitResult(upload=upload, **{name: metrics.get(name) for name in _FIT_FIELDS})
 
 
-def scores_metrics(scores: Scores, fusion: list[float] | None
-                   ) -> dict[str, float | int | list[int]]:
-    out: dict[str, float | int | list[int]] = {}
-    for prefix, result in (("own", scores.own), ("global", scores.on_global),
-                           ("val", scores.val)):
-        if result is not None:
-            out |= {f"{prefix}_correct": result.correct, f"{prefix}_count": result.count,
-                    f"{prefix}_loss_sum": result.loss_sum,
-                    f"{prefix}_class_correct": list(result.class_correct),
-                    f"{prefix}_class_count": list(result.class_count)}
-    if scores.norm is not None:
-        out["norm"] = scores.norm
-    if fusion is not None:
-        out["fusion_w1"], out["fusion_w2"] = fusion
-    return out
+def scores_records(scores: ClientScores) -> dict:
+    """A client's scores as records: the task's numbers, the method's per-client values
+    and the generated samples (as JSON text)."""
+    return {METRICS: MetricRecord(dict(scores.values)),
+            EXTRAS: MetricRecord({k: list(v) for k, v in scores.extras.items()}),
+            REPLY: ConfigRecord({SAMPLES: json.dumps(scores.samples)})}
 
 
-def scores(metrics: dict) -> tuple[Scores, list[float] | None]:
-    def result(prefix: str) -> EvalResult | None:
-        if f"{prefix}_count" not in metrics:
-            return None
-        return EvalResult(int(metrics[f"{prefix}_correct"]), int(metrics[f"{prefix}_count"]),
-                          float(metrics[f"{prefix}_loss_sum"]),
-                          tuple(int(x) for x in metrics.get(f"{prefix}_class_correct", [])),
-                          tuple(int(x) for x in metrics.get(f"{prefix}_class_count", [])))
-
-    fusion = ([metrics["fusion_w1"], metrics["fusion_w2"]] if "fusion_w1" in metrics
-              else None)
-    return Scores(result("own"), result("global"), metrics.get("norm"), result("val")), fusion
+def scores(content) -> ClientScores:
+    return ClientScores(dict(content[METRICS]),
+                        {k: list(v) for k, v in dict(content[EXTRAS]).items()},
+                        json.loads(content[REPLY][SAMPLES]))

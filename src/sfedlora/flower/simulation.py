@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from sfedlora.flower import client_app, server_app
-from sfedlora.flower.config import as_run_config, experiment_config
+from sfedlora.flower.config import as_run_config, experiment_config, resume_run_config
 
 # Offline and quiet: no telemetry, no Ray dashboard or usage report.
 QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "RAY_USAGE_STATS_ENABLED": "0",
@@ -13,14 +13,17 @@ QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "RAY_USAGE_STATS_ENABLED": "0",
 
 
 def run_simulation(config_file: str | None, overrides: list[str],
-                   workers: int | None = None) -> None:
+                   workers: int | None = None, resume: str | None = None) -> None:
     """Run the experiment on Flower's simulation engine with ``clients.num`` virtual
     SuperNodes and ``workers`` worker processes (one CPU each; default: all cores),
-    each holding one model. Results go to the config's ``output_dir``."""
+    each holding one model. Results go to the config's ``output_dir``. ``resume`` (a
+    run directory) continues that run from its checkpoint instead (``config_file``
+    must then be None; ``overrides`` may change only what does not change results)."""
     from flwr.simulation import run_simulation as flwr_run_simulation
 
     os.environ.update(QUIET_ENV)
-    run_config = as_run_config(config_file, overrides)
+    run_config = (resume_run_config(resume, overrides) if resume
+                  else as_run_config(config_file, overrides))
     cfg = experiment_config(run_config)
     workers = workers or os.cpu_count() or 1
     flwr_run_simulation(

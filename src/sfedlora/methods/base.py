@@ -22,25 +22,37 @@ How the other methods fit:
   top-k), and it names a server optimizer (``server_optimizer = "adamw"``): the
   runtime feeds the mean client change to AdamW as a gradient instead of replacing the
   global state. Evaluation uses what clients receive, i.e. the masked model.
-* **FLoRA.** ``merge_into_base = True``: A and B are ``fresh`` (re-initialised every
-  round, never held by the server); :meth:`Method.merge` turns the round's uploads into
-  stacked factors that the server records and every client merges into its base
-  weights, receiving the factors of each round it has not seen with its next download.
-* **FDLoRA.** ``personal_adapter = True``: each client keeps a personal copy of the
-  adapter next to the global one (refreshed from its locally trained global adapter),
-  never sent; a gradient-free search fuses the two for personalised evaluation.
+* **Methods with mechanics of their own** keep them in their own package and reach
+  the runtimes only through two hook objects the method builds: :class:`ServerHooks`
+  (state the server keeps beyond the combined tensors, extra download tensors, an
+  exact LoRA for export; checkpointed through ``state_dict``) and
+  :class:`ClientHooks` (what a client does with those extra tensors, around training,
+  after a fit, and to the adapter it is scored with). FLoRA
+  (:mod:`sfedlora.methods.flora`): A and B are ``fresh`` every round, the server keeps
+  the stacked factors of every round, and clients merge them into their base weights.
+  FDLoRA (:mod:`sfedlora.methods.fdlora`): a personal copy per client in its
+  method-owned state, fused with the global adapter by a held-out grid search.
+* **Config rules** that only concern one method live in its :meth:`Method.check_config`.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from sfedlora.aggregation import Combiner, weighted_mean
+
+if TYPE_CHECKING:
+    from sfedlora.config import ExperimentConfig
+    from sfedlora.records import ClientState
+    from sfedlora.worker import Worker
+
+Tensors = dict[str, torch.Tensor]
 
 
 class Part(StrEnum):
@@ -56,7 +68,7 @@ B_MARKERS = (".lora_B.", ".lora_embedding_B.", ".vera_lambda_b.")
 def part_of(name: str) -> Part:
     """Which part an adapter tensor belongs to, from its PEFT name. PEFT's embedding
     LoRA (``lora_embedding_A/B``) has the same roles as A and B (the runtimes refuse
-    embedding targets, see :func:`sfedlora.task.refuse_non_linear_targets`, but a name
+    embedding targets, see :func:`sfedlora.model.refuse_non_linear_targets`, but a name
     is never mistaken for the head). VeRA's lambda_d scales the (shared, frozen)
     down-projection like A, lambda_b the up-projection like B, so FedSA semantics carry
     over: lambda_d is shared, lambda_b stays local."""
@@ -90,6 +102,58 @@ class Update:
 ALL_PARTS = frozenset(Part)
 
 
+class ServerHooks:
+    """Server-side mechanics of a method beyond combining uploads. The default has
+    none; the server calls each hook at a fixed point of its round, so a method that
+    needs more (FLoRA's merge history) subclasses this in its own package."""
+
+    def after_combine(self, round_idx: int, updates: Sequence[Update]) -> None:
+        """The round's accepted updates (client-id order), after they were combined."""
+
+    def download_extras(self, cid: int | None, advance: bool = True) -> Tensors:
+        """Tensors sent to client ``cid`` beside the shared state (names outside the
+        adapter's); ``advance``: the client now holds them (a training download), as
+        opposed to an evaluation request, which is not traffic."""
+        return {}
+
+    def forget(self, cid: int) -> None:
+        """Client ``cid`` did not reply: assume it holds nothing it was sent."""
+
+    def export_lora(self) -> tuple[Tensors, int] | None:
+        """An exact LoRA (factors, rank) that replaces the exported adapters' own
+        factors, where what was learned lives elsewhere (FLoRA: the base weights)."""
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-able values and tensors, for checkpoints."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+
+class ClientHooks:
+    """Client-side mechanics of a method beyond training its adapter (default: none)."""
+
+    def receive(self, extras: Tensors) -> None:
+        """The extra tensors of a download or evaluation request (see
+        :meth:`ServerHooks.download_extras`), before anything runs on the model."""
+
+    def training(self, cid: int) -> contextlib.AbstractContextManager:
+        """Context around client ``cid``'s local steps."""
+        return contextlib.nullcontext()
+
+    def after_fit(self, cid: int, state: ClientState, round_idx: int) -> None:
+        """After the local steps, with the trained adapter still on the model; may add
+        to ``state.method`` (method-owned tensors the client keeps)."""
+
+    def scored_adapter(self, cid: int, state: ClientState, own: Tensors, holdout
+                       ) -> tuple[Tensors, dict[str, list[float]]]:
+        """The adapter client ``cid`` is scored and exported with (default: its own),
+        and per-client values to report beside the metrics."""
+        return own, {}
+
+
 class Method:
     """Base description; subclasses override class attributes and rarely methods."""
 
@@ -103,8 +167,6 @@ class Method:
     # First entry is the default; a_init is an error for methods with one mode.
     a_init_modes: ClassVar[tuple[str, ...]] = ("shared",)
     a_init_note: ClassVar[str] = "every client starts from one shared A"
-    # Whether each client also keeps a personal copy of the adapter (FDLoRA).
-    personal_adapter: ClassVar[bool] = False
     # Whether clients may hold different ranks (lora.client_ranks).
     mixed_ranks: ClassVar[bool] = False
     # Codec settings per direction ("up", "down") that config fields left unset take.
@@ -112,15 +174,36 @@ class Method:
     # "none": the combined uploads become the global state; "sgd" / "adamw": their
     # mean change is the gradient of a server optimizer step (FedOpt).
     server_optimizer: ClassVar[str] = "none"
-    # Parts re-initialised every round (never held by the server), and whether the
-    # round's uploads are merged into the base weights (FLoRA, see :meth:`merge`).
+    # Parts re-initialised every round at the client's rank (never held by the server).
     fresh: ClassVar[frozenset[Part]] = frozenset()
-    merge_into_base: ClassVar[bool] = False
+    # Whether lora.adapter=vera applies (VeRA's shared frozen projections).
+    supports_vera: ClassVar[bool] = False
 
     @property
     def has_global_adapter(self) -> bool:
         """True when the server's state alone is a complete adapter."""
         return not self.private
+
+    @property
+    def per_client_adapters(self) -> bool:
+        """True when each client's scored adapter differs from the global one (private
+        parts, or a per-client fusion): those are exported one per client."""
+        return not self.has_global_adapter
+
+    def check_config(self, cfg: ExperimentConfig) -> None:
+        """Refuse settings this method cannot run with: raise ``ValueError`` naming the
+        setting and the fix. Called by config validation."""
+
+    def holdout_examples(self, cfg: ExperimentConfig) -> int:
+        """Examples of each client's training data kept out of training for the
+        method's own use (FDLoRA's fusion search); 0: none."""
+        return 0
+
+    def server_hooks(self, cfg: ExperimentConfig) -> ServerHooks:
+        return ServerHooks()
+
+    def client_hooks(self, cfg: ExperimentConfig, worker: Worker) -> ClientHooks:
+        return ClientHooks()
 
     def plan(self, round_idx: int) -> RoundPlan:
         """Default: everything that is not fixed trains; the shared parts go up."""
@@ -153,10 +236,3 @@ class Method:
             new_state[name] = combine([u.tensors[name] for u in updates], weights,
                                       [u.present.get(name) for u in updates])
         return new_state
-
-    def merge(self, updates: Sequence[Update], ranks: Sequence[int],
-              scales: Sequence[float]) -> dict[str, torch.Tensor]:
-        """Factors to merge into the base weights, ``{lora_A name: A_s, lora_B name:
-        B_s}`` with ``B_s A_s`` the change; ``ranks`` and ``scales`` give each update's
-        rank and LoRA scale (in client-id order). Only for ``merge_into_base`` methods."""
-        raise NotImplementedError(f"{self.name} does not merge into the base weights")

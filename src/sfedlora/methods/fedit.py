@@ -13,3 +13,4 @@ class FedIT(Method):
     summary = "FedAvg of A, B and head (weighted by data size)"
     a_init_modes = ("shared", "independent")
     a_init_note = "A is averaged, so clients may start from one A or their own"
+    supports_vera = True

@@ -18,3 +18,4 @@ class FedSA(Method):
     weighting = "uniform"
     a_init_modes = ("shared", "independent")
     a_init_note = "A is averaged, so clients may start from one A or their own"
+    supports_vera = True  # FedSA-VeRA

@@ -21,6 +21,7 @@ from sfedlora.methods.fedit import FedIT
 
 class FLASC(FedIT):
     name = "flasc"
+    supports_vera = False
     summary = "sparse up/down messages, mean change as the gradient of a server AdamW"
     weighting = "uniform"
     comm: ClassVar[dict[str, dict]] = {

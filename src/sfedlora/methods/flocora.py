@@ -14,5 +14,6 @@ from sfedlora.methods.fedit import FedIT
 
 class FLoCoRA(FedIT):
     name = "flocora"
+    supports_vera = False
     summary = "FedIT with 8-bit affine per-channel quantised uploads"
     comm: ClassVar[dict[str, dict]] = {"up": {"bits": 8, "delta": False}}

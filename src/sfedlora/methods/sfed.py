@@ -15,4 +15,5 @@ class SFed(FedSA):
     name = "sfed"
     summary = "FedSA-LoRA with gamma = alpha*sqrt(N/r)"
     default_scaling = "sfed"
+    supports_vera = False  # VeRA has no LoRA scale to set
     a_init_modes = ("independent", "shared")

@@ -1,28 +1,30 @@
-"""The sequence-classification task: model loading, tokenisation and batching.
-
-The model is any ``AutoModelForSequenceClassification`` checkpoint (hub name or local
-path) wrapped once by PEFT's LoRA tuner, so the adapter layout, the forward pass and
-the exported files are PEFT's own.
+"""The one model of a process: a task's base model (hub name, local path or offline
+asset) wrapped once by PEFT's LoRA (or VeRA) tuner, so the adapter layout, the forward
+pass and the exported files are PEFT's own; and the batching every task shares.
+Which base model class loads, and its default targets, are the task's
+(:mod:`sfedlora.tasks`).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Iterator, Sized
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from peft import LoraConfig as PeftLoraConfig
-from peft import PeftConfig, PeftModel, TaskType, VeraConfig, get_peft_model
+from peft import PeftConfig, PeftModel, VeraConfig, get_peft_model
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from sfedlora import lm
 from sfedlora.config import ConfigError, ExperimentConfig
 from sfedlora.scaling import peft_scale
+
+if TYPE_CHECKING:
+    from sfedlora.tasks import Task
 
 log = logging.getLogger(__name__)
 
@@ -83,35 +85,12 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_base_model(path: str, label_names: list[str], seed: int):
-    """The frozen base classifier; the head's random init is drawn from ``seed``."""
-    torch.manual_seed(seed)
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path,
-            num_labels=len(label_names),
-            id2label=dict(enumerate(label_names)),
-            label2id={n: i for i, n in enumerate(label_names)},
-        )
-    except OSError as exc:
-        hint = "" if Path(path).exists() else (
-            " If this is a hub id, this machine may have no access to the Hugging Face Hub: "
-            "use a local folder (or all-MiniLM-L6-v2, shipped offline)."
-        )
-        raise ConfigError(f"model.name={path!r} could not be loaded: {exc}.{hint}") from None
-    if model.config.pad_token_id is None:
-        tokenizer_pad = load_tokenizer(path).pad_token_id
-        model.config.pad_token_id = tokenizer_pad
-    return model
-
-
-def peft_config(cfg: ExperimentConfig, model_type: str) -> PeftConfig:
-    causal = cfg.task == "causal-lm"
-    targets = cfg.lora.targets or (causal and lm.default_targets(model_type)) \
+def peft_config(cfg: ExperimentConfig, task: Task, model_type: str) -> PeftConfig:
+    targets = cfg.lora.targets or task.default_targets(model_type) \
         or default_targets(model_type)
     if cfg.lora.adapter == "vera":
         return VeraConfig(
-            task_type=TaskType.CAUSAL_LM if causal else TaskType.SEQ_CLS,
+            task_type=task.peft_task_type,
             r=cfg.lora.rank,
             target_modules=targets,
             vera_dropout=cfg.lora.dropout,
@@ -120,41 +99,13 @@ def peft_config(cfg: ExperimentConfig, model_type: str) -> PeftConfig:
         )
     scale = peft_scale(cfg.scaling, cfg.alpha, cfg.clients_per_round, cfg.lora.rank)
     return PeftLoraConfig(
-        task_type=TaskType.CAUSAL_LM if causal else TaskType.SEQ_CLS,
+        task_type=task.peft_task_type,
         r=cfg.lora.rank,
         lora_alpha=scale.lora_alpha,
         use_rslora=scale.use_rslora,
         target_modules=targets,
         lora_dropout=cfg.lora.dropout,
     )
-
-
-def load_causal_lm(path: str, cfg: ExperimentConfig):
-    """The frozen base LM; 4-bit base weights (QLoRA) on CUDA when asked."""
-    from transformers import AutoModelForCausalLM
-
-    kwargs: dict = {"dtype": torch.float32}
-    if cfg.model.load_in_4bit:
-        if not torch.cuda.is_available():
-            raise ConfigError("model.load_in_4bit=true needs a CUDA GPU (bitsandbytes 4-bit "
-                              "kernels); on this machine set model.load_in_4bit=false")
-        try:
-            from transformers import BitsAndBytesConfig
-        except ImportError:  # pragma: no cover - depends on the install
-            raise ConfigError("model.load_in_4bit=true needs: pip install bitsandbytes") from None
-        kwargs = {"quantization_config": BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4",
-            bnb_4bit_compute_dtype=torch.bfloat16), "device_map": {"": 0}}
-    torch.manual_seed(cfg.seed)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except OSError as exc:
-        raise ConfigError(f"model.name={path!r} could not be loaded: {exc}") from None
-    if cfg.model.load_in_4bit:
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model)
-    return model
 
 
 def refuse_non_linear_targets(model: torch.nn.Module, targets) -> None:
@@ -177,16 +128,14 @@ def resolve_path(cfg: ExperimentConfig) -> str:
     return resolve_model_path(name)
 
 
-def build_model(cfg: ExperimentConfig, label_names: list[str]) -> tuple[PeftModel, str]:
+def build_model(cfg: ExperimentConfig, task: Task, label_names: list[str]
+                ) -> tuple[PeftModel, str]:
     """The one model instance of this process, with LoRA injected. Returns it and the
     resolved base path (written into exported adapters)."""
     path = resolve_path(cfg)
-    if cfg.task == "causal-lm":
-        base = load_causal_lm(path, cfg)
-    else:
-        base = load_base_model(path, label_names, cfg.seed)
+    base = task.load_base_model(path, cfg, label_names)
     try:
-        model = get_peft_model(base, peft_config(cfg, base.config.model_type))
+        model = get_peft_model(base, peft_config(cfg, task, base.config.model_type))
     except ValueError as exc:
         raise ConfigError(f"lora.targets={cfg.lora.targets!r}: {exc}") from None
     refuse_non_linear_targets(model, cfg.lora.targets)
@@ -199,44 +148,11 @@ def build_model(cfg: ExperimentConfig, label_names: list[str]) -> tuple[PeftMode
     return model, path
 
 
-# --- tokenised data --------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Encoded:
-    """Token ids (unpadded) and labels of one set of examples."""
-
-    input_ids: list[list[int]]
-    labels: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
-    def subset(self, idx: np.ndarray) -> Encoded:
-        return Encoded([self.input_ids[i] for i in idx], self.labels[idx])
-
-
-def encode(tokenizer: PreTrainedTokenizerBase, texts: list[str], labels, max_length: int):
-    ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
-    return Encoded(ids, np.asarray(labels, dtype=np.int64))
-
-
-class Collator:
-    """Pads a batch to its longest sequence (dynamic padding)."""
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase):
-        self.tokenizer = tokenizer
-
-    def __call__(self, data: Encoded, idx) -> dict[str, torch.Tensor]:
-        batch = self.tokenizer.pad(
-            {"input_ids": [data.input_ids[i] for i in idx]}, return_tensors="pt"
-        )
-        batch["labels"] = torch.from_numpy(data.labels[np.asarray(idx)])
-        return dict(batch)
+# --- batching (every task) ----------------------------------------------------
 
 
 def train_batches(
-    data: Encoded, batch_size: int, num_steps: int | None, epochs: int | None, seed: int
+    data: Sized, batch_size: int, num_steps: int | None, epochs: int | None, seed: int
 ) -> Iterator[np.ndarray]:
     """Index batches for one round: ``num_steps`` batches drawn by walking seeded
     permutations (a new one each pass), or ``epochs`` full passes."""

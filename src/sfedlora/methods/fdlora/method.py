@@ -18,6 +18,18 @@ from sfedlora.methods.fedit import FedIT
 class FDLoRA(FedIT):
     name = "fdlora"
     summary = "global adapter averaged; personal copy kept; fused by held-out grid search"
-    personal_adapter = True
     a_init_modes = ("shared",)
     a_init_note = "the global adapter starts from one shared A"
+    supports_vera = False
+
+    @property
+    def per_client_adapters(self) -> bool:
+        return True  # every client's fusion is its own
+
+    def holdout_examples(self, cfg) -> int:
+        return cfg.personal.holdout
+
+    def client_hooks(self, cfg, worker):
+        from sfedlora.methods.fdlora.fusion import PersonalCopy
+
+        return PersonalCopy(cfg, worker)

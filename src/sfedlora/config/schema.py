@@ -1,29 +1,19 @@
-"""Experiment configuration: one YAML file plus dotted ``key=value`` overrides.
-
-Everything is validated before any model or data is touched. Errors are raised as
-:class:`ConfigError` with one message that names the field and says how to fix it,
-because a researcher launching a sweep should learn about a typo in one second, not
-after a model has loaded.
-"""
+"""The experiment config's schema: sections, fields, rules that span fields, and the
+values derived from them (resolved in one place so every runtime agrees). Rules that
+concern one method or task are theirs (``Method.check_config``, ``Task.check_config``),
+reached through the registries."""
 
 from __future__ import annotations
 
-import difflib
-import math
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
-METHODS = ("fedit", "ffa", "fedsa", "rolora", "sfed", "flasc", "flocora", "hetlora", "fdlora",
-           "flora")
-A_INITS = ("independent", "shared")
-VERA_METHODS = ("fedit", "fedsa")
-
-
-class ConfigError(ValueError):
-    """A configuration the run cannot start with; the message names field and fix."""
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 
 class _Section(BaseModel):
@@ -235,6 +225,13 @@ class PersonalConfig(_Section):
         description="values tried for each of w1 (global) and w2 (personal)"
     )
 
+    @field_validator("grid")
+    @classmethod
+    def _some_weight(cls, grid: list[float]) -> list[float]:
+        if not any(grid):
+            raise ValueError("personal.grid needs a non-zero weight, e.g. [0, 0.5, 1]")
+        return grid
+
 
 class CheckpointConfig(_Section):
     every: int = Field(1, ge=0, description="write a checkpoint every k rounds; 0: only on Ctrl-C")
@@ -251,8 +248,9 @@ class FlowerConfig(_Section):
 
 
 class ExperimentConfig(_Section):
-    task: Literal["classification", "causal-lm"] = "classification"
-    method: Literal[METHODS] = "sfed"
+    task: str = Field("classification", description="classification or causal-lm "
+                      "(sfedlora.tasks.TASKS)")
+    method: str = Field("sfed", description="a registered method (sfedlora.methods.REGISTRY)")
     seed: int = 0
     rounds: int = Field(10, gt=0)
     clients: ClientsConfig = ClientsConfig()
@@ -270,9 +268,29 @@ class ExperimentConfig(_Section):
     output_dir: str = "runs/latest"
     progress: bool = True
 
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, name: str) -> str:
+        from sfedlora.tasks import TASKS
+
+        if name not in TASKS:
+            raise ValueError(f"task={name!r} is not a task; choose one of {sorted(TASKS)}")
+        return name
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, name: str) -> str:
+        from sfedlora.methods import REGISTRY  # late import: methods import config types
+
+        if name not in REGISTRY:
+            raise ValueError(f"method={name!r} is not a method; choose one of "
+                             f"{sorted(REGISTRY)}")
+        return name
+
     @model_validator(mode="after")
     def _combinations(self) -> ExperimentConfig:
         from sfedlora.methods import get_method  # late import: methods import config types
+        from sfedlora.tasks import get_task
 
         c, local, data = self.clients, self.local, self.data
         if local.steps is not None and local.epochs is not None:
@@ -302,11 +320,9 @@ class ExperimentConfig(_Section):
                 f"which has no such choice ({method.a_init_note}); remove lora.a_init"
             )
         if self.lora.adapter == "vera":
-            self._check_vera()
+            self._check_vera(method)
         if self.lora.client_ranks is not None:
             self._check_client_ranks(method)
-        if not any(self.personal.grid):
-            raise ValueError("personal.grid needs a non-zero weight, e.g. [0, 0.5, 1]")
         if data.examples_per_client is not None and data.partition not in ("iid", "dirichlet"):
             raise ValueError(
                 f"data.examples_per_client with data.partition={data.partition!r}: fixed-size "
@@ -317,11 +333,6 @@ class ExperimentConfig(_Section):
             raise ValueError("data.source=files needs data.train_path (a CSV, TSV or JSONL file)")
         if data.source == "hf" and not data.dataset:
             raise ValueError("data.source=hf needs data.dataset, e.g. data.dataset=glue")
-        if self.task == "causal-lm" and data.source == "bbc":
-            raise ValueError(
-                "task=causal-lm needs prompt/response data: set data.source=files (e.g. "
-                "data.train_path=../shared/data/gsm8k/train.jsonl) or data.source=hf"
-            )
         if self.privacy.enabled and self.a_init == "independent":
             raise ValueError(
                 "privacy.enabled with lora.a_init=independent: each client's first A is its "
@@ -334,8 +345,8 @@ class ExperimentConfig(_Section):
                 "privacy accounting assumes a mean of clipped updates; set server.aggregation=mean"
             )
         self._check_codecs(method)
-        if method.merge_into_base:
-            self._check_merging()
+        get_task(self.task).check_config(self)
+        method.check_config(self)
         return self
 
     def _check_client_ranks(self, method) -> None:
@@ -354,12 +365,15 @@ class ExperimentConfig(_Section):
             raise ValueError("lora.client_ranks works with LoRA adapters and no server "
                              "optimizer; remove server.optimizer / lora.adapter")
 
-    def _check_vera(self) -> None:
-        if self.method not in VERA_METHODS:
+    def _check_vera(self, method) -> None:
+        from sfedlora.methods import REGISTRY
+
+        if not method.supports_vera:
+            names = ", ".join(n for n, m in REGISTRY.items() if m.supports_vera)
             raise ValueError(
                 f"lora.adapter=vera with method={self.method!r}: VeRA's projections are "
-                f"frozen and shared, so only {', '.join(VERA_METHODS)} apply to it (fedsa "
-                "is FedSA-VeRA); choose one of them or lora.adapter=lora"
+                f"frozen and shared, so only {names} apply to it (fedsa is FedSA-VeRA); "
+                "choose one of them or lora.adapter=lora"
             )
         for key in ("scaling", "a_init"):
             if getattr(self.lora, key) is not None:
@@ -367,29 +381,6 @@ class ExperimentConfig(_Section):
                     f"lora.{key} does not apply to lora.adapter=vera (VeRA has no LoRA scale "
                     f"and its projections come from one seed); remove lora.{key}"
                 )
-
-    def _check_merging(self) -> None:
-        """FLoRA: clients merge the downloaded factors into their base weights and start
-        every round from a fresh adapter; refuse settings that break either."""
-        refused = [  # (refused?, the setting, why)
-            (self.lora.adapter != "lora", "lora.adapter", "stacking needs LoRA factors"),
-            (self.server_optimizer != "none", "server.optimizer",
-             "the merged factors are the exact weighted sum a server optimizer would change"),
-            (self.server.aggregation != "mean", "server.aggregation",
-             "stacking is exact for the weighted mean only"),
-            (self.privacy.enabled, "privacy.enabled", "the stacked factors carry no noise"),
-            (self.local.keep_optimizer_state, "local.keep_optimizer_state",
-             "every round starts from a fresh adapter"),
-            (not self.codec("down").lossless, "comm.down",
-             "clients merge what they receive into their base weights, so a lossy download "
-             "would drift them away from the server's record"),
-            (self.codec("up").delta, "comm.up.delta",
-             "the server never sees a client's fresh A, so a change to it cannot be decoded"),
-        ]
-        for bad, setting, why in refused:
-            if bad:
-                raise ValueError(f"method=flora does not work with this {setting}: {why}; "
-                                 f"remove or change {setting}")
 
     def _check_codecs(self, method) -> None:
         down = self.comm.down
@@ -438,7 +429,9 @@ class ExperimentConfig(_Section):
     def model_name(self) -> str:
         if self.model.name:
             return self.model.name
-        return "SmolLM2-135M-Instruct" if self.task == "causal-lm" else "all-MiniLM-L6-v2"
+        from sfedlora.tasks import get_task
+
+        return get_task(self.task).default_model
 
     @property
     def scaling(self) -> str:
@@ -478,6 +471,15 @@ class ExperimentConfig(_Section):
                      self.clients_per_round)
 
     @property
+    def gamma(self) -> float | None:
+        """The LoRA scale at ``lora.rank`` (None for VeRA, which has none)."""
+        from sfedlora.scaling import gamma
+
+        if self.lora.adapter == "vera":
+            return None
+        return gamma(self.scaling, self.alpha, self.lora.rank, self.clients_per_round)
+
+    @property
     def alpha(self) -> float:
         """alpha of the scaling rule: ``lora.alpha``, else the rule's default."""
         from sfedlora.scaling import default_alpha
@@ -495,100 +497,3 @@ class ExperimentConfig(_Section):
         from sfedlora.methods import get_method
 
         return self.lora.a_init or get_method(self.method).a_init_modes[0]
-
-
-# --- loading ---------------------------------------------------------------------------
-
-
-def _field_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
-    paths = []
-    for name, info in model.model_fields.items():
-        ann = info.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            paths += _field_paths(ann, f"{prefix}{name}.")
-        else:
-            paths.append(f"{prefix}{name}")
-    return paths
-
-
-def _format_validation_error(err: ValidationError) -> str:
-    known = _field_paths(ExperimentConfig)
-    lines = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if not isinstance(p, int))
-        # pydantic reports union members as extra path parts ('lora.alpha.float'): map
-        # such a location onto its field, matching whole dotted parts only, so that a key
-        # that merely extends a known one ('local.lrx') is reported as itself.
-        if loc not in known:
-            loc = next((k for k in known if loc.startswith(k + ".")), loc)
-        if e["type"] == "extra_forbidden":
-            close = difflib.get_close_matches(loc, known, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else "; remove it"
-            lines.append(f"unknown key {loc!r}{hint}")
-        elif e["type"] == "value_error" or not loc:
-            lines.append(str(e["msg"]).removeprefix("Value error, "))
-        else:
-            lines.append(f"{loc}={e.get('input')!r}: {e['msg']}; fix {loc} in the config")
-    return "invalid config: " + " | ".join(dict.fromkeys(lines))
-
-
-def _parse_value(text: str) -> Any:
-    """Parse an override value the way YAML would ('8' -> 8, 'null' -> None, '[a,b]'),
-    and numbers in exponent notation as numbers: YAML 1.1 reads '1e-3' as a string, so
-    a sweep's ladder 1e-3,1e-2 would be sorted and grouped as text."""
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-    if isinstance(value, str):
-        try:
-            number = float(value)
-        except ValueError:
-            return value
-        return number if math.isfinite(number) else value
-    return value
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``dotted.key=value`` overrides to a nested dict (in place, also returned)."""
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
-        node = raw
-        *parents, leaf = key.split(".")
-        for p in parents:
-            child = node.setdefault(p, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {key!r}: {p!r} is not a section")
-            node = child
-        node[leaf] = _parse_value(value)
-    return raw
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> ExperimentConfig:
-    """Read a YAML config (or the defaults: the offline main job) and apply overrides."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from exc
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys")
-    apply_overrides(raw, list(overrides))
-    return validate(raw)
-
-
-def validate(raw: dict[str, Any]) -> ExperimentConfig:
-    try:
-        return ExperimentConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc)) from None
-
-
-def to_yaml(cfg: ExperimentConfig) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

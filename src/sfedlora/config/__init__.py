@@ -1,0 +1,40 @@
+"""Experiment configuration: one YAML file plus dotted ``key=value`` overrides.
+
+Everything is validated before any model or data is touched. Errors are raised as
+:class:`ConfigError` with one message that names the field and says how to fix it,
+because a researcher launching a sweep should learn about a typo in one second, not
+after a model has loaded. :mod:`.schema` is what a config holds, :mod:`.loading` how
+it is read.
+"""
+
+from sfedlora.config.loading import (
+    ConfigError,
+    apply_overrides,
+    load_config,
+    parse_value,
+    to_yaml,
+    validate,
+)
+from sfedlora.config.schema import (
+    CheckpointConfig,
+    ClientsConfig,
+    CodecConfig,
+    CommConfig,
+    DataConfig,
+    EvalConfig,
+    ExperimentConfig,
+    FlowerConfig,
+    LocalConfig,
+    LoraConfig,
+    ModelConfig,
+    PersonalConfig,
+    PrivacyConfig,
+    ServerConfig,
+)
+
+__all__ = [
+    "CheckpointConfig", "ClientsConfig", "CodecConfig", "CommConfig", "ConfigError",
+    "DataConfig", "EvalConfig", "ExperimentConfig", "FlowerConfig", "LocalConfig",
+    "LoraConfig", "ModelConfig", "PersonalConfig", "PrivacyConfig", "ServerConfig",
+    "apply_overrides", "load_config", "parse_value", "to_yaml", "validate",
+]

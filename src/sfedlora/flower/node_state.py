@@ -1,0 +1,60 @@
+"""A SuperNode's state directory: its client's state per round, and what the clients of
+this machine share, as safetensors under ``STATE_DIR/run-<run key>/``.
+
+``STATE_DIR`` is ``state-dir`` in the node config, else ``$SFEDLORA_STATE_DIR``, else
+``~/.cache/sfedlora/flower-state``. The run key comes with every message and is kept
+in the server's checkpoint, so a resumed run finds its nodes' state again.
+
+A client's state is written once per round it trains (``client-<id>/round-<r>``), and
+read as of a round: training round r starts from the newest state before r, and
+evaluation after round r reads the newest at or before r. So a round the server never
+checkpointed (killed mid-way) is simply trained again from the state before it.
+Files older than the newest one at or before the server's last checkpoint are removed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from sfedlora.checkpoint import decode_client_state, encode_client_state
+from sfedlora.records import ClientState
+from sfedlora.stores import DiskStore
+
+
+def state_root(node_config, run_key: str) -> Path:
+    root = (node_config.get("state-dir") or os.environ.get("SFEDLORA_STATE_DIR")
+            or Path.home() / ".cache" / "sfedlora" / "flower-state")
+    return Path(str(root)) / f"run-{run_key}"
+
+
+class NodeState:
+    def __init__(self, root: Path, cid: int):
+        self.folder = root / f"client-{cid}"
+        self.shared = DiskStore(root / "shared")
+
+    def _rounds(self) -> dict[int, Path]:
+        if not self.folder.is_dir():
+            return {}
+        return {int(p.stem.removeprefix("round-")): p
+                for p in self.folder.glob("round-*.safetensors")}
+
+    def load(self, at_most: int) -> ClientState:
+        """The state after the newest round <= ``at_most`` this client trained (fresh
+        if none)."""
+        rounds = [r for r in self._rounds() if r <= at_most]
+        if not rounds:
+            return ClientState()
+        return decode_client_state(self._rounds()[max(rounds)].read_bytes())
+
+    def save(self, round_idx: int, state: ClientState, checkpointed: int) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"round-{round_idx}.safetensors"
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(encode_client_state(state))
+        os.replace(tmp, path)  # atomic: a node killed mid-write keeps the previous state
+        rounds = self._rounds()
+        kept = max((r for r in rounds if r <= checkpointed), default=None)
+        for r, p in rounds.items():
+            if r < round_idx and r <= checkpointed and r != kept:
+                p.unlink(missing_ok=True)

@@ -1,0 +1,170 @@
+"""The client pool of a Flower ServerApp: every request is a message to a SuperNode.
+
+The ServerApp builds no model and loads no data: the adapter's layout comes from a
+node (:meth:`FlowerPool.info`), and every adapter is built, scored and saved where it
+lives. Replies are put in client-id order before use, so arrival order never changes a
+result. A client that does not reply within ``flower.round_timeout`` (a dead node) or
+replies with an error is absent from the result (the loop records it as dropped or
+unscored).
+
+Each node keeps its client's state in its state directory under this run's key, one
+file per round it trained (:mod:`sfedlora.flower.node_state`); messages carry the
+round and the last checkpointed round, so a node restarted, or a run resumed from its
+checkpoint, reads the state of the right round.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Any
+
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from sfedlora import wire
+from sfedlora.adapters import AdapterLayout
+from sfedlora.codecs import Codec
+from sfedlora.config import ConfigError, ExperimentConfig
+from sfedlora.flower import messages
+from sfedlora.pool import AdapterRequest, PoolInfo
+from sfedlora.records import ClientScores, FitResult, Tensors
+
+log = logging.getLogger(__name__)
+
+
+class FlowerPool:
+    def __init__(self, cfg: ExperimentConfig, grid: Grid):
+        self.cfg, self.grid = cfg, grid
+        self.down: Codec = cfg.codec("down")
+        self.run_key = uuid.uuid4().hex[:16]  # names this run's state on the nodes
+        self.round = 0  # the last round trained
+        self.saved = 0  # the last round whose server state is checkpointed
+        self.nodes = self._find_clients()  # client id -> node id
+
+    # --- the node map ---------------------------------------------------------------
+
+    def _find_clients(self) -> dict[int, int]:
+        """Wait for ``clients.num`` nodes, ask each for its client id."""
+        want, deadline = self.cfg.clients.num, time.monotonic() + self.cfg.flower.connect_timeout
+        while len(node_ids := list(self.grid.get_node_ids())) < want:
+            if time.monotonic() > deadline:
+                raise ConfigError(
+                    f"{len(node_ids)} of clients.num={want} SuperNodes connected within "
+                    f"flower.connect_timeout={self.cfg.flower.connect_timeout}s; start one "
+                    "node per client (partition-id 0..clients.num-1)")
+            time.sleep(0.5)
+        replies = self._send(MessageType.QUERY, {n: {messages.WHAT: messages.DESCRIBE}
+                                                 for n in node_ids},
+                             self.cfg.flower.connect_timeout)
+        nodes: dict[int, int] = {}
+        for node, reply in replies.items():
+            cid = int(reply.content[messages.REPLY][messages.CLIENT])
+            if cid in nodes:
+                raise ConfigError(f"nodes {nodes[cid]} and {node} both say partition-id={cid}; "
+                                  "give every node its own partition-id")
+            nodes[cid] = node
+        missing = sorted(set(range(want)) - set(nodes))
+        if missing:
+            raise ConfigError(f"no node answered for client ids {missing}; start one node per "
+                              "partition-id 0..clients.num-1")
+        log.info("Flower: %d clients on nodes %s", want, nodes)
+        return nodes
+
+    def _send(self, kind: str, requests: dict[int, dict], timeout: float | None
+              ) -> dict[int, Message]:
+        """One message per online node (keyed by node id); the replies without an
+        error, keyed by node id. Errors are logged; late or missing replies are simply
+        absent. A node the SuperLink already knows is offline is not waited for."""
+        online = set(self.grid.get_node_ids())
+        if offline := sorted(set(requests) - online):
+            log.warning("nodes %s are offline; not sending them %s messages", offline, kind)
+        common = {messages.RUN_KEY: self.run_key, messages.CHECKPOINTED: self.saved}
+        sent = [Message(RecordDict({messages.REQUEST: ConfigRecord({**common, **body})}),
+                        dst_node_id=node, message_type=kind)
+                for node, body in requests.items() if node in online]
+        if not sent:
+            return {}
+        replies = {}
+        for reply in self.grid.send_and_receive(sent, timeout=timeout):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                log.warning("node %s replied with an error: %s", node, reply.error.reason)
+                continue
+            replies[node] = reply
+        return replies
+
+    def _by_client(self, replies: dict[int, Message]) -> dict[int, Message]:
+        return {cid: replies[node] for cid, node in sorted(self.nodes.items())
+                if node in replies}
+
+    # --- the ClientPool protocol ------------------------------------------------------
+
+    def info(self) -> PoolInfo:
+        node = self.nodes[min(self.nodes)]
+        reply = self._send(MessageType.QUERY, {node: {messages.WHAT: messages.LAYOUT}},
+                           self.cfg.flower.connect_timeout).get(node)
+        if reply is None:
+            raise ConfigError(f"the node of client {min(self.nodes)} did not describe the "
+                              "adapter; see its log")
+        layout, meta = AdapterLayout.decode(reply.content[messages.REPLY][messages.LAYOUT])
+        return PoolInfo(layout, list(meta["label_names"]), str(meta["base_path"]))
+
+    def fit(self, round_idx: int, downloads: dict[int, bytes]) -> dict[int, FitResult]:
+        self.round = round_idx
+        requests = {self.nodes[cid]: {messages.DOWNLOAD: d, messages.ROUND: round_idx}
+                    for cid, d in downloads.items()}
+        replies = self._by_client(self._send(MessageType.TRAIN, requests,
+                                             self.cfg.flower.round_timeout))
+        return {cid: messages.fit_result(r.content[messages.REPLY][messages.UPLOAD],
+                                         dict(r.content[messages.METRICS]))
+                for cid, r in replies.items()}
+
+    def _ask(self, kind: str, requests: list[AdapterRequest], what: dict
+             ) -> dict[int | None, Message]:
+        """One message per request (a node may get several: one per round trip), the
+        replies keyed by the request's client id (None: the global adapter)."""
+        out: dict[int | None, Message] = {}
+        pending = list(requests)
+        while pending:  # a node answers one message per round trip
+            batch, seen = [], set()
+            for req in pending:
+                if req.via not in seen:
+                    batch.append(req)
+                    seen.add(req.via)
+            taken = {id(r) for r in batch}
+            pending = [r for r in pending if id(r) not in taken]
+            bodies = {self.nodes[r.via]: {
+                **what, messages.ROUND: self.round,
+                messages.DOWNLOAD: self.down.encode({**r.shared, **r.extras}),
+                messages.GLOBAL: r.cid is None, messages.GLOBAL_PART: r.global_part}
+                for r in batch}
+            replies = self._by_client(self._send(kind, bodies, self.cfg.flower.round_timeout))
+            out |= {r.cid: replies[r.via] for r in batch if r.via in replies}
+        return out
+
+    def score(self, requests: list[AdapterRequest]) -> dict[int | None, ClientScores]:
+        replies = self._ask(MessageType.EVALUATE, requests, {})
+        return {cid: messages.scores(r.content) for cid, r in replies.items()}
+
+    def adapters(self, requests: list[AdapterRequest]) -> dict[int | None, Tensors | None]:
+        replies = self._ask(MessageType.QUERY, requests, {messages.WHAT: messages.ADAPTER})
+        return {r.cid: (wire.decode(replies[r.cid].content[messages.REPLY][messages.ADAPTER])
+                        if r.cid in replies else None) for r in requests}
+
+    def export(self, requests: list[AdapterRequest]) -> dict[int | None, dict[str, bytes]]:
+        replies = self._ask(MessageType.QUERY, requests, {messages.WHAT: messages.EXPORT})
+        return {cid: {k[len(messages.FILE):]: v for k, v in r.content[messages.REPLY].items()
+                      if k.startswith(messages.FILE)}
+                for cid, r in replies.items()}
+
+    def checkpointed(self, round_idx: int) -> None:
+        self.saved = round_idx
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"run_key": self.run_key, "round": self.round}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.run_key = state["run_key"]
+        self.round = self.saved = int(state["round"])

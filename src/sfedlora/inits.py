@@ -1,0 +1,63 @@
+"""Where every adapter starts: the shared init, each client's own A draw, FLoRA-style
+fresh draws, and the server's first state. Pure functions of the config seed and the
+adapter's layout, so a client and a server that holds no model (a Flower ServerApp)
+draw the same values."""
+
+from __future__ import annotations
+
+from sfedlora import seeds
+from sfedlora.adapters import AdapterLayout
+from sfedlora.config import ExperimentConfig
+from sfedlora.methods import Method, Part
+from sfedlora.ranks import pad, truncate
+from sfedlora.records import ClientState, Tensors
+
+
+class AdapterInits:
+    def __init__(self, cfg: ExperimentConfig, method: Method, layout: AdapterLayout):
+        self.cfg, self.method, self.layout = cfg, method, layout
+        self.shared_init = layout.initial_state(seeds.derive_seed(cfg.seed, seeds.A_INIT))
+        self._a_names = layout.names({Part.A})
+
+    def client_init(self, cid: int) -> Tensors:
+        if self.cfg.a_init == "independent":
+            return self.layout.initial_state(seeds.derive_seed(self.cfg.seed, seeds.A_INIT, 1,
+                                                               cid))
+        return self.shared_init
+
+    def assemble(self, cid: int, state: ClientState, shared: Tensors,
+                 round_idx: int | None = None) -> Tensors:
+        """Client ``cid``'s full adapter: its init, then its private parts, then the
+        server's shared parts on top. Once the server holds A, the client's own A draw
+        would be overwritten, so it is not drawn. Where the method re-initialises parts
+        every round (``Method.fresh``), the init of a training round is a fresh draw at
+        the client's rank."""
+        if self.method.fresh and round_idx is not None:
+            fresh = self.layout.initial_state(seeds.derive_seed(self.cfg.seed, seeds.A_INIT, 2,
+                                                                round_idx, cid))
+            rank = self.cfg.client_rank(cid)
+            if rank != self.cfg.lora.rank:
+                fresh = truncate(fresh, rank)
+            base = pad(fresh, self.layout.spec)
+        else:
+            has_a = all(n in shared for n in self._a_names)
+            base = self.shared_init if has_a else self.client_init(cid)
+        return {**base, **state.private, **shared}
+
+    def drawn_start(self, cid: int, round_idx: int) -> Tensors:
+        """The adapter client ``cid`` starts round ``round_idx`` from before anything
+        downloaded is applied: its own A draw (independent or fresh), B zero, the head
+        as loaded. Every draw is seeded from the public config, so the server can
+        measure a change to a tensor it never sent against it."""
+        return self.assemble(cid, ClientState(), {}, round_idx)
+
+    def global_adapter(self, shared: Tensors) -> Tensors:
+        return {**self.shared_init, **shared}
+
+    def initial_server_state(self) -> Tensors:
+        """What the server holds before round 1: the shared parts of the common init
+        (without A when every client draws its own A)."""
+        parts = set(self.method.shared - self.method.fixed - self.method.fresh)
+        if self.cfg.a_init == "independent":
+            parts.discard(Part.A)
+        return {n: self.shared_init[n].clone() for n in self.layout.names(parts)}

@@ -1,0 +1,129 @@
+"""Client pools: how the round loop reaches its clients.
+
+The loop (:class:`sfedlora.simulation.Simulation`) talks to clients only through a
+:class:`ClientPool`: train these clients on these downloads, score these adapters,
+hand over these adapters (as tensors or as PEFT files), and keep or restore the
+clients' state. :class:`InProcessPool` runs every client in this process on the one
+model; :class:`sfedlora.flower.pool.FlowerPool` sends messages to Flower SuperNodes.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from sfedlora.adapters import AdapterLayout
+from sfedlora.experiment import Experiment
+from sfedlora.records import ClientScores, ClientState, FitResult, Tensors
+
+
+@dataclass(frozen=True)
+class AdapterRequest:
+    """One adapter to score or hand over: client ``cid``'s (None: the global adapter),
+    built where client ``via`` lives from the shared state as that client would receive
+    it now and the method's extras it has not received yet."""
+
+    cid: int | None
+    via: int
+    shared: Tensors
+    extras: Tensors
+    global_part: bool = False  # also score on the global test set (and output norm)
+
+
+@dataclass(frozen=True)
+class PoolInfo:
+    """What the loop learns of the clients before round 1 (it builds no model)."""
+
+    layout: AdapterLayout
+    label_names: list[str]
+    base_path: str
+
+
+class ClientPool(Protocol):
+    def info(self) -> PoolInfo: ...
+
+    def fit(self, round_idx: int, downloads: dict[int, bytes]) -> dict[int, FitResult]:
+        """Each client's local round on its download; a client missing from the
+        result dropped out."""
+
+    def score(self, requests: list[AdapterRequest]) -> dict[int | None, ClientScores]:
+        """The task's scores of each requested adapter; missing: could not be scored."""
+
+    def adapters(self, requests: list[AdapterRequest]) -> dict[int | None, Tensors | None]:
+        ...
+
+    def export(self, requests: list[AdapterRequest]) -> dict[int | None, dict[str, bytes]]:
+        """Each adapter saved by PEFT (``save_pretrained``): file name -> bytes."""
+
+    def checkpointed(self, round_idx: int) -> None:
+        """The loop's state after ``round_idx`` is safely on disk."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def saved_files(model, tensors: Tensors, slots) -> dict[str, bytes]:
+    """``tensors`` loaded into the model and saved as a PEFT adapter, as file bytes.
+    Embeddings are never trained here; "auto" would look the base up online."""
+    slots.load(tensors)
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp, save_embedding_layers=False)
+        return {str(p.relative_to(tmp)): p.read_bytes()
+                for p in sorted(Path(tmp).rglob("*")) if p.is_file()}
+
+
+class InProcessPool:
+    """Every client in this process, taking turns on the one model of ``exp``."""
+
+    def __init__(self, exp: Experiment):
+        self.exp = exp
+        self.states = {cid: ClientState() for cid in range(exp.cfg.clients.num)}
+
+    def info(self) -> PoolInfo:
+        return PoolInfo(self.exp.worker.slots.layout, self.exp.data.label_names,
+                        self.exp.base_path)
+
+    def fit(self, round_idx: int, downloads: dict[int, bytes]) -> dict[int, FitResult]:
+        worker = self.exp.worker
+        return {cid: worker.fit(cid, self.states[cid], download, self.exp.client_train[cid],
+                                round_idx)
+                for cid, download in downloads.items()}
+
+    def _adapter(self, req: AdapterRequest) -> tuple[Tensors, dict[str, list[float]]]:
+        worker = self.exp.worker
+        worker.hooks.receive(req.extras)
+        if req.cid is None:
+            return worker.inits.global_adapter(req.shared), {}
+        holdout = self.exp.client_holdout[req.cid] if self.exp.client_holdout else None
+        return worker.scored_adapter(req.cid, self.states[req.cid], req.shared, holdout)
+
+    def score(self, requests: list[AdapterRequest]) -> dict[int | None, ClientScores]:
+        out = {}
+        for req in requests:
+            tensors, extras = self._adapter(req)
+            scores = self.exp.task.score(self.exp, tensors, req.cid, req.global_part)
+            out[req.cid] = ClientScores(scores.values, extras, scores.samples)
+        return out
+
+    def adapters(self, requests: list[AdapterRequest]) -> dict[int | None, Tensors | None]:
+        return {req.cid: self._adapter(req)[0] for req in requests}
+
+    def export(self, requests: list[AdapterRequest]) -> dict[int | None, dict[str, bytes]]:
+        worker = self.exp.worker
+        return {req.cid: saved_files(worker.model, self._adapter(req)[0], worker.slots)
+                for req in requests}
+
+    def checkpointed(self, round_idx: int) -> None:
+        pass  # the checkpoint holds every client's state
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"clients": self.states, "shared": dict(self.exp.worker.shared_store.items)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        clients = state.get("clients", {})
+        self.states = {cid: clients.get(cid, ClientState())
+                       for cid in range(self.exp.cfg.clients.num)}
+        self.exp.worker.shared_store.items.update(state.get("shared", {}))

@@ -1,0 +1,91 @@
+"""The task interface (see :mod:`sfedlora.tasks`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+from sfedlora.records import ClientScores, Tensors
+
+if TYPE_CHECKING:
+    from sfedlora.config import DataConfig, ExperimentConfig
+    from sfedlora.experiment import Experiment
+    from sfedlora.worker import Worker
+
+
+@dataclass
+class ClientSets:
+    """Every client's encoded sets (lists indexed by client id) and the global test set."""
+
+    train: list[Any]
+    test: list[Any]
+    val: list[Any]  # empty sets without data.validation_fraction
+    global_test: Any
+
+
+class Task:
+    name: ClassVar[str]
+    default_model: ClassVar[str]  # the offline default base model
+    peft_task_type: ClassVar[str]  # PEFT's TaskType
+
+    def check_config(self, cfg: ExperimentConfig) -> None:
+        """Refuse settings this task cannot run with (``ValueError`` naming the fix)."""
+
+    # --- data and model --------------------------------------------------------------
+
+    def load_pools(self, cfg: DataConfig) -> tuple[Any, Any | None, list[str]]:
+        """The training pool, the global test pool where the source has one, and the
+        names of what clients are partitioned by (labels, metadata groups)."""
+        raise NotImplementedError
+
+    def partition_labels(self, pool) -> np.ndarray:
+        """Per example of a pool, the id clients are partitioned by."""
+        raise NotImplementedError
+
+    def load_base_model(self, path: str, cfg: ExperimentConfig, label_names: list[str]):
+        raise NotImplementedError
+
+    def default_targets(self, model_type: str) -> list[str] | None:
+        """LoRA targets for an architecture; None: PEFT's per-architecture default."""
+        return None
+
+    def encode(self, cfg: ExperimentConfig, tokenizer, data) -> ClientSets:
+        raise NotImplementedError
+
+    def collator(self, tokenizer):
+        """``collate(encoded, indices) -> batch`` with ``labels`` for the model's loss."""
+        raise NotImplementedError
+
+    # --- evaluation --------------------------------------------------------------------
+
+    def score(self, exp: Experiment, tensors: Tensors, cid: int | None,
+              global_part: bool) -> ClientScores:
+        """Client ``cid``'s adapter on its own test (and validation) part; with
+        ``global_part`` also on the global test set and its output norm. The global
+        adapter is scored with ``cid=None``. Runs where the adapter lives."""
+        raise NotImplementedError
+
+    def combine(self, clients: Sequence[ClientScores], global_: ClientScores | None
+                ) -> tuple[dict, list[dict]]:
+        """The round's metrics from every scored client (client-id order) and the
+        global adapter's scores where the method has one; and the samples to log."""
+        raise NotImplementedError
+
+    def holdout_loss(self, worker: Worker, tensors: Tensors, data) -> float:
+        """Mean loss of an adapter on a held-out set (a method's own search)."""
+        raise NotImplementedError
+
+
+def validation_metrics(losses: list[float], accuracies: list[float] | None = None) -> dict:
+    """Mean (and spread over clients) of the clients' validation figures: what
+    learning rates are chosen on. Empty without a validation split."""
+    if not losses:
+        return {}
+    out = {"personalized_val_loss": float(np.mean(losses)),
+           "personalized_val_loss_std": float(np.std(losses))}
+    if accuracies:
+        out["personalized_val_accuracy"] = float(np.mean(accuracies))
+    return out
