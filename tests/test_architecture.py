@@ -64,3 +64,19 @@ def test_tensorboard_reads_every_metric_of_every_round(tiny_config, tmp_path):
         assert sorted(got) == sorted(by_round) == [1, 2, 3], name
         for step, value in by_round.items():  # TensorBoard stores float32
             assert got[step] == float(np.float32(value)), (name, step)
+
+
+def test_a_layout_round_trips_with_its_draw_order(tiny_lm_config):
+    """A model-less server draws its inits from a layout it received: the same names,
+    shapes and order, so the same values (Llama's q/k/v/o order is not alphabetical)."""
+    import torch
+
+    from sfedlora.adapters import AdapterLayout
+    from sfedlora.experiment import build_experiment
+
+    slots = build_experiment(tiny_lm_config("method=fedit")).worker.slots
+    back, meta = AdapterLayout.decode(slots.layout.encode({"base_path": "x"}))
+    assert list(back.spec) == list(slots.layout.spec) and meta == {"base_path": "x"}
+    assert list(back.spec) != sorted(back.spec)  # the case the order matters for
+    ours, theirs = slots.initial_state(7), back.initial_state(7)
+    assert all(torch.equal(ours[n], theirs[n]) for n in ours)

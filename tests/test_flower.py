@@ -26,19 +26,21 @@ def _assert_same_run(local: list[dict], flower: list[dict]) -> None:
         assert set(a) == set(b), set(a) ^ set(b)
         for key, value in a.items():
             if isinstance(value, float):
-                assert math.isclose(value, b[key], rel_tol=0, abs_tol=1e-5), (key, a, b)
+                # perplexity = exp(loss): 1e-5 on the loss is 1e-5 relative on it
+                rel = 1e-5 if "perplexity" in key else 0
+                assert math.isclose(value, b[key], rel_tol=rel, abs_tol=1e-5), (key, a, b)
             else:
                 assert value == b[key], key
         assert "dropped" not in b and "unscored" not in b
 
 
 CASES = {  # name: (config factory fixture, overrides)
-    "sfed": ("tiny_config", ["method=sfed"]),
-    "fedit": ("tiny_config", ["method=fedit"]),
+    "sfed": ("tiny_config", ["method=sfed", "rounds=2"]),
+    "fedit": ("tiny_config", ["method=fedit", "rounds=2"]),
     # mixed ranks and partial participation: nodes that missed rounds catch up on merges
-    "flora": ("tiny_config", ["method=flora", "lora.client_ranks=[2,4,8]",
-                              "clients.per_round=2"]),
-    "causal-lm": ("tiny_lm_config", ["method=fedsa", "eval.generate=2"]),
+    "flora": ("tiny_config", ["method=flora", "lora.client_ranks=[1,2,4]",
+                              "clients.per_round=2", "rounds=3"]),
+    "causal-lm": ("tiny_lm_config", ["method=fedsa", "eval.generate=2", "rounds=2"]),
 }
 
 
@@ -49,7 +51,7 @@ def test_flower_simulation_equals_in_process(case, request, tmp_path, monkeypatc
     fixture, overrides = CASES[case]
     make = request.getfixturevalue(fixture)
     monkeypatch.setenv("SFEDLORA_STATE_DIR", str(tmp_path / "state"))
-    cfg = make(*overrides, "clients.num=3", "rounds=3", "eval.every=1",
+    cfg = make(*overrides, "clients.num=3", "eval.every=1",
                "checkpoint.every=0", f"output_dir={tmp_path / 'local'}")
     config_file = tmp_path / "config.yaml"
     config_file.write_text(to_yaml(cfg))
@@ -110,7 +112,7 @@ def test_a_killed_flower_run_resumes_to_the_uninterrupted_result(tiny_config, tm
     from sfedlora.flower.simulation import run_simulation
 
     monkeypatch.setenv("SFEDLORA_STATE_DIR", str(tmp_path / "state"))
-    cfg = tiny_config("method=sfed", "clients.num=3", "clients.per_round=2", "rounds=6",
+    cfg = tiny_config("method=sfed", "clients.num=3", "clients.per_round=2", "rounds=4",
                       "eval.every=1", "checkpoint.every=1")
     config_file = tmp_path / "config.yaml"
     config_file.write_text(to_yaml(cfg))
@@ -129,7 +131,7 @@ def test_a_killed_flower_run_resumes_to_the_uninterrupted_result(tiny_config, tm
                 saved = load_checkpoint(killed / "checkpoint.safetensors").round
     finally:
         _kill_tree(proc.pid)
-    assert 2 <= saved < 6 and not (killed / "summary.json").exists(), saved
+    assert 2 <= saved < 4 and not (killed / "summary.json").exists(), saved
 
     resumed = subprocess.run([sys.executable, "-m", "sfedlora", "flower-sim", "--resume",
                               str(killed), "--workers", "2"], capture_output=True, text=True,

@@ -9,11 +9,13 @@ head starts from; every seeded init is drawn from it alone.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable
 from typing import NamedTuple
 
 import torch
+from safetensors.torch import save
 
 from sfedlora import wire
 from sfedlora.methods import Part, part_of
@@ -55,16 +57,21 @@ class AdapterLayout:
         return state
 
     def encode(self, meta: dict | None = None) -> bytes:
-        """As safetensors: the loaded values, the spec in the metadata."""
-        spec = {n: [list(s.shape), str(s.dtype).removeprefix("torch.")]
-                for n, s in self.spec.items()}
-        return wire.encode(self.loaded, {"spec": spec, **(meta or {})})
+        """As safetensors: the loaded values, the spec (and ``meta``) in the metadata.
+        Written even with no loaded values (a causal LM has no head), unlike a
+        message, whose empty form is zero bytes."""
+        # a list, not a mapping: the order of the tensors is the order of the draws
+        spec = [[n, list(s.shape), str(s.dtype).removeprefix("torch.")]
+                for n, s in self.spec.items()]
+        doc = json.dumps({"spec": spec, **(meta or {})}, sort_keys=True)
+        return save({n: t.contiguous() for n, t in self.loaded.items()},
+                    metadata={"sfedlora": doc})
 
     @classmethod
     def decode(cls, data: bytes) -> tuple[AdapterLayout, dict]:
         meta = dict(wire.read_meta(data))
         spec = {n: TensorSpec(tuple(shape), getattr(torch, dtype))
-                for n, (shape, dtype) in meta.pop("spec").items()}
+                for n, shape, dtype in meta.pop("spec")}
         return cls(spec, wire.decode(data)), meta
 
 

@@ -38,6 +38,18 @@ def as_run_config(config_file: str | None, overrides: list[str]) -> dict[str, st
     return {CONFIG_FILE_KEY: config_file or "", OVERRIDES_KEY: shlex.join(overrides)}
 
 
+def check_resumable(run_dir, overrides: list[str] = ()) -> None:
+    """Refuse, before any process starts, a run directory without a checkpoint or
+    overrides that would change its results."""
+    from pathlib import Path
+
+    from sfedlora.checkpoint import FILENAME, load_checkpoint
+    from sfedlora.simulation import resume_config
+
+    run_dir = Path(run_dir)
+    resume_config(run_dir, load_checkpoint(run_dir / FILENAME), overrides)
+
+
 def resume_run_config(run_dir: str, overrides: list[str] = ()) -> dict[str, str]:
     """The run config that continues the run in ``run_dir``: its saved config (so the
     nodes build the same experiment) and the ``resume`` key for the ServerApp."""

@@ -32,7 +32,7 @@ import httpx
 import psutil
 
 from sfedlora.config import load_config
-from sfedlora.flower.config import as_run_config, resume_run_config
+from sfedlora.flower.config import as_run_config, check_resumable, resume_run_config
 from sfedlora.flower.credentials import NodeKey, make_node_key, make_tls
 from sfedlora.flower.simulation import QUIET_ENV
 
@@ -306,7 +306,7 @@ def deploy_local(config_file: str | None, overrides: list[str], nodes: int, *,
     overrides = [*overrides, f"clients.num={nodes}"]
     if resume:
         run_dir = Path(resume).resolve()
-        load_config(run_dir / "config.yaml", overrides)  # refuse a bad config first
+        check_resumable(run_dir, overrides)  # refuse before starting anything
         run_config = resume_run_config(str(run_dir), overrides)
     else:
         cfg = load_config(config_file, overrides)  # refuse a bad config before starting

@@ -5,7 +5,12 @@ from __future__ import annotations
 import os
 
 from sfedlora.flower import client_app, server_app
-from sfedlora.flower.config import as_run_config, experiment_config, resume_run_config
+from sfedlora.flower.config import (
+    as_run_config,
+    check_resumable,
+    experiment_config,
+    resume_run_config,
+)
 
 # Offline and quiet: no telemetry, no Ray dashboard or usage report.
 QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "RAY_USAGE_STATS_ENABLED": "0",
@@ -22,6 +27,8 @@ def run_simulation(config_file: str | None, overrides: list[str],
     from flwr.simulation import run_simulation as flwr_run_simulation
 
     os.environ.update(QUIET_ENV)
+    if resume:
+        check_resumable(resume, overrides)
     run_config = (resume_run_config(resume, overrides) if resume
                   else as_run_config(config_file, overrides))
     cfg = experiment_config(run_config)
