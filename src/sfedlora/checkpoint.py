@@ -94,7 +94,12 @@ def save_checkpoint(path: Path, ckpt: Checkpoint) -> None:
     save_file(tensors, str(tmp), metadata={"sfedlora": json.dumps(doc)})
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    os.replace(tmp, path)  # the previous checkpoint stays until here
+    directory = os.open(path.parent, os.O_RDONLY)  # and the rename itself reaches disk
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def load_checkpoint(path: Path) -> Checkpoint:

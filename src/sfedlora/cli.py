@@ -14,6 +14,7 @@ from pathlib import Path
 from sfedlora.checkpoint import CheckpointError
 from sfedlora.config import ConfigError, load_config, to_yaml
 from sfedlora.records import Metric
+from sfedlora.results import refuse_occupied
 
 
 def _quiet_libraries() -> None:
@@ -86,12 +87,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.resume:
         sim = Simulation.resume(args.resume, _resume_overrides(args))
     else:
-        sim = Simulation(load_config(*_split_config_arg(args)))
+        cfg = load_config(*_split_config_arg(args))
+        if cfg.output_dir is not None:  # refuse before the model loads
+            refuse_occupied(Path(cfg.output_dir), args.overwrite)
+        sim = Simulation(cfg)
     cfg = sim.cfg
     # Schedulers (SLURM, Kubernetes) stop jobs with SIGTERM: checkpoint as on Ctrl-C.
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        summary = sim.run()
+        summary = sim.run(overwrite=args.overwrite)
     except KeyboardInterrupt:
         print(f"interrupted; continue with: sfedlora run --resume {cfg.output_dir}",
               file=sys.stderr)
@@ -148,7 +152,7 @@ def cmd_flower_sim(args: argparse.Namespace) -> int:
                        resume=args.resume)
     else:
         config, overrides = _split_config_arg(args)
-        run_simulation(config, overrides, workers=args.workers)
+        run_simulation(config, overrides, workers=args.workers, overwrite=args.overwrite)
     return 0
 
 
@@ -162,7 +166,7 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
                          else _split_config_arg(args))
     try:
         run_dir = deploy_local(config, overrides, args.nodes, timeout=args.timeout,
-                               resume=args.resume)
+                               resume=args.resume, overwrite=args.overwrite)
     except DeploymentError as exc:
         print(f"sfedlora: {exc}", file=sys.stderr)
         return 1
@@ -204,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     run.add_argument("--resume", metavar="RUN_DIR",
                      help="continue the run in RUN_DIR from its last checkpoint")
+    run.add_argument("--overwrite", action="store_true", help="replace the run that "
+                     "output_dir holds (without it, such a directory is refused)")
     run.set_defaults(func=cmd_run)
     show = sub.add_parser("config", help="print the resolved config (validated) and exit")
     show.add_argument("config", nargs="?", help="YAML config (default: the offline main job)")
@@ -227,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: one per CPU core)")
     flower.add_argument("--resume", metavar="RUN_DIR", help="continue the Flower run in "
                         "RUN_DIR from its last checkpoint (nodes read their state dirs)")
+    flower.add_argument("--overwrite", action="store_true",
+                        help="replace the run that output_dir holds")
     flower.set_defaults(func=cmd_flower_sim)
     deploy = sub.add_parser(
         "deploy-local", help="run one experiment on Flower's deployment engine on this "
@@ -240,13 +248,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "this many seconds (default: wait for the run)")
     deploy.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR "
                         "from its last checkpoint")
+    deploy.add_argument("--overwrite", action="store_true",
+                        help="replace the run that output_dir holds")
     deploy.set_defaults(func=cmd_deploy_local)
 
     plot = sub.add_parser("plot", help="draw a metric of runs against rounds or bytes")
     plot.add_argument("runs", nargs="*", help="run directories")
     plot.add_argument("--sweep", help="a sweep directory: write the scaling-study figures "
                       "to SWEEP/figures/")
-    plot.add_argument("--x", choices=["round", "bytes"], default="round")
+    plot.add_argument("--x", choices=["round", "bytes", "simulated_seconds"],
+                      default="round", help="simulated_seconds: runs with "
+                      "network.model=wireless")
     plot.add_argument("--y", default="personalized_accuracy", help="metric to draw")
     plot.add_argument("--labels", nargs="+", help="one legend label per run")
     plot.add_argument("--title")

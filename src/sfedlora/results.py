@@ -3,12 +3,21 @@ summary, PEFT adapters.
 
 ``metrics.jsonl`` holds only deterministic values (bit-identical for the same config
 and seed); wall-clock seconds go to ``timings.jsonl`` for that reason.
+
+A run never destroys another: a new run refuses a directory that holds one (unless
+told to overwrite it), a lock keeps a second process out of a directory being written,
+and without ``output_dir`` every run gets a new timestamped directory under ``runs/``,
+with ``runs/latest`` pointing at the newest.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import os
+import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -16,25 +25,112 @@ from safetensors.torch import load_file, save_file
 
 from sfedlora.checkpoint import FILENAME as CHECKPOINT_FILE
 from sfedlora.checkpoint import Checkpoint, save_checkpoint
-from sfedlora.config import ExperimentConfig, to_yaml
+from sfedlora.config import ConfigError, ExperimentConfig, to_yaml
 from sfedlora.records import SUMMARY_METRICS
 from sfedlora.tracking import MetricWriter, TensorBoardWriter
 
 log = logging.getLogger(__name__)
+
+RUNS_ROOT = Path("runs")  # where runs without an output_dir go
+LATEST = "latest"
+LOCK_FILE = ".lock"
+# what a run writes: a directory holding any of these holds a run
+RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", CHECKPOINT_FILE, "summary.json",
+               "timings.jsonl", "labels.json", "run.log", "adapters", "samples",
+               "tensorboard")
+
+
+def new_run_path(method: str, root: Path = RUNS_ROOT) -> Path:
+    """A directory name no run has used: ``root/<UTC time>-<method>[-k]``."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    path, k = root / f"{stamp}-{method}", 1
+    while path.exists():
+        k += 1
+        path = root / f"{stamp}-{method}-{k}"
+    return path
+
+
+def resolve_output_dir(cfg: ExperimentConfig) -> Path:
+    """The config's ``output_dir``, or a new timestamped one (then written into the
+    config, so its ``config.yaml`` and a resume name the real directory)."""
+    if cfg.output_dir is None:
+        cfg.output_dir = str(new_run_path(cfg.method))
+    return Path(cfg.output_dir)
+
+
+def point_latest(path: Path, root: Path = RUNS_ROOT) -> None:
+    """Make ``root/latest`` a symlink to ``path`` (a directory of ``root``), replacing
+    an older link atomically; a real directory of that name is left alone."""
+    link = root / LATEST
+    if link.exists() and not link.is_symlink():
+        log.warning("%s is a directory, not a link; not pointing it at %s", link, path)
+        return
+    tmp = root / f".{LATEST}.{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(Path(path).resolve())
+    os.replace(tmp, link)
+
+
+def run_outputs(path: Path) -> list[str]:
+    """The files of a run that ``path`` holds (empty: free for a new run)."""
+    return [name for name in RUN_OUTPUTS if (Path(path) / name).exists()]
+
+
+def refuse_occupied(path: Path, overwrite: bool = False) -> None:
+    """Raise :class:`ConfigError` when ``path`` holds a run and ``overwrite`` is off,
+    naming what is there and how to continue or replace it."""
+    found = run_outputs(path)
+    if not found or overwrite:
+        return
+    resume = (f"continue it with --resume {path}, " if CHECKPOINT_FILE in found else "")
+    raise ConfigError(
+        f"output_dir={str(path)!r} holds another run ({', '.join(found)}); {resume}pass "
+        "--overwrite to replace it, or set another output_dir (or none: a new directory "
+        "under runs/)")
 
 
 class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._log_handler: logging.Handler | None = None
+        self._lock: int | None = None
         self.writers: list[MetricWriter] = []
 
-    def start(self, cfg: ExperimentConfig, label_names: list[str],
-              resume_after: int | None = None, metrics: list[str] = ()) -> None:
-        """Prepare the directory. On resume, ``metrics.jsonl`` is rewritten from the
-        checkpoint's copy and timing lines after the checkpoint's round are dropped
-        (those rounds run again)."""
+    def _acquire(self) -> None:
+        """An exclusive lock on the directory for this process, released when the run
+        closes or the process dies (``flock``), so a crashed run never blocks a resume."""
         self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise ConfigError(f"another process (pid {holder}) is writing the run in "
+                              f"{self.path}; wait for it to finish or stop it") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock = fd
+
+    def start(self, cfg: ExperimentConfig, label_names: list[str],
+              resume_after: int | None = None, metrics: list[str] = (),
+              overwrite: bool = False) -> None:
+        """Prepare the directory: lock it, and for a new run refuse one that holds
+        another run (``overwrite``: delete that run's files first). On resume,
+        ``metrics.jsonl`` is rewritten from the checkpoint's copy and timing lines
+        after the checkpoint's round are dropped (those rounds run again)."""
+        self._acquire()
+        if resume_after is None:
+            try:
+                refuse_occupied(self.path, overwrite)
+            except ConfigError:
+                self.close()
+                raise
+            for name in run_outputs(self.path):
+                target = self.path / name
+                shutil.rmtree(target) if target.is_dir() else target.unlink()
+            if self.path.parent.resolve() == RUNS_ROOT.resolve():
+                point_latest(self.path)
         if resume_after is None:
             (self.path / "config.yaml").write_text(to_yaml(cfg))
             (self.path / "timings.jsonl").write_text("")
@@ -138,6 +234,10 @@ class RunDir:
         for writer in self.writers:
             writer.close()
         self.writers = []
+        if self._lock is not None:
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            os.close(self._lock)
+            self._lock = None
         if self._log_handler is not None:
             logging.getLogger("sfedlora").removeHandler(self._log_handler)
             self._log_handler.close()

@@ -132,8 +132,8 @@ def run_sweep(config: str | None, grid: dict[str, list], out: Path,
             on_start(run.name)
         if (run_dir / "checkpoint.safetensors").is_file():
             Simulation.resume(run_dir, ["progress=false"]).run()
-        else:
-            Simulation(configs[run.name]).run()
+        else:  # this sweep's own run (same experiment, checked above), cut short
+            Simulation(configs[run.name]).run(overwrite=True)
     if not all((out / "runs" / run.name / "summary.json").is_file() for run in runs):
         return False  # other shards are still running; the last one writes the tables
     write_tables(out, runs, grid_keys(grid))

@@ -18,6 +18,7 @@ from sfedlora.config import ExperimentConfig, load_config
 CONFIG_FILE_KEY = "config-file"
 OVERRIDES_KEY = "overrides"
 RESUME_KEY = "resume"  # a run directory to continue from its checkpoint
+OVERWRITE_KEY = "overwrite"  # replace the run that output_dir holds
 
 
 def experiment_config(run_config: Mapping[str, object]) -> ExperimentConfig:
@@ -28,7 +29,7 @@ def experiment_config(run_config: Mapping[str, object]) -> ExperimentConfig:
     overrides = shlex.split(str(run_config.get(OVERRIDES_KEY) or ""))
     overrides += [f"{k}={v if isinstance(v, str) else json.dumps(v)}"
                   for k, v in sorted(run_config.items())
-                  if k not in (CONFIG_FILE_KEY, OVERRIDES_KEY, RESUME_KEY)]
+                  if k not in (CONFIG_FILE_KEY, OVERRIDES_KEY, RESUME_KEY, OVERWRITE_KEY)]
     return load_config(str(path) if path else None, [*overrides, "progress=false"])
 
 

@@ -32,9 +32,15 @@ import httpx
 import psutil
 
 from sfedlora.config import load_config
-from sfedlora.flower.config import as_run_config, check_resumable, resume_run_config
+from sfedlora.flower.config import (
+    OVERWRITE_KEY,
+    as_run_config,
+    check_resumable,
+    resume_run_config,
+)
 from sfedlora.flower.credentials import NodeKey, make_node_key, make_tls
 from sfedlora.flower.simulation import QUIET_ENV
+from sfedlora.results import refuse_occupied, resolve_output_dir
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +67,8 @@ clientapp = "sfedlora.flower.client_app:app"
 [tool.flwr.app.config]
 config-file = ""
 overrides = ""
+resume = ""
+overwrite = false
 """
 
 
@@ -247,7 +255,7 @@ class LocalDeployment:
 
     # --- runs -----------------------------------------------------------------------
 
-    def submit(self, run_config: dict[str, str]) -> int:
+    def submit(self, run_config: dict[str, str | bool]) -> int:
         """Start the sfedlora app with this run config; its run id."""
         app = write_app(self.workdir / "app")
         config = self.workdir / "run-config.toml"
@@ -299,7 +307,8 @@ def _terminate_as_interrupt(signum, frame) -> None:
 
 
 def deploy_local(config_file: str | None, overrides: list[str], nodes: int, *,
-                 timeout: float | None = None, resume: str | None = None) -> Path:
+                 timeout: float | None = None, resume: str | None = None,
+                 overwrite: bool = False) -> Path:
     """Run one experiment on a loopback deployment with ``nodes`` SuperNodes (one per
     client); the run directory, with the processes' logs under ``deploy/``. ``resume``
     (a run directory) continues that run from its checkpoint."""
@@ -310,10 +319,12 @@ def deploy_local(config_file: str | None, overrides: list[str], nodes: int, *,
         run_config = resume_run_config(str(run_dir), overrides)
     else:
         cfg = load_config(config_file, overrides)  # refuse a bad config before starting
-        run_dir = Path(cfg.output_dir).resolve()
+        run_dir = resolve_output_dir(cfg).resolve()
+        refuse_occupied(run_dir, overwrite)
         overrides.append(f"output_dir={run_dir}")
         run_config = as_run_config(str(Path(config_file).resolve()) if config_file else None,
                                    overrides)
+        run_config[OVERWRITE_KEY] = overwrite
     previous = signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     try:
         with tempfile.TemporaryDirectory(prefix="sfedlora-deploy-") as work:

@@ -14,7 +14,7 @@ import logging
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from sfedlora.flower.config import RESUME_KEY, experiment_config
+from sfedlora.flower.config import OVERWRITE_KEY, RESUME_KEY, experiment_config
 from sfedlora.flower.pool import FlowerPool
 from sfedlora.simulation import Simulation
 
@@ -29,7 +29,7 @@ def main(grid: Grid, context: Context, defaults: dict) -> None:
         log.info("Flower: resuming %s after round %d", resume, sim.done_rounds)
     else:
         sim = Simulation(cfg, FlowerPool(cfg, grid))
-    summary = sim.run()
+    summary = sim.run(overwrite=bool(run_config.get(OVERWRITE_KEY)))
     log.info("Flower run finished in %s: %s", sim.cfg.output_dir, {
         k: summary.get(k) for k in ("personalized_accuracy", "global_accuracy")})
 

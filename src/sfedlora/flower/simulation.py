@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from sfedlora.flower import client_app, server_app
 from sfedlora.flower.config import (
+    OVERWRITE_KEY,
     as_run_config,
     check_resumable,
     experiment_config,
     resume_run_config,
 )
+from sfedlora.results import refuse_occupied
 
 # Offline and quiet: no telemetry, no Ray dashboard or usage report.
 QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "RAY_USAGE_STATS_ENABLED": "0",
@@ -18,7 +21,8 @@ QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "RAY_USAGE_STATS_ENABLED": "0",
 
 
 def run_simulation(config_file: str | None, overrides: list[str],
-                   workers: int | None = None, resume: str | None = None) -> None:
+                   workers: int | None = None, resume: str | None = None,
+                   overwrite: bool = False) -> None:
     """Run the experiment on Flower's simulation engine with ``clients.num`` virtual
     SuperNodes and ``workers`` worker processes (one CPU each; default: all cores),
     each holding one model. Results go to the config's ``output_dir``. ``resume`` (a
@@ -29,8 +33,13 @@ def run_simulation(config_file: str | None, overrides: list[str],
     os.environ.update(QUIET_ENV)
     if resume:
         check_resumable(resume, overrides)
-    run_config = (resume_run_config(resume, overrides) if resume
-                  else as_run_config(config_file, overrides))
+        run_config = resume_run_config(resume, overrides)
+    else:
+        run_config = as_run_config(config_file, overrides)
+        cfg = experiment_config(run_config)
+        if cfg.output_dir is not None:  # refuse before Ray starts
+            refuse_occupied(Path(cfg.output_dir), overwrite)
+        run_config[OVERWRITE_KEY] = overwrite
     cfg = experiment_config(run_config)
     workers = workers or os.cpu_count() or 1
     flwr_run_simulation(
