@@ -10,8 +10,10 @@ from pathlib import Path
 
 from sfedlora.records import Metric
 
-X_AXES = {"round": "round", "bytes": Metric.BYTES_TOTAL}
-X_LABELS = {"round": "round", "bytes": "cumulative bytes sent (up + down, all clients)"}
+X_AXES = {"round": "round", "bytes": Metric.BYTES_TOTAL,
+          "simulated_seconds": Metric.SIMULATED_SECONDS}
+X_LABELS = {"round": "round", "bytes": "cumulative bytes sent (up + down, all clients)",
+            "simulated_seconds": "simulated time (s, network.model=wireless)"}
 
 log = logging.getLogger(__name__)
 

@@ -39,6 +39,7 @@ class PoolInfo:
     layout: AdapterLayout
     label_names: list[str]
     base_path: str
+    base_params: int = 0  # parameters of the frozen base model
 
 
 class ClientPool(Protocol):
@@ -84,7 +85,7 @@ class InProcessPool:
 
     def info(self) -> PoolInfo:
         return PoolInfo(self.exp.worker.slots.layout, self.exp.data.label_names,
-                        self.exp.base_path)
+                        self.exp.base_path, self.exp.worker.base_params)
 
     def fit(self, round_idx: int, downloads: dict[int, bytes]) -> dict[int, FitResult]:
         worker = self.exp.worker

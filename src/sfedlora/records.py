@@ -34,6 +34,7 @@ class FitResult:
     grad_norm_A: float | None
     grad_norm_B: float | None
     steps: int
+    tokens: int = 0  # token positions the local steps processed (for compute time)
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,15 @@ class Metric(StrEnum):
     BYTES_TOTAL = "bytes_total"
     BYTES_UP_TOTAL_PER_CLIENT = "bytes_up_total_per_client"
     BYTES_DOWN_TOTAL_PER_CLIENT = "bytes_down_total_per_client"
+    # network.model=wireless (sfedlora.network)
+    BANDWIDTH_HZ_PER_CLIENT = "bandwidth_hz_per_client"
+    RATE_BPS_PER_CLIENT = "rate_bps_per_client"
+    UPLOAD_SECONDS_PER_CLIENT = "upload_seconds_per_client"
+    COMPUTE_SECONDS_PER_CLIENT = "compute_seconds_per_client"
+    DOWNLOAD_SECONDS_PER_CLIENT = "download_seconds_per_client"
+    ENERGY_JOULES_PER_CLIENT = "energy_joules_per_client"
+    LATENCY_SECONDS = "latency_seconds"
+    SIMULATED_SECONDS = "simulated_seconds"
     # evaluation, both tasks
     PERSONALIZED_ACCURACY = "personalized_accuracy"
     PERSONALIZED_LOSS = "personalized_loss"
@@ -153,5 +163,5 @@ SUMMARY_METRICS = (
     Metric.BYTES_UP_TOTAL, Metric.BYTES_DOWN_TOTAL, Metric.BYTES_TOTAL,
     Metric.BYTES_UP_TOTAL_PER_CLIENT, Metric.BYTES_DOWN_TOTAL_PER_CLIENT, Metric.DP_EPSILON,
     Metric.PERSONALIZED_PERPLEXITY, Metric.GLOBAL_PERPLEXITY, Metric.PERSONALIZED_EXACT_MATCH,
-    Metric.GLOBAL_EXACT_MATCH,
+    Metric.GLOBAL_EXACT_MATCH, Metric.SIMULATED_SECONDS,
 )

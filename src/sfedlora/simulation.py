@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,10 +26,11 @@ from sfedlora.config import ConfigError, ExperimentConfig, load_config
 from sfedlora.evaluation import Evaluator
 from sfedlora.inits import AdapterInits
 from sfedlora.methods import Part, get_method, part_of
+from sfedlora.network import build_network
 from sfedlora.pool import ClientPool, InProcessPool
 from sfedlora.privacy import GaussianMechanism
 from sfedlora.records import Metric, Tensors, mean_or_none
-from sfedlora.results import RunDir
+from sfedlora.results import RunDir, resolve_output_dir
 from sfedlora.sampling import sample_clients
 from sfedlora.server import Reply, Server
 from sfedlora.tasks import get_task
@@ -71,12 +71,12 @@ class Simulation:
                              client_start=self.inits.drawn_start,
                              hooks=self.method.server_hooks(cfg))
         self.bytes = ByteCounter(cfg.clients.num)
+        self.network = build_network(cfg.network, cfg.seed, cfg.clients.num,
+                                     self.info.base_params)
         self.evaluator = Evaluator(cfg.clients.num, self.task, self.method, self.server, pool)
         self.done_rounds = 0
         self.prior_seconds = 0.0
         self.restored_metrics: list[str] = []
-        # names this run's client state on Flower nodes; kept by checkpoints
-        self.run_key = uuid.uuid4().hex[:16]
 
     # --- one round ------------------------------------------------------------------
 
@@ -107,6 +107,10 @@ class Simulation:
                                 {c: len(d) for c, d in downloads.items()}),
             Metric.NORM_A_MEAN: self.shared_a_norm(),
         }
+        if self.network is not None:
+            metrics |= self.network.price(round_idx, {c: len(fits[c].upload) for c in clients},
+                                          {c: len(downloads[c]) for c in clients},
+                                          {c: fits[c].tokens or 0 for c in clients})
         if dropped:
             metrics[Metric.DROPPED] = dropped
         if self.privacy is not None:
@@ -160,7 +164,7 @@ class Simulation:
         return Checkpoint(
             round=round_idx, server=self.server.state_dict(), pool=self.pool.state_dict(),
             totals={**self.bytes.state_dict(), "wall_seconds": wall_seconds,
-                    "run_key": self.run_key},
+                    **(self.network.state_dict() if self.network else {})},
             config=self.cfg.model_dump(mode="json"), metrics=metrics)
 
     def restore(self, ckpt: Checkpoint) -> None:
@@ -168,9 +172,10 @@ class Simulation:
         self.server.load_state_dict(ckpt.server)
         self.pool.load_state_dict(ckpt.pool)
         self.bytes.load_state_dict(ckpt.totals)
+        if self.network is not None:
+            self.network.load_state_dict(ckpt.totals)
         self.done_rounds = ckpt.round
         self.prior_seconds = float(ckpt.totals.get("wall_seconds", 0.0))
-        self.run_key = ckpt.totals.get("run_key", self.run_key)
         self.restored_metrics = ckpt.metrics
 
     def should_checkpoint(self, round_idx: int) -> bool:
@@ -184,14 +189,15 @@ class Simulation:
 
     # --- the whole run --------------------------------------------------------------
 
-    def run(self, run_dir: RunDir | None = None) -> dict:
+    def run(self, run_dir: RunDir | None = None, overwrite: bool = False) -> dict:
         """Run the remaining rounds (all of them, or those after a restored checkpoint),
-        writing metrics, checkpoints and finally the summary and adapters."""
+        writing metrics, checkpoints and finally the summary and adapters. A new run
+        refuses a directory that holds another run unless ``overwrite``."""
         cfg = self.cfg
-        run_dir = run_dir or RunDir(cfg.output_dir)
+        run_dir = run_dir or RunDir(resolve_output_dir(cfg))
         first = self.done_rounds + 1
         run_dir.start(cfg, self.info.label_names, resume_after=self.done_rounds or None,
-                      metrics=self.restored_metrics)
+                      metrics=self.restored_metrics, overwrite=overwrite)
         start = time.perf_counter() - self.prior_seconds
         last: dict = run_dir.last_metrics() or {}
         saved = self.done_rounds

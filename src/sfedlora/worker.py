@@ -49,6 +49,9 @@ class Worker:
         self.slots = AdapterSlots(model)
         self.spec = self.slots.spec()
         self.inits = AdapterInits(cfg, method, self.slots.layout)
+        # the frozen base's size, for the network model's compute time
+        self.base_params = sum(p.numel() for n, p in model.named_parameters()
+                               if n not in self.slots.params)
         self._lora_layers = [m for m in model.modules()
                              if isinstance(m, LoraLayer | VeraLayer)]
         # Tensors every client on this machine may read (the runtime may replace it:
@@ -134,7 +137,7 @@ class Worker:
         if local.keep_optimizer_state and state.optimizer is not None:
             optimizer.load_state_dict(state.optimizer)
         with self.hooks.training(cid):
-            losses, norms_a, norms_b = self._train(cid, optimizer, data, round_idx)
+            losses, norms_a, norms_b, tokens = self._train(cid, optimizer, data, round_idx)
 
         state.private = self.slots.snapshot(self.method.private)
         self.hooks.after_fit(cid, state, round_idx)
@@ -150,11 +153,13 @@ class Worker:
             grad_norm_A=mean_or_none(norms_a),
             grad_norm_B=mean_or_none(norms_b),
             steps=len(losses),
+            tokens=tokens,
         )
 
     def _train(self, cid: int, optimizer: torch.optim.Optimizer, data,
-               round_idx: int) -> tuple[list[float], list, list]:
-        """The local steps: losses and the gradient norms of A and B per step."""
+               round_idx: int) -> tuple[list[float], list, list, int]:
+        """The local steps: losses and the gradient norms of A and B per step, and the
+        token positions processed (padding included: the model computes them)."""
         cfg, local = self.cfg, self.cfg.local
         per_round = steps_per_round(len(data), local.batch_size, local.steps, local.epochs)
         total = per_round * cfg.rounds
@@ -166,13 +171,15 @@ class Worker:
         batches = train_batches(data, local.batch_size, local.steps, local.epochs,
                                 seeds.derive_seed(cfg.seed, seeds.BATCHES, round_idx, cid))
         self.model.train()
-        losses, norms_a, norms_b = [], [], []
+        losses, norms_a, norms_b, tokens = [], [], [], 0
         for k, idx in enumerate(batches):
             step = (round_idx - 1) * per_round + k
             factor = lr_factor(local.schedule, step, total)
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * factor
-            loss = self.model(**self.batch(data, idx)).loss
+            batch = self.batch(data, idx)
+            tokens += batch["input_ids"].numel()
+            loss = self.model(**batch).loss
             loss.backward()
             losses.append(loss.item())
             del loss  # release the step's graph before the next forward pass
@@ -182,7 +189,7 @@ class Worker:
                 torch.nn.utils.clip_grad_norm_(trainable, local.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        return losses, norms_a, norms_b
+        return losses, norms_a, norms_b, tokens
 
     def _truncate(self, tensors: dict[str, torch.Tensor], rank: int):
         return tensors if rank == self.cfg.lora.rank else truncate(tensors, rank)

@@ -27,6 +27,7 @@ from sfedlora.config.schema import (
     LocalConfig,
     LoraConfig,
     ModelConfig,
+    NetworkConfig,
     PersonalConfig,
     PrivacyConfig,
     ServerConfig,
@@ -35,6 +36,6 @@ from sfedlora.config.schema import (
 __all__ = [
     "CheckpointConfig", "ClientsConfig", "CodecConfig", "CommConfig", "ConfigError",
     "DataConfig", "EvalConfig", "ExperimentConfig", "FlowerConfig", "LocalConfig",
-    "LoraConfig", "ModelConfig", "PersonalConfig", "PrivacyConfig", "ServerConfig",
+    "LoraConfig", "ModelConfig", "NetworkConfig", "PersonalConfig", "PrivacyConfig", "ServerConfig",
     "apply_overrides", "load_config", "parse_value", "to_yaml", "validate",
 ]

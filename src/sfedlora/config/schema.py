@@ -237,6 +237,38 @@ class CheckpointConfig(_Section):
     every: int = Field(1, ge=0, description="write a checkpoint every k rounds; 0: only on Ctrl-C")
 
 
+class NetworkConfig(_Section):
+    """A simulated network that prices each round in seconds and joules
+    (:mod:`sfedlora.network`); ``model: none`` counts bytes only."""
+
+    model: Literal["none", "wireless"] = Field(
+        "none", description="none: bytes only; wireless: an FDMA uplink with path loss "
+        "and Rayleigh fading, a broadcast downlink, and local compute time")
+    bandwidth_hz: float = Field(20e6, gt=0, description="uplink band shared by a round's "
+                                "clients")
+    tx_power_dbm: float = Field(23.0, ge=-30, le=50, description="each client's transmit "
+                                "power")
+    noise_dbm_per_hz: float = Field(-174.0, description="noise power spectral density")
+    cell_radius_m: float = Field(500.0, gt=10, description="clients are placed uniformly "
+                                 "in a disc of this radius (at least 10 m from its centre)")
+    downlink_bps: float = Field(100e6, gt=0, description="broadcast downlink rate")
+    client_tflops: tuple[float, float] = Field(
+        (1.0, 10.0), description="[lo, hi]: each client's compute speed, drawn once, "
+        "uniformly")
+    allocation: Literal["equal", "min_max"] = Field(
+        "equal", description="equal: the band split evenly; min_max: the split that "
+        "equalises the clients' finish times (bisection)")
+
+    @field_validator("client_tflops")
+    @classmethod
+    def _speed_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        lo, hi = value
+        if not 0 < lo <= hi:
+            raise ValueError(f"network.client_tflops={list(value)}: give [lo, hi] with "
+                             "0 < lo <= hi, e.g. [1, 10]")
+        return value
+
+
 class FlowerConfig(_Section):
     """The Flower runtime (``sfedlora.flower``); ignored by the in-process simulator."""
 
@@ -265,7 +297,11 @@ class ExperimentConfig(_Section):
     privacy: PrivacyConfig = PrivacyConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     flower: FlowerConfig = FlowerConfig()
-    output_dir: str = "runs/latest"
+    network: NetworkConfig = NetworkConfig()
+    output_dir: str | None = Field(
+        None, description="where the run is written; None: a new directory "
+        "runs/<UTC time>-<method>, with runs/latest pointing at the newest. A directory "
+        "holding another run is refused (sfedlora run --overwrite replaces it)")
     progress: bool = True
 
     @field_validator("task")
@@ -345,6 +381,12 @@ class ExperimentConfig(_Section):
                 "privacy accounting assumes a mean of clipped updates; set server.aggregation=mean"
             )
         self._check_codecs(method)
+        net = self.network
+        changed = sorted(f"network.{k}" for k, info in NetworkConfig.model_fields.items()
+                         if k != "model" and getattr(net, k) != info.default)
+        if net.model == "none" and changed:  # a saved config spells out the defaults
+            raise ValueError(f"{', '.join(changed)} set with network.model=none, which "
+                             "counts bytes only; set network.model=wireless or remove them")
         get_task(self.task).check_config(self)
         method.check_config(self)
         return self

@@ -111,7 +111,8 @@ def query(msg: Message, context: Context, defaults: dict) -> Message:
     if what == messages.LAYOUT:
         exp = experiment(cfg)
         reply[messages.LAYOUT] = exp.worker.slots.layout.encode(
-            {"label_names": exp.data.label_names, "base_path": exp.base_path})
+            {"label_names": exp.data.label_names, "base_path": exp.base_path,
+             "base_params": exp.worker.base_params})
     elif what in (messages.ADAPTER, messages.EXPORT):
         exp, cid, node, request = _setup(msg, context, defaults)
         tensors, _ = _adapter(exp, cid, node, request)

@@ -17,7 +17,8 @@ WHAT, DESCRIBE, LAYOUT, ADAPTER, EXPORT, CLIENT = ("what", "describe", "layout",
                                                    "export", "client")
 GLOBAL, GLOBAL_PART, SAMPLES, FILE = "global", "global-part", "samples", "file:"
 
-_FIT_FIELDS = ("num_examples", "train_loss", "grad_norm_A", "grad_norm_B", "steps")
+_FIT_FIELDS = ("num_examples", "train_loss", "grad_norm_A", "grad_norm_B", "steps",
+               "tokens")
 
 
 def fit_metrics(fit: FitResult) -> dict[str, float | int]:

@@ -109,7 +109,8 @@ class FlowerPool:
             raise ConfigError(f"the node of client {min(self.nodes)} did not describe the "
                               "adapter; see its log")
         layout, meta = AdapterLayout.decode(reply.content[messages.REPLY][messages.LAYOUT])
-        return PoolInfo(layout, list(meta["label_names"]), str(meta["base_path"]))
+        return PoolInfo(layout, list(meta["label_names"]), str(meta["base_path"]),
+                        int(meta["base_params"]))
 
     def fit(self, round_idx: int, downloads: dict[int, bytes]) -> dict[int, FitResult]:
         self.round = round_idx
