@@ -67,7 +67,7 @@ def point_latest(path: Path, root: Path = RUNS_ROOT) -> None:
         return
     tmp = root / f".{LATEST}.{os.getpid()}"
     tmp.unlink(missing_ok=True)
-    tmp.symlink_to(Path(path).resolve())
+    tmp.symlink_to(Path(path).name)  # relative: the runs folder may move
     os.replace(tmp, link)
 
 
