@@ -21,9 +21,11 @@ GLOBAL_VIA = 0  # the client whose process scores and exports the global adapter
 
 class Evaluator:
     def __init__(self, num_clients: int, task: Task, method: Method, server: Server,
-                 pool: ClientPool):
+                 pool: ClientPool, scored: list[int] | None = None):
+        """``scored``: the clients scored at every evaluation (default: all)."""
         self.num_clients, self.task, self.method = num_clients, task, method
         self.server, self.pool = server, pool
+        self.scored = list(range(num_clients)) if scored is None else list(scored)
         self.samples: list[dict] = []  # generated answers of the last evaluation
         # the method's per-client values (FDLoRA's fusion weights), as last reported
         self.extras: dict[str, dict[str, list[float]]] = {}
@@ -44,8 +46,7 @@ class Evaluator:
 
     def evaluate(self) -> dict:
         has_global = self.method.has_global_adapter
-        requests = [self.client_request(c, global_part=not has_global)
-                    for c in range(self.num_clients)]
+        requests = [self.client_request(c, global_part=not has_global) for c in self.scored]
         scores = self.pool.score(requests + ([self.global_request()] if has_global else []))
         clients = {c: s for c, s in scores.items() if c is not None}
         metrics, self.samples = self.task.combine([clients[c] for c in sorted(clients)],
@@ -55,6 +56,8 @@ class Evaluator:
                 self.extras.setdefault(key, {})[str(cid)] = value
         for key, values in self.extras.items():
             metrics[key] = dict(sorted(values.items(), key=lambda kv: int(kv[0])))
-        if unscored := sorted(set(range(self.num_clients)) - set(clients)):
+        if len(self.scored) < self.num_clients:  # a subset: say which
+            metrics[Metric.EVAL_CLIENTS.value] = self.scored
+        if unscored := sorted(set(self.scored) - set(clients)):
             metrics[Metric.UNSCORED.value] = unscored  # the means are over the others
         return metrics

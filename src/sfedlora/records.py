@@ -110,6 +110,7 @@ class Metric(StrEnum):
     REJECTED = "rejected"
     DROPPED = "dropped"
     UNSCORED = "unscored"
+    EVAL_CLIENTS = "eval_clients"
     DP_EPSILON = "dp_epsilon"
     BYTES_UP = "bytes_up"
     BYTES_DOWN = "bytes_down"

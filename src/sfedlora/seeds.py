@@ -24,6 +24,7 @@ BATCHES = 203  # batch order of a client's local steps
 HOLDOUT = 204  # the examples a method keeps out of training (FDLoRA's fusion search)
 # runtime
 SAMPLE = 303  # which clients take part in a round
+EVAL_CLIENTS = 304  # the fixed subset of clients scored with eval.clients=K
 # network model (sfedlora.network)
 PLACEMENT = 401  # a client's distance from the base station and compute speed
 FADING = 402  # a client's Rayleigh fading in a round

@@ -31,7 +31,7 @@ from sfedlora.pool import ClientPool, InProcessPool
 from sfedlora.privacy import GaussianMechanism
 from sfedlora.records import Metric, Tensors, mean_or_none
 from sfedlora.results import RunDir, resolve_output_dir
-from sfedlora.sampling import sample_clients
+from sfedlora.sampling import evaluated_clients, sample_clients
 from sfedlora.server import Reply, Server
 from sfedlora.tasks import get_task
 
@@ -73,7 +73,9 @@ class Simulation:
         self.bytes = ByteCounter(cfg.clients.num)
         self.network = build_network(cfg.network, cfg.seed, cfg.clients.num,
                                      self.info.base_params)
-        self.evaluator = Evaluator(cfg.clients.num, self.task, self.method, self.server, pool)
+        self.evaluator = Evaluator(cfg.clients.num, self.task, self.method, self.server, pool,
+                                   evaluated_clients(cfg.clients.num, cfg.eval.clients,
+                                                     cfg.seed))
         self.done_rounds = 0
         self.prior_seconds = 0.0
         self.restored_metrics: list[str] = []

@@ -145,6 +145,11 @@ class EvalConfig(_Section):
     few_shot: int = Field(0, ge=0, description="causal-lm: solved training examples in the prompt")
     batch_size: int = Field(64, gt=0)
     probe_size: int = Field(16, gt=0, description="examples in the fixed probe batch")
+    clients: Literal["all"] | int = Field(
+        "all", description="all, or K: score a fixed seeded subset of K clients for the "
+        "personalised figures (and, for methods without a global adapter, the global "
+        "ones); metrics.jsonl lists them as eval_clients. The global adapter's figures "
+        "do not change")
 
 
 class ServerConfig(_Section):
@@ -344,6 +349,10 @@ class ExperimentConfig(_Section):
             raise ValueError(
                 f"clients.per_round={c.per_round} must be between 1 and clients.num={c.num}"
             )
+        if self.eval.clients != "all" and not 0 < self.eval.clients <= c.num:
+            raise ValueError(
+                f"eval.clients={self.eval.clients} must be between 1 and clients.num={c.num} "
+                "(or all)")
         if c.min_clients > self.clients_per_round:
             raise ValueError(
                 f"clients.min_clients={c.min_clients} exceeds the {self.clients_per_round} "
