@@ -13,7 +13,8 @@ from sfedlora.tasks.classification import logits
 
 @pytest.mark.parametrize(
     ("method", "scaling", "adapter"),
-    [("fedit", "lora", "global"), ("sfed", "sfed", "client_2"), ("ffa", "rslora", "global")],
+    [("fedit", "lora", "global"), ("sfed", "sfed", "client_2"), ("ffa", "rslora", "global"),
+     ("local", "lora", "client_2")],
 )
 def test_peft_reproduces_evaluation_logits(method, scaling, adapter, tiny_config, tmp_path,
                                            peft_logits):

@@ -9,12 +9,13 @@ from sfedlora.methods.flasc import FLASC
 from sfedlora.methods.flocora import FLoCoRA
 from sfedlora.methods.flora import FLoRA
 from sfedlora.methods.hetlora import HetLoRA
+from sfedlora.methods.local import Local
 from sfedlora.methods.rolora import RoLoRA
 from sfedlora.methods.sfed import SFed
 
 REGISTRY: dict[str, type[Method]] = {
     m.name: m for m in (FedIT, FFA, FedSA, RoLoRA, SFed, FLASC, FLoCoRA, HetLoRA, FDLoRA,
-                        FLoRA)
+                        FLoRA, Local)
 }
 
 

@@ -1,0 +1,27 @@
+"""Local training: the no-federation reference every federated paper reports.
+
+Every part (A, B, head) is private: each client trains its own adapter on its own data
+only, round after round, and nothing is sent either way (0 bytes). Evaluated exactly as
+the federated methods are, so the gap to them is what federation buys. By default each
+client draws its own A (``a_init: independent``), as a client alone would.
+"""
+
+from sfedlora.methods.base import ALL_PARTS, Method
+
+
+class Local(Method):
+    name = "local"
+    summary = "reference: each client trains alone on its own data; nothing is sent"
+    shared = frozenset()
+    private = ALL_PARTS
+    a_init_modes = ("independent", "shared")
+    a_init_note = "nothing is averaged, so clients may start from their own A or one A"
+
+    def check_config(self, cfg) -> None:
+        refused = [(cfg.privacy.enabled, "privacy.enabled", "nothing is released to noise"),
+                   (cfg.server_optimizer != "none", "server.optimizer",
+                    "the server holds nothing to step")]
+        for bad, setting, why in refused:
+            if bad:
+                raise ValueError(f"method=local does not work with {setting}: {why}; "
+                                 f"remove {setting}")
