@@ -49,7 +49,7 @@ def run_arm(run_dir: Path, config: str, overrides: list[str]) -> Path:
         Simulation.resume(run_dir, ["progress=false"]).run()
         return run_dir
     cfg = load_config(config, [*overrides, f"output_dir={run_dir}", "progress=false"])
-    Simulation(cfg).run()
+    Simulation(cfg).run(overwrite=True)  # this arm's own run, cut short before a checkpoint
     return run_dir
 
 
