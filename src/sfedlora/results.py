@@ -95,6 +95,7 @@ class RunDir:
         self._log_handler: logging.Handler | None = None
         self._lock: int | None = None
         self.writers: list[MetricWriter] = []
+        self._untracked: list[dict] = []  # logged records the writers have not seen
 
     def _acquire(self) -> None:
         """An exclusive lock on the directory for this process, released when the run
@@ -183,9 +184,19 @@ class RunDir:
             f.write(json.dumps(record) + "\n")
 
     def log_metrics(self, record: dict) -> None:
+        """Append to ``metrics.jsonl`` (what checkpoints and resume rely on), and queue
+        the record for the metric writers (:meth:`track`)."""
         self._append("metrics.jsonl", record)
-        for writer in self.writers:
-            writer.write(record)
+        self._untracked.append(record)
+
+    def track(self) -> None:
+        """Hand the queued records to the metric writers (TensorBoard). Kept apart from
+        :meth:`log_metrics` so the loop can mark a round done the moment its line is
+        written, and an interrupt in between never leaves a logged round unrecorded."""
+        while self._untracked:
+            for writer in self.writers:
+                writer.write(self._untracked[0])
+            self._untracked.pop(0)
 
     def log_timing(self, record: dict) -> None:
         self._append("timings.jsonl", record)

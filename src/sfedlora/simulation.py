@@ -210,6 +210,7 @@ class Simulation:
                 t = time.perf_counter()
                 run_dir.log_metrics({"round": 0, "train_loss": None, "bytes_up": 0,
                                      "bytes_down": 0, **self.evaluate()})
+                run_dir.track()
                 run_dir.log_samples(0, self.samples)
                 run_dir.log_timing({"round": 0, "eval": time.perf_counter() - t})
             for round_idx in bar:
@@ -219,17 +220,20 @@ class Simulation:
                     t = time.perf_counter()
                     record.metrics.update(self.evaluate())
                     record.seconds["eval"] = time.perf_counter() - t
-                    run_dir.log_metrics(record.metrics)
                     run_dir.log_samples(round_idx, self.samples)
+                    run_dir.log_metrics(record.metrics)
+                self.done_rounds = round_idx  # its metrics line is written: done
+                last = record.metrics  # the last round is always evaluated when eval is on
+                run_dir.track()
+                if self.should_evaluate(round_idx):
                     bar.set_postfix(loss=f"{record.metrics['train_loss']:.3f}")
                 run_dir.log_timing({"round": round_idx, **record.seconds,
                                     "started_at": started_at, "ended_at": time.time()})
-                last = record.metrics  # the last round is always evaluated when eval is on
-                self.done_rounds = round_idx
                 if self.should_checkpoint(round_idx):
                     self._save(run_dir, round_idx, start)
                     saved = round_idx
         except KeyboardInterrupt:
+            run_dir.track()
             if self.done_rounds > saved:
                 self._save(run_dir, self.done_rounds, start)
             log.warning("interrupted after round %d; continue with --resume %s",
