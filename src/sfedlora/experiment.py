@@ -13,6 +13,7 @@ from sfedlora.config import ExperimentConfig
 from sfedlora.data import FederatedData, build_federated_data
 from sfedlora.methods import Method, get_method
 from sfedlora.model import build_model, load_tokenizer
+from sfedlora.records import ClientScores
 from sfedlora.tasks import Task, get_task
 from sfedlora.worker import Worker
 
@@ -32,6 +33,25 @@ class Experiment:
     probe: object
     worker: Worker
     base_path: str
+
+    def adapter(self, cid: int | None, state, shared, extras
+                ) -> tuple[dict, dict[str, list[float]]]:
+        """Client ``cid``'s scored adapter (None: the global adapter) from the shared
+        state it would receive and the method's extras it has not received yet, and
+        the method's per-client values. The same for every runtime."""
+        worker = self.worker
+        worker.hooks.receive(extras)
+        if cid is None:
+            return worker.inits.global_adapter(shared), {}
+        holdout = self.client_holdout[cid] if self.client_holdout else None
+        return worker.scored_adapter(cid, state, shared, holdout)
+
+    def score(self, cid: int | None, state, shared, extras, global_part: bool
+              ) -> ClientScores:
+        """The task's scores of :meth:`adapter`, with the method's per-client values."""
+        tensors, values = self.adapter(cid, state, shared, extras)
+        scores = self.task.score(self, tensors, cid, global_part)
+        return ClientScores(scores.values, values, scores.samples)
 
     # causal-lm: the raw pairs behind the encoded test sets, for generation
     def client_test_pairs(self, cid: int) -> lm.PairDataset:

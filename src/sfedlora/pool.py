@@ -93,21 +93,16 @@ class InProcessPool:
                                 round_idx)
                 for cid, download in downloads.items()}
 
+    def _state(self, cid: int | None) -> ClientState:
+        return self.states[cid] if cid is not None else ClientState()
+
     def _adapter(self, req: AdapterRequest) -> tuple[Tensors, dict[str, list[float]]]:
-        worker = self.exp.worker
-        worker.hooks.receive(req.extras)
-        if req.cid is None:
-            return worker.inits.global_adapter(req.shared), {}
-        holdout = self.exp.client_holdout[req.cid] if self.exp.client_holdout else None
-        return worker.scored_adapter(req.cid, self.states[req.cid], req.shared, holdout)
+        return self.exp.adapter(req.cid, self._state(req.cid), req.shared, req.extras)
 
     def score(self, requests: list[AdapterRequest]) -> dict[int | None, ClientScores]:
-        out = {}
-        for req in requests:
-            tensors, extras = self._adapter(req)
-            scores = self.exp.task.score(self.exp, tensors, req.cid, req.global_part)
-            out[req.cid] = ClientScores(scores.values, extras, scores.samples)
-        return out
+        return {req.cid: self.exp.score(req.cid, self._state(req.cid), req.shared,
+                                        req.extras, req.global_part)
+                for req in requests}
 
     def adapters(self, requests: list[AdapterRequest]) -> dict[int | None, Tensors | None]:
         return {req.cid: self._adapter(req)[0] for req in requests}

@@ -24,6 +24,7 @@ from sfedlora.flower.config import experiment_config
 from sfedlora.flower.node_state import NodeState, state_root
 from sfedlora.pool import saved_files
 from sfedlora.ranks import pad
+from sfedlora.records import ClientState
 
 _experiments: dict[str, Experiment] = {}  # one model per process, keyed by its config
 
@@ -64,18 +65,14 @@ def _setup(msg: Message, context: Context, defaults: dict):
     return exp, cid, node, request
 
 
-def _adapter(exp: Experiment, cid: int, node: NodeState, request):
-    """The requested adapter (this client's, or the global one) and the method's
-    per-client values, built from the request's download."""
+def _request(exp: Experiment, cid: int, node: NodeState, request):
+    """``(client id or None for the global adapter, state, shared, extras)`` of an
+    evaluation or adapter request, from its download."""
     worker = exp.worker
     shared, extras = worker.split_download(codecs.decode(request[messages.DOWNLOAD]))
-    worker.hooks.receive(extras)
-    shared = pad(shared, worker.spec)
     if request[messages.GLOBAL]:
-        return worker.inits.global_adapter(shared), {}
-    state = node.load(at_most=int(request[messages.ROUND]))
-    holdout = exp.client_holdout[cid] if exp.client_holdout else None
-    return worker.scored_adapter(cid, state, shared, holdout)
+        return None, ClientState(), pad(shared, worker.spec), extras
+    return cid, node.load(at_most=int(request[messages.ROUND])), pad(shared, worker.spec), extras
 
 
 def train(msg: Message, context: Context, defaults: dict) -> Message:
@@ -93,10 +90,7 @@ def train(msg: Message, context: Context, defaults: dict) -> Message:
 
 def evaluate(msg: Message, context: Context, defaults: dict) -> Message:
     exp, cid, node, request = _setup(msg, context, defaults)
-    tensors, extras = _adapter(exp, cid, node, request)
-    who = None if request[messages.GLOBAL] else cid
-    scores = exp.task.score(exp, tensors, who, bool(request[messages.GLOBAL_PART]))
-    scores = type(scores)(scores.values, extras, scores.samples)
+    scores = exp.score(*_request(exp, cid, node, request), bool(request[messages.GLOBAL_PART]))
     return Message(RecordDict(messages.scores_records(scores)), reply_to=msg)
 
 
@@ -115,7 +109,7 @@ def query(msg: Message, context: Context, defaults: dict) -> Message:
              "base_params": exp.worker.base_params})
     elif what in (messages.ADAPTER, messages.EXPORT):
         exp, cid, node, request = _setup(msg, context, defaults)
-        tensors, _ = _adapter(exp, cid, node, request)
+        tensors, _ = exp.adapter(*_request(exp, cid, node, request))
         if what == messages.ADAPTER:
             reply[messages.ADAPTER] = wire.encode(tensors)
         else:
