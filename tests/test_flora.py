@@ -12,7 +12,7 @@ from sfedlora import codecs
 from sfedlora.config import ConfigError
 from sfedlora.methods import Update
 from sfedlora.methods.flora import stack
-from sfedlora.methods.flora.merging import split_merges
+from sfedlora.methods.merging import split_merges
 from sfedlora.ranks import pad, truncate
 from sfedlora.simulation import Simulation
 from sfedlora.tasks.classification import logits

@@ -41,6 +41,11 @@ CASES = {  # name: (config factory fixture, overrides)
     "flora": ("tiny_config", ["method=flora", "lora.client_ranks=[1,2,4]",
                               "clients.per_round=2", "rounds=3"]),
     "causal-lm": ("tiny_lm_config", ["method=fedsa", "eval.generate=2", "rounds=2"]),
+    # issue 20: residual merges with catch-up, SVD re-factorisations, the pooled trainer
+    "fedex": ("tiny_config", ["method=fedex", "clients.per_round=2", "rounds=3"]),
+    "flexlora": ("tiny_config", ["method=flexlora", "lora.client_ranks=[1,2,4]", "rounds=2"]),
+    "fedsvd": ("tiny_config", ["method=fedsvd", "rounds=2"]),
+    "central": ("tiny_config", ["method=central", "clients.per_round=2", "rounds=2"]),
 }
 
 

@@ -94,7 +94,9 @@ def test_answer_parser(text, expected):
     "fedit", "ffa", "fedsa", "rolora", "sfed", "flocora", "flasc server.lr=0.1",
     "hetlora lora.client_ranks=[2,4]", "fedsa lora.adapter=vera local.lr=0.1",
     "sfed comm.up.density=0.25 comm.up.bits=4 comm.down.bits=8", "fdlora",
-    "flora lora.client_ranks=[2,4]",
+    "flora lora.client_ranks=[2,4]", "fedex", "flexlora lora.client_ranks=[2,4]", "fedsvd",
+    # one client's worth of steps per round, as the others take (per_round x local.steps)
+    "central clients.per_round=1",
 ])
 def test_every_method_lowers_the_training_loss_of_a_tiny_llama(method, tiny_lm_config,
                                                                tmp_path):

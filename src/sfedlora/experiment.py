@@ -4,7 +4,7 @@ process (a Flower ServerApp never builds one: it runs no client)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -78,7 +78,9 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
     data = build_federated_data(cfg.data, cfg.clients.num, cfg.seed, task)
     model, base_path = build_model(cfg, task, data.label_names)
     tokenizer = load_tokenizer(base_path)
-    sets = task.encode(cfg, tokenizer, data)
+    # the clients' own splits stay in ``data``; training follows the method's (central)
+    sets = task.encode(cfg, tokenizer,
+                       replace(data, clients=method.training_splits(data.clients)))
     client_train, client_holdout = sets.train, []
     if holdout := method.holdout_examples(cfg):
         split = [hold_out(t, holdout, seeds.derive_seed(cfg.seed, seeds.HOLDOUT, c))

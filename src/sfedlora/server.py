@@ -258,6 +258,7 @@ class Server:
             mean = self.method.aggregate(self.state, updates, uniform_mean)
             uploaded = {n: mean[n] for n in updates[0].tensors}
             new = {**mean, **self.privacy.noise(uploaded, len(updates))}
+        new = self.method.finalize(new)
         self.hooks.after_combine(round_idx, sorted(updates, key=lambda u: u.client_id))
         if self.optimizer is None:
             return new

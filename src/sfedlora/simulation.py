@@ -84,7 +84,8 @@ class Simulation:
 
     def run_round(self, round_idx: int) -> RoundRecord:
         cfg = self.cfg
-        clients = sample_clients(cfg.clients.num, cfg.clients_per_round, cfg.seed, round_idx)
+        clients = self.method.participants(
+            sample_clients(cfg.clients.num, cfg.clients_per_round, cfg.seed, round_idx))
         t0 = time.perf_counter()
         downloads = {cid: self.server.download(cid) for cid in clients}
         fits = self.pool.fit(round_idx, downloads)
@@ -154,7 +155,7 @@ class Simulation:
         files = self.pool.export(requests)
         named = {("global" if r.cid is None else f"client_{r.cid}"): files.get(r.cid)
                  for r in requests}
-        return run_dir.write_adapters(named, self.server.hooks.export_lora())
+        return run_dir.write_adapters(named, self.server.hooks.export_lora(self.server.state))
 
     def should_evaluate(self, round_idx: int) -> bool:
         every = self.cfg.eval.every

@@ -161,14 +161,15 @@ class Worker:
         """The local steps: losses and the gradient norms of A and B per step, and the
         token positions processed (padding included: the model computes them)."""
         cfg, local = self.cfg, self.cfg.local
-        per_round = steps_per_round(len(data), local.batch_size, local.steps, local.epochs)
+        num_steps = self.method.local_steps(cfg)
+        per_round = steps_per_round(len(data), local.batch_size, num_steps, local.epochs)
         total = per_round * cfg.rounds
         a_names = self.slots.names({Part.A})
         b_names = self.slots.names({Part.B})
         trainable = [p for p in self.slots.params.values() if p.requires_grad]
 
         torch.manual_seed(seeds.derive_seed(cfg.seed, seeds.TRAIN, round_idx, cid))  # dropout
-        batches = train_batches(data, local.batch_size, local.steps, local.epochs,
+        batches = train_batches(data, local.batch_size, num_steps, local.epochs,
                                 seeds.derive_seed(cfg.seed, seeds.BATCHES, round_idx, cid))
         self.model.train()
         losses, norms_a, norms_b, tokens = [], [], [], 0

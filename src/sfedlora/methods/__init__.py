@@ -1,11 +1,15 @@
 """Registry of federated LoRA methods (see :mod:`sfedlora.methods.base`)."""
 
 from sfedlora.methods.base import Method, Part, RoundPlan, Update, part_of
+from sfedlora.methods.central import Central
 from sfedlora.methods.fdlora import FDLoRA
+from sfedlora.methods.fedex import FedEx
 from sfedlora.methods.fedit import FedIT
 from sfedlora.methods.fedsa import FedSA
+from sfedlora.methods.fedsvd import FedSVD
 from sfedlora.methods.ffa import FFA
 from sfedlora.methods.flasc import FLASC
+from sfedlora.methods.flexlora import FlexLoRA
 from sfedlora.methods.flocora import FLoCoRA
 from sfedlora.methods.flora import FLoRA
 from sfedlora.methods.hetlora import HetLoRA
@@ -15,7 +19,7 @@ from sfedlora.methods.sfed import SFed
 
 REGISTRY: dict[str, type[Method]] = {
     m.name: m for m in (FedIT, FFA, FedSA, RoLoRA, SFed, FLASC, FLoCoRA, HetLoRA, FDLoRA,
-                        FLoRA, Local)
+                        FLoRA, FedEx, FlexLoRA, FedSVD, Local, Central)
 }
 
 

@@ -119,9 +119,10 @@ class ServerHooks:
     def forget(self, cid: int) -> None:
         """Client ``cid`` did not reply: assume it holds nothing it was sent."""
 
-    def export_lora(self) -> tuple[Tensors, int] | None:
+    def export_lora(self, state: Tensors) -> tuple[Tensors, int] | None:
         """An exact LoRA (factors, rank) that replaces the exported adapters' own
-        factors, where what was learned lives elsewhere (FLoRA: the base weights)."""
+        factors, where what was learned lives elsewhere too (FLoRA, FedEx-LoRA: the
+        base weights); ``state`` is the server's global state."""
         return None
 
     def state_dict(self) -> dict[str, Any]:
@@ -209,6 +210,26 @@ class Method:
         """Default: everything that is not fixed trains; the shared parts go up."""
         trainable = (self.shared | self.private) - self.fixed
         return RoundPlan(train=frozenset(trainable), upload=frozenset(self.shared - self.fixed))
+
+    def finalize(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The new global state from the combined one, after any DP noise (so it is
+        post-processing and costs no privacy); default: unchanged. FedSVD
+        re-factorises here."""
+        return state
+
+    def participants(self, sampled: list[int]) -> list[int]:
+        """Which of the round's sampled clients train (default: all of them)."""
+        return sampled
+
+    def training_splits(self, splits: list) -> list:
+        """Each client's data split (:class:`~sfedlora.data.ClientSplit`) as this
+        method trains on it (default: unchanged; ``central`` pools training data)."""
+        return splits
+
+    def local_steps(self, cfg: ExperimentConfig) -> int | None:
+        """Local steps per round of a training client (default ``local.steps``; None:
+        ``local.epochs`` decide)."""
+        return cfg.local.steps
 
     def weights(self, updates: Sequence[Update]) -> list[float]:
         if self.weighting == "uniform":

@@ -148,7 +148,8 @@ class ClassificationTask(Task):
                 values |= _flat("val", evaluate(worker, tensors, exp.client_val[cid]))
             # what predicting the client's most frequent training label scores on its
             # own test part: under Dirichlet splits, far above chance
-            majority = np.bincount(exp.client_train[cid].labels).argmax()
+            own = exp.data.train.labels[exp.data.clients[cid].train]
+            majority = np.bincount(own).argmax()
             values["majority"] = float(np.mean(exp.client_test[cid].labels == majority))
         if global_part:
             if exp.cfg.eval.global_metrics:

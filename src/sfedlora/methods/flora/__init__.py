@@ -1,7 +1,6 @@
-"""FLoRA: stacking, mixed ranks, merging into the base weights. Everything FLoRA needs
-beyond a method description lives here: the stacking rule (:mod:`.method`), the merge
-arithmetic and exact export (:mod:`.merging`), and the server's merge history and the
-clients' base-weight merging (:mod:`.hooks`)."""
+"""FLoRA: stacking, mixed ranks, merging into the base weights. The stacking rule lives
+here (:mod:`.method`); the merge arithmetic, the server's merge history and the
+clients' base-weight merging are shared with FedEx-LoRA (:mod:`sfedlora.methods.merging`)."""
 
 from sfedlora.methods.flora.method import FLoRA, stack
 

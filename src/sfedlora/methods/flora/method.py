@@ -52,38 +52,33 @@ class FLoRA(Method):
         new = super().aggregate(global_state, updates, combine)
         return {n: t for n, t in new.items() if n in global_state}
 
+    def merge_factors(self, updates: Sequence[Update], cfg) -> dict[str, torch.Tensor]:
+        """What every client merges after this round: the stacked factors."""
+        cids = [u.client_id for u in updates]
+        return stack(updates, self.weights(updates), [cfg.client_rank(c) for c in cids],
+                     [cfg.client_gamma(c) for c in cids])
+
     def server_hooks(self, cfg):
-        from sfedlora.methods.flora.hooks import MergeHistory
+        from sfedlora.methods.merging import MergeHistory
 
         return MergeHistory(self, cfg)
 
     def client_hooks(self, cfg, worker):
-        from sfedlora.methods.flora.hooks import BaseMerger
+        from sfedlora.methods.merging import BaseMerger
 
         return BaseMerger(cfg, worker)
 
     def check_config(self, cfg) -> None:
         """Clients merge the downloaded factors into their base weights and start
         every round from a fresh adapter; refuse settings that break either."""
-        refused = [  # (refused?, the setting, why)
-            (cfg.lora.adapter != "lora", "lora.adapter", "stacking needs LoRA factors"),
-            (cfg.server_optimizer != "none", "server.optimizer",
-             "the merged factors are the exact weighted sum a server optimizer would change"),
-            (cfg.server.aggregation != "mean", "server.aggregation",
-             "stacking is exact for the weighted mean only"),
-            (cfg.privacy.enabled, "privacy.enabled", "the stacked factors carry no noise"),
+        from sfedlora.methods.merging.hooks import check_config
+
+        check_config(self.name, cfg, [
             (cfg.local.keep_optimizer_state, "local.keep_optimizer_state",
              "every round starts from a fresh adapter"),
-            (not cfg.codec("down").lossless, "comm.down",
-             "clients merge what they receive into their base weights, so a lossy download "
-             "would drift them away from the server's record"),
             (cfg.codec("up").delta, "comm.up.delta",
              "the server never sees a client's fresh A, so a change to it cannot be decoded"),
-        ]
-        for bad, setting, why in refused:
-            if bad:
-                raise ValueError(f"method=flora does not work with this {setting}: {why}; "
-                                 f"remove or change {setting}")
+        ])
 
 
 def stack(updates: Sequence[Update], weights: Sequence[float], ranks: Sequence[int],

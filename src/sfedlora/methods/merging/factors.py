@@ -1,8 +1,8 @@
-"""Merging stacked LoRA factors into the base weights (FLoRA), on either side.
+"""Merging LoRA factors into the base weights, on either side (FLoRA, FedEx-LoRA).
 
 The server records one set of factors per round (``{lora_A name: A_s, lora_B name:
-B_s}``, see :func:`sfedlora.methods.flora.stack`); downloads carry every round a client
-has not received yet under ``merge.<round>.<name>``. A model's base weights are at some
+B_s}``: FLoRA's stacked clients, FedEx-LoRA's residual); downloads carry every round a
+client has not received yet under ``merge.<round>.<name>``. A model's base weights are at some
 round: they equal the pretrained weights plus the products ``B_s A_s`` of rounds 1 to
 that round, added in order, so every process that applies the same rounds holds
 bit-identical weights.
@@ -67,15 +67,17 @@ class BaseWeights:
             self.round = round_idx
 
 
-def merged_lora(merges: dict[int, Tensors]) -> tuple[Tensors, int]:
-    """The whole merged change as one LoRA, exactly: per layer the SVD of
-    ``sum_s B_s A_s`` keeps its min(stacked rank, out, in) components, and every layer is
+def merged_lora(merges: dict[int, Tensors], live: Tensors | None = None
+                ) -> tuple[Tensors, int]:
+    """The whole merged change, plus the ``live`` factors still in the adapter (scale
+    folded into A; FedEx-LoRA's averaged A and B), as one LoRA, exactly: per layer the
+    SVD of ``sum_s B_s A_s`` keeps its min(stacked rank, out, in) components, and every layer is
     zero-padded to one rank R (returned) so that a PEFT config with ``r = lora_alpha = R``
     (scale 1) reproduces the merged weights. Stacking the rounds' factors instead would
     be exact too, but its rank grows with rounds times clients."""
     deltas: dict[str, torch.Tensor] = {}
     stacked: dict[str, int] = {}
-    for factors in merges.values():
+    for factors in [*merges.values(), live or {}]:
         for name, a in factors.items():
             if ".lora_A." in name:
                 b = factors[name.replace(".lora_A.", ".lora_B.")]

@@ -1,6 +1,7 @@
-"""FLoRA's mechanics on both sides of the wire.
+"""Merging into the base weights, on both sides of the wire (FLoRA, FedEx-LoRA).
 
-Server (:class:`MergeHistory`): the stacked factors of every round, and per client the
+Server (:class:`MergeHistory`): the factors of every round (what the method's
+``merge_factors`` makes of the round's updates), and per client the
 last round whose factors it has received; a download carries the factors of every
 round the client has not received yet (all of them for a client that never replied).
 Its whole state is checkpointed.
@@ -10,7 +11,7 @@ has been sent, in order. A process's model may serve several clients (the in-pro
 runtime, a Flower simulation worker), so it may be behind what a client has been
 sent: the factors of every round pass through the runtime's shared tensor store
 (memory in-process, the node's state directory on Flower), where the model catches up
-from. Local steps run at the scale of the client's own rank.
+from. Local steps run at the scale of the client's own rank (FLoRA's mixed ranks).
 """
 
 from __future__ import annotations
@@ -19,15 +20,36 @@ import contextlib
 from collections.abc import Sequence
 from typing import Any
 
-from sfedlora.methods.base import ClientHooks, ServerHooks, Tensors, Update
-from sfedlora.methods.flora.merging import (
+from sfedlora.methods.base import ClientHooks, Part, ServerHooks, Tensors, Update, part_of
+from sfedlora.methods.merging.factors import (
     BaseWeights,
     MergeGap,
     merge_name,
     merged_lora,
     split_merges,
 )
-from sfedlora.methods.flora.method import stack
+
+
+def check_config(name: str, cfg, refused: Sequence[tuple[bool, str, str]] = ()) -> None:
+    """Settings no merging method runs with (clients merge exactly what the server
+    recorded into their base weights), plus the method's own ``refused`` (refused?,
+    setting, why): a ``ValueError`` naming the first and the fix."""
+    refused = [
+        (cfg.lora.adapter != "lora", "lora.adapter", "merging needs LoRA factors"),
+        (cfg.server_optimizer != "none", "server.optimizer",
+         "the merged factors are the exact weighted sum a server optimizer would change"),
+        (cfg.server.aggregation != "mean", "server.aggregation",
+         "the merged factors are exact for the weighted mean only"),
+        (cfg.privacy.enabled, "privacy.enabled", "the merged factors carry no noise"),
+        (not cfg.codec("down").lossless, "comm.down",
+         "clients merge what they receive into their base weights, so a lossy download "
+         "would drift them away from the server's record"),
+        *refused,
+    ]
+    for bad, setting, why in refused:
+        if bad:
+            raise ValueError(f"method={name} does not work with this {setting}: {why}; "
+                             f"remove or change {setting}")
 
 
 def _store_key(round_idx: int) -> str:
@@ -47,10 +69,7 @@ class MergeHistory(ServerHooks):
 
     def after_combine(self, round_idx: int, updates: Sequence[Update]) -> None:
         ordered = sorted(updates, key=lambda u: u.client_id)
-        cids = [u.client_id for u in ordered]
-        self.merges[round_idx] = stack(ordered, self.method.weights(ordered),
-                                       [self.cfg.client_rank(c) for c in cids],
-                                       [self.cfg.client_gamma(c) for c in cids])
+        self.merges[round_idx] = self.method.merge_factors(ordered, self.cfg)
 
     def merges_since(self, round_idx: int) -> Tensors:
         """The factors of every round after ``round_idx``, named ``merge.<round>.<name>``."""
@@ -67,8 +86,14 @@ class MergeHistory(ServerHooks):
     def forget(self, cid: int) -> None:
         self.synced.pop(cid, None)
 
-    def export_lora(self) -> tuple[Tensors, int]:
-        return merged_lora(self.merges)
+    def export_lora(self, state: Tensors) -> tuple[Tensors, int]:
+        """Every merged round plus the LoRA factors still in the server's state (none
+        for FLoRA, whose factors are fresh; the averaged A and B for FedEx-LoRA), at
+        the adapter's scale."""
+        gamma = self.cfg.gamma
+        live = {n: (gamma * t if part_of(n) is Part.A else t) for n, t in state.items()
+                if part_of(n) in (Part.A, Part.B)}
+        return merged_lora(self.merges, live)
 
     def state_dict(self) -> dict[str, Any]:
         return {"rounds": {str(r): m for r, m in self.merges.items()},

@@ -1,0 +1,49 @@
+"""Central training: the all-data reference every federated paper reports.
+
+All clients' training parts are pooled on one trainer (client 0 holds the pool; the
+other clients keep only their test and validation parts), which trains one global
+adapter (A, B and head) with the same total number of local steps as a federated
+round of ``clients.per_round`` clients: ``clients.per_round * local.steps`` per round
+(with ``local.epochs``, the epochs over the pool, which are the clients' epochs summed).
+It is evaluated like every other method: on each client's test part and the global
+test set. It runs through the same engine, so its byte counts are those of one client
+exchanging the adapter each round; they are not a communication cost (the data itself
+would have to move), and the benchmarks report none for it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from sfedlora.data.partition import ClientSplit
+from sfedlora.methods.base import Method
+
+TRAINER = 0  # the client that holds the pooled training data
+
+
+class Central(Method):
+    name = "central"
+    summary = "reference: every client's training data pooled on one trainer, same total steps"
+
+    def participants(self, sampled: list[int]) -> list[int]:
+        return [TRAINER]
+
+    def training_splits(self, splits: list[ClientSplit]) -> list[ClientSplit]:
+        pooled = np.concatenate([s.train for s in splits])
+        return [ClientSplit(pooled, s.test, s.val) if c == TRAINER else
+                ClientSplit(np.zeros(0, dtype=pooled.dtype), s.test, s.val)
+                for c, s in enumerate(splits)]
+
+    def local_steps(self, cfg) -> int | None:
+        steps = cfg.local.steps
+        return None if steps is None else steps * cfg.clients_per_round
+
+    def check_config(self, cfg) -> None:
+        refused = [(cfg.privacy.enabled, "privacy.enabled",
+                    "client-level DP needs many clients; one trainer holds all data"),
+                   (cfg.server_optimizer != "none", "server.optimizer",
+                    "one trainer's adapter is the global one")]
+        for bad, setting, why in refused:
+            if bad:
+                raise ValueError(f"method=central does not work with {setting}: {why}; "
+                                 f"remove {setting}")

@@ -1,0 +1,174 @@
+"""FedEx-LoRA, FlexLoRA, FedSVD and the central reference (issue 20): each method's
+server step equals its formula, computed here independently from the clients' uploads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sfedlora.config import ConfigError
+from sfedlora.simulation import Simulation
+
+
+def _spy_updates(sim) -> dict[int, list]:
+    """The accepted updates of every round, as the server combined them."""
+    seen: dict[int, list] = {}
+    hooks, original = sim.server.hooks, sim.server.hooks.after_combine
+
+    def spy(round_idx, updates):
+        seen[round_idx] = list(updates)
+        original(round_idx, updates)
+
+    hooks.after_combine = spy
+    return seen
+
+
+def _pairs(tensors):
+    return [(n, n.replace(".lora_A.", ".lora_B.")) for n in tensors if ".lora_A." in n]
+
+
+def _products(updates, weights):
+    """Per layer (by its lora_A name), sum_i p_i B_i A_i in float64."""
+    return {a: sum(p * (u.tensors[b].double() @ u.tensors[a].double())
+                   for p, u in zip(weights, updates, strict=True))
+            for a, b in _pairs(updates[0].tensors)}
+
+
+def _mean(updates, weights, name):
+    return sum(p * u.tensors[name].double() for p, u in zip(weights, updates, strict=True))
+
+
+def _layer(name: str) -> str:
+    return name.split(".lora_A.")[0]
+
+
+def test_fedex_merged_model_is_the_exact_average_of_the_clients_models(tiny_config):
+    sim = Simulation(tiny_config("method=fedex", "clients.num=3", "rounds=2",
+                                 "local.lr=0.05"))
+    exp, gamma = sim.pool.exp, sim.cfg.gamma
+    base = exp.worker.hooks.base  # the base weights the clients merge into
+    w0 = {n: m.get_base_layer().weight.detach().double().clone()
+          for n, m in base.layers.items()}
+    seen = _spy_updates(sim)
+    sim.run_round(1)
+    sim.run_round(2)
+    # the residual of round 1, from the round-1 uploads alone
+    u1, u2 = seen[1], seen[2]
+    p1, p2 = sim.method.weights(u1), sim.method.weights(u2)
+    exact1 = _products(u1, p1)
+    exact2 = _products(u2, p2)
+    # every client's model after round 2 is w0 + residual_1 + gamma B_i A_i
+    shared, extras = sim.server.evaluation_request(0)
+    exp.adapter(None, None, shared, extras)  # the worker's base catches up to round 2
+    assert base.round == 2
+    state = sim.server.state
+    worst = 0.0
+    for a, b in _pairs(state):
+        layer = _layer(a)
+        residual1 = gamma * (exact1[a] - _mean(u1, p1, b) @ _mean(u1, p1, a))
+        average = w0[layer] + residual1 + gamma * exact2[a]
+        ours = (base.layers[layer].get_base_layer().weight.double()
+                + gamma * state[b].double() @ state[a].double())
+        worst = max(worst, float((ours - average).abs().max()))
+    assert float(sum(exact2[a].abs().sum() for a in exact2)) > 0
+    assert worst < 1e-6, worst
+
+
+def test_fedex_export_is_the_whole_change_as_one_lora(tiny_config):
+    sim = Simulation(tiny_config("method=fedex", "clients.num=3", "rounds=2",
+                                 "clients.per_round=2"))
+    exp = sim.pool.exp
+    base = exp.worker.hooks.base  # the base weights the clients merge into
+    w0 = {n: m.get_base_layer().weight.detach().double().clone()
+          for n, m in base.layers.items()}
+    sim.run_round(1)
+    sim.run_round(2)
+    shared, extras = sim.server.evaluation_request(0)
+    exp.adapter(None, None, shared, extras)
+    factors, _ = sim.server.hooks.export_lora(sim.server.state)
+    state, gamma = sim.server.state, sim.cfg.gamma
+    for a, b in _pairs(state):
+        layer = _layer(a)
+        total = (base.layers[layer].get_base_layer().weight.double() - w0[layer]
+                 + gamma * state[b].double() @ state[a].double())
+        exported = factors[b].double() @ factors[a].double()
+        assert torch.allclose(exported, total, rtol=0, atol=1e-6)
+
+
+def test_flexlora_downloads_are_the_truncated_svd_of_the_weighted_sum(tiny_config):
+    sim = Simulation(tiny_config("method=flexlora", "clients.num=3",
+                                 "lora.client_ranks=[1,2,4]", "rounds=1", "local.lr=0.05"))
+    seen = _spy_updates(sim)
+    sim.run_round(1)
+    updates = seen[1]
+    product = _products(updates, sim.method.weights(updates))
+    from sfedlora import codecs
+
+    for cid, rank in enumerate((1, 2, 4)):
+        got = codecs.decode(sim.server.download(cid))
+        for a, b in _pairs(product):
+            assert got[a].shape[0] == rank and got[b].shape[1] == rank
+            u, s, vh = torch.linalg.svd(product[a])
+            best = (u[:, :rank] * s[:rank]) @ vh[:rank]  # Eckart-Young
+            ours = got[b].double() @ got[a].double()
+            assert torch.allclose(ours, best, rtol=0, atol=1e-6)
+            eye = torch.eye(rank, dtype=torch.float64)
+            assert torch.allclose(got[a].double() @ got[a].double().T, eye, atol=1e-5)
+
+
+def test_fedsvd_refactorises_the_mean_b_times_the_old_a(tiny_config):
+    sim = Simulation(tiny_config("method=fedsvd", "clients.num=3", "rounds=2",
+                                 "local.lr=0.05"))
+    seen = _spy_updates(sim)
+    for r in (1, 2):
+        old = dict(sim.server.state)
+        sim.run_round(r)
+        updates, new = seen[r], sim.server.state
+        assert not any(".lora_A." in n for n in updates[0].tensors)  # A is never sent
+        weights = sim.method.weights(updates)
+        for a, b in _pairs(old):
+            target = _mean(updates, weights, b) @ old[a].double()
+            assert float(target.abs().max()) > 0
+            assert torch.allclose(new[b].double() @ new[a].double(), target, rtol=0,
+                                  atol=1e-5)
+            eye = torch.eye(new[a].shape[0], dtype=torch.float64)
+            assert torch.allclose(new[a].double() @ new[a].double().T, eye, rtol=0,
+                                  atol=1e-5)
+
+
+def test_central_equals_one_client_training_on_the_pooled_data(tiny_config):
+    central = Simulation(tiny_config("method=central", "clients.num=3",
+                                     "clients.per_round=2", "rounds=2", "local.steps=2"))
+    records = [central.run_round(r).metrics for r in (1, 2)]
+    assert all(m["clients"] == [0] for m in records)
+    exp = central.pool.exp
+    pooled = exp.client_train[0]
+    assert len(pooled) == sum(len(s.train) for s in exp.data.clients)
+    assert all(len(exp.client_train[c]) == 0 for c in (1, 2))
+    # one client, the pooled data, 2 clients x 2 steps per round, the same seed
+    alone = Simulation(tiny_config("method=fedit", "clients.num=1", "rounds=2",
+                                   "local.steps=4"))
+    alone.pool.exp.client_train[0] = pooled
+    for r in (1, 2):
+        alone.run_round(r)
+    ours, theirs = central.global_adapter(), alone.global_adapter()
+    assert set(ours) == set(theirs)
+    assert all(torch.equal(ours[n], theirs[n]) for n in ours)
+    assert not torch.equal(ours[next(n for n in ours if ".lora_B." in n)],
+                           torch.zeros_like(ours[next(n for n in ours if ".lora_B." in n)]))
+    # every client is scored with the one adapter on its own test part
+    metrics = central.evaluate()
+    assert metrics["personalized_accuracy"] is not None
+
+
+@pytest.mark.parametrize(("method", "override", "match"), [
+    ("fedex", "server.aggregation=median", "method=fedex does not work"),
+    ("fedex", "privacy.enabled=true", "method=fedex does not work"),
+    ("flexlora", "privacy.enabled=true", "method=flexlora does not work"),
+    ("fedsvd", "server.optimizer=adamw", "method=fedsvd does not work"),
+    ("central", "privacy.enabled=true", "method=central does not work"),
+])
+def test_settings_a_method_cannot_run_with_are_refused(method, override, match,
+                                                      tiny_config):
+    with pytest.raises(ConfigError, match=match):
+        tiny_config(f"method={method}", override)
