@@ -1,28 +1,46 @@
-"""Every method in the project on one experiment: accuracy and bytes, side by side.
+"""Every method, tuned the same way: the fair methods table of issue 20.
 
-The experiment is ``configs/sst2_communication.yaml`` (SST-2, all-MiniLM-L6-v2,
-10 clients, Dirichlet(0.5), 30 rounds x 5 steps, seed 0); each arm changes only the
-method and what the method needs (mixed ranks, a scaling rule, an adapter type). The
-learning rates are the same for every arm, not tuned per method. A finished run whose
-resolved config is identical (e.g. from ``benchmarks/communication.py``) is reused
-instead of run again; half-finished arms resume. Prints the table of
-``docs/results/methods.md``.
+Per arm (a method plus what it needs: mixed ranks, a scaling rule, an adapter type):
 
-    python benchmarks/methods.py                       # all arms
-    python benchmarks/methods.py --arms ffa rolora --runs-only   # split over processes
+1. ``ladder``: the adapter's learning rate (``local.lr``) over a ladder 4x apart, seed 0;
+   the rung with the lowest mean client **validation** loss (a stratified part of each
+   client's training data, ``data.validation_fraction``; never the test part) is
+   chosen. A choice at an end of the ladder extends it by one rung on that side, up to
+   ``--max-extend`` times, so no arm is judged at a rate clipped by the ladder.
+2. ``seeds``: the chosen rate again with seeds 1 and 2.
+3. ``report``: per arm, personalised and global accuracy over the 3 seeds as mean ±
+   95% t-interval, bytes per run, the chosen rate; ``local`` (no federation) and
+   ``central`` (all data pooled, same total steps) as reference rows.
+
+The head's learning rate (``local.head_lr``) and everything else are the same for every
+arm; only the adapter's rate is tuned. Datasets (``--dataset``): ``sst2``
+(``../shared/data/sst2``, 2 classes) and ``bbc`` (BBC News, 5 topics, the offline
+stand-in for AG News' 4), each with 10 clients, Dirichlet(0.5), all-MiniLM-L6-v2.
+``--size cpu`` is the budget a 2-core machine finishes (see ``SIZES``); ``smoke`` is a
+seconds-long check of the plumbing.
+
+    python benchmarks/methods.py --dataset sst2 --stage ladder [--arms fedit ...] [--shard 0/2]
+    python benchmarks/methods.py --dataset sst2 --stage seeds
+    python benchmarks/methods.py --dataset sst2 --stage report   # writes table.md
+
+Runs go to ``docs/results/methods/<dataset>-<size>/<arm>/{ladder,seeds}/runs/`` (configs,
+metrics and summaries are committed, weights are not), so rerunning skips finished
+runs, resumes interrupted ones, and the table regenerates from a clean clone.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
+import math
+import sys
 from pathlib import Path
 
-from communication import run_arm
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
 
-from sfedlora.config import load_config
-from sfedlora.simulation import config_differences
+from sfedlora.config import load_config  # noqa: E402
+from sfedlora.sweep import LR_KEY, ci95, parse_grid, parse_shard, run_sweep  # noqa: E402
 
 ARMS: dict[str, list[str]] = {
     "fedit": ["method=fedit"],
@@ -36,60 +54,161 @@ ARMS: dict[str, list[str]] = {
     "flocora": ["method=flocora"],
     "hetlora": ["method=hetlora", "lora.client_ranks=[2,4,8]"],
     "flora": ["method=flora", "lora.client_ranks=[2,4,8]"],
+    "flexlora": ["method=flexlora", "lora.client_ranks=[2,4,8]"],
+    "fedex": ["method=fedex"],
+    "fedsvd": ["method=fedsvd"],
     "fdlora": ["method=fdlora"],
+    "local": ["method=local"],
+    "central": ["method=central"],
 }
-SAME_RUN_MAY_DIFFER = frozenset({"output_dir", "progress"})
+REFERENCES = ("local", "central")
+CONFIGS = {"sst2": "configs/methods_sst2.yaml", "bbc": "configs/methods_bbc.yaml"}
+LADDER = (5e-4, 2e-3, 8e-3)  # 4x apart around the old shared 2e-3
+SIZES = {
+    "cpu": ("rounds=10", "local.steps=5", "eval.every=10", "checkpoint.every=5"),
+    "smoke": ("rounds=1", "local.steps=1", "eval.every=1", "checkpoint.every=0",
+              "data.max_train_examples=1000", "data.max_test_examples=40"),
+}
+SEEDS = (1, 2)
 
 
-def finished_twin(config: str, overrides: list[str], search: list[Path]) -> Path | None:
-    """A finished run under ``search`` whose resolved config equals this arm's."""
-    want = load_config(config, overrides).model_dump(mode="json")
-    for root in search:
-        for summary in sorted(root.glob("*/summary.json")):
-            # loaded through today's schema, so fields added since take their defaults
-            have = load_config(summary.parent / "config.yaml").model_dump(mode="json")
-            if not config_differences(have, want, ignore=SAME_RUN_MAY_DIFFER):
-                return summary.parent
-    return None
+def arm_dir(args, arm: str) -> Path:
+    return Path(args.out) / f"{args.dataset}-{args.size}" / arm
 
 
-def table(run_dirs: dict[str, Path]) -> str:
-    lines = [
-        "| method | pers. acc | global acc | MB up | MB down | MB total | run |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for name, run_dir in run_dirs.items():
-        s = json.loads((run_dir / "summary.json").read_text())
-        glob = "-" if s["global_accuracy"] is None else f"{s['global_accuracy']:.4f}"
-        lines.append(
-            f"| {name} | {s['personalized_accuracy']:.4f} | {glob} | "
-            f"{s['bytes_up_total'] / 1e6:.1f} | {s['bytes_down_total'] / 1e6:.1f} | "
-            f"{s['bytes_total'] / 1e6:.1f} | `{run_dir}` |"
-        )
-    return "\n".join(lines)
+def overrides(args, arm: str) -> list[str]:
+    return [*ARMS[arm], *SIZES[args.size], *args.overrides]
 
 
-def main() -> None:
+def config(args) -> str:
+    return str(ROOT / CONFIGS[args.dataset])
+
+
+def _sweep(args, arm: str, stage: str, grid: list[str]) -> bool:
+    return run_sweep(config(args), parse_grid(grid), arm_dir(args, arm) / stage,
+                     overrides(args, arm), shard=parse_shard(args.shard),
+                     on_start=lambda name: print(f"{arm} {stage} {name}", flush=True))
+
+
+def _ladder_results(args, arm: str) -> list[dict]:
+    """Finished ladder runs of an arm: learning rate and final validation loss."""
+    rows = []
+    for summary in sorted((arm_dir(args, arm) / "ladder" / "runs").glob("*/summary.json")):
+        s = json.loads(summary.read_text())
+        lr = load_config(summary.parent / "config.yaml").local.lr
+        rows.append({"lr": lr, "val_loss": s.get("personalized_val_loss"), **s})
+    return rows
+
+
+def best_rung(rows: list[dict]) -> tuple[float, bool, bool]:
+    """The rung with the lowest validation loss, and whether it is the lowest / highest
+    rung tried (a loss that is not finite counts as worst)."""
+    def key(r):
+        v = r["val_loss"]
+        return v if v is not None and math.isfinite(v) else math.inf
+
+    rates = sorted({r["lr"] for r in rows})
+    best = min(rows, key=key)["lr"]
+    return best, best == rates[0], best == rates[-1]
+
+
+def ladder(args, arm: str) -> bool:
+    rates = list(LADDER)
+    for _ in range(args.max_extend + 1):
+        done = _sweep(args, arm, "ladder", [f"{LR_KEY}={','.join(map(repr, rates))}",
+                                            "seed=0"])
+        if not done:
+            return False  # other shards are still running this arm
+        best, low, high = best_rung(_ladder_results(args, arm))
+        if not (low or high):
+            return True
+        rates = sorted({*rates, best / 4 if low else best * 4})
+    return True
+
+
+def seeds(args, arm: str) -> bool:
+    best, *_ = best_rung(_ladder_results(args, arm))
+    return _sweep(args, arm, "seeds", [f"{LR_KEY}={best!r}",
+                                       f"seed={','.join(map(str, SEEDS))}"])
+
+
+def arm_row(args, arm: str) -> dict | None:
+    import pandas as pd
+
+    ladder_rows = _ladder_results(args, arm)
+    if not ladder_rows:
+        return None
+    best, low, high = best_rung(ladder_rows)
+    runs = [r for r in ladder_rows if r["lr"] == best]
+    for summary in sorted((arm_dir(args, arm) / "seeds" / "runs").glob("*/summary.json")):
+        runs.append(json.loads(summary.read_text()))
+    frame = pd.DataFrame(runs)
+
+    def stat(key):
+        col = frame[key].dropna() if key in frame else pd.Series([], dtype=float)
+        return (col.mean(), ci95(col)) if len(col) else (math.nan, math.nan)
+
+    return {"arm": arm, "lr": best, "at_end": low or high, "seeds": len(frame),
+            "rungs": len({r["lr"] for r in ladder_rows}),
+            "pers": stat("personalized_accuracy"), "glob": stat("global_accuracy"),
+            "val_loss": stat("personalized_val_loss"),
+            "mb_up": frame["bytes_up_total"].mean() / 1e6,
+            "mb_down": frame["bytes_down_total"].mean() / 1e6}
+
+
+def _pm(mean_half: tuple[float, float]) -> str:
+    mean, half = mean_half
+    if math.isnan(mean):
+        return "-"
+    return f"{mean:.3f}" if math.isnan(half) else f"{mean:.3f} ± {half:.3f}"
+
+
+def _mb(value: float) -> str:
+    return f"{value:.1f}" if value >= 1 else f"{value:.3f}"
+
+
+def report(args) -> str:
+    rows = [r for arm in args.arms if (r := arm_row(args, arm)) is not None]
+    lines = ["| method | pers. acc | global acc | val loss | MB up | MB down | lr | seeds |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["arm"] in REFERENCES, r["arm"])):
+        mb = ("n/a", "n/a") if r["arm"] == "central" else (_mb(r["mb_up"]),
+                                                            _mb(r["mb_down"]))
+        flag = " (ladder end)" if r["at_end"] else ""
+        name = f"*{r['arm']}* (reference)" if r["arm"] in REFERENCES else r["arm"]
+        lines.append(f"| {name} | {_pm(r['pers'])} | {_pm(r['glob'])} | "
+                     f"{_pm(r['val_loss'])} | {mb[0]} | {mb[1]} | {r['lr']:.1e}{flag} | "
+                     f"{r['seeds']} |")
+    table = "\n".join(lines)
+    out = Path(args.out) / f"{args.dataset}-{args.size}" / "table.md"
+    out.write_text(table + "\n")
+    return table
+
+
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/sst2_communication.yaml")
-    parser.add_argument("--out", default="runs/methods", type=Path)
-    parser.add_argument("--reuse", nargs="*", default=[Path("runs/communication")], type=Path,
-                        help="folders of finished runs to reuse when their config is identical")
+    parser.add_argument("--dataset", choices=list(CONFIGS), default="sst2")
+    parser.add_argument("--stage", choices=["ladder", "seeds", "report", "all"],
+                        default="all")
+    parser.add_argument("--size", choices=list(SIZES), default="cpu")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
-    parser.add_argument("--runs-only", action="store_true",
-                        help="run just these arms, no table (to split arms over processes)")
+    parser.add_argument("--out", default=str(ROOT / "docs/results/methods"))
+    parser.add_argument("--shard", default="0/1", help="K/M: this process runs every M-th "
+                        "run of each sweep starting at K")
+    parser.add_argument("--max-extend", type=int, default=2,
+                        help="rungs added at most when the best rate sits at a ladder end")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value for every arm")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    run_dirs = {}
-    for name in args.arms:
-        overrides = [*ARMS[name], *args.overrides]
-        twin = finished_twin(args.config, overrides, args.reuse)
-        print(f"arm {name} ..." + (f" (reusing {twin})" if twin else ""), flush=True)
-        run_dirs[name] = twin or run_arm(args.out / name, args.config, overrides)
-    if not args.runs_only:
-        print(table(run_dirs))
+    args = parser.parse_args(argv)
+    finished = True
+    for arm in args.arms:
+        if args.stage in ("ladder", "all"):
+            finished &= ladder(args, arm)
+        if args.stage in ("seeds", "all") and finished:
+            finished &= seeds(args, arm)
+    if args.stage in ("report", "all") and finished:
+        print(report(args))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
