@@ -32,6 +32,14 @@ How the other methods fit:
   the stacked factors of every round, and clients merge them into their base weights.
   FDLoRA (:mod:`sfedlora.methods.fdlora`): a personal copy per client in its
   method-owned state, fused with the global adapter by a held-out grid search.
+  FedEx-LoRA shares FLoRA's merging (:mod:`sfedlora.methods.merging`): it merges the
+  residual of averaging A and B separately.
+* **Re-factorising servers.** FlexLoRA's ``aggregate`` takes the SVD of the weighted sum
+  of products; FedSVD's :meth:`Method.finalize` re-factorises the combined state after
+  any DP noise, so it stays post-processing.
+* **References.** ``local`` keeps every part private; ``central`` pools the training
+  data on one client (:meth:`Method.training_splits`), trains only it
+  (:meth:`Method.participants`) for the round's total steps (:meth:`Method.local_steps`).
 * **Config rules** that only concern one method live in its :meth:`Method.check_config`.
 """
 
