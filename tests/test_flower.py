@@ -46,6 +46,8 @@ CASES = {  # name: (config factory fixture, overrides)
     "flexlora": ("tiny_config", ["method=flexlora", "lora.client_ranks=[1,2,4]", "rounds=2"]),
     "fedsvd": ("tiny_config", ["method=fedsvd", "rounds=2"]),
     "central": ("tiny_config", ["method=central", "clients.per_round=2", "rounds=2"]),
+    # issue 21: the four exchanges of secure aggregation over the Message API
+    "secagg": ("tiny_config", ["method=sfed", "privacy.secure_aggregation=true", "rounds=2"]),
 }
 
 

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from sfedlora.adapters import AdapterLayout
 from sfedlora.experiment import Experiment
 from sfedlora.records import ClientScores, ClientState, FitResult, Tensors
+from sfedlora.secagg import client as secure_client
 
 
 @dataclass(frozen=True)
@@ -45,9 +46,15 @@ class PoolInfo:
 class ClientPool(Protocol):
     def info(self) -> PoolInfo: ...
 
-    def fit(self, round_idx: int, downloads: dict[int, bytes]) -> dict[int, FitResult]:
+    def fit(self, round_idx: int, downloads: dict[int, bytes],
+            secure: dict[int, bytes] | None = None) -> dict[int, FitResult]:
         """Each client's local round on its download; a client missing from the
-        result dropped out."""
+        result dropped out. With ``secure`` (secure aggregation's mask requests), each
+        client uploads its masked vector instead (:mod:`sfedlora.secagg.client`)."""
+
+    def secure_exchange(self, round_idx: int, stage: str, requests: dict[int, bytes]
+                        ) -> dict[int, bytes]:
+        """One secure-aggregation exchange with each client; missing: no reply."""
 
     def score(self, requests: list[AdapterRequest]) -> dict[int | None, ClientScores]:
         """The task's scores of each requested adapter; missing: could not be scored."""
@@ -82,16 +89,31 @@ class InProcessPool:
     def __init__(self, exp: Experiment):
         self.exp = exp
         self.states = {cid: ClientState() for cid in range(exp.cfg.clients.num)}
+        self.secure: dict[int, dict | None] = {}  # secure-aggregation sessions this round
 
     def info(self) -> PoolInfo:
         return PoolInfo(self.exp.worker.slots.layout, self.exp.data.label_names,
                         self.exp.base_path, self.exp.worker.base_params)
 
-    def fit(self, round_idx: int, downloads: dict[int, bytes]) -> dict[int, FitResult]:
-        worker = self.exp.worker
-        return {cid: worker.fit(cid, self.states[cid], download, self.exp.client_train[cid],
-                                round_idx)
-                for cid, download in downloads.items()}
+    def fit(self, round_idx: int, downloads: dict[int, bytes],
+            secure: dict[int, bytes] | None = None) -> dict[int, FitResult]:
+        worker, fits = self.exp.worker, {}
+        for cid, download in downloads.items():
+            fit = worker.fit(cid, self.states[cid], download, self.exp.client_train[cid],
+                             round_idx)
+            if secure is not None:
+                self.secure[cid], fit = secure_client.masked_fit(
+                    worker, cid, round_idx, download, fit, self.secure[cid], secure[cid])
+            fits[cid] = fit
+        return fits
+
+    def secure_exchange(self, round_idx: int, stage: str, requests: dict[int, bytes]
+                        ) -> dict[int, bytes]:
+        replies = {}
+        for cid, request in requests.items():
+            self.secure[cid], replies[cid] = secure_client.exchange(
+                self.secure.get(cid), cid, stage, request)
+        return replies
 
     def _state(self, cid: int | None) -> ClientState:
         return self.states[cid] if cid is not None else ClientState()

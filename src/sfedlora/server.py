@@ -246,9 +246,21 @@ class Server:
         report.applied = True
         return report
 
-    def _combine(self, round_idx: int, updates: list[Update]) -> dict[str, torch.Tensor]:
+    def apply_mean(self, round_idx: int, mean: dict[str, torch.Tensor], weight: int,
+                   num_clients: int) -> None:
+        """Apply the weighted mean of ``num_clients`` uploads that secure aggregation
+        unmasked (the server never saw them one by one): as one update of weight 1,
+        with DP noise for ``num_clients`` where configured (the clients clipped their
+        own changes)."""
+        update = Update(-1, max(1, weight), mean)
+        self.state = self._combine(round_idx, [update], num_clients=num_clients)
+
+    def _combine(self, round_idx: int, updates: list[Update], num_clients: int | None = None
+                 ) -> dict[str, torch.Tensor]:
+        """``num_clients``: the updates are one secure mean of that many clients,
+        clipped on the clients."""
         clip = self.privacy.cfg.clip_norm if self.privacy else self.cfg.clip_norm
-        if clip is not None:
+        if clip is not None and num_clients is None:
             updates = [replace(u, tensors=clip_update(
                 u.tensors, self.reference(u.client_id, round_idx), clip)) for u in updates]
         if self.privacy is None:
@@ -257,7 +269,7 @@ class Server:
             # DP: equal weights bound each client's influence by the clip norm.
             mean = self.method.aggregate(self.state, updates, uniform_mean)
             uploaded = {n: mean[n] for n in updates[0].tensors}
-            new = {**mean, **self.privacy.noise(uploaded, len(updates))}
+            new = {**mean, **self.privacy.noise(uploaded, num_clients or len(updates))}
         new = self.method.finalize(new)
         self.hooks.after_combine(round_idx, sorted(updates, key=lambda u: u.client_id))
         if self.optimizer is None:

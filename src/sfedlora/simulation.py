@@ -16,7 +16,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 from tqdm.auto import tqdm
 
 from sfedlora.accounting import ByteCounter
@@ -32,6 +31,7 @@ from sfedlora.privacy import GaussianMechanism
 from sfedlora.records import Metric, Tensors, mean_or_none
 from sfedlora.results import RunDir, resolve_output_dir
 from sfedlora.sampling import evaluated_clients, sample_clients
+from sfedlora.secagg.server import SecureRound
 from sfedlora.server import Reply, Server
 from sfedlora.tasks import get_task
 
@@ -76,6 +76,8 @@ class Simulation:
         self.evaluator = Evaluator(cfg.clients.num, self.task, self.method, self.server, pool,
                                    evaluated_clients(cfg.clients.num, cfg.eval.clients,
                                                      cfg.seed))
+        self.secure = SecureRound(cfg, self.server, pool) if cfg.privacy.secure_aggregation \
+            else None
         self.done_rounds = 0
         self.prior_seconds = 0.0
         self.restored_metrics: list[str] = []
@@ -88,31 +90,39 @@ class Simulation:
             sample_clients(cfg.clients.num, cfg.clients_per_round, cfg.seed, round_idx))
         t0 = time.perf_counter()
         downloads = {cid: self.server.download(cid) for cid in clients}
-        fits = self.pool.fit(round_idx, downloads)
+        if self.secure is None:
+            fits, exchange = self.pool.fit(round_idx, downloads), None
+        else:  # the server sees only masked vectors and, once unmasked, their sum
+            fits, exchange = self.secure.fit(round_idx, downloads)
         dropped = [c for c in clients if c not in fits]
         for c in dropped:
             self.server.hooks.forget(c)
         clients = [c for c in clients if c in fits]
-        replies = [Reply(c, fits[c].num_examples, fits[c].upload) for c in clients]
         t1 = time.perf_counter()
-        report = self.server.aggregate(round_idx, replies)
+        if exchange is None:
+            report = self.server.aggregate(
+                round_idx, [Reply(c, fits[c].num_examples, fits[c].upload) for c in clients])
+            up = {c: len(fits[c].upload) for c in clients}
+            down = {c: len(d) for c, d in downloads.items()}
+        else:
+            report = self.secure.aggregate(round_idx, exchange, fits)
+            up, down = dict(sorted(exchange.up.items())), dict(sorted(exchange.down.items()))
         t2 = time.perf_counter()
 
         metrics = {
             Metric.ROUND: round_idx,
             Metric.CLIENTS: clients,
-            Metric.TRAIN_LOSS: float(np.mean([f.train_loss for f in fits.values()])),
+            Metric.TRAIN_LOSS: mean_or_none([f.train_loss for f in fits.values()]),
             Metric.GRAD_NORM_A: mean_or_none([f.grad_norm_A for f in fits.values()]),
             Metric.GRAD_NORM_B: mean_or_none([f.grad_norm_B for f in fits.values()]),
             Metric.AGGREGATED: report.applied,
             Metric.REJECTED: {str(c): why for c, why in report.rejected.items()},
-            **self.bytes.record({c: len(fits[c].upload) for c in clients},
-                                {c: len(d) for c, d in downloads.items()}),
+            **self.bytes.record(up, down),
             Metric.NORM_A_MEAN: self.shared_a_norm(),
         }
         if self.network is not None:
-            metrics |= self.network.price(round_idx, {c: len(fits[c].upload) for c in clients},
-                                          {c: len(downloads[c]) for c in clients},
+            metrics |= self.network.price(round_idx, {c: up[c] for c in clients},
+                                          {c: down[c] for c in clients},
                                           {c: fits[c].tokens or 0 for c in clients})
         if dropped:
             metrics[Metric.DROPPED] = dropped

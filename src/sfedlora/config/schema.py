@@ -206,12 +206,25 @@ class CommConfig(_Section):
 
 
 class PrivacyConfig(_Section):
-    """Client-level differential privacy (DP-FedAvg): clip, average, add noise."""
+    """Client-level differential privacy (DP-FedAvg: clip, average, add noise) and
+    secure aggregation (the server learns only the sum of the uploads)."""
 
     enabled: bool = False
     clip_norm: float = Field(1.0, gt=0, description="L2 bound on each client's update")
     noise_multiplier: float = Field(1.0, ge=0, description="noise std / clip_norm")
     delta: float = Field(1e-5, gt=0, lt=1)
+    secure_aggregation: bool = Field(
+        False, description="mask every upload so the server learns only their sum "
+        "(Bonawitz et al. 2017; sfedlora.secagg)")
+    secagg_threshold: float = Field(
+        0.5, gt=0, le=1, description="shares needed to unmask, as a fraction of the round's "
+        "clients (at least 2): fewer survivors and the round is skipped")
+    secagg_range: float = Field(
+        1.0, gt=0, description="uploaded values are clipped to [-range, range] before "
+        "quantisation (clipped coordinates are counted in the client's log)")
+    secagg_max_weight: int = Field(
+        65536, gt=0, description="the largest weight (training examples) a client may "
+        "have; with the range and the round's clients it sets the quantisation step")
 
 
 class PersonalConfig(_Section):
@@ -390,6 +403,8 @@ class ExperimentConfig(_Section):
                 "privacy accounting assumes a mean of clipped updates; set server.aggregation=mean"
             )
         self._check_codecs(method)
+        if self.privacy.secure_aggregation:
+            self._check_secure_aggregation(method)
         net = self.network
         changed = sorted(f"network.{k}" for k, info in NetworkConfig.model_fields.items()
                          if k != "model" and getattr(net, k) != info.default)
@@ -399,6 +414,28 @@ class ExperimentConfig(_Section):
         get_task(self.task).check_config(self)
         method.check_config(self)
         return self
+
+    def _check_secure_aggregation(self, method) -> None:
+        """Secure aggregation gives the server only the weighted sum of what clients
+        send: refuse whatever needs an individual update."""
+        refused = [
+            (method.secure_aggregation_refusal, "method",
+             f"method={self.method} {method.secure_aggregation_refusal}"),
+            (self.server.aggregation != "mean", "server.aggregation",
+             "a median or trimmed mean needs every update; use mean"),
+            (self.server.max_update_norm is not None, "server.max_update_norm",
+             "the server cannot measure a masked update; remove it"),
+            (self.server.clip_norm is not None, "server.clip_norm",
+             "the server cannot clip a masked update; with privacy.enabled clients clip "
+             "their own change (privacy.clip_norm); remove server.clip_norm"),
+            (self.lora.client_ranks is not None, "lora.client_ranks",
+             "uploads of different ranks differ in size; remove lora.client_ranks"),
+            (self.clients_per_round < 2, "clients.per_round",
+             "the sum of one upload is that upload; sample at least 2 clients"),
+        ]
+        for bad, setting, why in refused:
+            if bad:
+                raise ValueError(f"privacy.secure_aggregation with this {setting}: {why}")
 
     def _check_client_ranks(self, method) -> None:
         ranks, num = self.lora.client_ranks, self.clients.num

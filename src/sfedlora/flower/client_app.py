@@ -25,6 +25,7 @@ from sfedlora.flower.node_state import NodeState, state_root
 from sfedlora.pool import saved_files
 from sfedlora.ranks import pad
 from sfedlora.records import ClientState
+from sfedlora.secagg import client as secure_client
 
 _experiments: dict[str, Experiment] = {}  # one model per process, keyed by its config
 
@@ -82,6 +83,11 @@ def train(msg: Message, context: Context, defaults: dict) -> Message:
     fit = exp.worker.fit(cid, state, request[messages.DOWNLOAD], exp.client_train[cid],
                          round_idx)
     node.save(round_idx, state, int(request[messages.CHECKPOINTED]))
+    if messages.SECURE in request:  # secure aggregation: upload the masked vector
+        session, fit = secure_client.masked_fit(
+            exp.worker, cid, round_idx, request[messages.DOWNLOAD], fit,
+            node.load_secure(round_idx), request[messages.SECURE])
+        node.save_secure(round_idx, session)
     return Message(RecordDict({
         messages.REPLY: ConfigRecord({messages.UPLOAD: fit.upload}),
         messages.METRICS: MetricRecord(messages.fit_metrics(fit)),
@@ -97,12 +103,20 @@ def evaluate(msg: Message, context: Context, defaults: dict) -> Message:
 def query(msg: Message, context: Context, defaults: dict) -> Message:
     """``describe``: the node's client id; ``layout``: the adapter's layout, labels and
     base model (what the ServerApp needs instead of a model); ``adapter``: an adapter's
-    tensors; ``export``: an adapter saved by PEFT, file by file."""
+    tensors; ``export``: an adapter saved by PEFT, file by file; ``secagg``: one
+    secure-aggregation exchange, the round's session kept in the node's state directory."""
     request = msg.content[messages.REQUEST]
     cfg, cid = _client(context, defaults)
     reply: dict = {messages.CLIENT: cid}
     what = request[messages.WHAT]
-    if what == messages.LAYOUT:
+    if what == messages.SECAGG:
+        node = NodeState(state_root(context.node_config, str(request[messages.RUN_KEY])), cid)
+        round_idx = int(request[messages.ROUND])
+        session, reply[messages.PAYLOAD] = secure_client.exchange(
+            node.load_secure(round_idx), cid, str(request[messages.STAGE]),
+            request[messages.PAYLOAD])
+        node.save_secure(round_idx, session)
+    elif what == messages.LAYOUT:
         exp = experiment(cfg)
         reply[messages.LAYOUT] = exp.worker.slots.layout.encode(
             {"label_names": exp.data.label_names, "base_path": exp.base_path,

@@ -16,6 +16,9 @@ RUN_KEY, CHECKPOINTED = "run-key", "checkpointed"
 WHAT, DESCRIBE, LAYOUT, ADAPTER, EXPORT, CLIENT = ("what", "describe", "layout", "adapter",
                                                    "export", "client")
 GLOBAL, GLOBAL_PART, SAMPLES, FILE = "global", "global-part", "samples", "file:"
+# secure aggregation: an exchange (what=secagg, its stage and payload), or the mask
+# request that rides with a training download
+SECAGG, STAGE, PAYLOAD, SECURE = "secagg", "stage", "payload", "secure"
 
 _FIT_FIELDS = ("num_examples", "train_loss", "grad_norm_A", "grad_norm_B", "steps",
                "tokens")

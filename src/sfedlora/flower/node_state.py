@@ -14,6 +14,7 @@ Files older than the newest one at or before the server's last checkpoint are re
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -58,3 +59,25 @@ class NodeState:
         for r, p in rounds.items():
             if r < round_idx and r <= checkpointed and r != kept:
                 p.unlink(missing_ok=True)
+
+    # --- secure aggregation: the round's secrets, only between its exchanges ----------
+
+    def _secure_path(self, round_idx: int) -> Path:
+        return self.folder / f"secagg-round-{round_idx}.json"
+
+    def load_secure(self, round_idx: int) -> dict | None:
+        path = self._secure_path(round_idx)
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def save_secure(self, round_idx: int, state: dict | None) -> None:
+        """Keep (owner-only, atomically) or, with None, delete this round's session."""
+        path = self._secure_path(round_idx)
+        if state is None:
+            path.unlink(missing_ok=True)
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(state, f)
+        os.replace(tmp, path)

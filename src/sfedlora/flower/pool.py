@@ -112,15 +112,26 @@ class FlowerPool:
         return PoolInfo(layout, list(meta["label_names"]), str(meta["base_path"]),
                         int(meta["base_params"]))
 
-    def fit(self, round_idx: int, downloads: dict[int, bytes]) -> dict[int, FitResult]:
+    def fit(self, round_idx: int, downloads: dict[int, bytes],
+            secure: dict[int, bytes] | None = None) -> dict[int, FitResult]:
         self.round = round_idx
-        requests = {self.nodes[cid]: {messages.DOWNLOAD: d, messages.ROUND: round_idx}
+        requests = {self.nodes[cid]: {messages.DOWNLOAD: d, messages.ROUND: round_idx,
+                                      **({messages.SECURE: secure[cid]} if secure else {})}
                     for cid, d in downloads.items()}
         replies = self._by_client(self._send(MessageType.TRAIN, requests,
                                              self.cfg.flower.round_timeout))
         return {cid: messages.fit_result(r.content[messages.REPLY][messages.UPLOAD],
                                          dict(r.content[messages.METRICS]))
                 for cid, r in replies.items()}
+
+    def secure_exchange(self, round_idx: int, stage: str, requests: dict[int, bytes]
+                        ) -> dict[int, bytes]:
+        bodies = {self.nodes[cid]: {messages.WHAT: messages.SECAGG, messages.STAGE: stage,
+                                    messages.PAYLOAD: body, messages.ROUND: round_idx}
+                  for cid, body in requests.items()}
+        replies = self._by_client(self._send(MessageType.QUERY, bodies,
+                                             self.cfg.flower.round_timeout))
+        return {cid: r.content[messages.REPLY][messages.PAYLOAD] for cid, r in replies.items()}
 
     def _ask(self, kind: str, requests: list[AdapterRequest], what: dict
              ) -> dict[int | None, Message]:

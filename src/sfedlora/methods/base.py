@@ -187,6 +187,9 @@ class Method:
     fresh: ClassVar[frozenset[Part]] = frozenset()
     # Whether lora.adapter=vera applies (VeRA's shared frozen projections).
     supports_vera: ClassVar[bool] = False
+    # Why the server step is not a weighted sum of what clients send (so secure
+    # aggregation, which reveals only that sum, cannot run it); "" where it is.
+    secure_aggregation_refusal: ClassVar[str] = ""
 
     @property
     def has_global_adapter(self) -> bool:

@@ -24,6 +24,7 @@ TRAINER = 0  # the client that holds the pooled training data
 class Central(Method):
     name = "central"
     summary = "reference: every client's training data pooled on one trainer, same total steps"
+    secure_aggregation_refusal = "trains one client; there is no sum to hide"
 
     def participants(self, sampled: list[int]) -> list[int]:
         return [TRAINER]

@@ -30,6 +30,7 @@ class FedEx(Method):
     summary = "FedIT averages; the residual mean(B_i A_i) - mean(B) mean(A) merged into the base"
     a_init_modes = ("shared", "independent")
     a_init_note = "A is averaged, so clients may start from one A or their own"
+    secure_aggregation_refusal = "merges the residual of each client's own product B_i A_i"
 
     def merge_factors(self, updates: Sequence[Update], cfg) -> dict[str, torch.Tensor]:
         return residual_factors(updates, self.weights(updates), cfg.gamma)

@@ -29,6 +29,7 @@ class FlexLoRA(Method):
     name = "flexlora"
     summary = "mixed ranks: SVD of sum_k p_k B_k A_k, each client gets its rank's truncation"
     mixed_ranks = True
+    secure_aggregation_refusal = "takes the SVD of the clients' own products B_k A_k"
 
     def aggregate(self, global_state: dict[str, torch.Tensor], updates: Sequence[Update],
                   combine: Combiner = weighted_mean) -> dict[str, torch.Tensor]:

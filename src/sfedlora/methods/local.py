@@ -14,6 +14,7 @@ class Local(Method):
     summary = "reference: each client trains alone on its own data; nothing is sent"
     shared = frozenset()
     private = ALL_PARTS
+    secure_aggregation_refusal = "sends nothing"
     a_init_modes = ("independent", "shared")
     a_init_note = "nothing is averaged, so clients may start from their own A or one A"
 

@@ -34,6 +34,7 @@ class FLoRA(Method):
     summary = "fresh LoRA each round; stacked factors merged into the base (mixed ranks)"
     shared = ALL_PARTS
     fresh = frozenset({Part.A, Part.B})
+    secure_aggregation_refusal = "stacks each client's factors; their sum is not the stacked matrix"
     mixed_ranks = True
     a_init_modes = ("independent",)
     a_init_note = "each client draws a fresh A every round"

@@ -1,0 +1,89 @@
+"""A client's side of secure aggregation, the same for every runtime.
+
+Each exchange is a pure step ``(session state, request bytes) -> (session state, reply
+bytes)``; the runtime keeps the state between exchanges (the in-process pool in
+memory, a Flower node in its state directory). :func:`upload_vector` turns a client's
+trained upload into what it masks: the tensors the server would have decoded, in name
+order, with DP clipping done here (the server never sees an individual change), and the
+client's own integer weight.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+import numpy as np
+
+from sfedlora import codecs
+from sfedlora.aggregation import clip_update
+from sfedlora.secagg import field
+from sfedlora.secagg import messages as sm
+from sfedlora.secagg.protocol import ClientSession, RoundParams
+
+log = logging.getLogger(__name__)
+
+
+def exchange(state: dict | None, cid: int, stage: str, request: bytes
+             ) -> tuple[dict | None, bytes]:
+    """One of the exchanges ``advertise``, ``share``, ``unmask`` (after which the
+    state is None: nothing of the round is kept)."""
+    body = sm.loads(request)
+    if stage == sm.ADVERTISE:
+        session = ClientSession(cid)
+        reply = sm.dumps(session.advertise())  # draws the keys the state must hold
+        return {"session": session.state_dict(), "params": body["params"]}, reply
+    if state is None:
+        raise ValueError(f"client {cid}: secure-aggregation {stage} before advertise")
+    session = ClientSession.from_state(state["session"])
+    if stage == sm.SHARE:
+        reply = session.share(RoundParams.from_json(state["params"]), body["keys"])
+    elif stage == sm.UNMASK:  # the last exchange: the round's secrets are dropped
+        return None, sm.dumps(session.unmask([int(c) for c in body["survivors"]]))
+    else:
+        raise ValueError(f"unknown secure-aggregation exchange {stage!r}")
+    return {**state, "session": session.state_dict()}, sm.dumps(reply)
+
+
+def mask(state: dict, request: bytes, values: np.ndarray, weight: int
+         ) -> tuple[dict, bytes]:
+    """The masked, quantised, pre-weighted upload (the ``mask`` exchange)."""
+    body = sm.loads(request)
+    params = RoundParams.from_json(state["params"])
+    session = ClientSession.from_state(state["session"])
+    if not np.isfinite(values).all():
+        raise ValueError(f"client {session.cid}: non-finite values in the upload")
+    vector, clipped = field.quantize(values, weight, params.step, params.value_range)
+    if clipped:
+        log.warning("client %d: %d uploaded values beyond privacy.secagg_range=%g were "
+                    "clipped to it", session.cid, clipped, params.value_range)
+    masked = session.mask(params, vector, sm.int_keys(body["received"]),
+                          [int(c) for c in body["u2"]])
+    return {**state, "session": session.state_dict()}, sm.encode_masked(masked)
+
+
+def masked_fit(worker, cid: int, round_idx: int, download: bytes, fit, state: dict,
+               request: bytes):
+    """``(state, fit)`` with the fit's upload replaced by its masked vector."""
+    values, weight = upload_vector(worker, cid, round_idx, download, fit.upload,
+                                   fit.num_examples)
+    state, masked = mask(state, request, values, weight)
+    return state, replace(fit, upload=masked)
+
+
+def upload_vector(worker, cid: int, round_idx: int, download: bytes, upload: bytes,
+                  num_examples: int) -> tuple[np.ndarray, int]:
+    """What client ``cid`` masks: its upload as the server would decode it (absolute
+    values, whatever the codec), flattened in name order, and its weight (1 where the
+    method averages uniformly or under DP, else its number of training examples).
+    Under DP the change is clipped here, against what the client started from."""
+    cfg, method = worker.cfg, worker.method
+    received, _ = worker.split_download(codecs.decode(download))
+    tensors = codecs.decode(upload, reference=received)
+    if cfg.privacy.enabled:
+        start = {**worker.drawn_start(cid, round_idx), **received}
+        tensors = clip_update(tensors, start, cfg.privacy.clip_norm)
+    uniform = cfg.privacy.enabled or method.weighting == "uniform"
+    values = np.concatenate([tensors[n].detach().double().reshape(-1).numpy()
+                             for n in sorted(tensors)])
+    return values, 1 if uniform else int(num_examples)

@@ -1,0 +1,59 @@
+"""Arithmetic of secure aggregation: integers mod 2^32, quantisation, and masks.
+
+A client's upload becomes a vector of integers mod 2^32: each coordinate clipped to
+``[-R, R]``, rounded to a multiple of the step ``delta`` (round half to even, so
+the same upload always gives the same integers), multiplied by the client's integer
+weight, and the weight itself appended. Sums wrap mod 2^32 (numpy's uint32 addition);
+the step is chosen so the true sum never leaves ``[-2^31, 2^31)``, so reading the
+wrapped sum as a signed integer recovers it exactly.
+
+Masks are keystreams of ChaCha20 (from ``cryptography``) keyed by SHA-256 of a secret:
+Flower's ``pseudo_rand_gen`` folds its seed into a 32-bit numpy ``RandomState``, which an
+observer could brute-force, so it is not used here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+BITS = 32
+HALF = 2 ** (BITS - 1)
+
+
+def step_for(value_range: float, max_weight: int, clients: int) -> float:
+    """The quantisation step that keeps any sum of ``clients`` uploads, each clipped to
+    ``[-value_range, value_range]`` and weighted by at most ``max_weight``, inside the
+    signed 32-bit range: ``k w (R / delta + 1/2) <= 2^31 - 1``."""
+    total = clients * max_weight
+    room = (HALF - 1) / total - 0.5
+    if room <= 1:
+        raise ValueError(f"{clients} clients of weight up to {max_weight} leave no room in "
+                         f"{BITS}-bit sums; lower privacy.secure_aggregation_max_weight")
+    return value_range / room
+
+
+def quantize(values: np.ndarray, weight: int, step: float, value_range: float
+             ) -> tuple[np.ndarray, int]:
+    """``weight * round(clip(values) / step)`` and the weight, as one uint32 vector
+    (two's complement), and how many coordinates were clipped."""
+    clipped = np.clip(values, -value_range, value_range)
+    ints = np.rint(clipped / step).astype(np.int64) * int(weight)
+    vector = np.concatenate([ints, np.asarray([weight], dtype=np.int64)])
+    return vector.astype(np.uint32), int(np.count_nonzero(clipped != values))
+
+
+def signed(total: np.ndarray) -> np.ndarray:
+    """A wrapped uint32 sum read back as the signed integers it stands for."""
+    out = total.astype(np.int64)
+    out[out >= HALF] -= 2 ** BITS
+    return out
+
+
+def mask(seed: bytes, size: int) -> np.ndarray:
+    """``size`` uint32 words of the ChaCha20 keystream keyed by SHA-256(seed)."""
+    key = hashlib.sha256(seed).digest()
+    encryptor = Cipher(algorithms.ChaCha20(key, nonce=b"\0" * 16), mode=None).encryptor()
+    return np.frombuffer(encryptor.update(b"\0" * (4 * size)), dtype="<u4").astype(np.uint32)

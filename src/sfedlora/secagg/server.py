@@ -1,0 +1,146 @@
+"""The server's side of a secure round, driven through any client pool.
+
+:class:`SecureRound` runs the exchanges of :mod:`sfedlora.secagg.protocol` through the
+pool (``secure_exchange`` for advertise, share and unmask; the mask request rides with
+the training download), counts every byte each client sends and receives, and hands
+the unmasked weighted mean to the server (:meth:`sfedlora.server.Server.apply_mean`),
+which adds DP noise where configured and applies it as if it had averaged the uploads
+itself. Below the threshold at any exchange the round is skipped with a logged reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from sfedlora import wire
+from sfedlora.config import ExperimentConfig
+from sfedlora.secagg import field as fieldmath
+from sfedlora.secagg import messages as sm
+from sfedlora.secagg.protocol import RoundAborted, RoundParams, ServerSession
+from sfedlora.server import AggregationReport, Server
+
+log = logging.getLogger(__name__)
+
+
+def threshold(cfg: ExperimentConfig, clients: int) -> int:
+    """Shares needed to unmask: the configured fraction of the round's clients, >= 2."""
+    return max(2, math.ceil(cfg.privacy.secagg_threshold * clients))
+
+
+@dataclass
+class Exchange:
+    """A round in progress: the server's session and the protocol's bytes per client."""
+
+    session: ServerSession | None
+    up: Counter = field(default_factory=Counter)
+    down: Counter = field(default_factory=Counter)
+    aborted: str | None = None
+
+
+class SecureRound:
+    def __init__(self, cfg: ExperimentConfig, server: Server, pool):
+        self.cfg, self.server, self.pool = cfg, server, pool
+
+    def _send(self, ex: Exchange, round_idx: int, stage: str, requests: dict[int, bytes]
+              ) -> dict[int, bytes]:
+        for c, body in requests.items():
+            ex.down[c] += len(body)
+        replies = self.pool.secure_exchange(round_idx, stage, requests)
+        for c, body in replies.items():
+            ex.up[c] += len(body)
+        return replies
+
+    def fit(self, round_idx: int, downloads: dict[int, bytes]) -> tuple[dict, Exchange]:
+        """Advertise and share keys, then train the clients that shared, each masking
+        its upload. Returns the fits (uploads are masked vectors) and the exchange."""
+        clients = sorted(downloads)
+        privacy = self.cfg.privacy
+        params = RoundParams(round_idx, threshold(self.cfg, len(clients)),
+                             fieldmath.step_for(privacy.secagg_range, privacy.secagg_max_weight,
+                                                len(clients)), privacy.secagg_range)
+        ex = Exchange(ServerSession(params, clients))
+        try:
+            replies = self._send(ex, round_idx, sm.ADVERTISE,
+                                 {c: sm.dumps({"params": params.to_json()}) for c in clients})
+            keys = ex.session.keys({c: sm.loads(r) for c, r in replies.items()})
+            request = sm.dumps({"keys": {str(c): k for c, k in keys.items()}})
+            replies = self._send(ex, round_idx, sm.SHARE, {c: request for c in keys})
+            routed = ex.session.route({c: sm.int_keys(sm.loads(r)) for c, r in replies.items()})
+        except (RoundAborted, wire.MessageError) as exc:
+            ex.aborted = str(exc)
+            return {}, ex
+        masks = {c: sm.dumps({"received": {str(s): ct for s, ct in routed[c].items()},
+                              "u2": ex.session.u2}) for c in ex.session.u2}
+        for c, body in masks.items():
+            ex.down[c] += len(body) + len(downloads[c])
+        fits = self.pool.fit(round_idx, {c: downloads[c] for c in ex.session.u2}, secure=masks)
+        for c, fit in fits.items():
+            ex.up[c] += len(fit.upload)
+        return fits, ex
+
+    def aggregate(self, round_idx: int, ex: Exchange, fits: dict) -> AggregationReport:
+        report = AggregationReport()
+        if ex.aborted is None:
+            try:
+                mean, weight = self._unmask(round_idx, ex, fits, report)
+                self.server.apply_mean(round_idx, mean, weight, len(report.accepted))
+                report.applied = True
+            except RoundAborted as exc:
+                ex.aborted = str(exc)
+        if ex.aborted is not None:
+            report.accepted = []
+            log.warning("round %d: secure aggregation skipped the round (%s); global state "
+                        "unchanged", round_idx, ex.aborted)
+        return report
+
+    def _unmask(self, round_idx: int, ex: Exchange, fits: dict, report: AggregationReport
+                ) -> tuple[dict[str, torch.Tensor], int]:
+        server = self.server
+        names = sorted(server.names_for(server.method.plan(round_idx).upload))
+        size = sum(math.prod(server.spec[n].shape) for n in names) + 1
+        masked = {}
+        for c, fit in sorted(fits.items()):
+            try:
+                masked[c] = sm.decode_masked(fit.upload, size)
+            except wire.MessageError as exc:  # its masks are removed as for a dropout
+                report.rejected[c] = str(exc)
+                log.warning("round %d: rejected masked update of client %d: %s",
+                            round_idx, c, exc)
+        survivors = ex.session.collect(masked)
+        request = sm.dumps({"survivors": survivors})
+        replies = self._send(ex, round_idx, sm.UNMASK, {c: request for c in survivors})
+        reveals = {}
+        for c, body in replies.items():
+            try:
+                reveal = sm.loads(body)
+                reveals[c] = {kind: sm.int_keys(reveal.get(kind, {})) for kind in ("b", "sk")}
+            except (wire.MessageError, AttributeError) as exc:
+                log.warning("round %d: client %d's shares are unreadable: %s", round_idx, c, exc)
+        total = ex.session.unmask(reveals)
+        weight = int(total[-1])
+        if weight <= 0:
+            raise RoundAborted(f"the clients' weights sum to {weight}")
+        report.accepted = survivors
+        values = total[:-1].astype(np.float64) * ex.session.params.step / weight
+        mean, offset = {}, 0
+        for n in names:
+            shape, dtype = server.spec[n]
+            count = math.prod(shape)
+            mean[n] = torch.from_numpy(values[offset:offset + count].reshape(shape)).to(dtype)
+            offset += count
+        return mean, weight
+
+    def error_bound(self, clients: int) -> float:
+        """The largest difference, per coordinate, between the secure weighted mean and
+        the plain one of the same uploads (values inside the range): half a step, since
+        each client's value is rounded by at most half a step before its integer weight
+        multiplies it, and the mean divides by the sum of those weights."""
+        privacy = self.cfg.privacy
+        return fieldmath.step_for(privacy.secagg_range, privacy.secagg_max_weight,
+                                  clients) / 2
