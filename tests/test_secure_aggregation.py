@@ -223,3 +223,14 @@ def test_secure_runs_are_deterministic_and_count_the_protocol_bytes(tiny_config,
 def test_settings_that_need_an_individual_update_are_refused(override, match, tiny_config):
     with pytest.raises(ConfigError, match=match):
         tiny_config("privacy.secure_aggregation=true", override)
+
+
+def test_clients_heavier_than_the_quantisation_allows_are_refused_before_training(
+        tiny_config):
+    cfg = tiny_config("method=fedit", "privacy.secure_aggregation=true",
+                      "privacy.secagg_max_weight=10")
+    with pytest.raises(ConfigError, match="raise privacy.secagg_max_weight to at least"):
+        Simulation(cfg)
+    # uniform weights need no bound: FedSA's clients each weigh 1
+    Simulation(tiny_config("method=fedsa", "privacy.secure_aggregation=true",
+                           "privacy.secagg_max_weight=10"))

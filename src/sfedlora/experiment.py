@@ -86,6 +86,10 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
         split = [hold_out(t, holdout, seeds.derive_seed(cfg.seed, seeds.HOLDOUT, c))
                  for c, t in enumerate(client_train)]
         client_train, client_holdout = [s[0] for s in split], [s[1] for s in split]
+    if cfg.privacy.secure_aggregation:
+        from sfedlora.secagg.client import check_weights
+
+        check_weights(cfg, method, [len(t) for t in client_train])
     probe = sets.global_test.subset(
         np.arange(min(cfg.eval.probe_size, len(sets.global_test))))
     worker = Worker(cfg, model, task, method, tokenizer)

@@ -223,8 +223,9 @@ class PrivacyConfig(_Section):
         1.0, gt=0, description="uploaded values are clipped to [-range, range] before "
         "quantisation (clipped coordinates are counted in the client's log)")
     secagg_max_weight: int = Field(
-        65536, gt=0, description="the largest weight (training examples) a client may "
-        "have; with the range and the round's clients it sets the quantisation step")
+        4096, gt=0, description="the most training examples a client may have where "
+        "clients are weighted by them; with the range and the round's clients it sets the "
+        "quantisation step (uniform weights and DP use 1)")
 
 
 class PersonalConfig(_Section):

@@ -17,6 +17,7 @@ import numpy as np
 
 from sfedlora import codecs
 from sfedlora.aggregation import clip_update
+from sfedlora.config import ConfigError
 from sfedlora.secagg import field
 from sfedlora.secagg import messages as sm
 from sfedlora.secagg.protocol import ClientSession, RoundParams
@@ -83,7 +84,27 @@ def upload_vector(worker, cid: int, round_idx: int, download: bytes, upload: byt
     if cfg.privacy.enabled:
         start = {**worker.drawn_start(cid, round_idx), **received}
         tensors = clip_update(tensors, start, cfg.privacy.clip_norm)
-    uniform = cfg.privacy.enabled or method.weighting == "uniform"
     values = np.concatenate([tensors[n].detach().double().reshape(-1).numpy()
                              for n in sorted(tensors)])
-    return values, 1 if uniform else int(num_examples)
+    weight = 1 if weight_bound(cfg, method) == 1 else int(num_examples)
+    check_weights(cfg, method, [weight])
+    return values, weight
+
+
+def weight_bound(cfg, method) -> int:
+    """The largest weight a client may carry: 1 where the method averages uniformly
+    or under DP, else ``privacy.secagg_max_weight`` (training examples)."""
+    if cfg.privacy.enabled or method.weighting == "uniform":
+        return 1
+    return cfg.privacy.secagg_max_weight
+
+
+def check_weights(cfg, method, sizes) -> None:
+    """Refuse clients heavier than the quantisation was sized for (before training,
+    where the data is known)."""
+    bound = weight_bound(cfg, method)
+    if bound > 1 and sizes and max(sizes) > bound:
+        raise ConfigError(
+            f"a client has {max(sizes)} training examples > privacy.secagg_max_weight="
+            f"{bound}: raise privacy.secagg_max_weight to at least {max(sizes)} (the "
+            "quantisation step grows with it; see docs/reliability.md)")

@@ -152,7 +152,9 @@ class ClientSession:
                 continue
             key = generate_shared_key(c_key,
                                       _load_public(_unb64(self.public_keys[peer]["c_pk"])))
-            out[peer] = _b64(encrypt(key, _share_plaintext(self.cid, peer, b_share, sk_share)))
+            # a Fernet token is URL-safe base64 text already
+            out[peer] = encrypt(key, _share_plaintext(self.cid, peer, b_share,
+                                                      sk_share)).decode("ascii")
         return out
 
     def mask(self, params: RoundParams, vector: np.ndarray, received: dict[int, str],
@@ -184,7 +186,7 @@ class ClientSession:
                 key = generate_shared_key(c_key,
                                           _load_public(_unb64(self.public_keys[peer]["c_pk"])))
                 src, dst, b_share, sk_share = _split_plaintext(
-                    decrypt(key, _unb64(self.received[peer])))
+                    decrypt(key, self.received[peer].encode("ascii")))
                 if (src, dst) != (peer, self.cid):
                     raise ValueError(f"client {self.cid}: a share from {peer} names {src}->{dst}")
             if peer in alive:

@@ -22,6 +22,7 @@ from sfedlora import wire
 from sfedlora.config import ExperimentConfig
 from sfedlora.secagg import field as fieldmath
 from sfedlora.secagg import messages as sm
+from sfedlora.secagg.client import weight_bound
 from sfedlora.secagg.protocol import RoundAborted, RoundParams, ServerSession
 from sfedlora.server import AggregationReport, Server
 
@@ -62,8 +63,7 @@ class SecureRound:
         clients = sorted(downloads)
         privacy = self.cfg.privacy
         params = RoundParams(round_idx, threshold(self.cfg, len(clients)),
-                             fieldmath.step_for(privacy.secagg_range, privacy.secagg_max_weight,
-                                                len(clients)), privacy.secagg_range)
+                             self.step(len(clients)), privacy.secagg_range)
         ex = Exchange(ServerSession(params, clients))
         try:
             replies = self._send(ex, round_idx, sm.ADVERTISE,
@@ -141,6 +141,9 @@ class SecureRound:
         the plain one of the same uploads (values inside the range): half a step, since
         each client's value is rounded by at most half a step before its integer weight
         multiplies it, and the mean divides by the sum of those weights."""
-        privacy = self.cfg.privacy
-        return fieldmath.step_for(privacy.secagg_range, privacy.secagg_max_weight,
-                                  clients) / 2
+        return self.step(clients) / 2
+
+    def step(self, clients: int) -> float:
+        """The quantisation step of a round of ``clients`` clients (public)."""
+        bound = weight_bound(self.cfg, self.server.method)
+        return fieldmath.step_for(self.cfg.privacy.secagg_range, bound, clients)
