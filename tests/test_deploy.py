@@ -163,3 +163,76 @@ def test_sigterm_mid_run_stops_every_process(config_file, tmp_path):
     assert cli.returncode == 130 and "every process the deployment started is stopped" in err
     assert marked_processes() == []
     assert (tmp_path / "run" / "deploy" / "superlink.log").is_file()
+
+
+def _by_name(values, names, spec) -> dict:
+    """A flat upload vector back to its tensors (numpy), by name."""
+    import math
+
+    out, offset = {}, 0
+    for n in names:
+        size = math.prod(spec[n].shape)
+        out[n] = values[offset:offset + size].reshape(spec[n].shape)
+        offset += size
+    return out
+
+
+def test_secure_aggregation_on_a_tls_deployment_matches_plain_sums(config_file, tmp_path,
+                                                                    monkeypatch):
+    """3 nodes, TLS and node authentication, 2 rounds: each round's aggregate is the
+    plain weighted mean of the same uploads within the quantisation bound, and nothing
+    the server wrote (its logs, the run directory) holds an individual update."""
+    import numpy as np
+    from safetensors.torch import load_file
+
+    from sfedlora.checkpoint import load_checkpoint
+    from sfedlora.flower.deploy import deploy_local, marked_processes
+    from sfedlora.secagg import client as secure_client
+
+    cfg, path = config_file("method=fedit", "clients.num=3", "privacy.secure_aggregation=true",
+                            "eval.every=1", "checkpoint.every=1")
+    run_dir = deploy_local(str(path), [f"output_dir={tmp_path / 'deployed'}"], nodes=3,
+                           timeout=400)
+    assert marked_processes() == []
+    deployed = _lines(run_dir)
+    assert [m["round"] for m in deployed] == [1, 2] and all(m["aggregated"] for m in deployed)
+
+    # The same uploads, from the same client code in this process: the nodes' training
+    # is deterministic, and a secure aggregate does not depend on the (secret) masks.
+    seen: dict[tuple[int, int], tuple] = {}
+    original = secure_client.upload_vector
+
+    def spy(worker, cid, round_idx, *args):
+        seen[(round_idx, cid)] = out = original(worker, cid, round_idx, *args)
+        return out
+
+    monkeypatch.setattr(secure_client, "upload_vector", spy)
+    sim = Simulation(cfg.model_copy(update={"output_dir": str(tmp_path / "local")}))
+    spec = sim.server.spec
+    names = sorted(sim.server.names_for(sim.method.plan(1).upload))
+    bound = sim.secure.error_bound(3)
+    for r in (1, 2):
+        sim.run_round(r)
+        uploads = [seen[(r, c)] for c in range(3)]
+        plain = _by_name(sum(w * v for v, w in uploads) / sum(w for _, w in uploads),
+                         names, spec)
+        a_plain = np.concatenate([plain[n].reshape(-1) for n in names if ".lora_A." in n])
+        slack = bound * np.sqrt(a_plain.size) + 1e-5  # per coordinate, over every A
+        assert abs(deployed[r - 1]["norm_A_mean"] - np.linalg.norm(a_plain)) <= slack
+    final = load_checkpoint(run_dir / "checkpoint.safetensors").server["state"]
+    for n in names:  # the state after round 2, every uploaded tensor
+        assert np.abs(final[n].double().numpy() - plain[n]).max() <= bound + 1e-5, n
+
+    clients = [_by_name(v, names, spec) for v, _ in seen.values()]
+    for file in sorted(run_dir.rglob("*")):
+        if not file.is_file() or file.name.startswith("supernode-"):
+            continue  # the nodes' own logs are the clients' side
+        data = file.read_bytes()
+        for upload in clients:
+            for t in upload.values():
+                assert t.reshape(-1)[:8].astype(np.float32).tobytes() not in data, file
+        if file.suffix == ".safetensors":
+            for t in load_file(file).values():
+                for upload in clients:
+                    assert not any(u.shape == tuple(t.shape) and np.allclose(
+                        t.double().numpy(), u, rtol=0, atol=1e-7) for u in upload.values()), file
