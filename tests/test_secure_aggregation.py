@@ -143,6 +143,23 @@ def test_a_secure_round_equals_plain_aggregation_and_the_server_sees_no_update(
         assert all(np.mean(vector == q) < 0.01 for q in quantised)
 
 
+def test_hetlora_real_weights_and_mixed_ranks_within_the_round_bound(tiny_config,
+                                                                     monkeypatch):
+    """HetLoRA weights by ||B_k A_k|| (each client computes its own) and its clients
+    send padded uploads of their ranks: the bound then depends on the weights' sum."""
+    sim = Simulation(tiny_config("method=hetlora", "lora.client_ranks=[2,4]",
+                                 "privacy.secure_aggregation=true", "privacy.secagg_max_weight=8",
+                                 "local.lr=0.05", "rounds=1"))
+    seen = _capture_values(monkeypatch)
+    assert sim.run_round(1).metrics["aggregated"]
+    weights = [w for _, w in seen.values()]
+    assert all(0 < w < 8 and w != int(w) for w in weights)
+    plain = sum(w * v for v, w in seen.values()) / sum(weights)
+    bound = sim.secure.last_error_bound
+    assert 0 < bound < 1e-3
+    assert np.abs(_flat(sim.server.state, _uploaded(sim, 1)) - plain).max() <= bound + 1e-7
+
+
 def test_a_client_lost_after_key_sharing_is_recovered(tiny_config, monkeypatch):
     sim = Simulation(tiny_config("method=fedit", "privacy.secure_aggregation=true",
                                  "rounds=1"))
@@ -219,6 +236,7 @@ def test_secure_runs_are_deterministic_and_count_the_protocol_bytes(tiny_config,
     ("server.max_update_norm=1.0", "cannot measure a masked update"),
     ("clients.per_round=1", "at least 2 clients"),
     ("method=local", "method=local sends nothing"),
+    ("method=fedex", "method=fedex merges the residual"),
 ])
 def test_settings_that_need_an_individual_update_are_refused(override, match, tiny_config):
     with pytest.raises(ConfigError, match=match):
@@ -229,7 +247,7 @@ def test_clients_heavier_than_the_quantisation_allows_are_refused_before_trainin
         tiny_config):
     cfg = tiny_config("method=fedit", "privacy.secure_aggregation=true",
                       "privacy.secagg_max_weight=10")
-    with pytest.raises(ConfigError, match="raise privacy.secagg_max_weight to at least"):
+    with pytest.raises(ConfigError, match=r"raise privacy\.secagg_max_weight to at least"):
         Simulation(cfg)
     # uniform weights need no bound: FedSA's clients each weigh 1
     Simulation(tiny_config("method=fedsa", "privacy.secure_aggregation=true",

@@ -89,7 +89,9 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
     if cfg.privacy.secure_aggregation:
         from sfedlora.secagg.client import check_weights
 
-        check_weights(cfg, method, [len(t) for t in client_train])
+        if method.integer_weights and not cfg.privacy.enabled:  # known before training
+            check_weights(cfg, method, [method.client_weight(len(t), {})
+                                        for t in client_train])
     probe = sets.global_test.subset(
         np.arange(min(cfg.eval.probe_size, len(sets.global_test))))
     worker = Worker(cfg, model, task, method, tokenizer)

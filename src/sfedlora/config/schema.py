@@ -429,8 +429,6 @@ class ExperimentConfig(_Section):
             (self.server.clip_norm is not None, "server.clip_norm",
              "the server cannot clip a masked update; with privacy.enabled clients clip "
              "their own change (privacy.clip_norm); remove server.clip_norm"),
-            (self.lora.client_ranks is not None, "lora.client_ranks",
-             "uploads of different ranks differ in size; remove lora.client_ranks"),
             (self.clients_per_round < 2, "clients.per_round",
              "the sum of one upload is that upload; sample at least 2 clients"),
         ]

@@ -190,6 +190,8 @@ class Method:
     # Why the server step is not a weighted sum of what clients send (so secure
     # aggregation, which reveals only that sum, cannot run it); "" where it is.
     secure_aggregation_refusal: ClassVar[str] = ""
+    # Whether client_weight is always an integer (summed exactly under secure aggregation).
+    integer_weights: ClassVar[bool] = True
 
     @property
     def has_global_adapter(self) -> bool:
@@ -241,6 +243,12 @@ class Method:
         """Local steps per round of a training client (default ``local.steps``; None:
         ``local.epochs`` decide)."""
         return cfg.local.steps
+
+    def client_weight(self, num_examples: int, tensors: Tensors) -> float:
+        """A client's unnormalised weight, from what it knows itself: what secure
+        aggregation's clients pre-weight their uploads with (the server divides by the
+        sum). Consistent with :meth:`weights`."""
+        return 1.0 if self.weighting == "uniform" else float(num_examples)
 
     def weights(self, updates: Sequence[Update]) -> list[float]:
         if self.weighting == "uniform":

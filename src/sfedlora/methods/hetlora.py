@@ -23,8 +23,10 @@ class HetLoRA(Method):
     name = "hetlora"
     summary = "mixed ranks: truncated download, zero-padded upload, weights ~ ||B_k A_k||_F"
     mixed_ranks = True
-    secure_aggregation_refusal = ("weights clients by ||B_k A_k||, which the server would "
-                                  "need per client")
+    integer_weights = False  # ||B_k A_k||: each client computes its own
+
+    def client_weight(self, num_examples: int, tensors: dict[str, torch.Tensor]) -> float:
+        return product_norm(tensors)
 
     def weights(self, updates: Sequence[Update]) -> list[float]:
         norms = [product_norm(u.tensors) for u in updates]

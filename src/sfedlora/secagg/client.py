@@ -18,6 +18,7 @@ import numpy as np
 from sfedlora import codecs
 from sfedlora.aggregation import clip_update
 from sfedlora.config import ConfigError
+from sfedlora.ranks import pad
 from sfedlora.secagg import field
 from sfedlora.secagg import messages as sm
 from sfedlora.secagg.protocol import ClientSession, RoundParams
@@ -54,7 +55,8 @@ def mask(state: dict, request: bytes, values: np.ndarray, weight: int
     session = ClientSession.from_state(state["session"])
     if not np.isfinite(values).all():
         raise ValueError(f"client {session.cid}: non-finite values in the upload")
-    vector, clipped = field.quantize(values, weight, params.step, params.value_range)
+    vector, clipped = field.quantize(values, weight, params.step, params.value_range,
+                                     params.weight_step)
     if clipped:
         log.warning("client %d: %d uploaded values beyond privacy.secagg_range=%g were "
                     "clipped to it", session.cid, clipped, params.value_range)
@@ -73,38 +75,39 @@ def masked_fit(worker, cid: int, round_idx: int, download: bytes, fit, state: di
 
 
 def upload_vector(worker, cid: int, round_idx: int, download: bytes, upload: bytes,
-                  num_examples: int) -> tuple[np.ndarray, int]:
+                  num_examples: int) -> tuple[np.ndarray, float]:
     """What client ``cid`` masks: its upload as the server would decode it (absolute
-    values, whatever the codec), flattened in name order, and its weight (1 where the
-    method averages uniformly or under DP, else its number of training examples).
-    Under DP the change is clipped here, against what the client started from."""
+    values whatever the codec, zero-padded to the server's rank), flattened in name
+    order, and its weight (the method's :meth:`~sfedlora.methods.Method.client_weight`;
+    1 under DP, where the client also clips its change against what it started from)."""
     cfg, method = worker.cfg, worker.method
     received, _ = worker.split_download(codecs.decode(download))
     tensors = codecs.decode(upload, reference=received)
     if cfg.privacy.enabled:
         start = {**worker.drawn_start(cid, round_idx), **received}
         tensors = clip_update(tensors, start, cfg.privacy.clip_norm)
+    tensors = pad(tensors, worker.spec)
     values = np.concatenate([tensors[n].detach().double().reshape(-1).numpy()
                              for n in sorted(tensors)])
-    weight = 1 if weight_bound(cfg, method) == 1 else int(num_examples)
+    weight = 1.0 if cfg.privacy.enabled else method.client_weight(num_examples, tensors)
     check_weights(cfg, method, [weight])
     return values, weight
 
 
-def weight_bound(cfg, method) -> int:
+def weight_bound(cfg, method) -> float:
     """The largest weight a client may carry: 1 where the method averages uniformly
-    or under DP, else ``privacy.secagg_max_weight`` (training examples)."""
+    or under DP, else ``privacy.secagg_max_weight``."""
     if cfg.privacy.enabled or method.weighting == "uniform":
-        return 1
-    return cfg.privacy.secagg_max_weight
+        return 1.0
+    return float(cfg.privacy.secagg_max_weight)
 
 
-def check_weights(cfg, method, sizes) -> None:
+def check_weights(cfg, method, weights) -> None:
     """Refuse clients heavier than the quantisation was sized for (before training,
-    where the data is known)."""
+    where the data sizes are known, and for every upload)."""
     bound = weight_bound(cfg, method)
-    if bound > 1 and sizes and max(sizes) > bound:
+    if weights and max(weights) > bound:
         raise ConfigError(
-            f"a client has {max(sizes)} training examples > privacy.secagg_max_weight="
-            f"{bound}: raise privacy.secagg_max_weight to at least {max(sizes)} (the "
-            "quantisation step grows with it; see docs/reliability.md)")
+            f"a client weighs {max(weights):g} > privacy.secagg_max_weight={bound:g}: raise "
+            f"privacy.secagg_max_weight to at least {max(weights):g} (the quantisation "
+            "step grows with it; see docs/reliability.md)")

@@ -103,15 +103,16 @@ class RoundParams:
     threshold: int
     step: float
     value_range: float
+    weight_step: float = 1.0  # 1: integer weights, summed exactly
 
     def to_json(self) -> dict:
         return {"round": self.round_idx, "threshold": self.threshold, "step": self.step,
-                "range": self.value_range}
+                "range": self.value_range, "weight_step": self.weight_step}
 
     @classmethod
     def from_json(cls, data: dict) -> RoundParams:
         return cls(int(data["round"]), int(data["threshold"]), float(data["step"]),
-                   float(data["range"]))
+                   float(data["range"]), float(data["weight_step"]))
 
 
 @dataclass

@@ -47,6 +47,7 @@ class Exchange:
 class SecureRound:
     def __init__(self, cfg: ExperimentConfig, server: Server, pool):
         self.cfg, self.server, self.pool = cfg, server, pool
+        self.last_error_bound: float | None = None  # of the last aggregated round
 
     def _send(self, ex: Exchange, round_idx: int, stage: str, requests: dict[int, bytes]
               ) -> dict[int, bytes]:
@@ -63,7 +64,8 @@ class SecureRound:
         clients = sorted(downloads)
         privacy = self.cfg.privacy
         params = RoundParams(round_idx, threshold(self.cfg, len(clients)),
-                             self.step(len(clients)), privacy.secagg_range)
+                             self.step(len(clients)), privacy.secagg_range,
+                             self.weight_step(len(clients)))
         ex = Exchange(ServerSession(params, clients))
         try:
             replies = self._send(ex, round_idx, sm.ADVERTISE,
@@ -123,11 +125,15 @@ class SecureRound:
             except (wire.MessageError, AttributeError) as exc:
                 log.warning("round %d: client %d's shares are unreadable: %s", round_idx, c, exc)
         total = ex.session.unmask(reveals)
-        weight = int(total[-1])
+        params = ex.session.params
+        weight = float(total[-1]) * params.weight_step
         if weight <= 0:
             raise RoundAborted(f"the clients' weights sum to {weight}")
         report.accepted = survivors
-        values = total[:-1].astype(np.float64) * ex.session.params.step / weight
+        self.last_error_bound = fieldmath.mean_error(len(survivors), params.step,
+                                                     params.weight_step, params.value_range,
+                                                     weight)
+        values = total[:-1].astype(np.float64) * params.step / weight
         mean, offset = {}, 0
         for n in names:
             shape, dtype = server.spec[n]
@@ -137,13 +143,21 @@ class SecureRound:
         return mean, weight
 
     def error_bound(self, clients: int) -> float:
-        """The largest difference, per coordinate, between the secure weighted mean and
-        the plain one of the same uploads (values inside the range): half a step, since
-        each client's value is rounded by at most half a step before its integer weight
-        multiplies it, and the mean divides by the sum of those weights."""
-        return self.step(clients) / 2
+        """For integer weights, the largest difference per coordinate between the
+        secure weighted mean and the plain one of the same (in-range) uploads, whatever
+        the weights: half a step (:func:`~sfedlora.secagg.field.mean_error` with the
+        weights' sum at its smallest, one per client). With real weights (HetLoRA) the
+        bound depends on their sum: see ``last_error_bound``."""
+        return fieldmath.mean_error(clients, self.step(clients), 1.0, 0.0, clients)
 
     def step(self, clients: int) -> float:
         """The quantisation step of a round of ``clients`` clients (public)."""
         bound = weight_bound(self.cfg, self.server.method)
-        return fieldmath.step_for(self.cfg.privacy.secagg_range, bound, clients)
+        return fieldmath.step_for(self.cfg.privacy.secagg_range, int(bound), clients)
+
+    def weight_step(self, clients: int) -> float:
+        """1 for integer weights (summed exactly); else the step that keeps the sum of
+        ``clients`` weights up to ``privacy.secagg_max_weight`` inside 32 bits."""
+        if self.cfg.privacy.enabled or self.server.method.integer_weights:
+            return 1.0
+        return fieldmath.step_for(weight_bound(self.cfg, self.server.method), 1, clients)
