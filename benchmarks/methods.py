@@ -63,7 +63,7 @@ ARMS: dict[str, list[str]] = {
 }
 REFERENCES = ("local", "central")
 CONFIGS = {"sst2": "configs/methods_sst2.yaml", "bbc": "configs/methods_bbc.yaml"}
-LADDER = (5e-4, 2e-3, 8e-3)  # 4x apart around the old shared 2e-3
+LADDER = (2e-3, 8e-3, 3.2e-2)  # 4x apart from the old shared 2e-3 up (extended where needed)
 SIZES = {
     "cpu": ("rounds=10", "local.steps=5", "eval.every=10", "checkpoint.every=5"),
     "smoke": ("rounds=1", "local.steps=1", "eval.every=1", "checkpoint.every=0",
