@@ -124,11 +124,12 @@ def test_lm_run_writes_perplexity_exact_match_and_samples(tiny_lm_config, tmp_pa
     assert (out / "adapters/client_0/adapter_config.json").is_file()
 
 
-def test_lm_exported_adapter_loads_in_peft(tiny_lm_config, tiny_llama_dir, tmp_path):
+@pytest.mark.parametrize("method", ["fedit", "fedex"])  # fedex: base merges, exact LoRA
+def test_lm_exported_adapter_loads_in_peft(method, tiny_lm_config, tiny_llama_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    sim = Simulation(tiny_lm_config("method=fedit", "rounds=1", "eval.generate=0"))
+    sim = Simulation(tiny_lm_config(f"method={method}", "rounds=1", "eval.generate=0"))
     sim.run()
     batch = sim.pool.exp.worker.collate(sim.pool.exp.global_test, list(range(4)))
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
@@ -140,7 +141,10 @@ def test_lm_exported_adapter_loads_in_peft(tiny_lm_config, tiny_llama_dir, tmp_p
                                     attention_mask=batch["attention_mask"]).logits
         theirs = model(input_ids=batch["input_ids"],
                        attention_mask=batch["attention_mask"]).logits
-    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+    # FedEx-LoRA's residual lives in float32 base weights (W + delta, rounded), while
+    # PEFT adds the exact LoRA's B A x separately: float32 rounding of O(1) logits,
+    # measured up to 2.6e-5; 1e-4 is still 1e3x below a logit difference that matters
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5 if method == "fedit" else 1e-4)
 
 
 def test_llama_targets_default_to_attention_and_mlp(tiny_lm_config):

@@ -70,8 +70,12 @@ class NodeState:
         return json.loads(path.read_text()) if path.is_file() else None
 
     def save_secure(self, round_idx: int, state: dict | None) -> None:
-        """Keep (owner-only, atomically) or, with None, delete this round's session."""
+        """Keep (owner-only, atomically) or, with None, delete this round's session;
+        a session left by an earlier round this client dropped out of is deleted."""
         path = self._secure_path(round_idx)
+        for old in self.folder.glob("secagg-round-*.json"):
+            if old != path:
+                old.unlink(missing_ok=True)
         if state is None:
             path.unlink(missing_ok=True)
             return
