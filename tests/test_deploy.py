@@ -34,27 +34,6 @@ def config_file(tiny_config, tmp_path):
     return make
 
 
-def test_deploy_local_runs_the_experiment_and_leaves_no_process(config_file, tmp_path):
-    from sfedlora.flower.deploy import deploy_local, marked_processes
-
-    cfg, path = config_file(f"output_dir={tmp_path / 'local'}")
-    Simulation(cfg).run()
-    run_dir = deploy_local(str(path), [f"output_dir={tmp_path / 'deployed'}"], nodes=2,
-                           timeout=400)
-
-    assert marked_processes() == []  # SuperLink, SuperNodes and their children are gone
-    assert run_dir == tmp_path / "deployed"
-    local, deployed = _lines(tmp_path / "local"), _lines(run_dir)
-    assert [m["round"] for m in deployed] == [2]
-    for key in COMPARED:  # the same numbers as the in-process simulator
-        assert math.isclose(local[-1][key], deployed[-1][key], abs_tol=1e-5), key
-    assert deployed[-1]["bytes_up_per_client"] == local[-1]["bytes_up_per_client"]
-    assert sorted(p.name for p in (run_dir / "adapters").iterdir()) == ["client_0", "client_1"]
-    logs = sorted(p.name for p in (run_dir / "deploy").iterdir())
-    assert logs == ["superlink.log", "supernode-0.log", "supernode-1.log"]
-    assert json.loads((run_dir / "summary.json").read_text())["round"] == 2
-
-
 def test_tls_is_required_and_an_unregistered_node_is_refused(tmp_path):
     import httpx
 
@@ -177,11 +156,14 @@ def _by_name(values, names, spec) -> dict:
     return out
 
 
-def test_secure_aggregation_on_a_tls_deployment_matches_plain_sums(config_file, tmp_path,
-                                                                    monkeypatch):
-    """3 nodes, TLS and node authentication, 2 rounds: each round's aggregate is the
-    plain weighted mean of the same uploads within the quantisation bound, and nothing
-    the server wrote (its logs, the run directory) holds an individual update."""
+def test_deploy_local_runs_securely_matches_plain_sums_and_leaves_no_process(
+        config_file, tmp_path, monkeypatch):
+    """A TLS deployment with node authentication, 3 nodes, 2 rounds, secure
+    aggregation: the run equals the in-process one (the same client code; a secure
+    aggregate does not depend on the secret masks), each round's aggregate is the plain
+    weighted mean of the same uploads within the quantisation bound, nothing the server
+    wrote (its logs, the run directory) holds an individual update, and every process
+    the deployment started is gone."""
     import numpy as np
     from safetensors.torch import load_file
 
@@ -192,14 +174,15 @@ def test_secure_aggregation_on_a_tls_deployment_matches_plain_sums(config_file, 
     cfg, path = config_file("method=fedit", "clients.num=3", "privacy.secure_aggregation=true",
                             "eval.every=1", "checkpoint.every=1")
     run_dir = deploy_local(str(path), [f"output_dir={tmp_path / 'deployed'}"], nodes=3,
-                           timeout=400)
-    assert marked_processes() == []
-    deployed = _lines(run_dir)
-    assert [m["round"] for m in deployed] == [1, 2] and all(m["aggregated"] for m in deployed)
+                           timeout=600)
+    assert marked_processes() == []  # SuperLink, SuperNodes and their children are gone
+    assert run_dir == tmp_path / "deployed"
+    logs = sorted(p.name for p in (run_dir / "deploy").iterdir())
+    assert logs == ["superlink.log", "supernode-0.log", "supernode-1.log", "supernode-2.log"]
+    assert json.loads((run_dir / "summary.json").read_text())["round"] == 2
+    assert sorted(p.name for p in (run_dir / "adapters").iterdir()) == ["global"]
 
-    # The same uploads, from the same client code in this process: the nodes' training
-    # is deterministic, and a secure aggregate does not depend on the (secret) masks.
-    seen: dict[tuple[int, int], tuple] = {}
+    seen: dict[tuple[int, int], tuple] = {}  # (round, client) -> (values, weight)
     original = secure_client.upload_vector
 
     def spy(worker, cid, round_idx, *args):
@@ -208,11 +191,18 @@ def test_secure_aggregation_on_a_tls_deployment_matches_plain_sums(config_file, 
 
     monkeypatch.setattr(secure_client, "upload_vector", spy)
     sim = Simulation(cfg.model_copy(update={"output_dir": str(tmp_path / "local")}))
+    sim.run()
+    local, deployed = _lines(tmp_path / "local"), _lines(run_dir)
+    assert [m["round"] for m in deployed] == [1, 2] and all(m["aggregated"] for m in deployed)
+    for a, b in zip(local, deployed, strict=True):
+        for key in (*COMPARED, "norm_A_mean"):
+            assert math.isclose(a[key], b[key], abs_tol=1e-5), key
+        assert a["bytes_up_per_client"] == b["bytes_up_per_client"]  # protocol included
+
     spec = sim.server.spec
     names = sorted(sim.server.names_for(sim.method.plan(1).upload))
     bound = sim.secure.error_bound(3)
     for r in (1, 2):
-        sim.run_round(r)
         uploads = [seen[(r, c)] for c in range(3)]
         plain = _by_name(sum(w * v for v, w in uploads) / sum(w for _, w in uploads),
                          names, spec)
@@ -220,7 +210,7 @@ def test_secure_aggregation_on_a_tls_deployment_matches_plain_sums(config_file, 
         slack = bound * np.sqrt(a_plain.size) + 1e-5  # per coordinate, over every A
         assert abs(deployed[r - 1]["norm_A_mean"] - np.linalg.norm(a_plain)) <= slack
     final = load_checkpoint(run_dir / "checkpoint.safetensors").server["state"]
-    for n in names:  # the state after round 2, every uploaded tensor
+    for n in names:  # the deployed state after round 2, every uploaded tensor
         assert np.abs(final[n].double().numpy() - plain[n]).max() <= bound + 1e-5, n
 
     clients = [_by_name(v, names, spec) for v, _ in seen.values()]

@@ -64,28 +64,34 @@ def _artifacts(out: Path) -> dict[str, bytes]:
 
 
 def test_sigkill_then_resume_is_bit_identical(tiny_model_dir, tiny_data_file, tmp_path):
+    """Client states in the checkpoint (memory store) or in per-round files the
+    checkpoint refers to (disk store): both resume to the uninterrupted result."""
     reference = tmp_path / "reference"
     done = _cli(*_args(tiny_model_dir, tiny_data_file, reference))
     assert done.wait(timeout=300) == 0, done.communicate()
 
-    kill_after = random.randint(1, 4)
-    print(f"killing during round {kill_after + 2}")
-    crashed = tmp_path / "crashed"
-    proc = _cli(*_args(tiny_model_dir, tiny_data_file, crashed))
-    # Round k's metrics line is written before round k's checkpoint, so once round
-    # k + 1 is logged the checkpoint of round k is on disk; the kill lands in round k + 2.
-    _wait_for_rounds(proc, crashed, kill_after + 1)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert not (crashed / "summary.json").exists()
-    assert load_checkpoint(crashed / "checkpoint.safetensors").round >= kill_after
+    for store in ("memory", "disk"):
+        kill_after = random.randint(1, 4)
+        print(f"{store}: killing during round {kill_after + 2}")
+        crashed = tmp_path / f"crashed-{store}"
+        args = _args(tiny_model_dir, tiny_data_file, crashed, f"clients.state_store={store}")
+        proc = _cli(*args)
+        # Round k's metrics line is written before round k's checkpoint, so once round
+        # k + 1 is logged the checkpoint of round k is on disk; the kill lands in round
+        # k + 2.
+        _wait_for_rounds(proc, crashed, kill_after + 1)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        assert not (crashed / "summary.json").exists()
+        assert load_checkpoint(crashed / "checkpoint.safetensors").round >= kill_after
+        assert (crashed / "clients").is_dir() == (store == "disk")
 
-    resumed = _cli("--resume", str(crashed))
-    assert resumed.wait(timeout=300) == 0, resumed.communicate()
-    ours, theirs = _artifacts(crashed), _artifacts(reference)
-    assert ours.keys() == theirs.keys() and len(ours) == 5  # metrics + 4 client adapters
-    assert ours == theirs
-    assert len(ours["metrics.jsonl"].splitlines()) == 6
+        resumed = _cli("--resume", str(crashed))
+        assert resumed.wait(timeout=300) == 0, resumed.communicate()
+        ours, theirs = _artifacts(crashed), _artifacts(reference)
+        assert ours.keys() == theirs.keys() and len(ours) == 5  # metrics + 4 adapters
+        assert ours == theirs, store
+        assert len(ours["metrics.jsonl"].splitlines()) == 6
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])

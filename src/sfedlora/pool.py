@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from sfedlora.adapters import AdapterLayout
+from sfedlora.client_states import client_states
 from sfedlora.experiment import Experiment
 from sfedlora.records import ClientScores, ClientState, FitResult, Tensors
 from sfedlora.secagg import client as secure_client
@@ -88,7 +89,7 @@ class InProcessPool:
 
     def __init__(self, exp: Experiment):
         self.exp = exp
-        self.states = {cid: ClientState() for cid in range(exp.cfg.clients.num)}
+        self.states = client_states(exp.cfg)  # in memory, or on disk at scale
         self.secure: dict[int, dict | None] = {}  # secure-aggregation sessions this round
 
     def info(self) -> PoolInfo:
@@ -99,8 +100,9 @@ class InProcessPool:
             secure: dict[int, bytes] | None = None) -> dict[int, FitResult]:
         worker, fits = self.exp.worker, {}
         for cid, download in downloads.items():
-            fit = worker.fit(cid, self.states[cid], download, self.exp.client_train[cid],
-                             round_idx)
+            state = self.states.before(cid, round_idx)
+            fit = worker.fit(cid, state, download, self.exp.client_train[cid], round_idx)
+            self.states.after(cid, round_idx, state)
             if secure is not None:
                 self.secure[cid], fit = secure_client.masked_fit(
                     worker, cid, round_idx, download, fit, self.secure[cid], secure[cid])
@@ -135,13 +137,12 @@ class InProcessPool:
                 for req in requests}
 
     def checkpointed(self, round_idx: int) -> None:
-        pass  # the checkpoint holds every client's state
+        self.states.checkpointed(round_idx)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"clients": self.states, "shared": dict(self.exp.worker.shared_store.items)}
+        return {**self.states.state_dict(),
+                "shared": dict(self.exp.worker.shared_store.items)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        clients = state.get("clients", {})
-        self.states = {cid: clients.get(cid, ClientState())
-                       for cid in range(self.exp.cfg.clients.num)}
+        self.states.load_state_dict(state)
         self.exp.worker.shared_store.items.update(state.get("shared", {}))

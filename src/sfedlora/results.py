@@ -37,7 +37,7 @@ LOCK_FILE = ".lock"
 # what a run writes: a directory holding any of these holds a run
 RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", CHECKPOINT_FILE, "summary.json",
                "timings.jsonl", "labels.json", "run.log", "adapters", "samples",
-               "tensorboard")
+               "tensorboard", "clients")
 
 
 def new_run_path(method: str, root: Path = RUNS_ROOT) -> Path:

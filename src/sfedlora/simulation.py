@@ -277,8 +277,10 @@ class Simulation:
 def resume_config(run_dir: Path, ckpt: Checkpoint, overrides=()) -> ExperimentConfig:
     """The run's config with ``overrides``, refused if it would change results."""
     cfg = load_config(run_dir / "config.yaml", [*overrides, f"output_dir={run_dir}"])
-    diffs = config_differences(ckpt.config, cfg.model_dump(mode="json"),
-                               ignore=RESUME_MAY_CHANGE)
+    # settings added since the checkpoint was written take their defaults, which keep
+    # the old behaviour: only real changes count
+    saved = ExperimentConfig.model_validate(ckpt.config).model_dump(mode="json")
+    diffs = config_differences(saved, cfg.model_dump(mode="json"), ignore=RESUME_MAY_CHANGE)
     if diffs:
         raise ConfigError(
             f"cannot resume {run_dir} with a config that would change results: "

@@ -26,6 +26,11 @@ class ClientsConfig(_Section):
         "all", description="clients per round: 'all', a count, or a fraction in (0, 1]"
     )
     min_clients: int = Field(1, gt=0, description="replies a round needs to aggregate")
+    state_store: Literal["memory", "disk", "auto"] = Field(
+        "auto", description="where clients' private state lives between rounds: memory, "
+        "or one file per client and round under the run directory (auto: disk above "
+        "clients.state_store_threshold clients)")
+    state_store_threshold: int = Field(1000, gt=0)
 
 
 class LocalConfig(_Section):

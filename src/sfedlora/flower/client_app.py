@@ -16,21 +16,22 @@ import json
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from sfedlora import codecs, wire
 from sfedlora.config import ConfigError, ExperimentConfig
-from sfedlora.experiment import Experiment, build_experiment
 from sfedlora.flower import messages
 from sfedlora.flower.config import experiment_config
 from sfedlora.flower.node_state import NodeState, state_root
-from sfedlora.pool import saved_files
-from sfedlora.ranks import pad
-from sfedlora.records import ClientState
 from sfedlora.secagg import client as secure_client
 
-_experiments: dict[str, Experiment] = {}  # one model per process, keyed by its config
+# The model stack (transformers, PEFT, datasets) is imported only by the handlers that
+# need a model: a deployment starts one ClientApp process per message, and the
+# messages that need none (describe, secure-aggregation exchanges) then take about a
+# second instead of the ten or more the imports cost.
+_experiments: dict = {}  # one model per process, keyed by its config
 
 
-def experiment(cfg: ExperimentConfig) -> Experiment:
+def experiment(cfg: ExperimentConfig):
+    from sfedlora.experiment import build_experiment
+
     key = json.dumps(cfg.model_dump(mode="json"), sort_keys=True)
     if key not in _experiments:
         _experiments.clear()  # a new run in this process: drop the old model first
@@ -66,9 +67,13 @@ def _setup(msg: Message, context: Context, defaults: dict):
     return exp, cid, node, request
 
 
-def _request(exp: Experiment, cid: int, node: NodeState, request):
+def _request(exp, cid: int, node: NodeState, request):
     """``(client id or None for the global adapter, state, shared, extras)`` of an
     evaluation or adapter request, from its download."""
+    from sfedlora import codecs
+    from sfedlora.ranks import pad
+    from sfedlora.records import ClientState
+
     worker = exp.worker
     shared, extras = worker.split_download(codecs.decode(request[messages.DOWNLOAD]))
     if request[messages.GLOBAL]:
@@ -106,22 +111,20 @@ def query(msg: Message, context: Context, defaults: dict) -> Message:
     tensors; ``export``: an adapter saved by PEFT, file by file; ``secagg``: one
     secure-aggregation exchange, the round's session kept in the node's state directory."""
     request = msg.content[messages.REQUEST]
+    what = request[messages.WHAT]
+    if what == messages.SECAGG:  # needs no config or model: answered in about a second
+        return _secure_exchange(msg, context, request)
     cfg, cid = _client(context, defaults)
     reply: dict = {messages.CLIENT: cid}
-    what = request[messages.WHAT]
-    if what == messages.SECAGG:
-        node = NodeState(state_root(context.node_config, str(request[messages.RUN_KEY])), cid)
-        round_idx = int(request[messages.ROUND])
-        session, reply[messages.PAYLOAD] = secure_client.exchange(
-            node.load_secure(round_idx), cid, str(request[messages.STAGE]),
-            request[messages.PAYLOAD])
-        node.save_secure(round_idx, session)
-    elif what == messages.LAYOUT:
+    if what == messages.LAYOUT:
         exp = experiment(cfg)
         reply[messages.LAYOUT] = exp.worker.slots.layout.encode(
             {"label_names": exp.data.label_names, "base_path": exp.base_path,
              "base_params": exp.worker.base_params})
     elif what in (messages.ADAPTER, messages.EXPORT):
+        from sfedlora import wire
+        from sfedlora.pool import saved_files
+
         exp, cid, node, request = _setup(msg, context, defaults)
         tensors, _ = exp.adapter(*_request(exp, cid, node, request))
         if what == messages.ADAPTER:
@@ -130,6 +133,23 @@ def query(msg: Message, context: Context, defaults: dict) -> Message:
             files = saved_files(exp.worker.model, tensors, exp.worker.slots)
             reply |= {messages.FILE + name: data for name, data in files.items()}
     return Message(RecordDict({messages.REPLY: ConfigRecord(reply)}), reply_to=msg)
+
+
+def _secure_exchange(msg: Message, context: Context, request) -> Message:
+    """One secure-aggregation exchange; the client id is the node's partition id (the
+    server sent this node the exchange for the client it said it was)."""
+    if "partition-id" not in context.node_config:
+        raise ConfigError("this SuperNode has no partition-id in its node config")
+    cid = int(context.node_config["partition-id"])
+    node = NodeState(state_root(context.node_config, str(request[messages.RUN_KEY])), cid)
+    round_idx = int(request[messages.ROUND])
+    session, payload = secure_client.exchange(node.load_secure(round_idx), cid,
+                                              str(request[messages.STAGE]),
+                                              request[messages.PAYLOAD])
+    node.save_secure(round_idx, session)
+    return Message(RecordDict({messages.REPLY: ConfigRecord({messages.CLIENT: cid,
+                                                             messages.PAYLOAD: payload})}),
+                   reply_to=msg)
 
 
 def make_app(defaults: dict | None = None) -> ClientApp:

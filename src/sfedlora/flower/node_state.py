@@ -18,7 +18,7 @@ import json
 import os
 from pathlib import Path
 
-from sfedlora.checkpoint import decode_client_state, encode_client_state
+from sfedlora.client_states import ClientStateFolder
 from sfedlora.records import ClientState
 from sfedlora.stores import DiskStore
 
@@ -32,33 +32,16 @@ def state_root(node_config, run_key: str) -> Path:
 class NodeState:
     def __init__(self, root: Path, cid: int):
         self.folder = root / f"client-{cid}"
+        self.states = ClientStateFolder(self.folder)
         self.shared = DiskStore(root / "shared")
-
-    def _rounds(self) -> dict[int, Path]:
-        if not self.folder.is_dir():
-            return {}
-        return {int(p.stem.removeprefix("round-")): p
-                for p in self.folder.glob("round-*.safetensors")}
 
     def load(self, at_most: int) -> ClientState:
         """The state after the newest round <= ``at_most`` this client trained (fresh
         if none)."""
-        rounds = [r for r in self._rounds() if r <= at_most]
-        if not rounds:
-            return ClientState()
-        return decode_client_state(self._rounds()[max(rounds)].read_bytes())
+        return self.states.load(at_most)
 
     def save(self, round_idx: int, state: ClientState, checkpointed: int) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.folder / f"round-{round_idx}.safetensors"
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(encode_client_state(state))
-        os.replace(tmp, path)  # atomic: a node killed mid-write keeps the previous state
-        rounds = self._rounds()
-        kept = max((r for r in rounds if r <= checkpointed), default=None)
-        for r, p in rounds.items():
-            if r < round_idx and r <= checkpointed and r != kept:
-                p.unlink(missing_ok=True)
+        self.states.save(round_idx, state, checkpointed)
 
     # --- secure aggregation: the round's secrets, only between its exchanges ----------
 

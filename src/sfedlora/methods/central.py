@@ -13,9 +13,10 @@ would have to move), and the benchmarks report none for it.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
-from sfedlora.data.partition import ClientSplit
 from sfedlora.methods.base import Method
 
 TRAINER = 0  # the client that holds the pooled training data
@@ -29,10 +30,9 @@ class Central(Method):
     def participants(self, sampled: list[int]) -> list[int]:
         return [TRAINER]
 
-    def training_splits(self, splits: list[ClientSplit]) -> list[ClientSplit]:
+    def training_splits(self, splits: list) -> list:
         pooled = np.concatenate([s.train for s in splits])
-        return [ClientSplit(pooled, s.test, s.val) if c == TRAINER else
-                ClientSplit(np.zeros(0, dtype=pooled.dtype), s.test, s.val)
+        return [replace(s, train=pooled if c == TRAINER else pooled[:0])
                 for c, s in enumerate(splits)]
 
     def local_steps(self, cfg) -> int | None:

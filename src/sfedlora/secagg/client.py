@@ -15,10 +15,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from sfedlora import codecs
-from sfedlora.aggregation import clip_update
 from sfedlora.config import ConfigError
-from sfedlora.ranks import pad
 from sfedlora.secagg import field
 from sfedlora.secagg import messages as sm
 from sfedlora.secagg.protocol import ClientSession, RoundParams
@@ -80,6 +77,10 @@ def upload_vector(worker, cid: int, round_idx: int, download: bytes, upload: byt
     values whatever the codec, zero-padded to the server's rank), flattened in name
     order, and its weight (the method's :meth:`~sfedlora.methods.Method.client_weight`;
     1 under DP, where the client also clips its change against what it started from)."""
+    from sfedlora import codecs  # model-side: imported where a worker exists
+    from sfedlora.aggregation import clip_update
+    from sfedlora.ranks import pad
+
     cfg, method = worker.cfg, worker.method
     received, _ = worker.split_download(codecs.decode(download))
     tensors = codecs.decode(upload, reference=received)
