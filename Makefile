@@ -23,11 +23,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt Makefile
 demo: setup
 	$(BIN)/sfedlora run configs/demo.yaml
 
-# Two workers: the slow tests mostly wait (Flower polling, process start-up), so the
-# suite takes about half as long; tests that start Ray or a deployment share a group
-# (one worker each) because they count every such process on the machine.
 test: setup
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
+	$(BIN)/python -m pytest -q
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

@@ -195,15 +195,3 @@ def peft_logits(tiny_model_dir):
 
     return logits
 
-
-# With pytest-xdist (`make test` runs two workers), tests that start Ray or a Flower
-# deployment stay together on one worker each: they count or kill every such process
-# on the machine, and two Ray instances would compete for the same ports and memory.
-_GROUPS = {"test_flower.py": "ray", "test_deploy.py": "deployment"}
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        group = _GROUPS.get(item.path.name)
-        if group is not None:
-            item.add_marker(pytest.mark.xdist_group(group))
