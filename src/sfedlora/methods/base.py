@@ -208,6 +208,14 @@ class Method:
         """Refuse settings this method cannot run with: raise ``ValueError`` naming the
         setting and the fix. Called by config validation."""
 
+    def refuse(self, refused: Sequence[tuple[bool, str, str]]) -> None:
+        """For :meth:`check_config`: ``(refused?, setting, why)`` triples; raise
+        ``ValueError`` naming the first refused setting, why, and the fix."""
+        for bad, setting, why in refused:
+            if bad:
+                raise ValueError(f"method={self.name} does not work with this {setting}: "
+                                 f"{why}; remove or change {setting}")
+
     def holdout_examples(self, cfg: ExperimentConfig) -> int:
         """Examples of each client's training data kept out of training for the
         method's own use (FDLoRA's fusion search); 0: none."""

@@ -44,7 +44,4 @@ class Central(Method):
                     "client-level DP needs many clients; one trainer holds all data"),
                    (cfg.server_optimizer != "none", "server.optimizer",
                     "one trainer's adapter is the global one")]
-        for bad, setting, why in refused:
-            if bad:
-                raise ValueError(f"method=central does not work with {setting}: {why}; "
-                                 f"remove {setting}")
+        self.refuse(refused)

@@ -46,9 +46,9 @@ class FedEx(Method):
         return BaseMerger(cfg, worker)
 
     def check_config(self, cfg) -> None:
-        from sfedlora.methods.merging.hooks import check_config
+        from sfedlora.methods.merging.hooks import merge_refusals
 
-        check_config(self.name, cfg)
+        self.refuse(merge_refusals(cfg))
 
 
 def residual_factors(updates: Sequence[Update], weights: Sequence[float],

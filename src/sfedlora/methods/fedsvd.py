@@ -44,7 +44,4 @@ class FedSVD(Method):
             (not cfg.codec("down").lossless, "comm.down",
              "the SVD's A must reach the clients as computed (B is trained against it)"),
         ]
-        for bad, setting, why in refused:
-            if bad:
-                raise ValueError(f"method=fedsvd does not work with this {setting}: {why}; "
-                                 f"remove or change {setting}")
+        self.refuse(refused)

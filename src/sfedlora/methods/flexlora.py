@@ -61,7 +61,4 @@ class FlexLoRA(Method):
             (cfg.privacy.enabled, "privacy.enabled",
              "noise on the SVD's factors is not calibrated to a clipped client change"),
         ]
-        for bad, setting, why in refused:
-            if bad:
-                raise ValueError(f"method=flexlora does not work with this {setting}: {why}; "
-                                 f"remove or change {setting}")
+        self.refuse(refused)

@@ -22,7 +22,4 @@ class Local(Method):
         refused = [(cfg.privacy.enabled, "privacy.enabled", "nothing is released to noise"),
                    (cfg.server_optimizer != "none", "server.optimizer",
                     "the server holds nothing to step")]
-        for bad, setting, why in refused:
-            if bad:
-                raise ValueError(f"method=local does not work with {setting}: {why}; "
-                                 f"remove {setting}")
+        self.refuse(refused)

@@ -72,9 +72,10 @@ class FLoRA(Method):
     def check_config(self, cfg) -> None:
         """Clients merge the downloaded factors into their base weights and start
         every round from a fresh adapter; refuse settings that break either."""
-        from sfedlora.methods.merging.hooks import check_config
+        from sfedlora.methods.merging.hooks import merge_refusals
 
-        check_config(self.name, cfg, [
+        self.refuse([
+            *merge_refusals(cfg),
             (cfg.local.keep_optimizer_state, "local.keep_optimizer_state",
              "every round starts from a fresh adapter"),
             (cfg.codec("up").delta, "comm.up.delta",

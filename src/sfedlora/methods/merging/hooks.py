@@ -30,11 +30,10 @@ from sfedlora.methods.merging.factors import (
 )
 
 
-def check_config(name: str, cfg, refused: Sequence[tuple[bool, str, str]] = ()) -> None:
+def merge_refusals(cfg) -> list[tuple[bool, str, str]]:
     """Settings no merging method runs with (clients merge exactly what the server
-    recorded into their base weights), plus the method's own ``refused`` (refused?,
-    setting, why): a ``ValueError`` naming the first and the fix."""
-    refused = [
+    recorded into their base weights), as :meth:`Method.refuse` triples."""
+    return [
         (cfg.lora.adapter != "lora", "lora.adapter", "merging needs LoRA factors"),
         (cfg.server_optimizer != "none", "server.optimizer",
          "the merged factors are the exact weighted sum a server optimizer would change"),
@@ -44,12 +43,7 @@ def check_config(name: str, cfg, refused: Sequence[tuple[bool, str, str]] = ()) 
         (not cfg.codec("down").lossless, "comm.down",
          "clients merge what they receive into their base weights, so a lossy download "
          "would drift them away from the server's record"),
-        *refused,
     ]
-    for bad, setting, why in refused:
-        if bad:
-            raise ValueError(f"method={name} does not work with this {setting}: {why}; "
-                             f"remove or change {setting}")
 
 
 def _store_key(round_idx: int) -> str:
