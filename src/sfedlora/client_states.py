@@ -46,12 +46,18 @@ class ClientStateFolder:
         return {int(p.stem.removeprefix("round-")): p
                 for p in self.folder.glob("round-*.safetensors")}
 
-    def load(self, at_most: int) -> ClientState:
-        """The state after the newest round <= ``at_most`` it trained (fresh if none)."""
+    def newest(self, at_most: int) -> tuple[int, ClientState]:
+        """The newest round <= ``at_most`` it trained and the state after it (0 and a
+        fresh state if none)."""
         rounds = {r: p for r, p in self.rounds().items() if r <= at_most}
         if not rounds:
-            return ClientState()
-        return decode_client_state(rounds[max(rounds)].read_bytes())
+            return 0, ClientState()
+        newest = max(rounds)
+        return newest, decode_client_state(rounds[newest].read_bytes())
+
+    def load(self, at_most: int) -> ClientState:
+        """The state after the newest round <= ``at_most`` it trained (fresh if none)."""
+        return self.newest(at_most)[1]
 
     def save(self, round_idx: int, state: ClientState, checkpointed: int) -> None:
         """Write the state after ``round_idx`` atomically (a process killed mid-write
@@ -117,16 +123,15 @@ class DiskStates(Mapping):
         return ClientStateFolder(self.root / f"client-{cid}")
 
     def _cached(self, cid: int, at_most: int) -> ClientState:
+        folder = self._folder(cid)
         hit = self._cache.get(cid)
-        if hit is not None and hit[0] <= at_most:
-            newest = self._folder(cid).rounds()
-            # the cache holds the newest state unless a later file is valid at at_most
-            if not any(hit[0] < r <= at_most for r in newest):
-                self._cache.move_to_end(cid)
-                return hit[1]
-        state = self._folder(cid).load(at_most)
-        rounds = [r for r in self._folder(cid).rounds() if r <= at_most]
-        self._remember(cid, max(rounds, default=0), state)
+        # the cached state is the one to read unless a later file is valid at at_most
+        if hit is not None and hit[0] <= at_most and not any(
+                hit[0] < r <= at_most for r in folder.rounds()):
+            self._cache.move_to_end(cid)
+            return hit[1]
+        round_idx, state = folder.newest(at_most)
+        self._remember(cid, round_idx, state)
         return state
 
     def _remember(self, cid: int, round_idx: int, state: ClientState) -> None:
