@@ -16,12 +16,13 @@ The head's learning rate (``local.head_lr``) and everything else are the same fo
 arm; only the adapter's rate is tuned. Datasets (``--dataset``): ``sst2``
 (``../shared/data/sst2``, 2 classes) and ``bbc`` (BBC News, 5 topics, the offline
 stand-in for AG News' 4), each with 10 clients, Dirichlet(0.5), all-MiniLM-L6-v2.
-``--size cpu`` is the budget a 2-core machine finishes (see ``SIZES``); ``smoke`` is a
-seconds-long check of the plumbing.
+``--size cpu`` is the budget a 2-core machine finishes (see ``SIZES``); ``gpu`` is the
+same budget on a CUDA device; ``smoke`` is a seconds-long check of the plumbing.
 
     python benchmarks/methods.py --dataset sst2 --stage ladder [--arms fedit ...] [--shard 0/2]
     python benchmarks/methods.py --dataset sst2 --stage seeds
     python benchmarks/methods.py --dataset sst2 --stage report   # writes table.md
+    python benchmarks/methods.py --dataset sst2 bbc --size gpu --jobs 14   # arms in parallel
 
 Runs go to ``docs/results/methods/<dataset>-<size>/<arm>/{ladder,seeds}/runs/`` (configs,
 metrics and summaries are committed, weights are not), so rerunning skips finished
@@ -64,8 +65,11 @@ ARMS: dict[str, list[str]] = {
 REFERENCES = ("local", "central")
 CONFIGS = {"sst2": "configs/methods_sst2.yaml", "bbc": "configs/methods_bbc.yaml"}
 LADDER = (2e-3, 8e-3, 3.2e-2)  # 4x apart from the old shared 2e-3 up (extended where needed)
+CPU_BUDGET = ("rounds=10", "local.steps=5", "eval.every=10", "checkpoint.every=5")
 SIZES = {
-    "cpu": ("rounds=10", "local.steps=5", "eval.every=10", "checkpoint.every=5"),
+    "cpu": CPU_BUDGET,
+    # The same budget on a CUDA device: run many arms at once with --jobs.
+    "gpu": (*CPU_BUDGET, "model.device=cuda"),
     "smoke": ("rounds=1", "local.steps=1", "eval.every=1", "checkpoint.every=0",
               "data.max_train_examples=1000", "data.max_test_examples=40"),
 }
@@ -187,7 +191,7 @@ def report(args) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", choices=list(CONFIGS), default="sst2")
+    parser.add_argument("--dataset", nargs="+", choices=list(CONFIGS), default=["sst2"])
     parser.add_argument("--stage", choices=["ladder", "seeds", "report", "all"],
                         default="all")
     parser.add_argument("--size", choices=list(SIZES), default="cpu")
@@ -197,17 +201,48 @@ def main(argv=None) -> int:
                         "run of each sweep starting at K")
     parser.add_argument("--max-extend", type=int, default=2,
                         help="rungs added at most when the best rate sits at a ladder end")
+    parser.add_argument("--jobs", type=int, default=1, help="arms run at once, each in "
+                        "its own process (ladder then seeds); for a GPU or many cores")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value for every arm")
     args = parser.parse_args(argv)
-    finished = True
-    for arm in args.arms:
-        if args.stage in ("ladder", "all"):
-            finished &= ladder(args, arm)
-        if args.stage in ("seeds", "all") and finished:
-            finished &= seeds(args, arm)
-    if args.stage in ("report", "all") and finished:
-        print(report(args))
+    if args.jobs > 1 and args.stage != "report":
+        run_parallel(args)
+        args.stage = "report"
+    for dataset in args.dataset:
+        one = argparse.Namespace(**{**vars(args), "dataset": dataset})
+        finished = True
+        for arm in args.arms:
+            if args.stage in ("ladder", "all"):
+                finished &= ladder(one, arm)
+            if args.stage in ("seeds", "all") and finished:
+                finished &= seeds(one, arm)
+        if args.stage in ("report", "all") and finished:
+            print(f"{dataset} ({args.size})\n{report(one)}")
     return 0
+
+
+def run_parallel(args) -> None:
+    """Each (dataset, arm) in its own process, ``--jobs`` at a time. An arm's ladder is
+    sequential (an end rung extends it), so arms, not rungs, are the unit of work."""
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    stages = ["ladder", "seeds"] if args.stage == "all" else [args.stage]
+
+    def one(dataset: str, arm: str) -> str:
+        for stage in stages:
+            cmd = [sys.executable, __file__, "--dataset", dataset, "--size", args.size,
+                   "--arms", arm, "--stage", stage, "--out", args.out,
+                   "--max-extend", str(args.max_extend), *args.overrides]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode:
+                return f"FAILED {dataset} {arm} {stage}\n{done.stdout}{done.stderr[-4000:]}"
+        return f"done {dataset} {arm}"
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        futures = [pool.submit(one, d, a) for d in args.dataset for a in args.arms]
+        for future in as_completed(futures):
+            print(future.result(), flush=True)
 
 
 if __name__ == "__main__":
