@@ -106,7 +106,10 @@ class AdapterSlots:
 
     @torch.no_grad()
     def snapshot(self, parts: Iterable[Part]) -> dict[str, torch.Tensor]:
-        return {n: self.params[n].detach().clone() for n in self.names(parts)}
+        """Copies of the adapter tensors of ``parts``, on the CPU wherever the model
+        runs: client state, uploads and the codecs' references all live there, so a
+        method never meets tensors of two devices."""
+        return {n: self.params[n].detach().to("cpu", copy=True) for n in self.names(parts)}
 
     def set_trainable(self, parts: Iterable[Part]) -> None:
         wanted = set(parts)

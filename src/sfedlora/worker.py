@@ -142,7 +142,8 @@ class Worker:
         state.private = self.slots.snapshot(self.method.private)
         self.hooks.after_fit(cid, state, round_idx)
         if local.keep_optimizer_state:
-            state.optimizer = copy.deepcopy(optimizer.state_dict())
+            # on the CPU with the rest of the client's state; loading moves it back
+            state.optimizer = _cpu_copy(optimizer.state_dict())
         upload, state.residual = self.up.send(
             self._truncate(self.slots.snapshot(plan.upload), rank), reference=received,
             residual=state.residual, meta={"client": cid, "round": round_idx})
@@ -227,6 +228,17 @@ class Worker:
             for h in handles:
                 h.remove()
         return float(np.mean(per_layer))
+
+
+def _cpu_copy(obj):
+    """A deep copy of an optimizer's state dict with every tensor on the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_cpu_copy(v) for v in obj)
+    return copy.deepcopy(obj)
 
 
 def _adapter_delta(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
