@@ -37,6 +37,8 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
@@ -171,6 +173,25 @@ def _mb(value: float) -> str:
     return f"{value:.1f}" if value >= 1 else f"{value:.3f}"
 
 
+def majority_row(args) -> str | None:
+    """Each client predicting its most frequent training label: the floor a
+    personalised accuracy has to clear (per seed it depends only on the partition)."""
+    by_seed = {}
+    for summary in Path(args.out, f"{args.dataset}-{args.size}").glob(
+            "*/*/runs/*/summary.json"):
+        if summary.parts[-5] == "central":  # its training data is pooled on one client
+            continue
+        value = json.loads(summary.read_text()).get("majority_baseline_accuracy")
+        if value is not None:
+            by_seed[load_config(summary.parent / "config.yaml").seed] = value
+    if not by_seed:
+        return None
+    values = [by_seed[s] for s in sorted(by_seed)]
+    mean = sum(values) / len(values)
+    cell = _pm((mean, ci95(np.array(values))))
+    return f"| *majority label* (floor) | {cell} | - | - | 0 | 0 | - | {len(values)} |"
+
+
 def report(args) -> str:
     rows = [r for arm in args.arms if (r := arm_row(args, arm)) is not None]
     lines = ["| method | pers. acc | global acc | val loss | MB up | MB down | lr | seeds |",
@@ -183,6 +204,9 @@ def report(args) -> str:
         lines.append(f"| {name} | {_pm(r['pers'])} | {_pm(r['glob'])} | "
                      f"{_pm(r['val_loss'])} | {mb[0]} | {mb[1]} | {r['lr']:.1e}{flag} | "
                      f"{r['seeds']} |")
+    majority = majority_row(args)
+    if majority:
+        lines.append(majority)
     table = "\n".join(lines)
     out = Path(args.out) / f"{args.dataset}-{args.size}" / "table.md"
     out.write_text(table + "\n")
