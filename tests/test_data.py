@@ -7,7 +7,7 @@ import pytest
 
 from sfedlora.config import DataConfig
 from sfedlora.data import build_federated_data
-from sfedlora.data.partition import split_clients
+from sfedlora.data.partition import make_partitioner, partition_rows, split_clients
 from sfedlora.data.sources import load_source
 from tests.conftest import SHARED_DATA
 
@@ -26,6 +26,20 @@ def test_partitions_are_seeded_disjoint_and_complete(scheme):
     assert len(used) == len(set(used.tolist()))  # disjoint
     if scheme != "classes":
         assert len(used) == len(LABELS)  # every example used
+
+
+@pytest.mark.parametrize("scheme", ["iid", "size", "dirichlet", "classes"])
+def test_one_pass_partition_rows_equal_flwr_datasets_load_partition(scheme):
+    """The fast read of the assignment gives exactly the rows flwr-datasets' public
+    load_partition gives, client by client (an uneven 7 clients)."""
+    labels = np.random.default_rng(3).integers(0, 4, 2000)
+    cfg = DataConfig(partition=scheme, dirichlet_alpha=0.5, classes_per_client=2,
+                     min_partition_size=0)
+    fast = partition_rows(make_partitioner(labels, 7, cfg, seed=0), 7)
+    partitioner = make_partitioner(labels, 7, cfg, seed=0)
+    slow = [np.asarray(partitioner.load_partition(i)["idx"]) for i in range(7)]
+    table_idx = np.asarray(partitioner.dataset["idx"])
+    assert all(np.array_equal(table_idx[f], s) for f, s in zip(fast, slow, strict=True))
 
 
 def test_classes_per_client_limits_label_count():
