@@ -30,7 +30,7 @@ class ClientState:
 class FitResult:
     upload: bytes
     num_examples: int
-    train_loss: float
+    train_loss: float | None  # None: no local steps (a client without training data)
     grad_norm_A: float | None
     grad_norm_B: float | None
     steps: int

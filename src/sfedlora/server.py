@@ -185,6 +185,9 @@ class Server:
 
     def check(self, reply: Reply, expected: set[str], round_idx: int) -> Update:
         """Decode one reply; raise :class:`UpdateRejected` with the reason if it is bad."""
+        if reply.num_examples == 0:
+            raise UpdateRejected("the client holds no training examples (its partition "
+                                 "is empty)")
         if not isinstance(reply.num_examples, int) or reply.num_examples <= 0:
             raise UpdateRejected(f"num_examples={reply.num_examples!r} must be a positive int")
         limit = self._byte_limit(expected)

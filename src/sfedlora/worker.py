@@ -125,6 +125,10 @@ class Worker:
             round_idx: int) -> FitResult:
         """Run client ``cid``'s local work for round ``round_idx`` (1-based); updates
         ``state`` in place and returns the serialised upload."""
+        if len(data) == 0:  # a skewed partition left it nothing: the server rejects
+            # a zero-example update with that reason, and the round goes on
+            return FitResult(upload=b"", num_examples=0, train_loss=None, grad_norm_A=None,
+                             grad_norm_B=None, steps=0)
         cfg, local = self.cfg, self.cfg.local
         plan = self.method.plan(round_idx)
         rank = cfg.client_rank(cid)

@@ -8,6 +8,7 @@ example, which Dirichlet partitions produce all the time.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, replace
 
 import datasets
@@ -21,6 +22,8 @@ from flwr_datasets.partitioner import (
 
 from sfedlora import seeds
 from sfedlora.config import ConfigError, DataConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -118,7 +121,8 @@ def stratified_split(
         k = int(np.floor(test_fraction * len(members) + 0.5))
         test.append(members[:k])
         train.append(members[k:])
-    tr, te = np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+    empty = np.zeros(0, dtype=np.int64)
+    tr, te = (np.sort(np.concatenate(part)) if part else empty for part in (train, test))
     if len(te) == 0 and len(tr) > 1:  # tiny shares: keep at least one test example
         tr, te = tr[1:], tr[:1]
     return ClientSplit(tr, te)
@@ -192,13 +196,22 @@ def _client_splits(
     if cfg.examples_per_client is not None:
         return fixed_size_splits(labels, num_clients, cfg, seed)
     rng = np.random.default_rng([seed, seeds.CLIENT_TEST])
-    splits = []
-    for cid, idx in enumerate(partition_indices(labels, num_clients, cfg, seed)):
-        if len(idx) < 2:
-            raise ConfigError(
-                f"client {cid} received {len(idx)} example(s) under data.partition="
-                f"{cfg.partition!r}; each client needs at least 2. Lower clients.num or raise "
-                "data.min_partition_size."
-            )
-        splits.append(stratified_split(idx, labels, cfg.client_test_fraction, rng))
+    splits = [stratified_split(idx, labels, cfg.client_test_fraction, rng)
+              for idx in partition_indices(labels, num_clients, cfg, seed)]
+    report_small_clients(splits, cfg)
     return splits
+
+
+def report_small_clients(splits: list[ClientSplit], cfg: DataConfig) -> None:
+    """Log the clients a skewed partition leaves without training or test examples.
+    They stay in the federation: a client without training examples is sampled like
+    any other but its update is rejected (and recorded in the round's metrics), and a
+    client without test examples is left out of the personalised metrics."""
+    no_train = [cid for cid, s in enumerate(splits) if len(s.train) == 0]
+    no_test = [cid for cid, s in enumerate(splits) if len(s.test) == 0]
+    for what, cids in (("training", no_train), ("test", no_test)):
+        if cids:
+            log.warning("data.partition=%r leaves %d of %d clients without %s examples "
+                        "(first: %s); raise data.min_partition_size or lower clients.num "
+                        "to avoid it", cfg.partition, len(cids), len(splits), what,
+                        cids[:10])

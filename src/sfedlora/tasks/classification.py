@@ -142,15 +142,18 @@ class ClassificationTask(Task):
     def score(self, exp, tensors: Tensors, cid: int | None, global_part: bool
               ) -> ClientScores:
         worker, values = exp.worker, {}
-        if cid is not None:
+        # a client a skewed partition left without test (or training) examples has no
+        # personalised score: the means are over the clients that have one
+        if cid is not None and len(exp.client_test[cid]):
             values |= _flat("own", evaluate(worker, tensors, exp.client_test[cid]))
             if len(exp.client_val[cid]):
                 values |= _flat("val", evaluate(worker, tensors, exp.client_val[cid]))
             # what predicting the client's most frequent training label scores on its
             # own test part: under Dirichlet splits, far above chance
             own = exp.data.train.labels[exp.data.clients[cid].train]
-            majority = np.bincount(own).argmax()
-            values["majority"] = float(np.mean(exp.client_test[cid].labels == majority))
+            if len(own):
+                majority = np.bincount(own).argmax()
+                values["majority"] = float(np.mean(exp.client_test[cid].labels == majority))
         if global_part:
             if exp.cfg.eval.global_metrics:
                 values |= _flat("global", evaluate(worker, tensors, exp.global_test))
@@ -160,12 +163,11 @@ class ClassificationTask(Task):
     def combine(self, clients: Sequence[ClientScores], global_: ClientScores | None
                 ) -> tuple[dict, list[dict]]:
         every = [*clients, *([global_] if global_ is not None else [])]
-        own = [_result(s.values, "own") for s in clients]
+        own = [r for s in clients if (r := _result(s.values, "own")) is not None]
         on_global = [r for s in every if (r := _result(s.values, "global")) is not None]
         val = [r for s in clients if (r := _result(s.values, "val")) is not None]
         losses = [r.loss for r in own]
-        metrics = {
-            **validation_metrics([r.loss for r in val], [r.accuracy for r in val]),
+        personal = {
             Metric.PERSONALIZED_ACCURACY: float(np.mean([r.accuracy for r in own])),
             Metric.PERSONALIZED_ACCURACY_WEIGHTED: sum(r.correct for r in own)
             / sum(r.count for r in own),
@@ -176,12 +178,16 @@ class ClassificationTask(Task):
             Metric.PERSONALIZED_LOSS_STD: float(np.std(losses)),
             Metric.PERSONALIZED_LOSS_MIN: float(np.min(losses)),
             Metric.PERSONALIZED_LOSS_MAX: float(np.max(losses)),
+            Metric.MAJORITY_BASELINE_ACCURACY: mean_or_none(
+                [s.values.get("majority") for s in clients]),
+        } if own else {}
+        metrics = {
+            **validation_metrics([r.loss for r in val], [r.accuracy for r in val]),
+            **personal,
             Metric.GLOBAL_ACCURACY: mean_or_none([r.accuracy for r in on_global]),
             Metric.GLOBAL_LOSS: mean_or_none([r.loss for r in on_global]),
             Metric.ADAPTER_OUTPUT_NORM: float(np.mean(
                 [s.values["norm"] for s in every if "norm" in s.values])),
-            Metric.MAJORITY_BASELINE_ACCURACY: float(np.mean(
-                [s.values["majority"] for s in clients])),
         }
         return {str(k): v for k, v in metrics.items()}, []
 
