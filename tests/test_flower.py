@@ -214,3 +214,38 @@ def test_a_failed_client_is_dropped_and_the_round_goes_on(tiny_config, tmp_path,
     assert set(lines[1]["bytes_up_per_client"]) == {"0", "2"}
     assert lines[2]["clients"] == [0, 1, 2]  # the client is back the next round
     assert (tmp_path / "run" / "summary.json").is_file()
+
+
+def test_backend_config_reserves_what_flower_client_resources_says(tiny_config):
+    from sfedlora.flower.simulation import backend_config
+
+    local = backend_config(tiny_config("flower.client_resources.num_cpus=2"), workers=6)
+    assert local["client_resources"] == {"num_cpus": 2.0, "num_gpus": 0.0}
+    assert local["init_args"]["num_cpus"] == 6  # Ray on this machine, 6 CPUs: 3 workers
+    joined = backend_config(tiny_config("flower.ray_address=auto"))
+    assert joined["init_args"]["address"] == "auto"
+    assert "num_cpus" not in joined["init_args"]  # Ray refuses it when joining a cluster
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (("flower.client_resources.num_gpus=0.5",), "model.device=cpu keeps the model off"),
+    (("flower.client_resources.num_gpus=1.5", "model.device=auto"), "a fraction of one GPU"),
+    (("flower.client_resources.num_cpus=0",), "num_cpus"),
+])
+def test_bad_flower_resources_are_refused_naming_the_field(tiny_config, overrides, message):
+    from sfedlora.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        tiny_config(*overrides)
+
+
+def test_gpu_workers_without_a_gpu_and_workers_with_a_cluster_are_refused(tiny_config):
+    from sfedlora.config import ConfigError
+    from sfedlora.flower.simulation import backend_config
+
+    if not torch.cuda.is_available():
+        cfg = tiny_config("flower.client_resources.num_gpus=0.25", "model.device=auto")
+        with pytest.raises(ConfigError, match="no CUDA device is visible"):
+            backend_config(cfg)
+    with pytest.raises(ConfigError, match="drop --workers"):
+        backend_config(tiny_config("flower.ray_address=auto"), workers=4)

@@ -293,8 +293,23 @@ class NetworkConfig(_Section):
         return value
 
 
+class ClientResources(_Section):
+    """What Flower's simulation engine reserves for each ClientApp worker (Ray actor)."""
+
+    num_cpus: float = Field(1.0, gt=0, description="CPU cores per worker")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per worker: 0.25 lets four "
+                            "workers share one GPU, 1 gives each its own (needs model.device "
+                            "cuda or auto)")
+
+
 class FlowerConfig(_Section):
     """The Flower runtime (``sfedlora.flower``); ignored by the in-process simulator."""
+
+    client_resources: ClientResources = ClientResources()
+    ray_address: str | None = Field(
+        None, description="join this running Ray cluster (auto, or host:port of the head "
+        "started with `ray start --head`) instead of starting Ray on this machine, so the "
+        "simulation's workers spread over every machine of the cluster")
 
     round_timeout: float | None = Field(
         300.0, gt=0, description="seconds the server waits for a round's replies; clients "
@@ -346,6 +361,18 @@ class ExperimentConfig(_Section):
             raise ValueError(f"method={name!r} is not a method; choose one of "
                              f"{sorted(REGISTRY)}")
         return name
+
+    def _check_flower_resources(self) -> None:
+        gpus = self.flower.client_resources.num_gpus
+        if gpus > 0 and self.model.device == "cpu":
+            raise ValueError(
+                f"flower.client_resources.num_gpus={gpus} reserves GPUs for each worker but "
+                "model.device=cpu keeps the model off them; set model.device=cuda (or auto), "
+                "or flower.client_resources.num_gpus=0")
+        if gpus > 1 and gpus != int(gpus):
+            raise ValueError(
+                f"flower.client_resources.num_gpus={gpus}: a worker takes a fraction of one "
+                "GPU or a whole number of GPUs; use e.g. 0.5, 1 or 2")
 
     @model_validator(mode="after")
     def _combinations(self) -> ExperimentConfig:
@@ -417,6 +444,7 @@ class ExperimentConfig(_Section):
         if net.model == "none" and changed:  # a saved config spells out the defaults
             raise ValueError(f"{', '.join(changed)} set with network.model=none, which "
                              "counts bytes only; set network.model=wireless or remove them")
+        self._check_flower_resources()
         get_task(self.task).check_config(self)
         method.check_config(self)
         return self

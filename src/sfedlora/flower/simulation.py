@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from sfedlora.config import ConfigError
 from sfedlora.flower import client_app, server_app
 from sfedlora.flower.config import (
     OVERWRITE_KEY,
@@ -41,14 +42,39 @@ def run_simulation(config_file: str | None, overrides: list[str],
             refuse_occupied(Path(cfg.output_dir), overwrite)
         run_config[OVERWRITE_KEY] = overwrite
     cfg = experiment_config(run_config)
-    workers = workers or os.cpu_count() or 1
     flwr_run_simulation(
         server_app=server_app.make_app(run_config),
         client_app=client_app.make_app(run_config),
         num_supernodes=cfg.clients.num,
-        backend_config={
-            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": {"num_cpus": workers, "include_dashboard": False,
-                          "logging_level": "error", "log_to_driver": True},
-        },
+        backend_config=backend_config(cfg, workers),
     )
+
+
+def backend_config(cfg, workers: int | None = None) -> dict:
+    """Flower's Ray backend settings: each worker's reserved CPUs and GPUs
+    (``flower.client_resources``), and either a Ray instance of this machine with
+    ``workers`` CPUs (default: all cores) or the running cluster at
+    ``flower.ray_address``, whose machines then all host workers."""
+    flower = cfg.flower
+    resources = flower.client_resources.model_dump()
+    quiet = {"logging_level": "error", "log_to_driver": True}
+    if flower.ray_address is not None:
+        if workers is not None:
+            raise ConfigError(
+                f"--workers={workers} with flower.ray_address={flower.ray_address!r}: a "
+                "cluster's size is set by `ray start --num-cpus` on each machine; drop "
+                "--workers")
+        # Ray refuses num_cpus and the dashboard flag when joining a cluster
+        return {"client_resources": resources,
+                "init_args": {"address": flower.ray_address, **quiet}}
+    if resources["num_gpus"] > 0:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"flower.client_resources.num_gpus={resources['num_gpus']} but no CUDA "
+                "device is visible here, so no worker could start; set it to 0 or join a "
+                "cluster with GPUs (flower.ray_address)")
+    return {"client_resources": resources,
+            "init_args": {"num_cpus": workers or os.cpu_count() or 1,
+                          "include_dashboard": False, **quiet}}
