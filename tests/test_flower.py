@@ -44,7 +44,7 @@ CASES = {  # name: (config factory fixture, overrides)
     # issue 20: residual merges with catch-up, SVD re-factorisations, the pooled trainer
     "fedex": ("tiny_config", ["method=fedex", "clients.per_round=2", "rounds=3"]),
     "flexlora": ("tiny_config", ["method=flexlora", "lora.client_ranks=[1,2,4]", "rounds=2"]),
-    "fedsvd": ("tiny_config", ["method=fedsvd", "rounds=2"]),
+    # fedsvd: test_a_two_node_ray_cluster_gives_the_in_process_result
     "central": ("tiny_config", ["method=central", "clients.per_round=2", "rounds=2"]),
     # issue 21: the four exchanges of secure aggregation over the Message API
     "secagg": ("tiny_config", ["method=sfed", "privacy.secure_aggregation=true", "rounds=2"]),
@@ -249,3 +249,85 @@ def test_gpu_workers_without_a_gpu_and_workers_with_a_cluster_are_refused(tiny_c
             backend_config(cfg)
     with pytest.raises(ConfigError, match="drop --workers"):
         backend_config(tiny_config("flower.ray_address=auto"), workers=4)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _ray_processes(marks: tuple[str, ...]) -> list:
+    """Processes started for this cluster: those naming its temp dir or port, and
+    everything they started (Ray renames its workers, so names alone do not tell)."""
+    import psutil
+
+    roots = []
+    for proc in psutil.process_iter(["cmdline"]):
+        line = " ".join(proc.info["cmdline"] or [])
+        if any(m in line for m in marks):
+            roots.append(proc)
+    found = {p.pid: p for p in roots}
+    for proc in roots:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            found.update({c.pid: c for c in proc.children(recursive=True)})
+    return list(found.values())
+
+
+@pytest.fixture
+def two_node_ray_cluster():
+    """A head and a second node of one CPU each on this machine, as `ray start` makes
+    them on two machines; every process they started is killed afterwards (never
+    `ray stop`, which would stop any other Ray on the machine too)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    import psutil
+
+    ray = str(Path(sys.executable).parent / "ray")
+    # a short path of its own: Ray's socket paths under it must fit in 107 bytes
+    port, temp = _free_port(), Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    marks = (str(temp), f":{port}")
+    try:
+        subprocess.run([ray, "start", "--head", f"--port={port}", "--num-cpus=1",
+                        "--include-dashboard=false", f"--temp-dir={temp}",
+                        "--disable-usage-stats"], check=True, env=env, capture_output=True)
+        subprocess.run([ray, "start", f"--address=127.0.0.1:{port}", "--num-cpus=1",
+                        "--disable-usage-stats"], check=True, env=env, capture_output=True)
+        yield f"127.0.0.1:{port}"
+    finally:
+        procs = _ray_processes(marks)
+        for proc in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+        psutil.wait_procs(procs, timeout=30)
+        shutil.rmtree(temp, ignore_errors=True)
+    assert not _ray_processes(marks), "a Ray process of the test cluster survived"
+
+
+def test_a_two_node_ray_cluster_gives_the_in_process_result(tiny_config, two_node_ray_cluster,
+                                                            tmp_path, monkeypatch):
+    """flower.ray_address joins a running cluster: its two nodes (one worker each)
+    train the clients, and every metric and adapter equals the in-process run's."""
+    import ray
+
+    from sfedlora.flower.simulation import run_simulation
+
+    monkeypatch.setenv("SFEDLORA_STATE_DIR", str(tmp_path / "state"))
+    cfg = tiny_config("method=fedsvd", "rounds=2", "clients.num=3", "eval.every=1",
+                      "checkpoint.every=0", f"output_dir={tmp_path / 'local'}")
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(to_yaml(cfg))
+    Simulation(cfg).run()
+    run_simulation(str(config_file), [f"output_dir={tmp_path / 'flower'}",
+                                      f"flower.ray_address={two_node_ray_cluster}"])
+    assert not ray.is_initialized()  # the driver left the cluster at the end
+    _assert_same_run(_lines(tmp_path / "local"), _lines(tmp_path / "flower"))
+    _assert_same_adapters(tmp_path / "local", tmp_path / "flower")
