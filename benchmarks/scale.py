@@ -1,0 +1,123 @@
+"""Cross-device scale: memory and round time from 10 to 10,000 clients (issue 19).
+
+SFed-LoRA (a private B and head per client) on the full SST-2 training file,
+all-MiniLM-L6-v2, 10 clients per round whatever N is (``configs/scale_sst2.yaml``), for
+each N in-process (``sfedlora run``) and on Flower's simulation engine (``sfedlora
+flower-sim``, one virtual SuperNode per client). Each (runtime, N) runs in a fresh
+process tree, sampled every 0.2 s for its peak resident memory, summed over the whole
+tree (Ray's workers included, so shared libraries count once per process). Steady
+s/round is the median over the rounds after the first (``timings.jsonl``); start-up is
+from launch to the start of round 1 (loading, tokenising, partitioning, Ray). Prints both
+runtimes side by side and each N's ratios to N = 10, the figures
+``docs/results/scale.md`` records.
+
+    python benchmarks/scale.py [--clients 10 1000 10000] [--runtimes inprocess flower]
+                               [--workers 2] [dotted.key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs/scale_sst2.yaml"
+TARGETS = {"rss": 1.5, "round": 1.10}  # at the largest N, relative to the smallest
+
+
+def command(runtime: str, config: str, overrides: list[str], workers: int) -> list[str]:
+    cli = [sys.executable, "-m", "sfedlora"]
+    if runtime == "inprocess":
+        return [*cli, "run", config, *overrides]
+    return [*cli, "flower-sim", config, *overrides, "--workers", str(workers)]
+
+
+def tree_rss(proc: psutil.Process) -> int:
+    """Resident bytes of a process and all its descendants."""
+    total = 0
+    with contextlib.suppress(psutil.NoSuchProcess):
+        for p in [proc, *proc.children(recursive=True)]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                total += p.memory_info().rss
+    return total
+
+
+def measure(runtime: str, n: int, args, out: Path) -> dict:
+    run_dir = out / f"{runtime}-{n}"
+    overrides = [f"clients.num={n}", f"output_dir={run_dir}", "progress=false",
+                 *args.overrides]
+    log = out / f"{runtime}-{n}.log"
+    launched = time.time()
+    with log.open("w") as sink:
+        proc = subprocess.Popen(command(runtime, args.config, overrides, args.workers),
+                                cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+        watched, peak = psutil.Process(proc.pid), 0
+        while proc.poll() is None:
+            peak = max(peak, tree_rss(watched))
+            time.sleep(0.2)
+    if proc.returncode:
+        raise SystemExit(f"{runtime} N={n} failed:\n{log.read_text()[-3000:]}")
+    rounds = [json.loads(line) for line in (run_dir / "timings.jsonl").read_text().splitlines()]
+    seconds = [r["ended_at"] - r["started_at"] for r in rounds]
+    return {"runtime": runtime, "clients": n, "peak_rss_mb": peak / 2**20,
+            "round_s": statistics.median(seconds[1:] or seconds),
+            "startup_s": rounds[0]["started_at"] - launched,
+            "total_s": time.time() - launched}
+
+
+def report(rows: list[dict]) -> str:
+    lines = ["| runtime | clients | peak RSS (MB) | RSS / N=min | steady s/round | "
+             "s/round / N=min | start-up (s) |", "|---|---|---|---|---|---|---|"]
+    verdicts = []
+    for runtime in dict.fromkeys(r["runtime"] for r in rows):
+        mine = sorted((r for r in rows if r["runtime"] == runtime), key=lambda r: r["clients"])
+        base = mine[0]
+        for r in mine:
+            rss, rnd = r["peak_rss_mb"] / base["peak_rss_mb"], r["round_s"] / base["round_s"]
+            lines.append(f"| {runtime} | {r['clients']:,} | {r['peak_rss_mb']:.0f} | "
+                         f"{rss:.2f}x | {r['round_s']:.2f} | {rnd:.2f}x | "
+                         f"{r['startup_s']:.1f} |")
+        top = mine[-1]
+        rss = top["peak_rss_mb"] / base["peak_rss_mb"]
+        rnd = top["round_s"] / base["round_s"]
+        verdicts.append(
+            f"{runtime}: N={top['clients']:,} vs N={base['clients']:,}: RSS {rss:.2f}x "
+            f"(target <= {TARGETS['rss']}x: {'met' if rss <= TARGETS['rss'] else 'MISSED'}), "
+            f"s/round {rnd:.2f}x (target <= {TARGETS['round']}x: "
+            f"{'met' if rnd <= TARGETS['round'] else 'MISSED'})")
+    return "\n".join([*lines, "", *verdicts])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(CONFIG))
+    parser.add_argument("--clients", type=int, nargs="+", default=[10, 1000, 10000])
+    parser.add_argument("--runtimes", nargs="+", choices=["inprocess", "flower"],
+                        default=["inprocess", "flower"])
+    parser.add_argument("--workers", type=int, default=2,
+                        help="Flower simulation workers (one model each)")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value for every run")
+    args = parser.parse_args(argv)
+    out = Path(tempfile.mkdtemp(prefix="scale-"))
+    rows = []
+    for runtime in args.runtimes:
+        for n in args.clients:
+            rows.append(measure(runtime, n, args, out))
+            print(json.dumps(rows[-1]), flush=True)
+    print(report(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
