@@ -213,6 +213,25 @@ def report(args) -> str:
     return table
 
 
+def compare(args) -> str:
+    """Seed 0 of every ladder rung that ran at both sizes (e.g. cpu and gpu, the same
+    runs but the device): what the device alone changes."""
+    first, second = args.compare
+    lines = [f"| method | lr | val loss ({first}) | val loss ({second}) | pers. acc ({first}) "
+             f"| pers. acc ({second}) |", "|---|---|---|---|---|---|"]
+    for arm in args.arms:
+        rows = {}
+        for size in (first, second):
+            one = argparse.Namespace(**{**vars(args), "size": size})
+            rows[size] = {r["lr"]: r for r in _ladder_results(one, arm)}
+        for lr in sorted(set(rows[first]) & set(rows[second])):
+            a, b = rows[first][lr], rows[second][lr]
+            lines.append(f"| {arm} | {lr:.1e} | {a['val_loss']:.3f} | {b['val_loss']:.3f} | "
+                         f"{a['personalized_accuracy']:.3f} | "
+                         f"{b['personalized_accuracy']:.3f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", nargs="+", choices=list(CONFIGS), default=["sst2"])
@@ -225,10 +244,16 @@ def main(argv=None) -> int:
                         "run of each sweep starting at K")
     parser.add_argument("--max-extend", type=int, default=2,
                         help="rungs added at most when the best rate sits at a ladder end")
+    parser.add_argument("--compare", nargs=2, metavar=("SIZE", "SIZE"),
+                        help="print seed 0 of the ladder rungs run at both sizes (--arms)")
     parser.add_argument("--jobs", type=int, default=1, help="arms run at once, each in "
                         "its own process (ladder then seeds); for a GPU or many cores")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value for every arm")
     args = parser.parse_args(argv)
+    if args.compare:
+        for dataset in args.dataset:
+            print(compare(argparse.Namespace(**{**vars(args), "dataset": dataset})))
+        return 0
     if args.jobs > 1 and args.stage != "report":
         run_parallel(args)
         args.stage = "report"
