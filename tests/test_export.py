@@ -16,7 +16,7 @@ from sfedlora.tasks.classification import logits
     [("fedit", "lora", "global"), ("sfed", "sfed", "client_2"), ("ffa", "rslora", "global"),
      ("local", "lora", "client_2"), ("fedex", "lora", "global"),
      ("flexlora", "lora", "global"), ("fedsvd", "lora", "global"),
-     ("central", "lora", "global")],
+     ("central", "lora", "global"), ("soft", "lora", "global")],
 )
 def test_peft_reproduces_evaluation_logits(method, scaling, adapter, tiny_config, tmp_path,
                                            peft_logits):

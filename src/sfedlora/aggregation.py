@@ -34,6 +34,23 @@ def weighted_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float],
     return acc.to(tensors[0].dtype)
 
 
+def mean_over_senders(tensors: Sequence[torch.Tensor], weights: Sequence[float],
+                      present: Presence = None) -> torch.Tensor:
+    """Per coordinate, the weighted mean over the clients that sent it:
+    sum_{k sent} w_k T_k / sum_{k sent} w_k. A coordinate nobody sent keeps the value it
+    decoded to (with delta coding, the global value). Without masks: weighted_mean."""
+    if present is None or all(p is None for p in present):
+        return weighted_mean(tensors, weights)
+    num = torch.zeros_like(tensors[0], dtype=torch.float64)
+    den = torch.zeros_like(tensors[0], dtype=torch.float64)
+    for w, t, p in zip(weights, tensors, present, strict=True):
+        sent = torch.ones_like(t, dtype=torch.bool) if p is None else p
+        num += torch.where(sent, w * t.to(torch.float64), 0.0)
+        den += w * sent.to(torch.float64)
+    out = torch.where(den > 0, num / den.clamp_min(1e-300), tensors[0].to(torch.float64))
+    return out.to(tensors[0].dtype)
+
+
 def uniform_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float],
                  present: Presence = None) -> torch.Tensor:
     return weighted_mean(tensors, [1.0 / len(tensors)] * len(tensors))

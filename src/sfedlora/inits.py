@@ -16,13 +16,15 @@ from sfedlora.records import ClientState, Tensors
 class AdapterInits:
     def __init__(self, cfg: ExperimentConfig, method: Method, layout: AdapterLayout):
         self.cfg, self.method, self.layout = cfg, method, layout
-        self.shared_init = layout.initial_state(seeds.derive_seed(cfg.seed, seeds.A_INIT))
+        self.shared_init = self._draw(seeds.derive_seed(cfg.seed, seeds.A_INIT))
         self._a_names = layout.names({Part.A})
+
+    def _draw(self, a_seed: int) -> Tensors:
+        return self.method.initial_adapter(self.layout.initial_state(a_seed))
 
     def client_init(self, cid: int) -> Tensors:
         if self.cfg.a_init == "independent":
-            return self.layout.initial_state(seeds.derive_seed(self.cfg.seed, seeds.A_INIT, 1,
-                                                               cid))
+            return self._draw(seeds.derive_seed(self.cfg.seed, seeds.A_INIT, 1, cid))
         return self.shared_init
 
     def assemble(self, cid: int, state: ClientState, shared: Tensors,
@@ -33,8 +35,8 @@ class AdapterInits:
         every round (``Method.fresh``), the init of a training round is a fresh draw at
         the client's rank."""
         if self.method.fresh and round_idx is not None:
-            fresh = self.layout.initial_state(seeds.derive_seed(self.cfg.seed, seeds.A_INIT, 2,
-                                                                round_idx, cid))
+            fresh = self._draw(seeds.derive_seed(self.cfg.seed, seeds.A_INIT, 2, round_idx,
+                                                 cid))
             rank = self.cfg.client_rank(cid)
             if rank != self.cfg.lora.rank:
                 fresh = truncate(fresh, rank)

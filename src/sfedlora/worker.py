@@ -148,9 +148,11 @@ class Worker:
         if local.keep_optimizer_state:
             # on the CPU with the rest of the client's state; loading moves it back
             state.optimizer = _cpu_copy(optimizer.state_dict())
+        tensors = self._truncate(self.slots.snapshot(plan.upload), rank)
         upload, state.residual = self.up.send(
-            self._truncate(self.slots.snapshot(plan.upload), rank), reference=received,
-            residual=state.residual, meta={"client": cid, "round": round_idx})
+            tensors, reference=received, residual=state.residual,
+            meta={"client": cid, "round": round_idx},
+            positions=self.hooks.upload_positions(tensors))
         return FitResult(
             upload=upload,
             num_examples=len(data),
@@ -186,9 +188,10 @@ class Worker:
             batch = self.batch(data, idx)
             tokens += batch["input_ids"].numel()
             loss = self.model(**batch).loss
-            loss.backward()
+            penalty = self.hooks.penalty()
+            (loss if penalty is None else loss + penalty).backward()
             losses.append(loss.item())
-            del loss  # release the step's graph before the next forward pass
+            del loss, penalty  # release the step's graph before the next forward pass
             norms_a.append(self._grad_norm(a_names))
             norms_b.append(self._grad_norm(b_names))
             if local.max_grad_norm is not None:

@@ -74,14 +74,20 @@ class Codec:
     # --- encoding --------------------------------------------------------------------
 
     def encode(self, tensors: Tensors, reference: Tensors | None = None,
-               meta: dict | None = None) -> bytes:
-        if self.plain or not tensors:
+               meta: dict | None = None, positions: Tensors | None = None) -> bytes:
+        """``positions``: the sender's own choice of the flat positions to send per
+        tensor (sorted; a tensor not named is sent whole), instead of the top-k (SOFT
+        sends whole rank components)."""
+        if (self.plain and positions is None) or not tensors:
             return wire.encode(tensors, meta)
         reference = reference or {}
         delta = {n for n in tensors if self.delta and n in reference}
         values = {n: (t - reference[n] if n in delta else t).reshape(-1).float()
                   for n, t in tensors.items()}
-        kept = self._top_k(values) if self.density < 1 else None
+        if positions is not None:
+            kept = {n: positions.get(n, torch.arange(v.numel())) for n, v in values.items()}
+        else:
+            kept = self._top_k(values) if self.density < 1 else None
         out: dict[str, list[torch.Tensor]] = {p: [] for p in PIECES}
         layout = []
         for name, t in tensors.items():
@@ -121,7 +127,8 @@ class Codec:
         return kept
 
     def send(self, tensors: Tensors, reference: Tensors | None, residual: Tensors | None,
-             meta: dict | None = None) -> tuple[bytes, Tensors | None]:
+             meta: dict | None = None, positions: Tensors | None = None
+             ) -> tuple[bytes, Tensors | None]:
         """Encode with error feedback when it is on: returns the payload and the
         residual to keep for the next message (None when feedback is off).
 
@@ -129,10 +136,10 @@ class Codec:
         its last message lost until it is sent again, so methods whose uploads
         alternate between tensors (RoLoRA: B, then A) lose nothing."""
         if not self.error_feedback:
-            return self.encode(tensors, reference, meta), None
+            return self.encode(tensors, reference, meta, positions), None
         residual = residual or {}
         target = {n: t + residual[n] if n in residual else t for n, t in tensors.items()}
-        payload = self.encode(target, reference, meta)
+        payload = self.encode(target, reference, meta, positions)
         received = decode(payload, reference)
         return payload, {**residual, **{n: target[n] - received[n] for n in target}}
 

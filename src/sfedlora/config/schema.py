@@ -205,6 +205,16 @@ class CodecConfig(_Section):
     )
 
 
+class SoftConfig(_Section):
+    """SOFT (``method=soft``): near-orthogonal factors, uploads of whole rank components."""
+
+    ortho_weight: float = Field(
+        1e-2, ge=0, description="weight of ||A A^T - I||^2 + ||offdiag(B^T B)||^2 per layer "
+        "in the local loss")
+    keep: float = Field(0.5, gt=0, le=1, description="fraction of each layer's rank "
+                        "components a client sends (ceil(keep * r), by importance)")
+
+
 class CommConfig(_Section):
     up: CodecConfig = CodecConfig()
     down: CodecConfig = CodecConfig()
@@ -333,6 +343,7 @@ class ExperimentConfig(_Section):
     server: ServerConfig = ServerConfig()
     comm: CommConfig = CommConfig()
     personal: PersonalConfig = PersonalConfig()
+    soft: SoftConfig = SoftConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     flower: FlowerConfig = FlowerConfig()

@@ -152,9 +152,20 @@ class ClientHooks:
         """Context around client ``cid``'s local steps."""
         return contextlib.nullcontext()
 
+    def penalty(self) -> torch.Tensor | None:
+        """A term added to each local step's loss, computed from the adapter on the
+        model (SOFT's orthogonality penalty); None: none. The logged loss is the
+        task's alone."""
+        return None
+
     def after_fit(self, cid: int, state: ClientState, round_idx: int) -> None:
         """After the local steps, with the trained adapter still on the model; may add
         to ``state.method`` (method-owned tensors the client keeps)."""
+
+    def upload_positions(self, upload: Tensors) -> Tensors | None:
+        """Per tensor, the sorted flat positions of ``upload`` to send (SOFT: whole rank
+        components); a tensor not named goes whole. None: the codec decides."""
+        return None
 
     def scored_adapter(self, cid: int, state: ClientState, own: Tensors, holdout
                        ) -> tuple[Tensors, dict[str, list[float]]]:
@@ -231,6 +242,11 @@ class Method:
         """Default: everything that is not fixed trains; the shared parts go up."""
         trainable = (self.shared | self.private) - self.fixed
         return RoundPlan(train=frozenset(trainable), upload=frozenset(self.shared - self.fixed))
+
+    def initial_adapter(self, state: Tensors) -> Tensors:
+        """Every freshly drawn adapter (shared, per client or per round) passes
+        through here; default: as drawn. SOFT orthonormalises A's rows."""
+        return state
 
     def finalize(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The new global state from the combined one, after any DP noise (so it is

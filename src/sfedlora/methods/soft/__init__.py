@@ -1,0 +1,82 @@
+"""SOFT (Kim and Choi, arXiv 2505.00333): sparsified orthogonal fine-tuning for
+wireless federated LoRA. Details reconstructed from the paper's abstract; each piece
+(the penalty, the importance score, the per-component average) is a small function of
+:mod:`.components` so the paper's exact versions can replace it.
+
+- As FedIT, A, B and the head train on every client and are averaged with data-size
+  weights.
+- A's rows start orthonormal, and the local loss adds
+  ``soft.ortho_weight * sum over layers of (||A A^T - I||_F^2 + ||offdiag(B^T B)||_F^2)``,
+  so ``s_i = ||B[:, i]|| ||A[i, :]||`` approximates the singular values of ``B A``
+  without an SVD.
+- Each client sends the change of only its ``ceil(soft.keep * r)`` most important
+  components per layer (row A[i, :] and column B[:, i] together; the head whole), with
+  their positions; the server averages each coordinate over the clients that sent it
+  (:func:`~sfedlora.aggregation.mean_over_senders`), and components nobody sent keep
+  their value. ``comm.up.error_feedback=true`` keeps what was not sent for later.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from sfedlora.aggregation import Combiner, mean_over_senders, weighted_mean
+from sfedlora.methods.base import ClientHooks, Method, Part, Tensors, Update
+from sfedlora.methods.soft.components import (
+    component_positions,
+    importance,
+    orthogonality_penalty,
+    orthonormal_rows,
+    top_components,
+)
+
+
+class SoftClient(ClientHooks):
+    def __init__(self, cfg, worker):
+        self.weight, self.keep = cfg.soft.ortho_weight, cfg.soft.keep
+        params = worker.slots.params
+        self.layers = [(params[a], params[a.replace(".lora_A.", ".lora_B.")])
+                       for a in worker.slots.names({Part.A})]
+
+    def penalty(self) -> torch.Tensor | None:
+        if self.weight == 0:
+            return None
+        return self.weight * sum(orthogonality_penalty(a, b) for a, b in self.layers)
+
+    def upload_positions(self, upload: Tensors) -> Tensors:
+        positions = {}
+        for name in [n for n in upload if ".lora_A." in n]:
+            b_name = name.replace(".lora_A.", ".lora_B.")
+            a, b = upload[name], upload[b_name]
+            chosen = top_components(importance(a, b), self.keep)
+            positions[name], positions[b_name] = component_positions(chosen, a.shape, b.shape)
+        return positions
+
+
+class Soft(Method):
+    name = "soft"
+    summary = ("FedIT with near-orthogonal factors; clients send only their most "
+               "important rank components, averaged over their senders")
+    comm: ClassVar[dict[str, dict]] = {"up": {"delta": True}}
+
+    def check_config(self, cfg) -> None:
+        self.refuse([(cfg.lora.adapter == "vera", "lora.adapter=vera",
+                      "VeRA trains no A and B factors to rank"),
+                     (cfg.comm.up.density is not None and cfg.comm.up.density < 1,
+                      "comm.up.density", "SOFT chooses what to send by rank component "
+                      "(soft.keep), not by entry")])
+
+    def client_hooks(self, cfg, worker) -> ClientHooks:
+        return SoftClient(cfg, worker)
+
+    def initial_adapter(self, state: Tensors) -> Tensors:
+        return {n: orthonormal_rows(t) if ".lora_A." in n else t for n, t in state.items()}
+
+    def aggregate(self, global_state: dict[str, torch.Tensor], updates: list[Update],
+                  combine: Combiner = weighted_mean) -> dict[str, torch.Tensor]:
+        # the mean of a component is over the clients that sent it; a robust
+        # combiner (median, trimmed mean) already uses only the senders
+        return super().aggregate(global_state, updates,
+                                 mean_over_senders if combine is weighted_mean else combine)
