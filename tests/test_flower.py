@@ -216,6 +216,38 @@ def test_a_failed_client_is_dropped_and_the_round_goes_on(tiny_config, tmp_path,
     assert (tmp_path / "run" / "summary.json").is_file()
 
 
+class _Context:  # the one field of flwr's Context that routing reads
+    def __init__(self, partition_id: int | None):
+        self.node_config = {} if partition_id is None else {"partition-id": partition_id}
+
+
+def test_a_simulated_node_serves_the_named_client_and_a_deployed_node_only_its_own():
+    from sfedlora.config import ConfigError
+    from sfedlora.flower.client_app import message_client
+    from sfedlora.flower.config import ANY_NODE_KEY
+
+    simulated, deployed = {ANY_NODE_KEY: True}, {}
+    assert message_client(_Context(3), simulated, {"client": 7}) == 7
+    assert message_client(_Context(None), simulated, {"client": 7}) == 7
+    assert message_client(_Context(3), deployed, {"client": 3}) == 3
+    assert message_client(_Context(3), deployed, {}) == 3  # a message that names none
+    with pytest.raises(ConfigError, match="client 7 reached the node of partition-id=3"):
+        message_client(_Context(3), deployed, {"client": 7})
+    with pytest.raises(ConfigError, match="no partition-id in its node config"):
+        message_client(_Context(None), deployed, {"client": 7})
+
+
+def test_a_simulation_maps_clients_onto_nodes_without_messaging_them(tiny_config):
+    from sfedlora.flower.pool import FlowerPool
+
+    class Grid:  # asked only for its node ids: sending a message would fail here
+        def get_node_ids(self):
+            return [905, 17, 3, 600]
+
+    pool = FlowerPool(tiny_config("clients.num=3"), Grid(), any_node=True)
+    assert pool.nodes == {0: 3, 1: 17, 2: 600}
+
+
 def test_backend_config_reserves_what_flower_client_resources_says(tiny_config):
     from sfedlora.flower.simulation import backend_config
 

@@ -213,6 +213,10 @@ class SoftConfig(_Section):
         "in the local loss")
     keep: float = Field(0.5, gt=0, le=1, description="fraction of each layer's rank "
                         "components a client sends (ceil(keep * r), by importance)")
+    importance: Literal["norms", "svd"] = Field(
+        "norms", description="how components are ranked: norms, ||B[:, i]|| ||A[i, :]|| "
+        "(no SVD; exact for orthogonal factors), or svd, each component's size inside "
+        "the best rank-ceil(keep r) approximation of B A (one SVD per layer per round)")
 
 
 class CommConfig(_Section):

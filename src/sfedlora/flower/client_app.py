@@ -1,7 +1,9 @@
 """The ClientApp: one federated client per SuperNode.
 
-The node's client id is ``partition-id`` from its node config (Flower's simulation
-engine sets it; ``flower-supernode --node-config "partition-id=3"`` in a deployment).
+Every message names its client. A deployed node serves only its ``partition-id``
+(``flower-supernode --node-config "partition-id=3"``); in the simulation engine, where
+every virtual node shares one machine's data and state directory, any node serves the
+client the message names.
 The model is built once per worker process and reused by every message, whichever
 node it serves. A client's private state (B, head, optimizer state, error-feedback
 residuals, method-owned tensors) lives in the node's state directory
@@ -18,7 +20,7 @@ from flwr.clientapp import ClientApp
 
 from sfedlora.config import ConfigError, ExperimentConfig
 from sfedlora.flower import messages
-from sfedlora.flower.config import experiment_config
+from sfedlora.flower.config import ANY_NODE_KEY, experiment_config
 from sfedlora.flower.node_state import NodeState, state_root
 from sfedlora.secagg import client as secure_client
 
@@ -39,29 +41,46 @@ def experiment(cfg: ExperimentConfig):
     return _experiments[key]
 
 
-def client_id(context: Context, cfg: ExperimentConfig) -> int:
+def message_client(context: Context, run_config: dict, request) -> int:
+    """The client this message is for. In the simulation engine (``any-node`` in the run
+    config) every virtual node serves whichever client the message names; a deployed
+    node serves only its own, its ``partition-id``, and refuses a message for another
+    (a routing bug would otherwise train one client on another's data)."""
+    named = int(request[messages.CLIENT]) if messages.CLIENT in request else None
+    if run_config.get(ANY_NODE_KEY) and named is not None:
+        return named
     if "partition-id" not in context.node_config:
         raise ConfigError("this SuperNode has no partition-id in its node config; start it "
                           "with --node-config \"partition-id=K\" (K = its client id)")
     cid = int(context.node_config["partition-id"])
+    if named is not None and named != cid:
+        raise ConfigError(f"a message for client {named} reached the node of "
+                          f"partition-id={cid}")
+    return cid
+
+
+def client_id(context: Context, run_config: dict, cfg: ExperimentConfig, request) -> int:
+    """:func:`message_client`, checked against ``clients.num``."""
+    cid = message_client(context, run_config, request)
     if not 0 <= cid < cfg.clients.num:
-        raise ConfigError(f"partition-id={cid} but clients.num={cfg.clients.num}; node "
+        raise ConfigError(f"client id {cid} but clients.num={cfg.clients.num}; node "
                           f"partition ids must be 0..{cfg.clients.num - 1}")
     return cid
 
 
-def _client(context: Context, defaults: dict) -> tuple[ExperimentConfig, int]:
-    """The run's experiment config and this node's client id (no model needed)."""
-    cfg = experiment_config({**defaults, **context.run_config})
-    return cfg, client_id(context, cfg)
+def _client(context: Context, defaults: dict, request) -> tuple[ExperimentConfig, int]:
+    """The run's experiment config and the message's client id (no model needed)."""
+    run_config = {**defaults, **context.run_config}
+    cfg = experiment_config(run_config)
+    return cfg, client_id(context, run_config, cfg, request)
 
 
 def _setup(msg: Message, context: Context, defaults: dict):
     """This node's experiment (its process's model), client id, state directory and
     request, with the machine's shared store in place."""
-    cfg, cid = _client(context, defaults)
-    exp = experiment(cfg)
     request = msg.content[messages.REQUEST]
+    cfg, cid = _client(context, defaults, request)
+    exp = experiment(cfg)
     node = NodeState(state_root(context.node_config, str(request[messages.RUN_KEY])), cid)
     exp.worker.shared_store = node.shared
     return exp, cid, node, request
@@ -113,8 +132,8 @@ def query(msg: Message, context: Context, defaults: dict) -> Message:
     request = msg.content[messages.REQUEST]
     what = request[messages.WHAT]
     if what == messages.SECAGG:  # needs no config or model: answered in about a second
-        return _secure_exchange(msg, context, request)
-    cfg, cid = _client(context, defaults)
+        return _secure_exchange(msg, context, request, defaults)
+    cfg, cid = _client(context, defaults, request)
     reply: dict = {messages.CLIENT: cid}
     if what == messages.LAYOUT:
         exp = experiment(cfg)
@@ -135,12 +154,10 @@ def query(msg: Message, context: Context, defaults: dict) -> Message:
     return Message(RecordDict({messages.REPLY: ConfigRecord(reply)}), reply_to=msg)
 
 
-def _secure_exchange(msg: Message, context: Context, request) -> Message:
-    """One secure-aggregation exchange; the client id is the node's partition id (the
-    server sent this node the exchange for the client it said it was)."""
-    if "partition-id" not in context.node_config:
-        raise ConfigError("this SuperNode has no partition-id in its node config")
-    cid = int(context.node_config["partition-id"])
+def _secure_exchange(msg: Message, context: Context, request, defaults: dict) -> Message:
+    """One secure-aggregation exchange for the client the message names. Builds no
+    model and reads no config, so it is answered in about a second."""
+    cid = message_client(context, {**defaults, **context.run_config}, request)
     node = NodeState(state_root(context.node_config, str(request[messages.RUN_KEY])), cid)
     round_idx = int(request[messages.ROUND])
     session, payload = secure_client.exchange(node.load_secure(round_idx), cid,

@@ -19,6 +19,9 @@ CONFIG_FILE_KEY = "config-file"
 OVERRIDES_KEY = "overrides"
 RESUME_KEY = "resume"  # a run directory to continue from its checkpoint
 OVERWRITE_KEY = "overwrite"  # replace the run that output_dir holds
+# Set by the simulation engine's runner: every virtual node runs the same ClientApp on
+# one machine, so any node may serve any client (the message names it); see FlowerPool.
+ANY_NODE_KEY = "any-node"
 
 
 def experiment_config(run_config: Mapping[str, object]) -> ExperimentConfig:
@@ -29,7 +32,8 @@ def experiment_config(run_config: Mapping[str, object]) -> ExperimentConfig:
     overrides = shlex.split(str(run_config.get(OVERRIDES_KEY) or ""))
     overrides += [f"{k}={v if isinstance(v, str) else json.dumps(v)}"
                   for k, v in sorted(run_config.items())
-                  if k not in (CONFIG_FILE_KEY, OVERRIDES_KEY, RESUME_KEY, OVERWRITE_KEY)]
+                  if k not in (CONFIG_FILE_KEY, OVERRIDES_KEY, RESUME_KEY, OVERWRITE_KEY,
+                                   ANY_NODE_KEY)]
     return load_config(str(path) if path else None, [*overrides, "progress=false"])
 
 

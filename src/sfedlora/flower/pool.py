@@ -35,18 +35,19 @@ log = logging.getLogger(__name__)
 
 
 class FlowerPool:
-    def __init__(self, cfg: ExperimentConfig, grid: Grid):
+    def __init__(self, cfg: ExperimentConfig, grid: Grid, any_node: bool = False):
         self.cfg, self.grid = cfg, grid
         self.down: Codec = cfg.codec("down")
         self.run_key = uuid.uuid4().hex[:16]  # names this run's state on the nodes
         self.round = 0  # the last round trained
         self.saved = 0  # the last round whose server state is checkpointed
-        self.nodes = self._find_clients()  # client id -> node id
+        # client id -> node id
+        self.nodes = self._spread_clients() if any_node else self._find_clients()
 
     # --- the node map ---------------------------------------------------------------
 
-    def _find_clients(self) -> dict[int, int]:
-        """Wait for ``clients.num`` nodes, ask each for its client id."""
+    def _connected(self) -> list[int]:
+        """The ids of ``clients.num`` connected nodes, once that many have connected."""
         want, deadline = self.cfg.clients.num, time.monotonic() + self.cfg.flower.connect_timeout
         while len(node_ids := list(self.grid.get_node_ids())) < want:
             if time.monotonic() > deadline:
@@ -55,6 +56,20 @@ class FlowerPool:
                     f"flower.connect_timeout={self.cfg.flower.connect_timeout}s; start one "
                     "node per client (partition-id 0..clients.num-1)")
             time.sleep(0.5)
+        return sorted(node_ids)
+
+    def _spread_clients(self) -> dict[int, int]:
+        """Client k on the k-th node by id, without asking the nodes (the simulation
+        engine: every virtual node runs the same ClientApp over the same data and state
+        directory, and every message names its client). Asking instead costs O(N^2)
+        in flwr 1.41's simulation engine, whose in-memory LinkState scans every stored
+        message for each node it polls: 10,000 nodes did not all answer in minutes."""
+        return dict(enumerate(self._connected()[:self.cfg.clients.num]))
+
+    def _find_clients(self) -> dict[int, int]:
+        """Ask every node for its client id (its partition-id; a deployment, where a
+        node holds one client's data)."""
+        want, node_ids = self.cfg.clients.num, self._connected()
         replies = self._send(MessageType.QUERY, {n: {messages.WHAT: messages.DESCRIBE}
                                                  for n in node_ids},
                              self.cfg.flower.connect_timeout)
@@ -103,7 +118,8 @@ class FlowerPool:
 
     def info(self) -> PoolInfo:
         node = self.nodes[min(self.nodes)]
-        reply = self._send(MessageType.QUERY, {node: {messages.WHAT: messages.LAYOUT}},
+        reply = self._send(MessageType.QUERY, {node: {messages.WHAT: messages.LAYOUT,
+                                                      messages.CLIENT: min(self.nodes)}},
                            self.cfg.flower.connect_timeout).get(node)
         if reply is None:
             raise ConfigError(f"the node of client {min(self.nodes)} did not describe the "
@@ -115,7 +131,8 @@ class FlowerPool:
     def fit(self, round_idx: int, downloads: dict[int, bytes],
             secure: dict[int, bytes] | None = None) -> dict[int, FitResult]:
         self.round = round_idx
-        requests = {self.nodes[cid]: {messages.DOWNLOAD: d, messages.ROUND: round_idx,
+        requests = {self.nodes[cid]: {messages.CLIENT: cid, messages.DOWNLOAD: d,
+                                      messages.ROUND: round_idx,
                                       **({messages.SECURE: secure[cid]} if secure else {})}
                     for cid, d in downloads.items()}
         replies = self._by_client(self._send(MessageType.TRAIN, requests,
@@ -126,7 +143,8 @@ class FlowerPool:
 
     def secure_exchange(self, round_idx: int, stage: str, requests: dict[int, bytes]
                         ) -> dict[int, bytes]:
-        bodies = {self.nodes[cid]: {messages.WHAT: messages.SECAGG, messages.STAGE: stage,
+        bodies = {self.nodes[cid]: {messages.CLIENT: cid, messages.WHAT: messages.SECAGG,
+                                    messages.STAGE: stage,
                                     messages.PAYLOAD: body, messages.ROUND: round_idx}
                   for cid, body in requests.items()}
         replies = self._by_client(self._send(MessageType.QUERY, bodies,
@@ -148,7 +166,7 @@ class FlowerPool:
             taken = {id(r) for r in batch}
             pending = [r for r in pending if id(r) not in taken]
             bodies = {self.nodes[r.via]: {
-                **what, messages.ROUND: self.round,
+                **what, messages.CLIENT: r.via, messages.ROUND: self.round,
                 messages.DOWNLOAD: self.down.encode({**r.shared, **r.extras}),
                 messages.GLOBAL: r.cid is None, messages.GLOBAL_PART: r.global_part}
                 for r in batch}

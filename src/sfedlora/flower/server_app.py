@@ -14,7 +14,7 @@ import logging
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from sfedlora.flower.config import OVERWRITE_KEY, RESUME_KEY, experiment_config
+from sfedlora.flower.config import ANY_NODE_KEY, OVERWRITE_KEY, RESUME_KEY, experiment_config
 from sfedlora.flower.pool import FlowerPool
 from sfedlora.simulation import Simulation
 
@@ -24,11 +24,12 @@ log = logging.getLogger(__name__)
 def main(grid: Grid, context: Context, defaults: dict) -> None:
     run_config = {**defaults, **context.run_config}
     cfg = experiment_config(run_config)
+    any_node = bool(run_config.get(ANY_NODE_KEY))
     if resume := run_config.get(RESUME_KEY):
-        sim = Simulation.resume(resume, pool_factory=lambda c: FlowerPool(c, grid))
+        sim = Simulation.resume(resume, pool_factory=lambda c: FlowerPool(c, grid, any_node))
         log.info("Flower: resuming %s after round %d", resume, sim.done_rounds)
     else:
-        sim = Simulation(cfg, FlowerPool(cfg, grid))
+        sim = Simulation(cfg, FlowerPool(cfg, grid, any_node))
     summary = sim.run(overwrite=bool(run_config.get(OVERWRITE_KEY)))
     log.info("Flower run finished in %s: %s", sim.cfg.output_dir, {
         k: summary.get(k) for k in ("personalized_accuracy", "global_accuracy")})

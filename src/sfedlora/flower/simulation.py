@@ -8,6 +8,7 @@ from pathlib import Path
 from sfedlora.config import ConfigError
 from sfedlora.flower import client_app, server_app
 from sfedlora.flower.config import (
+    ANY_NODE_KEY,
     OVERWRITE_KEY,
     as_run_config,
     check_resumable,
@@ -41,6 +42,7 @@ def run_simulation(config_file: str | None, overrides: list[str],
         if cfg.output_dir is not None:  # refuse before Ray starts
             refuse_occupied(Path(cfg.output_dir), overwrite)
         run_config[OVERWRITE_KEY] = overwrite
+    run_config[ANY_NODE_KEY] = True  # virtual nodes share this machine's data and state
     cfg = experiment_config(run_config)
     flwr_run_simulation(
         server_app=server_app.make_app(run_config),

@@ -8,7 +8,8 @@ wireless federated LoRA. Details reconstructed from the paper's abstract; each p
 - A's rows start orthonormal, and the local loss adds
   ``soft.ortho_weight * sum over layers of (||A A^T - I||_F^2 + ||offdiag(B^T B)||_F^2)``,
   so ``s_i = ||B[:, i]|| ||A[i, :]||`` approximates the singular values of ``B A``
-  without an SVD.
+  without an SVD; ``soft.importance=svd`` scores by an SVD per layer instead
+  (:func:`~.components.svd_importance`), exact but dearer.
 - Each client sends the change of only its ``ceil(soft.keep * r)`` most important
   components per layer (row A[i, :] and column B[:, i] together; the head whole), with
   their positions; the server averages each coordinate over the clients that sent it
@@ -25,8 +26,8 @@ import torch
 from sfedlora.aggregation import Combiner, mean_over_senders, weighted_mean
 from sfedlora.methods.base import ClientHooks, Method, Part, Tensors, Update
 from sfedlora.methods.soft.components import (
+    IMPORTANCE,
     component_positions,
-    importance,
     orthogonality_penalty,
     orthonormal_rows,
     top_components,
@@ -36,6 +37,7 @@ from sfedlora.methods.soft.components import (
 class SoftClient(ClientHooks):
     def __init__(self, cfg, worker):
         self.weight, self.keep = cfg.soft.ortho_weight, cfg.soft.keep
+        self.score = IMPORTANCE[cfg.soft.importance]
         params = worker.slots.params
         self.layers = [(params[a], params[a.replace(".lora_A.", ".lora_B.")])
                        for a in worker.slots.names({Part.A})]
@@ -50,7 +52,7 @@ class SoftClient(ClientHooks):
         for name in [n for n in upload if ".lora_A." in n]:
             b_name = name.replace(".lora_A.", ".lora_B.")
             a, b = upload[name], upload[b_name]
-            chosen = top_components(importance(a, b), self.keep)
+            chosen = top_components(self.score(a, b, self.keep), self.keep)
             positions[name], positions[b_name] = component_positions(chosen, a.shape, b.shape)
         return positions
 

@@ -40,6 +40,25 @@ def importance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(b, dim=0) * torch.linalg.vector_norm(a, dim=1)
 
 
+def svd_importance(a: torch.Tensor, b: torch.Tensor, keep: float) -> torch.Tensor:
+    """The exact (SVD) score: the size of component i inside the best rank-k
+    approximation of B A (k = ceil(keep * r)), ||U_k^T B[:, i]|| * ||V_k^T A[i, :]||,
+    with U_k, V_k the top k singular vectors. Unlike :func:`importance` it does not
+    assume orthogonal factors: two components that share a direction split its singular
+    value instead of each claiming it whole. With exactly orthogonal factors it gives
+    the top k components their singular values and the others 0, so both rules choose
+    the same components there. It costs an SVD of the d_out x d_in product per layer."""
+    k = math.ceil(keep * a.shape[0])
+    u, _, vh = torch.linalg.svd(b.to(torch.float64) @ a.to(torch.float64),
+                                full_matrices=False)
+    in_u = torch.linalg.vector_norm(u[:, :k].T @ b.to(torch.float64), dim=0)
+    in_v = torch.linalg.vector_norm(vh[:k] @ a.to(torch.float64).T, dim=0)
+    return (in_u * in_v).to(a.dtype)
+
+
+IMPORTANCE = {"norms": lambda a, b, keep: importance(a, b), "svd": svd_importance}
+
+
 def top_components(scores: torch.Tensor, keep: float) -> torch.Tensor:
     """The ``ceil(keep * r)`` components of highest score, ascending (ties: lower
     index first)."""
