@@ -12,7 +12,8 @@ runtimes side by side and each N's ratios to N = 10, the figures
 ``docs/results/scale.md`` records.
 
     python benchmarks/scale.py [--clients 10 1000 10000] [--runtimes inprocess flower]
-                               [--workers 2] [dotted.key=value ...]
+                               [--workers 2] [--save ROWS.json] [dotted.key=value ...]
+    python benchmarks/scale.py --report docs/results/scale/rows.json   # reprint, no runs
 """
 
 from __future__ import annotations
@@ -76,6 +77,15 @@ def measure(runtime: str, n: int, args, out: Path) -> dict:
             "total_s": time.time() - launched}
 
 
+def machine() -> dict:
+    import platform
+
+    import torch
+
+    return {"cpus": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30),
+            "python": platform.python_version(), "torch": torch.__version__}
+
+
 def report(rows: list[dict]) -> str:
     lines = ["| runtime | clients | peak RSS (MB) | RSS / N=min | steady s/round | "
              "s/round / N=min | start-up (s) |", "|---|---|---|---|---|---|---|"]
@@ -107,14 +117,26 @@ def main(argv=None) -> int:
                         default=["inprocess", "flower"])
     parser.add_argument("--workers", type=int, default=2,
                         help="Flower simulation workers (one model each)")
+    parser.add_argument("--save", type=Path, help="write the measured rows (JSON) here")
+    parser.add_argument("--report", type=Path, help="print the tables of saved rows; run "
+                        "nothing")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value for every run")
     args = parser.parse_args(argv)
+    if args.report:
+        print(report(json.loads(args.report.read_text())["rows"]))
+        return 0
     out = Path(tempfile.mkdtemp(prefix="scale-"))
     rows = []
     for runtime in args.runtimes:
         for n in args.clients:
             rows.append(measure(runtime, n, args, out))
             print(json.dumps(rows[-1]), flush=True)
+            if args.save:  # after every run, so a long benchmark keeps what it measured
+                args.save.parent.mkdir(parents=True, exist_ok=True)
+                args.save.write_text(json.dumps(
+                    {"command": " ".join(["python", "benchmarks/scale.py",
+                                          *(argv if argv is not None else sys.argv[1:])]),
+                     "machine": machine(), "rows": rows}, indent=1) + "\n")
     print(report(rows))
     return 0
 

@@ -24,6 +24,8 @@ ARMS.update({
     "hetlora": ["lora.client_ranks=[2,4]"],
     "flora": ["lora.client_ranks=[2,4]"],
     "flexlora": ["lora.client_ranks=[2,4]"],
+    "tsfa": ["network.model=wireless", "network.allocation=min_max",
+             "tsfa.latency_budget_s=100"],
 })
 
 

@@ -237,7 +237,7 @@ def test_a_simulated_node_serves_the_named_client_and_a_deployed_node_only_its_o
         message_client(_Context(None), deployed, {"client": 7})
 
 
-def test_a_simulation_maps_clients_onto_nodes_without_messaging_them(tiny_config):
+def test_a_simulation_routes_messages_to_virtual_nodes_in_turn(tiny_config):
     from sfedlora.flower.pool import FlowerPool
 
     class Grid:  # asked only for its node ids: sending a message would fail here
@@ -245,7 +245,13 @@ def test_a_simulation_maps_clients_onto_nodes_without_messaging_them(tiny_config
             return [905, 17, 3, 600]
 
     pool = FlowerPool(tiny_config("clients.num=3"), Grid(), any_node=True)
-    assert pool.nodes == {0: 3, 1: 17, 2: 600}
+    assert pool.free_nodes == [3, 17, 600]  # one per client, no node map asked for
+    assert pool._trips([2, 0, 1]) == [{0: 3, 1: 17, 2: 600}]
+    pool = FlowerPool(tiny_config("clients.num=3", "flower.virtual_nodes=2"), Grid(),
+                      any_node=True)
+    assert pool._trips([2, 0, 1]) == [{0: 3, 1: 17}, {2: 3}]  # a node serves one at a time
+    pool.any_node, pool.nodes = False, {0: 7, 1: 7, 2: 8}  # a deployment: its own node
+    assert pool._trips([2, 0, 1]) == [{0: 8, 1: 7}, {2: 7}]
 
 
 def test_backend_config_reserves_what_flower_client_resources_says(tiny_config):

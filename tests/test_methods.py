@@ -96,7 +96,7 @@ def test_exact_product_for_methods_with_a_frozen_shared_factor():
 def test_registry_and_unknown_method():
     assert set(REGISTRY) == {"fedit", "ffa", "fedsa", "rolora", "sfed", "flasc", "flocora",
                              "hetlora", "fdlora", "flora", "local", "fedex", "flexlora",
-                             "fedsvd", "soft", "central"}
+                             "fedsvd", "soft", "tsfa", "central"}
     with pytest.raises(ValueError, match="unknown method"):
         get_method("fedavg")
 

@@ -45,8 +45,10 @@ def test_eval_clients_larger_than_n_is_refused_before_the_run():
         load_config(None, ["clients.num=10", "eval.clients=11"])
 
 
-def test_a_run_scores_only_its_evaluated_clients(tiny_config, monkeypatch):
+def test_a_run_scores_and_exports_only_its_evaluated_clients(tiny_config, monkeypatch,
+                                                              tmp_path):
     from sfedlora.pool import InProcessPool
+    from sfedlora.results import RunDir
     from sfedlora.sampling import evaluated_clients
     from sfedlora.simulation import Simulation
 
@@ -63,3 +65,5 @@ def test_a_run_scores_only_its_evaluated_clients(tiny_config, monkeypatch):
         metrics = sim.evaluate()
         assert metrics["eval_clients"] == subset and "unscored" not in metrics
     assert asked == [subset, subset]  # fedsa has no global adapter: clients only
+    exported = sim.export_adapters(RunDir(tmp_path / "run"))
+    assert sorted(p.name for p in exported) == [f"client_{c}" for c in sorted(subset)]

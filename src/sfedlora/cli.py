@@ -198,6 +198,24 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tsfa_plan(args: argparse.Namespace) -> int:
+    _quiet_libraries()
+    from sfedlora.methods.soft.plan import make_plan
+
+    cfg = load_config(*_split_config_arg(args))
+    plan = make_plan(cfg)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(plan, indent=1) + "\n")
+    print("rank  last loss  q/round  variance  T at min keep (s)  bound  feasible")
+    for p in plan["pilots"]:
+        print(f"{p['rank']:>4}  {p['last_loss']:9.4f}  {p['loss_ratio_per_round']:7.4f}  "
+              f"{p['variance']:8.4f}  {p['latency_s_at_min_keep']:17.3f}  {p['bound']:.4f}  "
+              f"{p['feasible']}")
+    print(f"chosen rank {plan['rank']}; run with: method=tsfa lora.rank={plan['rank']} "
+          f"tsfa.plan={args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sfedlora", description="Federated LoRA fine-tuning (SFed-LoRA and baselines)."
@@ -251,6 +269,14 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("--overwrite", action="store_true",
                         help="replace the run that output_dir holds")
     deploy.set_defaults(func=cmd_deploy_local)
+
+    plan = sub.add_parser("tsfa-plan", help="TSFA's offline stage: pilot each rank of "
+                          "tsfa.ranks and write the chosen rank and the estimates to a JSON "
+                          "plan that a method=tsfa run reads (tsfa.plan)")
+    plan.add_argument("config", nargs="?", help="YAML config (network.model=wireless)")
+    plan.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    plan.add_argument("--out", default="tsfa-plan.json", help="the plan file to write")
+    plan.set_defaults(func=cmd_tsfa_plan)
 
     plot = sub.add_parser("plot", help="draw a metric of runs against rounds or bytes")
     plot.add_argument("runs", nargs="*", help="run directories")

@@ -39,9 +39,11 @@ class Evaluator:
         return AdapterRequest(None, GLOBAL_VIA, self.server.received_state(), extras, True)
 
     def requests(self, global_adapter: bool, per_client: bool) -> list[AdapterRequest]:
-        """Every client's adapter (``per_client``) and the global one where it exists."""
-        out = ([self.client_request(c) for c in range(self.num_clients)] if per_client
-               else [])
+        """The evaluated clients' adapters (``per_client``; every client's with
+        ``eval.clients: all``) and the global one where it exists. At 10,000 clients
+        every client's adapter would be 10,000 PEFT directories; each client's state
+        stays in the run's client-state store either way."""
+        out = [self.client_request(c) for c in self.scored] if per_client else []
         return out + ([self.global_request()] if global_adapter else [])
 
     def evaluate(self) -> dict:

@@ -143,12 +143,37 @@ class WirelessNetwork:
         fading = np.random.default_rng([self.seed, seeds.FADING, round_idx, cid]).exponential()
         return 10 ** (-path_loss_db(self.placements[cid].distance_m) / 10) * float(fading)
 
+    def latency(self, round_idx: int, up_bytes: Mapping[int, float],
+                down_bytes: Mapping[int, float], tokens: Mapping[int, float]) -> float:
+        """The round's latency if these clients sent and received these payloads (a
+        prediction: nothing is recorded). The channels of a round are known before it
+        (seeded), so a scheduler such as TSFA can plan with them."""
+        if not up_bytes:
+            return 0.0
+        return self._assess(round_idx, up_bytes, down_bytes, tokens)[Metric.LATENCY_SECONDS]
+
+    def solo_latency(self, cid: int, round_idx: int, up_bytes: float, down_bytes: float,
+                     tokens: float) -> float:
+        """Client ``cid``'s finish time alone on the whole band (the least any split can
+        give it)."""
+        rate = rate_bps(self.cfg.bandwidth_hz, self.power_w, self.gain(cid, round_idx),
+                        self.noise_w_per_hz)
+        compute = (FLOPS_PER_TOKEN_PARAM * self.base_params * tokens
+                   / (self.placements[cid].tflops * 1e12))
+        return 8 * down_bytes / self.cfg.downlink_bps + compute + 8 * up_bytes / rate
+
     def price(self, round_idx: int, up_bytes: Mapping[int, int], down_bytes: Mapping[int, int],
               tokens: Mapping[int, int]) -> dict[str, Any]:
         """The round's network metrics for the clients that replied (``up_bytes``)."""
-        clients = sorted(up_bytes)
-        if not clients:
+        if not up_bytes:
             return {Metric.LATENCY_SECONDS: 0.0, Metric.SIMULATED_SECONDS: self.simulated_seconds}
+        metrics = self._assess(round_idx, up_bytes, down_bytes, tokens)
+        self.simulated_seconds += metrics[Metric.LATENCY_SECONDS]
+        return metrics | {Metric.SIMULATED_SECONDS: float(self.simulated_seconds)}
+
+    def _assess(self, round_idx: int, up_bytes: Mapping[int, float],
+                down_bytes: Mapping[int, float], tokens: Mapping[int, float]) -> dict[str, Any]:
+        clients = sorted(up_bytes)
         gains = [self.gain(c, round_idx) for c in clients]
         down_s = [8 * down_bytes[c] / self.cfg.downlink_bps for c in clients]
         compute_s = [FLOPS_PER_TOKEN_PARAM * self.base_params * tokens.get(c, 0)
@@ -164,7 +189,6 @@ class WirelessNetwork:
                  for b, g in zip(band, gains, strict=True)]
         up_s = [bit / r if bit else 0.0 for bit, r in zip(bits, rates, strict=True)]
         latency = max(d + c + u for d, c, u in zip(down_s, compute_s, up_s, strict=True))
-        self.simulated_seconds += latency
 
         def per_client(values) -> dict[str, float]:
             return {str(c): float(v) for c, v in zip(clients, values, strict=True)}
@@ -177,7 +201,6 @@ class WirelessNetwork:
             Metric.DOWNLOAD_SECONDS_PER_CLIENT: per_client(down_s),
             Metric.ENERGY_JOULES_PER_CLIENT: per_client([self.power_w * u for u in up_s]),
             Metric.LATENCY_SECONDS: float(latency),
-            Metric.SIMULATED_SECONDS: float(self.simulated_seconds),
         }
 
     def state_dict(self) -> dict[str, Any]:

@@ -35,6 +35,9 @@ class FitResult:
     grad_norm_B: float | None
     steps: int
     tokens: int = 0  # token positions the local steps processed (for compute time)
+    # the method's numbers about this fit for its server hooks (TSFA: importance
+    # profiles); see ClientHooks.report
+    report: dict[str, list[float]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -130,6 +133,10 @@ class Metric(StrEnum):
     ENERGY_JOULES_PER_CLIENT = "energy_joules_per_client"
     LATENCY_SECONDS = "latency_seconds"
     SIMULATED_SECONDS = "simulated_seconds"
+    # TSFA's online stage (method=tsfa)
+    TSFA_KEEP = "tsfa_keep"
+    TSFA_QUEUE = "tsfa_queue"
+    TSFA_PREDICTED_LATENCY = "tsfa_predicted_latency_seconds"
     # evaluation, both tasks
     PERSONALIZED_ACCURACY = "personalized_accuracy"
     PERSONALIZED_LOSS = "personalized_loss"

@@ -73,6 +73,7 @@ class Simulation:
         self.bytes = ByteCounter(cfg.clients.num)
         self.network = build_network(cfg.network, cfg.seed, cfg.clients.num,
                                      self.info.base_params)
+        self.server.hooks.start(layout, self.network)
         self.evaluator = Evaluator(cfg.clients.num, self.task, self.method, self.server, pool,
                                    evaluated_clients(cfg.clients.num, cfg.eval.clients,
                                                      cfg.seed))
@@ -89,6 +90,7 @@ class Simulation:
         clients = self.method.participants(
             sample_clients(cfg.clients.num, cfg.clients_per_round, cfg.seed, round_idx))
         t0 = time.perf_counter()
+        planned = self.server.hooks.begin_round(round_idx, clients, self.network)
         downloads = {cid: self.server.download(cid) for cid in clients}
         if self.secure is None:
             fits, exchange = self.pool.fit(round_idx, downloads), None
@@ -124,6 +126,9 @@ class Simulation:
             metrics |= self.network.price(round_idx, {c: up[c] for c in clients},
                                           {c: down[c] for c in clients},
                                           {c: fits[c].tokens or 0 for c in clients})
+        metrics |= planned
+        metrics |= self.server.hooks.end_round(round_idx, metrics,
+                                               {c: fits[c] for c in clients})
         if dropped:
             metrics[Metric.DROPPED] = dropped
         if self.privacy is not None:

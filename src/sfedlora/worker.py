@@ -154,6 +154,7 @@ class Worker:
             meta={"client": cid, "round": round_idx},
             positions=self.hooks.upload_positions(tensors))
         return FitResult(
+            report=self.hooks.report(tensors),
             upload=upload,
             num_examples=len(data),
             train_loss=float(np.mean(losses)),

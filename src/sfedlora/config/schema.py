@@ -153,8 +153,8 @@ class EvalConfig(_Section):
     clients: Literal["all"] | int = Field(
         "all", description="all, or K: score a fixed seeded subset of K clients for the "
         "personalised figures (and, for methods without a global adapter, the global "
-        "ones); metrics.jsonl lists them as eval_clients. The global adapter's figures "
-        "do not change")
+        "ones); metrics.jsonl lists them as eval_clients, and only their adapters are "
+        "exported. The global adapter's figures do not change")
 
 
 class ServerConfig(_Section):
@@ -217,6 +217,41 @@ class SoftConfig(_Section):
         "norms", description="how components are ranked: norms, ||B[:, i]|| ||A[i, :]|| "
         "(no SVD; exact for orthogonal factors), or svd, each component's size inside "
         "the best rank-ceil(keep r) approximation of B A (one SVD per layer per round)")
+
+
+class TsfaConfig(_Section):
+    """TSFA (``method=tsfa``): SOFT with the rank chosen offline (``sfedlora tsfa-plan``)
+    and each round's keep ratio and bandwidth split chosen online by drift-plus-penalty
+    under a latency budget (:mod:`sfedlora.methods.soft.schedule`)."""
+
+    keep_choices: list[float] = Field(
+        [0.125, 0.25, 0.5, 1.0], min_length=1, description="the keep ratios a round may "
+        "choose from, each in (0, 1]")
+    latency_budget_s: float = Field(
+        1.0, gt=0, description="the time-averaged round latency the virtual queue enforces")
+    v: float = Field(1.0, ge=0, description="V: weight of the dropped importance share "
+                     "against the queue-weighted latency (larger: more accuracy, slower "
+                     "convergence to the budget)")
+    ranks: list[int] = Field([4, 8, 16], min_length=1, description="tsfa-plan: the "
+                             "candidate ranks its pilots compare")
+    pilot_rounds: int = Field(3, ge=2, description="tsfa-plan: rounds of each rank's pilot")
+    plan: str | None = Field(None, description="a plan file written by `sfedlora tsfa-plan`; "
+                             "the run checks that lora.rank is the rank it chose")
+
+    @field_validator("keep_choices")
+    @classmethod
+    def _keep_choices(cls, value: list[float]) -> list[float]:
+        if bad := [k for k in value if not 0 < k <= 1]:
+            raise ValueError(f"tsfa.keep_choices has {bad}: every keep ratio must lie in "
+                             "(0, 1], e.g. [0.125, 0.25, 0.5, 1.0]")
+        return sorted(set(value))
+
+    @field_validator("ranks")
+    @classmethod
+    def _ranks(cls, value: list[int]) -> list[int]:
+        if bad := [r for r in value if r < 1]:
+            raise ValueError(f"tsfa.ranks has {bad}: ranks must be positive")
+        return sorted(set(value))
 
 
 class CommConfig(_Section):
@@ -325,6 +360,11 @@ class FlowerConfig(_Section):
         "started with `ray start --head`) instead of starting Ray on this machine, so the "
         "simulation's workers spread over every machine of the cluster")
 
+    virtual_nodes: int | None = Field(
+        None, gt=0, description="simulation engine only: how many virtual SuperNodes "
+        "(null: one per client). Every virtual node serves whichever client a message "
+        "names, so fewer nodes than clients run the same experiment; flwr 1.41's engine "
+        "polls every node several times a second, which costs CPU time at 10,000 nodes")
     round_timeout: float | None = Field(
         300.0, gt=0, description="seconds the server waits for a round's replies; clients "
         "that have not replied by then count as dropped (null: wait forever)")
@@ -348,6 +388,7 @@ class ExperimentConfig(_Section):
     comm: CommConfig = CommConfig()
     personal: PersonalConfig = PersonalConfig()
     soft: SoftConfig = SoftConfig()
+    tsfa: TsfaConfig = TsfaConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     flower: FlowerConfig = FlowerConfig()

@@ -115,6 +115,7 @@ def train(msg: Message, context: Context, defaults: dict) -> Message:
     return Message(RecordDict({
         messages.REPLY: ConfigRecord({messages.UPLOAD: fit.upload}),
         messages.METRICS: MetricRecord(messages.fit_metrics(fit)),
+        messages.REPORT: MetricRecord({k: list(v) for k, v in fit.report.items()}),
     }), reply_to=msg)
 
 

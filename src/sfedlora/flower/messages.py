@@ -11,6 +11,7 @@ from flwr.app import ConfigRecord, MetricRecord
 from sfedlora.records import ClientScores, FitResult
 
 REQUEST, REPLY, METRICS, EXTRAS = "request", "reply", "metrics", "extras"
+REPORT = "report"  # a fit's method report (FitResult.report)
 DOWNLOAD, UPLOAD, ROUND = "download", "upload", "round"
 RUN_KEY, CHECKPOINTED = "run-key", "checkpointed"
 WHAT, DESCRIBE, LAYOUT, ADAPTER, EXPORT, CLIENT = ("what", "describe", "layout", "adapter",
@@ -30,8 +31,9 @@ def fit_metrics(fit: FitResult) -> dict[str, float | int]:
     return {k: v for k, v in values.items() if v is not None}
 
 
-def fit_result(upload: bytes, metrics: dict) -> FitResult:
-    return FitResult(upload=upload, **{name: metrics.get(name) for name in _FIT_FIELDS})
+def fit_result(upload: bytes, metrics: dict, report: dict | None = None) -> FitResult:
+    return FitResult(upload=upload, report={k: list(v) for k, v in (report or {}).items()},
+                     **{name: metrics.get(name) for name in _FIT_FIELDS})
 
 
 def scores_records(scores: ClientScores) -> dict:

@@ -41,37 +41,36 @@ class FlowerPool:
         self.run_key = uuid.uuid4().hex[:16]  # names this run's state on the nodes
         self.round = 0  # the last round trained
         self.saved = 0  # the last round whose server state is checkpointed
-        # client id -> node id
-        self.nodes = self._spread_clients() if any_node else self._find_clients()
+        # any_node (the simulation engine): the virtual nodes, served in turn; else
+        # (a deployment) client id -> the node that holds its data
+        self.any_node = any_node
+        if any_node:
+            want = cfg.flower.virtual_nodes or cfg.clients.num
+            self.free_nodes = self._connected(want)[:want]
+        else:
+            self.nodes = self._find_clients()
 
     # --- the node map ---------------------------------------------------------------
 
-    def _connected(self) -> list[int]:
-        """The ids of ``clients.num`` connected nodes, once that many have connected."""
-        want, deadline = self.cfg.clients.num, time.monotonic() + self.cfg.flower.connect_timeout
+    def _connected(self, want: int) -> list[int]:
+        """The ids of ``want`` connected nodes, once that many have connected."""
+        deadline = time.monotonic() + self.cfg.flower.connect_timeout
         while len(node_ids := list(self.grid.get_node_ids())) < want:
             if time.monotonic() > deadline:
                 raise ConfigError(
-                    f"{len(node_ids)} of clients.num={want} SuperNodes connected within "
+                    f"{len(node_ids)} of {want} SuperNodes connected within "
                     f"flower.connect_timeout={self.cfg.flower.connect_timeout}s; start one "
                     "node per client (partition-id 0..clients.num-1)")
             time.sleep(0.5)
         return sorted(node_ids)
 
-    def _spread_clients(self) -> dict[int, int]:
-        """Client k on the k-th node by id, without asking the nodes (the simulation
-        engine: every virtual node runs the same ClientApp over the same data and state
-        directory, and every message names its client). Asking instead costs O(N^2)
-        in flwr 1.41's simulation engine, whose in-memory LinkState scans every stored
-        message for each node it polls: 10,000 nodes did not all answer in minutes."""
-        return dict(enumerate(self._connected()[:self.cfg.clients.num]))
-
     def _find_clients(self) -> dict[int, int]:
-        """Ask every node for its client id (its partition-id; a deployment, where a
+        """Ask every node for its client id (its partition-id: a deployment, where a
         node holds one client's data)."""
-        want, node_ids = self.cfg.clients.num, self._connected()
+        want = self.cfg.clients.num
+        node_ids = self._connected(want)
         replies = self._send(MessageType.QUERY, {n: {messages.WHAT: messages.DESCRIBE}
-                                                 for n in node_ids},
+                             for n in node_ids},
                              self.cfg.flower.connect_timeout)
         nodes: dict[int, int] = {}
         for node, reply in replies.items():
@@ -110,20 +109,55 @@ class FlowerPool:
             replies[node] = reply
         return replies
 
-    def _by_client(self, replies: dict[int, Message]) -> dict[int, Message]:
-        return {cid: replies[node] for cid, node in sorted(self.nodes.items())
-                if node in replies}
+    def _trips(self, cids: list[int]) -> list[dict[int, int]]:
+        """Round trips of ``{position in cids: node}``, each node at most once per trip
+        (a node answers one message at a time). A deployment sends each client's
+        message to its own node. The simulation engine gives a trip's k-th message to
+        the k-th virtual node: every virtual node runs the same ClientApp over the same
+        data and state directory, and the message names its client, so no node map
+        is needed (asking 10,000 nodes for one costs O(N^2) in flwr 1.41's simulation
+        engine, whose in-memory LinkState scans every stored message per node polled)."""
+        trips: list[dict[int, int]] = []
+        if self.any_node:
+            k = len(self.free_nodes)
+            for start in range(0, len(cids), k):
+                trips.append({i: self.free_nodes[i - start]
+                              for i in range(start, min(start + k, len(cids)))})
+            return trips
+        for i, cid in enumerate(cids):
+            node = self.nodes[cid]
+            trip = next((t for t in trips if node not in t.values()), None)
+            if trip is None:
+                trips.append(trip := {})
+            trip[i] = node
+        return trips
+
+    def _exchange(self, kind: str, bodies: list[tuple[int, dict]], timeout: float | None
+                  ) -> dict[int, Message]:
+        """Send each ``(client id, body)``, the body naming its client; the replies
+        without an error, keyed by position in ``bodies``."""
+        out: dict[int, Message] = {}
+        for trip in self._trips([cid for cid, _ in bodies]):
+            replies = self._send(kind, {node: {**bodies[i][1], messages.CLIENT: bodies[i][0]}
+                                        for i, node in trip.items()}, timeout)
+            out |= {i: replies[node] for i, node in trip.items() if node in replies}
+        return out
+
+    def _by_client(self, kind: str, bodies: dict[int, dict], timeout: float | None
+                   ) -> dict[int, Message]:
+        """One message per client; the replies keyed by client id, in id order."""
+        items = sorted(bodies.items())
+        replies = self._exchange(kind, items, timeout)
+        return {items[i][0]: r for i, r in sorted(replies.items())}
 
     # --- the ClientPool protocol ------------------------------------------------------
 
     def info(self) -> PoolInfo:
-        node = self.nodes[min(self.nodes)]
-        reply = self._send(MessageType.QUERY, {node: {messages.WHAT: messages.LAYOUT,
-                                                      messages.CLIENT: min(self.nodes)}},
-                           self.cfg.flower.connect_timeout).get(node)
+        reply = self._by_client(MessageType.QUERY, {0: {messages.WHAT: messages.LAYOUT}},
+                                self.cfg.flower.connect_timeout).get(0)
         if reply is None:
-            raise ConfigError(f"the node of client {min(self.nodes)} did not describe the "
-                              "adapter; see its log")
+            raise ConfigError("the node of client 0 did not describe the adapter; see its "
+                              "log")
         layout, meta = AdapterLayout.decode(reply.content[messages.REPLY][messages.LAYOUT])
         return PoolInfo(layout, list(meta["label_names"]), str(meta["base_path"]),
                         int(meta["base_params"]))
@@ -131,48 +165,34 @@ class FlowerPool:
     def fit(self, round_idx: int, downloads: dict[int, bytes],
             secure: dict[int, bytes] | None = None) -> dict[int, FitResult]:
         self.round = round_idx
-        requests = {self.nodes[cid]: {messages.CLIENT: cid, messages.DOWNLOAD: d,
-                                      messages.ROUND: round_idx,
-                                      **({messages.SECURE: secure[cid]} if secure else {})}
+        requests = {cid: {messages.DOWNLOAD: d, messages.ROUND: round_idx,
+                          **({messages.SECURE: secure[cid]} if secure else {})}
                     for cid, d in downloads.items()}
-        replies = self._by_client(self._send(MessageType.TRAIN, requests,
-                                             self.cfg.flower.round_timeout))
+        replies = self._by_client(MessageType.TRAIN, requests, self.cfg.flower.round_timeout)
         return {cid: messages.fit_result(r.content[messages.REPLY][messages.UPLOAD],
-                                         dict(r.content[messages.METRICS]))
+                                         dict(r.content[messages.METRICS]),
+                                         dict(r.content.get(messages.REPORT, {})))
                 for cid, r in replies.items()}
 
     def secure_exchange(self, round_idx: int, stage: str, requests: dict[int, bytes]
                         ) -> dict[int, bytes]:
-        bodies = {self.nodes[cid]: {messages.CLIENT: cid, messages.WHAT: messages.SECAGG,
-                                    messages.STAGE: stage,
-                                    messages.PAYLOAD: body, messages.ROUND: round_idx}
+        bodies = {cid: {messages.WHAT: messages.SECAGG, messages.STAGE: stage,
+                        messages.PAYLOAD: body, messages.ROUND: round_idx}
                   for cid, body in requests.items()}
-        replies = self._by_client(self._send(MessageType.QUERY, bodies,
-                                             self.cfg.flower.round_timeout))
+        replies = self._by_client(MessageType.QUERY, bodies, self.cfg.flower.round_timeout)
         return {cid: r.content[messages.REPLY][messages.PAYLOAD] for cid, r in replies.items()}
 
     def _ask(self, kind: str, requests: list[AdapterRequest], what: dict
              ) -> dict[int | None, Message]:
-        """One message per request (a node may get several: one per round trip), the
+        """One message per request, to the node of the client it goes via; the
         replies keyed by the request's client id (None: the global adapter)."""
-        out: dict[int | None, Message] = {}
-        pending = list(requests)
-        while pending:  # a node answers one message per round trip
-            batch, seen = [], set()
-            for req in pending:
-                if req.via not in seen:
-                    batch.append(req)
-                    seen.add(req.via)
-            taken = {id(r) for r in batch}
-            pending = [r for r in pending if id(r) not in taken]
-            bodies = {self.nodes[r.via]: {
-                **what, messages.CLIENT: r.via, messages.ROUND: self.round,
-                messages.DOWNLOAD: self.down.encode({**r.shared, **r.extras}),
-                messages.GLOBAL: r.cid is None, messages.GLOBAL_PART: r.global_part}
-                for r in batch}
-            replies = self._by_client(self._send(kind, bodies, self.cfg.flower.round_timeout))
-            out |= {r.cid: replies[r.via] for r in batch if r.via in replies}
-        return out
+        bodies = [(r.via, {**what, messages.ROUND: self.round,
+                           messages.DOWNLOAD: self.down.encode({**r.shared, **r.extras}),
+                           messages.GLOBAL: r.cid is None,
+                           messages.GLOBAL_PART: r.global_part})
+                  for r in requests]
+        replies = self._exchange(kind, bodies, self.cfg.flower.round_timeout)
+        return {requests[i].cid: r for i, r in replies.items()}
 
     def score(self, requests: list[AdapterRequest]) -> dict[int | None, ClientScores]:
         replies = self._ask(MessageType.EVALUATE, requests, {})

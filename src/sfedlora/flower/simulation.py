@@ -1,4 +1,5 @@
-"""Flower's Simulation Engine from Python: one virtual SuperNode per client."""
+"""Flower's Simulation Engine from Python: one virtual SuperNode per client, or
+``flower.virtual_nodes`` of them, each serving whichever client a message names."""
 
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def run_simulation(config_file: str | None, overrides: list[str],
     flwr_run_simulation(
         server_app=server_app.make_app(run_config),
         client_app=client_app.make_app(run_config),
-        num_supernodes=cfg.clients.num,
+        num_supernodes=cfg.flower.virtual_nodes or cfg.clients.num,
         backend_config=backend_config(cfg, workers),
     )
 

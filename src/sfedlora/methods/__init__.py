@@ -17,10 +17,11 @@ from sfedlora.methods.local import Local
 from sfedlora.methods.rolora import RoLoRA
 from sfedlora.methods.sfed import SFed
 from sfedlora.methods.soft import Soft
+from sfedlora.methods.soft.tsfa import Tsfa
 
 REGISTRY: dict[str, type[Method]] = {
     m.name: m for m in (FedIT, FFA, FedSA, RoLoRA, SFed, FLASC, FLoCoRA, HetLoRA, FDLoRA,
-                        FLoRA, FedEx, FlexLoRA, FedSVD, Soft, Local, Central)
+                        FLoRA, FedEx, FlexLoRA, FedSVD, Soft, Tsfa, Local, Central)
 }
 
 

@@ -57,7 +57,7 @@ from sfedlora.aggregation import Combiner, weighted_mean
 
 if TYPE_CHECKING:
     from sfedlora.config import ExperimentConfig
-    from sfedlora.records import ClientState
+    from sfedlora.records import ClientState, FitResult
     from sfedlora.worker import Worker
 
 Tensors = dict[str, torch.Tensor]
@@ -124,6 +124,24 @@ class ServerHooks:
         opposed to an evaluation request, which is not traffic."""
         return {}
 
+    def start(self, layout: Any, network: Any) -> None:
+        """Once, before the first round (and on resume): the adapter's layout and the
+        network model (None for ``network.model: none``). May refuse the setup with a
+        ``ConfigError`` naming the setting (TSFA: a latency budget no client can meet)."""
+
+    def begin_round(self, round_idx: int, clients: list[int], network: Any) -> dict[str, Any]:
+        """Before round ``round_idx``'s downloads, with its sampled clients and the
+        network model (None for ``network.model: none``); returns metrics to log for
+        the round. TSFA chooses the round's keep ratio here."""
+        return {}
+
+    def end_round(self, round_idx: int, metrics: dict[str, Any],
+                  fits: dict[int, FitResult]) -> dict[str, Any]:
+        """After the round is priced: its metrics so far and each replying client's fit
+        (its :meth:`ClientHooks.report`, tokens, examples); returns metrics to add.
+        TSFA updates its virtual queue with the round's latency here."""
+        return {}
+
     def forget(self, cid: int) -> None:
         """Client ``cid`` did not reply: assume it holds nothing it was sent."""
 
@@ -161,6 +179,12 @@ class ClientHooks:
     def after_fit(self, cid: int, state: ClientState, round_idx: int) -> None:
         """After the local steps, with the trained adapter still on the model; may add
         to ``state.method`` (method-owned tensors the client keeps)."""
+
+    def report(self, trained: Tensors) -> dict[str, list[float]]:
+        """Numbers about this fit for the method's server hooks, sent beside the upload
+        (see :meth:`ServerHooks.end_round`; TSFA: each layer's importance profile);
+        ``trained``: the adapter tensors as trained, before any compression."""
+        return {}
 
     def upload_positions(self, upload: Tensors) -> Tensors | None:
         """Per tensor, the sorted flat positions of ``upload`` to send (SOFT: whole rank
