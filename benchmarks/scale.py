@@ -3,15 +3,17 @@
 SFed-LoRA (a private B and head per client) on the full SST-2 training file,
 all-MiniLM-L6-v2, 10 clients per round whatever N is (``configs/scale_sst2.yaml``), for
 each N in-process (``sfedlora run``) and on Flower's simulation engine (``sfedlora
-flower-sim``, one virtual SuperNode per client). Each (runtime, N) runs in a fresh
+flower-sim``): ``flower`` with one virtual SuperNode per client, ``flower-pooled`` with
+10 (``flower.virtual_nodes``; each serves whichever client a message names, so the
+engine polls 10 nodes instead of N). Each (runtime, N) runs in a fresh
 process tree, sampled every 0.2 s for its peak resident memory, summed over the whole
 tree (Ray's workers included, so shared libraries count once per process). Steady
 s/round is the median over the rounds after the first (``timings.jsonl``); start-up is
 from launch to the start of round 1 (loading, tokenising, partitioning, Ray). Prints both
-runtimes side by side and each N's ratios to N = 10, the figures
+runtimes side by side and each N's ratios to the smallest N, the figures
 ``docs/results/scale.md`` records.
 
-    python benchmarks/scale.py [--clients 10 1000 10000] [--runtimes inprocess flower]
+    python benchmarks/scale.py [--clients 10 1000 10000] [--runtimes inprocess flower flower-pooled]
                                [--workers 2] [--save ROWS.json] [dotted.key=value ...]
     python benchmarks/scale.py --report docs/results/scale/rows.json   # reprint, no runs
 """
@@ -36,11 +38,18 @@ CONFIG = ROOT / "configs/scale_sst2.yaml"
 TARGETS = {"rss": 1.5, "round": 1.10}  # at the largest N, relative to the smallest
 
 
+RUNTIMES = {  # name: (sfedlora command, extra overrides)
+    "inprocess": ("run", []),
+    "flower": ("flower-sim", []),  # one virtual SuperNode per client
+    # as many virtual SuperNodes as clients per round, each serving any client
+    "flower-pooled": ("flower-sim", ["flower.virtual_nodes=10"]),
+}
+
+
 def command(runtime: str, config: str, overrides: list[str], workers: int) -> list[str]:
-    cli = [sys.executable, "-m", "sfedlora"]
-    if runtime == "inprocess":
-        return [*cli, "run", config, *overrides]
-    return [*cli, "flower-sim", config, *overrides, "--workers", str(workers)]
+    verb, extra = RUNTIMES[runtime]
+    cli = [sys.executable, "-m", "sfedlora", verb, config, *overrides, *extra]
+    return cli if verb == "run" else [*cli, "--workers", str(workers)]
 
 
 def tree_rss(proc: psutil.Process) -> int:
@@ -113,8 +122,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(CONFIG))
     parser.add_argument("--clients", type=int, nargs="+", default=[10, 1000, 10000])
-    parser.add_argument("--runtimes", nargs="+", choices=["inprocess", "flower"],
-                        default=["inprocess", "flower"])
+    parser.add_argument("--runtimes", nargs="+", choices=list(RUNTIMES),
+                        default=list(RUNTIMES))
     parser.add_argument("--workers", type=int, default=2,
                         help="Flower simulation workers (one model each)")
     parser.add_argument("--save", type=Path, help="write the measured rows (JSON) here")
