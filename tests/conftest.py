@@ -55,30 +55,35 @@ def tiny_data_file(tmp_path_factory) -> Path:
     return path
 
 
+def tiny_base(tiny_model_dir, tiny_data_file, out) -> list[str]:
+    """The overrides of a fast run on the tiny model and data, written to ``out``."""
+    return [
+        f"model.name={tiny_model_dir}",
+        "model.max_length=16",
+        "data.source=files",
+        f"data.train_path={tiny_data_file}",
+        "data.partition=dirichlet",
+        "data.dirichlet_alpha=1.0",
+        "data.min_partition_size=5",
+        "clients.num=4",
+        "rounds=3",
+        "local.steps=3",
+        "local.batch_size=8",
+        "local.lr=0.01",
+        "lora.rank=4",
+        "eval.batch_size=64",
+        "progress=false",
+        f"output_dir={out}",
+    ]
+
+
 @pytest.fixture
 def tiny_config(tiny_model_dir, tiny_data_file, tmp_path):
     """A config factory for fast runs on the tiny model and data."""
 
     def make(*overrides: str):
-        base = [
-            f"model.name={tiny_model_dir}",
-            "model.max_length=16",
-            "data.source=files",
-            f"data.train_path={tiny_data_file}",
-            "data.partition=dirichlet",
-            "data.dirichlet_alpha=1.0",
-            "data.min_partition_size=5",
-            "clients.num=4",
-            "rounds=3",
-            "local.steps=3",
-            "local.batch_size=8",
-            "local.lr=0.01",
-            "lora.rank=4",
-            "eval.batch_size=64",
-            "progress=false",
-            f"output_dir={tmp_path / 'run'}",
-        ]
-        return load_config(None, base + list(overrides))
+        return load_config(None, tiny_base(tiny_model_dir, tiny_data_file, tmp_path / "run")
+                           + list(overrides))
 
     return make
 

@@ -70,14 +70,18 @@ def test_reads_are_as_of_the_checkpointed_round(tmp_path):
     assert files == ["round-2.safetensors", "round-3.safetensors"]  # round 1 not needed
 
 
-@pytest.mark.parametrize("store", ["disk", "auto"])
-def test_a_run_on_disk_states_equals_the_same_run_in_memory(store, tiny_config, tmp_path):
+def test_a_run_on_disk_states_equals_the_same_run_in_memory(tiny_config, tmp_path):
+    from sfedlora.client_states import client_states
+
     base = ("method=fdlora", "local.keep_optimizer_state=true", "comm.up.density=0.5",
             "comm.up.error_feedback=true", "clients.per_round=2", "rounds=3")
-    threshold = ["clients.state_store_threshold=3"] if store == "auto" else []
+    # auto picks the disk above the threshold (4 clients > 3)
+    auto = tiny_config(*base, "clients.state_store=auto", "clients.state_store_threshold=3",
+                       f"output_dir={tmp_path / 'auto'}")
+    assert isinstance(client_states(auto), DiskStates)
     Simulation(tiny_config(*base, "clients.state_store=memory",
                            f"output_dir={tmp_path / 'mem'}")).run()
-    sim = Simulation(tiny_config(*base, f"clients.state_store={store}", *threshold,
+    sim = Simulation(tiny_config(*base, "clients.state_store=disk",
                                  f"output_dir={tmp_path / 'disk'}"))
     sim.run()
     assert isinstance(sim.pool.states, DiskStates)

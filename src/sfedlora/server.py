@@ -22,6 +22,7 @@ from sfedlora.adapters import TensorSpec
 from sfedlora.aggregation import clip_update, combiner_for, uniform_mean, update_norm
 from sfedlora.codecs import Codec
 from sfedlora.config import ServerConfig
+from sfedlora.downlink import Downlink
 from sfedlora.fedopt import ServerOptimizer
 from sfedlora.methods import Method, Part, Update
 from sfedlora.methods.base import ServerHooks
@@ -66,6 +67,7 @@ class Server:
         ranks: Sequence[int] | None = None,
         client_start: Callable[[int, int], dict[str, torch.Tensor]] | None = None,
         hooks: ServerHooks | None = None,
+        down_history: int = 16,
     ):
         """``names_for(parts)`` lists the tensor names of those parts (the model's
         layout); ``spec`` gives every adapter tensor's shape and dtype; ``down`` encodes
@@ -74,7 +76,9 @@ class Server:
         ``hooks`` the method's server-side mechanics (default: none);
         ``client_start(cid, round)`` the adapter a client starts a round from before its
         download (its own A draw where A is independent or fresh, B zero): what changes
-        to tensors the server never sent are measured against."""
+        to tensors the server never sent are measured against. A ``down`` codec with
+        ``delta`` sends each client the change since what it holds
+        (:mod:`sfedlora.downlink`, ``down_history`` versions kept)."""
         self.spec, self.method = spec, method
         self.state = state
         self.names_for, self.min_clients = names_for, min_clients
@@ -84,6 +88,7 @@ class Server:
         self.ranks = list(ranks) if ranks is not None else None
         self.client_start = client_start
         self.hooks = hooks or ServerHooks()
+        self.downlink = Downlink(self.down, down_history, state) if self.down.delta else None
         shared = names_for(method.shared - method.fixed)
         self.optimizer = (None if optimizer == "none"
                           else ServerOptimizer(optimizer, self.cfg, spec, shared))
@@ -97,13 +102,16 @@ class Server:
         state and the method's server-side state."""
         return {"state": self.state,
                 "optimizer": self.optimizer.state_dict() if self.optimizer else None,
-                "hooks": self.hooks.state_dict()}
+                "hooks": self.hooks.state_dict(),
+                "downlink": self.downlink.state_dict() if self.downlink else None}
 
     def load_state_dict(self, saved: dict) -> None:
         self.state = saved["state"]
         if self.optimizer is not None:
             self.optimizer.load_state_dict(saved["optimizer"])
         self.hooks.load_state_dict(saved.get("hooks") or {})
+        if self.downlink is not None:
+            self.downlink.load_state_dict(saved["downlink"])
 
     @state.setter
     def state(self, value: dict[str, torch.Tensor]) -> None:
@@ -130,7 +138,15 @@ class Server:
         for it (FLoRA: the factors of every round it has not received yet). Uploads are
         decoded (and changes measured) relative to what the client received."""
         extras = self.hooks.download_extras(cid) if cid is not None else {}
+        if self.downlink is not None and cid is not None:
+            return self.downlink.message(cid, extras)
         return self._payload(self._rank(cid), extras)
+
+    def forget(self, cid: int) -> None:
+        """Client ``cid`` did not reply: assume it holds nothing it was sent."""
+        self.hooks.forget(cid)
+        if self.downlink is not None:
+            self.downlink.forget(cid)
 
     def evaluation_request(self, cid: int) -> tuple[dict[str, torch.Tensor],
                                                     dict[str, torch.Tensor]]:
@@ -141,6 +157,8 @@ class Server:
 
     def _received(self, cid: int | None) -> dict[str, torch.Tensor]:
         """The shared state as client ``cid`` decodes it (truncated to its rank)."""
+        if self.downlink is not None:  # every client holds the published state
+            return self.downlink.published
         rank = self._rank(cid)
         if rank not in self._decoded:
             self._decoded[rank] = codecs.decode(self._payload(rank, {}))
@@ -167,7 +185,7 @@ class Server:
         """The shared state as client ``cid`` (or a full-rank client) would receive it
         now (the masked or quantised model where the download is lossy, truncated to
         its rank): what evaluation and export use."""
-        if self.down.plain and self._rank(cid) is None:
+        if self.down.plain and self._rank(cid) is None and self.downlink is None:
             return self.state
         return pad(self._received(cid), self.spec)
 
@@ -245,9 +263,14 @@ class Server:
             log.warning("round %d: %d good updates < min_clients=%d; global state unchanged",
                         round_idx, len(updates), self.min_clients)
             return report
-        self.state = self._combine(round_idx, updates)
+        self._set_combined(self._combine(round_idx, updates))
         report.applied = True
         return report
+
+    def _set_combined(self, state: dict[str, torch.Tensor]) -> None:
+        self.state = state
+        if self.downlink is not None:
+            self.downlink.publish(state)
 
     def apply_mean(self, round_idx: int, mean: dict[str, torch.Tensor], weight: int,
                    num_clients: int) -> None:
@@ -256,7 +279,7 @@ class Server:
         with DP noise for ``num_clients`` where configured (the clients clipped their
         own changes)."""
         update = Update(-1, max(1, weight), mean)
-        self.state = self._combine(round_idx, [update], num_clients=num_clients)
+        self._set_combined(self._combine(round_idx, [update], num_clients=num_clients))
 
     def _combine(self, round_idx: int, updates: list[Update], num_clients: int | None = None
                  ) -> dict[str, torch.Tensor]:

@@ -69,7 +69,8 @@ class Simulation:
                              ranks=([cfg.client_rank(c) for c in range(cfg.clients.num)]
                                     if cfg.lora.client_ranks else None),
                              client_start=self.inits.drawn_start,
-                             hooks=self.method.server_hooks(cfg))
+                             hooks=self.method.server_hooks(cfg),
+                             down_history=cfg.comm.down_history)
         self.bytes = ByteCounter(cfg.clients.num)
         self.network = build_network(cfg.network, cfg.seed, cfg.clients.num,
                                      self.info.base_params)
@@ -98,7 +99,7 @@ class Simulation:
             fits, exchange = self.secure.fit(round_idx, downloads)
         dropped = [c for c in clients if c not in fits]
         for c in dropped:
-            self.server.hooks.forget(c)
+            self.server.forget(c)
         clients = [c for c in clients if c in fits]
         t1 = time.perf_counter()
         if exchange is None:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from peft.tuners.lora import LoraLayer
 from peft.tuners.vera import VeraLayer
 
-from sfedlora import codecs, seeds
+from sfedlora import codecs, downlink, seeds
 from sfedlora.adapters import AdapterSlots
 from sfedlora.config import ExperimentConfig
 from sfedlora.inits import AdapterInits
@@ -44,7 +44,7 @@ class Worker:
                  method: Method, tokenizer=None):
         self.cfg, self.model, self.task, self.method = cfg, model, task, method
         self.tokenizer = tokenizer
-        self.collate = task.collator(tokenizer)
+        self.collate = task.collator(tokenizer, cfg)
         self.up = cfg.codec("up")
         self.slots = AdapterSlots(model)
         self.spec = self.slots.spec()
@@ -79,6 +79,15 @@ class Worker:
 
     def drawn_start(self, cid: int, round_idx: int) -> Tensors:
         return self.inits.drawn_start(cid, round_idx)
+
+    def receive(self, download: bytes, state: ClientState) -> Tensors:
+        """A training download decoded: a delta download applied to what the client
+        holds, which it then holds (``state.held``; :mod:`sfedlora.downlink`)."""
+        if downlink.is_downlink(download):
+            tensors, state.held = downlink.receive(download, state.held,
+                                                   self.inits.initial_server_state)
+            return tensors
+        return codecs.decode(download)
 
     def split_download(self, tensors: Tensors) -> tuple[Tensors, Tensors]:
         """A decoded download: the adapter tensors, and the method's extra tensors
@@ -125,6 +134,8 @@ class Worker:
             round_idx: int) -> FitResult:
         """Run client ``cid``'s local work for round ``round_idx`` (1-based); updates
         ``state`` in place and returns the serialised upload."""
+        # truncated to ``rank`` where ranks are mixed; the method's extras to its hooks
+        received, extras = self.split_download(self.receive(download, state))
         if len(data) == 0:  # a skewed partition left it nothing: the server rejects
             # a zero-example update with that reason, and the round goes on
             return FitResult(upload=b"", num_examples=0, train_loss=None, grad_norm_A=None,
@@ -132,8 +143,6 @@ class Worker:
         cfg, local = self.cfg, self.cfg.local
         plan = self.method.plan(round_idx)
         rank = cfg.client_rank(cid)
-        # truncated to ``rank`` where ranks are mixed; the method's extras to its hooks
-        received, extras = self.split_download(codecs.decode(download))
         self.hooks.receive(extras)
         self.slots.load(self.inits.assemble(cid, state, pad(received, self.spec), round_idx))
         self.slots.set_trainable(plan.train)

@@ -6,8 +6,9 @@ Stages, each optional, applied to every message of one direction:
    uploads, the state the client downloaded, which the server also knows). Untouched
    entries then cost nothing and quantisation works on a small range.
 2. **top-k**: keep the ``ceil(density * n)`` entries of largest magnitude over *all*
-   tensors of the message together (ties: lower position first), with their positions
-   (:mod:`.indices`). Dropped entries decode as 0 (as the reference, with delta).
+   tensors of the message together (ties: lower position first), or within each tensor
+   (``per_tensor``), with their positions (:mod:`.indices`). Dropped entries decode as
+   0 (as the reference, with delta).
 3. **values**: quantised per output channel to 2, 4 or 8 bits (:mod:`.quantize`;
    1-D tensors stay float32), or cast to float16 / bfloat16, or float32.
 
@@ -51,6 +52,7 @@ class Codec:
     dtype: str = "fp32"
     delta: bool = False
     error_feedback: bool = False
+    per_tensor: bool = False  # top-k within each tensor, not over the whole message
 
     def __post_init__(self):
         if not 0 < self.density <= 1:
@@ -115,7 +117,13 @@ class Codec:
         return wire.encode(pieces, {**(meta or {}), "codec": layout})
 
     def _top_k(self, values: Tensors) -> dict[str, torch.Tensor]:
-        """Sorted kept positions per tensor, chosen over all tensors together."""
+        """Sorted kept positions per tensor, chosen over all tensors together (or
+        within each, ``per_tensor``: A and B each keep the same share, the
+        elementwise baseline SOFT's whole components are compared with)."""
+        if self.per_tensor:
+            return {name: torch.sort(v.abs(), descending=True, stable=True)
+                    .indices[:math.ceil(self.density * v.numel())].sort().values
+                    for name, v in values.items()}
         magnitudes = torch.cat([v.abs() for v in values.values()])
         k = math.ceil(self.density * magnitudes.numel())
         chosen = torch.sort(magnitudes, descending=True, stable=True).indices[:k].sort().values

@@ -90,6 +90,10 @@ class ModelConfig(_Section):
         "offline default, all-MiniLM-L6-v2 or SmolLM2-135M-Instruct)"
     )
     max_length: int = Field(128, gt=0)
+    padding: Literal["longest", "max_length"] = Field(
+        "longest", description="classification batches: padded to their longest sequence, "
+        "or always to max_length (every batch the same shape and cost, e.g. to time runs "
+        "that train different examples)")
     load_in_4bit: bool = Field(False, description="QLoRA base weights (CUDA + bitsandbytes)")
     device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1, or auto")
 
@@ -198,11 +202,15 @@ class CodecConfig(_Section):
     dtype: Literal["fp32", "fp16", "bf16"] | None = Field(None, description="value dtype")
     delta: bool | None = Field(
         None, description="uploads: send the change to the downloaded state (default: on "
-        "when the codec is lossy)"
+        "when the codec is lossy). Downloads: send each client the change since the "
+        "state it holds, server and client agreeing bit for bit (sfedlora.downlink)"
     )
     error_feedback: bool | None = Field(
         None, description="uploads: keep what a message lost and add it to the next one"
     )
+    per_tensor: bool | None = Field(
+        None, description="top-k within each tensor (A and B each keep the density) "
+        "instead of over the whole message")
 
 
 class SoftConfig(_Section):
@@ -257,6 +265,10 @@ class TsfaConfig(_Section):
 class CommConfig(_Section):
     up: CodecConfig = CodecConfig()
     down: CodecConfig = CodecConfig()
+    down_history: int = Field(
+        16, gt=0, description="with comm.down.delta: published versions the server keeps "
+        "so a client absent that many rounds catches up by their changes; older: a full "
+        "copy")
 
 
 class PrivacyConfig(_Section):
@@ -558,18 +570,30 @@ class ExperimentConfig(_Section):
                     f"and its projections come from one seed); remove lora.{key}"
                 )
 
+    @staticmethod
+    def refuse_with(setting: str, refused: list[tuple[bool, str, str]]) -> None:
+        """Raise naming ``setting``, the first other setting it cannot go with, and why."""
+        for bad, other, why in refused:
+            if bad:
+                raise ValueError(f"{setting} does not work with {other}: {why}; remove one "
+                                 "of them")
+
     def _check_codecs(self, method) -> None:
         down = self.comm.down
         if down.error_feedback:
             raise ValueError(
-                "comm.down.error_feedback: downloads carry absolute values to clients that "
-                "keep no copy, so there is no residual to feed back; remove it"
+                "comm.down.error_feedback: delta downloads (comm.down.delta) already carry "
+                "what a message dropped into later ones; remove it"
             )
         if down.delta:
-            raise ValueError(
-                "comm.down.delta: clients keep no copy of the last download to add a "
-                "change to; remove it"
-            )
+            self.refuse_with("comm.down.delta", [
+                (self.lora.client_ranks is not None, "lora.client_ranks",
+                 "every client then holds a truncation of its own"),
+                (self.privacy.secure_aggregation, "privacy.secure_aggregation",
+                 "masks are computed against the download as one message"),
+                (bool(method.comm.get("down")), f"method={self.method}",
+                 "its downloads are compressed by design (its comm.down preset)"),
+            ])
         up = self.codec("up")
         if not up.error_feedback:
             return
@@ -627,6 +651,7 @@ class ExperimentConfig(_Section):
         probe = Codec(**{k: v for k, v in settings.items() if k in ("density", "bits", "dtype")})
         settings.setdefault("delta", direction == "up" and not probe.lossless)
         settings.setdefault("error_feedback", False)
+        settings.setdefault("per_tensor", False)
         try:
             return Codec(**settings)
         except ValueError as exc:

@@ -25,7 +25,6 @@ from flwr.serverapp import Grid
 
 from sfedlora import wire
 from sfedlora.adapters import AdapterLayout
-from sfedlora.codecs import Codec
 from sfedlora.config import ConfigError, ExperimentConfig
 from sfedlora.flower import messages
 from sfedlora.pool import AdapterRequest, PoolInfo
@@ -37,7 +36,6 @@ log = logging.getLogger(__name__)
 class FlowerPool:
     def __init__(self, cfg: ExperimentConfig, grid: Grid, any_node: bool = False):
         self.cfg, self.grid = cfg, grid
-        self.down: Codec = cfg.codec("down")
         self.run_key = uuid.uuid4().hex[:16]  # names this run's state on the nodes
         self.round = 0  # the last round trained
         self.saved = 0  # the last round whose server state is checkpointed
@@ -187,7 +185,8 @@ class FlowerPool:
         """One message per request, to the node of the client it goes via; the
         replies keyed by the request's client id (None: the global adapter)."""
         bodies = [(r.via, {**what, messages.ROUND: self.round,
-                           messages.DOWNLOAD: self.down.encode({**r.shared, **r.extras}),
+                           # what the client holds, as it holds it: lossless
+                           messages.DOWNLOAD: wire.encode({**r.shared, **r.extras}),
                            messages.GLOBAL: r.cid is None,
                            messages.GLOBAL_PART: r.global_part})
                   for r in requests]

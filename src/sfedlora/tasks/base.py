@@ -55,7 +55,7 @@ class Task:
     def encode(self, cfg: ExperimentConfig, tokenizer, data) -> ClientSets:
         raise NotImplementedError
 
-    def collator(self, tokenizer):
+    def collator(self, tokenizer, cfg: ExperimentConfig):
         """``collate(encoded, indices) -> batch`` with ``labels`` for the model's loss."""
         raise NotImplementedError
 

@@ -119,6 +119,9 @@ class CausalLMTask(Task):
     peft_task_type = "CAUSAL_LM"
 
     def check_config(self, cfg: ExperimentConfig) -> None:
+        if cfg.model.padding != "longest":
+            raise ValueError("model.padding=max_length applies to classification batches; "
+                             "causal-lm packs or pads its own; remove model.padding")
         if cfg.data.source == "bbc":
             raise ValueError(
                 "task=causal-lm needs prompt/response data: set data.source=files (e.g. "
@@ -150,7 +153,7 @@ class CausalLMTask(Task):
             val=[enc(data.train.subset(s.val)) for s in data.clients],
             global_test=enc(data.global_test))
 
-    def collator(self, tokenizer):
+    def collator(self, tokenizer, cfg: ExperimentConfig):
         return lm.LMCollator(tokenizer)
 
     def score(self, exp, tensors: Tensors, cid: int | None, global_part: bool

@@ -40,15 +40,16 @@ def encode(tokenizer: PreTrainedTokenizerBase, texts: list[str], labels, max_len
 
 
 class Collator:
-    """Pads a batch to its longest sequence (dynamic padding)."""
+    """Pads a batch to its longest sequence (dynamic padding), or to ``max_length``."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase):
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int | None = None):
+        self.tokenizer, self.max_length = tokenizer, max_length
 
     def __call__(self, data: Encoded, idx) -> dict[str, torch.Tensor]:
+        padding = "max_length" if self.max_length else "longest"
         batch = self.tokenizer.pad(
-            {"input_ids": [data.input_ids[i] for i in idx]}, return_tensors="pt"
-        )
+            {"input_ids": [data.input_ids[i] for i in idx]}, return_tensors="pt",
+            padding=padding, max_length=self.max_length)
         batch["labels"] = torch.from_numpy(data.labels[np.asarray(idx)])
         return dict(batch)
 
@@ -136,8 +137,9 @@ class ClassificationTask(Task):
             val=[train.subset(s.val) for s in data.clients],
             global_test=encode(tokenizer, test.texts, test.labels, cfg.model.max_length))
 
-    def collator(self, tokenizer):
-        return Collator(tokenizer)
+    def collator(self, tokenizer, cfg: ExperimentConfig):
+        fixed = cfg.model.max_length if cfg.model.padding == "max_length" else None
+        return Collator(tokenizer, fixed)
 
     def score(self, exp, tensors: Tensors, cid: int | None, global_part: bool
               ) -> ClientScores:
