@@ -35,6 +35,7 @@ import argparse
 import json
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -78,16 +79,31 @@ SIZES = {
 SEEDS = (1, 2)
 
 
+@dataclass(frozen=True)
+class Study:
+    """What a tuned comparison runs: its arms (name: overrides), base configs per
+    dataset and budgets per size. ``benchmarks/wireless.py`` reuses the ladder, seeds
+    and rows below with a study of its own."""
+
+    arms: dict[str, list[str]]
+    configs: dict[str, str]
+    sizes: dict[str, tuple[str, ...]]
+
+
+METHODS = Study(ARMS, CONFIGS, SIZES)
+
+
 def arm_dir(args, arm: str) -> Path:
     return Path(args.out) / f"{args.dataset}-{args.size}" / arm
 
 
 def overrides(args, arm: str) -> list[str]:
-    return [*ARMS[arm], *SIZES[args.size], *args.overrides]
+    study = getattr(args, "study", METHODS)
+    return [*study.arms[arm], *study.sizes[args.size], *args.overrides]
 
 
 def config(args) -> str:
-    return str(ROOT / CONFIGS[args.dataset])
+    return str(ROOT / getattr(args, "study", METHODS).configs[args.dataset])
 
 
 def _sweep(args, arm: str, stage: str, grid: list[str]) -> bool:

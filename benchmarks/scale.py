@@ -8,13 +8,15 @@ flower-sim``): ``flower`` with one virtual SuperNode per client, ``flower-pooled
 engine polls 10 nodes instead of N). Each (runtime, N) runs in a fresh
 process tree, sampled every 0.2 s for its peak resident memory, summed over the whole
 tree (Ray's workers included, so shared libraries count once per process). Steady
-s/round is the median over the rounds after the first (``timings.jsonl``); start-up is
+s/round is the median over the rounds after the first of a round's training and
+aggregation (``timings.jsonl``; the evaluation after the last round is left out); start-up is
 from launch to the start of round 1 (loading, tokenising, partitioning, Ray). Prints both
 runtimes side by side and each N's ratios to the smallest N, the figures
-``docs/results/scale.md`` records.
+``docs/results/scale.md`` records. Every (runtime, N) runs ``--repeats`` times (2),
+interleaved, so a slow spell of a shared machine hits every N alike.
 
     python benchmarks/scale.py [--clients 10 1000 10000] [--runtimes inprocess flower flower-pooled]
-                               [--workers 2] [--save ROWS.json] [dotted.key=value ...]
+                               [--workers 2] [--repeats 2] [--save ROWS.json] [dotted.key=value ...]
     python benchmarks/scale.py --report docs/results/scale/rows.json   # reprint, no runs
 """
 
@@ -63,6 +65,7 @@ def tree_rss(proc: psutil.Process) -> int:
 
 
 def measure(runtime: str, n: int, args, out: Path) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
     run_dir = out / f"{runtime}-{n}"
     overrides = [f"clients.num={n}", f"output_dir={run_dir}", "progress=false",
                  *args.overrides]
@@ -79,7 +82,8 @@ def measure(runtime: str, n: int, args, out: Path) -> dict:
     if proc.returncode:
         raise SystemExit(f"{runtime} N={n} failed:\n{log.read_text()[-3000:]}")
     rounds = [json.loads(line) for line in (run_dir / "timings.jsonl").read_text().splitlines()]
-    seconds = [r["ended_at"] - r["started_at"] for r in rounds]
+    # a round's training and aggregation; the last round's evaluation is left out
+    seconds = [r["train"] + r["aggregate"] for r in rounds]
     return {"runtime": runtime, "clients": n, "peak_rss_mb": peak / 2**20,
             "round_s": statistics.median(seconds[1:] or seconds),
             "startup_s": rounds[0]["started_at"] - launched,
@@ -95,17 +99,33 @@ def machine() -> dict:
             "python": platform.python_version(), "torch": torch.__version__}
 
 
+def combine(rows: list[dict]) -> list[dict]:
+    """One row per (runtime, N) over its repeats: the median steady s/round and
+    start-up, the largest peak RSS."""
+    out = []
+    for key in dict.fromkeys((r["runtime"], r["clients"]) for r in rows):
+        mine = [r for r in rows if (r["runtime"], r["clients"]) == key]
+        out.append({"runtime": key[0], "clients": key[1], "repeats": len(mine),
+                    "peak_rss_mb": max(r["peak_rss_mb"] for r in mine),
+                    "round_s": statistics.median(r["round_s"] for r in mine),
+                    "round_s_each": [round(r["round_s"], 3) for r in mine],
+                    "startup_s": statistics.median(r["startup_s"] for r in mine)})
+    return out
+
+
 def report(rows: list[dict]) -> str:
-    lines = ["| runtime | clients | peak RSS (MB) | RSS / N=min | steady s/round | "
-             "s/round / N=min | start-up (s) |", "|---|---|---|---|---|---|---|"]
+    rows = combine(rows)
+    lines = ["| runtime | clients | peak RSS (MB) | RSS / N=min | steady s/round (each "
+             "repeat) | s/round / N=min | start-up (s) |", "|---|---|---|---|---|---|---|"]
     verdicts = []
     for runtime in dict.fromkeys(r["runtime"] for r in rows):
         mine = sorted((r for r in rows if r["runtime"] == runtime), key=lambda r: r["clients"])
         base = mine[0]
         for r in mine:
             rss, rnd = r["peak_rss_mb"] / base["peak_rss_mb"], r["round_s"] / base["round_s"]
+            each = ", ".join(f"{x:.2f}" for x in r["round_s_each"])
             lines.append(f"| {runtime} | {r['clients']:,} | {r['peak_rss_mb']:.0f} | "
-                         f"{rss:.2f}x | {r['round_s']:.2f} | {rnd:.2f}x | "
+                         f"{rss:.2f}x | {r['round_s']:.2f} ({each}) | {rnd:.2f}x | "
                          f"{r['startup_s']:.1f} |")
         top = mine[-1]
         rss = top["peak_rss_mb"] / base["peak_rss_mb"]
@@ -126,6 +146,9 @@ def main(argv=None) -> int:
                         default=list(RUNTIMES))
     parser.add_argument("--workers", type=int, default=2,
                         help="Flower simulation workers (one model each)")
+    parser.add_argument("--repeats", type=int, default=2, help="measure every (runtime, "
+                        "N) this many times, interleaved; the tables take the median round "
+                        "time and the largest peak")
     parser.add_argument("--save", type=Path, help="write the measured rows (JSON) here")
     parser.add_argument("--report", type=Path, help="print the tables of saved rows; run "
                         "nothing")
@@ -136,10 +159,12 @@ def main(argv=None) -> int:
         return 0
     out = Path(tempfile.mkdtemp(prefix="scale-"))
     rows = []
-    for runtime in args.runtimes:
-        for n in args.clients:
-            rows.append(measure(runtime, n, args, out))
-            print(json.dumps(rows[-1]), flush=True)
+    for repeat in range(args.repeats):  # interleaved, so a slow spell hits every N
+        for runtime in args.runtimes:
+            for n in args.clients:
+                rows.append({"repeat": repeat,
+                             **measure(runtime, n, args, out / f"repeat-{repeat}")})
+                print(json.dumps(rows[-1]), flush=True)
             if args.save:  # after every run, so a long benchmark keeps what it measured
                 args.save.parent.mkdir(parents=True, exist_ok=True)
                 args.save.write_text(json.dumps(

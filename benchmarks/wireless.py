@@ -1,0 +1,227 @@
+"""Wireless federated fine-tuning: accuracy against simulated time and bytes (issue 18).
+
+SST-2, 10 clients, Dirichlet(0.5), all-MiniLM-L6-v2, over the narrow-band uplink of
+``configs/wireless_sst2.yaml`` (``network.model=wireless``; equal seeds give every arm
+the same partitions, placements and fading). Arms:
+
+- ``fedit-dense``: FedIT, nothing compressed;
+- ``flasc``: FLASC, top-k 1/4 both ways;
+- ``fedit-topk-ab``: FedIT with elementwise top-k of A and B separately
+  (``comm.up.per_tensor``), at the density whose bytes match ``soft-k25``'s;
+- ``soft-k25``, ``soft-k50``: SOFT at keep ratios 1/4 and 1/2, equal bandwidth;
+- ``soft-svd``: SOFT at 1/4 with the SVD importance (``soft.importance=svd``);
+- ``tsfa``: TSFA, its latency budget ``BUDGET_SHARE`` of the dense arm's mean round
+  latency (seed 0 at the dense arm's chosen rate), min-max bandwidth split. Its rank
+  is the config's (8): ``sfedlora tsfa-plan configs/wireless_sst2.yaml method=tsfa``
+  prints what the offline stage would choose.
+
+Every arm is tuned as in ``benchmarks/methods.py`` (the same ladder, chosen on the
+clients' validation loss, seeds 1 and 2 at the chosen rate). The report gives per arm
+the final personalised accuracy (mean ± 95% t-interval over 3 seeds), simulated
+seconds and megabytes per run, the simulated time at which it first reached the
+dense arm's final accuracy minus 1 point, each client's median seconds of local work
+per round (what an importance rule costs), and for TSFA its mean round latency over
+the budget. It checks the targets (TSFA: that accuracy in at most half the dense arm's
+time; mean latency within 5% of the budget) and draws accuracy against simulated time
+(mean over seeds) to ``docs/results/wireless/sst2-<size>/accuracy_vs_time.png``.
+
+    python benchmarks/wireless.py --stage all [--size cpu|smoke] [--arms ...]
+    python benchmarks/wireless.py --stage report   # tables and figure from the runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "src"), str(ROOT / "benchmarks")]
+
+import methods as tuned  # noqa: E402  (the methods benchmark's ladder and seeds)
+
+from sfedlora.config import load_config  # noqa: E402
+from sfedlora.sweep import ci95  # noqa: E402
+
+DENSE, TSFA = "fedit-dense", "tsfa"
+BUDGET_SHARE = 0.4  # TSFA's latency budget, as a share of the dense arm's mean latency
+ARMS: dict[str, list[str]] = {
+    DENSE: ["method=fedit"],
+    "flasc": ["method=flasc", "comm.down.density=0.25", "comm.up.density=0.25"],
+    # SOFT at 1/4 sends 1/4 of A and B plus component indices; elementwise top-k pays
+    # a position per value (a bitmap: 1/32 of a float each), so 0.22 matches its bytes
+    "fedit-topk-ab": ["method=fedit", "comm.up.density=0.22", "comm.up.per_tensor=true"],
+    "soft-k25": ["method=soft", "soft.keep=0.25"],
+    "soft-k50": ["method=soft", "soft.keep=0.5"],
+    "soft-svd": ["method=soft", "soft.keep=0.25", "soft.importance=svd"],
+    TSFA: ["method=tsfa", "network.allocation=min_max"],  # + the budget (tsfa_budget)
+}
+CONFIGS = {"sst2": "configs/wireless_sst2.yaml"}
+SIZES = {
+    "cpu": (),
+    "smoke": ("rounds=2", "local.steps=1", "eval.every=1", "checkpoint.every=0",
+              "data.max_train_examples=600", "data.max_test_examples=40"),
+}
+OUT = ROOT / "docs/results/wireless"
+TARGET_DROP = 0.01  # TSFA's target: the dense arm's final accuracy minus 1 point
+
+
+def study(args) -> tuned.Study:
+    arms = dict(ARMS)
+    if TSFA in args.arms:
+        arms[TSFA] = [*ARMS[TSFA], f"tsfa.latency_budget_s={tsfa_budget(args)!r}"]
+    return tuned.Study(arms, CONFIGS, SIZES)
+
+
+def _runs(args, arm: str) -> list[Path]:
+    """The run directories of an arm at its chosen rate (ladder seed 0, then seeds)."""
+    rows = tuned._ladder_results(args, arm)
+    if not rows:
+        return []
+    best, *_ = tuned.best_rung(rows)
+    base = tuned.arm_dir(args, arm)
+    runs = [p.parent for p in sorted((base / "ladder/runs").glob("*/summary.json"))
+            if load_config(p.parent / "config.yaml").local.lr == best]
+    return runs + [p.parent for p in sorted((base / "seeds/runs").glob("*/summary.json"))]
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def tsfa_budget(args) -> float:
+    """``BUDGET_SHARE`` of the dense arm's mean round latency (seed 0, chosen rate)."""
+    dense = [r for r in _runs(args, DENSE) if load_config(r / "config.yaml").seed == 0]
+    if not dense:
+        raise SystemExit(f"the {TSFA} arm's budget comes from the {DENSE} arm: run its "
+                         f"ladder first (--arms {DENSE})")
+    latencies = [m["latency_seconds"] for m in _metrics(dense[0])]
+    return round(BUDGET_SHARE * statistics.fmean(latencies), 6)
+
+
+def _curve(run: Path) -> list[tuple[float, float]]:
+    """(simulated seconds, personalised accuracy) at every evaluated round."""
+    return [(m["simulated_seconds"], m["personalized_accuracy"]) for m in _metrics(run)
+            if m.get("personalized_accuracy") is not None and "simulated_seconds" in m]
+
+
+def time_to(run: Path, target: float) -> float:
+    return next((t for t, acc in _curve(run) if acc >= target), math.inf)
+
+
+def _pm(values: list[float], digits: int = 3) -> str:
+    finite = [v for v in values if math.isfinite(v)]
+    if len(finite) < len(values):
+        return f"not reached in {len(values) - len(finite)} of {len(values)}"
+    mean, half = statistics.fmean(values), ci95(np.array(values))
+    return f"{mean:.{digits}f}" if math.isnan(half) else f"{mean:.{digits}f} ± {half:.{digits}f}"
+
+
+def _local_seconds(run: Path) -> float:
+    """Median over rounds of the round's training wall time per client."""
+    timings = [json.loads(x) for x in (run / "timings.jsonl").read_text().splitlines()]
+    per_client = [t["train"] / len(m["clients"])
+                  for t, m in zip(timings, _metrics(run), strict=False)]
+    return statistics.median(per_client)
+
+
+def report(args) -> str:
+    dense_runs = _runs(args, DENSE)
+    if not dense_runs:
+        raise SystemExit(f"no finished {DENSE} runs under {tuned.arm_dir(args, DENSE)}")
+    dense_final = statistics.fmean(_curve(r)[-1][1] for r in dense_runs)
+    dense_time = statistics.fmean(_metrics(r)[-1]["simulated_seconds"] for r in dense_runs)
+    target = dense_final - TARGET_DROP
+    lines = [f"Target accuracy: {DENSE}'s final {dense_final:.3f} minus {TARGET_DROP:.2f} "
+             f"= {target:.3f}; {DENSE} ran {dense_time:.1f} simulated s.", "",
+             "| arm | pers. acc (final) | simulated s | MB up + down | s to target | "
+             "local s / client / round | lr | seeds |", "|---|---|---|---|---|---|---|---|"]
+    curves, verdicts = {}, []
+    for arm in args.arms:
+        runs = _runs(args, arm)
+        if not runs:
+            continue
+        finals = [_curve(r)[-1][1] for r in runs]
+        seconds = [_metrics(r)[-1]["simulated_seconds"] for r in runs]
+        megabytes = [_metrics(r)[-1]["bytes_total"] / 1e6 for r in runs]
+        reached = [time_to(r, target) for r in runs]
+        local = statistics.median(_local_seconds(r) for r in runs)
+        lr = load_config(runs[0] / "config.yaml").local.lr
+        lines.append(f"| {arm} | {_pm(finals)} | {_pm(seconds, 1)} | {_pm(megabytes, 2)} | "
+                     f"{_pm(reached, 1)} | {local:.3f} | {lr:.1e} | {len(runs)} |")
+        curves[arm] = [_curve(r) for r in runs]
+        if arm == TSFA:
+            budget = load_config(runs[0] / "config.yaml").tsfa.latency_budget_s
+            ratio = statistics.fmean(statistics.fmean(m["latency_seconds"]
+                                                      for m in _metrics(r)) for r in runs)
+            ratio /= budget
+            fast = statistics.fmean(reached) <= dense_time / 2
+            verdicts += [
+                f"TSFA reaches {target:.3f} in {_pm(reached, 1)} s vs half the dense "
+                f"time {dense_time / 2:.1f} s: {'met' if fast else 'MISSED'}",
+                f"TSFA's mean round latency / budget ({budget:.3f} s): {ratio:.3f} "
+                f"(target within 5%: {'met' if abs(ratio - 1) <= 0.05 else 'MISSED'})"]
+    figure(curves, target, Path(args.out) / f"sst2-{args.size}" / "accuracy_vs_time.png")
+    return "\n".join([*lines, "", *verdicts])
+
+
+def figure(curves: dict[str, list[list[tuple[float, float]]]], target: float,
+           path: Path) -> None:
+    """Personalised accuracy against simulated seconds, the mean over each arm's runs
+    at each evaluated round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for arm, runs in curves.items():
+        points = min(len(c) for c in runs)
+        xs = [statistics.fmean(c[i][0] for c in runs) for i in range(points)]
+        ys = [statistics.fmean(c[i][1] for c in runs) for i in range(points)]
+        ax.plot(xs, ys, marker="o", markersize=3, label=arm)
+    ax.axhline(target, color="grey", linestyle="--", linewidth=0.8,
+               label="dense final - 1 pt")
+    ax.set_xlabel("simulated time (s)")
+    ax.set_ylabel("personalised accuracy (mean over seeds)")
+    ax.set_title("SST-2, 10 clients, Dir(0.5), narrow-band uplink")
+    ax.legend(fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--stage", choices=["ladder", "seeds", "report", "all"],
+                        default="all")
+    parser.add_argument("--size", choices=list(SIZES), default="cpu")
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--out", default=str(OUT))
+    parser.add_argument("--shard", default="0/1")
+    parser.add_argument("--max-extend", type=int, default=2)
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value for every arm")
+    args = parser.parse_args(argv)
+    args.dataset = "sst2"
+    args.arms = [a for a in ARMS if a in args.arms]  # the dense arm first: TSFA's
+    for arm in args.arms:  # budget comes from it
+        args.study = study(argparse.Namespace(**{**vars(args), "arms": [arm]}))
+        if args.stage in ("ladder", "all") and not tuned.ladder(args, arm):
+            return 0  # other shards are still running this arm
+        if args.stage in ("seeds", "all") and not tuned.seeds(args, arm):
+            return 0
+    if args.stage in ("report", "all"):
+        text = report(args)
+        (Path(args.out) / f"sst2-{args.size}" / "table.md").write_text(text + "\n")
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
