@@ -19,6 +19,7 @@ from sfedlora.methods.soft.components import (
     importance,
     orthogonality_penalty,
     orthonormal_rows,
+    svd_importance,
     top_components,
 )
 from sfedlora.simulation import Simulation
@@ -46,6 +47,23 @@ def test_importance_equals_the_singular_values_for_orthogonal_factors():
     assert torch.allclose(s, torch.tensor([3.0, 0.5, 2.0, 1.0], dtype=torch.float64))
     singular = torch.linalg.svdvals(b @ a)[:4]
     assert torch.allclose(torch.sort(s, descending=True).values, singular, atol=1e-10)
+
+
+def test_svd_importance_gives_the_top_components_their_singular_values():
+    a, b = _orthogonal_factors()  # components of singular values 3, 0.5, 2, 1
+    s = svd_importance(a, b, keep=0.5)  # the best rank-2 part: components 0 and 2
+    assert torch.allclose(s, torch.tensor([3.0, 0.0, 2.0, 0.0], dtype=torch.float64),
+                          atol=1e-10)
+    assert top_components(s, 0.5).tolist() == top_components(importance(a, b), 0.5).tolist()
+    # components 0 and 1 nearly cancel (B A = diag(0.1, 0.5)): the norms rule keeps
+    # component 0 (1 x 1), the SVD rule component 2, which holds the top direction
+    a3 = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 0.5]], dtype=torch.float64)
+    b3 = torch.tensor([[1.0, 0.9, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    assert torch.allclose(b3 @ a3, torch.diag(torch.tensor([0.1, 0.5], dtype=torch.float64)))
+    assert top_components(importance(a3, b3), 1 / 3).tolist() == [0]
+    assert torch.allclose(svd_importance(a3, b3, 1 / 3),
+                          torch.tensor([0.0, 0.0, 0.5], dtype=torch.float64), atol=1e-12)
+    assert top_components(svd_importance(a3, b3, 1 / 3), 1 / 3).tolist() == [2]
 
 
 def test_penalty_is_zero_for_orthogonal_factors_and_its_formula_otherwise():
@@ -123,12 +141,16 @@ def test_a_soft_run_starts_from_orthonormal_a_and_sends_fewer_bytes(tiny_config)
         assert torch.allclose(a @ a.T, torch.eye(a.shape[0]), atol=1e-5), name
     up = {keep: sim.run_round(1).metrics["bytes_up"] for keep, sim in sims.items()}
     assert up[0.5] < 0.8 * up[1.0]
+    svd = Simulation(tiny_config("method=soft", "soft.keep=0.5", "soft.importance=svd",
+                                 "rounds=1", f"output_dir={tiny_config().output_dir}-svd"))
+    assert svd.run_round(1).metrics["bytes_up"] < 0.8 * up[1.0]  # it too sends half
 
 
 @pytest.mark.parametrize(("overrides", "field"), [
     (("soft.keep=0",), "soft.keep"), (("soft.keep=1.5",), "soft.keep"),
     (("soft.ortho_weight=-1",), "soft.ortho_weight"),
     (("comm.up.density=0.25",), "comm.up.density"),
+    (("soft.importance=eigen",), "soft.importance"),
 ])
 def test_bad_soft_settings_are_refused_naming_the_field(tiny_config, overrides, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
