@@ -36,8 +36,9 @@ def test_every_method_and_task_is_reached_through_its_registry():
     assert set(TASKS) == {"classification", "causal-lm"}
     for name in TASKS:
         assert get_task(name).name == name
+    needs = {"tsfa": ["network.model=wireless", "network.allocation=min_max"]}
     for name in REGISTRY:  # the schema spells no method list of its own
-        assert load_config(None, [f"method={name}"]).method == name
+        assert load_config(None, [f"method={name}", *needs.get(name, [])]).method == name
 
 
 def test_tensorboard_reads_every_metric_of_every_round(tiny_config, tmp_path):

@@ -84,13 +84,16 @@ def test_top_components_and_their_positions():
     assert b_pos.tolist() == [1, 3, 5, 7]  # columns 1 and 3 of B (2 x 4)
 
 
-def test_an_upload_carries_exactly_the_top_components_of_each_layer():
+@pytest.mark.parametrize("rule", ["norms", "svd"])  # the same for orthogonal factors
+def test_an_upload_carries_exactly_the_top_components_of_each_layer(rule):
+    from sfedlora.methods.soft.components import IMPORTANCE
+
     a, b = (t.float() for t in _orthogonal_factors())
     upload = {"l.lora_A.default.weight": a, "l.lora_B.default.weight": b,
               "head.weight": torch.ones(3, 2)}
     reference = {n: torch.zeros_like(t) for n, t in upload.items()}
-    client = SoftClient.__new__(SoftClient)
-    client.keep = 0.5
+    client = SoftClient.__new__(SoftClient)  # no model needed to choose components
+    client.keep, client.score = 0.5, IMPORTANCE[rule]
     positions = client.upload_positions(upload)
     payload = codecs.Codec(delta=True).encode(upload, reference, positions=positions)
     decoded, present = codecs.decode_with_presence(payload, reference)
