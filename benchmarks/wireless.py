@@ -123,11 +123,11 @@ def _pm(values: list[float], digits: int = 3) -> str:
 
 
 def _local_seconds(run: Path) -> float:
-    """Median over rounds of the round's training wall time per client."""
+    """Median over rounds of the round's training wall time per client (every client
+    trains every round here; metrics.jsonl has only the evaluated rounds)."""
+    per_round = load_config(run / "config.yaml").clients_per_round
     timings = [json.loads(x) for x in (run / "timings.jsonl").read_text().splitlines()]
-    per_client = [t["train"] / len(m["clients"])
-                  for t, m in zip(timings, _metrics(run), strict=False)]
-    return statistics.median(per_client)
+    return statistics.median(t["train"] / per_round for t in timings)
 
 
 def report(args) -> str:
