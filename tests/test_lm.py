@@ -164,3 +164,9 @@ def test_lm_config_errors(tiny_lm_config):
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="needs a CUDA GPU"):
             build_experiment(tiny_lm_config("model.load_in_4bit=true"))
+
+
+def test_fixed_padding_is_refused_for_a_language_model(tiny_lm_config):
+    with pytest.raises(ConfigError, match=r"model\.padding=max_length applies to "
+                                          r"classification"):
+        tiny_lm_config("model.padding=max_length")
