@@ -55,6 +55,15 @@ def test_min_max_split_equalises_finish_times_in_the_band():
     assert split[1] > split[0]
 
 
+def test_a_lone_client_gets_the_whole_band_even_where_rounding_bites():
+    # f + b / R(B) - f is not b / R(B) in floating point: this case once failed an
+    # internal assertion instead of returning the whole band
+    fixed, gain = 0.6718331089469212, 1.5233018666688375e-13
+    assert min_max_split([1e5], [fixed], 1e6, 0.2, [gain], 4e-21) == [1e6]
+    split = min_max_split([0.0, 1e5], [0.1, fixed], 1e6, 0.2, [1e-12, gain], 4e-21)
+    assert split[0] == 0.0 and split[1] == pytest.approx(1e6, rel=1e-12)
+
+
 def test_channels_are_seeded_per_round_and_client():
     cfg = NetworkConfig(model="wireless")
     a, b = WirelessNetwork(cfg, 3, 4, 1000), WirelessNetwork(cfg, 3, 4, 1000)

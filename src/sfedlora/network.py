@@ -73,8 +73,12 @@ def bandwidth_for_rate(need_bps: float, limit_hz: float, power_w: float, gain: f
     for _ in range(iterations):
         mid = (lo + hi) / 2
         if rate_bps(mid, power_w, gain, noise_w_per_hz) >= need_bps:
+            if hi == mid:
+                break  # a fixed point: every further step would repeat this one
             hi = mid
         else:
+            if lo == mid:
+                break
             lo = mid
     return hi
 
@@ -107,11 +111,18 @@ def min_max_split(bits: list[float], fixed_s: list[float], total_hz: float, powe
     for _ in range(iterations):
         mid = (lo + hi) / 2
         if needed(mid) is None:
+            if lo == mid:
+                break  # a fixed point: every further step would repeat this one
             lo = mid
         else:
+            if hi == mid:
+                break
             hi = mid
     split = needed(hi)
-    assert split is not None, "the equal split's latency is feasible"
+    if split is None:  # hi is still the equal split's latency, which rounding put a
+        # hair past what the equal split itself achieves (one client: f + b / R(B) - f
+        # need not give back b / R(B)): the equal split is then the answer
+        return [equal if b else 0.0 for b in bits]
     return split
 
 
