@@ -81,6 +81,8 @@ class Downlink:
         self.version = 0
         self.published = {n: t.detach().clone() for n, t in state.items()}  # version 0
         self.origin = digest(self.published)
+        # what a copy costs, against which a chain is weighed (shapes never change)
+        self.dense_bytes = sum(t.numel() * t.element_size() for t in state.values())
         self.updates: deque[tuple[int, bytes]] = deque(maxlen=history)
         self.held: dict[int, int] = {}  # client id -> the version it holds
         self._refresh: bytes | None = None
@@ -125,8 +127,7 @@ class Downlink:
         if held < self.version - len(self.updates):
             return None  # older than the history kept
         chain = [p for v, p in self.updates if v > held]
-        dense = sum(t.numel() * t.element_size() for t in self.published.values())
-        return chain if sum(len(p) for p in chain) < dense else None
+        return chain if sum(len(p) for p in chain) < self.dense_bytes else None
 
     def forget(self, cid: int) -> None:
         """Client ``cid`` did not reply: it may or may not hold what it was sent."""
@@ -140,6 +141,7 @@ class Downlink:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.version = int(state["version"])
         self.published = dict(state["published"])
+        self.dense_bytes = sum(t.numel() * t.element_size() for t in self.published.values())
         self.updates = deque(((int(v), _as_bytes(p)) for v, p in state["updates"]),
                              maxlen=self.history)
         self.held = {int(c): int(v) for c, v in state["held"].items()}
