@@ -78,7 +78,9 @@ def test_run_directory_contract(tiny_config, tmp_path):
     summary = Simulation(cfg).run()
     out = tmp_path / "run"
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [x["round"] for x in lines] == [2, 3]  # every 2 rounds, plus the last
+    assert [x["round"] for x in lines] == [1, 2, 3]  # a line for every round,
+    evaluated = [x["round"] for x in lines if "personalized_accuracy" in x]
+    assert evaluated == [2, 3]  # the evaluation every 2 rounds, plus the last
     for key in ("round", "train_loss", "personalized_accuracy", "global_accuracy",
                 "bytes_up", "bytes_down"):
         assert key in lines[-1] and summary[key] == lines[-1][key]
@@ -163,7 +165,9 @@ def test_bad_update_is_rejected_and_the_round_goes_on(tiny_config, caplog):
 
 def test_evaluation_off_still_summarises_training(tiny_config, tmp_path):
     summary = Simulation(tiny_config("eval.every=0", "rounds=2")).run()
-    assert (tmp_path / "run/metrics.jsonl").read_text() == ""
+    lines = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [x["round"] for x in lines] == [1, 2]  # training figures, every round
+    assert not any("personalized_accuracy" in x for x in lines)
     assert summary["round"] == 2 and summary["train_loss"] > 0
     assert summary["personalized_accuracy"] is None and summary["bytes_up_total"] > 0
 

@@ -233,16 +233,19 @@ class Simulation:
             for round_idx in bar:
                 started_at = time.time()  # wall clock: comparable across processes
                 record = self.run_round(round_idx)
-                if self.should_evaluate(round_idx):
+                evaluated = self.should_evaluate(round_idx)
+                if evaluated:
                     t = time.perf_counter()
                     record.metrics.update(self.evaluate())
                     record.seconds["eval"] = time.perf_counter() - t
                     run_dir.log_samples(round_idx, self.samples)
-                    run_dir.log_metrics(record.metrics)
+                # every round's line, evaluated or not: per-round figures (bytes, the
+                # network's latencies, TSFA's queue) are read round by round
+                run_dir.log_metrics(record.metrics)
                 self.done_rounds = round_idx  # its metrics line is written: done
                 last = record.metrics  # the last round is always evaluated when eval is on
                 run_dir.track()
-                if self.should_evaluate(round_idx):
+                if evaluated:
                     bar.set_postfix(loss=f"{record.metrics['train_loss']:.3f}")
                 run_dir.log_timing({"round": round_idx, **record.seconds,
                                     "started_at": started_at, "ended_at": time.time()})
