@@ -154,6 +154,19 @@ def seeds(args, arm: str) -> bool:
                                        f"seed={','.join(map(str, SEEDS))}"])
 
 
+def chosen_runs(args, arm: str) -> list[Path]:
+    """An arm's run directories at its chosen rate: the ladder's seed-0 run, then the
+    seeds' runs (the rows a tuned comparison reports)."""
+    rows = _ladder_results(args, arm)
+    if not rows:
+        return []
+    best, *_ = best_rung(rows)
+    base = arm_dir(args, arm)
+    runs = [p.parent for p in sorted((base / "ladder/runs").glob("*/summary.json"))
+            if load_config(p.parent / "config.yaml").local.lr == best]
+    return runs + [p.parent for p in sorted((base / "seeds/runs").glob("*/summary.json"))]
+
+
 def arm_row(args, arm: str) -> dict | None:
     import pandas as pd
 

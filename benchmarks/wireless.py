@@ -46,6 +46,7 @@ sys.path[:0] = [str(ROOT / "src"), str(ROOT / "benchmarks")]
 import methods as tuned  # noqa: E402  (the methods benchmark's ladder and seeds)
 
 from sfedlora.config import load_config  # noqa: E402
+from sfedlora.plots import load_metrics  # noqa: E402
 from sfedlora.sweep import ci95  # noqa: E402
 
 DENSE, TSFA = "fedit-dense", "tsfa"
@@ -78,35 +79,19 @@ def study(args) -> tuned.Study:
     return tuned.Study(arms, CONFIGS, SIZES)
 
 
-def _runs(args, arm: str) -> list[Path]:
-    """The run directories of an arm at its chosen rate (ladder seed 0, then seeds)."""
-    rows = tuned._ladder_results(args, arm)
-    if not rows:
-        return []
-    best, *_ = tuned.best_rung(rows)
-    base = tuned.arm_dir(args, arm)
-    runs = [p.parent for p in sorted((base / "ladder/runs").glob("*/summary.json"))
-            if load_config(p.parent / "config.yaml").local.lr == best]
-    return runs + [p.parent for p in sorted((base / "seeds/runs").glob("*/summary.json"))]
-
-
-def _metrics(run: Path) -> list[dict]:
-    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 def tsfa_budget(args) -> float:
     """``BUDGET_SHARE`` of the dense arm's mean round latency (seed 0, chosen rate)."""
-    dense = [r for r in _runs(args, DENSE) if load_config(r / "config.yaml").seed == 0]
+    dense = [r for r in tuned.chosen_runs(args, DENSE) if load_config(r / "config.yaml").seed == 0]
     if not dense:
         raise SystemExit(f"the {TSFA} arm's budget comes from the {DENSE} arm: run its "
                          f"ladder first (--arms {DENSE})")
-    latencies = [m["latency_seconds"] for m in _metrics(dense[0])]
+    latencies = [m["latency_seconds"] for m in load_metrics(dense[0])]
     return round(BUDGET_SHARE * statistics.fmean(latencies), 6)
 
 
 def _curve(run: Path) -> list[tuple[float, float]]:
     """(simulated seconds, personalised accuracy) at every evaluated round."""
-    return [(m["simulated_seconds"], m["personalized_accuracy"]) for m in _metrics(run)
+    return [(m["simulated_seconds"], m["personalized_accuracy"]) for m in load_metrics(run)
             if m.get("personalized_accuracy") is not None and "simulated_seconds" in m]
 
 
@@ -131,11 +116,11 @@ def _local_seconds(run: Path) -> float:
 
 
 def report(args) -> str:
-    dense_runs = _runs(args, DENSE)
+    dense_runs = tuned.chosen_runs(args, DENSE)
     if not dense_runs:
         raise SystemExit(f"no finished {DENSE} runs under {tuned.arm_dir(args, DENSE)}")
     dense_final = statistics.fmean(_curve(r)[-1][1] for r in dense_runs)
-    dense_time = statistics.fmean(_metrics(r)[-1]["simulated_seconds"] for r in dense_runs)
+    dense_time = statistics.fmean(load_metrics(r)[-1]["simulated_seconds"] for r in dense_runs)
     target = dense_final - TARGET_DROP
     lines = [f"Target accuracy: {DENSE}'s final {dense_final:.3f} minus {TARGET_DROP:.2f} "
              f"= {target:.3f}; {DENSE} ran {dense_time:.1f} simulated s.", "",
@@ -143,12 +128,12 @@ def report(args) -> str:
              "local s / client / round | lr | seeds |", "|---|---|---|---|---|---|---|---|"]
     curves, verdicts = {}, []
     for arm in args.arms:
-        runs = _runs(args, arm)
+        runs = tuned.chosen_runs(args, arm)
         if not runs:
             continue
         finals = [_curve(r)[-1][1] for r in runs]
-        seconds = [_metrics(r)[-1]["simulated_seconds"] for r in runs]
-        megabytes = [_metrics(r)[-1]["bytes_total"] / 1e6 for r in runs]
+        seconds = [load_metrics(r)[-1]["simulated_seconds"] for r in runs]
+        megabytes = [load_metrics(r)[-1]["bytes_total"] / 1e6 for r in runs]
         reached = [time_to(r, target) for r in runs]
         local = statistics.median(_local_seconds(r) for r in runs)
         lr = load_config(runs[0] / "config.yaml").local.lr
@@ -158,7 +143,7 @@ def report(args) -> str:
         if arm == TSFA:
             budget = load_config(runs[0] / "config.yaml").tsfa.latency_budget_s
             ratio = statistics.fmean(statistics.fmean(m["latency_seconds"]
-                                                      for m in _metrics(r)) for r in runs)
+                                                      for m in load_metrics(r)) for r in runs)
             ratio /= budget
             fast = statistics.fmean(reached) <= dense_time / 2
             when = (f"in {_pm(reached, 1)} s" if all(map(math.isfinite, reached))
