@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from sfedlora import wire
 from sfedlora.adapters import TensorSpec
-from sfedlora.codecs import Codec, decode
+from sfedlora.codecs import Codec, decode, decode_with_presence
 from sfedlora.codecs.indices import (
     BITMAP,
     VARINT,
@@ -81,27 +81,34 @@ def test_per_tensor_top_k_keeps_each_tensors_own_largest_share():
         assert set(out[name].reshape(-1).nonzero().flatten().tolist()) == expected
 
 
-def _row_grids(payload: bytes) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per quantised tensor, the (scale, offset) of each row as sent."""
+def _grids(payload: bytes) -> dict[str, tuple[torch.Tensor, torch.Tensor, int]]:
+    """Per quantised tensor, the (scale, offset) of each group as sent (a row, or a
+    block of kept values) and the block size (0: rows)."""
     pieces, meta = _pieces_and_meta(payload)
     grids, at = {}, 0
-    for name, shape, *_, bits in meta["codec"]:
+    for name, shape, *_, count, bits, block in meta["codec"]:
         if bits is not None:
-            rows = shape[0]
-            grids[name] = (pieces["scale"][at:at + rows], pieces["offset"][at:at + rows])
-            at += rows
+            groups = -(-count // block) if block else shape[0]
+            grids[name] = (pieces["scale"][at:at + groups],
+                           pieces["offset"][at:at + groups], block)
+            at += groups
     return grids
 
 
-def _assert_within_half_a_step(x, y, kept, scale, offset, bits):
-    """|x - x'| <= s/2 per row, up to the float32 rounding of the decoded value, and the
-    step is at most range / (2**b - 2) (the price of an exact zero point)."""
+def _assert_within_half_a_step(x, y, sent, scale, offset, block, bits):
+    """|x - x'| <= s/2 per group (a row, or ``block`` consecutive sent entries), up to
+    the float32 rounding of the decoded value, and the step is at most
+    range / (2**b - 2) (the price of an exact zero point)."""
     eps = torch.finfo(torch.float32).eps
-    for row in range(x.shape[0]):
-        xs, ys = x[row][kept[row]].double(), y[row][kept[row]].double()
+    positions = sent.reshape(-1).nonzero().squeeze(1)
+    groups = (torch.arange(positions.numel()) // block if block
+              else positions // x.shape[1])
+    for g in range(scale.numel()):
+        chosen = positions[groups == g]
+        xs, ys = x.reshape(-1)[chosen].double(), y.reshape(-1)[chosen].double()
         if xs.numel() == 0:
             continue
-        s = float(scale[row])
+        s = float(scale[g])
         if xs.max() > xs.min():
             assert s <= float(xs.max() - xs.min()) / (2**bits - 2) * (1 + 4 * eps)
         # half an ulp for each float32 rounding: q*s, the offset, the sum
@@ -114,14 +121,14 @@ def _assert_within_half_a_step(x, y, kept, scale, offset, bits):
 def test_quantisation_error_is_within_half_a_step_per_channel(bits, density):
     t = _tensors(1)
     payload = Codec(bits=bits, density=density).encode(t)
-    out, grids = decode(payload), _row_grids(payload)
+    (out, sent), grids = decode_with_presence(payload), _grids(payload)
     for name, x in t.items():
         y = out[name]
+        kept = sent.get(name, torch.ones_like(x, dtype=torch.bool))
         if x.dim() == 1:
-            kept = y != 0
             assert torch.equal(y[kept], x[kept])  # 1-D tensors stay float32
             continue
-        kept = y != 0 if density < 1 else torch.ones_like(x, dtype=torch.bool)
+        assert grids[name][2] == (64 if density < 1 else 0)  # blocks where sparse
         _assert_within_half_a_step(x, y, kept, *grids[name], bits)
 
 
@@ -141,9 +148,9 @@ def test_quantisation_bound_holds_on_rows_far_from_zero(bits):
     worst = (x.double() - y.double()).abs().max(1).values
     bound = span / (2 * qmax) * (1 + 2 * eps) + 0.5 * eps * (x.abs().max(1).values + 2 * span)
     assert (worst <= bound).all(), (worst / bound).max()
-    scale, offset = _row_grids(payload)["m.lora_A.default.weight"]
+    scale, offset, block = _grids(payload)["m.lora_A.default.weight"]
     _assert_within_half_a_step(x, y, torch.ones_like(x, dtype=torch.bool), scale, offset,
-                               bits)
+                               block, bits)
     assert (scale < 0.011).all()  # the grid spans the row, not [0, 10]
 
 
@@ -174,7 +181,33 @@ def test_quantised_message_size_is_bits_per_value_plus_64_bits_per_channel():
         assert pieces["scale"].dtype == pieces["offset"].dtype == torch.float32
         assert pieces["scale"].numel() == pieces["offset"].numel() == 8
         assert pieces["values"].dtype == torch.float32 and pieces["values"].numel() == 5
-        assert [e[-1] for e in meta["codec"]] == [bits, None]
+        assert [e[7:] for e in meta["codec"]] == [[bits, 0], [None, 0]]  # bits, rows
+
+
+def test_sparse_quantised_tensor_pays_one_scale_and_offset_per_block_of_64():
+    """A 384 x 8 B at density 1/16 keeps 192 entries, about one per row: per-row grids
+    would cost 384 x 8 bytes beside 96 bytes of 4-bit codes; blocks of 64 cost 24."""
+    b = {"x.lora_B.default.weight": torch.randn(384, 8, generator=torch.Generator()
+                                                .manual_seed(2))}
+    payload = Codec(density=1 / 16, bits=4).encode(b)
+    pieces, meta = _pieces_and_meta(payload)
+    assert pieces["codes"].numel() == 192 * 4 // 8
+    assert pieces["scale"].numel() == pieces["offset"].numel() == 3
+    assert meta["codec"][0][6:] == [192, 4, 64]  # count, bits, block
+    (out, sent), grids = decode_with_presence(payload), _grids(payload)
+    name = "x.lora_B.default.weight"
+    _assert_within_half_a_step(b[name], out[name], sent[name], *grids[name], 4)
+
+
+def test_messages_without_a_block_field_decode_per_row():
+    """Headers written before blocks existed (eight fields) mean per-row grids."""
+    payload = Codec(bits=4).encode(_tensors(2))
+
+    def drop_block(pieces, meta):
+        return pieces, {**meta, "codec": [e[:8] for e in meta["codec"]]}
+
+    old = decode(_tamper(payload, drop_block))
+    assert all(torch.equal(old[n], t) for n, t in decode(payload).items())
 
 
 @pytest.mark.parametrize("dtype,tol", [("fp16", 1e-3), ("bf16", 8e-3)])
@@ -207,7 +240,8 @@ def test_byte_count_is_the_payload_length_and_indices_pick_the_smaller_encoding(
         header = int.from_bytes(payload[:8], "little")
         assert len(payload) == 8 + header + sum(p.numel() * p.element_size()
                                                 for p in pieces.values())
-        entry = meta["codec"][0]  # [name, shape, dtype, delta, index kind, bytes, count, bits]
+        entry = meta["codec"][0]  # [name, shape, dtype, delta, index kind, bytes, count,
+        #                             bits, block]
         assert entry[0] == "m.q.lora_A.default.weight" and entry[4] == kind
         if kind == BITMAP:
             assert entry[5] == math.ceil(4 * 48 / 8)
@@ -296,7 +330,8 @@ def _tamper(payload: bytes, edit) -> bytes:
 
 
 def _with_entry(meta, i, **changes):
-    fields = ["name", "shape", "dtype", "delta", "index", "index_bytes", "count", "bits"]
+    fields = ["name", "shape", "dtype", "delta", "index", "index_bytes", "count", "bits",
+              "block"]
     layout = [list(e) for e in meta["codec"]]
     for key, value in changes.items():
         layout[i][fields.index(key)] = value
@@ -308,6 +343,7 @@ def _with_entry(meta, i, **changes):
     (lambda p, m: (p, _with_entry(m, 0, name="not.known")), "unexpected tensor"),
     (lambda p, m: (p, _with_entry(m, 0, count=3)), "values declared"),
     (lambda p, m: (p, _with_entry(m, 0, bits=3)), "not a valid quantisation"),
+    (lambda p, m: (p, _with_entry(m, 0, block=7)), "quantisation block"),
     (lambda p, m: (p, _with_entry(m, 0, index="zip")), "malformed"),
     (lambda p, m: ({k: v for k, v in p.items() if k != "index"}, m), "too short"),
     (lambda p, m: ({**p, "codes": p["codes"][:-1]}, m), "too short"),

@@ -16,8 +16,9 @@ every value becomes a code ``q = clamp(round((x - o) / s), 0, 2**b - 1)`` decode
 Codes are computed from ``x - o`` in float64, never from ``x / s + z``, whose two large
 terms cancel (a row 10 + 0.001*u at 8 bits lost 46% over the bound that way). So
 ``|x - x'| <= s/2`` up to the float32 rounding of the decoded value (a few ulp of |x|).
-Values are given with their row, so the same rule serves dense tensors and the kept
-entries of a sparse one (the range is then over the kept entries of the row).
+Values are given with their group, so the same rule serves the rows of a dense tensor
+and the blocks of kept entries of a sparse one (:data:`.codec.SPARSE_BLOCK`; the range
+is then over the group's values).
 """
 
 from __future__ import annotations
@@ -58,8 +59,8 @@ def row_grid(lo: torch.Tensor, hi: torch.Tensor, bits: int
 
 def quantize_rows(values: torch.Tensor, rows: torch.Tensor, num_rows: int, bits: int
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(q, scale, offset)``: uint8 codes for ``values`` (1-D float32) whose output
-    channels are ``rows``; scale and offset are float32 per channel."""
+    """``(q, scale, offset)``: uint8 codes for ``values`` (1-D float32) whose groups
+    (output channels, or blocks) are ``rows``; scale and offset are float32 per group."""
     qmax = 2**bits - 1
     lo = torch.full((num_rows,), torch.inf).scatter_reduce(0, rows, values, "amin")
     hi = torch.full((num_rows,), -torch.inf).scatter_reduce(0, rows, values, "amax")
