@@ -78,10 +78,6 @@ def final(run: Path) -> float:
     return [m[METRIC] for m in load_metrics(run) if m.get(METRIC) is not None][-1]
 
 
-def by_seed(args, arm: str) -> dict[int, Path]:
-    return {load_config(r / "config.yaml").seed: r for r in tuned.chosen_runs(args, arm)}
-
-
 def _pm(values: list[float], digits: int = 3) -> str:
     if not all(map(math.isfinite, values)):
         return f"not reached in {sum(not math.isfinite(v) for v in values)} of {len(values)}"
@@ -91,7 +87,8 @@ def _pm(values: list[float], digits: int = 3) -> str:
 
 def compare(args, method: str) -> tuple[list[str], str] | None:
     """Table rows and the verdict for one method (None until both arms have runs)."""
-    plain, packed = by_seed(args, method), by_seed(args, f"{method}-compressed")
+    plain = tuned.chosen_by_seed(args, method)
+    packed = tuned.chosen_by_seed(args, f"{method}-compressed")
     seeds = sorted(set(plain) & set(packed))
     if not seeds:
         return None

@@ -167,6 +167,11 @@ def chosen_runs(args, arm: str) -> list[Path]:
     return runs + [p.parent for p in sorted((base / "seeds/runs").glob("*/summary.json"))]
 
 
+def chosen_by_seed(args, arm: str) -> dict[int, Path]:
+    """:func:`chosen_runs` keyed by seed (equal seeds: equal partitions across arms)."""
+    return {load_config(r / "config.yaml").seed: r for r in chosen_runs(args, arm)}
+
+
 def arm_row(args, arm: str) -> dict | None:
     import pandas as pd
 
