@@ -156,3 +156,29 @@ def test_delta_downloads_refuse_what_they_cannot_serve(tiny_config, overrides, o
 
     with pytest.raises(ConfigError, match=rf"comm\.down\.delta does not work with {other}"):
         tiny_config("comm.down.delta=true", *overrides)
+
+
+def test_aggregation_keeps_what_downloads_have_not_sent_yet(delta_run):
+    """Clients train from the published P, which lags the global G; their changes are
+    carried onto G (G + x - P, data-size weighted), so the lag is not dropped."""
+    from sfedlora.codecs import decode
+
+    sim = delta_run
+    for r in (1, 2):
+        sim.run_round(r)
+    g = {n: t.clone() for n, t in sim.server.state.items()}
+    p = {n: t.clone() for n, t in sim.server.downlink.published.items()}
+    assert max(float((g[n] - p[n]).abs().max()) for n in p) > 1e-4  # a real lag
+    replies, aggregate = [], sim.server.aggregate
+
+    def spy(round_idx, got):
+        replies.extend(got)
+        return aggregate(round_idx, got)
+
+    sim.server.aggregate = spy
+    sim.run_round(3)
+    total = sum(r.num_examples for r in replies)
+    uploads = [(r.num_examples, decode(r.payload, reference=p)) for r in replies]
+    for name in uploads[0][1]:
+        expected = sum(w * (g[name] + x[name] - p[name]) for w, x in uploads) / total
+        torch.testing.assert_close(sim.server.state[name], expected, rtol=1e-5, atol=1e-6)

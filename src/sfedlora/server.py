@@ -246,7 +246,18 @@ class Server:
                     f"update norm {norm:.4g} exceeds server.max_update_norm="
                     f"{self.cfg.max_update_norm}"
                 )
-        return Update(reply.client_id, reply.num_examples, tensors, present)
+        return Update(reply.client_id, reply.num_examples, self._on_global(tensors), present)
+
+    def _on_global(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """With delta downloads a client trained from the published state P, which lags
+        the global state G by what the download codec has not sent yet. Its update is
+        carried onto G (``G + (x - P)``), so that lag survives aggregation and goes out
+        in later downloads; combined from P, every round would drop it for good."""
+        if self.downlink is None:
+            return tensors
+        held = self.downlink.published
+        return {n: self.state[n] + (t - held[n]) if n in held else t
+                for n, t in tensors.items()}
 
     def aggregate(self, round_idx: int, replies: list[Reply]) -> AggregationReport:
         expected = set(self.names_for(self.method.plan(round_idx).upload))
@@ -287,8 +298,9 @@ class Server:
         clipped on the clients."""
         clip = self.privacy.cfg.clip_norm if self.privacy else self.cfg.clip_norm
         if clip is not None and num_clients is None:
-            updates = [replace(u, tensors=clip_update(
-                u.tensors, self.reference(u.client_id, round_idx), clip)) for u in updates]
+            updates = [replace(u, tensors=clip_update(  # on the frame updates are in
+                u.tensors, self._on_global(self.reference(u.client_id, round_idx)), clip))
+                for u in updates]
         if self.privacy is None:
             new = self.method.aggregate(self.state, updates, combiner_for(self.cfg))
         else:
