@@ -182,3 +182,26 @@ def test_aggregation_keeps_what_downloads_have_not_sent_yet(delta_run):
     for name in uploads[0][1]:
         expected = sum(w * (g[name] + x[name] - p[name]) for w, x in uploads) / total
         torch.testing.assert_close(sim.server.state[name], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_tensor_clients_never_held_goes_out_whole_then_as_small_changes(tiny_config):
+    """FedSA's A exists on the server only after the first aggregation: its first
+    version is a lossless copy (a top-k of its values would leave it mostly zero), and
+    later downloads are chains smaller than a copy, not a refresh every round."""
+    from sfedlora.simulation import Simulation
+
+    sim = Simulation(tiny_config("method=sfed", "rounds=4", "comm.down.delta=true",
+                                 "comm.down.density=0.1", "comm.down.bits=8"))
+    sim.run_round(1)
+    downlink = sim.server.downlink
+    assert downlink.version == 2  # the new A whole, then the (empty) change against it
+    dense = downlink.dense_bytes
+    assert dense == sum(t.numel() * 4 for t in sim.server.state.values()) > 0
+    _assert_same_bits(downlink.published, sim.server.state)  # the first A, exactly
+    first = {n: t.clone() for n, t in downlink.published.items()}
+    sim.run_round(2)
+    for cid in range(4):  # what every client trained from in round 2
+        _assert_same_bits(sim.pool.states[cid].held["tensors"], first)
+    for r in (3, 4):
+        sizes = sim.run_round(r).metrics["bytes_down_per_client"].values()
+        assert max(sizes) < dense  # a chain; a refresh would be a copy plus a header

@@ -81,19 +81,27 @@ class Downlink:
         self.version = 0
         self.published = {n: t.detach().clone() for n, t in state.items()}  # version 0
         self.origin = digest(self.published)
-        # what a copy costs, against which a chain is weighed (shapes never change)
         self.dense_bytes = sum(t.numel() * t.element_size() for t in state.values())
         self.updates: deque[tuple[int, bytes]] = deque(maxlen=history)
         self.held: dict[int, int] = {}  # client id -> the version it holds
         self._refresh: bytes | None = None
 
     def publish(self, state: Tensors) -> None:
-        """The global state changed: publish its change as version ``version + 1``."""
-        payload = self.codec.encode(state, reference=self.published)
-        self.published = codec_decode(payload, reference=self.published)
+        """The global state changed: publish its change as the next version. Tensors
+        the clients have never held (FedSA's A, which each client draws for itself
+        until the first aggregation) go first as a lossless version of their own: a
+        top-k of their values, rather than of a change, would leave them mostly zero."""
+        if new := {n: t for n, t in state.items() if n not in self.published}:
+            self._append(wire.encode(new))
+        self._append(self.codec.encode(state, reference=self.published))
+
+    def _append(self, payload: bytes) -> None:
+        self.published = apply(payload, self.published)
         self.version += 1
         self.updates.append((self.version, payload))
         self._refresh = None
+        # what a copy costs, against which a chain is weighed
+        self.dense_bytes = sum(t.numel() * t.element_size() for t in self.published.values())
 
     def message(self, cid: int, extras: Tensors, advance: bool = True) -> bytes:
         """Client ``cid``'s download: what takes it from the version it holds to the
@@ -149,6 +157,12 @@ class Downlink:
         self._refresh = None
 
 
+def apply(payload: bytes, tensors: Tensors) -> Tensors:
+    """One published version applied to ``tensors`` (the same operations on both
+    sides); a version may carry only some tensors (new ones, whole)."""
+    return {**tensors, **codec_decode(payload, reference=tensors)}
+
+
 def receive(message: bytes, held: dict | None, initial: Callable[[], Tensors]
             ) -> tuple[Tensors, dict]:
     """The client's side: a download applied to what the client holds (``held``:
@@ -174,6 +188,6 @@ def receive(message: bytes, held: dict | None, initial: Callable[[], Tensors]
         updates = sorted((k for k in pieces if k.startswith(UPDATE)),
                          key=lambda k: int(k[len(UPDATE):]))
         for key in updates:
-            tensors = codec_decode(_as_bytes(pieces[key]), reference=tensors)
+            tensors = apply(_as_bytes(pieces[key]), tensors)
     extras = wire.decode(_as_bytes(pieces[EXTRAS])) if EXTRAS in pieces else {}
     return {**tensors, **extras}, {"version": int(meta["to"]), "tensors": tensors}
