@@ -29,7 +29,6 @@ runs and the report regenerates from a clean clone.
 
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
 import sys
@@ -156,36 +155,15 @@ def figure(args) -> None:
     ax.set_title("SST-2, 10 clients, Dir(0.5): compressed vs uncompressed")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    path = Path(args.out) / f"sst2-{args.size}" / "accuracy_vs_bytes.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    tuned.save_figure(fig, Path(args.out) / f"sst2-{args.size}" / "accuracy_vs_bytes.png")
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--stage", choices=["ladder", "seeds", "report", "all"],
-                        default="all")
-    parser.add_argument("--size", choices=list(SIZES), default="cpu")
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
-    parser.add_argument("--out", default=str(OUT))
-    parser.add_argument("--shard", default="0/1")
-    parser.add_argument("--max-extend", type=int, default=2)
-    parser.add_argument("overrides", nargs="*", help="dotted.key=value for every arm")
+    parser = tuned.study_parser(__doc__.splitlines()[0], list(ARMS), OUT, list(SIZES))
     args = parser.parse_args(argv)
     args.dataset = "sst2"
-    args.study = tuned.Study(ARMS, CONFIGS, SIZES)
-    for arm in args.arms:
-        if args.stage in ("ladder", "all") and not tuned.ladder(args, arm):
-            return 0  # other shards are still running this arm
-        if args.stage in ("seeds", "all") and not tuned.seeds(args, arm):
-            return 0
-    if args.stage in ("report", "all"):
-        text = report(args)
-        (Path(args.out) / f"sst2-{args.size}" / "table.md").write_text(text + "\n")
-        print(text)
-    return 0
+    study = tuned.Study(ARMS, CONFIGS, SIZES)
+    return tuned.run_study(args, lambda arm: study, report)
 
 
 if __name__ == "__main__":

@@ -154,6 +154,58 @@ def seeds(args, arm: str) -> bool:
                                        f"seed={','.join(map(str, SEEDS))}"])
 
 
+def study_parser(description: str, arms: list[str], out: Path,
+                 sizes: list[str]) -> argparse.ArgumentParser:
+    """The command line of a one-dataset tuned study (``wireless.py``,
+    ``compression.py``): stages, size, arms, output folder, shard, ladder extension."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--stage", choices=["ladder", "seeds", "report", "all"],
+                        default="all")
+    parser.add_argument("--size", choices=sizes, default="cpu")
+    parser.add_argument("--arms", nargs="+", default=arms, choices=arms)
+    parser.add_argument("--out", default=str(out))
+    parser.add_argument("--shard", default="0/1")
+    parser.add_argument("--max-extend", type=int, default=2)
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value for every arm")
+    return parser
+
+
+def tune(args, arm: str) -> bool:
+    """The ladder and seeds stages ``args.stage`` asks for; False while other shards
+    are still running this arm."""
+    if args.stage in ("ladder", "all") and not ladder(args, arm):
+        return False
+    return not (args.stage in ("seeds", "all") and not seeds(args, arm))
+
+
+def run_study(args, study_for, report) -> int:
+    """A one-dataset tuned study: each arm's ladder and seeds under
+    ``study_for(arm)`` (in ``args.arms`` order), then ``report(args)`` kept and
+    printed."""
+    for arm in args.arms:
+        args.study = study_for(arm)
+        if not tune(args, arm):
+            return 0  # other shards are still running this arm
+    if args.stage in ("report", "all"):
+        publish_report(args, report(args))
+    return 0
+
+
+def publish_report(args, text: str) -> None:
+    """Print a study's report and keep it as ``<out>/<dataset>-<size>/table.md``."""
+    (Path(args.out) / f"{args.dataset}-{args.size}" / "table.md").write_text(text + "\n")
+    print(text)
+
+
+def save_figure(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def chosen_runs(args, arm: str) -> list[Path]:
     """An arm's run directories at its chosen rate: the ladder's seed-0 run, then the
     seeds' runs (the rows a tuned comparison reports)."""

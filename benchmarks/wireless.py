@@ -196,36 +196,17 @@ def figure(curves: dict[str, list[list[tuple[float, float]]]], target: float,
     ax.set_ylabel("personalised accuracy (mean over seeds)")
     ax.set_title("SST-2, 10 clients, Dir(0.5), narrow-band uplink")
     ax.legend(fontsize=8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    tuned.save_figure(fig, path)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--stage", choices=["ladder", "seeds", "report", "all"],
-                        default="all")
-    parser.add_argument("--size", choices=list(SIZES), default="cpu")
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
-    parser.add_argument("--out", default=str(OUT))
-    parser.add_argument("--shard", default="0/1")
-    parser.add_argument("--max-extend", type=int, default=2)
-    parser.add_argument("overrides", nargs="*", help="dotted.key=value for every arm")
+    parser = tuned.study_parser(__doc__.splitlines()[0], list(ARMS), OUT, list(SIZES))
     args = parser.parse_args(argv)
     args.dataset = "sst2"
     args.arms = [a for a in ARMS if a in args.arms]  # the dense arm first: TSFA's
-    for arm in args.arms:  # budget comes from it
-        args.study = study(argparse.Namespace(**{**vars(args), "arms": [arm]}))
-        if args.stage in ("ladder", "all") and not tuned.ladder(args, arm):
-            return 0  # other shards are still running this arm
-        if args.stage in ("seeds", "all") and not tuned.seeds(args, arm):
-            return 0
-    if args.stage in ("report", "all"):
-        text = report(args)
-        (Path(args.out) / f"sst2-{args.size}" / "table.md").write_text(text + "\n")
-        print(text)
-    return 0
+    return tuned.run_study(  # budget comes from it
+        args, lambda arm: study(argparse.Namespace(**{**vars(args), "arms": [arm]})),
+        report)
 
 
 if __name__ == "__main__":
