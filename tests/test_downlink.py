@@ -184,20 +184,32 @@ def test_aggregation_keeps_what_downloads_have_not_sent_yet(delta_run):
         torch.testing.assert_close(sim.server.state[name], expected, rtol=1e-5, atol=1e-6)
 
 
-def test_a_tensor_clients_never_held_goes_out_whole_then_as_small_changes(tiny_config):
-    """FedSA's A exists on the server only after the first aggregation: its first
-    version is a lossless copy (a top-k of its values would leave it mostly zero), and
-    later downloads are chains smaller than a copy, not a refresh every round."""
+def test_fedsa_a_is_sent_as_a_change_against_the_mean_of_the_clients_draws(tiny_config):
+    """FedSA's A exists on the server only after the first aggregation. Version 0 holds
+    the mean of the clients' own A draws as a pending reference: round 1 trains exactly
+    as without delta downloads (each client from its own draw), the first A goes out as
+    a change against that mean (far smaller than A itself), and later downloads are
+    chains smaller than a copy, not a refresh every round."""
     from sfedlora.simulation import Simulation
 
-    sim = Simulation(tiny_config("method=sfed", "rounds=4", "comm.down.delta=true",
-                                 "comm.down.density=0.1", "comm.down.bits=8"))
-    sim.run_round(1)
-    downlink = sim.server.downlink
-    assert downlink.version == 2  # the new A whole, then the (empty) change against it
+    args = ("method=sfed", "rounds=4", "comm.down.density=0.1", "comm.down.bits=8")
+    sim = Simulation(tiny_config(*args, "comm.down.delta=true"))
+    downlink, inits = sim.server.downlink, sim.inits
+    a_names = [n for n in inits.shared_init if ".lora_A." in n]
+    assert downlink.pending == set(a_names) and not set(a_names) & set(sim.server.state)
+    for name in a_names:  # the mean of the draws, exactly as its formula
+        draws = [inits.client_init(c)[name] for c in range(sim.cfg.clients.num)]
+        assert torch.equal(downlink.published[name], sum(draws[1:], draws[0].clone()) / 4)
+    tensors, _ = receive(downlink.message(0, {}, advance=False), None, inits.downlink_origin)
+    assert not set(a_names) & set(tensors)  # pending: not handed over
+
+    plain = Simulation(tiny_config(*args))
+    assert sim.run_round(1).metrics["train_loss"] == plain.run_round(1).metrics["train_loss"]
+    assert downlink.version == 1 and not downlink.pending
+    a_bytes = sum(sim.server.state[n].numel() * 4 for n in a_names)
+    assert len(downlink.updates[-1][1]) < a_bytes / 2  # a sparse change, not A
     dense = downlink.dense_bytes
     assert dense == sum(t.numel() * 4 for t in sim.server.state.values()) > 0
-    _assert_same_bits(downlink.published, sim.server.state)  # the first A, exactly
     first = {n: t.clone() for n, t in downlink.published.items()}
     sim.run_round(2)
     for cid in range(4):  # what every client trained from in round 2

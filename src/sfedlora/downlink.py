@@ -14,7 +14,11 @@ A client's download (:class:`Downlink.message`) is one of:
 - the chain ``U_{j+1} .. U_t`` when it holds version j, within the last
   ``comm.down_history`` versions, and the chain is smaller than a copy of P. Version 0
   is the seeded initial state, which every client draws itself, so a client that never
-  downloaded starts from it; the message carries its digest, which the client checks;
+  downloaded starts from it; the message carries its digest, which the client checks.
+  Version 0 may hold *pending* tensors, references only (FedSA's A before the first
+  aggregation: the mean of the clients' own draws, :meth:`AdapterInits.downlink_origin`):
+  the first published A is coded as a change against it, and until then a client keeps
+  training from its own draw, so a download does not hand pending tensors over;
 - a **refresh**: P itself, lossless, for a client absent too long, or whose chain
   would cost more than the copy.
 
@@ -76,10 +80,15 @@ def is_downlink(message: bytes) -> bool:
 class Downlink:
     """The server's side (module docstring)."""
 
-    def __init__(self, codec: Codec, history: int, state: Tensors):
+    def __init__(self, codec: Codec, history: int, state: Tensors,
+                 origin: Tensors | None = None):
+        """``state``: the server's first state; ``origin``: version 0 (default
+        ``state``), which may add pending tensors, references the server does not hold."""
         self.codec, self.history = codec, history
         self.version = 0
-        self.published = {n: t.detach().clone() for n, t in state.items()}  # version 0
+        origin = state if origin is None else origin
+        self.published = {n: t.detach().clone() for n, t in origin.items()}  # version 0
+        self.pending = set(origin) - set(state)
         self.origin = digest(self.published)
         self.dense_bytes = sum(t.numel() * t.element_size() for t in state.values())
         self.updates: deque[tuple[int, bytes]] = deque(maxlen=history)
@@ -94,6 +103,7 @@ class Downlink:
         if new := {n: t for n, t in state.items() if n not in self.published}:
             self._append(wire.encode(new))
         self._append(self.codec.encode(state, reference=self.published))
+        self.pending -= set(state)
 
     def _append(self, payload: bytes) -> None:
         self.published = apply(payload, self.published)
@@ -124,7 +134,7 @@ class Downlink:
         if advance:
             self.held[cid] = self.version
         return wire.encode(tensors, {"downlink": FORMAT, "from": start, "to": self.version,
-                                     "origin": self.origin})
+                                     "origin": self.origin, "pending": sorted(self.pending)})
 
     def _chain(self, held: int | None) -> list[bytes] | None:
         """The payloads from ``held`` (None: the seeded version 0) to now; None where
@@ -144,7 +154,8 @@ class Downlink:
     def state_dict(self) -> dict[str, Any]:
         return {"version": self.version, "published": self.published,
                 "updates": [[v, _as_tensor(p)] for v, p in self.updates],
-                "held": dict(self.held), "origin": self.origin}
+                "held": dict(self.held), "origin": self.origin,
+                "pending": sorted(self.pending)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.version = int(state["version"])
@@ -154,6 +165,7 @@ class Downlink:
                              maxlen=self.history)
         self.held = {int(c): int(v) for c, v in state["held"].items()}
         self.origin = str(state["origin"])
+        self.pending = set(state.get("pending", []))
         self._refresh = None
 
 
@@ -167,9 +179,9 @@ def receive(message: bytes, held: dict | None, initial: Callable[[], Tensors]
             ) -> tuple[Tensors, dict]:
     """The client's side: a download applied to what the client holds (``held``:
     ``{"version": int, "tensors": ...}`` from its state; None: version 0, which
-    ``initial()`` draws). Returns the tensors it now holds plus any extras, and its new
-    ``held``. Refuses a chain that does not start at the held version, and a version 0
-    whose digest is not the server's."""
+    ``initial()`` draws). Returns the tensors it now holds, less those still pending,
+    plus any extras, and its new ``held``. Refuses a chain that does not start at the
+    held version, and a version 0 whose digest is not the server's."""
     meta, pieces = wire.read_meta(message), wire.decode(message)
     if REFRESH in pieces:
         tensors = wire.decode(_as_bytes(pieces[REFRESH]))
@@ -190,4 +202,6 @@ def receive(message: bytes, held: dict | None, initial: Callable[[], Tensors]
         for key in updates:
             tensors = apply(_as_bytes(pieces[key]), tensors)
     extras = wire.decode(_as_bytes(pieces[EXTRAS])) if EXTRAS in pieces else {}
-    return {**tensors, **extras}, {"version": int(meta["to"]), "tensors": tensors}
+    pending = set(meta.get("pending", []))
+    shared = {n: t for n, t in tensors.items() if n not in pending}
+    return {**shared, **extras}, {"version": int(meta["to"]), "tensors": tensors}

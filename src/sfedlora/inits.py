@@ -5,6 +5,8 @@ draw the same values."""
 
 from __future__ import annotations
 
+import torch
+
 from sfedlora import seeds
 from sfedlora.adapters import AdapterLayout
 from sfedlora.config import ExperimentConfig
@@ -18,6 +20,7 @@ class AdapterInits:
         self.cfg, self.method, self.layout = cfg, method, layout
         self.shared_init = self._draw(seeds.derive_seed(cfg.seed, seeds.A_INIT))
         self._a_names = layout.names({Part.A})
+        self._origin: Tensors | None = None
 
     def _draw(self, a_seed: int) -> Tensors:
         return self.method.initial_adapter(self.layout.initial_state(a_seed))
@@ -55,6 +58,27 @@ class AdapterInits:
 
     def global_adapter(self, shared: Tensors) -> Tensors:
         return {**self.shared_init, **shared}
+
+    def downlink_origin(self) -> Tensors:
+        """Version 0 of delta downloads (:mod:`sfedlora.downlink`): the server's first
+        state plus, where every client draws its own A, the mean of the clients' draws.
+        That mean is not the server's (it holds no A yet) but a reference every party
+        computes from the public config; the first aggregated A is that mean plus the
+        clients' mean change, so the download codec sends a change instead of A itself
+        (a top-k of A's values would leave it mostly zero, a lossless copy costs as
+        much as an uncompressed round). Computed once per process: a draw per client."""
+        if self._origin is None:
+            origin = self.initial_server_state()
+            shared = self.method.shared - self.method.fixed - self.method.fresh
+            if self.cfg.a_init == "independent" and Part.A in shared:
+                total = {n: torch.zeros_like(self.shared_init[n]) for n in self._a_names}
+                for cid in range(self.cfg.clients.num):
+                    draw = self.client_init(cid)
+                    for n in total:
+                        total[n] += draw[n]
+                origin |= {n: t / self.cfg.clients.num for n, t in total.items()}
+            self._origin = origin
+        return dict(self._origin)
 
     def initial_server_state(self) -> Tensors:
         """What the server holds before round 1: the shared parts of the common init

@@ -68,6 +68,7 @@ class Server:
         client_start: Callable[[int, int], dict[str, torch.Tensor]] | None = None,
         hooks: ServerHooks | None = None,
         down_history: int = 16,
+        down_origin: dict[str, torch.Tensor] | None = None,
     ):
         """``names_for(parts)`` lists the tensor names of those parts (the model's
         layout); ``spec`` gives every adapter tensor's shape and dtype; ``down`` encodes
@@ -78,7 +79,8 @@ class Server:
         download (its own A draw where A is independent or fresh, B zero): what changes
         to tensors the server never sent are measured against. A ``down`` codec with
         ``delta`` sends each client the change since what it holds
-        (:mod:`sfedlora.downlink`, ``down_history`` versions kept)."""
+        (:mod:`sfedlora.downlink`, ``down_history`` versions kept, ``down_origin``
+        its version 0, default ``state``)."""
         self.spec, self.method = spec, method
         self.state = state
         self.names_for, self.min_clients = names_for, min_clients
@@ -88,7 +90,8 @@ class Server:
         self.ranks = list(ranks) if ranks is not None else None
         self.client_start = client_start
         self.hooks = hooks or ServerHooks()
-        self.downlink = Downlink(self.down, down_history, state) if self.down.delta else None
+        self.downlink = (Downlink(self.down, down_history, state, down_origin)
+                         if self.down.delta else None)
         shared = names_for(method.shared - method.fixed)
         self.optimizer = (None if optimizer == "none"
                           else ServerOptimizer(optimizer, self.cfg, spec, shared))
@@ -256,7 +259,7 @@ class Server:
         if self.downlink is None:
             return tensors
         held = self.downlink.published
-        return {n: self.state[n] + (t - held[n]) if n in held else t
+        return {n: self.state[n] + (t - held[n]) if n in self.state and n in held else t
                 for n, t in tensors.items()}
 
     def aggregate(self, round_idx: int, replies: list[Reply]) -> AggregationReport:

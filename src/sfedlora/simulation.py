@@ -70,7 +70,9 @@ class Simulation:
                                     if cfg.lora.client_ranks else None),
                              client_start=self.inits.drawn_start,
                              hooks=self.method.server_hooks(cfg),
-                             down_history=cfg.comm.down_history)
+                             down_history=cfg.comm.down_history,
+                             down_origin=(self.inits.downlink_origin()
+                                          if cfg.codec("down").delta else None))
         self.bytes = ByteCounter(cfg.clients.num)
         self.network = build_network(cfg.network, cfg.seed, cfg.clients.num,
                                      self.info.base_params)

@@ -85,7 +85,7 @@ class Worker:
         holds, which it then holds (``state.held``; :mod:`sfedlora.downlink`)."""
         if downlink.is_downlink(download):
             tensors, state.held = downlink.receive(download, state.held,
-                                                   self.inits.initial_server_state)
+                                                   self.inits.downlink_origin)
             return tensors
         return codecs.decode(download)
 
