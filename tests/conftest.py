@@ -73,6 +73,10 @@ def tiny_base(tiny_model_dir, tiny_data_file, out) -> list[str]:
         "lora.rank=4",
         "eval.batch_size=64",
         "progress=false",
+        # a Flower test waits for its nodes' workers to import torch; on a loaded 2-core
+        # machine that took over the 120 s default (waiting longer costs nothing when
+        # they are quick)
+        "flower.connect_timeout=600",
         f"output_dir={out}",
     ]
 
