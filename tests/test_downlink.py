@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sfedlora import wire
 from sfedlora.codecs import Codec
-from sfedlora.downlink import Downlink, receive
+from sfedlora.downlink import REFRESH, Downlink, receive
 from sfedlora.wire import MessageError, read_meta
 
 
@@ -200,7 +201,9 @@ def test_fedsa_a_is_sent_as_a_change_against_the_mean_of_the_clients_draws(tiny_
     for name in a_names:  # the mean of the draws, exactly as its formula
         draws = [inits.client_init(c)[name] for c in range(sim.cfg.clients.num)]
         assert torch.equal(downlink.published[name], sum(draws[1:], draws[0].clone()) / 4)
-    tensors, _ = receive(downlink.message(0, {}, advance=False), None, inits.downlink_origin)
+    first_download = downlink.message(0, {}, advance=False)
+    assert REFRESH not in wire.decode(first_download)  # version 0: nothing to send
+    tensors, _ = receive(first_download, None, inits.downlink_origin)
     assert not set(a_names) & set(tensors)  # pending: not handed over
 
     plain = Simulation(tiny_config(*args))

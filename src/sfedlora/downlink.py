@@ -90,7 +90,7 @@ class Downlink:
         self.published = {n: t.detach().clone() for n, t in origin.items()}  # version 0
         self.pending = set(origin) - set(state)
         self.origin = digest(self.published)
-        self.dense_bytes = sum(t.numel() * t.element_size() for t in state.values())
+        self.dense_bytes = sum(t.numel() * t.element_size() for t in origin.values())
         self.updates: deque[tuple[int, bytes]] = deque(maxlen=history)
         self.held: dict[int, int] = {}  # client id -> the version it holds
         self._refresh: bytes | None = None
