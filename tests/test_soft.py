@@ -66,6 +66,20 @@ def test_svd_importance_gives_the_top_components_their_singular_values():
     assert top_components(svd_importance(a3, b3, 1 / 3), 1 / 3).tolist() == [2]
 
 
+@pytest.mark.parametrize("keep", [0.25, 0.5, 1.0])
+def test_svd_importance_equals_its_formula_on_the_full_product(keep):
+    """The QR route gives what the definition does on the d_out x d_in product B A,
+    for factors that are not orthogonal."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(8, 30, generator=gen, dtype=torch.float64)
+    b = torch.randn(20, 8, generator=gen, dtype=torch.float64)
+    k = math.ceil(keep * 8)
+    u, _, vh = torch.linalg.svd(b @ a, full_matrices=False)
+    expected = (torch.linalg.vector_norm(u[:, :k].T @ b, dim=0)
+                * torch.linalg.vector_norm(vh[:k] @ a.T, dim=0))
+    torch.testing.assert_close(svd_importance(a, b, keep), expected, rtol=1e-9, atol=1e-9)
+
+
 def test_penalty_is_zero_for_orthogonal_factors_and_its_formula_otherwise():
     a, b = _orthogonal_factors()
     assert orthogonality_penalty(a, b).item() == pytest.approx(0.0, abs=1e-20)

@@ -47,12 +47,20 @@ def svd_importance(a: torch.Tensor, b: torch.Tensor, keep: float) -> torch.Tenso
     assume orthogonal factors: two components that share a direction split its singular
     value instead of each claiming it whole. With exactly orthogonal factors it gives
     the top k components their singular values and the others 0, so both rules choose
-    the same components there. It costs an SVD of the d_out x d_in product per layer."""
+    the same components there.
+
+    Computed without forming B A: with B = Q_B R_B and A^T = Q_A R_A (reduced QR),
+    B A = Q_B (R_B R_A^T) Q_A^T, so the singular vectors of B A are Q_B and Q_A times
+    those of the r x r core, and the two norms reduce to ``U_k^T R_B`` and
+    ``V_k^T R_A``: O((d_out + d_in) r^2) per layer instead of an SVD of the
+    d_out x d_in product."""
     k = math.ceil(keep * a.shape[0])
-    u, _, vh = torch.linalg.svd(b.to(torch.float64) @ a.to(torch.float64),
-                                full_matrices=False)
-    in_u = torch.linalg.vector_norm(u[:, :k].T @ b.to(torch.float64), dim=0)
-    in_v = torch.linalg.vector_norm(vh[:k] @ a.to(torch.float64).T, dim=0)
+    b64, a64 = b.to(torch.float64), a.to(torch.float64)
+    r_b = torch.linalg.qr(b64).R
+    r_a = torch.linalg.qr(a64.T).R
+    u, _, vh = torch.linalg.svd(r_b @ r_a.T)
+    in_u = torch.linalg.vector_norm(u[:, :k].T @ r_b, dim=0)
+    in_v = torch.linalg.vector_norm(vh[:k] @ r_a, dim=0)
     return (in_u * in_v).to(a.dtype)
 
 
