@@ -32,6 +32,7 @@ runs, resumes interrupted ones, and the table regenerates from a clean clone.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -44,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from sfedlora.config import load_config  # noqa: E402
+from sfedlora.plots import load_metrics  # noqa: E402
 from sfedlora.sweep import LR_KEY, ci95, parse_grid, parse_shard, run_sweep  # noqa: E402
 
 ARMS: dict[str, list[str]] = {
@@ -106,7 +108,9 @@ def config(args) -> str:
     return str(ROOT / getattr(args, "study", METHODS).configs[args.dataset])
 
 
-def _sweep(args, arm: str, stage: str, grid: list[str]) -> bool:
+def sweep(args, arm: str, stage: str, grid: list[str]) -> bool:
+    """Run ``grid`` under an arm's overrides into ``<arm>/<stage>/runs/``; False while
+    other shards still hold some of its runs."""
     return run_sweep(config(args), parse_grid(grid), arm_dir(args, arm) / stage,
                      overrides(args, arm), shard=parse_shard(args.shard),
                      on_start=lambda name: print(f"{arm} {stage} {name}", flush=True))
@@ -137,7 +141,7 @@ def best_rung(rows: list[dict]) -> tuple[float, bool, bool]:
 def ladder(args, arm: str) -> bool:
     rates = list(LADDER)
     for _ in range(args.max_extend + 1):
-        done = _sweep(args, arm, "ladder", [f"{LR_KEY}={','.join(map(repr, rates))}",
+        done = sweep(args, arm, "ladder", [f"{LR_KEY}={','.join(map(repr, rates))}",
                                             "seed=0"])
         if not done:
             return False  # other shards are still running this arm
@@ -150,16 +154,54 @@ def ladder(args, arm: str) -> bool:
 
 def seeds(args, arm: str) -> bool:
     best, *_ = best_rung(_ladder_results(args, arm))
-    return _sweep(args, arm, "seeds", [f"{LR_KEY}={best!r}",
+    return sweep(args, arm, "seeds", [f"{LR_KEY}={best!r}",
                                        f"seed={','.join(map(str, SEEDS))}"])
 
 
-def study_parser(description: str, arms: list[str], out: Path,
-                 sizes: list[str]) -> argparse.ArgumentParser:
+def run_on(args, arm: str, stage: str, extra: tuple[str, ...],
+           seeds: tuple[int, ...] = (0, *SEEDS)) -> bool:
+    """An arm's chosen rate run again for ``seeds`` with ``extra`` overrides after the
+    size's (more rounds, denser evaluation) into ``<arm>/<stage>/runs/``: the arm is
+    tuned like every other, then runs on where a study reads a time or a byte count
+    rather than a final figure. With a constant schedule and every draw seeded by
+    (seed, round, client) such runs repeat the tuned runs' rounds (:func:`repeats`)."""
+    chosen = chosen_runs(args, arm)
+    if not chosen:
+        raise SystemExit(f"the {stage} stage runs {arm} at its chosen rate: tune it first "
+                         f"(--arms {arm} --stage all)")
+    lr = load_config(chosen[0] / "config.yaml").local.lr
+    base = args.study
+    args.study = dataclasses.replace(
+        base, sizes={**base.sizes, args.size: (*base.sizes[args.size], *extra)})
+    try:
+        return sweep(args, arm, stage, [f"{LR_KEY}={lr!r}",
+                                        f"seed={','.join(map(str, seeds))}"])
+    finally:
+        args.study = base
+
+
+def stage_runs(args, arm: str, stage: str) -> dict[int, Path]:
+    """An arm's finished runs of one stage, keyed by seed."""
+    return {load_config(p.parent / "config.yaml").seed: p.parent for p in
+            sorted((arm_dir(args, arm) / stage / "runs").glob("*/summary.json"))}
+
+
+def repeats(longer: Path, run: Path,
+            keys: tuple[str, ...] = ("personalized_accuracy", "bytes_total")) -> bool:
+    """Whether ``longer`` has ``run``'s evaluated rounds with equal figures (``keys``)."""
+    by_round = {m["round"]: m for m in load_metrics(longer)}
+    return all(r["round"] in by_round and all(by_round[r["round"]].get(k) == r.get(k)
+                                             for k in keys)
+               for r in load_metrics(run) if r.get("personalized_accuracy") is not None)
+
+
+def study_parser(description: str, arms: list[str], out: Path, sizes: list[str],
+                 stages: tuple[str, ...] = ()) -> argparse.ArgumentParser:
     """The command line of a one-dataset tuned study (``wireless.py``,
-    ``compression.py``): stages, size, arms, output folder, shard, ladder extension."""
+    ``compression.py``): stages (``stages`` adds a study's own, run after tuning), size,
+    arms, output folder, shard, ladder extension."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--stage", choices=["ladder", "seeds", "report", "all"],
+    parser.add_argument("--stage", choices=["ladder", "seeds", *stages, "report", "all"],
                         default="all")
     parser.add_argument("--size", choices=sizes, default="cpu")
     parser.add_argument("--arms", nargs="+", default=arms, choices=arms)
@@ -178,14 +220,17 @@ def tune(args, arm: str) -> bool:
     return not (args.stage in ("seeds", "all") and not seeds(args, arm))
 
 
-def run_study(args, study_for, report) -> int:
+def run_study(args, study_for, report, after_tuning=None) -> int:
     """A one-dataset tuned study: each arm's ladder and seeds under
-    ``study_for(arm)`` (in ``args.arms`` order), then ``report(args)`` kept and
-    printed."""
+    ``study_for(arm)`` (in ``args.arms`` order), then ``after_tuning(args)`` if given
+    (a study's own stage; False while other shards still run it), then
+    ``report(args)`` kept and printed."""
     for arm in args.arms:
         args.study = study_for(arm)
         if not tune(args, arm):
             return 0  # other shards are still running this arm
+    if after_tuning is not None and not after_tuning(args):
+        return 0
     if args.stage in ("report", "all"):
         publish_report(args, report(args))
     return 0
