@@ -158,33 +158,40 @@ def report(args) -> str:
         runs = tuned.chosen_by_seed(args, arm)
         if not runs:
             continue
-        paired = sorted(set(runs) & set(dense))
-        finals = [_curve(r)[-1][1] for r in runs.values()]
-        seconds = [load_metrics(r)[-1]["simulated_seconds"] for r in runs.values()]
-        megabytes = [load_metrics(r)[-1]["bytes_total"] / 1e6 for r in runs.values()]
-        reached = [time_to(runs[s], line[s]) for s in paired]
-        reached_mean = [time_to(r, mean_line) for r in runs.values()]
-        local = statistics.median(_local_seconds(r) for r in runs.values())
-        lr = load_config(next(iter(runs.values())) / "config.yaml").local.lr
-        lines.append(f"| {arm} | {_pm(finals)} | {_pm(seconds, 1)} | {_pm(megabytes, 2)} | "
-                     f"{_pm(reached, 1)} | {_pm(reached_mean, 1)} | {local:.3f} | "
-                     f"{lr:.1e} | {len(runs)} |")
+        lines.append(_row(arm, runs, line, mean_line))
         curves[arm] = [_curve(r) for r in runs.values()]
         if arm == TSFA:
             verdicts += tsfa_verdicts(args, runs, line, dense_time)
             if longer := tuned.stage_runs(args, TSFA, "timed"):
-                curves[f"{TSFA} ({TIMED[args.size][0].split('=')[1]} rounds)"] = [
-                    _curve(r) for r in longer.values()]
+                last = load_metrics(next(iter(longer.values())))[-1]["round"]
+                label = f"{TSFA}, run on to {last} rounds"
+                lines.append(_row(label, longer, line, mean_line))
+                curves[label] = [_curve(r) for r in longer.values()]
     figure(curves, mean_line, Path(args.out) / f"sst2-{args.size}" / "accuracy_vs_time.png")
     return "\n".join([*lines, "", *verdicts])
+
+
+def _row(label: str, runs: dict[int, Path], line: dict[int, float], mean_line: float) -> str:
+    """One table row: final accuracy, simulated time, bytes, time to the lines, local
+    seconds, the rate and the seed count."""
+    finals = [_curve(r)[-1][1] for r in runs.values()]
+    seconds = [load_metrics(r)[-1]["simulated_seconds"] for r in runs.values()]
+    megabytes = [load_metrics(r)[-1]["bytes_total"] / 1e6 for r in runs.values()]
+    reached = [time_to(runs[s], line[s]) for s in sorted(set(runs) & set(line))]
+    reached_mean = [time_to(r, mean_line) for r in runs.values()]
+    local = statistics.median(_local_seconds(r) for r in runs.values())
+    lr = load_config(next(iter(runs.values())) / "config.yaml").local.lr
+    return (f"| {label} | {_pm(finals)} | {_pm(seconds, 1)} | {_pm(megabytes, 2)} | "
+            f"{_pm(reached, 1)} | {_pm(reached_mean, 1)} | {local:.3f} | {lr:.1e} | "
+            f"{len(runs)} |")
 
 
 def tsfa_verdicts(args, runs: dict[int, Path], line: dict[int, float],
                   dense_time: dict[int, float]) -> list[str]:
     """TSFA's two targets: each seed reaches its line in at most half the dense run's
     simulated time (read from the timed runs where they exist, else from the tuned
-    runs); the mean round latency (every round of the tuned runs, mean over seeds) is
-    within 5% of the budget."""
+    runs); the mean round latency (every round, mean over seeds; over the tuned runs
+    and over the timed ones) is within 5% of the budget."""
     longer = tuned.stage_runs(args, TSFA, "timed")
     source = longer or runs
     paired = sorted(set(source) & set(dense_time))
@@ -193,16 +200,21 @@ def tsfa_verdicts(args, runs: dict[int, Path], line: dict[int, float],
     per_seed = ", ".join(f"seed {s}: {reached[s]:.1f} s of {dense_time[s] / 2:.1f}"
                          for s in paired)
     budget = load_config(next(iter(runs.values())) / "config.yaml").tsfa.latency_budget_s
-    latency = statistics.fmean(statistics.fmean(m["latency_seconds"] for m in load_metrics(r))
-                               for r in runs.values())
-    ratio = latency / budget
     rounds = load_config(next(iter(source.values())) / "config.yaml").rounds
     lines = [f"TSFA reaching the seed's line within half the dense run's time, read from "
              f"its {'timed' if longer else 'tuned'} runs ({rounds} rounds; {per_seed}): "
              f"{'met' if fast and all(fast) else 'MISSED'} ({sum(fast)} of {len(fast)} "
-             "seeds in time)",
-             f"TSFA's mean round latency {latency:.3f} s / budget {budget:.3f} s = {ratio:.3f} "
-             f"(target within 5%: {'met' if abs(ratio - 1) <= 0.05 else 'MISSED'})"]
+             "seeds in time)"]
+    for name, group in (("tuned", runs), ("timed", longer)):
+        if not group:
+            continue
+        latency = statistics.fmean(statistics.fmean(m["latency_seconds"] for m in
+                                                    load_metrics(r)) for r in group.values())
+        ratio = latency / budget
+        count = load_config(next(iter(group.values())) / "config.yaml").rounds
+        lines.append(f"TSFA's mean round latency over its {name} runs ({count} rounds) "
+                     f"{latency:.3f} s / budget {budget:.3f} s = {ratio:.3f} (target within "
+                     f"5%: {'met' if abs(ratio - 1) <= 0.05 else 'MISSED'})")
     if longer:
         same = [s for s in sorted(set(longer) & set(runs))
                 if tuned.repeats(longer[s], runs[s], REPEATED)]
