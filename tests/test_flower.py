@@ -210,7 +210,8 @@ def test_a_failed_client_is_dropped_and_the_round_goes_on(tiny_config, tmp_path,
                    _failing_client_app(run_config, fail_client=1, fail_round=2),
                    num_supernodes=3, backend_config={
                        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                       "init_args": {"num_cpus": 2, "include_dashboard": False}})
+                       "init_args": {"address": "local", "num_cpus": 2,
+                                     "include_dashboard": False}})
     lines = _lines(tmp_path / "run")
     assert [m["round"] for m in lines] == [1, 2, 3]
     assert [m.get("dropped") for m in lines] == [None, [1], None]
@@ -264,6 +265,7 @@ def test_backend_config_reserves_what_flower_client_resources_says(tiny_config):
     local = backend_config(tiny_config("flower.client_resources.num_cpus=2"), workers=6)
     assert local["client_resources"] == {"num_cpus": 2.0, "num_gpus": 0.0}
     assert local["init_args"]["num_cpus"] == 6  # Ray on this machine, 6 CPUs: 3 workers
+    assert local["init_args"]["address"] == "local"  # never a cluster left running here
     joined = backend_config(tiny_config("flower.ray_address=auto"))
     assert joined["init_args"]["address"] == "auto"
     assert "num_cpus" not in joined["init_args"]  # Ray refuses it when joining a cluster

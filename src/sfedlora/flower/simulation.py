@@ -78,6 +78,8 @@ def backend_config(cfg, workers: int | None = None) -> dict:
                 f"flower.client_resources.num_gpus={resources['num_gpus']} but no CUDA "
                 "device is visible here, so no worker could start; set it to 0 or join a "
                 "cluster with GPUs (flower.ray_address)")
+    # "local": a new instance even where `ray start` left one running on this machine,
+    # which ray.init() would otherwise join (and then refuse num_cpus)
     return {"client_resources": resources,
-            "init_args": {"num_cpus": workers or os.cpu_count() or 1,
+            "init_args": {"address": "local", "num_cpus": workers or os.cpu_count() or 1,
                           "include_dashboard": False, **quiet}}
