@@ -23,8 +23,12 @@ $(VENV)/.installed: pyproject.toml constraints.txt Makefile
 demo: setup
 	$(BIN)/sfedlora run configs/demo.yaml
 
+# Two pytest workers, one torch thread each: a third of the suite's time is Flower and
+# deploy tests waiting on processes they started, which the other worker overlaps.
+TEST_WORKERS ?= 2
+
 test: setup
-	$(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks
