@@ -25,10 +25,12 @@ demo: setup
 
 # Two pytest workers, one torch thread each: a third of the suite's time is Flower and
 # deploy tests waiting on processes they started, which the other worker overlaps.
+# Whole files per worker: the deploy tests check that no deployment's process is left,
+# which a deployment of another test beside them would break.
 TEST_WORKERS ?= 2
 
 test: setup
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

@@ -14,9 +14,6 @@ from sfedlora.config import to_yaml
 from sfedlora.simulation import Simulation
 
 pytest.importorskip("flwr")
-# one pytest worker runs these in turn: a test checks that no deployment's process is
-# left, which another deployment running beside it would break
-pytestmark = pytest.mark.xdist_group("deploy")
 
 COMPARED = ("train_loss", "personalized_accuracy", "personalized_loss", "global_accuracy",
             "adapter_output_norm")
