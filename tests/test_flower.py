@@ -46,8 +46,9 @@ CASES = {  # name: (config factory fixture, overrides)
     "flexlora": ("tiny_config", ["method=flexlora", "lora.client_ranks=[1,2,4]", "rounds=2"]),
     # fedsvd: test_a_two_node_ray_cluster_gives_the_in_process_result
     "central": ("tiny_config", ["method=central", "clients.per_round=2", "rounds=2"]),
-    # issue 18: delta-coded downloads; each node keeps the version it holds
-    "delta-down": ("tiny_config", ["method=fedit", "comm.down.delta=true",
+    # issue 18: delta-coded downloads; each node keeps the version it holds, and
+    # SFed-LoRA's first A is coded against the mean of the clients' draws
+    "delta-down": ("tiny_config", ["method=sfed", "comm.down.delta=true",
                                    "comm.down.density=0.1", "comm.down.bits=8",
                                    "clients.per_round=2", "rounds=3"]),
     # issue 21: the four exchanges of secure aggregation over the Message API
