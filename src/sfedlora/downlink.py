@@ -96,10 +96,11 @@ class Downlink:
         self._refresh: bytes | None = None
 
     def publish(self, state: Tensors) -> None:
-        """The global state changed: publish its change as the next version. Tensors
-        the clients have never held (FedSA's A, which each client draws for itself
-        until the first aggregation) go first as a lossless version of their own: a
-        top-k of their values, rather than of a change, would leave them mostly zero."""
+        """The global state changed: publish its change as the next version, and
+        pending tensors stop being references only. A tensor outside version 0 (no
+        reference to code a change against) goes first as a lossless version of its
+        own: a top-k of its values, rather than of a change, would leave it mostly
+        zero. FedSA's A is not one: version 0 holds the mean of the clients' draws."""
         if new := {n: t for n, t in state.items() if n not in self.published}:
             self._append(wire.encode(new))
         self._append(self.codec.encode(state, reference=self.published))
