@@ -3,8 +3,8 @@ top-k and index encodings, byte counts, error feedback, and malformed messages."
 
 from __future__ import annotations
 
-import json
 import math
+import zlib
 
 import numpy as np
 import pytest
@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from sfedlora import wire
 from sfedlora.adapters import TensorSpec
 from sfedlora.codecs import Codec, decode, decode_with_presence
+from sfedlora.codecs.codec import pack, unpack
 from sfedlora.codecs.indices import (
     BITMAP,
     VARINT,
@@ -36,7 +37,8 @@ def _tensors(seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def _pieces_and_meta(payload: bytes) -> tuple[dict, dict]:
-    return wire.decode(payload), wire.read_meta(payload)
+    """The pieces (index inflated) and the metadata, the layout as a list."""
+    return unpack(payload)
 
 
 def test_plain_codec_writes_the_tensors_unchanged():
@@ -236,10 +238,10 @@ def test_byte_count_is_the_payload_length_and_indices_pick_the_smaller_encoding(
     t = _tensors()
     for density, kind in ((0.9, BITMAP), (0.01, VARINT)):
         payload = Codec(density=density).encode(t)
-        pieces, meta = _pieces_and_meta(payload)
         header = int.from_bytes(payload[:8], "little")
         assert len(payload) == 8 + header + sum(p.numel() * p.element_size()
-                                                for p in pieces.values())
+                                                for p in wire.decode(payload).values())
+        meta = _pieces_and_meta(payload)[1]
         entry = meta["codec"][0]  # [name, shape, dtype, delta, index kind, bytes, count,
         #                             bits, block]
         assert entry[0] == "m.q.lora_A.default.weight" and entry[4] == kind
@@ -324,9 +326,7 @@ SPEC = {n: TensorSpec(tuple(v.shape), v.dtype) for n, v in _tensors().items()}
 def _tamper(payload: bytes, edit) -> bytes:
     pieces, meta = _pieces_and_meta(payload)
     pieces, meta = edit(pieces, meta)
-    from safetensors.torch import save
-
-    return save(pieces, metadata={"sfedlora": json.dumps(meta)})
+    return pack(pieces, meta.pop("codec"), meta)
 
 
 def _with_entry(meta, i, **changes):
@@ -338,6 +338,43 @@ def _with_entry(meta, i, **changes):
     return {**meta, "codec": layout}
 
 
+def test_layout_and_index_travel_deflated_and_older_json_layouts_still_decode():
+    """The layout (names, shapes, settings) is a deflated piece, not JSON metadata, and
+    the index piece is deflated: with long module names the packed message is smaller
+    than the one it replaces, and a message written the old way decodes the same."""
+    t = {f"base_model.model.encoder.layer.{i}.attention.self.query.lora_{ab}.default."
+         "weight": torch.randn(8, 96, generator=torch.Generator().manual_seed(i))
+         for i in range(6) for ab in "AB"}
+    payload = Codec(density=1 / 32, bits=4).encode(t)
+    assert wire.read_meta(payload) == {"codec": "deflate"}
+    assert set(wire.decode(payload)) == {"codes", "index", "scale", "offset", "layout"}
+    pieces, meta = unpack(payload)
+    assert [e[0] for e in meta["codec"]] == list(t)
+    old = wire.encode(pieces, {"codec": meta["codec"]})  # the layout as JSON metadata
+    assert len(payload) < len(old)
+    new_out, old_out = decode(payload), decode(old)
+    assert all(torch.equal(new_out[n], old_out[n]) for n in t)
+
+
+@pytest.mark.parametrize("piece,data,match", [
+    ("layout", b"not deflate", "not deflate data"),
+    ("layout", zlib.compress(b"[" * 2000), "inflates past"),
+    ("layout", zlib.compress(b"[1]")[:-3], "truncated"),
+    ("layout", zlib.compress(b"{]"), "not JSON"),
+    ("index", zlib.compress(bytes(10_000)), "inflates past"),
+    ("index", zlib.compress(b"x") + b"tail", "padded"),
+])
+def test_deflated_pieces_that_lie_are_refused(piece, data, match, monkeypatch):
+    monkeypatch.setattr("sfedlora.codecs.codec.MAX_LAYOUT_BYTES", 1000)
+    raw = wire.decode(Codec(density=0.5, bits=4).encode(_tensors()))
+    raw[piece] = torch.tensor(list(data), dtype=torch.uint8)
+    with pytest.raises(wire.MessageError, match=match):
+        decode(wire.encode(raw, {"codec": "deflate"}), spec=SPEC)
+    del raw["layout"]
+    with pytest.raises(wire.MessageError, match="needs its 'layout' piece"):
+        decode(wire.encode(raw, {"codec": "deflate"}), spec=SPEC)
+
+
 @pytest.mark.parametrize("edit,match", [
     (lambda p, m: (p, _with_entry(m, 0, shape=[4000, 48000])), "declared"),
     (lambda p, m: (p, _with_entry(m, 0, name="not.known")), "unexpected tensor"),
@@ -345,6 +382,7 @@ def _with_entry(meta, i, **changes):
     (lambda p, m: (p, _with_entry(m, 0, bits=3)), "not a valid quantisation"),
     (lambda p, m: (p, _with_entry(m, 0, block=7)), "quantisation block"),
     (lambda p, m: (p, _with_entry(m, 0, index="zip")), "malformed"),
+    (lambda p, m: (p, _with_entry(m, 0, index_bytes=10**9)), "index bytes its shape"),
     (lambda p, m: ({k: v for k, v in p.items() if k != "index"}, m), "too short"),
     (lambda p, m: ({**p, "codes": p["codes"][:-1]}, m), "too short"),
     (lambda p, m: ({**p, "values": torch.cat([p["values"], torch.zeros(1)])}, m),

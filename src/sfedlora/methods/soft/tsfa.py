@@ -70,7 +70,8 @@ class TsfaServer(ServerHooks):
 
     def start(self, layout, network) -> None:
         """Size every choice's upload and the download by encoding payloads of their
-        shape with the run's codecs (sizes depend on shapes and counts, not values)."""
+        shape with the run's codecs: sizes depend on shapes and counts, and on values
+        only through the deflated layout and index (a few bytes)."""
         zeros = {n: torch.zeros(s.shape, dtype=s.dtype) for n, s in layout.spec.items()}
         a_names = [n for n in zeros if ".lora_A." in n]
         self.ranks = [zeros[n].shape[0] for n in a_names]
