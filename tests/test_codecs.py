@@ -356,6 +356,17 @@ def test_layout_and_index_travel_deflated_and_older_json_layouts_still_decode():
     assert all(torch.equal(new_out[n], old_out[n]) for n in t)
 
 
+def test_a_message_whose_quantised_tensors_keep_nothing_decodes():
+    """Top-k over the whole message may keep only a 1-D tensor's entries: the codes
+    piece is then empty, left out, and the quantised tensors decode as zeros."""
+    t = {"x.lora_A.default.weight": torch.full((4, 8), 0.01), "x.bias": torch.tensor([5.0])}
+    payload = Codec(density=1 / 33, bits=4).encode(t)
+    assert "codes" not in wire.decode(payload)
+    out = decode(payload)
+    assert torch.equal(out["x.bias"], t["x.bias"])
+    assert torch.equal(out["x.lora_A.default.weight"], torch.zeros(4, 8))
+
+
 @pytest.mark.parametrize("piece,data,match", [
     ("layout", b"not deflate", "not deflate data"),
     ("layout", zlib.compress(b"[" * 2000), "inflates past"),

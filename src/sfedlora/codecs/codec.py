@@ -48,6 +48,7 @@ from sfedlora.wire import MessageError
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 PIECES = ("values", "codes", "index", "scale", "offset")
+BYTE_PIECES = {"codes": torch.uint8, "index": torch.uint8}
 # A sparse tensor's kept values are quantised in blocks of this many (in position
 # order), not per output channel: at density 1/16 most of a 384 x 8 B's rows keep 0 or
 # 1 entries, and a float32 scale and offset per row cost 16x the 4-bit codes. 64 is
@@ -310,7 +311,9 @@ class _Reader:
         self.offsets = dict.fromkeys(pieces, 0)
 
     def take(self, piece: str, count: int) -> torch.Tensor:
-        data = self.pieces.get(piece, torch.zeros(0))
+        # an absent piece is an empty one (the encoder leaves empty pieces out)
+        data = self.pieces.get(piece, torch.zeros(0, dtype=BYTE_PIECES.get(piece,
+                                                                        torch.float32)))
         start = self.offsets.get(piece, 0)
         if count < 0 or start + count > data.numel():
             raise MessageError(f"piece {piece!r} is too short for the tensors declared")
