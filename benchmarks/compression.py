@@ -182,7 +182,8 @@ def compare(args, method: str) -> tuple[list[str], list[str]] | None:
 
 def report(args) -> str:
     rates = [f"| {arm} | {load_config(runs[0] / 'config.yaml').local.lr:.1e} | "
-             f"{len(runs)} |" for arm in args.arms if (runs := tuned.chosen_runs(args, arm))]
+             f"{len(runs)} | {per_message(runs, 'up')} | {per_message(runs, 'down')} |"
+             for arm in args.arms if (runs := tuned.chosen_runs(args, arm))]
     rounds = (load_config(ROOT / CONFIGS["sst2"], list(SIZES[args.size])).rounds,
               load_config(ROOT / CONFIGS["sst2"],
                           [*SIZES[args.size], *LONGER[args.size]]).rounds)
@@ -198,8 +199,19 @@ def report(args) -> str:
             lines += result[0]
             verdicts += result[1]
     figure(args)
-    return "\n".join([*lines, "", "| arm | chosen lr | runs |", "|---|---|---|", *rates,
+    return "\n".join([*lines, "", "| arm | chosen lr | runs | KB up per client and round "
+                      "| KB down per client and round |", "|---|---|---|---|---|", *rates,
                       "", *verdicts])
+
+
+def per_message(runs: list[Path], direction: str) -> str:
+    """Mean bytes of one client's message in one direction (every client takes part
+    in every round here), over the runs' whole budget, in KB."""
+    sizes = []
+    for run in runs:
+        cfg, last = load_config(run / "config.yaml"), load_metrics(run)[-1]
+        sizes.append(last[f"bytes_{direction}_total"] / (last["round"] * cfg.clients.num))
+    return f"{statistics.fmean(sizes) / 1e3:.2f}"
 
 
 def figure(args) -> None:
