@@ -369,14 +369,15 @@ def test_a_message_whose_quantised_tensors_keep_nothing_decodes():
 
 @pytest.mark.parametrize("piece,data,match", [
     ("layout", b"not deflate", "not deflate data"),
-    ("layout", zlib.compress(b"[" * 2000), "inflates past"),
+    ("layout", zlib.compress(b"[" * 300_000), "inflates past"),
+    ("layout", zlib.compress(b"[" * 100_000), "not JSON"),  # nested past recursion
     ("layout", zlib.compress(b"[1]")[:-3], "truncated"),
     ("layout", zlib.compress(b"{]"), "not JSON"),
     ("index", zlib.compress(bytes(10_000)), "inflates past"),
     ("index", zlib.compress(b"x") + b"tail", "padded"),
 ])
 def test_deflated_pieces_that_lie_are_refused(piece, data, match, monkeypatch):
-    monkeypatch.setattr("sfedlora.codecs.codec.MAX_LAYOUT_BYTES", 1000)
+    monkeypatch.setattr("sfedlora.codecs.codec.MAX_LAYOUT_BYTES", 200_000)
     raw = wire.decode(Codec(density=0.5, bits=4).encode(_tensors()))
     raw[piece] = torch.tensor(list(data), dtype=torch.uint8)
     with pytest.raises(wire.MessageError, match=match):
@@ -414,3 +415,11 @@ def test_codec_settings_are_checked():
         Codec(bits=3)
     with pytest.raises(ValueError, match="set bits or dtype"):
         Codec(bits=8, dtype="fp16")
+
+
+def test_metadata_nested_past_the_recursion_limit_is_a_message_error():
+    from safetensors.torch import save
+
+    payload = save({"x": torch.zeros(1)}, metadata={"sfedlora": "[" * 100_000})
+    with pytest.raises(wire.MessageError, match="not valid JSON"):
+        decode(payload)

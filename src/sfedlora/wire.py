@@ -38,8 +38,8 @@ def read_meta(payload: bytes) -> dict[str, object]:
         size = int.from_bytes(payload[:8], "little")
         header = json.loads(payload[8 : 8 + size])
         meta = json.loads(header.get("__metadata__", {}).get("sfedlora", "{}"))
-    except (ValueError, AttributeError, TypeError) as exc:
-        raise MessageError(f"message header is not valid JSON: {exc}") from None
+    except (ValueError, AttributeError, TypeError, RecursionError) as exc:
+        raise MessageError(f"message header is not valid JSON: {exc!r}"[:300]) from None
     if not isinstance(meta, dict):
         raise MessageError("message metadata must be a JSON object")
     return meta

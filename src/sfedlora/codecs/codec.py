@@ -210,8 +210,8 @@ def unpack(payload: bytes) -> tuple[Tensors, dict]:
         raise MessageError("a packed codec message needs its 'layout' piece")
     try:
         layout = json.loads(_inflate(pieces.pop("layout"), MAX_LAYOUT_BYTES, "layout"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MessageError(f"the 'layout' piece is not JSON: {exc}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise MessageError(f"the 'layout' piece is not JSON: {exc!r}"[:300]) from None
     if "index" in pieces:
         data = _inflate(pieces["index"], _declared_index_bytes(layout), "index")
         pieces["index"] = torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy())
