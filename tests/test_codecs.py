@@ -183,7 +183,8 @@ def test_quantised_message_size_is_bits_per_value_plus_64_bits_per_channel():
         assert pieces["scale"].dtype == pieces["offset"].dtype == torch.float32
         assert pieces["scale"].numel() == pieces["offset"].numel() == 8
         assert pieces["values"].dtype == torch.float32 and pieces["values"].numel() == 5
-        assert [e[7:] for e in meta["codec"]] == [[bits, 0], [None, 0]]  # bits, rows
+        # tensors go by name: x.bias, then x.lora_A
+        assert [e[7:] for e in meta["codec"]] == [[None, 0], [bits, 0]]  # bits, rows
 
 
 def test_sparse_quantised_tensor_pays_one_scale_and_offset_per_block_of_64():
@@ -228,7 +229,8 @@ def test_delta_coding_is_relative_to_the_reference():
     out = decode(codec.encode(t, ref), ref)
     for n in t:
         untouched = out[n] == ref[n]
-        assert untouched.float().mean() > 0.5  # dropped entries keep the reference
+        if t[n].dim() == 2:  # (the 3-entry bias may be kept whole)
+            assert untouched.float().mean() > 0.5  # dropped entries keep the reference
         assert torch.allclose(out[n][~untouched], t[n][~untouched], atol=1e-6)
     with pytest.raises(wire.MessageError, match="no reference"):
         decode(codec.encode(t, ref))
@@ -242,9 +244,9 @@ def test_byte_count_is_the_payload_length_and_indices_pick_the_smaller_encoding(
         assert len(payload) == 8 + header + sum(p.numel() * p.element_size()
                                                 for p in wire.decode(payload).values())
         meta = _pieces_and_meta(payload)[1]
-        entry = meta["codec"][0]  # [name, shape, dtype, delta, index kind, bytes, count,
-        #                             bits, block]
-        assert entry[0] == "m.q.lora_A.default.weight" and entry[4] == kind
+        # [name, shape, dtype, delta, index kind, bytes, count, bits, block]
+        entry = next(e for e in meta["codec"] if e[0] == "m.q.lora_A.default.weight")
+        assert entry[4] == kind
         if kind == BITMAP:
             assert entry[5] == math.ceil(4 * 48 / 8)
 
@@ -329,10 +331,14 @@ def _tamper(payload: bytes, edit) -> bytes:
     return pack(pieces, meta.pop("codec"), meta)
 
 
-def _with_entry(meta, i, **changes):
+A = "m.q.lora_A.default.weight"
+
+
+def _with_entry(meta, tensor, **changes):
     fields = ["name", "shape", "dtype", "delta", "index", "index_bytes", "count", "bits",
               "block"]
     layout = [list(e) for e in meta["codec"]]
+    i = [e[0] for e in layout].index(tensor)
     for key, value in changes.items():
         layout[i][fields.index(key)] = value
     return {**meta, "codec": layout}
@@ -388,13 +394,13 @@ def test_deflated_pieces_that_lie_are_refused(piece, data, match, monkeypatch):
 
 
 @pytest.mark.parametrize("edit,match", [
-    (lambda p, m: (p, _with_entry(m, 0, shape=[4000, 48000])), "declared"),
-    (lambda p, m: (p, _with_entry(m, 0, name="not.known")), "unexpected tensor"),
-    (lambda p, m: (p, _with_entry(m, 0, count=3)), "values declared"),
-    (lambda p, m: (p, _with_entry(m, 0, bits=3)), "not a valid quantisation"),
-    (lambda p, m: (p, _with_entry(m, 0, block=7)), "quantisation block"),
-    (lambda p, m: (p, _with_entry(m, 0, index="zip")), "malformed"),
-    (lambda p, m: (p, _with_entry(m, 0, index_bytes=10**9)), "index bytes its shape"),
+    (lambda p, m: (p, _with_entry(m, A, shape=[4000, 48000])), "declared"),
+    (lambda p, m: (p, _with_entry(m, A, name="not.known")), "unexpected tensor"),
+    (lambda p, m: (p, _with_entry(m, A, count=3)), "values declared"),
+    (lambda p, m: (p, _with_entry(m, A, bits=3)), "not a valid quantisation"),
+    (lambda p, m: (p, _with_entry(m, A, block=7)), "quantisation block"),
+    (lambda p, m: (p, _with_entry(m, A, index="zip")), "malformed"),
+    (lambda p, m: (p, _with_entry(m, A, index_bytes=10**9)), "index bytes its shape"),
     (lambda p, m: ({k: v for k, v in p.items() if k != "index"}, m), "too short"),
     (lambda p, m: ({**p, "codes": p["codes"][:-1]}, m), "too short"),
     (lambda p, m: ({**p, "values": torch.cat([p["values"], torch.zeros(1)])}, m),
@@ -423,3 +429,11 @@ def test_metadata_nested_past_the_recursion_limit_is_a_message_error():
     payload = save({"x": torch.zeros(1)}, metadata={"sfedlora": "[" * 100_000})
     with pytest.raises(wire.MessageError, match="not valid JSON"):
         decode(payload)
+
+
+def test_a_message_does_not_depend_on_the_order_of_its_tensors():
+    """Deflated pieces depend on byte order, so tensors go in by name: two runtimes that
+    build the same state in different orders send the same bytes."""
+    t = _tensors(3)
+    codec = Codec(density=0.3, bits=4)
+    assert codec.encode(dict(reversed(t.items()))) == codec.encode(t)

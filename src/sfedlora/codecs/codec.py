@@ -101,6 +101,9 @@ class Codec:
         sends whole rank components)."""
         if (self.plain and positions is None) or not tensors:
             return wire.encode(tensors, meta)
+        # by name: deflate's output depends on the order, and the order of a state
+        # depends on how it was built (a Flower server's differs from the simulator's)
+        tensors = {n: tensors[n] for n in sorted(tensors)}
         reference = reference or {}
         delta = {n for n in tensors if self.delta and n in reference}
         values = {n: (t - reference[n] if n in delta else t).reshape(-1).float()
