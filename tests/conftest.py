@@ -204,3 +204,35 @@ def peft_logits(tiny_model_dir):
 
     return logits
 
+
+
+ROOT = Path(__file__).resolve().parents[1]
+# What a committed study keeps of each run (.gitignore drops weights and checkpoints)
+TRACKED_RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "timings.jsonl",
+                     "labels.json")
+
+
+def import_benchmark(name: str):
+    """A script of ``benchmarks/`` (a folder of scripts, not a package) as a module."""
+    import importlib
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
+def copy_tracked_runs(runs: list[Path], source: Path, dest: Path) -> int:
+    """Copy only the files git tracks of each run directory under ``source`` to the
+    same place under ``dest`` (so a local run's weights cannot help a report)."""
+    import shutil
+
+    for run in runs:
+        target = dest / run.relative_to(source)
+        target.mkdir(parents=True)
+        for name in TRACKED_RUN_FILES:
+            if (run / name).is_file():
+                shutil.copy2(run / name, target / name)
+    return len(runs)

@@ -7,38 +7,24 @@ committed tables exactly, and the figures."""
 
 from __future__ import annotations
 
-import shutil
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
+from tests.conftest import copy_tracked_runs, import_benchmark
+
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = ROOT / "docs/results/lr_transfer/rank-adamw-cpu"
-KEPT = ("config.yaml", "metrics.jsonl", "summary.json", "timings.jsonl", "labels.json")
 
 
 @pytest.fixture(scope="module")
 def lr_transfer():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import lr_transfer
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    return lr_transfer
+    return import_benchmark("lr_transfer")
 
 
 def _copy_runs(stage: str, out: Path) -> int:
-    """Copy only the files git tracks for each run (so a local run's weights cannot help)."""
-    runs = sorted((STUDY / stage / "runs").iterdir())
-    for run in runs:
-        dest = out / stage / "runs" / run.name
-        dest.mkdir(parents=True)
-        for name in KEPT:
-            if (run / name).is_file():
-                shutil.copy2(run / name, dest / name)
-    return len(runs)
+    return copy_tracked_runs(sorted((STUDY / stage / "runs").iterdir()), STUDY, out)
 
 
 def test_the_committed_rank_study_regenerates_its_tables_and_figure(lr_transfer, tmp_path,

@@ -3,30 +3,25 @@ committed table regenerates from what git holds.
 
 docs/results/wireless.md quotes ``docs/results/wireless/sst2-cpu/table.md``; the runs
 behind it are committed without weights or checkpoints (.gitignore). The report stage
-on a copy of only those files must give back the committed table exactly."""
+on a copy of only those files must train nothing and give back the committed table
+exactly."""
 
 from __future__ import annotations
 
 import math
-import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import copy_tracked_runs, import_benchmark
+
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = ROOT / "docs/results/wireless/sst2-cpu"
-KEPT = ("config.yaml", "metrics.jsonl", "summary.json", "timings.jsonl", "labels.json")
 
 
 @pytest.fixture(scope="module")
 def wireless():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import wireless
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    return wireless
+    return import_benchmark("wireless")
 
 
 def test_latency_target_is_five_percent_either_side(wireless):
@@ -47,16 +42,15 @@ def test_v_is_the_lowest_validation_loss_within_the_latency_target(wireless):
     assert wireless.pick_v([]) is None
 
 
-def test_committed_table_regenerates_from_tracked_files(wireless, tmp_path):
-    runs = sorted(STUDY.glob("*/*/runs/*/summary.json"))
-    assert runs, "the wireless study's runs are committed"
-    for summary in runs:
-        run = summary.parent
-        dest = tmp_path / run.relative_to(STUDY.parent)
-        dest.mkdir(parents=True)
-        for name in KEPT:
-            if (run / name).is_file():
-                shutil.copy2(run / name, dest / name)
+def test_committed_table_regenerates_from_tracked_files(wireless, tmp_path, monkeypatch):
+    from sfedlora.simulation import Simulation
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("regenerating the table must not train")
+
+    monkeypatch.setattr(Simulation, "run", refuse)
+    runs = sorted(p.parent for p in STUDY.glob("*/*/runs/*/summary.json"))
+    assert copy_tracked_runs(runs, STUDY.parent, tmp_path) >= 7 * 3  # 7+ arms x 3 seeds
     assert wireless.main(["--stage", "report", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "sst2-cpu/table.md").read_text() == (STUDY / "table.md").read_text()
-    assert (tmp_path / "sst2-cpu/accuracy_vs_time.png").stat().st_size > 0
+    assert (tmp_path / "sst2-cpu/accuracy_vs_time.png").read_bytes()[:4] == b"\x89PNG"
