@@ -187,7 +187,7 @@ def report(args) -> str:
     headline = ([f"**{chosen}** (chosen on validation):", *verdicts.pop(chosen)]
                 if chosen in verdicts else [])
     others = [line for arm, text in verdicts.items()
-              for line in (f"{arm} (not chosen):", *text)]
+              for line in (f"{arm} (not chosen):", *text, "")]
     return "\n".join([*lines, "", *choice, "", *headline, "", *others]).rstrip()
 
 
