@@ -11,13 +11,17 @@ the same partitions, placements and fading). Arms:
 - ``soft-k25``, ``soft-k50``: SOFT at keep ratios 1/4 and 1/2, equal bandwidth;
 - ``soft-svd``: SOFT at 1/4 with the SVD importance (``soft.importance=svd``);
 - ``tsfa``: TSFA, its latency budget ``BUDGET_SHARE`` of the dense arm's mean round
-  latency (seed 0 at the dense arm's chosen rate), min-max bandwidth split. Its rank
-  is the config's (8): ``sfedlora tsfa-plan configs/wireless_sst2.yaml method=tsfa``
-  prints what the offline stage would choose.
+  latency (seed 0 at the dense arm's chosen rate), min-max bandwidth split, V = 1. Its
+  rank is the config's (8): ``sfedlora tsfa-plan configs/wireless_sst2.yaml
+  method=tsfa`` prints what the offline stage would choose;
+- ``tsfa-v4``, ``tsfa-v16``: TSFA at V = 4 and 16. V is tuned like the rate: the
+  report takes the TSFA arm with the lowest seed-0 validation loss among those whose
+  seed-0 mean round latency is within 5% of the budget (:func:`choose_tsfa`), and
+  reads TSFA's targets from it.
 
-TSFA's target is a time, not a round count, so the ``timed`` stage runs its chosen
-rate on past the 12 rounds every arm is tuned at (``TIMED``: 18 rounds, evaluated
-every round) for seeds 0-2. The local schedule is constant and every draw is seeded
+TSFA's target is a time, not a round count, so the ``timed`` stage runs each TSFA
+arm's chosen rate on past the 12 rounds every arm is tuned at (``TIMED``: 18 rounds,
+evaluated every round) for seeds 0-2. The local schedule is constant and every draw is seeded
 by (seed, round, client), so these runs repeat the tuned runs' first 12 rounds (the
 report checks it) and only add rounds; the time at which TSFA first reaches the
 line is read from them, at round resolution.
@@ -71,7 +75,7 @@ ARMS: dict[str, list[str]] = {
     "soft-svd": ["method=soft", "soft.keep=0.25", "soft.importance=svd"],
     TSFA: ["method=tsfa", "network.allocation=min_max"],  # + the budget (tsfa_budget)
     # TSFA's V on a ladder 4x apart (V = 1 is the config default, the arm above); the
-    # report chooses one on validation loss within the latency target (chosen_tsfa)
+    # report chooses one on validation loss within the latency target (choose_tsfa)
     "tsfa-v4": ["method=tsfa", "network.allocation=min_max", "tsfa.v=4.0"],
     "tsfa-v16": ["method=tsfa", "network.allocation=min_max", "tsfa.v=16.0"],
 }
@@ -186,8 +190,8 @@ def report(args) -> str:
     figure(curves, mean_line, Path(args.out) / f"sst2-{args.size}" / "accuracy_vs_time.png")
     headline = ([f"**{chosen}** (chosen on validation):", *verdicts.pop(chosen)]
                 if chosen in verdicts else [])
-    others = [line for arm, text in verdicts.items()
-              for line in (f"{arm} (not chosen):", *text, "")]
+    others = [row for arm, text in verdicts.items()
+              for row in (f"{arm} (not chosen):", *text, "")]
     return "\n".join([*lines, "", *choice, "", *headline, "", *others]).rstrip()
 
 
@@ -238,7 +242,8 @@ def choose_tsfa(args) -> tuple[str | None, list[str]]:
              "latency is within 5% of the budget:", "",
              "| arm | V | lr | val loss (seed 0) | latency / budget (seed 0) | within 5% | "
              "chosen |", "|---|---|---|---|---|---|---|"]
-    table += [f"| {c.arm} | {c.v:g} | {c.lr:.1e} | {c.val_loss:.4f} | {c.latency_ratio:.3f} "
+    table += [f"| {c.arm} | {c.v:g} | {c.lr:.1e} | "
+              f"{'none' if c.val_loss is None else f'{c.val_loss:.4f}'} | {c.latency_ratio:.3f} "
               f"| {'yes' if within_budget(c.latency_ratio) else 'no'} | "
               f"{'**yes**' if c.arm == chosen_arm else ''} |" for c in candidates]
     return chosen_arm, table
