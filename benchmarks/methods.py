@@ -139,17 +139,19 @@ def best_rung(rows: list[dict]) -> tuple[float, bool, bool]:
 
 
 def ladder(args, arm: str) -> bool:
-    rates = list(LADDER)
-    for _ in range(args.max_extend + 1):
-        done = sweep(args, arm, "ladder", [f"{LR_KEY}={','.join(map(repr, rates))}",
-                                            "seed=0"])
-        if not done:
+    """Sweep the ladder at seed 0, adding a rung past whichever end the best rate sits
+    at, up to ``args.max_extend`` rungs beyond ``LADDER`` in all. Rungs an earlier call
+    added stay in (and count), so a rerun of a finished ladder trains nothing and
+    writes its tables with every rung."""
+    rates = sorted({*LADDER, *(r["lr"] for r in _ladder_results(args, arm))})
+    while True:
+        if not sweep(args, arm, "ladder", [f"{LR_KEY}={','.join(map(repr, rates))}",
+                                            "seed=0"]):
             return False  # other shards are still running this arm
         best, low, high = best_rung(_ladder_results(args, arm))
-        if not (low or high):
+        if not (low or high) or len(rates) - len(LADDER) >= args.max_extend:
             return True
         rates = sorted({*rates, best / 4 if low else best * 4})
-    return True
 
 
 def seeds(args, arm: str) -> bool:
