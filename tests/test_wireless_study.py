@@ -54,3 +54,14 @@ def test_committed_table_regenerates_from_tracked_files(wireless, tmp_path, monk
     assert wireless.main(["--stage", "report", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "sst2-cpu/table.md").read_text() == (STUDY / "table.md").read_text()
     assert (tmp_path / "sst2-cpu/accuracy_vs_time.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_compare_runs_names_each_metric_that_differs_and_by_how_much():
+    compare = import_benchmark("compare_runs")
+    old = [{"round": 1, "bytes_up": 100, "acc": 0.5, "keep": {"0": 1}},
+           {"round": 2, "bytes_up": 200, "acc": 0.6, "keep": {"0": 1}}]
+    new = [{"round": 1, "bytes_up": 107, "acc": 0.5, "keep": {"0": 1}},
+           {"round": 2, "bytes_up": 230, "acc": 0.6, "keep": {"0": 2}, "extra": 1}]
+    assert compare.differences(old, new) == {"bytes_up": 30, "keep": "differs",
+                                             "extra": "differs"}
+    assert compare.differences(old, old) == {}
