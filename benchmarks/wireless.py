@@ -264,6 +264,14 @@ def _row(label: str, runs: dict[int, Path], line: dict[int, float], mean_line: f
             f"{len(runs)} |")
 
 
+def _reached(run: Path, seconds: float) -> str:
+    """When a run reached its line, or, if never, its best accuracy and when."""
+    if math.isfinite(seconds):
+        return f"{seconds:.1f} s"
+    at, best = max(_curve(run), key=lambda point: point[1])
+    return f"never (best {best:.3f} at {at:.1f} s)"
+
+
 def tsfa_verdicts(args, arm: str, runs: dict[int, Path], line: dict[int, float],
                   dense_time: dict[int, float]) -> list[str]:
     """A TSFA arm's two targets: each seed reaches its line in at most half the dense
@@ -275,8 +283,8 @@ def tsfa_verdicts(args, arm: str, runs: dict[int, Path], line: dict[int, float],
     paired = sorted(set(source) & set(dense_time))
     reached = {s: time_to(source[s], line[s]) for s in paired}
     fast = [reached[s] <= dense_time[s] / 2 for s in paired]
-    per_seed = ", ".join(f"seed {s}: {reached[s]:.1f} s of {dense_time[s] / 2:.1f}"
-                         for s in paired)
+    per_seed = ", ".join(f"seed {s}: {_reached(source[s], reached[s])} of "
+                         f"{dense_time[s] / 2:.1f}" for s in paired)
     budget = load_config(next(iter(runs.values())) / "config.yaml").tsfa.latency_budget_s
     rounds = load_config(next(iter(source.values())) / "config.yaml").rounds
     lines = [f"TSFA reaching the seed's line within half the dense run's time, read from "
