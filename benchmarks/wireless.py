@@ -14,10 +14,12 @@ the same partitions, placements and fading). Arms:
   latency (seed 0 at the dense arm's chosen rate), min-max bandwidth split, V = 1. Its
   rank is the config's (8): ``sfedlora tsfa-plan configs/wireless_sst2.yaml
   method=tsfa`` prints what the offline stage would choose;
-- ``tsfa-v4``, ``tsfa-v16``: TSFA at V = 4 and 16. V is tuned like the rate: the
-  report takes the TSFA arm with the lowest seed-0 validation loss among those whose
-  seed-0 mean round latency is within 5% of the budget (:func:`choose_tsfa`), and
-  reads TSFA's targets from it.
+- ``tsfa-v4``, ``tsfa-v16``: TSFA at V = 4 and 16;
+- ``tsfa-ef``: TSFA at V = 1 with error feedback (``comm.up.error_feedback``: the
+  change of the components a round did not send is added to the client's next upload).
+  V and error feedback are tuned like the rate: the report takes the TSFA arm with the
+  lowest seed-0 validation loss among those whose seed-0 mean round latency is within
+  5% of the budget (:func:`choose_tsfa`), and reads TSFA's targets from it.
 
 TSFA's target is a time, not a round count, so the ``timed`` stage runs each TSFA
 arm's chosen rate on past the 12 rounds every arm is tuned at (``TIMED``: 18 rounds,
@@ -78,6 +80,9 @@ ARMS: dict[str, list[str]] = {
     # report chooses one on validation loss within the latency target (choose_tsfa)
     "tsfa-v4": ["method=tsfa", "network.allocation=min_max", "tsfa.v=4.0"],
     "tsfa-v16": ["method=tsfa", "network.allocation=min_max", "tsfa.v=16.0"],
+    # TSFA (V = 1) keeping what a round did not send for a later round, SOFT's optional
+    # error feedback; chosen or not by the same rule as V (choose_tsfa)
+    "tsfa-ef": ["method=tsfa", "network.allocation=min_max", "comm.up.error_feedback=true"],
 }
 TSFA_ARMS = tuple(arm for arm, overrides in ARMS.items() if "method=tsfa" in overrides)
 CONFIGS = {"sst2": "configs/wireless_sst2.yaml"}
@@ -204,6 +209,7 @@ class Candidate(NamedTuple):
 
     arm: str
     v: float
+    error_feedback: bool
     lr: float
     val_loss: float | None
     latency_ratio: float  # mean round latency over the budget
@@ -223,8 +229,9 @@ def pick_v(candidates: list[Candidate]) -> str | None:
 
 
 def choose_tsfa(args) -> tuple[str | None, list[str]]:
-    """TSFA's V, chosen like a learning rate: among the TSFA arms (V 4x apart, each at
-    its own chosen rate), the one whose seed-0 tuned run has the lowest mean
+    """TSFA's V and error feedback, chosen like a learning rate: among the TSFA arms (V
+    4x apart, with and without error feedback, each at its own chosen rate), the one
+    whose seed-0 tuned run has the lowest mean
     **validation** loss, among those whose seed-0 mean round latency is within 5% of
     the budget (the latency target is a constraint, the accuracy the objective; no
     test figure enters). Returns the arm and a table of the candidates."""
@@ -235,14 +242,15 @@ def choose_tsfa(args) -> tuple[str | None, list[str]]:
         run = chosen[0]  # the ladder's seed-0 run at the chosen rate
         cfg = load_config(run / "config.yaml")
         val = json.loads((run / "summary.json").read_text()).get("personalized_val_loss")
-        candidates.append(Candidate(arm, cfg.tsfa.v, cfg.local.lr, val,
+        candidates.append(Candidate(arm, cfg.tsfa.v, cfg.codec("up").error_feedback,
+                                    cfg.local.lr, val,
                                     _mean_latency(run) / cfg.tsfa.latency_budget_s))
     chosen_arm = pick_v(candidates)
-    table = ["TSFA's V, chosen on seed 0's validation loss among the arms whose mean round "
-             "latency is within 5% of the budget:", "",
-             "| arm | V | lr | val loss (seed 0) | latency / budget (seed 0) | within 5% | "
-             "chosen |", "|---|---|---|---|---|---|---|"]
-    table += [f"| {c.arm} | {c.v:g} | {c.lr:.1e} | "
+    table = ["TSFA's settings (V, error feedback), chosen on seed 0's validation loss among "
+             "the arms whose mean round latency is within 5% of the budget:", "",
+             "| arm | V | error feedback | lr | val loss (seed 0) | latency / budget (seed 0) "
+             "| within 5% | chosen |", "|---|---|---|---|---|---|---|---|"]
+    table += [f"| {c.arm} | {c.v:g} | {'yes' if c.error_feedback else 'no'} | {c.lr:.1e} | "
               f"{'none' if c.val_loss is None else f'{c.val_loss:.4f}'} | {c.latency_ratio:.3f} "
               f"| {'yes' if within_budget(c.latency_ratio) else 'no'} | "
               f"{'**yes**' if c.arm == chosen_arm else ''} |" for c in candidates]

@@ -176,3 +176,52 @@ def test_bad_soft_settings_are_refused_naming_the_field(tiny_config, overrides, 
 
 def test_keep_is_a_ceiling_of_the_rank():
     assert math.ceil(0.3 * 4) == len(top_components(torch.arange(4.0), 0.3))
+
+
+def test_error_feedback_keeps_the_change_of_the_components_not_sent():
+    from sfedlora.methods.soft.components import IMPORTANCE
+
+    a, b = (t.float() for t in _orthogonal_factors())
+    names = ("l.lora_A.default.weight", "l.lora_B.default.weight")
+    reference = {names[0]: torch.zeros_like(a), names[1]: torch.zeros_like(b)}
+    client = SoftClient.__new__(SoftClient)
+    client.keep, client.score = 0.5, IMPORTANCE["norms"]
+    codec = codecs.Codec(delta=True, error_feedback=True)
+    upload = dict(zip(names, (a, b), strict=True))
+    payload, residual = codec.send(upload, reference, None,
+                                   positions=client.upload_positions(upload))
+    sent = [True, False, True, False]  # components 0 and 2 have the larger norms
+    unsent = torch.tensor([not s for s in sent])
+    # what was not sent is kept exactly; what was sent is kept as nothing
+    assert torch.equal(residual[names[0]][unsent], a[unsent])
+    assert not residual[names[0]][~unsent].any()
+    assert torch.equal(residual[names[1]][:, unsent], b[:, unsent])
+    assert not residual[names[1]][:, ~unsent].any()
+    # a later message that sends every component carries the kept change with it
+    client.keep = 1.0
+    again = {n: reference[n] + 0.5 * t for n, t in upload.items()}
+    payload, residual = codec.send(again, reference, residual,
+                                   positions=client.upload_positions(again))
+    decoded = codecs.decode(payload, reference)
+    assert torch.equal(decoded[names[0]][unsent], 1.5 * a[unsent])
+    assert torch.equal(decoded[names[0]][~unsent], 0.5 * a[~unsent])
+    assert not any(r.any() for r in residual.values())
+
+
+def test_a_soft_run_accepts_error_feedback_and_keeps_residuals(tiny_config):
+    cfg = tiny_config("method=soft", "soft.keep=0.5", "comm.up.error_feedback=true",
+                      "rounds=1", "clients.per_round=1")
+    assert cfg.codec("up").error_feedback and cfg.codec("up").lossless
+    sim = Simulation(cfg)
+    sim.run_round(1)
+    kept = [s.residual for s in (sim.pool.states[c] for c in range(cfg.clients.num))
+            if s.residual]
+    assert len(kept) == 1  # the one client that trained
+    a_names = [n for n in kept[0] if ".lora_A." in n]
+    for name in a_names:
+        # the unsent half keeps its change; the sent half only float rounding (the
+        # received value is the reference plus the change, not the trained value)
+        norms = kept[0][name].norm(dim=1)
+        assert int((norms > 1e-3 * norms.max()).sum()) == norms.numel() // 2, name
+    with pytest.raises(ConfigError, match="lossless"):  # FedIT loses nothing to feed back
+        tiny_config("method=fedit", "comm.up.error_feedback=true")

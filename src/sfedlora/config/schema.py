@@ -602,7 +602,7 @@ class ExperimentConfig(_Section):
                 f"comm.up.error_feedback with method {self.method!r}, which sends nothing "
                 "up; remove comm.up.error_feedback"
             )
-        if up.lossless:
+        if up.lossless and not method.chooses_upload_positions:
             raise ValueError(
                 "comm.up.error_feedback with a lossless upload codec: nothing is lost, so "
                 "there is nothing to feed back; set comm.up.density < 1, comm.up.bits or "

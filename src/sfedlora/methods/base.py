@@ -227,6 +227,10 @@ class Method:
     secure_aggregation_refusal: ClassVar[str] = ""
     # Whether client_weight is always an integer (summed exactly under secure aggregation).
     integer_weights: ClassVar[bool] = True
+    # Whether clients choose which entries of their upload to send
+    # (ClientHooks.upload_positions; SOFT: whole rank components), so an upload can
+    # lose change even through a lossless codec, and error feedback has work to do.
+    chooses_upload_positions: ClassVar[bool] = False
 
     @property
     def has_global_adapter(self) -> bool:

@@ -62,6 +62,7 @@ class Soft(Method):
     summary = ("FedIT with near-orthogonal factors; clients send only their most "
                "important rank components, averaged over their senders")
     comm: ClassVar[dict[str, dict]] = {"up": {"delta": True}}
+    chooses_upload_positions = True
 
     def check_config(self, cfg) -> None:
         self.refuse([(cfg.lora.adapter == "vera", "lora.adapter=vera",
