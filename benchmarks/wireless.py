@@ -181,14 +181,15 @@ def report(args) -> str:
         if not runs:
             continue
         lines.append(_row(arm, runs, line, mean_line))
-        if arm in TSFA_ARMS and arm != chosen:
-            continue  # the figure shows the TSFA arm chosen on validation
-        curves[arm] = [_curve(r) for r in runs.values()]
+        drawn = arm not in TSFA_ARMS or arm == chosen  # of TSFA, the arm chosen
+        if drawn:
+            curves[arm] = [_curve(r) for r in runs.values()]
         if arm in TSFA_ARMS and (longer := tuned.stage_runs(args, arm, "timed")):
             last = load_metrics(next(iter(longer.values())))[-1]["round"]
             label = f"{arm}, run on to {last} rounds"
             lines.append(_row(label, longer, line, mean_line))
-            curves[label] = [_curve(r) for r in longer.values()]
+            if drawn:
+                curves[label] = [_curve(r) for r in longer.values()]
     for arm in (a for a in TSFA_ARMS if a in args.arms):
         if runs := tuned.chosen_by_seed(args, arm):
             verdicts[arm] = tsfa_verdicts(args, arm, runs, line, dense_time)

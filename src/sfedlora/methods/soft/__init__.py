@@ -14,7 +14,10 @@ wireless federated LoRA. Details reconstructed from the paper's abstract; each p
   components per layer (row A[i, :] and column B[:, i] together; the head whole), with
   their positions; the server averages each coordinate over the clients that sent it
   (:func:`~sfedlora.aggregation.mean_over_senders`), and components nobody sent keep
-  their value. ``comm.up.error_feedback=true`` keeps what was not sent for later.
+  their value. ``comm.up.error_feedback=true`` keeps the change of the components not
+  sent on the client and adds it to the next upload: it goes out the next time its
+  component is among the top (chosen by the trained factors' importance, as without
+  feedback), so a round with a small keep ratio delays change instead of losing it.
 """
 
 from __future__ import annotations
