@@ -206,7 +206,7 @@ def _mean_latency(run: Path) -> float:
 
 
 class Candidate(NamedTuple):
-    """One TSFA arm's seed-0 tuned run at its chosen rate, as the V choice sees it."""
+    """One TSFA arm's seed-0 tuned run at its chosen rate, as the choice among TSFA arms sees it."""
 
     arm: str
     v: float
@@ -221,7 +221,7 @@ def within_budget(latency_ratio: float) -> bool:
     return abs(latency_ratio - 1) <= LATENCY_TOLERANCE
 
 
-def pick_v(candidates: list[Candidate]) -> str | None:
+def pick_tsfa(candidates: list[Candidate]) -> str | None:
     """The candidate with the lowest validation loss among those within the latency
     target (ties: the first); None if none is."""
     feasible = [c for c in candidates if within_budget(c.latency_ratio)
@@ -232,10 +232,10 @@ def pick_v(candidates: list[Candidate]) -> str | None:
 def choose_tsfa(args) -> tuple[str | None, list[str]]:
     """TSFA's V and error feedback, chosen like a learning rate: among the TSFA arms (V
     4x apart, with and without error feedback, each at its own chosen rate), the one
-    whose seed-0 tuned run has the lowest mean
-    **validation** loss, among those whose seed-0 mean round latency is within 5% of
-    the budget (the latency target is a constraint, the accuracy the objective; no
-    test figure enters). Returns the arm and a table of the candidates."""
+    whose seed-0 tuned run has the lowest mean **validation** loss, among those whose
+    seed-0 mean round latency is within 5% of the budget (the latency target is a
+    constraint, the accuracy the objective; no test figure enters). Returns the arm
+    and a table of the candidates."""
     candidates = []
     for arm in (a for a in TSFA_ARMS if a in args.arms):
         if not (chosen := tuned.chosen_runs(args, arm)):
@@ -246,7 +246,7 @@ def choose_tsfa(args) -> tuple[str | None, list[str]]:
         candidates.append(Candidate(arm, cfg.tsfa.v, cfg.codec("up").error_feedback,
                                     cfg.local.lr, val,
                                     _mean_latency(run) / cfg.tsfa.latency_budget_s))
-    chosen_arm = pick_v(candidates)
+    chosen_arm = pick_tsfa(candidates)
     table = ["TSFA's settings (V, error feedback), chosen on seed 0's validation loss among "
              "the arms whose mean round latency is within 5% of the budget:", "",
              "| arm | V | error feedback | lr | val loss (seed 0) | latency / budget (seed 0) "

@@ -29,17 +29,17 @@ def test_latency_target_is_five_percent_either_side(wireless):
         False, True, True, True, False]
 
 
-def test_v_is_the_lowest_validation_loss_within_the_latency_target(wireless):
+def test_tsfa_arm_is_the_lowest_validation_loss_within_the_latency_target(wireless):
     c = wireless.Candidate
     candidates = [c("tsfa", 1.0, False, 2e-3, 0.44, 0.98),
                   c("tsfa-v4", 4.0, False, 2e-3, 0.41, 1.02),
                   c("tsfa-v16", 16.0, False, 8e-3, 0.30, 1.20)]  # best loss, over budget
-    assert wireless.pick_v(candidates) == "tsfa-v4"
+    assert wireless.pick_tsfa(candidates) == "tsfa-v4"
     # a loss that is missing or not finite never wins
     candidates[0] = c("tsfa", 1.0, False, 2e-3, math.nan, 1.0)
     candidates[1] = c("tsfa-v4", 4.0, False, 2e-3, None, 1.0)
-    assert wireless.pick_v(candidates) is None
-    assert wireless.pick_v([]) is None
+    assert wireless.pick_tsfa(candidates) is None
+    assert wireless.pick_tsfa([]) is None
 
 
 def test_committed_table_regenerates_from_tracked_files(wireless, tmp_path, monkeypatch):
