@@ -53,6 +53,13 @@ CASES = {  # name: (config factory fixture, overrides)
                                    "clients.per_round=2", "rounds=3"]),
     # issue 21: the four exchanges of secure aggregation over the Message API
     "secagg": ("tiny_config", ["method=sfed", "privacy.secure_aggregation=true", "rounds=2"]),
+    # issue 18: TSFA's keep ratio travels with the download, the clients' importance
+    # reports with their uploads, and error feedback's residuals stay on the nodes;
+    # the narrow band makes the budget bind, so the keep ratio falls below 1
+    "tsfa": ("tiny_config", ["method=tsfa", "network.model=wireless",
+                             "network.allocation=min_max", "network.bandwidth_hz=2e3",
+                             "tsfa.latency_budget_s=3", "tsfa.keep_choices=[0.25,0.5,1.0]",
+                             "tsfa.v=0.01", "comm.up.error_feedback=true", "rounds=3"]),
 }
 
 
@@ -73,6 +80,8 @@ def test_flower_simulation_equals_in_process(case, request, tmp_path, monkeypatc
     _assert_same_run(_lines(tmp_path / "local"), _lines(tmp_path / "flower"))
     # the exported adapters come from the nodes and equal the local ones
     _assert_same_adapters(tmp_path / "local", tmp_path / "flower")
+    if case == "tsfa":  # the schedule sparsified, so residuals were kept and sent
+        assert min(m["tsfa_keep"] for m in _lines(tmp_path / "flower")) < 1
     if case == "causal-lm":  # the nodes generated the same answers
         assert (sorted((tmp_path / "flower/samples").iterdir())[-1].read_text()
                 == sorted((tmp_path / "local/samples").iterdir())[-1].read_text())
