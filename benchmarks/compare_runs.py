@@ -3,8 +3,9 @@ with the runs at the same paths now.
 
 For every ``metrics.jsonl`` under PATH (in the working tree), this reads the same file
 at REV and prints, per run, the rounds in each, the metrics whose values differ in any
-round (a number's largest absolute difference, or "differs"), and whether every other
-metric repeated exactly. Used by docs/results/wireless.md to show what a codec change
+round (the largest absolute difference of a number, or over a per-client metric's
+clients; "differs" where values are not numbers), and whether every other metric
+repeated exactly. Used by docs/results/wireless.md to show what a codec change
 did to runs that were made again:
 
     python benchmarks/compare_runs.py 2fabea7 docs/results/wireless/sst2-cpu/tsfa
@@ -24,21 +25,34 @@ def rows_at(rev: str, path: Path) -> list[dict]:
     return [json.loads(line) for line in shown.stdout.splitlines()]
 
 
+def gap(x: object, y: object) -> float | None:
+    """The largest absolute difference of two numbers, or of two dicts of numbers with
+    the same keys (a per-client metric: the largest over its clients); None where the
+    two cannot be compared as numbers (a missing value, a string, other keys)."""
+    numbers = (int, float)
+    if isinstance(x, numbers) and isinstance(y, numbers):
+        return abs(x - y)
+    if isinstance(x, dict) and isinstance(y, dict) and x.keys() == y.keys():
+        gaps = [gap(x[k], y[k]) for k in x]
+        return None if None in gaps else max(gaps, default=0.0)
+    return None
+
+
 def differences(old: list[dict], new: list[dict]) -> dict[str, float | str]:
-    """Per metric that differs in any round: the largest absolute difference of a
-    number, or "differs" (a missing key, a dict, a string)."""
+    """Per metric that differs in any round: the largest absolute difference (of a
+    number, or over a per-client dict's clients), or "differs" where the values cannot
+    be compared as numbers."""
     found: dict[str, float | str] = {}
     for a, b in zip(old, new, strict=False):
         for key in sorted(set(a) | set(b)):
             x, y = a.get(key), b.get(key)
             if x == y:
                 continue
-            if isinstance(x, int | float) and isinstance(y, int | float):
-                gap = abs(x - y)
-                previous = found.get(key, 0.0)
-                found[key] = max(gap, previous) if not isinstance(previous, str) else previous
-            else:
+            size, previous = gap(x, y), found.get(key, 0.0)
+            if size is None or isinstance(previous, str):
                 found[key] = "differs"
+            else:
+                found[key] = max(size, previous)
     return found
 
 
@@ -50,13 +64,10 @@ def main(argv=None) -> int:
     for metrics in sorted(args.path.rglob("metrics.jsonl")):
         new = [json.loads(line) for line in metrics.read_text().splitlines()]
         old = rows_at(args.rev, metrics)
-        diff = differences(old, new)
         shown = ", ".join(f"{k} ({v if isinstance(v, str) else f'{v:.3g}'})"
-                          for k, v in diff.items() if not k.endswith("_per_client"))
-        per_client = sorted(k for k in diff if k.endswith("_per_client"))
+                          for k, v in differences(old, new).items())
         print(f"{metrics.parent.relative_to(args.path)}: rounds {len(old)} -> {len(new)}; "
-              f"differ: {shown or 'nothing'}"
-              + (f"; per client: {', '.join(per_client)}" if per_client else ""))
+              f"differ: {shown or 'nothing'}")
     return 0
 
 

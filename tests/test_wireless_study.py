@@ -58,10 +58,15 @@ def test_committed_table_regenerates_from_tracked_files(wireless, tmp_path, monk
 
 def test_compare_runs_names_each_metric_that_differs_and_by_how_much():
     compare = import_benchmark("compare_runs")
-    old = [{"round": 1, "bytes_up": 100, "acc": 0.5, "keep": {"0": 1}},
-           {"round": 2, "bytes_up": 200, "acc": 0.6, "keep": {"0": 1}}]
-    new = [{"round": 1, "bytes_up": 107, "acc": 0.5, "keep": {"0": 1}},
-           {"round": 2, "bytes_up": 230, "acc": 0.6, "keep": {"0": 2}, "extra": 1}]
-    assert compare.differences(old, new) == {"bytes_up": 30, "keep": "differs",
-                                             "extra": "differs"}
+    old = [{"round": 1, "bytes_up": 100, "acc": 0.5, "keep": {"0": 1, "1": 3}},
+           {"round": 2, "bytes_up": 200, "acc": 0.6, "keep": {"0": 1}, "mode": "a"}]
+    new = [{"round": 1, "bytes_up": 107, "acc": 0.5, "keep": {"0": 1, "1": 7}},
+           {"round": 2, "bytes_up": 230, "acc": 0.6, "keep": {"0": 2}, "extra": 1,
+            "mode": "b"}]
+    # a per-client dict: the largest gap over its clients and rounds (4, then 1)
+    assert compare.differences(old, new) == {"bytes_up": 30, "keep": 4,
+                                             "extra": "differs", "mode": "differs"}
     assert compare.differences(old, old) == {}
+    # other clients, or a value that is not a number, cannot be compared as numbers
+    assert compare.gap({"0": 1}, {"1": 1}) is None
+    assert compare.gap({"0": 1}, {"0": "x"}) is None
