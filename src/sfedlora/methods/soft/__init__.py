@@ -66,6 +66,8 @@ class Soft(Method):
                "important rank components, averaged over their senders")
     comm: ClassVar[dict[str, dict]] = {"up": {"delta": True}}
     chooses_upload_positions = True
+    secure_aggregation_refusal = ("averages each rank component over the clients that "
+                                  "sent it, and a masked sum does not say who sent what")
 
     def check_config(self, cfg) -> None:
         self.refuse([(cfg.lora.adapter == "vera", "lora.adapter=vera",
