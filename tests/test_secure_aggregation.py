@@ -143,6 +143,38 @@ def test_a_secure_round_equals_plain_aggregation_and_the_server_sees_no_update(
         assert all(np.mean(vector == q) < 0.01 for q in quantised)
 
 
+def _accepted_methods() -> list[str]:
+    from sfedlora.methods import REGISTRY
+
+    return [name for name, m in REGISTRY.items() if not m.secure_aggregation_refusal]
+
+
+@pytest.mark.parametrize("method", _accepted_methods())
+def test_every_method_it_accepts_gets_the_aggregate_it_gets_without_it(method, tiny_config,
+                                                                       tmp_path):
+    """The masked sum must give each method its own server step, not merely the weighted
+    sum of what was masked: SOFT's mean over each component's senders passed the
+    weighted-sum check above while its aggregate was off by 0.027. Same seed, so the
+    clients train identically; the states differ by the round's quantisation bound and
+    float32 rounding. FedSVD re-factorises the aggregate by an SVD, which can amplify
+    that rounding (about 1.5e-6 here), hence its wider tolerance."""
+    extra = {"hetlora": ["lora.client_ranks=[1,2,4]"]}.get(method, [])
+    states, bound = {}, 0.0
+    for secure in (False, True):
+        sim = Simulation(tiny_config(f"method={method}", *extra, "rounds=1",
+                                     f"privacy.secure_aggregation={str(secure).lower()}",
+                                     f"output_dir={tmp_path / str(secure)}"))
+        sim.run_round(1)
+        states[secure] = sim.server.state
+        if secure:
+            bound = sim.secure.last_error_bound
+    tolerance = 1e-4 if method == "fedsvd" else bound + 1e-6
+    assert states[False].keys() == states[True].keys()
+    for name, plain in states[False].items():
+        gap = (plain - states[True][name]).abs().max().item()
+        assert gap <= tolerance, (name, gap, tolerance)
+
+
 def test_hetlora_real_weights_and_mixed_ranks_within_the_round_bound(tiny_config,
                                                                      monkeypatch):
     """HetLoRA weights by ||B_k A_k|| (each client computes its own) and its clients
