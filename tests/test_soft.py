@@ -148,6 +148,20 @@ def test_the_server_averages_each_component_over_its_senders():
     assert torch.allclose(new[1], torch.full((2,), 4.0))  # only client 1 sent row 1
 
 
+def test_under_dp_a_component_is_averaged_over_every_client_not_its_senders():
+    from sfedlora.aggregation import uniform_mean
+
+    method = get_method("soft")
+    glob = {"A": torch.zeros(2, 2)}
+    one = Update(0, 10, {"A": torch.tensor([[1.0, 1.0], [0.0, 0.0]])},
+                 {"A": torch.tensor([[True, True], [False, False]])})
+    two = Update(1, 30, {"A": torch.tensor([[3.0, 3.0], [4.0, 4.0]])},
+                 {"A": torch.tensor([[True, True], [True, True]])})
+    new = method.aggregate(glob, [one, two], uniform_mean)["A"]
+    # the DP noise is sized for a mean over both clients: row 1 moves by 4 / 2, not 4
+    assert torch.equal(new, torch.tensor([[2.0, 2.0], [2.0, 2.0]]))
+
+
 def test_a_soft_run_starts_from_orthonormal_a_and_sends_fewer_bytes(tiny_config):
     sims = {keep: Simulation(tiny_config("method=soft", f"soft.keep={keep}", "rounds=1",
                                          f"output_dir={tiny_config().output_dir}-{keep}"))
