@@ -136,14 +136,17 @@ def test_mean_over_senders_is_its_formula():
     assert torch.equal(mean_over_senders(x, w, None), plain)
 
 
-def test_the_server_averages_each_component_over_its_senders():
-    method = get_method("soft")
-    glob = {"A": torch.zeros(2, 2)}
+def _two_uploads() -> list[Update]:
+    """Client 0 (10 examples) sent row 0 of A; client 1 (30 examples) both rows."""
     one = Update(0, 10, {"A": torch.tensor([[1.0, 1.0], [0.0, 0.0]])},
                  {"A": torch.tensor([[True, True], [False, False]])})
     two = Update(1, 30, {"A": torch.tensor([[3.0, 3.0], [4.0, 4.0]])},
                  {"A": torch.tensor([[True, True], [True, True]])})
-    new = method.aggregate(glob, [one, two])["A"]
+    return [one, two]
+
+
+def test_the_server_averages_each_component_over_its_senders():
+    new = get_method("soft").aggregate({"A": torch.zeros(2, 2)}, _two_uploads())["A"]
     assert torch.allclose(new[0], torch.full((2,), (10 * 1 + 30 * 3) / 40))
     assert torch.allclose(new[1], torch.full((2,), 4.0))  # only client 1 sent row 1
 
@@ -151,13 +154,8 @@ def test_the_server_averages_each_component_over_its_senders():
 def test_under_dp_a_component_is_averaged_over_every_client_not_its_senders():
     from sfedlora.aggregation import uniform_mean
 
-    method = get_method("soft")
-    glob = {"A": torch.zeros(2, 2)}
-    one = Update(0, 10, {"A": torch.tensor([[1.0, 1.0], [0.0, 0.0]])},
-                 {"A": torch.tensor([[True, True], [False, False]])})
-    two = Update(1, 30, {"A": torch.tensor([[3.0, 3.0], [4.0, 4.0]])},
-                 {"A": torch.tensor([[True, True], [True, True]])})
-    new = method.aggregate(glob, [one, two], uniform_mean)["A"]
+    new = get_method("soft").aggregate({"A": torch.zeros(2, 2)}, _two_uploads(),
+                                       uniform_mean)["A"]
     # the DP noise is sized for a mean over both clients: row 1 moves by 4 / 2, not 4
     assert torch.equal(new, torch.tensor([[2.0, 2.0], [2.0, 2.0]]))
 
