@@ -23,9 +23,9 @@ the same partitions, placements and fading). Arms:
 
 TSFA's target is a time, not a round count, so the ``timed`` stage runs each TSFA
 arm's chosen rate on past the 12 rounds every arm is tuned at (``TIMED``: 18 rounds,
-evaluated every round) for seeds 0-2. The local schedule is constant and every draw is seeded
-by (seed, round, client), so these runs repeat the tuned runs' first 12 rounds (the
-report checks it) and only add rounds; the time at which TSFA first reaches the
+evaluated every round) for seeds 0-2. The local schedule is constant and every draw is
+seeded by (seed, round, client), so these runs repeat the tuned runs' first 12 rounds
+(the report checks it) and only add rounds; the time at which TSFA first reaches the
 line is read from them, at round resolution.
 
 Every arm is tuned as in ``benchmarks/methods.py`` (the same ladder, chosen on the
@@ -206,7 +206,8 @@ def _mean_latency(run: Path) -> float:
 
 
 class Candidate(NamedTuple):
-    """One TSFA arm's seed-0 tuned run at its chosen rate, as the choice among TSFA arms sees it."""
+    """One TSFA arm's seed-0 tuned run at its chosen rate, as :func:`choose_tsfa` sees
+    it."""
 
     arm: str
     v: float
