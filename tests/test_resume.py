@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import random
@@ -138,6 +139,10 @@ def test_resume_continues_where_the_checkpoint_left_off(tiny_config, tmp_path):
     Simulation.resume(tmp_path / "part").run()
     assert (tmp_path / "part/metrics.jsonl").read_bytes() == \
         (tmp_path / "full/metrics.jsonl").read_bytes()
+    # each process that wrote the run says where it started: rounds 1-2, then 3-4
+    writers = [json.loads(line) for line in
+               (tmp_path / "part/environment.jsonl").read_text().splitlines()]
+    assert [w["from_round"] for w in writers] == [1, 3]
 
 
 class _RunsCode:

@@ -56,6 +56,8 @@ def test_overwrite_replaces_the_run(finished, tmp_path):
     assert summary["round"] == 1
     assert not (target / "adapters" / "stale").exists()
     assert len((target / "metrics.jsonl").read_text().splitlines()) == 1
+    # the replaced run's environment went with it
+    assert len((target / "environment.jsonl").read_text().splitlines()) == 1
 
 
 def test_a_second_process_is_refused_by_the_lock(tmp_path):

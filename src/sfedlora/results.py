@@ -1,5 +1,5 @@
 """The run directory: resolved config, metrics (also as TensorBoard events), timings,
-summary, PEFT adapters.
+summary, PEFT adapters, and what each process that wrote it ran on.
 
 ``metrics.jsonl`` holds only deterministic values (bit-identical for the same config
 and seed); wall-clock seconds go to ``timings.jsonl`` for that reason.
@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from sfedlora.checkpoint import FILENAME as CHECKPOINT_FILE
 from sfedlora.checkpoint import Checkpoint, save_checkpoint
 from sfedlora.config import ConfigError, ExperimentConfig, to_yaml
+from sfedlora.environment import describe
 from sfedlora.records import SUMMARY_METRICS
 from sfedlora.tracking import MetricWriter, TensorBoardWriter
 
@@ -35,9 +36,10 @@ RUNS_ROOT = Path("runs")  # where runs without an output_dir go
 LATEST = "latest"
 LOCK_FILE = ".lock"
 # what a run writes: a directory holding any of these holds a run
+ENVIRONMENT_FILE = "environment.jsonl"
 RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", CHECKPOINT_FILE, "summary.json",
                "timings.jsonl", "labels.json", "run.log", "adapters", "samples",
-               "tensorboard", "clients")
+               "tensorboard", "clients", ENVIRONMENT_FILE)
 
 
 def new_run_path(method: str, root: Path = RUNS_ROOT) -> Path:
@@ -119,7 +121,9 @@ class RunDir:
         """Prepare the directory: lock it, and for a new run refuse one that holds
         another run (``overwrite``: delete that run's files first). On resume,
         ``metrics.jsonl`` is rewritten from the checkpoint's copy and timing lines
-        after the checkpoint's round are dropped (those rounds run again)."""
+        after the checkpoint's round are dropped (those rounds run again). Either way
+        this process's environment is appended to ``environment.jsonl`` with the first
+        round it runs, so a resumed run says which rounds ran where."""
         self._acquire()
         if resume_after is None:
             try:
@@ -137,6 +141,8 @@ class RunDir:
             (self.path / "timings.jsonl").write_text("")
         else:
             self._truncate_after("timings.jsonl", resume_after)
+        self._append(ENVIRONMENT_FILE, {"from_round": (resume_after or 0) + 1,
+                                        "started_at": time.time(), **describe()})
         (self.path / "metrics.jsonl").write_text("".join(metrics))
         (self.path / "labels.json").write_text(json.dumps(label_names))
         self.writers = [TensorBoardWriter(self.path, (resume_after or 0) + 1
