@@ -47,4 +47,6 @@ def test_the_source_commit_and_whether_tracked_files_changed(tmp_path):
     assert source_commit(repo / "pkg") == {"commit": head, "modified": True}
     (tmp_path / "elsewhere").mkdir()
     assert source_commit(tmp_path / "elsewhere") is None  # not a checkout: no commit
-
+    (repo / "site").mkdir()  # a package installed inside someone else's repository
+    (repo / "site" / "code.py").write_text("")
+    assert source_commit(repo / "site") is None

@@ -48,13 +48,15 @@ def cpu_model() -> str:
 
 
 def source_commit(source: Path = SOURCE) -> dict[str, str | bool] | None:
-    """The git commit of the checkout ``source`` lies in and whether tracked files
-    differ from it; None when it is not a git checkout (an installed wheel) or git is
-    missing."""
+    """The git commit of the checkout ``source`` lies in and whether its tracked files
+    differ from it; None when ``source`` is not tracked by a git checkout (an installed
+    wheel, also one inside some other repository) or git is missing."""
     def git(*args: str) -> str:
         return subprocess.run(["git", "-C", str(source), *args], capture_output=True,
                               text=True, check=True, timeout=30).stdout.strip()
     try:
+        if not git("ls-files", "--", "."):
+            return None
         commit = git("rev-parse", "HEAD")
         changed = git("status", "--porcelain", "--untracked-files=no", "--", ".")
     except (OSError, subprocess.SubprocessError):
