@@ -70,3 +70,19 @@ def test_compare_runs_names_each_metric_that_differs_and_by_how_much():
     # other clients, or a value that is not a number, cannot be compared as numbers
     assert compare.gap({"0": 1}, {"1": 1}) is None
     assert compare.gap({"0": 1}, {"0": "x"}) is None
+
+
+def test_compare_runs_names_what_changed_in_the_environment():
+    compare = import_benchmark("compare_runs")
+    old = [{"from_round": 1, "started_at": 1.0, "argv": ["a"], "cpu": "X",
+            "packages": {"torch": "2.13.0", "transformers": "5.24.0"}}]
+    new = [{"from_round": 1, "started_at": 2.0, "argv": ["b"], "cpu": "X",
+            "packages": {"torch": "2.13.0", "transformers": "5.25.0"}},
+           {"from_round": 7, "started_at": 3.0, "argv": ["b"], "cpu": "Y",  # a resume
+            "packages": {"torch": "2.13.0", "transformers": "5.25.0"}}]
+    # when and how a process started is not its environment; a resume's is
+    assert compare.environment_changes(old, new) == \
+        'cpu "X" -> "X"/"Y"; packages.transformers "5.24.0" -> "5.25.0"'
+    assert compare.environment_changes(old, old) == "same"
+    assert compare.environment_changes([], new) == "not recorded in the old run"
+    assert compare.environment_changes([], []) == "not recorded in either run"
