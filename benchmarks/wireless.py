@@ -168,7 +168,7 @@ def report(args) -> str:
     dense_time = {s: load_metrics(r)[-1]["simulated_seconds"] for s, r in dense.items()}
     mean_line = statistics.fmean(line.values())
     lines = [f"Lines: {DENSE}'s final accuracy minus {TARGET_DROP:.2f} per seed "
-             f"({', '.join(f'{s}: {v:.3f}' for s, v in sorted(line.items()))}; mean "
+             f"({', '.join(f'{s}: {v:.4f}' for s, v in sorted(line.items()))}; mean "
              f"{mean_line:.3f}); {DENSE} ran {statistics.fmean(dense_time.values()):.1f} "
              "simulated s.", "",
              "| arm | pers. acc (final) | simulated s | MB up + down | s to the seed's line "
@@ -274,12 +274,14 @@ def _row(label: str, runs: dict[int, Path], line: dict[int, float], mean_line: f
             f"{len(runs)} |")
 
 
-def _reached(run: Path, seconds: float) -> str:
-    """When a run reached its line, or, if never, its best accuracy and when."""
+def _reached(run: Path, seconds: float, line: float) -> str:
+    """When a run reached its line and at what accuracy, or, if never, its best accuracy
+    and when; at 4 decimals, since a verdict can turn on less than a thousandth."""
     if math.isfinite(seconds):
-        return f"{seconds:.1f} s"
+        accuracy = dict(_curve(run))[seconds]
+        return f"{seconds:.1f} s ({accuracy:.4f}, line {line:.4f})"
     at, best = max(_curve(run), key=lambda point: point[1])
-    return f"never (best {best:.3f} at {at:.1f} s)"
+    return f"never (best {best:.4f} at {at:.1f} s, line {line:.4f})"
 
 
 def tsfa_verdicts(args, arm: str, runs: dict[int, Path], line: dict[int, float],
@@ -293,7 +295,7 @@ def tsfa_verdicts(args, arm: str, runs: dict[int, Path], line: dict[int, float],
     paired = sorted(set(source) & set(dense_time))
     reached = {s: time_to(source[s], line[s]) for s in paired}
     fast = [reached[s] <= dense_time[s] / 2 for s in paired]
-    per_seed = ", ".join(f"seed {s}: {_reached(source[s], reached[s])} of "
+    per_seed = ", ".join(f"seed {s}: {_reached(source[s], reached[s], line[s])} of "
                          f"{dense_time[s] / 2:.1f}" for s in paired)
     budget = load_config(next(iter(runs.values())) / "config.yaml").tsfa.latency_budget_s
     rounds = load_config(next(iter(source.values())) / "config.yaml").rounds

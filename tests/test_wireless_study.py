@@ -8,6 +8,7 @@ exactly."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -40,6 +41,21 @@ def test_tsfa_arm_is_the_lowest_validation_loss_within_the_latency_target(wirele
     candidates[1] = c("tsfa-v4", 4.0, False, 2e-3, None, 1.0)
     assert wireless.pick_tsfa(candidates) is None
     assert wireless.pick_tsfa([]) is None
+
+
+def test_time_to_the_line_is_the_first_evaluation_at_or_above_it(wireless, tmp_path):
+    # evaluated rounds only; a round without an evaluation cannot cross the line
+    rows = [{"round": 1, "simulated_seconds": 2.0, "personalized_accuracy": 0.80},
+            {"round": 2, "simulated_seconds": 4.5},
+            {"round": 3, "simulated_seconds": 6.5, "personalized_accuracy": 0.8549},
+            {"round": 4, "simulated_seconds": 8.0, "personalized_accuracy": 0.9}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert wireless.time_to(tmp_path, 0.8548) == 6.5
+    assert wireless._reached(tmp_path, 6.5, 0.8548) == "6.5 s (0.8549, line 0.8548)"
+    assert wireless.time_to(tmp_path, 0.95) == math.inf
+    # a miss names the best evaluation to 4 decimals: the margin can be that thin
+    assert (wireless._reached(tmp_path, math.inf, 0.95)
+            == "never (best 0.9000 at 8.0 s, line 0.9500)")
 
 
 def test_committed_table_regenerates_from_tracked_files(wireless, tmp_path, monkeypatch):
