@@ -138,6 +138,21 @@ def best_rung(rows: list[dict]) -> tuple[float, bool, bool]:
     return best, best == rates[0], best == rates[-1]
 
 
+def rate_on_recent_evaluations(args, arm: str, count: int = 3) -> float | None:
+    """The rung a sturdier rule would choose: the lowest mean validation loss over each
+    seed-0 ladder run's last ``count`` evaluations rather than its last one. A check of
+    the choice, not a second one (a run that oscillates can end on a high point, and
+    the rule should not hinge on it): studies report the rate :func:`best_rung` picks,
+    and print where this one differs."""
+    rows = []
+    for summary in sorted((arm_dir(args, arm) / "ladder" / "runs").glob("*/summary.json")):
+        losses = [m["personalized_val_loss"] for m in load_metrics(summary.parent)
+                  if m.get("personalized_val_loss") is not None][-count:]
+        rows.append({"lr": load_config(summary.parent / "config.yaml").local.lr,
+                     "val_loss": sum(losses) / len(losses) if losses else None})
+    return best_rung(rows)[0] if rows else None
+
+
 def ladder(args, arm: str) -> bool:
     """Sweep the ladder at seed 0, adding a rung past whichever end the best rate sits
     at, up to ``args.max_extend`` rungs beyond ``LADDER`` in all. Rungs an earlier call

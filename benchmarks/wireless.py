@@ -175,6 +175,7 @@ def report(args) -> str:
              "| s to the mean line | local s / client / round | lr | seeds |",
              "|---|---|---|---|---|---|---|---|---|"]
     chosen, choice = choose_tsfa(args)
+    choice += ["", *rate_check(args)]
     curves, verdicts = {}, {}
     for arm in args.arms:
         runs = tuned.chosen_by_seed(args, arm)
@@ -257,6 +258,23 @@ def choose_tsfa(args) -> tuple[str | None, list[str]]:
               f"| {'yes' if within_budget(c.latency_ratio) else 'no'} | "
               f"{'**yes**' if c.arm == chosen_arm else ''} |" for c in candidates]
     return chosen_arm, table
+
+
+def rate_check(args, count: int = 3) -> list[str]:
+    """Where the arms' rates would differ if chosen on the mean of seed 0's last
+    ``count`` validation losses instead of its last one (the rule every arm is tuned
+    by); a check of how much a choice hinges on one evaluation."""
+    moved = []
+    for arm in args.arms:
+        recent = tuned.rate_on_recent_evaluations(args, arm, count)
+        if recent is None:
+            continue
+        chosen, *_ = tuned.best_rung(tuned._ladder_results(args, arm))
+        if chosen != recent:
+            moved.append(f"{arm}: {recent:.1e} instead of {chosen:.1e}")
+    return [f"Rates chosen on the mean of seed 0's last {count} validation losses instead "
+            f"of its last (a check of the rule; not used): "
+            f"{'; '.join(moved) if moved else 'the same for every arm'}."]
 
 
 def _row(label: str, runs: dict[int, Path], line: dict[int, float], mean_line: float) -> str:

@@ -1,11 +1,15 @@
 """The tuned studies' learning-rate ladder (benchmarks/methods.py, reused by the
-wireless and compression studies): extension at an end, and reruns that keep it."""
+wireless and compression studies): extension at an end, reruns that keep it, and the
+check of the choice against more than one evaluation."""
 
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import import_benchmark
 
@@ -55,3 +59,30 @@ def test_a_rerun_of_an_extended_ladder_sweeps_every_rung_it_has(study):
     # rung (the tables are written from this grid) and no new rung
     assert methods.ladder(args, "arm")
     assert grids == [[5e-4, 2e-3, 8e-3, 3.2e-2]]
+
+
+def _ladder_run(study: Path, lr: float, val_losses: list[float]) -> None:
+    """A finished seed-0 ladder run at ``lr`` whose evaluations log ``val_losses``."""
+    run = study / "sst2-cpu/arm/ladder/runs" / f"local.lr-{lr}__seed-0"
+    run.mkdir(parents=True)
+    config = yaml.safe_load((Path(__file__).parents[1] / "configs/wireless_sst2.yaml")
+                            .read_text())
+    config["local"]["lr"] = lr
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    rows = [{"round": r + 1, "personalized_val_loss": v} for r, v in enumerate(val_losses)]
+    rows.append({"round": len(rows) + 1})  # a round without an evaluation
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / "summary.json").write_text(json.dumps({"personalized_val_loss": val_losses[-1]}))
+
+
+def test_the_recent_evaluations_check_averages_each_runs_last_losses(tmp_path):
+    methods = import_benchmark("methods")
+    args = argparse.Namespace(out=str(tmp_path), dataset="sst2", size="cpu")
+    # 1e-3 ends lowest on a dip; 4e-3 is lower over its last three evaluations, and
+    # the first evaluation (5.0) is outside the three
+    _ladder_run(tmp_path, 1e-3, [5.0, 0.9, 0.9, 0.3])
+    _ladder_run(tmp_path, 4e-3, [5.0, 0.4, 0.4, 0.41])
+    assert methods.best_rung(methods._ladder_results(args, "arm"))[0] == 1e-3
+    assert methods.rate_on_recent_evaluations(args, "arm", count=3) == 4e-3
+    assert methods.rate_on_recent_evaluations(args, "arm", count=1) == 1e-3
+    assert methods.rate_on_recent_evaluations(args, "other-arm") is None
