@@ -138,6 +138,12 @@ def best_rung(rows: list[dict]) -> tuple[float, bool, bool]:
     return best, best == rates[0], best == rates[-1]
 
 
+def chosen_rate(args, arm: str) -> float | None:
+    """The rate an arm's finished ladder chose (None before any rung finished)."""
+    rows = _ladder_results(args, arm)
+    return best_rung(rows)[0] if rows else None
+
+
 def rate_on_recent_evaluations(args, arm: str, count: int = 3) -> float | None:
     """The rung a sturdier rule would choose: the lowest mean validation loss over each
     seed-0 ladder run's last ``count`` evaluations rather than its last one. A check of
@@ -170,8 +176,7 @@ def ladder(args, arm: str) -> bool:
 
 
 def seeds(args, arm: str) -> bool:
-    best, *_ = best_rung(_ladder_results(args, arm))
-    return sweep(args, arm, "seeds", [f"{LR_KEY}={best!r}",
+    return sweep(args, arm, "seeds", [f"{LR_KEY}={chosen_rate(args, arm)!r}",
                                        f"seed={','.join(map(str, SEEDS))}"])
 
 

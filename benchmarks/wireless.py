@@ -267,10 +267,7 @@ def rate_check(args, count: int = 3) -> list[str]:
     moved = []
     for arm in args.arms:
         recent = tuned.rate_on_recent_evaluations(args, arm, count)
-        if recent is None:
-            continue
-        chosen, *_ = tuned.best_rung(tuned._ladder_results(args, arm))
-        if chosen != recent:
+        if recent is not None and (chosen := tuned.chosen_rate(args, arm)) != recent:
             moved.append(f"{arm}: {recent:.1e} instead of {chosen:.1e}")
     return [f"Rates chosen on the mean of seed 0's last {count} validation losses instead "
             f"of its last (a check of the rule; not used): "

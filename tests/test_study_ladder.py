@@ -82,7 +82,8 @@ def test_the_recent_evaluations_check_averages_each_runs_last_losses(tmp_path):
     # the first evaluation (5.0) is outside the three
     _ladder_run(tmp_path, 1e-3, [5.0, 0.9, 0.9, 0.3])
     _ladder_run(tmp_path, 4e-3, [5.0, 0.4, 0.4, 0.41])
-    assert methods.best_rung(methods._ladder_results(args, "arm"))[0] == 1e-3
+    assert methods.chosen_rate(args, "arm") == 1e-3  # the study's rule: the last loss
     assert methods.rate_on_recent_evaluations(args, "arm", count=3) == 4e-3
     assert methods.rate_on_recent_evaluations(args, "arm", count=1) == 1e-3
     assert methods.rate_on_recent_evaluations(args, "other-arm") is None
+    assert methods.chosen_rate(args, "other-arm") is None
