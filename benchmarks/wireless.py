@@ -36,6 +36,12 @@ seeded by (seed, round, client), so these runs repeat the tuned runs' first 12 r
 (the report checks it) and only add rounds; the time at which TSFA first reaches the
 line is read from them, at round resolution.
 
+The ``confirm`` stage checks the TSFA verdicts on fresh seeds (``CONFIRM_SEEDS``: 3, 4,
+5, never used to tune or choose anything): the dense arm at its chosen rate (12 rounds,
+for the seeds' lines and half-times) and the TSFA arm chosen under each reading of the
+latency target (two-sided, the study's rule, and one-sided) at its chosen rate, run to
+``TIMED``. Both readings' verdicts are printed for every confirmed arm.
+
 Every arm is tuned as in ``benchmarks/methods.py`` (the same ladder, chosen on the
 clients' validation loss, seeds 1 and 2 at the chosen rate). The report gives per arm
 the final personalised accuracy (mean ± 95% t-interval over 3 seeds), simulated
@@ -48,6 +54,7 @@ time; mean latency within 5% of the budget) and draws accuracy against simulated
 
     python benchmarks/wireless.py --stage all [--size cpu|smoke] [--arms ...]
     python benchmarks/wireless.py --stage timed    # TSFA's runs past 12 rounds
+    python benchmarks/wireless.py --stage confirm  # the TSFA verdicts on fresh seeds
     python benchmarks/wireless.py --stage report   # tables and figure from the runs
 """
 
@@ -116,6 +123,7 @@ TARGET_DROP = 0.01  # TSFA's target: the dense arm's final accuracy minus 1 poin
 # dense's 3.6 s, so half the dense time is about round 15)
 REPEATED = ("personalized_accuracy", "simulated_seconds", "bytes_total")
 TIMED = {"cpu": ("rounds=18", "eval.every=1"), "smoke": ("rounds=3",)}
+CONFIRM_SEEDS = (3, 4, 5)  # the confirm stage's fresh seeds (tuning used 0-2)
 
 
 def study(args) -> tuned.Study:
@@ -180,6 +188,27 @@ def timed(args) -> bool:
     for arm in (a for a in TSFA_ARMS if a in args.arms):
         args.study = study(argparse.Namespace(**{**vars(args), "arms": [arm]}))
         done &= tuned.run_on(args, arm, "timed", TIMED[args.size])
+    return done
+
+
+def confirmed_arms(args) -> list[str]:
+    """The arms the ``confirm`` stage runs: the dense arm (the lines and half-times)
+    and the TSFA arm chosen under each reading of the latency target."""
+    candidates = tsfa_candidates(args)
+    chosen = [pick_tsfa(candidates), pick_tsfa(candidates, at_most_over_budget)]
+    return [DENSE, *dict.fromkeys(arm for arm in chosen if arm is not None)]
+
+
+def confirm(args) -> bool:
+    """The ``confirm`` stage: :func:`confirmed_arms` at their chosen rates on
+    ``CONFIRM_SEEDS``, the dense arm at its tuned length, TSFA run to ``TIMED``."""
+    if args.stage not in ("confirm", "all"):
+        return True
+    done = True
+    for arm in confirmed_arms(args):
+        args.study = study(argparse.Namespace(**{**vars(args), "arms": [arm]}))
+        extra = () if arm == DENSE else TIMED[args.size]
+        done &= tuned.run_on(args, arm, "confirm", extra, seeds=CONFIRM_SEEDS)
     return done
 
 
@@ -264,11 +293,14 @@ def report(args) -> str:
                 if chosen in verdicts else [])
     others = [row for arm, text in verdicts.items()
               for row in (f"{arm} (not chosen):", *text, "")]
-    return "\n".join([*lines, "", *choice, "", *headline, "", *others]).rstrip()
+    return "\n".join([*lines, "", *choice, "", *headline, "", *others,
+                      *confirmation(args)]).rstrip()
 
 
-def _mean_latency(run: Path) -> float:
-    return statistics.fmean(m["latency_seconds"] for m in load_metrics(run))
+def _mean_latency(run: Path, rounds: int | None = None) -> float:
+    """Mean round latency over a run's rounds (its first ``rounds`` if given)."""
+    return statistics.fmean(m["latency_seconds"] for m in load_metrics(run)
+                            if rounds is None or m["round"] <= rounds)
 
 
 class Candidate(NamedTuple):
@@ -306,13 +338,8 @@ def pick_tsfa(candidates: list[Candidate],
     return min(feasible, key=lambda c: c.val_loss).arm if feasible else None
 
 
-def choose_tsfa(args) -> tuple[str | None, list[str]]:
-    """TSFA's V and error feedback, chosen like a learning rate: among the TSFA arms (V
-    4x apart, with and without error feedback, each at its own chosen rate), the one
-    whose seed-0 tuned run has the lowest mean **validation** loss, among those whose
-    seed-0 mean round latency is within 5% of the budget (the latency target is a
-    constraint, the accuracy the objective; no test figure enters). Returns the arm
-    and a table of the candidates."""
+def tsfa_candidates(args) -> list[Candidate]:
+    """Each TSFA arm's seed-0 tuned run at its chosen rate, as the choice sees it."""
     candidates = []
     for arm in (a for a in TSFA_ARMS if a in args.arms):
         if not (chosen := tuned.chosen_runs(args, arm)):
@@ -324,6 +351,16 @@ def choose_tsfa(args) -> tuple[str | None, list[str]]:
                                     cfg.codec("up").error_feedback,
                                     cfg.local.lr, val,
                                     _mean_latency(run) / cfg.tsfa.latency_budget_s))
+    return candidates
+
+
+def choose_tsfa(args) -> tuple[str | None, list[str]]:
+    """TSFA's rank, V and error feedback, chosen like a learning rate: among the TSFA
+    arms (each at its own chosen rate), the one whose seed-0 tuned run has the lowest
+    mean **validation** loss, among those whose seed-0 mean round latency is within 5%
+    of the budget (the latency target is a constraint, the accuracy the objective; no
+    test figure enters). Returns the arm and a table of the candidates."""
+    candidates = tsfa_candidates(args)
     chosen_arm = pick_tsfa(candidates)
     one_sided = pick_tsfa(candidates, at_most_over_budget)
     table = ["TSFA's settings (rank, V, error feedback), chosen on seed 0's validation loss among "
@@ -380,6 +417,43 @@ def _reached(run: Path, seconds: float, line: float) -> str:
     return f"never (best {best:.4f} at {at:.1f} s, line {line:.4f})"
 
 
+BOTH_READINGS = (("within 5%", within_budget), ("at most 5% over", at_most_over_budget))
+
+
+def time_verdict(source: dict[int, Path], line: dict[int, float],
+                 dense_time: dict[int, float], what: str) -> str:
+    """TSFA's time target: each seed reaches its line in at most half the dense run's
+    simulated time at that seed, read from ``source`` (the ``what`` runs)."""
+    paired = sorted(set(source) & set(dense_time))
+    reached = {s: time_to(source[s], line[s]) for s in paired}
+    fast = [reached[s] <= dense_time[s] / 2 for s in paired]
+    per_seed = ", ".join(f"seed {s}: {_reached(source[s], reached[s], line[s])} of "
+                         f"{dense_time[s] / 2:.1f}" for s in paired)
+    rounds = load_config(next(iter(source.values())) / "config.yaml").rounds
+    return (f"TSFA reaching the seed's line within half the dense run's time, read from "
+            f"its {what} runs ({rounds} rounds; {per_seed}): "
+            f"{'met' if fast and all(fast) else 'MISSED'} ({sum(fast)} of {len(fast)} "
+            "seeds in time)")
+
+
+def latency_verdict(what: str, group: dict[int, Path], budget: float,
+                    rounds: int | None = None,
+                    readings: tuple = (("within 5%", within_budget),)) -> str:
+    """TSFA's latency target: the mean round latency (every round, or the first
+    ``rounds``; mean over seeds) against the budget, under each of ``readings``."""
+    latency = statistics.fmean(_mean_latency(r, rounds) for r in group.values())
+    ratio = latency / budget
+    count = rounds or load_config(next(iter(group.values())) / "config.yaml").rounds
+    verdicts = "; ".join(f"{name}: {'met' if admissible(ratio) else 'MISSED'}"
+                         for name, admissible in readings)
+    return (f"TSFA's mean round latency over its {what} runs ({count} rounds) "
+            f"{latency:.3f} s / budget {budget:.3f} s = {ratio:.3f} (target {verdicts})")
+
+
+def _budget(runs: dict[int, Path]) -> float:
+    return load_config(next(iter(runs.values())) / "config.yaml").tsfa.latency_budget_s
+
+
 def tsfa_verdicts(args, arm: str, runs: dict[int, Path], line: dict[int, float],
                   dense_time: dict[int, float]) -> list[str]:
     """A TSFA arm's two targets: each seed reaches its line in at most half the dense
@@ -387,27 +461,9 @@ def tsfa_verdicts(args, arm: str, runs: dict[int, Path], line: dict[int, float],
     tuned runs); the mean round latency (every round, mean over seeds; over the tuned
     runs and over the timed ones) is within 5% of the budget."""
     longer = tuned.stage_runs(args, arm, "timed")
-    source = longer or runs
-    paired = sorted(set(source) & set(dense_time))
-    reached = {s: time_to(source[s], line[s]) for s in paired}
-    fast = [reached[s] <= dense_time[s] / 2 for s in paired]
-    per_seed = ", ".join(f"seed {s}: {_reached(source[s], reached[s], line[s])} of "
-                         f"{dense_time[s] / 2:.1f}" for s in paired)
-    budget = load_config(next(iter(runs.values())) / "config.yaml").tsfa.latency_budget_s
-    rounds = load_config(next(iter(source.values())) / "config.yaml").rounds
-    lines = [f"TSFA reaching the seed's line within half the dense run's time, read from "
-             f"its {'timed' if longer else 'tuned'} runs ({rounds} rounds; {per_seed}): "
-             f"{'met' if fast and all(fast) else 'MISSED'} ({sum(fast)} of {len(fast)} "
-             "seeds in time)"]
-    for name, group in (("tuned", runs), ("timed", longer)):
-        if not group:
-            continue
-        latency = statistics.fmean(_mean_latency(r) for r in group.values())
-        ratio = latency / budget
-        count = load_config(next(iter(group.values())) / "config.yaml").rounds
-        lines.append(f"TSFA's mean round latency over its {name} runs ({count} rounds) "
-                     f"{latency:.3f} s / budget {budget:.3f} s = {ratio:.3f} (target within "
-                     f"5%: {'met' if within_budget(ratio) else 'MISSED'})")
+    lines = [time_verdict(longer or runs, line, dense_time, "timed" if longer else "tuned")]
+    lines += [latency_verdict(name, group, _budget(runs))
+              for name, group in (("tuned", runs), ("timed", longer)) if group]
     if longer:
         same = [s for s in sorted(set(longer) & set(runs))
                 if tuned.repeats(longer[s], runs[s], REPEATED)]
@@ -415,6 +471,40 @@ def tsfa_verdicts(args, arm: str, runs: dict[int, Path], line: dict[int, float],
                      f"(accuracy, seconds, bytes): {len(same)} of "
                      f"{len(set(longer) & set(runs))} seeds")
     return lines
+
+
+def confirmation(args) -> list[str]:
+    """The ``confirm`` stage's runs, read like the tuned ones: the fresh seeds' lines
+    from the dense arm, a table row per arm, and each confirmed TSFA arm's targets
+    under both readings of the latency target (over the tuned length and over all
+    its rounds)."""
+    dense = tuned.stage_runs(args, DENSE, "confirm")
+    candidates = tsfa_candidates(args)
+    reading = {pick_tsfa(candidates, at_most_over_budget): "one-sided",
+               pick_tsfa(candidates): "two-sided (the study's rule)"}  # the rule wins a tie
+    arms = {arm: runs for arm in reading if arm is not None
+            and (runs := tuned.stage_runs(args, arm, "confirm"))}
+    if not dense or not arms:
+        return []
+    line = {s: _curve(r)[-1][1] - TARGET_DROP for s, r in dense.items()}
+    dense_time = {s: load_metrics(r)[-1]["simulated_seconds"] for s, r in dense.items()}
+    mean_line = statistics.fmean(line.values())
+    per_seed = ", ".join(f"{s}: {v:.4f}" for s, v in sorted(line.items()))
+    seconds = statistics.fmean(dense_time.values())
+    text = [f"Confirmation on fresh seeds ({', '.join(map(str, sorted(dense)))}; never used "
+            f"to tune or choose anything): lines {per_seed}; {DENSE} ran {seconds:.1f} "
+            "simulated s.", "",
+            "| arm | pers. acc (final) | simulated s | MB up + down | s to the seed's line "
+            "| s to the mean line | local s / client / round | lr | seeds |",
+            "|---|---|---|---|---|---|---|---|---|", _row(DENSE, dense, line, mean_line),
+            *(_row(arm, runs, line, mean_line) for arm, runs in arms.items()), ""]
+    for arm, runs in arms.items():
+        tuned_rounds = load_config(tuned.chosen_runs(args, arm)[0] / "config.yaml").rounds
+        text += [f"{arm} (chosen under the {reading[arm]} reading of the latency target):",
+                 time_verdict(runs, line, dense_time, "confirm"),
+                 latency_verdict("confirm", runs, _budget(runs), tuned_rounds, BOTH_READINGS),
+                 latency_verdict("confirm", runs, _budget(runs), None, BOTH_READINGS), ""]
+    return text
 
 
 def figure(curves: dict[str, list[list[tuple[float, float]]]], target: float,
@@ -443,13 +533,13 @@ def figure(curves: dict[str, list[list[tuple[float, float]]]], target: float,
 
 def main(argv=None) -> int:
     parser = tuned.study_parser(__doc__.splitlines()[0], list(ARMS), OUT, list(SIZES),
-                                stages=("timed",))
+                                stages=("timed", "confirm"))
     args = parser.parse_args(argv)
     args.dataset = "sst2"
     args.arms = [a for a in ARMS if a in args.arms]  # the dense arm first: TSFA's
     return tuned.run_study(  # budget comes from it
         args, lambda arm: study(argparse.Namespace(**{**vars(args), "arms": [arm]})),
-        report, after_tuning=timed)
+        report, after_tuning=lambda a: timed(a) and confirm(a))
 
 
 if __name__ == "__main__":
