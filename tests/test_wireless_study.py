@@ -128,3 +128,36 @@ def test_planned_arms_read_the_offline_stages_rank_and_the_report_never_plans(wi
         args.stage = stage
         assert wireless.planned_overrides(args, "tsfa.latency_budget_s=1.0") == [
             "lora.rank=4", f"tsfa.plan={path}"]
+
+
+def _write_run(path: Path, latencies: list[float], budget: float = 1.0) -> Path:
+    """A run folder with only what the latency verdict reads."""
+    path.mkdir(parents=True)
+    (path / "metrics.jsonl").write_text("".join(
+        json.dumps({"round": i, "latency_seconds": t}) + "\n"
+        for i, t in enumerate(latencies, start=1)))
+    (path / "config.yaml").write_text(
+        f"rounds: {len(latencies)}\ntsfa:\n  latency_budget_s: {budget}\n")
+    return path
+
+
+def test_latency_verdict_reads_the_first_rounds_and_both_readings(wireless, tmp_path):
+    # 12 rounds at 0.85 s then 6 at 1.45: 0.85 over the tuned length, 1.05 over all 18
+    runs = {s: _write_run(tmp_path / str(s), [0.85] * 12 + [1.45] * 6) for s in (3, 4)}
+    tuned_length = wireless.latency_verdict("confirm", runs, 1.0, 12, wireless.BOTH_READINGS)
+    assert tuned_length == ("TSFA's mean round latency over its confirm runs (12 rounds) "
+                            "0.850 s / budget 1.000 s = 0.850 (target within 5%: MISSED; "
+                            "at most 5% over: met)")
+    assert wireless.latency_verdict("confirm", runs, 1.0).endswith(
+        "(18 rounds) 1.050 s / budget 1.000 s = 1.050 (target within 5%: met)")
+
+
+def test_confirmation_uses_fresh_seeds_and_the_arms_each_reading_chose(wireless):
+    import argparse
+
+    assert not set(wireless.CONFIRM_SEEDS) & {0, *wireless.tuned.SEEDS}
+    args = argparse.Namespace(out=str(STUDY.parent), dataset="sst2", size="cpu",
+                              stage="report", overrides=[], arms=list(wireless.ARMS))
+    args.study = wireless.study(argparse.Namespace(**{**vars(args), "arms": ["fedit-dense"]}))
+    # the committed study: two-sided rule tsfa-ef, one-sided reading tsfa-plan
+    assert wireless.confirmed_arms(args) == ["fedit-dense", "tsfa-ef", "tsfa-plan"]
