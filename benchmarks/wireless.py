@@ -480,10 +480,13 @@ def confirmation(args) -> list[str]:
     its rounds)."""
     dense = tuned.stage_runs(args, DENSE, "confirm")
     candidates = tsfa_candidates(args)
-    reading = {pick_tsfa(candidates, at_most_over_budget): "one-sided",
-               pick_tsfa(candidates): "two-sided (the study's rule)"}  # the rule wins a tie
-    arms = {arm: runs for arm in reading if arm is not None
-            and (runs := tuned.stage_runs(args, arm, "confirm"))}
+    reading: dict[str, str] = {}  # arm: the readings that chose it, the study's first
+    for name, arm in (("the study's two-sided", pick_tsfa(candidates)),
+                      ("the one-sided", pick_tsfa(candidates, at_most_over_budget))):
+        if arm is not None:
+            reading[arm] = f"{reading[arm]} and {name}" if arm in reading else name
+    arms = {arm: runs for arm in reading
+            if (runs := tuned.stage_runs(args, arm, "confirm"))}
     if not dense or not arms:
         return []
     line = {s: _curve(r)[-1][1] - TARGET_DROP for s, r in dense.items()}
@@ -500,7 +503,7 @@ def confirmation(args) -> list[str]:
             *(_row(arm, runs, line, mean_line) for arm, runs in arms.items()), ""]
     for arm, runs in arms.items():
         tuned_rounds = load_config(tuned.chosen_runs(args, arm)[0] / "config.yaml").rounds
-        text += [f"{arm} (chosen under the {reading[arm]} reading of the latency target):",
+        text += [f"{arm} (chosen under {reading[arm]} reading of the latency target):",
                  time_verdict(runs, line, dense_time, "confirm"),
                  latency_verdict("confirm", runs, _budget(runs), tuned_rounds, BOTH_READINGS),
                  latency_verdict("confirm", runs, _budget(runs), None, BOTH_READINGS), ""]
