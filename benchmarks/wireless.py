@@ -263,9 +263,7 @@ def report(args) -> str:
              f"({', '.join(f'{s}: {v:.4f}' for s, v in sorted(line.items()))}; mean "
              f"{mean_line:.3f}); {DENSE} ran {statistics.fmean(dense_time.values()):.1f} "
              "simulated s.", "",
-             "| arm | pers. acc (final) | simulated s | MB up + down | s to the seed's line "
-             "| s to the mean line | local s / client / round | lr | seeds |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             *TABLE_HEAD]
     chosen, choice = choose_tsfa(args)
     choice += ["", *rate_check(args)]
     if set(PLANNED) & set(args.arms) and (plan := plan_table(args)):
@@ -392,6 +390,11 @@ def rate_check(args, count: int = 3) -> list[str]:
             f"{'; '.join(moved) if moved else 'the same for every arm'}."]
 
 
+TABLE_HEAD = ("| arm | pers. acc (final) | simulated s | MB up + down | s to the seed's "
+              "line | s to the mean line | local s / client / round | lr | seeds |",
+              "|---|---|---|---|---|---|---|---|---|")
+
+
 def _row(label: str, runs: dict[int, Path], line: dict[int, float], mean_line: float) -> str:
     """One table row: final accuracy, simulated time, bytes, time to the lines, local
     seconds, the rate and the seed count."""
@@ -497,9 +500,7 @@ def confirmation(args) -> list[str]:
     text = [f"Confirmation on fresh seeds ({', '.join(map(str, sorted(dense)))}; never used "
             f"to tune or choose anything): lines {per_seed}; {DENSE} ran {seconds:.1f} "
             "simulated s.", "",
-            "| arm | pers. acc (final) | simulated s | MB up + down | s to the seed's line "
-            "| s to the mean line | local s / client / round | lr | seeds |",
-            "|---|---|---|---|---|---|---|---|---|", _row(DENSE, dense, line, mean_line),
+            *TABLE_HEAD, _row(DENSE, dense, line, mean_line),
             *(_row(arm, runs, line, mean_line) for arm, runs in arms.items()), ""]
     for arm, runs in arms.items():
         tuned_rounds = load_config(tuned.chosen_runs(args, arm)[0] / "config.yaml").rounds
