@@ -184,19 +184,36 @@ def timed(args) -> bool:
     ``TIMED``."""
     if args.stage not in ("timed", "all"):
         return True
+    return _run_on(args, [a for a in TSFA_ARMS if a in args.arms], "timed",
+                   lambda arm: TIMED[args.size])
+
+
+def _run_on(args, arms: list[str], stage: str, extra: Callable[[str], tuple[str, ...]],
+            seeds: tuple[int, ...] = (0, *tuned.SEEDS)) -> bool:
+    """Each of ``arms`` at its chosen rate for ``seeds``, with ``extra(arm)`` overrides,
+    into ``<arm>/<stage>/runs/``; False while other shards still hold some runs."""
     done = True
-    for arm in (a for a in TSFA_ARMS if a in args.arms):
+    for arm in arms:
         args.study = study(argparse.Namespace(**{**vars(args), "arms": [arm]}))
-        done &= tuned.run_on(args, arm, "timed", TIMED[args.size])
+        done &= tuned.run_on(args, arm, stage, extra(arm), seeds=seeds)
     return done
+
+
+def chosen_by_reading(candidates: list[Candidate]) -> dict[str, str]:
+    """The TSFA arm each reading of the latency target chooses, the study's rule
+    first: {arm: the readings that chose it}."""
+    reading: dict[str, str] = {}
+    for name, arm in (("the study's two-sided", pick_tsfa(candidates)),
+                      ("the one-sided", pick_tsfa(candidates, at_most_over_budget))):
+        if arm is not None:
+            reading[arm] = f"{reading[arm]} and {name}" if arm in reading else name
+    return reading
 
 
 def confirmed_arms(args) -> list[str]:
     """The arms the ``confirm`` stage runs: the dense arm (the lines and half-times)
     and the TSFA arm chosen under each reading of the latency target."""
-    candidates = tsfa_candidates(args)
-    chosen = [pick_tsfa(candidates), pick_tsfa(candidates, at_most_over_budget)]
-    return [DENSE, *dict.fromkeys(arm for arm in chosen if arm is not None)]
+    return [DENSE, *chosen_by_reading(tsfa_candidates(args))]
 
 
 def confirm(args) -> bool:
@@ -204,12 +221,8 @@ def confirm(args) -> bool:
     ``CONFIRM_SEEDS``, the dense arm at its tuned length, TSFA run to ``TIMED``."""
     if args.stage not in ("confirm", "all"):
         return True
-    done = True
-    for arm in confirmed_arms(args):
-        args.study = study(argparse.Namespace(**{**vars(args), "arms": [arm]}))
-        extra = () if arm == DENSE else TIMED[args.size]
-        done &= tuned.run_on(args, arm, "confirm", extra, seeds=CONFIRM_SEEDS)
-    return done
+    return _run_on(args, confirmed_arms(args), "confirm",
+                   lambda arm: () if arm == DENSE else TIMED[args.size], CONFIRM_SEEDS)
 
 
 def tsfa_budget(args) -> float:
@@ -256,9 +269,7 @@ def report(args) -> str:
     dense = tuned.chosen_by_seed(args, DENSE)
     if not dense:
         raise SystemExit(f"no finished {DENSE} runs under {tuned.arm_dir(args, DENSE)}")
-    line = {s: _curve(r)[-1][1] - TARGET_DROP for s, r in dense.items()}
-    dense_time = {s: load_metrics(r)[-1]["simulated_seconds"] for s, r in dense.items()}
-    mean_line = statistics.fmean(line.values())
+    line, dense_time, mean_line = lines_and_times(dense)
     lines = [f"Lines: {DENSE}'s final accuracy minus {TARGET_DROP:.2f} per seed "
              f"({', '.join(f'{s}: {v:.4f}' for s, v in sorted(line.items()))}; mean "
              f"{mean_line:.3f}); {DENSE} ran {statistics.fmean(dense_time.values()):.1f} "
@@ -293,6 +304,15 @@ def report(args) -> str:
               for row in (f"{arm} (not chosen):", *text, "")]
     return "\n".join([*lines, "", *choice, "", *headline, "", *others,
                       *confirmation(args)]).rstrip()
+
+
+def lines_and_times(dense: dict[int, Path]) -> tuple[dict[int, float], dict[int, float],
+                                                     float]:
+    """From the dense arm's runs by seed: each seed's line (its final accuracy minus
+    ``TARGET_DROP``), its simulated time, and the mean line."""
+    line = {s: _curve(r)[-1][1] - TARGET_DROP for s, r in dense.items()}
+    dense_time = {s: load_metrics(r)[-1]["simulated_seconds"] for s, r in dense.items()}
+    return line, dense_time, statistics.fmean(line.values())
 
 
 def _mean_latency(run: Path, rounds: int | None = None) -> float:
@@ -482,19 +502,12 @@ def confirmation(args) -> list[str]:
     under both readings of the latency target (over the tuned length and over all
     its rounds)."""
     dense = tuned.stage_runs(args, DENSE, "confirm")
-    candidates = tsfa_candidates(args)
-    reading: dict[str, str] = {}  # arm: the readings that chose it, the study's first
-    for name, arm in (("the study's two-sided", pick_tsfa(candidates)),
-                      ("the one-sided", pick_tsfa(candidates, at_most_over_budget))):
-        if arm is not None:
-            reading[arm] = f"{reading[arm]} and {name}" if arm in reading else name
+    reading = chosen_by_reading(tsfa_candidates(args))
     arms = {arm: runs for arm in reading
             if (runs := tuned.stage_runs(args, arm, "confirm"))}
     if not dense or not arms:
         return []
-    line = {s: _curve(r)[-1][1] - TARGET_DROP for s, r in dense.items()}
-    dense_time = {s: load_metrics(r)[-1]["simulated_seconds"] for s, r in dense.items()}
-    mean_line = statistics.fmean(line.values())
+    line, dense_time, mean_line = lines_and_times(dense)
     per_seed = ", ".join(f"{s}: {v:.4f}" for s, v in sorted(line.items()))
     seconds = statistics.fmean(dense_time.values())
     text = [f"Confirmation on fresh seeds ({', '.join(map(str, sorted(dense)))}; never used "
