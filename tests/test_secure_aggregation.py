@@ -231,13 +231,13 @@ def test_below_the_threshold_the_round_is_skipped_and_the_run_goes_on(tiny_confi
 
 
 def test_dp_with_secure_aggregation_clips_on_clients_and_reports_epsilon(tiny_config):
-    from sfedlora.privacy import GaussianMechanism
+    from sfedlora.privacy import Accountant
 
     both = ("method=fedit", "privacy.secure_aggregation=true", "privacy.enabled=true",
             "privacy.clip_norm=0.01", "local.lr=0.05", "rounds=1")
     cfg = tiny_config(*both, "privacy.noise_multiplier=1.0")
     metrics = Simulation(cfg).run_round(1).metrics
-    epsilon = GaussianMechanism(cfg.privacy, 1.0).epsilon(1)
+    epsilon = Accountant(1.0, 1.0, cfg.privacy.delta).epsilon_pld(1)
     assert metrics["dp_epsilon"] == epsilon and 0 < epsilon < float("inf")
     sim = Simulation(tiny_config(*both, "privacy.noise_multiplier=0"))
     start = {n: t.clone() for n, t in sim.server.state.items()}

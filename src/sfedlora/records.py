@@ -117,7 +117,8 @@ class Metric(StrEnum):
     DROPPED = "dropped"
     UNSCORED = "unscored"
     EVAL_CLIENTS = "eval_clients"
-    DP_EPSILON = "dp_epsilon"
+    DP_EPSILON = "dp_epsilon"  # PLD accountant
+    DP_EPSILON_RDP = "dp_epsilon_rdp"
     BYTES_UP = "bytes_up"
     BYTES_DOWN = "bytes_down"
     BYTES_UP_PER_CLIENT = "bytes_up_per_client"
@@ -163,6 +164,22 @@ class Metric(StrEnum):
     GLOBAL_EXACT_MATCH = "global_exact_match"
 
 
+# What depends on who took part in a round: kept out of the released artefacts where
+# the sampling is secret (under DP), since amplification by subsampling holds only
+# while nobody outside knows who took part. Evaluation metrics stay: they score the
+# released state (and clients' own adapters) on every evaluated client, sampled or not.
+PARTICIPATION_METRICS = frozenset({
+    Metric.CLIENTS, Metric.DROPPED, Metric.REJECTED, Metric.TRAIN_LOSS,
+    Metric.GRAD_NORM_A, Metric.GRAD_NORM_B, Metric.BYTES_UP, Metric.BYTES_DOWN,
+    Metric.BYTES_UP_PER_CLIENT, Metric.BYTES_DOWN_PER_CLIENT, Metric.BYTES_UP_TOTAL,
+    Metric.BYTES_DOWN_TOTAL, Metric.BYTES_TOTAL, Metric.BYTES_UP_TOTAL_PER_CLIENT,
+    Metric.BYTES_DOWN_TOTAL_PER_CLIENT, Metric.BANDWIDTH_HZ_PER_CLIENT,
+    Metric.RATE_BPS_PER_CLIENT, Metric.UPLOAD_SECONDS_PER_CLIENT,
+    Metric.COMPUTE_SECONDS_PER_CLIENT, Metric.DOWNLOAD_SECONDS_PER_CLIENT,
+    Metric.ENERGY_JOULES_PER_CLIENT, Metric.LATENCY_SECONDS, Metric.SIMULATED_SECONDS,
+    Metric.TSFA_KEEP, Metric.TSFA_QUEUE, Metric.TSFA_PREDICTED_LATENCY,
+})
+
 # What summary.json keeps of the last evaluated round.
 SUMMARY_METRICS = (
     Metric.ROUND, Metric.TRAIN_LOSS, Metric.PERSONALIZED_VAL_LOSS,
@@ -173,6 +190,7 @@ SUMMARY_METRICS = (
     Metric.NORM_A_MEAN, Metric.ADAPTER_OUTPUT_NORM, Metric.BYTES_UP, Metric.BYTES_DOWN,
     Metric.BYTES_UP_TOTAL, Metric.BYTES_DOWN_TOTAL, Metric.BYTES_TOTAL,
     Metric.BYTES_UP_TOTAL_PER_CLIENT, Metric.BYTES_DOWN_TOTAL_PER_CLIENT, Metric.DP_EPSILON,
+    Metric.DP_EPSILON_RDP,
     Metric.PERSONALIZED_PERPLEXITY, Metric.GLOBAL_PERPLEXITY, Metric.PERSONALIZED_EXACT_MATCH,
     Metric.GLOBAL_EXACT_MATCH, Metric.SIMULATED_SECONDS,
 )

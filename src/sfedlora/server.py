@@ -19,7 +19,7 @@ import torch
 
 from sfedlora import codecs, wire
 from sfedlora.adapters import TensorSpec
-from sfedlora.aggregation import clip_update, combiner_for, uniform_mean, update_norm
+from sfedlora.aggregation import clip_update, combiner_for, update_norm
 from sfedlora.codecs import Codec
 from sfedlora.config import ServerConfig
 from sfedlora.downlink import Downlink
@@ -273,6 +273,10 @@ class Server:
                 report.rejected[reply.client_id] = str(exc)
                 log.warning("round %d: rejected update of client %d: %s",
                             round_idx, reply.client_id, exc)
+        if self.privacy is not None:  # released every round, however few took part
+            self._set_combined(self._private_step(round_idx, updates, sorted(expected)))
+            report.applied = True
+            return report
         if len(updates) < self.min_clients:
             log.warning("round %d: %d good updates < min_clients=%d; global state unchanged",
                         round_idx, len(updates), self.min_clients)
@@ -287,34 +291,54 @@ class Server:
             self.downlink.publish(state)
 
     def apply_mean(self, round_idx: int, mean: dict[str, torch.Tensor], weight: int,
-                   num_clients: int) -> None:
-        """Apply the weighted mean of ``num_clients`` uploads that secure aggregation
-        unmasked (the server never saw them one by one): as one update of weight 1,
-        with DP noise for ``num_clients`` where configured (the clients clipped their
-        own changes)."""
+                   clients: Sequence[int]) -> None:
+        """Apply the weighted mean of the uploads of ``clients`` that secure aggregation
+        unmasked (the server never saw them one by one): as one update of weight 1, or
+        under DP as the noised sum of their changes (the clients clipped their own)."""
+        if self.privacy is not None:
+            # sum of changes = sum of uploads - sum of what each client started from
+            starts = [self.reference(c, round_idx) for c in clients]
+            change_sum = {n: mean[n].double() * len(clients)
+                          - sum(s[n].double() for s in starts) for n in mean}
+            self._set_combined(self._release(round_idx, change_sum, []))
+            return
         update = Update(-1, max(1, weight), mean)
-        self._set_combined(self._combine(round_idx, [update], num_clients=num_clients))
+        self._set_combined(self._combine(round_idx, [update]))
 
-    def _combine(self, round_idx: int, updates: list[Update], num_clients: int | None = None
-                 ) -> dict[str, torch.Tensor]:
-        """``num_clients``: the updates are one secure mean of that many clients,
-        clipped on the clients."""
-        clip = self.privacy.cfg.clip_norm if self.privacy else self.cfg.clip_norm
-        if clip is not None and num_clients is None:
+    def _private_step(self, round_idx: int, updates: list[Update], names: list[str]
+                      ) -> dict[str, torch.Tensor]:
+        """DP: each change clipped to C against what its client started from, summed,
+        noised and divided by the expected cohort size (:class:`GaussianMechanism`)."""
+        change_sum = {n: torch.zeros(self.spec[n].shape, dtype=torch.float64) for n in names}
+        clip = self.privacy.cfg.clip_norm
+        for u in sorted(updates, key=lambda u: u.client_id):
+            start = self._on_global(self.reference(u.client_id, round_idx))
+            clipped = clip_update(u.tensors, start, clip)
+            for n in names:
+                change_sum[n] += clipped[n].double() - start[n].double()
+        return self._release(round_idx, change_sum, updates)
+
+    def _release(self, round_idx: int, change_sum: dict[str, torch.Tensor],
+                 updates: list[Update]) -> dict[str, torch.Tensor]:
+        """The noised release on the state a full-rank client started from (never on
+        who took part), then the method's post-processing and the server optimizer."""
+        base = self._on_global(self.sent)
+        new = {**self.state, **self.privacy.release(base, change_sum)}
+        return self._finish(round_idx, new, updates, sorted(change_sum))
+
+    def _combine(self, round_idx: int, updates: list[Update]) -> dict[str, torch.Tensor]:
+        clip = self.cfg.clip_norm
+        if clip is not None and updates[0].client_id >= 0:  # -1: a secure sum, unclippable
             updates = [replace(u, tensors=clip_update(  # on the frame updates are in
                 u.tensors, self._on_global(self.reference(u.client_id, round_idx)), clip))
                 for u in updates]
-        if self.privacy is None:
-            new = self.method.aggregate(self.state, updates, combiner_for(self.cfg))
-        else:
-            # DP: equal weights bound each client's influence by the clip norm.
-            mean = self.method.aggregate(self.state, updates, uniform_mean)
-            uploaded = {n: mean[n] for n in updates[0].tensors}
-            new = {**mean, **self.privacy.noise(uploaded, num_clients or len(updates))}
+        new = self.method.aggregate(self.state, updates, combiner_for(self.cfg))
+        return self._finish(round_idx, new, updates, list(updates[0].tensors))
+
+    def _finish(self, round_idx: int, new: dict[str, torch.Tensor], updates: list[Update],
+                uploaded: list[str]) -> dict[str, torch.Tensor]:
         new = self.method.finalize(new)
         self.hooks.after_combine(round_idx, sorted(updates, key=lambda u: u.client_id))
         if self.optimizer is None:
             return new
-        return self.optimizer.step(self.state, self.sent,
-                                   {n: new[n] for n in updates[0].tensors})
-
+        return self.optimizer.step(self.state, self.sent, {n: new[n] for n in uploaded})

@@ -28,9 +28,9 @@ from sfedlora.methods import Part, get_method, part_of
 from sfedlora.network import build_network
 from sfedlora.pool import ClientPool, InProcessPool
 from sfedlora.privacy import GaussianMechanism
-from sfedlora.records import Metric, Tensors, mean_or_none
+from sfedlora.records import PARTICIPATION_METRICS, Metric, Tensors, mean_or_none
 from sfedlora.results import RunDir, resolve_output_dir
-from sfedlora.sampling import evaluated_clients, sample_clients
+from sfedlora.sampling import evaluated_clients, sampler_for
 from sfedlora.secagg.server import SecureRound
 from sfedlora.server import Reply, Server
 from sfedlora.tasks import get_task
@@ -59,8 +59,9 @@ class Simulation:
         self.info = pool.info()
         self.method, self.task = get_method(cfg.method), get_task(cfg.task)
         self.inits = AdapterInits(cfg, self.method, self.info.layout)
-        self.privacy = (GaussianMechanism(cfg.privacy, cfg.clients_per_round / cfg.clients.num)
+        self.privacy = (GaussianMechanism(cfg.privacy, cfg.sample_rate, cfg.clients_per_round)
                         if cfg.privacy.enabled else None)
+        self.sampler = sampler_for(cfg)
         layout = self.info.layout
         self.server = Server(self.method, self.inits.initial_server_state(), layout.spec,
                              layout.names, cfg.server, cfg.clients.min_clients,
@@ -89,9 +90,7 @@ class Simulation:
     # --- one round ------------------------------------------------------------------
 
     def run_round(self, round_idx: int) -> RoundRecord:
-        cfg = self.cfg
-        clients = self.method.participants(
-            sample_clients(cfg.clients.num, cfg.clients_per_round, cfg.seed, round_idx))
+        clients = self.method.participants(self.sampler.sample(round_idx))
         t0 = time.perf_counter()
         planned = self.server.hooks.begin_round(round_idx, clients, self.network)
         downloads = {cid: self.server.download(cid) for cid in clients}
@@ -134,8 +133,11 @@ class Simulation:
                                                {c: fits[c] for c in clients})
         if dropped:
             metrics[Metric.DROPPED] = dropped
+        if self.sampler.secret:  # who took part must not reach the released artefacts
+            metrics = {k: v for k, v in metrics.items() if k not in PARTICIPATION_METRICS}
         if self.privacy is not None:
             metrics[Metric.DP_EPSILON] = self.privacy.epsilon(round_idx)
+            metrics[Metric.DP_EPSILON_RDP] = self.privacy.epsilon_rdp(round_idx)
         return RoundRecord({str(k): v for k, v in metrics.items()},
                            {"train": t1 - t0, "aggregate": t2 - t1})
 
@@ -185,7 +187,8 @@ class Simulation:
         return Checkpoint(
             round=round_idx, server=self.server.state_dict(), pool=self.pool.state_dict(),
             totals={**self.bytes.state_dict(), "wall_seconds": wall_seconds,
-                    **(self.network.state_dict() if self.network else {})},
+                    **(self.network.state_dict() if self.network else {}),
+                    "sampler": self.sampler.state_dict()},
             config=self.cfg.model_dump(mode="json"), metrics=metrics)
 
     def restore(self, ckpt: Checkpoint) -> None:
@@ -193,6 +196,7 @@ class Simulation:
         self.server.load_state_dict(ckpt.server)
         self.pool.load_state_dict(ckpt.pool)
         self.bytes.load_state_dict(ckpt.totals)
+        self.sampler.load_state_dict(ckpt.totals.get("sampler", {}))
         if self.network is not None:
             self.network.load_state_dict(ckpt.totals)
         self.done_rounds = ckpt.round
@@ -248,7 +252,9 @@ class Simulation:
                 last = record.metrics  # the last round is always evaluated when eval is on
                 run_dir.track()
                 if evaluated:
-                    bar.set_postfix(loss=f"{record.metrics['train_loss']:.3f}")
+                    loss = record.metrics.get(Metric.TRAIN_LOSS)
+                    if loss is not None:
+                        bar.set_postfix(loss=f"{loss:.3f}")
                 run_dir.log_timing({"round": round_idx, **record.seconds,
                                     "started_at": started_at, "ended_at": time.time()})
                 if self.should_checkpoint(round_idx):

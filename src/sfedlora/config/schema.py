@@ -283,8 +283,9 @@ class PrivacyConfig(_Section):
         False, description="mask every upload so the server learns only their sum "
         "(Bonawitz et al. 2017; sfedlora.secagg)")
     secagg_threshold: float = Field(
-        0.5, gt=0, le=1, description="shares needed to unmask, as a fraction of the round's "
-        "clients (at least 2): fewer survivors and the round is skipped")
+        2 / 3, gt=0, le=1, description="shares needed to unmask, as a fraction of the "
+        "round's clients, never below a strict majority (floor(n/2) + 1) or 2: fewer "
+        "survivors and the round is skipped")
     secagg_range: float = Field(
         1.0, gt=0, description="uploaded values are clipped to [-range, range] before "
         "quantisation (clipped coordinates are counted in the client's log)")
@@ -498,6 +499,13 @@ class ExperimentConfig(_Section):
                 "own random draw, so whether it took part shows in the released mean beyond "
                 "what clipping its change can bound; set lora.a_init=shared"
             )
+        if self.privacy.enabled and not self.privacy.secure_aggregation and c.min_clients > 1:
+            raise ValueError(
+                f"privacy.enabled with clients.min_clients={c.min_clients}: under DP the "
+                "server releases the noised sum every round, however few clients took part "
+                "(skipping a round would reveal how many did, which the accountant does not "
+                "cover); set clients.min_clients=1"
+            )
         if self.privacy.enabled and self.server.aggregation != "mean":
             raise ValueError(
                 f"privacy.enabled with server.aggregation={self.server.aggregation!r}: the "
@@ -624,6 +632,12 @@ class ExperimentConfig(_Section):
         if isinstance(per, float):
             return max(1, round(per * self.clients.num))
         return per
+
+    @property
+    def sample_rate(self) -> float:
+        """q = N / clients.num: each client's chance of taking part in a round (under
+        DP, where clients are Poisson-sampled, exactly; otherwise the fixed share)."""
+        return self.clients_per_round / self.clients.num
 
     @property
     def model_name(self) -> str:
