@@ -18,7 +18,7 @@ import numpy as np
 from sfedlora.config import ConfigError
 from sfedlora.secagg import field
 from sfedlora.secagg import messages as sm
-from sfedlora.secagg.protocol import ClientSession, RoundParams
+from sfedlora.secagg.protocol import ClientSession, ProtocolViolation, RoundParams
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +26,15 @@ log = logging.getLogger(__name__)
 def exchange(state: dict | None, cid: int, stage: str, request: bytes
              ) -> tuple[dict | None, bytes]:
     """One of the exchanges ``advertise``, ``share``, ``unmask`` (after which the
-    state is None: nothing of the round is kept)."""
+    state holds no secret, only that the round was answered: a replayed request of that
+    round is refused with :class:`ProtocolViolation`)."""
     body = sm.loads(request)
+    if state is not None and "answered" in state:  # that round's secrets are gone
+        replay = stage != sm.ADVERTISE or int(body["params"]["round"]) <= state["answered"]
+        if replay:
+            raise ProtocolViolation(
+                f"client {cid}: secure-aggregation {stage} after the unmask of round "
+                f"{state['answered']} was answered (a server replaying a round)")
     if stage == sm.ADVERTISE:
         session = ClientSession(cid)
         reply = sm.dumps(session.advertise())  # draws the keys the state must hold
@@ -37,8 +44,10 @@ def exchange(state: dict | None, cid: int, stage: str, request: bytes
     session = ClientSession.from_state(state["session"])
     if stage == sm.SHARE:
         reply = session.share(RoundParams.from_json(state["params"]), body["keys"])
-    elif stage == sm.UNMASK:  # the last exchange: the round's secrets are dropped
-        return None, sm.dumps(session.unmask([int(c) for c in body["survivors"]]))
+    elif stage == sm.UNMASK:  # the last exchange: the round's secrets are dropped,
+        # and what is kept says only that it was answered, so it is never answered again
+        reply = sm.dumps(session.unmask([int(c) for c in body["survivors"]]))
+        return {"answered": int(state["params"]["round"])}, reply
     else:
         raise ValueError(f"unknown secure-aggregation exchange {stage!r}")
     return {**state, "session": session.state_dict()}, sm.dumps(reply)

@@ -24,8 +24,16 @@ The exchanges, for the clients U0 sampled in a round and a threshold t:
    sum of U3's uploads, and nothing about any single one.
 
 Secrets come from the OS (``os.urandom`` and ``cryptography``'s key generation), never
-from the config seed. Each round uses fresh keys. The server is trusted to follow the
-protocol (honest-but-curious), as in the paper's semi-honest setting.
+from the config seed. Each round uses fresh keys.
+
+Against a server that lies, clients refuse to help it (:class:`ProtocolViolation`):
+they answer the unmask request of a round at most once (so never reveal both kinds of
+share of one peer), only for a survivor list of at least t clients of U2 that includes
+themselves, and refuse a key list in which two clients share a public key. With t a
+strict majority (:func:`sfedlora.secagg.server.threshold`), two groups shown different
+survivor lists cannot both reach t, since no client answers twice. What this does not
+stop (no PKI here): a server that invents clients (a Sybil attack) or swaps keys in
+transit; the threat model is in docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -51,6 +59,10 @@ CURVE = ec.SECP384R1()
 
 class RoundAborted(RuntimeError):
     """Fewer clients than the threshold remain at some exchange: the round is skipped."""
+
+
+class ProtocolViolation(ValueError):
+    """A request an honest server never sends; the client refuses to answer it."""
 
 
 def _b64(data: bytes) -> str:
@@ -129,6 +141,8 @@ class ClientSession:
     received: dict[int, str] = field(default_factory=dict)  # peer -> ciphertext for us
     masked_with: list[int] = field(default_factory=list)  # U2
     public_keys: dict[int, dict] = field(default_factory=dict)  # U1's, as broadcast
+    threshold: int = 0  # t of this round, from its public parameters
+    answered: bool = False  # the unmask request was answered: never again
 
     def advertise(self) -> dict:
         c, s = ec.generate_private_key(CURVE), ec.generate_private_key(CURVE)
@@ -139,9 +153,15 @@ class ClientSession:
         """Shares of b and of the s key for every peer of U1, encrypted for it."""
         self.public_keys = {int(k): v for k, v in public_keys.items()}
         self.peers = sorted(self.public_keys)
+        self.threshold = params.threshold
         if self.cid not in self.peers or len(self.peers) < params.threshold:
             raise RoundAborted(f"client {self.cid}: {len(self.peers)} peers < threshold "
                                f"{params.threshold}")
+        for kind in ("c_pk", "s_pk"):
+            keys = [self.public_keys[p][kind] for p in self.peers]
+            if len(set(keys)) != len(keys):
+                raise ProtocolViolation(f"client {self.cid}: two clients of the key list "
+                                        f"share a public {kind} key")
         self.b_seed = os.urandom(32)
         b_shares = create_shares(self.b_seed, params.threshold, len(self.peers))
         sk_shares = create_shares(self.s_key, params.threshold, len(self.peers))
@@ -178,6 +198,16 @@ class ClientSession:
         """Per peer of U2 (and itself): the b share of a survivor or the s-key share
         of a client that dropped after sharing."""
         alive = set(survivors)
+        if self.answered:
+            raise ProtocolViolation(f"client {self.cid}: the unmask request of this round "
+                                    "was answered already")
+        if not alive <= set(self.masked_with) or self.cid not in alive:
+            raise ProtocolViolation(f"client {self.cid}: survivors {sorted(alive)} are not "
+                                    f"clients it masked with ({self.masked_with}) or omit it")
+        if len(alive) < self.threshold:
+            raise ProtocolViolation(f"client {self.cid}: {len(alive)} survivors < threshold "
+                                    f"{self.threshold}")
+        self.answered = True
         c_key = _load_private(self.c_key)
         reveal: dict[str, dict[int, str]] = {"b": {}, "sk": {}}
         for peer in self.masked_with:
@@ -202,7 +232,8 @@ class ClientSession:
                 "own_shares": [_b64(s) for s in self.own_shares],
                 "public_keys": {str(k): v for k, v in self.public_keys.items()},
                 "received": {str(k): v for k, v in self.received.items()},
-                "masked_with": self.masked_with}
+                "masked_with": self.masked_with, "threshold": self.threshold,
+                "answered": self.answered}
 
     @classmethod
     def from_state(cls, state: dict) -> ClientSession:
@@ -211,7 +242,8 @@ class ClientSession:
                    tuple(_unb64(s) for s in state["own_shares"]),
                    {int(k): v for k, v in state["received"].items()},
                    list(state["masked_with"]),
-                   {int(k): v for k, v in state["public_keys"].items()})
+                   {int(k): v for k, v in state["public_keys"].items()},
+                   int(state.get("threshold", 0)), bool(state.get("answered", False)))
 
 
 class ServerSession:

@@ -30,8 +30,11 @@ log = logging.getLogger(__name__)
 
 
 def threshold(cfg: ExperimentConfig, clients: int) -> int:
-    """Shares needed to unmask: the configured fraction of the round's clients, >= 2."""
-    return max(2, math.ceil(cfg.privacy.secagg_threshold * clients))
+    """Shares needed to unmask: the configured fraction of the round's clients, and
+    never less than a strict majority (floor(n/2) + 1) or 2. Below a strict majority a
+    lying server could show two disjoint groups of t clients different survivor lists
+    and collect both kinds of share of one client (the split-survivor attack)."""
+    return max(2, clients // 2 + 1, math.ceil(cfg.privacy.secagg_threshold * clients))
 
 
 @dataclass
@@ -91,7 +94,7 @@ class SecureRound:
         if ex.aborted is None:
             try:
                 mean, weight = self._unmask(round_idx, ex, fits, report)
-                self.server.apply_mean(round_idx, mean, weight, len(report.accepted))
+                self.server.apply_mean(round_idx, mean, weight, report.accepted)
                 report.applied = True
             except RoundAborted as exc:
                 ex.aborted = str(exc)
@@ -115,6 +118,9 @@ class SecureRound:
                 log.warning("round %d: rejected masked update of client %d: %s",
                             round_idx, c, exc)
         survivors = ex.session.collect(masked)
+        if len(survivors) < server.min_clients:  # before any share of the sum is revealed
+            raise RoundAborted(f"{len(survivors)} masked uploads < clients.min_clients="
+                               f"{server.min_clients}")
         request = sm.dumps({"survivors": survivors})
         replies = self._send(ex, round_idx, sm.UNMASK, {c: request for c in survivors})
         reveals = {}
