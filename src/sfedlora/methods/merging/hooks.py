@@ -1,10 +1,12 @@
 """Merging into the base weights, on both sides of the wire (FLoRA, FedEx-LoRA).
 
-Server (:class:`MergeHistory`): the factors of every round (what the method's
-``merge_factors`` makes of the round's updates), and per client the
-last round whose factors it has received; a download carries the factors of every
-round the client has not received yet (all of them for a client that never replied).
-Its whole state is checkpointed.
+Server (:class:`MergeHistory`): the factors of every merge (what the method's
+``merge_factors`` makes of an aggregated round's updates), numbered 1, 2, ... in the
+order they were made, and per client the last merge it has received; a download
+carries every merge the client has not received yet (all of them for a client that
+never replied). Merges are numbered, not keyed by round, so a skipped round (too few
+good updates) leaves no gap for a client to stumble on: the run goes on as if that
+round never happened. Its whole state is checkpointed.
 
 Client (:class:`BaseMerger`): brings the model's base weights to the newest round it
 has been sent, in order. A process's model may serve several clients (the in-process
@@ -53,21 +55,21 @@ def _store_key(round_idx: int) -> str:
 class MergeHistory(ServerHooks):
     def __init__(self, method, cfg):
         self.method, self.cfg = method, cfg
-        self.merges: dict[int, Tensors] = {}  # round -> stacked factors
-        self.synced: dict[int, int] = {}  # client -> last round whose factors it holds
+        self.merges: dict[int, Tensors] = {}  # merge number -> stacked factors
+        self.synced: dict[int, int] = {}  # client -> last merge it holds
 
     @property
     def merged_round(self) -> int:
-        """The last round whose factors were merged (0: none yet)."""
+        """The number of the last merge (0: none yet)."""
         return max(self.merges, default=0)
 
     def after_combine(self, round_idx: int, updates: Sequence[Update]) -> None:
         ordered = sorted(updates, key=lambda u: u.client_id)
-        self.merges[round_idx] = self.method.merge_factors(ordered, self.cfg)
+        self.merges[self.merged_round + 1] = self.method.merge_factors(ordered, self.cfg)
 
-    def merges_since(self, round_idx: int) -> Tensors:
-        """The factors of every round after ``round_idx``, named ``merge.<round>.<name>``."""
-        return {merge_name(r, n): t for r in sorted(self.merges) if r > round_idx
+    def merges_since(self, number: int) -> Tensors:
+        """Every merge after merge ``number``, named ``merge.<number>.<name>``."""
+        return {merge_name(r, n): t for r in sorted(self.merges) if r > number
                 for n, t in self.merges[r].items()}
 
     def download_extras(self, cid: int | None, advance: bool = True) -> Tensors:
