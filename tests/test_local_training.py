@@ -52,3 +52,27 @@ def test_epochs_mode_runs_end_to_end(tiny_config):
     sim = Simulation(tiny_config("local.steps=null", "local.epochs=1", "rounds=1"))
     rec = sim.run_round(1).metrics
     assert rec["train_loss"] > 0
+
+
+def test_the_learning_rate_schedule_runs_over_all_rounds_not_each_round(tiny_config):
+    """Cosine over 3 rounds of 2 steps: the learning rate of the optimizer step s
+    (0..5, counted across rounds) is lr * (1 + cos(pi s / 6)) / 2, written out here; a
+    schedule that restarted every round would repeat round 1's two values."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    from sfedlora.simulation import Simulation
+
+    sim = Simulation(tiny_config("method=fedit", "clients.num=2", "rounds=3",
+                                 "local.steps=2", "local.lr=0.01", "local.schedule=cosine"))
+    seen: list[float] = []
+    handle = register_optimizer_step_pre_hook(
+        lambda opt, args, kwargs: seen.append(opt.param_groups[0]["lr"]))
+    try:
+        for r in (1, 2, 3):
+            sim.run_round(r)
+    finally:
+        handle.remove()
+    per_client = [0.01 * (1 + math.cos(math.pi * s / 6)) / 2 for s in range(6)]
+    expected = [lr for r in range(3) for _ in range(2)
+                for lr in per_client[2 * r: 2 * r + 2]]  # each round: client 0, client 1
+    assert seen == pytest.approx(expected, rel=1e-12)

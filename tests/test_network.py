@@ -107,3 +107,41 @@ def test_a_wireless_run_logs_seconds_that_match_its_bytes(tiny_config, tmp_path)
 def test_bad_network_settings_stop_before_the_run(overrides, message, tiny_config):
     with pytest.raises(ConfigError, match=message):
         tiny_config(*overrides)
+
+
+def test_download_seconds_are_the_payloads_bits_over_the_downlink_rate(tiny_config):
+    """8 * bytes / rate, with the bytes the round logged (a download priced in bytes
+    instead of bits is 8x too fast)."""
+    from sfedlora.simulation import Simulation
+
+    cfg = tiny_config("method=fedit", "rounds=1", "network.model=wireless",
+                      "network.downlink_bps=1e6")
+    m = Simulation(cfg).run_round(1).metrics
+    assert m["download_seconds_per_client"]
+    for c, seconds in m["download_seconds_per_client"].items():
+        assert seconds == 8 * m["bytes_down_per_client"][c] / 1e6
+
+
+def test_a_resumed_wireless_run_continues_the_simulated_clock(tiny_config, tmp_path):
+    """Three rounds in one go, and two rounds then a resume for the third: the clock at
+    round 3 is the sum of the three rounds' latencies either way (a resume that
+    restarted the clock would read only round 3's)."""
+    from sfedlora.results import RunDir
+    from sfedlora.simulation import Simulation
+
+    args = ("method=fedit", "rounds=3", "network.model=wireless")
+    whole = tiny_config(*args, f"output_dir={tmp_path / 'whole'}")
+    Simulation(whole).run()
+    lines = [json.loads(x) for x in (tmp_path / "whole/metrics.jsonl").read_text().splitlines()]
+    parted = tiny_config(*args, f"output_dir={tmp_path / 'parted'}")
+    first = Simulation(parted)
+    for r in (1, 2):
+        first.run_round(r)
+    run_dir = RunDir(tmp_path / "parted")
+    run_dir.start(parted, first.info.label_names)
+    run_dir.save_checkpoint(first.checkpoint(2, 0.0, []))
+    resumed = Simulation.resume(tmp_path / "parted")
+    assert resumed.run_round(3).metrics["simulated_seconds"] == pytest.approx(
+        sum(m["latency_seconds"] for m in lines), rel=1e-12)
+    assert lines[-1]["simulated_seconds"] == pytest.approx(
+        sum(m["latency_seconds"] for m in lines), rel=1e-12)
