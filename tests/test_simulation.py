@@ -279,3 +279,32 @@ def test_classification_metrics_include_balanced_accuracy_spread_baseline_and_no
     assert metrics["personalized_loss_max"] == pytest.approx(max(losses), rel=1e-5)
     assert metrics["personalized_balanced_accuracy"] == pytest.approx(np.mean(balanced))
     assert metrics["majority_baseline_accuracy"] == pytest.approx(np.mean(majority))
+
+
+def test_personalized_accuracy_is_the_mean_over_clients_of_their_own_accuracy(tiny_config):
+    """Each evaluated client's accuracy recomputed here from its adapter's predictions
+    (model forward, argmax, compare) and averaged with equal weight per client, as the
+    README promises; the pooled accuracy (over examples) is the weighted metric."""
+    sim = Simulation(tiny_config("method=fedsa", "rounds=1", "data.partition=dirichlet",
+                                 "data.dirichlet_alpha=0.3"))
+    sim.run_round(1)
+    metrics = sim.evaluate()
+    exp = sim.pool.exp
+    per_client, right, count = [], 0, 0
+    for cid in sim.evaluator.scored:
+        test = exp.client_test[cid]
+        if not len(test):
+            continue
+        exp.worker.slots.load(sim.client_adapter(cid))
+        exp.worker.model.eval()
+        with torch.no_grad():
+            batch = exp.worker.batch(test, list(range(len(test))), labels=False)
+            predicted = exp.worker.model(**batch).logits.argmax(-1).cpu()
+        hits = (predicted == torch.as_tensor(test.labels)).sum().item()
+        per_client.append(hits / len(test))
+        right, count = right + hits, count + len(test)
+    assert len({len(exp.client_test[c]) for c in sim.evaluator.scored}) > 1  # unequal
+    assert metrics["personalized_accuracy"] == pytest.approx(
+        sum(per_client) / len(per_client), abs=1e-12)
+    assert metrics["personalized_accuracy_weighted"] == pytest.approx(right / count,
+                                                                      abs=1e-12)
