@@ -172,3 +172,25 @@ def test_settings_a_method_cannot_run_with_are_refused(method, override, match,
                                                       tiny_config):
     with pytest.raises(ConfigError, match=match):
         tiny_config(f"method={method}", override)
+
+
+def test_central_under_epochs_trains_on_as_many_examples_as_the_sampled_clients_hold(
+        tiny_config):
+    """4 clients, 2 per round, one local epoch: a federated round trains on the sampled
+    clients' examples, so central must too (over the whole pool it saw twice that)."""
+    from sfedlora.sampling import sample_clients
+
+    cfg = tiny_config("method=central", "clients.num=4", "clients.per_round=2",
+                      "rounds=3", "local.steps=null", "local.epochs=1",
+                      "data.partition=dirichlet", "data.dirichlet_alpha=0.5")
+    central = Simulation(cfg)
+    fit = central.pool.fit
+    seen = []
+    central.pool.fit = lambda r, d, secure=None: seen.append(fit(r, d, secure)[0]) or {
+        0: seen[-1]}
+    splits = central.pool.exp.data.clients
+    for r in (1, 2, 3):
+        central.run_round(r)
+        sampled = sample_clients(4, 2, cfg.seed, r)
+        assert seen[-1].num_examples == sum(len(splits[c].train) for c in sampled)
+    assert len({f.num_examples for f in seen}) > 1  # the budget follows the sample

@@ -46,6 +46,14 @@ class Experiment:
         holdout = self.client_holdout[cid] if self.client_holdout else None
         return worker.scored_adapter(cid, state, shared, holdout)
 
+    def round_train(self, cid: int, round_idx: int):
+        """The training examples client ``cid`` uses in round ``round_idx``: its training
+        data, or the part of it the method chooses (:meth:`Method.round_subset`)."""
+        data = self.client_train[cid]
+        subset = self.method.round_subset(self.cfg, cid, len(data), self.data.clients,
+                                          round_idx)
+        return data if subset is None else data.subset(subset)
+
     def score(self, cid: int | None, state, shared, extras, global_part: bool
               ) -> ClientScores:
         """The task's scores of :meth:`adapter`, with the method's per-client values."""

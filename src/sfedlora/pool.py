@@ -101,7 +101,8 @@ class InProcessPool:
         worker, fits = self.exp.worker, {}
         for cid, download in downloads.items():
             state = self.states.before(cid, round_idx)
-            fit = worker.fit(cid, state, download, self.exp.client_train[cid], round_idx)
+            fit = worker.fit(cid, state, download, self.exp.round_train(cid, round_idx),
+                             round_idx)
             self.states.after(cid, round_idx, state)
             if secure is not None:
                 self.secure[cid], fit = secure_client.masked_fit(

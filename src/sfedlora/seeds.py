@@ -25,6 +25,7 @@ HOLDOUT = 204  # the examples a method keeps out of training (FDLoRA's fusion se
 # runtime
 SAMPLE = 303  # which clients take part in a round
 EVAL_CLIENTS = 304  # the fixed subset of clients scored with eval.clients=K
+CENTRAL_SUBSET = 305  # central under local.epochs: the part of the pool a round trains on
 # network model (sfedlora.network)
 PLACEMENT = 401  # a client's distance from the base station and compute speed
 FADING = 402  # a client's Rayleigh fading in a round

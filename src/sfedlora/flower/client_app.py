@@ -104,7 +104,7 @@ def train(msg: Message, context: Context, defaults: dict) -> Message:
     exp, cid, node, request = _setup(msg, context, defaults)
     round_idx = int(request[messages.ROUND])
     state = node.load(at_most=round_idx - 1)
-    fit = exp.worker.fit(cid, state, request[messages.DOWNLOAD], exp.client_train[cid],
+    fit = exp.worker.fit(cid, state, request[messages.DOWNLOAD], exp.round_train(cid, round_idx),
                          round_idx)
     node.save(round_idx, state, int(request[messages.CHECKPOINTED]))
     if messages.SECURE in request:  # secure aggregation: upload the masked vector

@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import numpy as np
 import torch
 
 from sfedlora.aggregation import Combiner, weighted_mean
@@ -290,6 +291,14 @@ class Method:
         """Each client's data split (:class:`~sfedlora.data.ClientSplit`) as this
         method trains on it (default: unchanged; ``central`` pools training data)."""
         return splits
+
+    def round_subset(self, cfg: ExperimentConfig, cid: int, size: int, splits: list,
+                     round_idx: int) -> np.ndarray | None:
+        """Positions of client ``cid``'s training data (``size`` examples, as
+        :meth:`training_splits` made it; ``splits``: every client's own split) that round
+        ``round_idx`` trains on (default None: all of them; ``central`` under
+        ``local.epochs``: as many as the round's sampled clients hold)."""
+        return None
 
     def local_steps(self, cfg: ExperimentConfig) -> int | None:
         """Local steps per round of a training client (default ``local.steps``; None:

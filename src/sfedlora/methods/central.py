@@ -2,9 +2,11 @@
 
 All clients' training parts are pooled on one trainer (client 0 holds the pool; the
 other clients keep only their test and validation parts), which trains one global
-adapter (A, B and head) with the same total number of local steps as a federated
-round of ``clients.per_round`` clients: ``clients.per_round * local.steps`` per round
-(with ``local.epochs``, the epochs over the pool, which are the clients' epochs summed).
+adapter (A, B and head) on the same per-round budget as a federated round of
+``clients.per_round`` clients: ``clients.per_round * local.steps`` steps per round, or
+with ``local.epochs`` that many epochs over a seeded random subset of the pool as large
+as the training data of the clients the round samples (over the whole pool it would
+see ``clients.num / clients.per_round`` times what a federated round sees).
 It is evaluated like every other method: on each client's test part and the global
 test set. It runs through the same engine, so its byte counts are those of one client
 exchanging the adapter each round; they are not a communication cost (the data itself
@@ -17,7 +19,9 @@ from dataclasses import replace
 
 import numpy as np
 
+from sfedlora import seeds
 from sfedlora.methods.base import Method
+from sfedlora.sampling import sample_clients
 
 TRAINER = 0  # the client that holds the pooled training data
 
@@ -34,6 +38,17 @@ class Central(Method):
         pooled = np.concatenate([s.train for s in splits])
         return [replace(s, train=pooled if c == TRAINER else pooled[:0])
                 for c, s in enumerate(splits)]
+
+    def round_subset(self, cfg, cid: int, size: int, splits: list, round_idx: int
+                     ) -> np.ndarray | None:
+        if cid != TRAINER or cfg.local.epochs is None:
+            return None
+        sampled = sample_clients(cfg.clients.num, cfg.clients_per_round, cfg.seed, round_idx)
+        pool = sum(len(s.train) for s in splits)
+        share = sum(len(splits[c].train) for c in sampled)
+        count = round(size * share / pool) if pool else 0
+        rng = np.random.default_rng([cfg.seed, seeds.CENTRAL_SUBSET, round_idx])
+        return np.sort(rng.choice(size, size=count, replace=False))
 
     def local_steps(self, cfg) -> int | None:
         steps = cfg.local.steps
