@@ -9,6 +9,7 @@ import math
 import random
 
 import pytest
+import torch
 
 from sfedlora.config import ConfigError
 from sfedlora.methods.soft.schedule import (
@@ -155,3 +156,31 @@ def test_the_plan_chooses_the_feasible_rank_of_least_bound_and_the_run_checks_it
     with pytest.raises(ConfigError, match=f"chose rank {plan['rank']}"):
         tiny_config(*WIRELESS, f"tsfa.plan={path}", f"lora.rank={other}")
     tiny_config(*WIRELESS, f"tsfa.plan={path}", f"lora.rank={plan['rank']}")  # accepted
+
+
+def test_an_svd_profile_scores_every_component_so_the_schedule_can_raise_keep(tiny_config):
+    """Under soft.importance=svd a client's report at keep 1/4 must still say what keep
+    1/2 and 1 would add: the singular values of B A (computed here from the product
+    itself), not the SVD score within the current keep ratio, which is 0 beyond it and
+    made every larger keep ratio look worthless (so a positive queue never raised keep)."""
+    from sfedlora.methods.soft.tsfa import IMPORTANCE, keep_extra
+
+    cfg = tiny_config(*WIRELESS, "soft.importance=svd", "lora.rank=4",
+                      "tsfa.keep_choices=[0.25,0.5,1.0]", "tsfa.v=10")
+    sim = Simulation(cfg)
+    hooks = sim.pool.exp.worker.hooks
+    hooks.receive({keep_extra(0): torch.zeros(1)})  # the server chose keep 1/4
+    assert hooks.keep == 0.25
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4, 16, generator=gen), torch.randn(16, 4, generator=gen)
+    name = "m.l0.q.lora_A.default.weight"
+    profile = hooks.report({name: a, name.replace(".lora_A.", ".lora_B."): b})[IMPORTANCE]
+    want = torch.linalg.svdvals(b.double() @ a.double())[:4]
+    assert profile == pytest.approx(want.tolist(), rel=1e-5)
+    dropped = [dropped_share(profile, k) for k in (0.25, 0.5, 1.0)]
+    assert dropped[0] > dropped[1] > dropped[2] == 0.0
+    # with this profile, a queue that is positive but small lets V raise keep above 1/4
+    best, _ = drift_plus_penalty([0.25, 0.5, 1.0], lambda k: dropped_share(profile, k),
+                                 {0.25: 1.0, 0.5: 1.1, 1.0: 1.3}.__getitem__, v=10,
+                                 queue=0.5)
+    assert best > 0.25

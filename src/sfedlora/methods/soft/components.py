@@ -64,7 +64,22 @@ def svd_importance(a: torch.Tensor, b: torch.Tensor, keep: float) -> torch.Tenso
     return (in_u * in_v).to(a.dtype)
 
 
+def singular_values(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The r singular values of B A, descending, from the r x r core of
+    :func:`svd_importance` (no d_out x d_in product)."""
+    b64, a64 = b.to(torch.float64), a.to(torch.float64)
+    core = torch.linalg.qr(b64).R @ torch.linalg.qr(a64.T).R.T
+    return torch.linalg.svdvals(core).to(a.dtype)
+
+
 IMPORTANCE = {"norms": lambda a, b, keep: importance(a, b), "svd": svd_importance}
+
+# A layer's importance profile for TSFA's schedule: a score for *every* rank component,
+# whatever this round's keep ratio, so the mass any keep ratio would drop can be read
+# off it. For ``svd`` that is B A's singular values (the best rank-k approximation keeps
+# the top k); svd_importance at the round's keep ratio would score every component
+# beyond it 0, so every larger keep ratio would seem to gain nothing.
+PROFILE = {"norms": importance, "svd": singular_values}
 
 
 def top_components(scores: torch.Tensor, keep: float) -> torch.Tensor:

@@ -26,7 +26,7 @@ import torch
 from sfedlora.config import ConfigError
 from sfedlora.methods.base import ClientHooks, ServerHooks, Tensors
 from sfedlora.methods.soft import Soft, SoftClient
-from sfedlora.methods.soft.components import component_positions
+from sfedlora.methods.soft.components import PROFILE, component_positions
 from sfedlora.methods.soft.schedule import drift_plus_penalty, mean_dropped_share, next_queue
 from sfedlora.records import Metric
 
@@ -43,6 +43,7 @@ class TsfaClient(SoftClient):
         super().__init__(cfg, worker)
         self.choices = cfg.tsfa.keep_choices
         self.keep = self.choices[-1]
+        self.profile = PROFILE[cfg.soft.importance]
 
     def receive(self, extras: Tensors) -> None:
         for name in extras:
@@ -53,7 +54,7 @@ class TsfaClient(SoftClient):
         scores = []
         for name in [n for n in trained if ".lora_A." in n]:
             a, b = trained[name], trained[name.replace(".lora_A.", ".lora_B.")]
-            scores += self.score(a, b, self.keep).tolist()
+            scores += self.profile(a, b).tolist()
         return {IMPORTANCE: scores}
 
 
