@@ -64,8 +64,9 @@ def test_reads_are_as_of_the_checkpointed_round(tmp_path):
     resumed = DiskStates(2, tmp_path / "clients")
     resumed.load_state_dict(states.state_dict() | {"round": 1})
     assert _same(resumed[0], _full_state(1)) and _same(resumed.before(0, 2), _full_state(1))
-    states.checkpointed(2)
-    states.after(0, 3, _full_state(3))
+    resumed.after(0, 2, _full_state(2))  # the resumed run trains round 2 again
+    resumed.checkpointed(2)
+    resumed.after(0, 3, _full_state(3))
     files = sorted(p.name for p in (tmp_path / "clients/client-0").iterdir())
     assert files == ["round-2.safetensors", "round-3.safetensors"]  # round 1 not needed
 
@@ -100,3 +101,56 @@ def test_a_small_population_stays_in_memory_and_an_unwritable_place_is_refused_f
     blocker.write_text("")  # a file where a directory would have to be (root or not)
     with pytest.raises(ConfigError, match="is not a writable directory"):
         Simulation(tiny_config("clients.state_store=disk", f"output_dir={blocker / 'run'}"))
+
+
+def test_a_resume_removes_states_written_after_its_checkpoint(tmp_path):
+    """Client 0 trained rounds 2 and 3 after the checkpoint of round 1, then the run was
+    killed. In the resumed timeline client 0 does not train round 2 (say it dropped), so
+    round 3 would read round 2's stale state as its own; the resume removes it."""
+    states = DiskStates(2, tmp_path / "clients")
+    states.after(0, 1, _full_state(1))
+    states.checkpointed(1)
+    states.after(0, 2, _full_state(2))
+    states.after(0, 3, _full_state(3))
+    resumed = DiskStates(2, tmp_path / "clients")
+    resumed.load_state_dict({"disk": "clients", "round": 1})
+    files = sorted(p.name for p in (tmp_path / "clients/client-0").iterdir())
+    assert files == ["round-1.safetensors"]
+    assert _same(resumed.before(0, 3), _full_state(1))
+
+
+def test_a_flower_node_drops_the_states_of_a_timeline_it_no_longer_serves(tmp_path):
+    from sfedlora.flower.node_state import NodeState
+
+    node = NodeState(tmp_path, cid=0)
+    node.enter_timeline("first", 0)
+    for r in (1, 2, 3):
+        node.save(r, _full_state(r), checkpointed=1 if r > 1 else 0)
+    node.enter_timeline("first", 0)  # the same server process: nothing is touched
+    assert sorted(node.states.rounds()) == [1, 2, 3]
+    NodeState(tmp_path, cid=0).enter_timeline("second", 1)  # resumed from round 1
+    assert sorted(node.states.rounds()) == [1]
+    assert _same(node.load(at_most=2), _full_state(1))
+
+
+def test_client_states_reach_the_disk_before_and_after_their_rename(tmp_path, monkeypatch):
+    """The file is fsynced before it replaces the old one, and its directory after
+    (so the rename itself survives a power cut), as checkpoints are."""
+    import os
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.path.basename(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    DiskStates(1, tmp_path / "clients").after(0, 4, _full_state(4))
+    assert events == [("fsync", ".round-4.safetensors.tmp"),
+                      ("replace", "round-4.safetensors"), ("fsync", "client-0")]

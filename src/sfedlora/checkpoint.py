@@ -80,6 +80,29 @@ def _unflatten(node: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return node["value"]
 
 
+def sync_directory(folder: Path) -> None:
+    """fsync a directory, so a rename inside it reaches the disk."""
+    directory = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def write_atomically(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """``data`` at ``path`` or, after any crash, the file that was there before: written
+    to a temporary name with ``mode``, fsynced, renamed over ``path``, and the rename
+    fsynced through the directory (as checkpoints are written)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    sync_directory(path.parent)
+
+
 def save_checkpoint(path: Path, ckpt: Checkpoint) -> None:
     tensors: dict[str, torch.Tensor] = {}
     doc = {
@@ -96,11 +119,7 @@ def save_checkpoint(path: Path, ckpt: Checkpoint) -> None:
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)  # the previous checkpoint stays until here
-    directory = os.open(path.parent, os.O_RDONLY)  # and the rename itself reaches disk
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    sync_directory(path.parent)  # and the rename itself reaches disk
 
 
 def load_checkpoint(path: Path) -> Checkpoint:

@@ -10,7 +10,9 @@ residuals, method-owned tensors) lives between the rounds it trains.
   checkpoint only records the round it covers: reads are "as of" a round, so a run
   killed after training some clients of round r and resumed from round r - 1 trains
   them again from the state before r, bit for bit (files older than what the newest
-  checkpoint needs are removed). A Flower node keeps its client's state with the same
+  checkpoint needs are removed, and on resume every file of a round after the
+  checkpoint). Files are written like checkpoints: fsynced, renamed, the rename
+  fsynced. A Flower node keeps its client's state with the same
   layout (:mod:`sfedlora.flower.node_state`).
 
 One file per client and round rather than a sharded store: a client's state is
@@ -27,7 +29,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from sfedlora.checkpoint import decode_client_state, encode_client_state
+from sfedlora.checkpoint import decode_client_state, encode_client_state, write_atomically
 from sfedlora.config import ConfigError, ExperimentConfig
 from sfedlora.records import ClientState
 
@@ -64,14 +66,21 @@ class ClientStateFolder:
         leaves the previous file), then remove files the newest checkpoint no longer
         needs: all at or before it except the newest of those."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.folder / f"round-{round_idx}.safetensors"
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(encode_client_state(state))
-        os.replace(tmp, path)
+        write_atomically(self.folder / f"round-{round_idx}.safetensors",
+                         encode_client_state(state))
         rounds = self.rounds()
         kept = max((r for r in rounds if r <= checkpointed), default=None)
         for r, p in rounds.items():
             if r < round_idx and r <= checkpointed and r != kept:
+                p.unlink(missing_ok=True)
+
+
+    def discard_after(self, round_idx: int) -> None:
+        """Remove the states of rounds after ``round_idx``: on resume from a checkpoint
+        of that round they belong to a timeline that was abandoned, and a later round
+        of the new one would read them as its own."""
+        for r, p in self.rounds().items():
+            if r > round_idx:
                 p.unlink(missing_ok=True)
 
 
@@ -174,6 +183,9 @@ class DiskStates(Mapping):
                               "store); resume it with clients.state_store=memory")
         self.round = self.saved = int(state["round"])
         self._cache.clear()
+        if self.root.is_dir():  # a resume: what was written after the checkpoint is void
+            for folder in self.root.glob("client-*"):
+                ClientStateFolder(folder).discard_after(self.saved)
 
 
 def client_states(cfg: ExperimentConfig) -> MemoryStates | DiskStates:

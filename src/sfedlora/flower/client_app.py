@@ -82,6 +82,7 @@ def _setup(msg: Message, context: Context, defaults: dict):
     cfg, cid = _client(context, defaults, request)
     exp = experiment(cfg)
     node = NodeState(state_root(context.node_config, str(request[messages.RUN_KEY])), cid)
+    node.enter_timeline(str(request[messages.TIMELINE]), int(request[messages.RESUMED_AT]))
     exp.worker.shared_store = node.shared
     return exp, cid, node, request
 

@@ -14,6 +14,9 @@ REQUEST, REPLY, METRICS, EXTRAS = "request", "reply", "metrics", "extras"
 REPORT = "report"  # a fit's method report (FitResult.report)
 DOWNLOAD, UPLOAD, ROUND = "download", "upload", "round"
 RUN_KEY, CHECKPOINTED = "run-key", "checkpointed"
+# which server process sends (fresh on every start and resume) and the round it resumed
+# from: a node drops client states a timeline it no longer serves wrote after that round
+TIMELINE, RESUMED_AT = "timeline", "resumed-at"
 WHAT, DESCRIBE, LAYOUT, ADAPTER, EXPORT, CLIENT = ("what", "describe", "layout", "adapter",
                                                    "export", "client")
 GLOBAL, GLOBAL_PART, SAMPLES, FILE = "global", "global-part", "samples", "file:"

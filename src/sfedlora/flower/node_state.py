@@ -9,7 +9,9 @@ A client's state is written once per round it trains (``client-<id>/round-<r>``)
 read as of a round: training round r starts from the newest state before r, and
 evaluation after round r reads the newest at or before r. So a round the server never
 checkpointed (killed mid-way) is simply trained again from the state before it.
-Files older than the newest one at or before the server's last checkpoint are removed.
+Files older than the newest one at or before the server's last checkpoint are removed,
+and so, when a resumed server first reaches this client, are those of rounds after the
+checkpoint it resumed from (:meth:`NodeState.enter_timeline`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import json
 import os
 from pathlib import Path
 
+from sfedlora.checkpoint import write_atomically
 from sfedlora.client_states import ClientStateFolder
 from sfedlora.records import ClientState
 from sfedlora.stores import DiskStore
@@ -29,11 +32,28 @@ def state_root(node_config, run_key: str) -> Path:
     return Path(str(root)) / f"run-{run_key}"
 
 
+TIMELINE_FILE = "timeline.json"
+
+
 class NodeState:
     def __init__(self, root: Path, cid: int):
         self.folder = root / f"client-{cid}"
         self.states = ClientStateFolder(self.folder)
         self.shared = DiskStore(root / "shared")
+
+    def enter_timeline(self, timeline: str, resumed_at: int) -> None:
+        """The server process sending now is ``timeline``, continuing from its
+        checkpoint of round ``resumed_at``. When that is new to this client, the states
+        it wrote after ``resumed_at`` for an earlier process (killed before its next
+        checkpoint) are removed: the new timeline would otherwise read them as its own
+        in a round this client does not train again."""
+        marker = self.folder / TIMELINE_FILE
+        if marker.is_file() and json.loads(marker.read_text()).get("timeline") == timeline:
+            return
+        self.states.discard_after(resumed_at)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        write_atomically(marker, json.dumps({"timeline": timeline,
+                                             "resumed_at": resumed_at}).encode())
 
     def load(self, at_most: int) -> ClientState:
         """The state after the newest round <= ``at_most`` this client trained (fresh
@@ -63,8 +83,4 @@ class NodeState:
             path.unlink(missing_ok=True)
             return
         self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(state, f)
-        os.replace(tmp, path)
+        write_atomically(path, json.dumps(state).encode(), mode=0o600)

@@ -39,6 +39,8 @@ class FlowerPool:
         self.run_key = uuid.uuid4().hex[:16]  # names this run's state on the nodes
         self.round = 0  # the last round trained
         self.saved = 0  # the last round whose server state is checkpointed
+        self.timeline = uuid.uuid4().hex[:16]  # this server process's timeline
+        self.resumed_at = 0  # the checkpoint's round it continues from
         # any_node (the simulation engine): the virtual nodes, served in turn; else
         # (a deployment) client id -> the node that holds its data
         self.any_node = any_node
@@ -92,7 +94,8 @@ class FlowerPool:
         online = set(self.grid.get_node_ids())
         if offline := sorted(set(requests) - online):
             log.warning("nodes %s are offline; not sending them %s messages", offline, kind)
-        common = {messages.RUN_KEY: self.run_key, messages.CHECKPOINTED: self.saved}
+        common = {messages.RUN_KEY: self.run_key, messages.CHECKPOINTED: self.saved,
+                  messages.TIMELINE: self.timeline, messages.RESUMED_AT: self.resumed_at}
         sent = [Message(RecordDict({messages.REQUEST: ConfigRecord({**common, **body})}),
                         dst_node_id=node, message_type=kind)
                 for node, body in requests.items() if node in online]
@@ -216,4 +219,4 @@ class FlowerPool:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.run_key = state["run_key"]
-        self.round = self.saved = int(state["round"])
+        self.round = self.saved = self.resumed_at = int(state["round"])
