@@ -225,3 +225,23 @@ def test_the_secure_path_honours_min_clients(tiny_config, caplog):
     metrics = sim.run_round(1).metrics
     assert not metrics["aggregated"]
     assert all((before[n] == sim.server.state[n]).all() for n in before)
+
+
+def test_under_secure_aggregation_no_reply_carries_a_per_client_statistic(tiny_config):
+    """Everything the clients hand the server in a secure round: masked vectors and
+    protocol messages, but no data size, loss, gradient norm, step or token count (in
+    the clear they would show what the masks hide). The server still learns who
+    replied, and when."""
+    from sfedlora.simulation import Simulation
+
+    sim = Simulation(tiny_config("method=sfed", "privacy.secure_aggregation=true",
+                                 "rounds=1"))
+    fit, replies = sim.pool.fit, []
+    sim.pool.fit = lambda r, d, secure=None: replies.append(fit(r, d, secure)) or replies[-1]
+    metrics = sim.run_round(1).metrics
+    fits = replies[-1]
+    assert sorted(fits) == [0, 1, 2, 3] and metrics["aggregated"]
+    for f in fits.values():
+        assert (f.num_examples, f.train_loss, f.grad_norm_A, f.grad_norm_B, f.steps,
+                f.tokens, f.report) == (0, None, None, None, 0, 0, {})
+    assert metrics["train_loss"] is None and metrics["grad_norm_A"] is None

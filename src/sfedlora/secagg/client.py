@@ -73,11 +73,15 @@ def mask(state: dict, request: bytes, values: np.ndarray, weight: int
 
 def masked_fit(worker, cid: int, round_idx: int, download: bytes, fit, state: dict,
                request: bytes):
-    """``(state, fit)`` with the fit's upload replaced by its masked vector."""
+    """``(state, fit)`` with the fit's upload replaced by its masked vector, and
+    nothing else about this client: its data size (the weight is inside the masked
+    sum), training loss, gradient norms, steps, token count and method report stay on
+    the client, since in the clear they would undo what masking hides."""
     values, weight = upload_vector(worker, cid, round_idx, download, fit.upload,
                                    fit.num_examples)
     state, masked = mask(state, request, values, weight)
-    return state, replace(fit, upload=masked)
+    return state, replace(fit, upload=masked, num_examples=0, train_loss=None,
+                          grad_norm_A=None, grad_norm_B=None, steps=0, tokens=0, report={})
 
 
 def upload_vector(worker, cid: int, round_idx: int, download: bytes, upload: bytes,
