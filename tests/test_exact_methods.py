@@ -81,18 +81,27 @@ def test_fedex_export_is_the_whole_change_as_one_lora(tiny_config):
     base = exp.worker.hooks.base  # the base weights the clients merge into
     w0 = {n: m.get_base_layer().weight.detach().double().clone()
           for n, m in base.layers.items()}
+    seen = _spy_updates(sim)
     sim.run_round(1)
     sim.run_round(2)
     shared, extras = sim.server.evaluation_request(0)
     exp.adapter(None, None, shared, extras)
     factors, _ = sim.server.hooks.export_lora(sim.server.state)
     state, gamma = sim.server.state, sim.cfg.gamma
+    u1, u2 = seen[1], seen[2]
+    p1, p2 = sim.method.weights(u1), sim.method.weights(u2)
     for a, b in _pairs(state):
         layer = _layer(a)
         total = (base.layers[layer].get_base_layer().weight.double() - w0[layer]
                  + gamma * state[b].double() @ state[a].double())
         exported = factors[b].double() @ factors[a].double()
         assert torch.allclose(exported, total, rtol=0, atol=1e-6)
+        # and from the uploads alone, without the merge code: each round adds the exact
+        # mean of its clients' gamma B_i A_i and takes back what the round before had
+        # put in the factors (gamma times the mean B times the mean A)
+        by_formula = gamma * (_products(u1, p1)[a] + _products(u2, p2)[a]
+                              - _mean(u1, p1, b) @ _mean(u1, p1, a))
+        assert torch.allclose(exported, by_formula, rtol=0, atol=1e-6)
 
 
 def test_flexlora_downloads_are_the_truncated_svd_of_the_weighted_sum(tiny_config):

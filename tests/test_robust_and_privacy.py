@@ -68,6 +68,8 @@ def test_clip_update_scales_the_change_not_the_tensor():
     new = {A: torch.ones(4, 8) + 3.0}
     clipped = clip_update(new, ref, max_norm=2.0)
     assert update_norm(clipped, ref) == pytest.approx(2.0, rel=1e-6)
+    # the same norm measured without update_norm
+    assert torch.linalg.vector_norm(clipped[A] - ref[A]).item() == pytest.approx(2.0, rel=1e-6)
     assert torch.allclose(clipped[A] - ref[A], torch.full((4, 8), 2.0 / (32**0.5)))
 
 
