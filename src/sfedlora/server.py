@@ -249,7 +249,9 @@ class Server:
                     f"update norm {norm:.4g} exceeds server.max_update_norm="
                     f"{self.cfg.max_update_norm}"
                 )
-        return Update(reply.client_id, reply.num_examples, self._on_global(tensors), present)
+        # server.weighting=uniform: every client counts as one example
+        weight = 1 if self.cfg.weighting == "uniform" else reply.num_examples
+        return Update(reply.client_id, weight, self._on_global(tensors), present)
 
     def _on_global(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """With delta downloads a client trained from the published state P, which lags

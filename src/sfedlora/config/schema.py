@@ -184,6 +184,10 @@ class ServerConfig(_Section):
         None, description="server optimizer fed the mean client change as its gradient "
         "(FedOpt); None: the method's default (adamw for flasc, none otherwise)"
     )
+    weighting: Literal["examples", "uniform"] = Field(
+        "examples", description="for methods that weight clients by their training "
+        "examples: by them (examples) or equally (uniform, as FedEx-LoRA's official code "
+        "does); methods that average uniformly or by other weights are unaffected")
     lr: float = Field(1e-3, gt=0, description="server optimizer learning rate")
     weight_decay: float = Field(0.01, ge=0, description="server AdamW weight decay")
     betas: tuple[float, float] = Field((0.9, 0.999), description="server AdamW betas")

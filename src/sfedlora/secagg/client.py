@@ -103,6 +103,8 @@ def upload_vector(worker, cid: int, round_idx: int, download: bytes, upload: byt
     tensors = pad(tensors, worker.spec)
     values = np.concatenate([tensors[n].detach().double().reshape(-1).numpy()
                              for n in sorted(tensors)])
+    if cfg.server.weighting == "uniform":  # every client counts as one example
+        num_examples = 1
     weight = 1.0 if cfg.privacy.enabled else method.client_weight(num_examples, tensors)
     check_weights(cfg, method, [weight])
     return values, weight
