@@ -223,8 +223,8 @@ class RunDir:
             for rel, data in files.items():
                 (out / rel).parent.mkdir(parents=True, exist_ok=True)
                 (out / rel).write_bytes(data)
-            if exact_lora is not None:
-                _replace_lora(out, *exact_lora)
+            if exact_lora is not None and (out / "adapter_model.safetensors").is_file():
+                _replace_lora(out, *exact_lora)  # (not a record of an adapter on a node)
             written.append(out)
         return written
 

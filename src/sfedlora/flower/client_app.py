@@ -21,7 +21,7 @@ from flwr.clientapp import ClientApp
 from sfedlora.config import ConfigError, ExperimentConfig
 from sfedlora.flower import messages
 from sfedlora.flower.config import ANY_NODE_KEY, experiment_config
-from sfedlora.flower.node_state import NodeState, state_root
+from sfedlora.flower.node_state import NodeState, export_folder, state_root
 from sfedlora.secagg import client as secure_client
 
 # The model stack (transformers, PEFT, datasets) is imported only by the handlers that
@@ -113,9 +113,10 @@ def train(msg: Message, context: Context, defaults: dict) -> Message:
             exp.worker, cid, round_idx, request[messages.DOWNLOAD], fit,
             node.load_secure(round_idx), request[messages.SECURE])
         node.save_secure(round_idx, session)
+    secure = messages.SECURE in request  # then the masked vector is all that leaves
     return Message(RecordDict({
         messages.REPLY: ConfigRecord({messages.UPLOAD: fit.upload}),
-        messages.METRICS: MetricRecord(messages.fit_metrics(fit)),
+        messages.METRICS: MetricRecord({} if secure else messages.fit_metrics(fit)),
         messages.REPORT: MetricRecord({k: list(v) for k, v in fit.report.items()}),
     }), reply_to=msg)
 
@@ -147,9 +148,21 @@ def query(msg: Message, context: Context, defaults: dict) -> Message:
         from sfedlora.pool import saved_files
 
         exp, cid, node, request = _setup(msg, context, defaults)
+        own = not request[messages.GLOBAL]  # a client's own adapter: private parts
+        if own and what == messages.ADAPTER and exp.method.per_client_adapters:
+            raise PermissionError(f"client {cid}'s adapter holds its private parts, which "
+                                  "never leave its node; score it there (evaluate) or "
+                                  "export it into the node's storage")
         tensors, _ = exp.adapter(*_request(exp, cid, node, request))
         if what == messages.ADAPTER:
             reply[messages.ADAPTER] = wire.encode(tensors)
+        elif own:  # saved where the client's data is; the server learns only where
+            folder = export_folder(context.node_config, str(request[messages.RUN_KEY]), cid)
+            files = saved_files(exp.worker.model, tensors, exp.worker.slots)
+            for rel, data in files.items():
+                (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+                (folder / rel).write_bytes(data)
+            reply[messages.LOCATION] = str(folder)
         else:
             files = saved_files(exp.worker.model, tensors, exp.worker.slots)
             reply |= {messages.FILE + name: data for name, data in files.items()}

@@ -20,6 +20,10 @@ TIMELINE, RESUMED_AT = "timeline", "resumed-at"
 WHAT, DESCRIBE, LAYOUT, ADAPTER, EXPORT, CLIENT = ("what", "describe", "layout", "adapter",
                                                    "export", "client")
 GLOBAL, GLOBAL_PART, SAMPLES, FILE = "global", "global-part", "samples", "file:"
+# where a node saved a client's exported adapter (it never sends the files: they hold
+# the client's private parts)
+LOCATION = "location"
+ON_NODE = "on_node.json"  # the run directory's record of that location
 # secure aggregation: an exchange (what=secagg, its stage and payload), or the mask
 # request that rides with a training download
 SECAGG, STAGE, PAYLOAD, SECURE = "secagg", "stage", "payload", "secure"

@@ -26,6 +26,14 @@ from sfedlora.records import ClientState
 from sfedlora.stores import DiskStore
 
 
+def export_folder(node_config, run_key: str, cid: int) -> Path:
+    """Where a node saves client ``cid``'s exported PEFT adapter: ``export-dir`` in the
+    node config, else the run's state directory, under ``exports/client_<cid>``."""
+    root = node_config.get("export-dir")
+    base = Path(str(root)) / f"run-{run_key}" if root else state_root(node_config, run_key)
+    return base / "exports" / f"client_{cid}"
+
+
 def state_root(node_config, run_key: str) -> Path:
     root = (node_config.get("state-dir") or os.environ.get("SFEDLORA_STATE_DIR")
             or Path.home() / ".cache" / "sfedlora" / "flower-state")

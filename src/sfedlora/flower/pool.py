@@ -15,6 +15,7 @@ checkpoint, reads the state of the right round.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
@@ -206,10 +207,20 @@ class FlowerPool:
                         if r.cid in replies else None) for r in requests}
 
     def export(self, requests: list[AdapterRequest]) -> dict[int | None, dict[str, bytes]]:
+        """The global adapter's files; a client's own adapter (its private parts) is
+        saved on its node, and the run directory records only where (``on_node.json``)."""
         replies = self._ask(MessageType.QUERY, requests, {messages.WHAT: messages.EXPORT})
-        return {cid: {k[len(messages.FILE):]: v for k, v in r.content[messages.REPLY].items()
-                      if k.startswith(messages.FILE)}
-                for cid, r in replies.items()}
+        out: dict[int | None, dict[str, bytes]] = {}
+        for cid, r in replies.items():
+            reply = r.content[messages.REPLY]
+            if messages.LOCATION in reply:
+                out[cid] = {messages.ON_NODE: json.dumps(
+                    {"client": cid, "node": int(r.metadata.src_node_id),
+                     "path": str(reply[messages.LOCATION])}, indent=1).encode()}
+            else:
+                out[cid] = {k[len(messages.FILE):]: v for k, v in reply.items()
+                            if k.startswith(messages.FILE)}
+        return out
 
     def checkpointed(self, round_idx: int) -> None:
         self.saved = round_idx
