@@ -178,3 +178,19 @@ def test_a_resumed_dp_run_continues_the_schedule_it_drew(tiny_config, tmp_path):
 def test_dp_refuses_min_clients_above_one(tiny_config):
     with pytest.raises(ConfigError, match=r"set clients\.min_clients=1"):
         tiny_config(*DP, "clients.min_clients=2")
+
+
+def test_a_rejected_update_under_dp_is_logged_without_its_client(caplog):
+    """run.log is released with the run: under DP a rejection names its reason, not
+    the client (who took part is secret); without DP it names the client."""
+    import logging
+
+    for sigma, named in ((1.0, False), (None, True)):
+        server = _server(sigma=sigma or 0.0, clip=1.0, expected=2.0)
+        if sigma is None:
+            server.privacy = None
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="sfedlora"):
+            server.aggregate(1, [Reply(7, 5, b"not safetensors")])
+        assert "rejected update" in caplog.text
+        assert ("client 7" in caplog.text) is named

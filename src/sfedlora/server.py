@@ -273,8 +273,9 @@ class Server:
                 report.accepted.append(reply.client_id)
             except UpdateRejected as exc:
                 report.rejected[reply.client_id] = str(exc)
-                log.warning("round %d: rejected update of client %d: %s",
-                            round_idx, reply.client_id, exc)
+                # under DP who took part is secret, and run.log is released with the run
+                who = "a client" if self.privacy else f"client {reply.client_id}"
+                log.warning("round %d: rejected update of %s: %s", round_idx, who, exc)
         if self.privacy is not None:  # released every round, however few took part
             self._set_combined(self._private_step(round_idx, updates, sorted(expected)))
             report.applied = True

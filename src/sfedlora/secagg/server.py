@@ -115,8 +115,8 @@ class SecureRound:
                 masked[c] = sm.decode_masked(fit.upload, size)
             except wire.MessageError as exc:  # its masks are removed as for a dropout
                 report.rejected[c] = str(exc)
-                log.warning("round %d: rejected masked update of client %d: %s",
-                            round_idx, c, exc)
+                log.warning("round %d: rejected masked update of %s: %s", round_idx,
+                            self._who(c), exc)
         survivors = ex.session.collect(masked)
         if len(survivors) < server.min_clients:  # before any share of the sum is revealed
             raise RoundAborted(f"{len(survivors)} masked uploads < clients.min_clients="
@@ -129,7 +129,8 @@ class SecureRound:
                 reveal = sm.loads(body)
                 reveals[c] = {kind: sm.int_keys(reveal.get(kind, {})) for kind in ("b", "sk")}
             except (wire.MessageError, AttributeError) as exc:
-                log.warning("round %d: client %d's shares are unreadable: %s", round_idx, c, exc)
+                log.warning("round %d: shares of %s are unreadable: %s", round_idx,
+                            self._who(c), exc)
         total = ex.session.unmask(reveals)
         params = ex.session.params
         weight = float(total[-1]) * params.weight_step
@@ -147,6 +148,11 @@ class SecureRound:
             mean[n] = torch.from_numpy(values[offset:offset + count].reshape(shape)).to(dtype)
             offset += count
         return mean, weight
+
+    def _who(self, cid: int) -> str:
+        """A client as run.log names it: not at all under DP, where who took part is
+        secret from the released artefacts."""
+        return "a client" if self.server.privacy is not None else f"client {cid}"
 
     def error_bound(self, clients: int) -> float:
         """For integer weights, the largest difference per coordinate between the
