@@ -14,9 +14,10 @@ wireless federated LoRA. Details reconstructed from the paper's abstract; each p
   components per layer (row A[i, :] and column B[:, i] together; the head whole), with
   their positions; the server averages each coordinate over the clients that sent it
   (:func:`~sfedlora.aggregation.mean_over_senders`), and components nobody sent keep
-  their value (under ``privacy.enabled`` the mean is over every sampled client, unsent
-  components counting as no change, which is what the DP noise is sized for; secure
-  aggregation, whose masked sum cannot say who sent what, is refused).
+  their value (under ``privacy.enabled`` the server's DP stage sums every participant's
+  clipped change, unsent components counting as no change, and divides by the expected
+  cohort size, which is what the DP noise is sized for; secure aggregation, whose
+  masked sum cannot say who sent what, is refused).
   ``comm.up.error_feedback=true`` keeps the change of the components not
   sent on the client and adds it to the next upload: it goes out the next time its
   component is among the top (chosen by the trained factors' importance, as without
@@ -88,9 +89,8 @@ class Soft(Method):
     def aggregate(self, global_state: dict[str, torch.Tensor], updates: list[Update],
                   combine: Combiner = weighted_mean) -> dict[str, torch.Tensor]:
         # the mean of a component is over the clients that sent it; a robust
-        # combiner (median, trimmed mean) already uses only the senders. Under DP the
-        # server passes uniform_mean and that stays: the noise is sized for a mean over
-        # all m sampled clients (sensitivity C / m), and a component sent by s < m
-        # clients would move by up to C / s, so there unsent components count as no change
+        # combiner (median, trimmed mean) already uses only the senders. Under DP this
+        # is not called: the server sums clipped changes (an unsent component is no
+        # change) over the expected cohort, the sum the noise is sized for
         return super().aggregate(global_state, updates,
                                  mean_over_senders if combine is weighted_mean else combine)
