@@ -12,9 +12,11 @@ checkpoint or the new one, never half of one.
 
 RNG state needs no saving: every random draw (client sampling, batch order, dropout,
 A inits) is seeded from (seed, round, client), so a resumed round draws what the
-uninterrupted round would have drawn. DP noise is the exception: it comes from OS
-entropy (a seeded draw could be subtracted by anyone who knows the seed), so a DP run
-continues from the noised state its checkpoint holds and draws fresh noise after it.
+uninterrupted round would have drawn. DP is the exception: its noise and its client
+sampling come from OS entropy (a seeded draw could be recomputed by anyone who knows
+the seed), so a DP run continues from the noised state its checkpoint holds, with the
+participation schedule the checkpoint keeps (``totals["sampler"]``), and draws fresh
+noise after it. A DP checkpoint is therefore secret: it says who took part.
 """
 
 from __future__ import annotations

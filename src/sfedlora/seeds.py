@@ -3,8 +3,9 @@
 A draw is a pure function of (config seed, tag, round, client...), so any process of any
 runtime draws the same values, and a resumed run draws what the uninterrupted run
 would have. The tag values are part of the results' definition: changing one changes
-every number it feeds. DP noise is deliberately absent: it comes from the OS's secure
-source (:func:`sfedlora.privacy.secure_gaussian`), never from a seed.
+every number it feeds. DP noise and DP client sampling are deliberately absent: they
+come from the OS's secure source (:func:`sfedlora.privacy.secure_gaussian`,
+:class:`sfedlora.sampling.SecretPoissonSampler`), never from a seed.
 """
 
 from __future__ import annotations
