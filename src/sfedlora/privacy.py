@@ -80,14 +80,21 @@ class Accountant:
                                         dpa.GaussianDpEvent(self.noise_multiplier))
         return dpa.SelfComposedDpEvent(one, rounds)
 
-    def epsilon_pld(self, rounds: int) -> float:
+    def spent(self, rounds: int) -> tuple[float, float]:
+        """(PLD epsilon, RDP epsilon) after ``rounds`` rounds; RDP computed once."""
+        rdp = self.epsilon_rdp(rounds)
+        return self.epsilon_pld(rounds, rdp), rdp
+
+    def epsilon_pld(self, rounds: int, rdp: float | None = None) -> float:
+        """``rdp``: the RDP epsilon of the same rounds, if known (it sets the grid)."""
         from dp_accounting.pld import pld_privacy_accountant
 
         if rounds <= 0:
             return 0.0
         if self.noise_multiplier == 0:
             return math.inf
-        spacing = PLD_RELATIVE_SPACING * max(10.0, self.epsilon_rdp(rounds))
+        rdp = self.epsilon_rdp(rounds) if rdp is None else rdp
+        spacing = PLD_RELATIVE_SPACING * max(10.0, rdp)
         acc = pld_privacy_accountant.PLDAccountant(value_discretization_interval=spacing)
         return float(acc.compose(self._event(rounds)).get_epsilon(self.delta))
 
@@ -137,9 +144,6 @@ class GaussianMechanism:
                          ).to(base[name].dtype)
         return out
 
-    def epsilon(self, rounds: int) -> float:
-        """Privacy spent after ``rounds`` rounds for the configured delta (PLD)."""
-        return self.accountant.epsilon_pld(rounds)
-
-    def epsilon_rdp(self, rounds: int) -> float:
-        return self.accountant.epsilon_rdp(rounds)
+    def spent(self, rounds: int) -> tuple[float, float]:
+        """Privacy spent after ``rounds`` rounds for the configured delta: (PLD, RDP)."""
+        return self.accountant.spent(rounds)

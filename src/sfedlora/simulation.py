@@ -136,8 +136,8 @@ class Simulation:
         if self.sampler.secret:  # who took part must not reach the released artefacts
             metrics = {k: v for k, v in metrics.items() if k not in PARTICIPATION_METRICS}
         if self.privacy is not None:
-            metrics[Metric.DP_EPSILON] = self.privacy.epsilon(round_idx)
-            metrics[Metric.DP_EPSILON_RDP] = self.privacy.epsilon_rdp(round_idx)
+            pld, rdp = self.privacy.spent(round_idx)
+            metrics[Metric.DP_EPSILON], metrics[Metric.DP_EPSILON_RDP] = pld, rdp
         return RoundRecord({str(k): v for k, v in metrics.items()},
                            {"train": t1 - t0, "aggregate": t2 - t1})
 
