@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 
 import numpy as np
 import torch
 
 from sfedlora.config import PrivacyConfig
+from sfedlora.sampling import secure_uniforms
 
 Tensors = dict[str, torch.Tensor]
 
@@ -50,15 +50,14 @@ def secure_gaussian(shape: tuple[int, ...], std: float) -> torch.Tensor:
     lets anyone who knows the seed subtract the noise again. ``os.urandom`` gives 53-bit
     uniforms, Box-Muller (in float64) turns them into normals, and each value is the mean
     of two such normals times sqrt(2), as Opacus' ``secure_mode`` does against the
-    floating-point attack on Gaussian samplers (Mironov, 2012). Written here because
-    the library routes (Opacus' secure mode, torchcsprng) need a package that no longer
-    installs with current torch.
+    floating-point attack on Gaussian samplers (Mironov, 2012); the uniforms are
+    :func:`sfedlora.sampling.secure_uniforms`, the draws client sampling uses too.
+    Written here because the library routes (Opacus' secure mode, torchcsprng) need a
+    package that no longer installs with current torch.
     """
-    count = math.prod(shape)
-    pairs = count  # two normals per pair, two normals per value
-    raw = np.frombuffer(os.urandom(16 * pairs), dtype=np.uint64).reshape(2, pairs)
-    u1 = ((raw[0] >> np.uint64(11)).astype(np.float64) + 1.0) * 2.0**-53  # (0, 1]
-    u2 = (raw[1] >> np.uint64(11)).astype(np.float64) * 2.0**-53  # [0, 1)
+    count = math.prod(shape)  # two uniforms -> two normals -> one value
+    u1 = 1.0 - secure_uniforms(count)  # (0, 1]: log(u1) is finite
+    u2 = secure_uniforms(count)
     radius = np.sqrt(-2.0 * np.log(u1))
     first, second = radius * np.cos(2 * np.pi * u2), radius * np.sin(2 * np.pi * u2)
     normal = (first + second) / math.sqrt(2.0)
