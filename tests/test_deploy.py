@@ -9,6 +9,7 @@ import threading
 import time
 
 import pytest
+import server_inbox
 
 from sfedlora.config import to_yaml
 from sfedlora.simulation import Simulation
@@ -158,8 +159,9 @@ def _by_name(values, names, spec) -> dict:
 
 def test_deploy_local_runs_securely_matches_plain_sums_and_leaves_no_process(
         config_file, tmp_path, monkeypatch):
-    """A TLS deployment with node authentication, 3 nodes, one round (the Flower
-    simulation's secagg case runs two), secure aggregation: the run equals the
+    """A TLS deployment of SFed-LoRA with node authentication, 3 nodes, one round (the
+    Flower simulation's secagg case runs two), secure aggregation: no message the
+    ServerApp received holds a private part or a client's training numbers, the run equals the
     in-process one (the same client code; a secure aggregate does not depend on the
     secret masks), each round's aggregate is the plain
     weighted mean of the same uploads within the quantisation bound, nothing the server
@@ -172,16 +174,25 @@ def test_deploy_local_runs_securely_matches_plain_sums_and_leaves_no_process(
     from sfedlora.flower.deploy import deploy_local, marked_processes
     from sfedlora.secagg import client as secure_client
 
-    cfg, path = config_file("method=fedit", "clients.num=3", "privacy.secure_aggregation=true",
+    cfg, path = config_file("method=sfed", "clients.num=3", "privacy.secure_aggregation=true",
                             "rounds=1", "eval.every=1", "checkpoint.every=1")
-    run_dir = deploy_local(str(path), [f"output_dir={tmp_path / 'deployed'}"], nodes=3,
-                           timeout=600)
+    inbox_log = tmp_path / "inbox.jsonl"  # the ServerApp runs in a process of its own
+    run_dir = deploy_local(str(path), [f"output_dir={tmp_path / 'deployed'}",
+                                       f"flower.inbox_log={inbox_log}"], nodes=3, timeout=600)
+    # no message the ServerApp received holds B, the head or a client's training numbers
+    server_inbox.assert_nothing_private(server_inbox.logged(inbox_log), cfg)
     assert marked_processes() == []  # SuperLink, SuperNodes and their children are gone
     assert run_dir == tmp_path / "deployed"
     logs = sorted(p.name for p in (run_dir / "deploy").iterdir())
     assert logs == ["superlink.log", "supernode-0.log", "supernode-1.log", "supernode-2.log"]
     assert json.loads((run_dir / "summary.json").read_text())["round"] == 1
-    assert sorted(p.name for p in (run_dir / "adapters").iterdir()) == ["global"]
+    # the clients' adapters hold their B and head: saved on their nodes, never sent
+    # (SFed-LoRA has no global adapter: its B is per client)
+    assert sorted(p.name for p in (run_dir / "adapters").iterdir()) == [
+        "client_0", "client_1", "client_2"]
+    for cid in range(3):
+        assert [p.name for p in (run_dir / f"adapters/client_{cid}").iterdir()] == [
+            "on_node.json"]
 
     seen: dict[tuple[int, int], tuple] = {}  # (round, client) -> (values, weight)
     original = secure_client.upload_vector

@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 import pytest
+import server_inbox
 import torch
 
 from sfedlora.config import to_yaml
@@ -80,79 +81,24 @@ def test_flower_simulation_equals_in_process(case, request, tmp_path, monkeypatc
     config_file = tmp_path / "config.yaml"
     config_file.write_text(to_yaml(cfg))
     Simulation(cfg).run()
-    inbox = _server_inbox(monkeypatch)
-    run_simulation(str(config_file), [f"output_dir={tmp_path / 'flower'}"], workers=2)
+    inbox = server_inbox.intercept(monkeypatch)
+    run_simulation(str(config_file), [f"output_dir={tmp_path / 'flower'}",
+                                      f"flower.inbox_log={tmp_path / 'inbox.jsonl'}"],
+                   workers=2)
 
     _assert_same_run(_lines(tmp_path / "local"), _lines(tmp_path / "flower"))
     # the exported adapters come from the nodes and equal the local ones
     _assert_same_adapters(tmp_path / "local", tmp_path / "flower")
     for folder in (tmp_path / "flower/adapters").glob("client_*"):  # kept on the node
         assert [p.name for p in folder.iterdir()] == ["on_node.json"]
-    _assert_no_private_part_reached_the_server(inbox, cfg)
+    received = server_inbox.contents(inbox)
+    assert server_inbox.logged(tmp_path / "inbox.jsonl") == received  # the log is complete
+    server_inbox.assert_nothing_private(received, cfg)
     if case == "tsfa":  # the schedule sparsified, so residuals were kept and sent
         assert min(m["tsfa_keep"] for m in _lines(tmp_path / "flower")) < 1
     if case == "causal-lm":  # the nodes generated the same answers
         assert (sorted((tmp_path / "flower/samples").iterdir())[-1].read_text()
                 == sorted((tmp_path / "local/samples").iterdir())[-1].read_text())
-
-
-def _server_inbox(monkeypatch) -> list:
-    """Every message the ServerApp receives from a node (FlowerPool._send is where all
-    of them arrive), recorded as they arrive."""
-    from sfedlora.flower.pool import FlowerPool
-
-    inbox, send = [], FlowerPool._send
-
-    def spy(self, kind, requests, timeout):
-        replies = send(self, kind, requests, timeout)
-        inbox.extend(replies.values())
-        return replies
-
-    monkeypatch.setattr(FlowerPool, "_send", spy)
-    return inbox
-
-
-def _tensor_names(data: bytes) -> list[str]:
-    """The tensor names of a safetensors payload (ours or a PEFT file); [] if not one."""
-    from safetensors.torch import load
-
-    try:
-        return list(load(data))
-    except Exception:  # not safetensors: a JSON config, text
-        return []
-
-
-def _assert_no_private_part_reached_the_server(inbox: list, cfg) -> None:
-    """No message the server received holds a tensor of a part the method keeps on the
-    client (B and the head for FedSA/SFed, everything for local, FDLoRA's personal
-    copy); under secure aggregation, no per-client training statistic either."""
-    from sfedlora.flower import messages
-    from sfedlora.methods import get_method, part_of
-    from sfedlora.secagg import messages as sm
-
-    private = get_method(cfg.method).private
-    assert inbox
-    seen = 0
-    for message in inbox:
-        for record in message.content.config_records.values():
-            for key, value in record.items():
-                # the layout reply carries the seeded model's initial values: no data
-                if isinstance(value, bytes) and key != messages.LAYOUT:
-                    names = _tensor_names(value)
-                    seen += len(names)
-                    leaked = [n for n in names if n != sm.MASKED  # a masked vector
-                              and (n.startswith("personal.") or part_of(n) in private)]
-                    assert not leaked, (key, leaked[:3])
-        if cfg.privacy.secure_aggregation and messages.METRICS in message.content:
-            assert not dict(message.content[messages.METRICS]) or \
-                messages.SAMPLES in message.content[messages.REPLY]  # scores, not fits
-    method = get_method(cfg.method)
-    assert seen or not method.shared  # the check read real payloads (local sends none)
-    # a client's own adapter (FDLoRA's fusion with its personal copy too) is saved on
-    # its node: the only adapter files the server may receive are the global adapter's
-    files = [m for m in inbox if messages.REPLY in m.content
-             and messages.FILE + "adapter_model.safetensors" in m.content[messages.REPLY]]
-    assert len(files) <= int(method.has_global_adapter), len(files)
 
 
 def _adapter_folder(run_dir, name: str) -> Path:

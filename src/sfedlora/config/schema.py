@@ -387,6 +387,11 @@ class FlowerConfig(_Section):
         "that have not replied by then count as dropped (null: wait forever)")
     connect_timeout: float = Field(
         120.0, gt=0, description="seconds the server waits for clients.num nodes to connect")
+    inbox_log: str | None = Field(
+        None, description="append a line per message the ServerApp receives to this JSONL "
+        "file: its records' keys and its tensors' names and shapes, never their values, so "
+        "a reviewer can check what reached the server. It records which nodes replied: "
+        "under privacy.enabled keep it as secret as the checkpoint")
 
 
 class ExperimentConfig(_Section):

@@ -55,3 +55,32 @@ def scores(content) -> ClientScores:
     return ClientScores(dict(content[METRICS]),
                         {k: list(v) for k, v in dict(content[EXTRAS]).items()},
                         json.loads(content[REPLY][SAMPLES]))
+
+
+def describe(message) -> dict:
+    """What a received message holds, without its values: for each record its kind
+    and keys, and for each payload that is a safetensors file its tensors' names and
+    shapes. The server's inbox log (``flower.inbox_log``) is a line of this per
+    message, so a reviewer can check which tensors and statistics reached the server
+    without the log holding any client's numbers."""
+    from sfedlora import wire
+
+    head = {"type": message.metadata.message_type, "node": int(message.metadata.src_node_id)}
+    if message.has_error():
+        return head | {"error": message.error.reason}
+    records: dict[str, dict] = {}
+    for name, record in message.content.items():
+        items: dict[str, object] = {}
+        for key, value in record.items():
+            if isinstance(value, bytes):
+                try:
+                    tensors = wire.decode(value)
+                except wire.MessageError:  # not safetensors: JSON, text
+                    tensors = None
+                items[key] = {"bytes": len(value)} | (
+                    {} if tensors is None
+                    else {"tensors": {n: list(t.shape) for n, t in tensors.items()}})
+            else:
+                items[key] = type(value).__name__
+        records[name] = {"kind": type(record).__name__, "items": items}
+    return head | {"records": records}

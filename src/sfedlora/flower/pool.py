@@ -104,12 +104,20 @@ class FlowerPool:
             return {}
         replies = {}
         for reply in self.grid.send_and_receive(sent, timeout=timeout):
+            self._log_inbox(reply)
             node = reply.metadata.src_node_id
             if reply.has_error():
                 log.warning("node %s replied with an error: %s", node, reply.error.reason)
                 continue
             replies[node] = reply
         return replies
+
+    def _log_inbox(self, reply: Message) -> None:
+        """A line describing ``reply`` in ``flower.inbox_log`` (when set)."""
+        if path := self.cfg.flower.inbox_log:
+            line = {"round": self.round, **messages.describe(reply)}
+            with open(path, "a", encoding="utf-8") as log_file:
+                log_file.write(json.dumps(line, sort_keys=True) + "\n")
 
     def _trips(self, cids: list[int]) -> list[dict[int, int]]:
         """Round trips of ``{position in cids: node}``, each node at most once per trip
