@@ -87,7 +87,12 @@ def test_a_round_merges_exactly_the_weighted_scaled_products(scaling, gammas, ti
     assert [cfg.client_gamma(c) for c in range(4)] == pytest.approx(gammas, rel=1e-12)
 
 
-def test_downloads_carry_every_unseen_rounds_stacked_factors(tiny_config, monkeypatch):
+def test_downloads_carry_every_unseen_rounds_stacked_factors_capped_at_dense(
+        tiny_config, monkeypatch):
+    """A download carries every merge the client has not received: the stacked factors
+    of each, or, where those are larger than the dense matrices they add up to, one
+    refresh holding ``sum_s B_s A_s`` over every merge so far (checked against the
+    server's record by hand)."""
     downloads: dict[tuple[int, int], bytes] = {}
     real = Worker.fit
 
@@ -97,18 +102,37 @@ def test_downloads_carry_every_unseen_rounds_stacked_factors(tiny_config, monkey
 
     monkeypatch.setattr(Worker, "fit", spy)
     sim = Simulation(tiny_config("method=flora", "lora.client_ranks=[2,4]",
-                                 "clients.per_round=2", "rounds=4"))
+                                 "clients.per_round=2", "rounds=5"))
     seen: dict[int, int] = {}
-    for r in range(1, 5):
+    kinds = set()
+    for r in range(1, 6):
         rec = sim.run_round(r).metrics
+        record = sim.server.hooks.merges  # merge number -> stacked factors
         for cid in rec["clients"]:
             shared, merges = split_merges(codecs.decode(downloads[r, cid]))
             assert shared and not any(".lora_" in n for n in shared)  # only the head
-            assert sorted(merges) == list(range(seen.get(cid, 0) + 1, r))
-            for m in merges.values():  # stacked rank = the sum of that round's ranks
-                a = next(t for n, t in m.items() if ".lora_A." in n)
-                assert a.shape[0] in (4, 6, 8)
+            unseen = list(range(seen.get(cid, 0) + 1, r))
+            stacked = sum(t.numel() * 4 for s in unseen for t in record[s].values())
+            dense = sum(record[1][n.replace("_A.", "_B.")].shape[0] * a.shape[1] * 4
+                        for n, a in record[1].items() if ".lora_A." in n)
+            if stacked <= dense:
+                kinds.add("factors")
+                assert sorted(merges) == unseen
+                for m in merges.values():  # stacked rank = the sum of that round's ranks
+                    a = next(t for n, t in m.items() if ".lora_A." in n)
+                    assert a.shape[0] in (4, 6, 8)
+            else:
+                kinds.add("refresh")
+                assert list(merges) == [(1, r - 1)]
+                (refresh,) = merges.values()
+                for name, total in refresh.items():
+                    b_name = name.replace(".lora_A.", ".lora_B.")
+                    want = sum(record[s][b_name].double() @ record[s][name].double()
+                               for s in range(1, r))
+                    torch.testing.assert_close(total.double(), want, rtol=0, atol=1e-6)
+                assert sum(t.numel() * 4 for t in refresh.values()) == dense
             seen[cid] = r - 1
+    assert kinds == {"factors", "refresh"}  # both kinds of download were checked
     # the download of a round grows with the clients merged since the client last came
     first = [len(downloads[k]) for k in downloads if k[0] == 1]
     assert min(len(d) for k, d in downloads.items() if k[0] > 1) > max(first)
@@ -201,3 +225,68 @@ def test_a_skipped_round_leaves_no_gap_in_the_merges(tiny_config, args):
     for cid in range(2):  # clients' scored adapters agree too (base weights merged alike)
         a, b = skipped.client_adapter(cid), never.client_adapter(cid)
         assert all(torch.equal(a[n], b[n]) for n in b)
+
+
+def test_a_refresh_brings_a_model_at_any_round_to_the_merged_weights(tiny_config):
+    """A model behind by several merges takes the refresh when it lacks their factors
+    (its base becomes pretrained + the sum, computed here by hand) and the factors
+    when it has them; either way bit-identically to a model that applied every merge
+    in turn, so processes that caught up differently still agree exactly."""
+    import copy
+    from types import SimpleNamespace
+
+    from sfedlora.methods.merging import BaseMerger
+    from sfedlora.methods.merging.factors import BaseWeights
+    from sfedlora.stores import MemoryStore
+
+    sim = Simulation(tiny_config("method=fedex", "clients.num=4", "clients.per_round=2",
+                                 "rounds=4"))
+    for r in range(1, 5):
+        sim.run_round(r)
+    history = sim.server.hooks
+    refresh = history.catch_up(0)
+    assert list(split_merges(refresh)[1]) == [(1, 4)]  # the factors are the larger
+
+    def fresh_merger(store):
+        """A merger on a model holding the pretrained weights (base at round 0)."""
+        model = copy.deepcopy(sim.pool.exp.worker.model)
+        base = BaseWeights(model)
+        pretrained = sim.pool.exp.worker.hooks.base.pretrained
+        for name, layer in base.layers.items():
+            layer.get_base_layer().weight.data.copy_(pretrained[name])
+        merger = BaseMerger(sim.cfg, SimpleNamespace(model=model, shared_store=store))
+        return merger, pretrained
+
+    def weights(merger):
+        return {n: m.get_base_layer().weight.detach().clone()
+                for n, m in merger.base.layers.items()}
+
+    def factors(rounds):
+        return {f"merge.{r}.{n}": t for r in rounds for n, t in history.merges[r].items()}
+
+    sequential, pretrained = fresh_merger(MemoryStore())
+    for r in range(1, 5):
+        sequential.receive(factors([r]))
+    for behind_at in (0, 2):  # a model still pretrained, and one at merge 2
+        merger, _ = fresh_merger(MemoryStore())
+        merger.receive(factors(range(1, behind_at + 1)))
+        assert merger.base.round == behind_at
+        merger.receive(refresh)
+        assert merger.base.round == 4
+        for name, w in weights(merger).items():
+            b_name = f"{name}.lora_B.default.weight"
+            a_name = f"{name}.lora_A.default.weight"
+            total = sum(history.merges[s][b_name].double() @ history.merges[s][a_name].double()
+                        for s in range(1, 5))
+            assert total.abs().max() > 1e-3  # the residuals are not vanishingly small
+            torch.testing.assert_close(w.double(), pretrained[name].double() + total,
+                                       rtol=0, atol=1e-6)
+            assert torch.equal(w, weights(sequential)[name])
+    # a process whose store holds every merge's factors ignores the refresh: exact
+    store = MemoryStore()
+    for r in range(1, 5):
+        store.put(f"flora-merge-{r}", history.merges[r])
+    merger, _ = fresh_merger(store)
+    merger.receive(refresh)
+    for name, w in weights(merger).items():
+        assert torch.equal(w, weights(sequential)[name])

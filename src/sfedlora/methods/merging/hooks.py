@@ -4,9 +4,12 @@ Server (:class:`MergeHistory`): the factors of every merge (what the method's
 ``merge_factors`` makes of an aggregated round's updates), numbered 1, 2, ... in the
 order they were made, and per client the last merge it has received; a download
 carries every merge the client has not received yet (all of them for a client that
-never replied). Merges are numbered, not keyed by round, so a skipped round (too few
-good updates) leaves no gap for a client to stumble on: the run goes on as if that
-round never happened. Its whole state is checkpointed.
+never replied), or, once their factors outgrow the dense matrices they add up to (a
+client absent for many rounds), a refresh holding the dense sum of every merge: a
+download is never larger than the adapted layers' dense change. Merges are
+numbered, not keyed by round, so a skipped round (too few good updates) leaves no gap
+for a client to stumble on: the run goes on as if that round never happened.
+Its whole state is checkpointed.
 
 Client (:class:`BaseMerger`): brings the model's base weights to the newest round it
 has been sent, in order. A process's model may serve several clients (the in-process
@@ -26,8 +29,14 @@ from sfedlora.methods.base import ClientHooks, Part, ServerHooks, Tensors, Updat
 from sfedlora.methods.merging.factors import (
     BaseWeights,
     MergeGap,
+    MergeKey,
+    add_merge,
+    dense_bytes,
+    factor_bytes,
     merge_name,
     merged_lora,
+    refresh_name,
+    rounds_of,
     split_merges,
 )
 
@@ -57,6 +66,7 @@ class MergeHistory(ServerHooks):
         self.method, self.cfg = method, cfg
         self.merges: dict[int, Tensors] = {}  # merge number -> stacked factors
         self.synced: dict[int, int] = {}  # client -> last merge it holds
+        self._refresh: tuple[int, Tensors] | None = None  # (merge, sum up to it)
 
     @property
     def merged_round(self) -> int:
@@ -72,9 +82,23 @@ class MergeHistory(ServerHooks):
         return {merge_name(r, n): t for r in sorted(self.merges) if r > number
                 for n, t in self.merges[r].items()}
 
+    def catch_up(self, since: int) -> Tensors:
+        """What brings a client from merge ``since`` to the newest: the factors of
+        every merge after it, or, where those are larger than the dense matrices they
+        add up to, a refresh (the dense sum of every merge so far)."""
+        factors = self.merges_since(since)
+        if not factors or factor_bytes(factors) <= dense_bytes(self.merges[since + 1]):
+            return factors
+        last = self.merged_round
+        done, total = self._refresh or (0, None)  # the sum so far, kept between rounds
+        for r in range(done + 1, last + 1):
+            total = add_merge(total, self.merges[r])
+        self._refresh = last, total or {}
+        return {refresh_name(last, n): t for n, t in self._refresh[1].items()}
+
     def download_extras(self, cid: int | None, advance: bool = True) -> Tensors:
         since = self.synced.get(cid, 0) if cid is not None else 0
-        extras = self.merges_since(since)
+        extras = self.catch_up(since)
         if advance and cid is not None:
             self.synced[cid] = self.merged_round
         return extras
@@ -98,6 +122,7 @@ class MergeHistory(ServerHooks):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.merges = {int(r): m for r, m in state.get("rounds", {}).items()}
         self.synced = {int(c): int(r) for c, r in state.get("synced", {}).items()}
+        self._refresh = None
 
 
 class BaseMerger(ClientHooks):
@@ -106,17 +131,26 @@ class BaseMerger(ClientHooks):
         self.base = BaseWeights(worker.model)
 
     def receive(self, extras: Tensors) -> None:
+        """Bring the base weights to the newest merge sent: with the factors of each
+        merge where this process has them all (from the download or the shared store),
+        so that every process holds bit-identical weights; else with the refresh."""
         _, merges = split_merges(extras)
         store = self.worker.shared_store
-        for round_idx, factors in merges.items():
-            store.put(_store_key(round_idx), factors)
-        newest = max(merges, default=self.base.round)
-        missing = {}
+        for key, factors in merges.items():
+            if isinstance(key, int):  # a refresh is one client's catch-up: not stored
+                store.put(_store_key(key), factors)
+        newest = max((rounds_of(k)[1] for k in merges), default=self.base.round)
+        missing: dict[MergeKey, Tensors] = {}
         for round_idx in range(self.base.round + 1, newest + 1):
             factors = merges.get(round_idx) or store.get(_store_key(round_idx))
             if factors is None:
-                raise MergeGap(f"base weights are at round {self.base.round}, and the merged "
-                               f"factors of round {round_idx} were never received here")
+                refresh = next((k for k in merges if isinstance(k, tuple)), None)
+                if refresh is None:
+                    raise MergeGap(f"base weights are at round {self.base.round}, and the "
+                                   f"merged factors of round {round_idx} were never "
+                                   "received here")
+                missing = {refresh: merges[refresh]}
+                break
             missing[round_idx] = factors
         self.base.apply(missing)
 
