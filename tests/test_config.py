@@ -16,6 +16,21 @@ def test_defaults_are_the_offline_main_job():
     assert cfg.scaling == "sfed" and cfg.a_init == "independent"
 
 
+@pytest.mark.parametrize(("method", "option", "message"), [
+    ("fedsvd", "options.train_hed=false", "options.train_hed: Extra inputs are not permitted "
+     "(method=fedsvd takes options train_head)"),
+    ("fedsvd", "options.train_head=maybe", "options.train_head: Input should be a valid "
+     "boolean"),
+    ("fedit", "options.train_head=false", "(method=fedit takes options none)"),
+])
+def test_a_methods_options_are_checked_by_its_own_model(method, option, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"method={method}", option])
+    assert message in str(err.value)
+    assert load_config(None, ["method=fedsvd", "options.train_head=false"]).options == {
+        "train_head": False}
+
+
 def test_dotted_overrides_reach_every_key(tmp_path):
     cfg = load_config(None, ["lora.rank=32", "clients.per_round=0.5", "local.optimizer=sgd",
                              "lora.targets=[query,key]", "data.label_column=y"])

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from sfedlora.config import ConfigError
+from sfedlora.methods import Part
 from sfedlora.simulation import Simulation
 
 
@@ -143,6 +144,27 @@ def test_fedsvd_refactorises_the_mean_b_times_the_old_a(tiny_config):
             eye = torch.eye(new[a].shape[0], dtype=torch.float64)
             assert torch.allclose(new[a].double() @ new[a].double().T, eye, rtol=0,
                                   atol=1e-5)
+
+
+@pytest.mark.parametrize("train_head", [True, False])
+def test_fedsvd_trains_the_head_unless_told_to_freeze_it(tiny_config, train_head):
+    """options.train_head=false (the official code): the head is neither trained nor
+    sent, and the server's head stays at its seeded initialisation; by default it is
+    sent with B and averaged."""
+    from sfedlora.methods import part_of
+
+    sim = Simulation(tiny_config("method=fedsvd", "clients.num=3", "rounds=2",
+                                 "local.lr=0.05", f"options.train_head={train_head}"))
+    seen = _spy_updates(sim)
+    heads = [n for n in sim.server.state if part_of(n) is Part.HEAD]
+    start = {n: sim.server.state[n].clone() for n in heads}
+    assert heads
+    for r in (1, 2):
+        sim.run_round(r)
+        sent = {part_of(n) for u in seen[r] for n in u.tensors}
+        assert sent == ({Part.B, Part.HEAD} if train_head else {Part.B})
+    moved = [n for n in heads if not torch.equal(sim.server.state[n], start[n])]
+    assert moved == (heads if train_head else [])
 
 
 def test_central_equals_one_client_training_on_the_pooled_data(tiny_config):

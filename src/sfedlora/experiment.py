@@ -81,7 +81,7 @@ def hold_out(data, size: int, seed: int):
 
 
 def build_experiment(cfg: ExperimentConfig) -> Experiment:
-    task, method = get_task(cfg.task), get_method(cfg.method)
+    task, method = get_task(cfg.task), get_method(cfg.method, cfg.options)
     # Data first: its errors (missing column, too many clients) are cheap to find.
     data = build_federated_data(cfg.data, cfg.clients.num, cfg.seed, task)
     model, base_path = build_model(cfg, task, data.label_names)

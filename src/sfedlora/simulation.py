@@ -57,7 +57,7 @@ class Simulation:
             pool = InProcessPool(build_experiment(cfg))
         self.pool = pool
         self.info = pool.info()
-        self.method, self.task = get_method(cfg.method), get_task(cfg.task)
+        self.method, self.task = get_method(cfg.method, cfg.options), get_task(cfg.task)
         self.inits = AdapterInits(cfg, self.method, self.info.layout)
         self.privacy = (GaussianMechanism(cfg.privacy, cfg.sample_rate, cfg.clients_per_round)
                         if cfg.privacy.enabled else None)

@@ -5,7 +5,7 @@ reached through the registries."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -415,6 +415,10 @@ class ExperimentConfig(_Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     flower: FlowerConfig = FlowerConfig()
     network: NetworkConfig = NetworkConfig()
+    options: dict[str, Any] = Field(
+        {}, description="the method's own settings, validated by the method's Options "
+        "model (e.g. method=fedsvd takes options.train_head); an unknown one is refused "
+        "with the list the method takes")
     output_dir: str | None = Field(
         None, description="where the run is written; None: a new directory "
         "runs/<UTC time>-<method>, with runs/latest pointing at the newest. A directory "
@@ -439,6 +443,21 @@ class ExperimentConfig(_Section):
             raise ValueError(f"method={name!r} is not a method; choose one of "
                              f"{sorted(REGISTRY)}")
         return name
+
+    def _method_with_options(self, get_method):
+        """The method with ``options`` validated by its own model: an error names the
+        setting and what the method accepts."""
+        from pydantic import ValidationError
+
+        try:
+            return get_method(self.method, self.options)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            fields = sorted(get_method(self.method).Options.model_fields) or ["none"]
+            raise ValueError(
+                f"options.{where}: {first['msg']} (method={self.method} takes options "
+                f"{', '.join(fields)})") from None
 
     def _check_flower_resources(self) -> None:
         gpus = self.flower.client_resources.num_gpus
@@ -482,7 +501,7 @@ class ExperimentConfig(_Section):
                 f"clients.min_clients={c.min_clients} exceeds the {self.clients_per_round} "
                 "clients sampled per round; lower it or raise clients.per_round"
             )
-        method = get_method(self.method)
+        method = self._method_with_options(get_method)
         if self.lora.a_init is not None and len(method.a_init_modes) < 2:
             raise ValueError(
                 f"lora.a_init={self.lora.a_init!r} does not apply to method {self.method!r}, "

@@ -25,11 +25,14 @@ REGISTRY: dict[str, type[Method]] = {
 }
 
 
-def get_method(name: str) -> Method:
+def get_method(name: str, options: dict | None = None) -> Method:
+    """Method ``name`` with its ``options`` (the experiment config's ``options``
+    block), validated by the method's own ``Options`` model."""
     try:
-        return REGISTRY[name]()
+        cls = REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown method {name!r}; choose one of {sorted(REGISTRY)}") from None
+    return cls(cls.Options.model_validate(options or {}))
 
 
 __all__ = ["REGISTRY", "Method", "Part", "RoundPlan", "Update", "get_method", "part_of"]

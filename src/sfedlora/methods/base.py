@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict
 
 from sfedlora.aggregation import Combiner, weighted_mean
 
@@ -199,8 +200,20 @@ class ClientHooks:
         return own, {}
 
 
+class NoOptions(BaseModel):
+    """A method's settings under the experiment config's ``options`` (none by default);
+    a method with settings of its own defines a pydantic model named ``Options``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
 class Method:
     """Base description; subclasses override class attributes and rarely methods."""
+
+    Options: ClassVar[type[BaseModel]] = NoOptions
+
+    def __init__(self, options: BaseModel | None = None):
+        self.options = options if options is not None else self.Options()
 
     name: ClassVar[str]
     summary: ClassVar[str]

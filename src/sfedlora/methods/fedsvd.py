@@ -1,6 +1,7 @@
 """FedSVD (arXiv 2505.12805): train only B, re-factorise the global update by SVD.
 
-Clients train B (and the head) with A frozen at what they downloaded; the server
+Clients train B (and the head, unless ``options.train_head=false``, the official
+code's choice) with A frozen at what they downloaded; the server
 averages B and then re-factorises each layer's ``B_mean A`` by SVD
 (:func:`~sfedlora.methods.factorize.svd_factors`): the new A holds the top-r right
 singular vectors (orthonormal rows) and the new B = U Sigma, so ``B_new A_new = B_mean
@@ -15,19 +16,28 @@ post-processing step that costs no privacy.
 from __future__ import annotations
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 from sfedlora.methods.base import Method, Part, RoundPlan
 from sfedlora.methods.factorize import lora_pairs, svd_factors
 
-TRAINED = frozenset({Part.B, Part.HEAD})
+
+class FedSVDOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    train_head: bool = Field(
+        True, description="train and average the task head with B; false keeps it at its "
+        "seeded initialisation, as the official code does")
 
 
 class FedSVD(Method):
     name = "fedsvd"
     summary = "clients train B only; the server re-factorises B_mean A by SVD (new A orthonormal)"
+    Options = FedSVDOptions
 
     def plan(self, round_idx: int) -> RoundPlan:
-        return RoundPlan(train=TRAINED, upload=TRAINED)
+        trained = frozenset({Part.B, Part.HEAD} if self.options.train_head else {Part.B})
+        return RoundPlan(train=trained, upload=trained)
 
     def finalize(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         new = dict(state)
