@@ -146,6 +146,7 @@ def planned_overrides(args, budget: str) -> list[str]:
     the study's config under the TSFA arms' budget, made once (the report stage never
     makes it) and kept, so that every run and shard reads the same choice."""
     from sfedlora.methods.soft.plan import make_plan, read_plan
+    from sfedlora.simulation import run_rounds
 
     path = plan_path(args)
     if not path.exists():
@@ -155,7 +156,7 @@ def planned_overrides(args, budget: str) -> list[str]:
                           [*ARMS[TSFA], budget, *SIZES[args.size], *args.overrides])
         path.parent.mkdir(parents=True, exist_ok=True)
         part = path.with_suffix(".part")
-        part.write_text(json.dumps(make_plan(cfg), indent=1) + "\n")
+        part.write_text(json.dumps(make_plan(cfg, run_rounds), indent=1) + "\n")
         part.replace(path)
     shown = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path  # runs from ROOT
     return [f"lora.rank={read_plan(path)['rank']}", f"tsfa.plan={shown}"]

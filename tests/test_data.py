@@ -65,7 +65,10 @@ def test_iid_shares_are_balanced():
 
 
 def test_bbc_global_test_is_kept_apart():
-    data = build_federated_data(DataConfig(), num_clients=10, seed=0)
+    from sfedlora.tasks import get_task
+
+    data = build_federated_data(DataConfig(), num_clients=10, seed=0,
+                                task=get_task("classification"))
     assert data.label_names == ["business", "entertainment", "politics", "sports", "tech"]
     assert len(data.train) + len(data.global_test) == 2225
     assert sum(len(s.train) + len(s.test) for s in data.clients) == len(data.train)

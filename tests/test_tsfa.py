@@ -142,7 +142,9 @@ def test_the_plan_chooses_the_feasible_rank_of_least_bound_and_the_run_checks_it
 
     cfg = tiny_config(*WIRELESS, "tsfa.ranks=[1,2]", "tsfa.pilot_rounds=2",
                       "tsfa.latency_budget_s=100", "rounds=10")
-    plan = make_plan(cfg, tmp_path / "pilots")
+    from sfedlora.simulation import run_rounds
+
+    plan = make_plan(cfg, run_rounds, tmp_path / "pilots")
     pilots = {p["rank"]: p for p in plan["pilots"]}
     assert set(pilots) == {1, 2}
     for p in pilots.values():

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save
 
 from sfedlora import wire
-from sfedlora.methods import Part, part_of
+from sfedlora.parts import Part, part_of
 
 
 class TensorSpec(NamedTuple):

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from sfedlora.config import ServerConfig
+from sfedlora.settings import ServerConfig
 
 # A combiner gets one tensor per client, the method's weights, and optionally per
 # client a boolean mask of the coordinates that client really sent (None: all of them;

@@ -201,9 +201,10 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def cmd_tsfa_plan(args: argparse.Namespace) -> int:
     _quiet_libraries()
     from sfedlora.methods.soft.plan import make_plan
+    from sfedlora.simulation import run_rounds
 
     cfg = load_config(*_split_config_arg(args))
-    plan = make_plan(cfg)
+    plan = make_plan(cfg, run_rounds)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(plan, indent=1) + "\n")
     print("rank  last loss  q/round  variance  T at min keep (s)  bound  feasible")

@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from sfedlora.checkpoint import decode_client_state, encode_client_state, write_atomically
-from sfedlora.config import ConfigError, ExperimentConfig
 from sfedlora.records import ClientState
+from sfedlora.settings import ConfigError, ExperimentConfig
 
 FOLDER = "clients"  # under the run directory
 

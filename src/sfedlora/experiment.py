@@ -9,11 +9,12 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from sfedlora import lm, seeds
-from sfedlora.config import ExperimentConfig
+from sfedlora.config import resolve
 from sfedlora.data import FederatedData, build_federated_data
 from sfedlora.methods import Method, get_method
 from sfedlora.model import build_model, load_tokenizer
 from sfedlora.records import ClientScores
+from sfedlora.settings import ExperimentConfig
 from sfedlora.tasks import Task, get_task
 from sfedlora.worker import Worker
 
@@ -81,6 +82,7 @@ def hold_out(data, size: int, seed: int):
 
 
 def build_experiment(cfg: ExperimentConfig) -> Experiment:
+    cfg = cfg if cfg.is_resolved else resolve(cfg)
     task, method = get_task(cfg.task), get_method(cfg.method, cfg.options)
     # Data first: its errors (missing column, too many clients) are cheap to find.
     data = build_federated_data(cfg.data, cfg.clients.num, cfg.seed, task)

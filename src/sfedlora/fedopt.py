@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from sfedlora.adapters import TensorSpec
-from sfedlora.config import ServerConfig
+from sfedlora.settings import ServerConfig
 
 Tensors = dict[str, torch.Tensor]
 

@@ -9,10 +9,10 @@ import torch
 
 from sfedlora import seeds
 from sfedlora.adapters import AdapterLayout
-from sfedlora.config import ExperimentConfig
 from sfedlora.methods import Method, Part
 from sfedlora.ranks import pad, truncate
 from sfedlora.records import ClientState, Tensors
+from sfedlora.settings import ExperimentConfig
 
 
 class AdapterInits:

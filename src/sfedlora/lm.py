@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from sfedlora.config import ConfigError, DataConfig
+from sfedlora.settings import ConfigError, DataConfig
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 from collections.abc import Iterator, Sized
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -20,11 +20,22 @@ from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPP
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from sfedlora import lm
-from sfedlora.config import ConfigError, ExperimentConfig
 from sfedlora.scaling import peft_scale
+from sfedlora.settings import ConfigError, ExperimentConfig
 
-if TYPE_CHECKING:
-    from sfedlora.tasks import Task
+
+class Task(Protocol):
+    """What model building needs of a task (:class:`sfedlora.tasks.Task` has it; the
+    model layer sits below the tasks)."""
+
+    peft_task_type: str  # PEFT's TaskType
+
+    def load_base_model(self, path: str, cfg: ExperimentConfig, label_names: list[str]
+                        ) -> Any:
+        """The pretrained model the adapter wraps."""
+
+    def default_targets(self, model_type: str) -> list[str] | None:
+        """LoRA targets for an architecture; None: PEFT's per-architecture default."""
 
 log = logging.getLogger(__name__)
 

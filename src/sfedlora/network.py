@@ -37,8 +37,8 @@ from typing import Any
 import numpy as np
 
 from sfedlora import seeds
-from sfedlora.config import NetworkConfig
 from sfedlora.records import Metric
+from sfedlora.settings import NetworkConfig
 
 MIN_DISTANCE_M = 10.0
 FLOPS_PER_TOKEN_PARAM = 4  # forward 2 + activation gradients 2 (frozen base)

@@ -30,8 +30,8 @@ import math
 import numpy as np
 import torch
 
-from sfedlora.config import PrivacyConfig
 from sfedlora.sampling import secure_uniforms
+from sfedlora.settings import PrivacyConfig
 
 Tensors = dict[str, torch.Tensor]
 

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 import torch
 
 from sfedlora.adapters import TensorSpec
-from sfedlora.methods import Part, part_of
+from sfedlora.parts import Part, part_of
 
 Tensors = dict[str, torch.Tensor]
 

@@ -25,9 +25,9 @@ from safetensors.torch import load_file, save_file
 
 from sfedlora.checkpoint import FILENAME as CHECKPOINT_FILE
 from sfedlora.checkpoint import Checkpoint, save_checkpoint
-from sfedlora.config import ConfigError, ExperimentConfig, to_yaml
 from sfedlora.environment import describe
 from sfedlora.records import SUMMARY_METRICS
+from sfedlora.settings import ConfigError, ExperimentConfig, to_yaml
 from sfedlora.tracking import MetricWriter, TensorBoardWriter
 
 log = logging.getLogger(__name__)

@@ -21,13 +21,13 @@ from sfedlora import codecs, wire
 from sfedlora.adapters import TensorSpec
 from sfedlora.aggregation import clip_update, combiner_for, update_norm
 from sfedlora.codecs import Codec
-from sfedlora.config import ServerConfig
 from sfedlora.downlink import Downlink
 from sfedlora.fedopt import ServerOptimizer
 from sfedlora.methods import Method, Part, Update
 from sfedlora.methods.base import ServerHooks
 from sfedlora.privacy import GaussianMechanism
 from sfedlora.ranks import pad, truncate, truncated_spec
+from sfedlora.settings import ServerConfig
 
 log = logging.getLogger(__name__)
 

@@ -19,12 +19,14 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from sfedlora.accounting import ByteCounter
+from sfedlora.adapters import AdapterLayout
 from sfedlora.checkpoint import FILENAME as CHECKPOINT_FILE
 from sfedlora.checkpoint import Checkpoint, load_checkpoint
-from sfedlora.config import ConfigError, ExperimentConfig, load_config
+from sfedlora.config import ConfigError, ExperimentConfig, load_config, resolve
 from sfedlora.evaluation import Evaluator
 from sfedlora.inits import AdapterInits
 from sfedlora.methods import Part, get_method, part_of
+from sfedlora.methods.base import ServerHooks
 from sfedlora.network import build_network
 from sfedlora.pool import ClientPool, InProcessPool
 from sfedlora.privacy import GaussianMechanism
@@ -50,7 +52,7 @@ class Simulation:
     process (:class:`~sfedlora.pool.InProcessPool`)."""
 
     def __init__(self, cfg: ExperimentConfig, pool: ClientPool | None = None):
-        self.cfg = cfg
+        cfg = self.cfg = cfg if cfg.is_resolved else resolve(cfg)
         if pool is None:
             from sfedlora.experiment import build_experiment
 
@@ -321,3 +323,14 @@ def config_differences(old: dict, new: dict, ignore=frozenset(), prefix: str = "
         elif a != b and dotted not in ignore:
             diffs.append(f"{dotted}: {a!r} -> {b!r}")
     return diffs
+
+
+def run_rounds(cfg: ExperimentConfig, server_hooks: ServerHooks | None = None
+               ) -> tuple[list[dict], AdapterLayout]:
+    """Train ``cfg.rounds`` rounds in this process, nothing written or evaluated, with
+    ``server_hooks`` in place of the method's (an offline study's recorder: TSFA's
+    pilots); each round's metrics and the adapter's layout."""
+    sim = Simulation(cfg)
+    if server_hooks is not None:
+        sim.server.hooks = server_hooks
+    return [sim.run_round(r).metrics for r in range(1, cfg.rounds + 1)], sim.info.layout

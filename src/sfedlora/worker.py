@@ -20,12 +20,12 @@ from peft.tuners.vera import VeraLayer
 
 from sfedlora import codecs, downlink, seeds
 from sfedlora.adapters import AdapterSlots
-from sfedlora.config import ExperimentConfig
 from sfedlora.inits import AdapterInits
 from sfedlora.methods import Method, Part
 from sfedlora.model import steps_per_round, train_batches
 from sfedlora.ranks import pad, truncate
 from sfedlora.records import ClientState, FitResult, Tensors, mean_or_none
+from sfedlora.settings import ExperimentConfig
 from sfedlora.stores import MemoryStore, TensorStore
 from sfedlora.tasks import Task
 

@@ -3,18 +3,29 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from sfedlora import seeds
-from sfedlora.config import DataConfig
 from sfedlora.data.partition import ClientSplit, split_clients, stratified_split
 from sfedlora.data.sources import TextDataset
+from sfedlora.settings import DataConfig
 
 if TYPE_CHECKING:
     from sfedlora.lm import PairDataset
-    from sfedlora.tasks import Task
+
+
+class Task(Protocol):
+    """What building federated data needs of a task (:class:`sfedlora.tasks.Task` has
+    it; the data layer sits below the tasks)."""
+
+    def load_pools(self, cfg: DataConfig) -> tuple[Any, Any | None, list[str]]:
+        """The training pool, the global test pool where the source has one, and the
+        names of what clients are partitioned by."""
+
+    def partition_labels(self, pool: Any) -> np.ndarray:
+        """Per example of a pool, the id clients are partitioned by."""
 
 
 @dataclass(frozen=True)
@@ -31,14 +42,9 @@ class FederatedData:
 
 
 def build_federated_data(cfg: DataConfig, num_clients: int, seed: int,
-                         task: Task | None = None) -> FederatedData:
-    """The task's pools (default: classification), a global test set apart from every
-    client, and each client's split of the training pool (by the task's partition
-    labels)."""
-    if task is None:
-        from sfedlora.tasks import get_task
-
-        task = get_task("classification")
+                         task: Task) -> FederatedData:
+    """The task's pools, a global test set apart from every client, and each client's
+    split of the training pool (by the task's partition labels)."""
     train, test, names = task.load_pools(cfg)
     rng = np.random.default_rng([seed, seeds.GLOBAL_TEST])
     if test is None:

@@ -21,7 +21,7 @@ from flwr_datasets.partitioner import (
 )
 
 from sfedlora import seeds
-from sfedlora.config import ConfigError, DataConfig
+from sfedlora.settings import ConfigError, DataConfig
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from sfedlora.config import ConfigError, DataConfig
+from sfedlora.settings import ConfigError, DataConfig
 
 
 @dataclass(frozen=True)

@@ -18,11 +18,11 @@ import json
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from sfedlora.config import ConfigError, ExperimentConfig
 from sfedlora.flower import messages
 from sfedlora.flower.config import ANY_NODE_KEY, experiment_config
 from sfedlora.flower.node_state import NodeState, export_folder, state_root
 from sfedlora.secagg import client as secure_client
+from sfedlora.settings import ConfigError, ExperimentConfig
 
 # The model stack (transformers, PEFT, datasets) is imported only by the handlers that
 # need a model: a deployment starts one ClientApp process per message, and the

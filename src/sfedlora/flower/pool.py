@@ -26,10 +26,10 @@ from flwr.serverapp import Grid
 
 from sfedlora import wire
 from sfedlora.adapters import AdapterLayout
-from sfedlora.config import ConfigError, ExperimentConfig
 from sfedlora.flower import messages
 from sfedlora.pool import AdapterRequest, PoolInfo
 from sfedlora.records import ClientScores, FitResult, Tensors
+from sfedlora.settings import ConfigError, ExperimentConfig
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from sfedlora.config import ConfigError
 from sfedlora.flower import client_app, server_app
 from sfedlora.flower.config import (
     ANY_NODE_KEY,
@@ -17,6 +16,7 @@ from sfedlora.flower.config import (
     resume_run_config,
 )
 from sfedlora.results import refuse_occupied
+from sfedlora.settings import ConfigError
 
 # Offline and quiet: no telemetry, no Ray dashboard or usage report.
 QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "RAY_USAGE_STATS_ENABLED": "0",

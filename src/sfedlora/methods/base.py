@@ -48,45 +48,34 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 
 from sfedlora.aggregation import Combiner, weighted_mean
+from sfedlora.parts import A_MARKERS, B_MARKERS, Part, part_of  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
-    from sfedlora.config import ExperimentConfig
+    from sfedlora.adapters import AdapterSlots
     from sfedlora.records import ClientState, FitResult
-    from sfedlora.worker import Worker
+    from sfedlora.settings import ExperimentConfig
+    from sfedlora.stores import TensorStore
 
 Tensors = dict[str, torch.Tensor]
 
 
-class Part(StrEnum):
-    A = "A"
-    B = "B"
-    HEAD = "head"
+class Worker(Protocol):
+    """What a method's client hooks may use of the runtime's worker (the runtime layer
+    implements it; methods never import the runtime)."""
 
+    model: torch.nn.Module  # the PEFT model, shared by every client of this process
+    slots: AdapterSlots  # its adapter's tensors by name and part
+    shared_store: TensorStore  # tensors every client of this process may read
 
-A_MARKERS = (".lora_A.", ".lora_embedding_A.", ".vera_lambda_d.")
-B_MARKERS = (".lora_B.", ".lora_embedding_B.", ".vera_lambda_b.")
-
-
-def part_of(name: str) -> Part:
-    """Which part an adapter tensor belongs to, from its PEFT name. PEFT's embedding
-    LoRA (``lora_embedding_A/B``) has the same roles as A and B (the runtimes refuse
-    embedding targets, see :func:`sfedlora.model.refuse_non_linear_targets`, but a name
-    is never mistaken for the head). VeRA's lambda_d scales the (shared, frozen)
-    down-projection like A, lambda_b the up-projection like B, so FedSA semantics carry
-    over: lambda_d is shared, lambda_b stays local."""
-    if any(m in name for m in A_MARKERS):
-        return Part.A
-    if any(m in name for m in B_MARKERS):
-        return Part.B
-    return Part.HEAD
+    def holdout_loss(self, tensors: Tensors, data: Any) -> float:
+        """The task's mean loss of adapter ``tensors`` on held-out ``data``."""
 
 
 @dataclass(frozen=True)

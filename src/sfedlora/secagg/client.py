@@ -15,10 +15,10 @@ from dataclasses import replace
 
 import numpy as np
 
-from sfedlora.config import ConfigError
 from sfedlora.secagg import field
 from sfedlora.secagg import messages as sm
 from sfedlora.secagg.protocol import ClientSession, ProtocolViolation, RoundParams
+from sfedlora.settings import ConfigError
 
 log = logging.getLogger(__name__)
 

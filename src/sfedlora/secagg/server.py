@@ -19,12 +19,12 @@ import numpy as np
 import torch
 
 from sfedlora import wire
-from sfedlora.config import ExperimentConfig
 from sfedlora.secagg import field as fieldmath
 from sfedlora.secagg import messages as sm
 from sfedlora.secagg.client import weight_bound
 from sfedlora.secagg.protocol import RoundAborted, RoundParams, ServerSession
 from sfedlora.server import AggregationReport, Server
+from sfedlora.settings import ExperimentConfig
 
 log = logging.getLogger(__name__)
 

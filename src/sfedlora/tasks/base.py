@@ -4,16 +4,52 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
+import torch
 
 from sfedlora.records import ClientScores, Tensors
 
 if TYPE_CHECKING:
-    from sfedlora.config import DataConfig, ExperimentConfig
-    from sfedlora.experiment import Experiment
-    from sfedlora.worker import Worker
+    from sfedlora.adapters import AdapterSlots
+    from sfedlora.settings import DataConfig, ExperimentConfig
+
+
+class Worker(Protocol):
+    """What a task may use of the runtime's worker (the runtime layer implements it;
+    tasks never import the runtime)."""
+
+    cfg: ExperimentConfig
+    model: torch.nn.Module
+    slots: AdapterSlots
+    device: torch.device
+    tokenizer: Any
+
+    def batch(self, data: Any, idx: Any, labels: bool = True) -> dict[str, torch.Tensor]:
+        """Examples ``idx`` of ``data``, collated and on the model's device."""
+
+    def adapter_output_norm(self, tensors: Tensors, probe: Any) -> float:
+        """The norm of the adapter's contribution to the outputs on ``probe``."""
+
+
+class Experiment(Protocol):
+    """What a task's scoring may use of the runtime's experiment: the config, the
+    worker, and each client's encoded test and validation parts."""
+
+    cfg: ExperimentConfig
+    worker: Worker
+    data: Any  # the federated data (label names, the pools)
+    client_test: list
+    client_val: list
+    global_test: Any
+    probe: Any  # the examples the adapter's output norm is measured on
+
+    def client_test_pairs(self, cid: int) -> Any:
+        """Client ``cid``'s test part as (prompt, answer) pairs (causal LM)."""
+
+    def shots(self) -> list[tuple[str, str]]:
+        """The few-shot examples prompts carry (causal LM)."""
 
 
 @dataclass

@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from sfedlora import lm
-from sfedlora.config import ConfigError, DataConfig, ExperimentConfig
 from sfedlora.data.sources import load_frames
 from sfedlora.model import eval_batches
 from sfedlora.records import ClientScores, LMEvalResult, Metric, Tensors, mean_or_none
+from sfedlora.settings import ConfigError, DataConfig, ExperimentConfig
 from sfedlora.tasks.base import ClientSets, Task, validation_metrics
 
 GLOBAL_SUFFIX = "@global"

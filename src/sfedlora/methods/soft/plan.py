@@ -24,6 +24,10 @@ The estimated bound after ``rounds`` rounds is
 the plan chooses the rank of least bound among those with T_min(r) <= the budget (the
 online stage can then keep every round within it). The run reads the plan through
 ``tsfa.plan`` and refuses a ``lora.rank`` other than the chosen one.
+
+The pilots run through a ``run_rounds`` function the caller passes in (the runtime's
+:func:`sfedlora.simulation.run_rounds`): a method sits below the runtimes and never
+builds one itself.
 """
 
 from __future__ import annotations
@@ -31,15 +35,20 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from sfedlora.config import ConfigError, ExperimentConfig, apply_overrides, validate
+from sfedlora.adapters import AdapterLayout
 from sfedlora.methods.base import Part, ServerHooks, Update
 from sfedlora.methods.soft.schedule import upload_values
 from sfedlora.records import Metric
+from sfedlora.settings import ConfigError, ExperimentConfig, apply_overrides, validate
+
+# (config, server hooks) -> each round's metrics and the adapter's layout
+RunRounds = Callable[[ExperimentConfig, ServerHooks], tuple[list[dict], AdapterLayout]]
 
 
 def read_plan(path: str | Path) -> dict[str, Any]:
@@ -91,20 +100,17 @@ def bound(last_loss: float, first_loss: float, pilot_rounds: int, rounds: int,
     return q, last_loss * q ** max(rounds - pilot_rounds, 0) + variance
 
 
-def pilot(cfg: ExperimentConfig, rank: int, out: Path) -> dict[str, Any]:
+def pilot(cfg: ExperimentConfig, rank: int, out: Path, run_rounds: RunRounds
+          ) -> dict[str, Any]:
     """One rank's pilot (module docstring); its measured terms."""
-    from sfedlora.simulation import Simulation
-
     tsfa = cfg.tsfa
     pilot_cfg = validate(apply_overrides(cfg.model_dump(mode="json"), [
         "method=soft", "soft.keep=1.0", f"lora.rank={rank}", f"rounds={tsfa.pilot_rounds}",
         "eval.every=0", "checkpoint.every=0", f"output_dir={out / f'rank-{rank}'}",
         "progress=false", "tsfa.plan=null"]))
-    sim = Simulation(pilot_cfg)
     recorder = _SpreadRecorder()
-    sim.server.hooks = recorder
-    rounds = [sim.run_round(r).metrics for r in range(1, tsfa.pilot_rounds + 1)]
-    layers, always = _layout_values(sim)
+    rounds, layout = run_rounds(pilot_cfg, recorder)
+    layers, always = _layout_values(layout)
     shrink = upload_values(tsfa.keep_choices[0], layers, always) / upload_values(1.0, layers,
                                                                                   always)
     t_min = sum(_latency_at(m, shrink) for m in rounds) / len(rounds)
@@ -118,8 +124,8 @@ def pilot(cfg: ExperimentConfig, rank: int, out: Path) -> dict[str, Any]:
             "feasible": t_min <= tsfa.latency_budget_s}
 
 
-def _layout_values(sim) -> tuple[list[tuple[int, int]], int]:
-    spec, parts = sim.info.layout.spec, sim.info.layout.parts
+def _layout_values(layout: AdapterLayout) -> tuple[list[tuple[int, int]], int]:
+    spec, parts = layout.spec, layout.parts
     layers = [(spec[n].shape[0], spec[n].shape[1]
                + spec[n.replace(".lora_A.", ".lora_B.")].shape[0])
               for n in sorted(spec) if ".lora_A." in n]
@@ -135,14 +141,16 @@ def _latency_at(metrics: dict, shrink: float) -> float:
     return max(down[c] + compute[c] + shrink * up[c] for c in up)
 
 
-def make_plan(cfg: ExperimentConfig, workdir: Path | None = None) -> dict[str, Any]:
-    """Run every candidate rank's pilot and choose (module docstring)."""
+def make_plan(cfg: ExperimentConfig, run_rounds: RunRounds, workdir: Path | None = None
+              ) -> dict[str, Any]:
+    """Run every candidate rank's pilot through ``run_rounds`` and choose (module
+    docstring)."""
     if cfg.network.model != "wireless":
         raise ConfigError("tsfa-plan prices pilot rounds on the network; set "
                           "network.model=wireless")
     with tempfile.TemporaryDirectory(prefix="tsfa-plan-") as tmp:
         out = Path(workdir or tmp)
-        pilots = [pilot(cfg, r, out) for r in cfg.tsfa.ranks]
+        pilots = [pilot(cfg, r, out, run_rounds) for r in cfg.tsfa.ranks]
     feasible = [p for p in pilots if p["feasible"]]
     if not feasible:
         raise ConfigError(

@@ -11,11 +11,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from sfedlora.config.schema import ExperimentConfig
-
-
-class ConfigError(ValueError):
-    """A configuration the run cannot start with; the message names field and fix."""
+from sfedlora.settings.errors import ConfigError
+from sfedlora.settings.schema import ExperimentConfig
 
 
 def _field_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
@@ -29,7 +26,7 @@ def _field_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
     return paths
 
 
-def _format_validation_error(err: ValidationError) -> str:
+def format_validation_error(err: ValidationError) -> str:
     known = _field_paths(ExperimentConfig)
     lines = []
     for e in err.errors():
@@ -85,7 +82,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> ExperimentConfig:
-    """Read a YAML config (or the defaults: the offline main job) and apply overrides."""
+    """Read a YAML config (or the defaults: the offline main job) and apply overrides,
+    checked against the schema only (:func:`sfedlora.config.load_config` also resolves
+    it against its method and task)."""
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -102,10 +101,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ex
 
 
 def validate(raw: dict[str, Any]) -> ExperimentConfig:
+    """``raw`` checked against the schema (not yet against its method and task)."""
     try:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc)) from None
+        raise ConfigError(format_validation_error(exc)) from None
 
 
 def to_yaml(cfg: ExperimentConfig) -> str:

@@ -1,19 +1,38 @@
 """The experiment config's schema: sections, fields, rules that span fields, and the
-values derived from them (resolved in one place so every runtime agrees). Rules that
-concern one method or task are theirs (``Method.check_config``, ``Task.check_config``),
-reached through the registries."""
+values derived from them (resolved in one place so every runtime agrees). Rules and
+defaults that concern one method or task are theirs (``Method.check_config``,
+``Task.check_config``, ``Method.default_scaling``, ...): :func:`sfedlora.config.resolve`
+applies them, since this layer sits below the methods and tasks."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     field_validator,
     model_validator,
 )
+
+from sfedlora.codecs import Codec
+from sfedlora.scaling import default_alpha, gamma
+from sfedlora.settings.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """What a config falls back on where a setting is unset: its method's and task's
+    defaults (filled in by :func:`sfedlora.config.resolve`)."""
+
+    scaling: str  # lora.scaling
+    server_optimizer: str  # server.optimizer
+    a_init: str  # lora.a_init
+    comm: dict[str, dict] = field(default_factory=dict)  # comm.up / comm.down presets
+    model_name: str = ""  # model.name
 
 
 class _Section(BaseModel):
@@ -425,40 +444,6 @@ class ExperimentConfig(_Section):
         "holding another run is refused (sfedlora run --overwrite replaces it)")
     progress: bool = True
 
-    @field_validator("task")
-    @classmethod
-    def _known_task(cls, name: str) -> str:
-        from sfedlora.tasks import TASKS
-
-        if name not in TASKS:
-            raise ValueError(f"task={name!r} is not a task; choose one of {sorted(TASKS)}")
-        return name
-
-    @field_validator("method")
-    @classmethod
-    def _known_method(cls, name: str) -> str:
-        from sfedlora.methods import REGISTRY  # late import: methods import config types
-
-        if name not in REGISTRY:
-            raise ValueError(f"method={name!r} is not a method; choose one of "
-                             f"{sorted(REGISTRY)}")
-        return name
-
-    def _method_with_options(self, get_method):
-        """The method with ``options`` validated by its own model: an error names the
-        setting and what the method accepts."""
-        from pydantic import ValidationError
-
-        try:
-            return get_method(self.method, self.options)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            fields = sorted(get_method(self.method).Options.model_fields) or ["none"]
-            raise ValueError(
-                f"options.{where}: {first['msg']} (method={self.method} takes options "
-                f"{', '.join(fields)})") from None
-
     def _check_flower_resources(self) -> None:
         gpus = self.flower.client_resources.num_gpus
         if gpus > 0 and self.model.device == "cpu":
@@ -473,9 +458,7 @@ class ExperimentConfig(_Section):
 
     @model_validator(mode="after")
     def _combinations(self) -> ExperimentConfig:
-        from sfedlora.methods import get_method  # late import: methods import config types
-        from sfedlora.tasks import get_task
-
+        """The checks that need no method or task (those are :meth:`check_with`)."""
         c, local, data = self.clients, self.local, self.data
         if local.steps is not None and local.epochs is not None:
             raise ValueError(
@@ -501,16 +484,6 @@ class ExperimentConfig(_Section):
                 f"clients.min_clients={c.min_clients} exceeds the {self.clients_per_round} "
                 "clients sampled per round; lower it or raise clients.per_round"
             )
-        method = self._method_with_options(get_method)
-        if self.lora.a_init is not None and len(method.a_init_modes) < 2:
-            raise ValueError(
-                f"lora.a_init={self.lora.a_init!r} does not apply to method {self.method!r}, "
-                f"which has no such choice ({method.a_init_note}); remove lora.a_init"
-            )
-        if self.lora.adapter == "vera":
-            self._check_vera(method)
-        if self.lora.client_ranks is not None:
-            self._check_client_ranks(method)
         if data.examples_per_client is not None and data.partition not in ("iid", "dirichlet"):
             raise ValueError(
                 f"data.examples_per_client with data.partition={data.partition!r}: fixed-size "
@@ -521,12 +494,6 @@ class ExperimentConfig(_Section):
             raise ValueError("data.source=files needs data.train_path (a CSV, TSV or JSONL file)")
         if data.source == "hf" and not data.dataset:
             raise ValueError("data.source=hf needs data.dataset, e.g. data.dataset=glue")
-        if self.privacy.enabled and self.a_init == "independent":
-            raise ValueError(
-                "privacy.enabled with lora.a_init=independent: each client's first A is its "
-                "own random draw, so whether it took part shows in the released mean beyond "
-                "what clipping its change can bound; set lora.a_init=shared"
-            )
         if self.privacy.enabled and not self.privacy.secure_aggregation and c.min_clients > 1:
             raise ValueError(
                 f"privacy.enabled with clients.min_clients={c.min_clients}: under DP the "
@@ -539,9 +506,6 @@ class ExperimentConfig(_Section):
                 f"privacy.enabled with server.aggregation={self.server.aggregation!r}: the "
                 "privacy accounting assumes a mean of clipped updates; set server.aggregation=mean"
             )
-        self._check_codecs(method)
-        if self.privacy.secure_aggregation:
-            self._check_secure_aggregation(method)
         net = self.network
         changed = sorted(f"network.{k}" for k, info in NetworkConfig.model_fields.items()
                          if k != "model" and getattr(net, k) != info.default)
@@ -549,9 +513,32 @@ class ExperimentConfig(_Section):
             raise ValueError(f"{', '.join(changed)} set with network.model=none, which "
                              "counts bytes only; set network.model=wireless or remove them")
         self._check_flower_resources()
-        get_task(self.task).check_config(self)
-        method.check_config(self)
         return self
+
+    def check_with(self, method, task, vera_methods: list[str]) -> None:
+        """The checks that need this config's method and task (their objects, passed
+        in by :func:`sfedlora.config.resolve`: the settings layer sits below both).
+        Raises ``ValueError`` naming the setting and the fix."""
+        if self.lora.a_init is not None and len(method.a_init_modes) < 2:
+            raise ValueError(
+                f"lora.a_init={self.lora.a_init!r} does not apply to method {self.method!r}, "
+                f"which has no such choice ({method.a_init_note}); remove lora.a_init"
+            )
+        if self.lora.adapter == "vera":
+            self._check_vera(method, vera_methods)
+        if self.lora.client_ranks is not None:
+            self._check_client_ranks(method)
+        if self.privacy.enabled and self.a_init == "independent":
+            raise ValueError(
+                "privacy.enabled with lora.a_init=independent: each client's first A is its "
+                "own random draw, so whether it took part shows in the released mean beyond "
+                "what clipping its change can bound; set lora.a_init=shared"
+            )
+        self._check_codecs(method)
+        if self.privacy.secure_aggregation:
+            self._check_secure_aggregation(method)
+        task.check_config(self)
+        method.check_config(self)
 
     def _check_secure_aggregation(self, method) -> None:
         """Secure aggregation gives the server only the weighted sum of what clients
@@ -589,11 +576,9 @@ class ExperimentConfig(_Section):
             raise ValueError("lora.client_ranks works with LoRA adapters and no server "
                              "optimizer; remove server.optimizer / lora.adapter")
 
-    def _check_vera(self, method) -> None:
-        from sfedlora.methods import REGISTRY
-
+    def _check_vera(self, method, vera_methods: list[str]) -> None:
         if not method.supports_vera:
-            names = ", ".join(n for n, m in REGISTRY.items() if m.supports_vera)
+            names = ", ".join(vera_methods)
             raise ValueError(
                 f"lora.adapter=vera with method={self.method!r}: VeRA's projections are "
                 f"frozen and shared, so only {names} apply to it (fedsa is FedSA-VeRA); "
@@ -650,7 +635,29 @@ class ExperimentConfig(_Section):
                 "and adding it to absolute values would count it twice"
             )
 
-    # Derived values, resolved in one place so every runtime agrees on them.
+    # Derived values, resolved in one place so every runtime agrees on them. Those that
+    # fall back on the method's or task's defaults read them from the Defaults that
+    # sfedlora.config.resolve attaches (this layer sits below methods and tasks).
+    _resolved: Defaults | None = PrivateAttr(None)
+
+    def with_defaults(self, defaults: Defaults) -> ExperimentConfig:
+        """A copy that falls back on ``defaults`` where a setting is left unset."""
+        out = self.model_copy()
+        out._resolved = defaults
+        return out
+
+    @property
+    def is_resolved(self) -> bool:
+        return self._resolved is not None
+
+    def _defaults(self) -> Defaults:
+        if self._resolved is None:
+            raise ConfigError(
+                "this config was not resolved against its method and task: load it with "
+                "sfedlora.config.load_config or sfedlora.config.validate (or pass it "
+                "through sfedlora.config.resolve)")
+        return self._resolved
+
     @property
     def clients_per_round(self) -> int:
         """N: clients aggregated per round (fixed, so the sfed scale does not jump)."""
@@ -671,23 +678,16 @@ class ExperimentConfig(_Section):
     def model_name(self) -> str:
         if self.model.name:
             return self.model.name
-        from sfedlora.tasks import get_task
-
-        return get_task(self.task).default_model
+        return self._defaults().model_name
 
     @property
     def scaling(self) -> str:
-        from sfedlora.methods import get_method
-
-        return self.lora.scaling or get_method(self.method).default_scaling
+        return self.lora.scaling or self._defaults().scaling
 
     def codec(self, direction: Literal["up", "down"]):
         """The resolved codec of a direction: explicit settings, then the method's
         preset, then no compression (uploads use delta coding when lossy)."""
-        from sfedlora.codecs import Codec
-        from sfedlora.methods import get_method
-
-        preset = get_method(self.method).comm.get(direction, {})
+        preset = self._defaults().comm.get(direction, {})
         given = getattr(self.comm, direction).model_dump(exclude_none=True)
         settings = {"density": 1.0, "bits": None, "dtype": "fp32", **preset, **given}
         probe = Codec(**{k: v for k, v in settings.items() if k in ("density", "bits", "dtype")})
@@ -708,16 +708,12 @@ class ExperimentConfig(_Section):
 
     def client_gamma(self, cid: int) -> float:
         """The scale of client ``cid``'s adapter at its own rank (FLoRA)."""
-        from sfedlora.scaling import gamma
-
         return gamma(self.scaling, self.alpha, self.client_rank(cid),
                      self.clients_per_round)
 
     @property
     def gamma(self) -> float | None:
         """The LoRA scale at ``lora.rank`` (None for VeRA, which has none)."""
-        from sfedlora.scaling import gamma
-
         if self.lora.adapter == "vera":
             return None
         return gamma(self.scaling, self.alpha, self.lora.rank, self.clients_per_round)
@@ -725,18 +721,12 @@ class ExperimentConfig(_Section):
     @property
     def alpha(self) -> float:
         """alpha of the scaling rule: ``lora.alpha``, else the rule's default."""
-        from sfedlora.scaling import default_alpha
-
         return self.lora.alpha if self.lora.alpha is not None else default_alpha(self.scaling)
 
     @property
     def server_optimizer(self) -> str:
-        from sfedlora.methods import get_method
-
-        return self.server.optimizer or get_method(self.method).server_optimizer
+        return self.server.optimizer or self._defaults().server_optimizer
 
     @property
     def a_init(self) -> str:
-        from sfedlora.methods import get_method
-
-        return self.lora.a_init or get_method(self.method).a_init_modes[0]
+        return self.lora.a_init or self._defaults().a_init

@@ -1,4 +1,8 @@
-"""Experiment configuration: one YAML file plus dotted ``key=value`` overrides.
+"""Experiment settings: what a config holds (:mod:`.schema`) and how it is read
+(:mod:`.loading`), below every other layer but the core; :mod:`sfedlora.config`
+resolves a config against its method and task (their defaults and refusals).
+
+Experiment configuration: one YAML file plus dotted ``key=value`` overrides.
 
 Everything is validated before any model or data is touched. Errors are raised as
 :class:`ConfigError` with one message that names the field and says how to fix it,
@@ -7,20 +11,21 @@ after a model has loaded. :mod:`.schema` is what a config holds, :mod:`.loading`
 it is read.
 """
 
-from sfedlora.config.loading import (
-    ConfigError,
+from sfedlora.settings.errors import ConfigError
+from sfedlora.settings.loading import (
     apply_overrides,
     load_config,
     parse_value,
     to_yaml,
     validate,
 )
-from sfedlora.config.schema import (
+from sfedlora.settings.schema import (
     CheckpointConfig,
     ClientsConfig,
     CodecConfig,
     CommConfig,
     DataConfig,
+    Defaults,
     EvalConfig,
     ExperimentConfig,
     FlowerConfig,
@@ -35,7 +40,7 @@ from sfedlora.config.schema import (
 
 __all__ = [
     "CheckpointConfig", "ClientsConfig", "CodecConfig", "CommConfig", "ConfigError",
-    "DataConfig", "EvalConfig", "ExperimentConfig", "FlowerConfig", "LocalConfig",
+    "DataConfig", "Defaults", "EvalConfig", "ExperimentConfig", "FlowerConfig", "LocalConfig",
     "LoraConfig", "ModelConfig", "NetworkConfig", "PersonalConfig", "PrivacyConfig", "ServerConfig",
     "apply_overrides", "load_config", "parse_value", "to_yaml", "validate",
 ]
