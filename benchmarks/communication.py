@@ -22,8 +22,8 @@ import logging
 from pathlib import Path
 
 from sfedlora.config import load_config
-from sfedlora.plots import load_metrics, plot_runs
-from sfedlora.simulation import Simulation
+from sfedlora.runtime.simulation import Simulation
+from sfedlora.studies.plots import load_metrics, plot_runs
 
 ARMS: dict[str, list[str]] = {
     "fedit": ["method=fedit"],

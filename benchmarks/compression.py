@@ -50,8 +50,8 @@ sys.path[:0] = [str(ROOT / "src"), str(ROOT / "benchmarks")]
 import methods as tuned  # noqa: E402  (the methods benchmark's ladder and seeds)
 
 from sfedlora.config import load_config  # noqa: E402
-from sfedlora.plots import load_metrics  # noqa: E402
-from sfedlora.sweep import ci95  # noqa: E402
+from sfedlora.studies.plots import load_metrics  # noqa: E402
+from sfedlora.studies.sweep import ci95  # noqa: E402
 
 # 1/32 rather than 1/16: per round, 1/16 saves only about 23x (the codec header
 # names every tensor, and index bytes do not shrink with bits), which leaves no room

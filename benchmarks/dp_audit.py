@@ -11,7 +11,7 @@ mechanism, before this script existed):
 * Released: the shared state after every round (what every download carries). The
   auditor scores canary i by the sum of its coordinate's released changes over the
   rounds (over the rounds the public schedule says it was sampled in, where the
-  schedule is public), guesses with the strategies of :func:`sfedlora.audit.guess_grid`
+  schedule is public), guesses with the strategies of :func:`sfedlora.privacy.audit.guess_grid`
   (fixed in advance, Bonferroni over them), 95% confidence.
 * Rows (T = 50 rounds each, delta = 1e-5), each run 3 times (the randomness is secret,
   so runs differ):
@@ -44,15 +44,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from sfedlora import wire  # noqa: E402
-from sfedlora.adapters import TensorSpec  # noqa: E402
-from sfedlora.audit import audit, guess_grid  # noqa: E402
 from sfedlora.config import PrivacyConfig, ServerConfig  # noqa: E402
-from sfedlora.environment import describe  # noqa: E402
+from sfedlora.core import wire  # noqa: E402
+from sfedlora.core.adapters import TensorSpec  # noqa: E402
+from sfedlora.core.environment import describe  # noqa: E402
 from sfedlora.methods import get_method  # noqa: E402
-from sfedlora.privacy import Accountant, GaussianMechanism  # noqa: E402
-from sfedlora.sampling import SecretPoissonSampler, SeededSampler, secure_uniforms  # noqa: E402
-from sfedlora.server import Reply, Server  # noqa: E402
+from sfedlora.privacy.audit import audit, guess_grid  # noqa: E402
+from sfedlora.privacy.dp import Accountant, GaussianMechanism  # noqa: E402
+from sfedlora.privacy.sampling import SecretPoissonSampler, SeededSampler, secure_uniforms  # noqa: E402
+from sfedlora.runtime.server import Reply, Server  # noqa: E402
 
 NAME = "m.audit.lora_A.default.weight"
 CANARIES, HONEST, ROUNDS, CLIP, DELTA, SIGMA = 4000, 1000, 50, 1.0, 1e-5, 1.0

@@ -35,9 +35,9 @@ from pathlib import Path
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from sfedlora.config import load_config
-from sfedlora.flower.deploy import deploy_local
-from sfedlora.flower.simulation import run_simulation
-from sfedlora.simulation import Simulation
+from sfedlora.runtime.flower.deploy import deploy_local
+from sfedlora.runtime.flower.simulation import run_simulation
+from sfedlora.runtime.simulation import Simulation
 
 
 def timed(name: str, run_dir: Path, call) -> dict:

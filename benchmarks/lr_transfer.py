@@ -34,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from sfedlora.sweep import (  # noqa: E402
+from sfedlora.studies.sweep import (  # noqa: E402
     LR_KEY,
     TABLE_METRICS,
     best_learning_rates,
@@ -189,7 +189,7 @@ def report(args) -> Path:
     and the lr-transfer figure."""
     import pandas as pd
 
-    from sfedlora.plots import plot_lr_transfer
+    from sfedlora.studies.plots import plot_lr_transfer
 
     part = PARTS[args.part]
     cell = cell_keys(args)
@@ -292,7 +292,7 @@ def _trend_table(runs, key: str, cell: list[str]) -> str:
     """Per rule, held-out loss at each value of the curve key minus at its smallest
     value (r=256 minus r=4, say), each at its own chosen learning rate, paired by seed:
     does a rule get worse at high rank (or many clients) even when tuned?"""
-    from sfedlora.sweep import ci95
+    from sfedlora.studies.sweep import ci95
 
     group = [k for k in cell if k != key]
     values = sorted(runs[key].unique())
@@ -313,7 +313,7 @@ def _trend_table(runs, key: str, cell: list[str]) -> str:
 def _replicate_table(runs, best, cell: list[str]) -> str:
     """Per cell, the fitted optimum over the chosen rung and its two neighbours for each
     seed that ran all three, and for their mean curve."""
-    from sfedlora.sweep import SELECT_ON
+    from sfedlora.studies.sweep import SELECT_ON
 
     rows = []
     seeds = sorted(runs["seed"].unique())
@@ -342,7 +342,7 @@ def _replicate_table(runs, best, cell: list[str]) -> str:
 def _fit_text(curve) -> str:
     import math
 
-    from sfedlora.sweep import fitted_best_lr
+    from sfedlora.studies.sweep import fitted_best_lr
 
     if len(curve) < 3:
         return "-"
@@ -361,7 +361,7 @@ def _paired_table(runs, cell: list[str]) -> str:
     and one initialisation for every rule), as mean ± 95% t-interval."""
     import pandas as pd
 
-    from sfedlora.sweep import ci95
+    from sfedlora.studies.sweep import ci95
 
     group = [k for k in cell if k not in ("lora.scaling", "lora.a_init")]
     is_ref = (runs["lora.scaling"] == REFERENCE[0]) & (runs["lora.a_init"] == REFERENCE[1])

@@ -45,8 +45,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from sfedlora.config import load_config  # noqa: E402
-from sfedlora.plots import load_metrics  # noqa: E402
-from sfedlora.sweep import LR_KEY, ci95, parse_grid, parse_shard, run_sweep  # noqa: E402
+from sfedlora.studies.plots import load_metrics  # noqa: E402
+from sfedlora.studies.sweep import LR_KEY, ci95, parse_grid, parse_shard, run_sweep  # noqa: E402
 
 ARMS: dict[str, list[str]] = {
     "fedit": ["method=fedit"],

@@ -22,12 +22,12 @@ import torch
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from sfedlora.config import load_config
-from sfedlora.model import train_batches
-from sfedlora.sampling import sample_clients
-from sfedlora.seeds import BATCHES as TAG_BATCHES
-from sfedlora.seeds import TRAIN as TAG_TRAIN
-from sfedlora.seeds import derive_seed
-from sfedlora.simulation import Simulation
+from sfedlora.core.seeds import BATCHES as TAG_BATCHES
+from sfedlora.core.seeds import TRAIN as TAG_TRAIN
+from sfedlora.core.seeds import derive_seed
+from sfedlora.modeling.model import train_batches
+from sfedlora.privacy.sampling import sample_clients
+from sfedlora.runtime.simulation import Simulation
 
 
 def plain_round(sim: Simulation, round_idx: int, optimizer: torch.optim.Optimizer) -> None:

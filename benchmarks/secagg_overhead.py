@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from sfedlora.config import load_config  # noqa: E402
-from sfedlora.simulation import Simulation  # noqa: E402
+from sfedlora.runtime.simulation import Simulation  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -77,8 +77,8 @@ sys.path[:0] = [str(ROOT / "src"), str(ROOT / "benchmarks")]
 import methods as tuned  # noqa: E402  (the methods benchmark's ladder and seeds)
 
 from sfedlora.config import load_config  # noqa: E402
-from sfedlora.plots import load_metrics  # noqa: E402
-from sfedlora.sweep import ci95  # noqa: E402
+from sfedlora.studies.plots import load_metrics  # noqa: E402
+from sfedlora.studies.sweep import ci95  # noqa: E402
 
 DENSE, TSFA = "fedit-dense", "tsfa"
 BUDGET_SHARE = 0.4  # TSFA's latency budget, as a share of the dense arm's mean latency
@@ -146,7 +146,7 @@ def planned_overrides(args, budget: str) -> list[str]:
     the study's config under the TSFA arms' budget, made once (the report stage never
     makes it) and kept, so that every run and shard reads the same choice."""
     from sfedlora.methods.soft.plan import make_plan, read_plan
-    from sfedlora.simulation import run_rounds
+    from sfedlora.runtime.simulation import run_rounds
 
     path = plan_path(args)
     if not path.exists():

@@ -57,7 +57,7 @@ def _seeded_urandom() -> None:
 
 def run_case(name: str, overrides: list[str], work: Path) -> str:
     from sfedlora.config import load_config
-    from sfedlora.simulation import Simulation
+    from sfedlora.runtime.simulation import Simulation
     from tests.conftest import tiny_base
 
     _seeded_urandom()

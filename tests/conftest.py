@@ -144,7 +144,7 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from sfedlora.lm import smollm2_path
+    from sfedlora.modeling.lm import smollm2_path
 
     out = tmp_path_factory.mktemp("tiny-llama")
     tokenizer = AutoTokenizer.from_pretrained(smollm2_path())

@@ -15,7 +15,7 @@ from pathlib import Path
 
 def intercept(monkeypatch) -> list:
     """Every message the ServerApp receives from a node, recorded as it arrives."""
-    from sfedlora.flower.pool import FlowerPool
+    from sfedlora.runtime.flower.pool import FlowerPool
 
     inbox, send = [], FlowerPool._send
 
@@ -40,7 +40,7 @@ def _tensor_names(data: bytes) -> list[str]:
 
 def contents(inbox: list) -> list[dict]:
     """Raw messages as ``{record: {key: tensor names}}`` (read with safetensors here,
-    independently of :func:`sfedlora.flower.messages.describe`)."""
+    independently of :func:`sfedlora.runtime.flower.messages.describe`)."""
     return [{name: {key: _tensor_names(v) if isinstance(v, bytes) else []
                     for key, v in record.items()}
              for name, record in m.content.items()} for m in inbox]
@@ -60,9 +60,9 @@ def assert_nothing_private(received: list[dict], cfg) -> None:
     client (B and the head for FedSA/SFed, everything for local, FDLoRA's personal
     copy); under secure aggregation, no per-client training statistic either; and the
     only adapter files are the global adapter's."""
-    from sfedlora.flower import messages
     from sfedlora.methods import get_method, part_of
-    from sfedlora.secagg import messages as sm
+    from sfedlora.privacy.secagg import messages as sm
+    from sfedlora.runtime.flower import messages
 
     method = get_method(cfg.method)
     assert received

@@ -1,10 +1,13 @@
-"""The layering promises of the README's "How it is built": runtimes never branch on a
-method or a task, and every run is also readable by TensorBoard."""
+"""The layering promises of the README's "How it is built": the module graph is acyclic
+and each layer imports only layers below it, runtimes never branch on a method or a
+task, and every run is also readable by TensorBoard."""
 
 from __future__ import annotations
 
+import ast
 import json
 import re
+from graphlib import CycleError, TopologicalSorter
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +17,78 @@ import sfedlora
 SRC = Path(sfedlora.__file__).parent
 # a method's mechanics or a task's kind, asked by name or by a method-specific flag
 BRANCH = re.compile(r'merge_into_base|personal_adapter|method ?== ?"|task ?== ?"')
+
+
+# Each top-level package (or module) of sfedlora and its layer: a module may import its
+# own package and packages of lower layers only (siblings on one layer never import
+# each other). Documented in each package's docstring and the README.
+LAYERS = {
+    "core": 0, "settings": 1, "aggregation": 2, "comm": 2, "privacy": 3, "modeling": 4,
+    "data": 5, "methods": 6, "tasks": 6, "config": 7, "runtime": 8, "studies": 9,
+    "cli": 10, "__main__": 11,
+}
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(SRC.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Every module of sfedlora and the sfedlora modules it imports, counting every
+    import statement: top-level, inside functions, and under TYPE_CHECKING."""
+    modules = {_module_name(p): p for p in SRC.rglob("*.py")}
+
+    def resolve(name: str) -> str | None:  # the longest prefix that is a module
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets |= {resolve(a.name) for a in node.names if a.name.startswith("sfedlora")}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative: from the package, level - 1 up
+                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join([*up, *([node.module] if node.module else [])])
+                if base.startswith("sfedlora"):
+                    targets |= {resolve(f"{base}.{a.name}") for a in node.names}
+        graph[name] = {t for t in targets if t and t != name}
+    return graph
+
+
+def _layer(module: str) -> tuple[str, int | None]:
+    top = module.split(".")[1] if "." in module else ""
+    return top, LAYERS.get(top)
+
+
+def test_the_module_graph_is_acyclic_counting_every_import():
+    graph = import_graph()
+    assert len(graph) > 90  # the walk found the package
+    try:
+        TopologicalSorter(graph).prepare()
+    except CycleError as exc:
+        raise AssertionError(f"import cycle: {' -> '.join(exc.args[1])}") from None
+
+
+def test_each_layer_imports_only_layers_below_it():
+    graph = import_graph()
+    unplaced = sorted(m for m in graph if m != "sfedlora" and _layer(m)[1] is None)
+    assert unplaced == [], "give each new top-level package a layer in LAYERS"
+    upward = []
+    for module, targets in graph.items():
+        top, layer = _layer(module)
+        for target in targets:
+            other, other_layer = _layer(target)
+            if other != top and not (other_layer is not None and layer is not None
+                                     and other_layer < layer):
+                upward.append(f"{module} -> {target}")
+    assert sorted(upward) == []
 
 
 def test_no_runtime_module_branches_on_a_method_or_task():
@@ -44,8 +119,8 @@ def test_every_method_and_task_is_reached_through_its_registry():
 def test_tensorboard_reads_every_metric_of_every_round(tiny_config, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from sfedlora.simulation import Simulation
-    from sfedlora.tracking import scalars
+    from sfedlora.runtime.simulation import Simulation
+    from sfedlora.runtime.tracking import scalars
 
     cfg = tiny_config("method=sfed", "rounds=3", "eval.every=1",
                       f"output_dir={tmp_path / 'run'}")
@@ -72,8 +147,8 @@ def test_a_layout_round_trips_with_its_draw_order(tiny_lm_config):
     shapes and order, so the same values (Llama's q/k/v/o order is not alphabetical)."""
     import torch
 
-    from sfedlora.adapters import AdapterLayout
-    from sfedlora.experiment import build_experiment
+    from sfedlora.core.adapters import AdapterLayout
+    from sfedlora.runtime.experiment import build_experiment
 
     slots = build_experiment(tiny_lm_config("method=fedit")).worker.slots
     back, meta = AdapterLayout.decode(slots.layout.encode({"base_path": "x"}))

@@ -1,4 +1,4 @@
-"""The one-run audit's lower bound (sfedlora.audit) against its closed forms."""
+"""The one-run audit's lower bound (sfedlora.privacy.audit) against its closed forms."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from sfedlora.audit import Guess, audit, epsilon_lower_bound, guess_grid
+from sfedlora.privacy.audit import Guess, audit, epsilon_lower_bound, guess_grid
 
 
 @pytest.mark.parametrize("guesses", [10, 100, 1000])

@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 
-from sfedlora.client_states import DiskStates, MemoryStates
 from sfedlora.config import ConfigError
-from sfedlora.records import ClientState
-from sfedlora.simulation import Simulation
+from sfedlora.core.records import ClientState
+from sfedlora.runtime.client_states import DiskStates, MemoryStates
+from sfedlora.runtime.simulation import Simulation
 
 
 def _full_state(seed: int) -> ClientState:
@@ -72,7 +72,7 @@ def test_reads_are_as_of_the_checkpointed_round(tmp_path):
 
 
 def test_a_run_on_disk_states_equals_the_same_run_in_memory(tiny_config, tmp_path):
-    from sfedlora.client_states import client_states
+    from sfedlora.runtime.client_states import client_states
 
     base = ("method=fdlora", "local.keep_optimizer_state=true", "comm.up.density=0.5",
             "comm.up.error_feedback=true", "clients.per_round=2", "rounds=3")
@@ -120,7 +120,7 @@ def test_a_resume_removes_states_written_after_its_checkpoint(tmp_path):
 
 
 def test_a_flower_node_drops_the_states_of_a_timeline_it_no_longer_serves(tmp_path):
-    from sfedlora.flower.node_state import NodeState
+    from sfedlora.runtime.flower.node_state import NodeState
 
     node = NodeState(tmp_path, cid=0)
     node.enter_timeline("first", 0)

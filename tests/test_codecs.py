@@ -12,11 +12,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sfedlora import wire
-from sfedlora.adapters import TensorSpec
-from sfedlora.codecs import Codec, decode, decode_with_presence
-from sfedlora.codecs.codec import pack, unpack
-from sfedlora.codecs.indices import (
+from sfedlora.core import wire
+from sfedlora.core.adapters import TensorSpec
+from sfedlora.core.codecs import Codec, decode, decode_with_presence
+from sfedlora.core.codecs.codec import pack, unpack
+from sfedlora.core.codecs.indices import (
     BITMAP,
     VARINT,
     IndexError_,
@@ -24,7 +24,7 @@ from sfedlora.codecs.indices import (
     varint_decode,
     varint_encode,
 )
-from sfedlora.codecs.quantize import pack_bits, unpack_bits
+from sfedlora.core.codecs.quantize import pack_bits, unpack_bits
 
 
 def _tensors(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -259,7 +259,7 @@ def test_index_encodings_round_trip(numel, data):
     kind, buf = encode_indices(positions, numel)
     mask = np.zeros(numel, dtype=bool)
     mask[positions] = True
-    from sfedlora.codecs.indices import decode_indices
+    from sfedlora.core.codecs.indices import decode_indices
 
     assert np.array_equal(decode_indices(kind, buf, numel), positions)
     assert np.array_equal(varint_decode(varint_encode(positions), numel), positions)
@@ -383,7 +383,7 @@ def test_a_message_whose_quantised_tensors_keep_nothing_decodes():
     ("index", zlib.compress(b"x") + b"tail", "padded"),
 ])
 def test_deflated_pieces_that_lie_are_refused(piece, data, match, monkeypatch):
-    monkeypatch.setattr("sfedlora.codecs.codec.MAX_LAYOUT_BYTES", 200_000)
+    monkeypatch.setattr("sfedlora.core.codecs.codec.MAX_LAYOUT_BYTES", 200_000)
     raw = wire.decode(Codec(density=0.5, bits=4).encode(_tensors()))
     raw[piece] = torch.tensor(list(data), dtype=torch.uint8)
     with pytest.raises(wire.MessageError, match=match):

@@ -8,13 +8,13 @@ import math
 import pytest
 import torch
 
-from sfedlora import codecs
-from sfedlora.adapters import TensorSpec
-from sfedlora.checkpoint import load_checkpoint, save_checkpoint
 from sfedlora.config import ConfigError, ServerConfig
+from sfedlora.core import codecs
+from sfedlora.core.adapters import TensorSpec
+from sfedlora.core.checkpoint import load_checkpoint, save_checkpoint
 from sfedlora.methods import Part, get_method
-from sfedlora.server import Reply, Server
-from sfedlora.simulation import Simulation
+from sfedlora.runtime.server import Reply, Server
+from sfedlora.runtime.simulation import Simulation
 from tests.conftest import assert_learns
 
 NAMES = ["x.lora_A.default.weight", "x.lora_B.default.weight"]
@@ -75,7 +75,7 @@ def test_flasc_clients_receive_the_masked_model_and_evaluation_uses_it(tiny_conf
 
 
 def _uploads(monkeypatch) -> list[bytes]:
-    from sfedlora import worker
+    from sfedlora.runtime import worker
 
     seen: list[bytes] = []
     real = worker.Worker.fit

@@ -6,7 +6,7 @@ import pytest
 
 from sfedlora.cli import main
 from sfedlora.config import ConfigError, load_config
-from sfedlora.experiment import build_experiment
+from sfedlora.runtime.experiment import build_experiment
 
 
 def test_defaults_are_the_offline_main_job():

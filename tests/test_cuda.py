@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sfedlora.methods import REGISTRY
-from sfedlora.simulation import Simulation
+from sfedlora.runtime.simulation import Simulation
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

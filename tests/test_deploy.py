@@ -12,7 +12,7 @@ import pytest
 import server_inbox
 
 from sfedlora.config import to_yaml
-from sfedlora.simulation import Simulation
+from sfedlora.runtime.simulation import Simulation
 
 pytest.importorskip("flwr")
 
@@ -38,8 +38,8 @@ def config_file(tiny_config, tmp_path):
 def test_tls_is_required_and_an_unregistered_node_is_refused(tmp_path):
     import httpx
 
-    from sfedlora.flower.credentials import make_node_key
-    from sfedlora.flower.deploy import LocalDeployment, marked_processes
+    from sfedlora.runtime.flower.credentials import make_node_key
+    from sfedlora.runtime.flower.deploy import LocalDeployment, marked_processes
 
     with LocalDeployment(tmp_path / "work") as deployment:
         deployment.start_superlink()
@@ -73,9 +73,9 @@ def _kill_when_training(node, round_idx: int, stop: threading.Event) -> None:
 
 
 def test_a_node_killed_mid_round_is_dropped_and_the_run_finishes(config_file, tmp_path):
-    from sfedlora.flower.config import as_run_config
-    from sfedlora.flower.credentials import make_node_key
-    from sfedlora.flower.deploy import LocalDeployment, marked_processes
+    from sfedlora.runtime.flower.config import as_run_config
+    from sfedlora.runtime.flower.credentials import make_node_key
+    from sfedlora.runtime.flower.deploy import LocalDeployment, marked_processes
 
     run_dir = tmp_path / "run"
     # The SuperLink reports the dead node after two missed 30 s heartbeats, well within
@@ -116,7 +116,7 @@ def test_a_node_killed_mid_round_is_dropped_and_the_run_finishes(config_file, tm
 ])
 def test_deploy_local_refuses_bad_input_before_starting_anything(args, message, capsys):
     from sfedlora.cli import main
-    from sfedlora.flower.deploy import marked_processes
+    from sfedlora.runtime.flower.deploy import marked_processes
 
     assert main(["deploy-local", *args]) == 2
     assert message in capsys.readouterr().err
@@ -129,7 +129,7 @@ def test_sigterm_mid_run_stops_every_process(config_file, tmp_path):
     import subprocess
     import sys
 
-    from sfedlora.flower.deploy import marked_processes
+    from sfedlora.runtime.flower.deploy import marked_processes
 
     _, path = config_file(f"output_dir={tmp_path / 'run'}")
     cli = subprocess.Popen([sys.executable, "-m", "sfedlora.cli", "deploy-local", str(path),
@@ -170,9 +170,9 @@ def test_deploy_local_runs_securely_matches_plain_sums_and_leaves_no_process(
     import numpy as np
     from safetensors.torch import load_file
 
-    from sfedlora.checkpoint import load_checkpoint
-    from sfedlora.flower.deploy import deploy_local, marked_processes
-    from sfedlora.secagg import client as secure_client
+    from sfedlora.core.checkpoint import load_checkpoint
+    from sfedlora.privacy.secagg import client as secure_client
+    from sfedlora.runtime.flower.deploy import deploy_local, marked_processes
 
     cfg, path = config_file("method=sfed", "clients.num=3", "privacy.secure_aggregation=true",
                             "rounds=1", "eval.every=1", "checkpoint.every=1")

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sfedlora import wire
-from sfedlora.codecs import Codec
-from sfedlora.downlink import REFRESH, Downlink, receive
-from sfedlora.wire import MessageError, read_meta
+from sfedlora.comm.downlink import REFRESH, Downlink, receive
+from sfedlora.core import wire
+from sfedlora.core.codecs import Codec
+from sfedlora.core.wire import MessageError, read_meta
 
 
 def _states(seed: int, rounds: int) -> list[dict[str, torch.Tensor]]:
@@ -85,7 +85,7 @@ def test_a_client_whose_seeded_start_differs_from_the_servers_is_refused():
 
 
 def test_the_ledger_survives_a_checkpoint(tmp_path):
-    from sfedlora.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+    from sfedlora.core.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 
     server = Downlink(Codec(density=0.2, bits=8, delta=True), history=3,
                       state=_states(0, 1)[0])
@@ -106,7 +106,7 @@ def test_the_ledger_survives_a_checkpoint(tmp_path):
 @pytest.fixture
 def delta_run(tiny_config):
     """FedIT with top-k 10% 8-bit delta downloads, 2 of 4 clients per round."""
-    from sfedlora.simulation import Simulation
+    from sfedlora.runtime.simulation import Simulation
 
     cfg = tiny_config("method=fedit", "rounds=8", "clients.per_round=2",
                       "comm.down.delta=true", "comm.down.density=0.1", "comm.down.bits=8",
@@ -131,8 +131,8 @@ def test_every_client_holds_the_published_state_bit_for_bit(delta_run):
 
 
 def test_a_delta_download_run_resumes_bit_identically(tiny_config, tmp_path):
-    from sfedlora.checkpoint import load_checkpoint, save_checkpoint
-    from sfedlora.simulation import Simulation
+    from sfedlora.core.checkpoint import load_checkpoint, save_checkpoint
+    from sfedlora.runtime.simulation import Simulation
 
     args = ("method=fedit", "rounds=6", "clients.per_round=2", "comm.down.delta=true",
             "comm.down.density=0.1", "comm.down.bits=8")
@@ -162,7 +162,7 @@ def test_delta_downloads_refuse_what_they_cannot_serve(tiny_config, overrides, o
 def test_aggregation_keeps_what_downloads_have_not_sent_yet(delta_run):
     """Clients train from the published P, which lags the global G; their changes are
     carried onto G (G + x - P, data-size weighted), so the lag is not dropped."""
-    from sfedlora.codecs import decode
+    from sfedlora.core.codecs import decode
 
     sim = delta_run
     for r in (1, 2):
@@ -191,7 +191,7 @@ def test_fedsa_a_is_sent_as_a_change_against_the_mean_of_the_clients_draws(tiny_
     as without delta downloads (each client from its own draw), the first A goes out as
     a change against that mean (far smaller than A itself), and later downloads are
     chains smaller than a copy, not a refresh every round."""
-    from sfedlora.simulation import Simulation
+    from sfedlora.runtime.simulation import Simulation
 
     args = ("method=sfed", "rounds=4", "comm.down.density=0.1", "comm.down.bits=8")
     sim = Simulation(tiny_config(*args, "comm.down.delta=true"))

@@ -14,16 +14,16 @@ import torch
 from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
-from sfedlora import wire
-from sfedlora.adapters import TensorSpec
-from sfedlora.checkpoint import load_checkpoint
 from sfedlora.config import ConfigError, PrivacyConfig, ServerConfig
+from sfedlora.core import wire
+from sfedlora.core.adapters import TensorSpec
+from sfedlora.core.checkpoint import load_checkpoint
+from sfedlora.core.records import PARTICIPATION_METRICS
 from sfedlora.methods import get_method
-from sfedlora.privacy import Accountant, GaussianMechanism
-from sfedlora.records import PARTICIPATION_METRICS
-from sfedlora.sampling import SecretPoissonSampler, sample_clients
-from sfedlora.server import Reply, Server
-from sfedlora.simulation import Simulation
+from sfedlora.privacy.dp import Accountant, GaussianMechanism
+from sfedlora.privacy.sampling import SecretPoissonSampler, sample_clients
+from sfedlora.runtime.server import Reply, Server
+from sfedlora.runtime.simulation import Simulation
 
 A = "m.l0.q.lora_A.default.weight"
 H = "m.classifier.weight"
@@ -165,7 +165,7 @@ def test_a_resumed_dp_run_continues_the_schedule_it_drew(tiny_config, tmp_path):
     for r in (1, 2):
         first.run_round(r)
     run = tmp_path / "run"
-    from sfedlora.results import RunDir
+    from sfedlora.runtime.results import RunDir
 
     rd = RunDir(run)
     rd.start(cfg, first.info.label_names)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from sfedlora.environment import source_commit
-from sfedlora.simulation import Simulation
+from sfedlora.core.environment import source_commit
+from sfedlora.runtime.simulation import Simulation
 
 
 def _git(repo: Path, *args: str) -> str:

@@ -8,7 +8,7 @@ import torch
 
 from sfedlora.config import ConfigError
 from sfedlora.methods import Part
-from sfedlora.simulation import Simulation
+from sfedlora.runtime.simulation import Simulation
 
 
 def _spy_updates(sim) -> dict[int, list]:
@@ -112,7 +112,7 @@ def test_flexlora_downloads_are_the_truncated_svd_of_the_weighted_sum(tiny_confi
     sim.run_round(1)
     updates = seen[1]
     product = _products(updates, sim.method.weights(updates))
-    from sfedlora import codecs
+    from sfedlora.core import codecs
 
     for cid, rank in enumerate((1, 2, 4)):
         got = codecs.decode(sim.server.download(cid))
@@ -209,7 +209,7 @@ def test_central_under_epochs_trains_on_as_many_examples_as_the_sampled_clients_
         tiny_config):
     """4 clients, 2 per round, one local epoch: a federated round trains on the sampled
     clients' examples, so central must too (over the whole pool it saw twice that)."""
-    from sfedlora.sampling import sample_clients
+    from sfedlora.privacy.sampling import sample_clients
 
     cfg = tiny_config("method=central", "clients.num=4", "clients.per_round=2",
                       "rounds=3", "local.steps=null", "local.epochs=1",
@@ -232,7 +232,7 @@ def test_fedex_averages_as_server_weighting_says(tiny_config, weighting):
     """FedEx-LoRA's official code averages A and B uniformly; ours weights by examples
     unless server.weighting=uniform. Checked against the decoded uploads, with clients
     of unequal size."""
-    from sfedlora import wire
+    from sfedlora.core import wire
 
     sim = Simulation(tiny_config("method=fedex", "clients.num=3", "rounds=1",
                                  "data.partition=dirichlet", "data.dirichlet_alpha=0.3",

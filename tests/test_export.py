@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from sfedlora.simulation import Simulation
+from sfedlora.runtime.simulation import Simulation
 from sfedlora.tasks.classification import logits
 
 

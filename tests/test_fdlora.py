@@ -7,9 +7,10 @@ import json
 
 import torch
 
-from sfedlora import codecs, worker
+from sfedlora.core import codecs
 from sfedlora.methods.fdlora.fusion import choose_fusion, fuse, personal_adapter
-from sfedlora.simulation import Simulation
+from sfedlora.runtime import worker
+from sfedlora.runtime.simulation import Simulation
 from tests.conftest import assert_learns
 
 

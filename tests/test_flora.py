@@ -8,15 +8,15 @@ import json
 import pytest
 import torch
 
-from sfedlora import codecs
 from sfedlora.config import ConfigError
+from sfedlora.core import codecs
+from sfedlora.core.ranks import pad, truncate
 from sfedlora.methods import Update
 from sfedlora.methods.flora import stack
 from sfedlora.methods.merging import split_merges
-from sfedlora.ranks import pad, truncate
-from sfedlora.simulation import Simulation
+from sfedlora.runtime.simulation import Simulation
+from sfedlora.runtime.worker import Worker
 from sfedlora.tasks.classification import logits
-from sfedlora.worker import Worker
 from tests.conftest import assert_learns
 
 A, B = "m.q.lora_A.default.weight", "m.q.lora_B.default.weight"
@@ -40,7 +40,7 @@ def test_stacked_product_is_the_weighted_sum_of_scaled_client_products():
 
 
 def _spec(shape):
-    from sfedlora.adapters import TensorSpec
+    from sfedlora.core.adapters import TensorSpec
 
     return TensorSpec(shape, torch.float32)
 
@@ -145,7 +145,7 @@ def test_resume_is_bit_identical(tiny_config, tmp_path):
     part = Simulation(tiny_config("method=flora", "lora.client_ranks=[2,4]", "rounds=3",
                                   f"output_dir={tmp_path / 'part'}"))
     part.cfg = part.cfg.model_copy(update={"rounds": 3})
-    from sfedlora.results import RunDir
+    from sfedlora.runtime.results import RunDir
 
     run_dir = RunDir(tmp_path / "part")
     run_dir.start(part.cfg, part.info.label_names)
@@ -235,9 +235,9 @@ def test_a_refresh_brings_a_model_at_any_round_to_the_merged_weights(tiny_config
     import copy
     from types import SimpleNamespace
 
+    from sfedlora.core.stores import MemoryStore
     from sfedlora.methods.merging import BaseMerger
     from sfedlora.methods.merging.factors import BaseWeights
-    from sfedlora.stores import MemoryStore
 
     sim = Simulation(tiny_config("method=fedex", "clients.num=4", "clients.per_round=2",
                                  "rounds=4"))

@@ -13,7 +13,7 @@ import server_inbox
 import torch
 
 from sfedlora.config import to_yaml
-from sfedlora.simulation import Simulation
+from sfedlora.runtime.simulation import Simulation
 
 pytest.importorskip("flwr")
 
@@ -71,7 +71,7 @@ CASES = {  # name: (config factory fixture, overrides)
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_flower_simulation_equals_in_process(case, request, tmp_path, monkeypatch):
-    from sfedlora.flower.simulation import run_simulation
+    from sfedlora.runtime.flower.simulation import run_simulation
 
     fixture, overrides = CASES[case]
     make = request.getfixturevalue(fixture)
@@ -156,8 +156,8 @@ def test_a_killed_flower_run_resumes_to_the_uninterrupted_result(tiny_config, tm
     import sys
     import time
 
-    from sfedlora.checkpoint import CheckpointError, load_checkpoint
-    from sfedlora.flower.simulation import run_simulation
+    from sfedlora.core.checkpoint import CheckpointError, load_checkpoint
+    from sfedlora.runtime.flower.simulation import run_simulation
 
     monkeypatch.setenv("SFEDLORA_STATE_DIR", str(tmp_path / "state"))
     cfg = tiny_config("method=sfed", "clients.num=3", "clients.per_round=2", "rounds=4",
@@ -192,8 +192,8 @@ def test_a_killed_flower_run_resumes_to_the_uninterrupted_result(tiny_config, tm
 def test_client_state_round_trips_through_bytes():
     import torch
 
-    from sfedlora.checkpoint import decode_client_state, encode_client_state
-    from sfedlora.records import ClientState
+    from sfedlora.core.checkpoint import decode_client_state, encode_client_state
+    from sfedlora.core.records import ClientState
 
     state = ClientState(private={"b": torch.randn(3, 2)}, residual={"a": torch.ones(2)},
                         optimizer={"state": {0: {"step": torch.tensor(3.0)}}, "lr": 0.1})
@@ -209,7 +209,7 @@ def _failing_client_app(run_config: dict, fail_client: int, fail_round: int):
     """The real ClientApp, except that one client's node fails one round."""
     from flwr.clientapp import ClientApp
 
-    from sfedlora.flower import client_app
+    from sfedlora.runtime.flower import client_app
 
     app = ClientApp()
 
@@ -231,9 +231,9 @@ def test_a_failed_client_is_dropped_and_the_round_goes_on(tiny_config, tmp_path,
     from flwr.simulation import run_simulation
     from ray import cloudpickle  # the pickler Ray ships functions to its workers with
 
-    from sfedlora.flower import server_app
-    from sfedlora.flower.config import as_run_config
-    from sfedlora.flower.simulation import QUIET_ENV
+    from sfedlora.runtime.flower import server_app
+    from sfedlora.runtime.flower.config import as_run_config
+    from sfedlora.runtime.flower.simulation import QUIET_ENV
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers get this file
     monkeypatch.setenv("SFEDLORA_STATE_DIR", str(tmp_path / "state"))
@@ -265,8 +265,8 @@ class _Context:  # the one field of flwr's Context that routing reads
 
 def test_a_simulated_node_serves_the_named_client_and_a_deployed_node_only_its_own():
     from sfedlora.config import ConfigError
-    from sfedlora.flower.client_app import message_client
-    from sfedlora.flower.config import ANY_NODE_KEY
+    from sfedlora.runtime.flower.client_app import message_client
+    from sfedlora.runtime.flower.config import ANY_NODE_KEY
 
     simulated, deployed = {ANY_NODE_KEY: True}, {}
     assert message_client(_Context(3), simulated, {"client": 7}) == 7
@@ -280,7 +280,7 @@ def test_a_simulated_node_serves_the_named_client_and_a_deployed_node_only_its_o
 
 
 def test_a_simulation_routes_messages_to_virtual_nodes_in_turn(tiny_config):
-    from sfedlora.flower.pool import FlowerPool
+    from sfedlora.runtime.flower.pool import FlowerPool
 
     class Grid:  # asked only for its node ids: sending a message would fail here
         def get_node_ids(self):
@@ -297,7 +297,7 @@ def test_a_simulation_routes_messages_to_virtual_nodes_in_turn(tiny_config):
 
 
 def test_backend_config_reserves_what_flower_client_resources_says(tiny_config):
-    from sfedlora.flower.simulation import backend_config
+    from sfedlora.runtime.flower.simulation import backend_config
 
     local = backend_config(tiny_config("flower.client_resources.num_cpus=2"), workers=6)
     assert local["client_resources"] == {"num_cpus": 2.0, "num_gpus": 0.0}
@@ -322,7 +322,7 @@ def test_bad_flower_resources_are_refused_naming_the_field(tiny_config, override
 
 def test_gpu_workers_without_a_gpu_and_workers_with_a_cluster_are_refused(tiny_config):
     from sfedlora.config import ConfigError
-    from sfedlora.flower.simulation import backend_config
+    from sfedlora.runtime.flower.simulation import backend_config
 
     if not torch.cuda.is_available():
         cfg = tiny_config("flower.client_resources.num_gpus=0.25", "model.device=auto")
@@ -399,7 +399,7 @@ def test_a_two_node_ray_cluster_gives_the_in_process_result(tiny_config, two_nod
     train the clients, and every metric and adapter equals the in-process run's."""
     import ray
 
-    from sfedlora.flower.simulation import run_simulation
+    from sfedlora.runtime.flower.simulation import run_simulation
 
     monkeypatch.setenv("SFEDLORA_STATE_DIR", str(tmp_path / "state"))
     cfg = tiny_config("method=fedsvd", "rounds=2", "clients.num=3", "eval.every=1",

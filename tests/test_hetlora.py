@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sfedlora import codecs
-from sfedlora.adapters import TensorSpec
 from sfedlora.config import ConfigError
+from sfedlora.core import codecs
+from sfedlora.core.adapters import TensorSpec
+from sfedlora.core.ranks import pad, truncate, truncated_spec
 from sfedlora.methods import Update, get_method
 from sfedlora.methods.hetlora import product_norm
-from sfedlora.ranks import pad, truncate, truncated_spec
-from sfedlora.simulation import Simulation
-from sfedlora.worker import Worker
+from sfedlora.runtime.simulation import Simulation
+from sfedlora.runtime.worker import Worker
 from tests.conftest import assert_learns
 
 A, B, H = "m.q.lora_A.default.weight", "m.q.lora_B.default.weight", "m.classifier.weight"

@@ -10,9 +10,9 @@ import torch
 from transformers import AutoTokenizer
 
 from sfedlora.config import ConfigError
-from sfedlora.experiment import build_experiment
-from sfedlora.lm import EncodedLM, LMCollator, PairDataset, encode_pairs, parse_answer
-from sfedlora.simulation import Simulation
+from sfedlora.modeling.lm import EncodedLM, LMCollator, PairDataset, encode_pairs, parse_answer
+from sfedlora.runtime.experiment import build_experiment
+from sfedlora.runtime.simulation import Simulation
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def test_loss_mask_covers_exactly_the_response_tokens(tokenizer):
 def test_a_max_length_that_cuts_off_every_response_is_refused(tokenizer, caplog):
     """Otherwise the loss reads 0 and the perplexity 1, as if the model were perfect."""
     from sfedlora.config import ConfigError
-    from sfedlora.lm import prompt_text
+    from sfedlora.modeling.lm import prompt_text
 
     short = len(tokenizer(prompt_text(tokenizer, "Hi."), add_special_tokens=False)["input_ids"])
     long_prompt = "Tell me the number that follows this long question please. " * 8

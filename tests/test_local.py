@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from sfedlora.config import ConfigError
-from sfedlora.records import ClientState
-from sfedlora.simulation import Simulation
+from sfedlora.core.records import ClientState
+from sfedlora.runtime.simulation import Simulation
 
 
 def test_local_sends_nothing_and_equals_isolated_training(tiny_config):

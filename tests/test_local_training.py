@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from sfedlora.model import steps_per_round, train_batches
+from sfedlora.modeling.model import steps_per_round, train_batches
+from sfedlora.runtime.worker import lr_factor
 from sfedlora.tasks.classification import Encoded
-from sfedlora.worker import lr_factor
 
 DATA = Encoded([[1, 2]] * 10, np.zeros(10, dtype=np.int64))
 
@@ -47,7 +47,7 @@ def test_lr_schedule(schedule, step, expected):
 
 
 def test_epochs_mode_runs_end_to_end(tiny_config):
-    from sfedlora.simulation import Simulation
+    from sfedlora.runtime.simulation import Simulation
 
     sim = Simulation(tiny_config("local.steps=null", "local.epochs=1", "rounds=1"))
     rec = sim.run_round(1).metrics
@@ -60,7 +60,7 @@ def test_the_learning_rate_schedule_runs_over_all_rounds_not_each_round(tiny_con
     schedule that restarted every round would repeat round 1's two values."""
     from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-    from sfedlora.simulation import Simulation
+    from sfedlora.runtime.simulation import Simulation
 
     sim = Simulation(tiny_config("method=fedit", "clients.num=2", "rounds=3",
                                  "local.steps=2", "local.lr=0.01", "local.schedule=cosine"))

@@ -29,7 +29,7 @@ def _copy_runs(stage: str, out: Path) -> int:
 
 def test_the_committed_rank_study_regenerates_its_tables_and_figure(lr_transfer, tmp_path,
                                                                     monkeypatch):
-    from sfedlora.simulation import Simulation
+    from sfedlora.runtime.simulation import Simulation
 
     def refuse(*args, **kwargs):
         raise AssertionError("regenerating the tables must not train")

@@ -114,7 +114,7 @@ def test_part_of_classifies_every_peft_adapter_name():
 
 def test_embedding_targets_are_refused_by_name(tiny_config):
     from sfedlora.config import ConfigError
-    from sfedlora.simulation import Simulation
+    from sfedlora.runtime.simulation import Simulation
 
     cfg = tiny_config("lora.targets=[query,value,word_embeddings]")
     with pytest.raises(ConfigError, match=r"lora\.targets=.*embedding layer.*word_embeddings"):

@@ -8,8 +8,7 @@ import math
 
 import pytest
 
-from sfedlora.config import ConfigError, NetworkConfig
-from sfedlora.network import (
+from sfedlora.comm.network import (
     WirelessNetwork,
     bandwidth_for_rate,
     dbm_to_watts,
@@ -17,6 +16,7 @@ from sfedlora.network import (
     path_loss_db,
     rate_bps,
 )
+from sfedlora.config import ConfigError, NetworkConfig
 
 
 def test_rate_and_path_loss_equal_their_formulas():
@@ -74,7 +74,7 @@ def test_channels_are_seeded_per_round_and_client():
 
 
 def test_a_wireless_run_logs_seconds_that_match_its_bytes(tiny_config, tmp_path):
-    from sfedlora.simulation import Simulation
+    from sfedlora.runtime.simulation import Simulation
 
     cfg = tiny_config("method=sfed", "rounds=2", "network.model=wireless",
                       "network.allocation=min_max", f"output_dir={tmp_path / 'run'}")
@@ -112,7 +112,7 @@ def test_bad_network_settings_stop_before_the_run(overrides, message, tiny_confi
 def test_download_seconds_are_the_payloads_bits_over_the_downlink_rate(tiny_config):
     """8 * bytes / rate, with the bytes the round logged (a download priced in bytes
     instead of bits is 8x too fast)."""
-    from sfedlora.simulation import Simulation
+    from sfedlora.runtime.simulation import Simulation
 
     cfg = tiny_config("method=fedit", "rounds=1", "network.model=wireless",
                       "network.downlink_bps=1e6")
@@ -126,8 +126,8 @@ def test_a_resumed_wireless_run_continues_the_simulated_clock(tiny_config, tmp_p
     """Three rounds in one go, and two rounds then a resume for the third: the clock at
     round 3 is the sum of the three rounds' latencies either way (a resume that
     restarted the clock would read only round 3's)."""
-    from sfedlora.results import RunDir
-    from sfedlora.simulation import Simulation
+    from sfedlora.runtime.results import RunDir
+    from sfedlora.runtime.simulation import Simulation
 
     args = ("method=fedit", "rounds=3", "network.model=wireless")
     whole = tiny_config(*args, f"output_dir={tmp_path / 'whole'}")

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from sfedlora.checkpoint import CheckpointError, load_checkpoint
 from sfedlora.cli import main
 from sfedlora.config import ConfigError
-from sfedlora.simulation import Simulation
+from sfedlora.core.checkpoint import CheckpointError, load_checkpoint
+from sfedlora.runtime.simulation import Simulation
 
 
 def _args(tiny_model_dir, tiny_data_file, out: Path, *extra: str) -> list[str]:

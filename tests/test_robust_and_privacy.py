@@ -9,14 +9,14 @@ import torch
 from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
-from sfedlora import codecs, wire
-from sfedlora.adapters import TensorSpec
-from sfedlora.aggregation import clip_update, coordinate_median, trimmed_mean, update_norm
+from sfedlora.aggregation.combiners import clip_update, coordinate_median, trimmed_mean, update_norm
 from sfedlora.config import PrivacyConfig, ServerConfig
+from sfedlora.core import codecs, wire
+from sfedlora.core.adapters import TensorSpec
 from sfedlora.methods import Part, get_method
-from sfedlora.privacy import Accountant, GaussianMechanism
-from sfedlora.server import Reply, Server
-from sfedlora.simulation import Simulation
+from sfedlora.privacy.dp import Accountant, GaussianMechanism
+from sfedlora.runtime.server import Reply, Server
+from sfedlora.runtime.simulation import Simulation
 from tests.conftest import assert_learns
 
 A = "m.l0.q.lora_A.default.weight"
@@ -89,7 +89,7 @@ def test_dp_noise_has_the_right_scale_and_comes_from_os_entropy(monkeypatch):
 def test_dp_noise_cannot_be_regenerated_from_the_config_seed(tiny_config):
     """Two runs of one DP config release different states, and the noise is not the
     seeded draw an attacker who read config.yaml would subtract."""
-    from sfedlora.seeds import derive_seed
+    from sfedlora.core.seeds import derive_seed
 
     cfg = tiny_config("method=fedit", "privacy.enabled=true", "privacy.noise_multiplier=1.0")
     released = []
@@ -172,7 +172,7 @@ def test_clipping_a_fresh_draw_bounds_its_change_not_its_value(tiny_config):
     sim = Simulation(tiny_config("method=flora", "server.clip_norm=1e-3"))
     seen = []
     real = clip_update
-    import sfedlora.server as server_module
+    import sfedlora.runtime.server as server_module
 
     def spy(tensors, reference, max_norm):
         out = real(tensors, reference, max_norm)
@@ -212,7 +212,7 @@ def test_a_change_without_a_reference_is_an_error_not_a_change_from_zero():
 
 def _sparse_round(aggregation: str, clients: int = 7, density: float = 0.25):
     """A server holding A; each client sends the top-k of its change (delta-coded)."""
-    from sfedlora.codecs import Codec
+    from sfedlora.core.codecs import Codec
 
     spec = {A: TensorSpec((16, 32), torch.float32)}
     gen = torch.Generator().manual_seed(0)

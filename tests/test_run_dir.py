@@ -10,11 +10,11 @@ import sys
 
 import pytest
 
-from sfedlora.checkpoint import load_checkpoint
 from sfedlora.cli import main
 from sfedlora.config import ConfigError, to_yaml
-from sfedlora.results import RunDir
-from sfedlora.simulation import Simulation
+from sfedlora.core.checkpoint import load_checkpoint
+from sfedlora.runtime.results import RunDir
+from sfedlora.runtime.simulation import Simulation
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def test_a_second_process_is_refused_by_the_lock(tmp_path):
     held = RunDir(tmp_path / "run")
     held._acquire()
     try:
-        code = ("from sfedlora.results import RunDir\n"
+        code = ("from sfedlora.runtime.results import RunDir\n"
                 f"RunDir({str(tmp_path / 'run')!r})._acquire()\n")
         other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         assert other.returncode != 0
@@ -91,7 +91,7 @@ def test_without_output_dir_every_run_gets_its_own_directory(finished, tmp_path,
 
 def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(finished, tmp_path,
                                                                      monkeypatch):
-    from sfedlora import checkpoint
+    from sfedlora.core import checkpoint
 
     _, out = finished
     path = tmp_path / "checkpoint.safetensors"

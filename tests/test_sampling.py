@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from sfedlora.config import load_config
-from sfedlora.sampling import sample_clients
+from sfedlora.privacy.sampling import sample_clients
 
 
 def test_all_clients_when_per_round_covers_everyone():
@@ -26,7 +26,7 @@ def test_fraction_resolves_to_a_fixed_count():
 
 
 def test_evaluated_clients_are_a_fixed_seeded_subset():
-    from sfedlora.sampling import evaluated_clients
+    from sfedlora.privacy.sampling import evaluated_clients
 
     assert evaluated_clients(6, "all", seed=0) == list(range(6))
     assert evaluated_clients(6, 6, seed=0) == list(range(6))
@@ -47,10 +47,10 @@ def test_eval_clients_larger_than_n_is_refused_before_the_run():
 
 def test_a_run_scores_and_exports_only_its_evaluated_clients(tiny_config, monkeypatch,
                                                               tmp_path):
-    from sfedlora.pool import InProcessPool
-    from sfedlora.results import RunDir
-    from sfedlora.sampling import evaluated_clients
-    from sfedlora.simulation import Simulation
+    from sfedlora.privacy.sampling import evaluated_clients
+    from sfedlora.runtime.pool import InProcessPool
+    from sfedlora.runtime.results import RunDir
+    from sfedlora.runtime.simulation import Simulation
 
     cfg = tiny_config("method=fedsa", "clients.num=5", "eval.clients=2", "rounds=2",
                       "eval.global_metrics=false")

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from sfedlora.config import load_config
-from sfedlora.model import build_model
-from sfedlora.scaling import gamma, peft_scale
+from sfedlora.core.scaling import gamma, peft_scale
+from sfedlora.modeling.model import build_model
 from sfedlora.tasks import get_task
 
 
@@ -70,7 +70,7 @@ def test_scale_is_a_learning_rate_of_b_in_disguise(optimizer, power, tiny_config
     3 rounds here), while leaving B's learning rate at eta is off by far more."""
     import json
 
-    from sfedlora.simulation import Simulation
+    from sfedlora.runtime.simulation import Simulation
     from sfedlora.tasks.classification import logits
 
     c, eta = (4.0, 0.01) if optimizer == "adamw" else (2.0, 0.5)

@@ -18,18 +18,18 @@ from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
 
 from sfedlora.config import PrivacyConfig
-from sfedlora.flower.node_state import NodeState
-from sfedlora.secagg import RoundParams, ServerSession, field
-from sfedlora.secagg import client as secure_client
-from sfedlora.secagg import messages as sm
-from sfedlora.secagg.protocol import (
+from sfedlora.privacy.secagg import RoundParams, ServerSession, field
+from sfedlora.privacy.secagg import client as secure_client
+from sfedlora.privacy.secagg import messages as sm
+from sfedlora.privacy.secagg.protocol import (
     ProtocolViolation,
     _load_private,
     _load_public,
     _unb64,
     pair_sign,
 )
-from sfedlora.secagg.server import threshold
+from sfedlora.runtime.flower.node_state import NodeState
+from sfedlora.runtime.secure_round import threshold
 
 N, VICTIM, SIZE = 4, 3, 64
 
@@ -214,7 +214,7 @@ def test_clients_refuse_survivor_lists_below_the_threshold_or_outside_the_round(
 def test_the_secure_path_honours_min_clients(tiny_config, caplog):
     """4 clients, t = 3, min_clients = 4: one drop leaves 3 survivors, enough to unmask
     but fewer than min_clients, so the round is skipped as the plain path skips it."""
-    from sfedlora.simulation import Simulation
+    from sfedlora.runtime.simulation import Simulation
 
     sim = Simulation(tiny_config("method=fedit", "privacy.secure_aggregation=true",
                                  "clients.min_clients=4", "rounds=1"))
@@ -232,7 +232,7 @@ def test_under_secure_aggregation_no_reply_carries_a_per_client_statistic(tiny_c
     protocol messages, but no data size, loss, gradient norm, step or token count (in
     the clear they would show what the masks hide). The server still learns who
     replied, and when."""
-    from sfedlora.simulation import Simulation
+    from sfedlora.runtime.simulation import Simulation
 
     sim = Simulation(tiny_config("method=sfed", "privacy.secure_aggregation=true",
                                  "rounds=1"))

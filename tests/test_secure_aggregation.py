@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from sfedlora.config import ConfigError
-from sfedlora.secagg import ClientSession, RoundAborted, RoundParams, ServerSession, field
-from sfedlora.secagg import client as secure_client
-from sfedlora.secagg import messages as sm
-from sfedlora.simulation import Simulation
+from sfedlora.privacy.secagg import ClientSession, RoundAborted, RoundParams, ServerSession, field
+from sfedlora.privacy.secagg import client as secure_client
+from sfedlora.privacy.secagg import messages as sm
+from sfedlora.runtime.simulation import Simulation
 
 
 def _protocol_round(xs, ws, t, drop_after_share=(), value_range=1.0):
@@ -231,7 +231,7 @@ def test_below_the_threshold_the_round_is_skipped_and_the_run_goes_on(tiny_confi
 
 
 def test_dp_with_secure_aggregation_clips_on_clients_and_reports_epsilon(tiny_config):
-    from sfedlora.privacy import Accountant
+    from sfedlora.privacy.dp import Accountant
 
     both = ("method=fedit", "privacy.secure_aggregation=true", "privacy.enabled=true",
             "privacy.clip_norm=0.01", "local.lr=0.05", "rounds=1")

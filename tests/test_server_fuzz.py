@@ -8,10 +8,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sfedlora import wire
-from sfedlora.adapters import TensorSpec
+from sfedlora.core import wire
+from sfedlora.core.adapters import TensorSpec
 from sfedlora.methods import get_method, part_of
-from sfedlora.server import Reply, Server
+from sfedlora.runtime.server import Reply, Server
 
 SPEC = {
     "m.l0.q.lora_A.default.weight": TensorSpec((4, 6), torch.float32),
@@ -111,11 +111,11 @@ def test_server_never_crashes_and_logs_every_bad_update(kinds, num_honest, aggre
         cid += 1
     order = torch.randperm(len(replies), generator=gen).tolist()
     records = _Records()
-    logging.getLogger("sfedlora.server").addHandler(records)
+    logging.getLogger("sfedlora.runtime.server").addHandler(records)
     try:
         report = server.aggregate(1, [replies[i] for i in order])
     finally:
-        logging.getLogger("sfedlora.server").removeHandler(records)
+        logging.getLogger("sfedlora.runtime.server").removeHandler(records)
 
     BAD_SENT.extend(kinds)
     assert set(report.rejected) == bad_ids

@@ -8,11 +8,11 @@ import json
 import pytest
 import torch
 
-from sfedlora import wire
+from sfedlora.core import wire
 from sfedlora.methods import Part, part_of
-from sfedlora.simulation import Simulation
+from sfedlora.runtime.simulation import Simulation
+from sfedlora.runtime.worker import Worker
 from sfedlora.tasks import classification
-from sfedlora.worker import Worker
 from tests.conftest import assert_learns
 
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from sfedlora.config import DataConfig
 from sfedlora.data.partition import split_clients
-from sfedlora.simulation import Simulation
+from sfedlora.runtime.simulation import Simulation
 
 SKEWED = ("data.partition=dirichlet", "data.dirichlet_alpha=0.1", "data.min_partition_size=0")
 

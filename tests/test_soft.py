@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
-from sfedlora import codecs
-from sfedlora.aggregation import mean_over_senders
+from sfedlora.aggregation.combiners import mean_over_senders
 from sfedlora.config import ConfigError
+from sfedlora.core import codecs
 from sfedlora.methods import Part, Update, get_method
 from sfedlora.methods.soft import SoftClient
 from sfedlora.methods.soft.components import (
@@ -22,7 +22,7 @@ from sfedlora.methods.soft.components import (
     svd_importance,
     top_components,
 )
-from sfedlora.simulation import Simulation
+from sfedlora.runtime.simulation import Simulation
 
 
 def _orthogonal_factors(r=4, d_in=16, d_out=12, seed=0):
@@ -152,7 +152,7 @@ def test_the_server_averages_each_component_over_its_senders():
 
 
 def test_under_dp_a_component_is_averaged_over_every_client_not_its_senders():
-    from sfedlora.aggregation import uniform_mean
+    from sfedlora.aggregation.combiners import uniform_mean
 
     new = get_method("soft").aggregate({"A": torch.zeros(2, 2)}, _two_uploads(),
                                        uniform_mean)["A"]

@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 
 from sfedlora.config import ConfigError, to_yaml
-from sfedlora.simulation import Simulation
-from sfedlora.sweep import parse_grid, run_sweep
+from sfedlora.runtime.simulation import Simulation
+from sfedlora.studies.sweep import parse_grid, run_sweep
 
 
 @pytest.fixture
@@ -56,7 +56,7 @@ def test_sweep_runs_the_cross_product_and_averages_over_seeds(base_config, tmp_p
 
 
 def test_shards_split_the_grid_and_the_last_writes_the_tables(base_config, tmp_path):
-    from sfedlora.sweep import parse_shard
+    from sfedlora.studies.sweep import parse_shard
 
     out, grid = tmp_path / "sweep", parse_grid(["lora.rank=2,4", "seed=0,1,2"])
     seen: dict[int, list[str]] = {}
@@ -84,7 +84,7 @@ def test_grid_values_in_exponent_notation_are_numbers():
 
 
 def test_joint_keys_vary_together():
-    from sfedlora.sweep import expand, grid_keys
+    from sfedlora.studies.sweep import expand, grid_keys
 
     grid = parse_grid(["lora.scaling+lora.a_init=lora+shared,sfed+independent",
                        "lora.rank=4,16"])
@@ -160,7 +160,7 @@ def test_best_lr_table_is_refused_without_a_validation_part(base_config, tmp_pat
 
 
 def test_validation_part_is_held_out_of_training(tiny_config):
-    from sfedlora.experiment import build_experiment
+    from sfedlora.runtime.experiment import build_experiment
 
     exp = build_experiment(tiny_config("data.validation_fraction=0.25"))
     for split in exp.data.clients:
@@ -195,7 +195,7 @@ def test_fitted_best_lr_recovers_an_optimum_between_rungs():
     that misses it: the fit finds 3e-3; a minimum at a ladder end gives nan."""
     import math
 
-    from sfedlora.sweep import fitted_best_lr
+    from sfedlora.studies.sweep import fitted_best_lr
 
     rungs = [1e-4, 4e-4, 1.6e-3, 6.4e-3, 2.56e-2]
     curve = pd.Series([(math.log(lr) - math.log(3e-3)) ** 2 + 0.2 for lr in rungs],

@@ -19,7 +19,7 @@ from sfedlora.methods.soft.schedule import (
     next_queue,
     upload_values,
 )
-from sfedlora.simulation import Simulation
+from sfedlora.runtime.simulation import Simulation
 
 WIRELESS = ("method=tsfa", "network.model=wireless", "network.allocation=min_max")
 
@@ -142,7 +142,7 @@ def test_the_plan_chooses_the_feasible_rank_of_least_bound_and_the_run_checks_it
 
     cfg = tiny_config(*WIRELESS, "tsfa.ranks=[1,2]", "tsfa.pilot_rounds=2",
                       "tsfa.latency_budget_s=100", "rounds=10")
-    from sfedlora.simulation import run_rounds
+    from sfedlora.runtime.simulation import run_rounds
 
     plan = make_plan(cfg, run_rounds, tmp_path / "pilots")
     pilots = {p["rank"]: p for p in plan["pilots"]}

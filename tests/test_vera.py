@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from sfedlora import wire
 from sfedlora.config import ConfigError
-from sfedlora.simulation import Simulation
+from sfedlora.core import wire
+from sfedlora.runtime.simulation import Simulation
 from sfedlora.tasks.classification import logits
 
 

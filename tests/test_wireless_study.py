@@ -66,7 +66,7 @@ def test_time_to_the_line_is_the_first_evaluation_at_or_above_it(wireless, tmp_p
 
 
 def test_committed_table_regenerates_from_tracked_files(wireless, tmp_path, monkeypatch):
-    from sfedlora.simulation import Simulation
+    from sfedlora.runtime.simulation import Simulation
 
     def refuse(*args, **kwargs):
         raise AssertionError("regenerating the table must not train")

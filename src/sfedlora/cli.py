@@ -1,4 +1,6 @@
-"""``sfedlora`` command line: ``sfedlora run [CONFIG.yaml] [dotted.key=value ...]``."""
+"""``sfedlora`` command line: ``sfedlora run [CONFIG.yaml] [dotted.key=value ...]``.
+
+Layer 10, the top: may import every layer."""
 
 from __future__ import annotations
 
@@ -11,10 +13,10 @@ import sys
 import warnings
 from pathlib import Path
 
-from sfedlora.checkpoint import CheckpointError
 from sfedlora.config import ConfigError, load_config, to_yaml
-from sfedlora.records import Metric
-from sfedlora.results import refuse_occupied
+from sfedlora.core.checkpoint import CheckpointError
+from sfedlora.core.records import Metric
+from sfedlora.runtime.results import refuse_occupied
 
 
 def _quiet_libraries() -> None:
@@ -82,7 +84,7 @@ def _raise_interrupt(signum, frame):
 
 def cmd_run(args: argparse.Namespace) -> int:
     _quiet_libraries()
-    from sfedlora.simulation import Simulation
+    from sfedlora.runtime.simulation import Simulation
 
     if args.resume:
         sim = Simulation.resume(args.resume, _resume_overrides(args))
@@ -128,7 +130,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     _quiet_libraries()
-    from sfedlora.sweep import parse_grid, parse_shard, run_sweep
+    from sfedlora.studies.sweep import parse_grid, parse_shard, run_sweep
 
     config, overrides = _split_config_arg(args)
     grid = parse_grid(args.grid)
@@ -145,7 +147,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_flower_sim(args: argparse.Namespace) -> int:
     _quiet_libraries()
-    from sfedlora.flower.simulation import run_simulation
+    from sfedlora.runtime.flower.simulation import run_simulation
 
     if args.resume:
         run_simulation(None, _resume_overrides(args), workers=args.workers,
@@ -158,7 +160,7 @@ def cmd_flower_sim(args: argparse.Namespace) -> int:
 
 def cmd_deploy_local(args: argparse.Namespace) -> int:
     _quiet_libraries()
-    from sfedlora.flower.deploy import DeploymentError, deploy_local
+    from sfedlora.runtime.flower.deploy import DeploymentError, deploy_local
 
     if args.nodes < 1:
         raise ConfigError(f"--nodes must be at least 1, got {args.nodes}")
@@ -180,7 +182,7 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from sfedlora.plots import plot_lr_transfer, plot_runs, plot_sweep
+    from sfedlora.studies.plots import plot_lr_transfer, plot_runs, plot_sweep
 
     if bool(args.runs) == bool(args.sweep):
         raise ConfigError("give run directories or --sweep SWEEP_DIR (one of the two)")
@@ -201,7 +203,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def cmd_tsfa_plan(args: argparse.Namespace) -> int:
     _quiet_libraries()
     from sfedlora.methods.soft.plan import make_plan
-    from sfedlora.simulation import run_rounds
+    from sfedlora.runtime.simulation import run_rounds
 
     cfg = load_config(*_split_config_arg(args))
     plan = make_plan(cfg, run_rounds)

@@ -12,6 +12,8 @@ that the method and task exist, validates the method's ``options`` with its own 
 attaches the defaults a config falls back on (the method's scale, server optimizer,
 A initialisation and codec presets; the task's base model) and applies the method's
 and task's refusals. :func:`load_config` and :func:`validate` return resolved configs.
+
+Layer 7. May import: every layer below (``core`` to ``methods``/``tasks``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""Federated data for any task: the task's pools, a global test set, client splits."""
+"""Layer 5, data: federated data for any task: the task's pools, a global test set,
+client splits.
+
+May import: ``core``, ``settings``, ``comm``, ``aggregation``, ``privacy``, ``modeling``.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +11,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from sfedlora import seeds
+from sfedlora.core import seeds
 from sfedlora.data.partition import ClientSplit, split_clients, stratified_split
 from sfedlora.data.sources import TextDataset
 from sfedlora.settings import DataConfig
 
 if TYPE_CHECKING:
-    from sfedlora.lm import PairDataset
+    from sfedlora.modeling.lm import PairDataset
 
 
 class Task(Protocol):
@@ -32,7 +36,7 @@ class Task(Protocol):
 class FederatedData:
     """Everything the experiment needs: the training pool, each client's split of
     it, and a global test set kept apart from every client. For classification the
-    pools are :class:`TextDataset`; for causal-lm :class:`~sfedlora.lm.PairDataset`,
+    pools are :class:`TextDataset`; for causal-lm :class:`~sfedlora.modeling.lm.PairDataset`,
     whose "labels" are metadata groups used only for partitioning."""
 
     train: TextDataset | PairDataset

@@ -20,7 +20,7 @@ from flwr_datasets.partitioner import (
     PathologicalPartitioner,
 )
 
-from sfedlora import seeds
+from sfedlora.core import seeds
 from sfedlora.settings import ConfigError, DataConfig
 
 log = logging.getLogger(__name__)

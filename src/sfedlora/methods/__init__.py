@@ -1,4 +1,10 @@
-"""Registry of federated LoRA methods (see :mod:`sfedlora.methods.base`)."""
+"""Layer 6, methods: the registry of federated LoRA methods (see
+:mod:`sfedlora.methods.base`), one module or folder per method.
+
+May import: every layer below (``core`` to ``modeling``/``data``); never the tasks, the
+config's resolution or the runtimes (methods reach the runtime through the
+:class:`~sfedlora.methods.base.Worker` protocol).
+"""
 
 from sfedlora.methods.base import Method, Part, RoundPlan, Update, part_of
 from sfedlora.methods.central import Central

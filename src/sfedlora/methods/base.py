@@ -15,7 +15,7 @@ on its name. The parts are A (``lora_A``), B (``lora_B``) and the task head.
 How the other methods fit:
 
 * **Compressed messages (top-k, quantisation, casting).** Messages are dicts of
-  tensors that a codec (:mod:`sfedlora.codecs`) turns into bytes per direction, by
+  tensors that a codec (:mod:`sfedlora.core.codecs`) turns into bytes per direction, by
   config; any method composes with any codec. A method may carry a preset (``comm``).
   FLoCoRA is FedIT with the preset "8-bit uploads".
 * **FLASC.** Its preset masks the download and sparsifies the uploaded change (both
@@ -54,14 +54,14 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from sfedlora.aggregation import Combiner, weighted_mean
-from sfedlora.parts import A_MARKERS, B_MARKERS, Part, part_of  # noqa: F401 (re-exported)
+from sfedlora.aggregation.combiners import Combiner, weighted_mean
+from sfedlora.core.parts import A_MARKERS, B_MARKERS, Part, part_of  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
-    from sfedlora.adapters import AdapterSlots
-    from sfedlora.records import ClientState, FitResult
+    from sfedlora.core.adapters import AdapterSlots
+    from sfedlora.core.records import ClientState, FitResult
+    from sfedlora.core.stores import TensorStore
     from sfedlora.settings import ExperimentConfig
-    from sfedlora.stores import TensorStore
 
 Tensors = dict[str, torch.Tensor]
 

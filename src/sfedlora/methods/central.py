@@ -19,9 +19,9 @@ from dataclasses import replace
 
 import numpy as np
 
-from sfedlora import seeds
+from sfedlora.core import seeds
 from sfedlora.methods.base import Method
-from sfedlora.sampling import sample_clients
+from sfedlora.privacy.sampling import sample_clients
 
 TRAINER = 0  # the client that holds the pooled training data
 

@@ -3,7 +3,7 @@
 ``M = U diag(S) V^T``; the rank-r factors are ``A = V^T[:r]`` (orthonormal rows) and
 ``B = U[:, :r] diag(S[:r])``, so ``B A`` is the best rank-r approximation of M (exactly M
 when rank(M) <= r) and the leading k components of (A, B) are the best rank-k one: a
-client of lower rank that keeps the leading components (:mod:`sfedlora.ranks`) holds its
+client of lower rank that keeps the leading components (:mod:`sfedlora.core.ranks`) holds its
 own truncated SVD. Computed in float64; ties and signs follow LAPACK, which is
 deterministic for the same input on one machine.
 """

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import torch
 
-from sfedlora.aggregation import weighted_mean
+from sfedlora.aggregation.combiners import weighted_mean
 from sfedlora.methods.base import Method, Update
 
 

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
-from sfedlora.aggregation import Combiner, weighted_mean
+from sfedlora.aggregation.combiners import Combiner, weighted_mean
 from sfedlora.methods.base import Method, Part, Update, part_of
 from sfedlora.methods.factorize import lora_pairs, svd_factors
 

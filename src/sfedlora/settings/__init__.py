@@ -1,6 +1,8 @@
-"""Experiment settings: what a config holds (:mod:`.schema`) and how it is read
-(:mod:`.loading`), below every other layer but the core; :mod:`sfedlora.config`
-resolves a config against its method and task (their defaults and refusals).
+"""Layer 1, settings: what a config holds (:mod:`.schema`) and how it is read
+(:mod:`.loading`); :mod:`sfedlora.config` resolves a config against its method and task
+(their defaults and refusals).
+
+May import: ``core``.
 
 Experiment configuration: one YAML file plus dotted ``key=value`` overrides.
 

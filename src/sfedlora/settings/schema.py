@@ -18,8 +18,8 @@ from pydantic import (
     model_validator,
 )
 
-from sfedlora.codecs import Codec
-from sfedlora.scaling import default_alpha, gamma
+from sfedlora.core.codecs import Codec
+from sfedlora.core.scaling import default_alpha, gamma
 from sfedlora.settings.errors import ConfigError
 
 
@@ -213,7 +213,7 @@ class ServerConfig(_Section):
 
 
 class CodecConfig(_Section):
-    """How one direction's messages are encoded (:mod:`sfedlora.codecs`). Unset fields
+    """How one direction's messages are encoded (:mod:`sfedlora.core.codecs`). Unset fields
     take the method's preset (FLASC, FLoCoRA), else no compression."""
 
     density: float | None = Field(
@@ -226,7 +226,7 @@ class CodecConfig(_Section):
     delta: bool | None = Field(
         None, description="uploads: send the change to the downloaded state (default: on "
         "when the codec is lossy). Downloads: send each client the change since the "
-        "state it holds, server and client agreeing bit for bit (sfedlora.downlink)"
+        "state it holds, server and client agreeing bit for bit (sfedlora.comm.downlink)"
     )
     error_feedback: bool | None = Field(
         None, description="uploads: keep what a message lost and add it to the next one"
@@ -304,7 +304,7 @@ class PrivacyConfig(_Section):
     delta: float = Field(1e-5, gt=0, lt=1)
     secure_aggregation: bool = Field(
         False, description="mask every upload so the server learns only their sum "
-        "(Bonawitz et al. 2017; sfedlora.secagg)")
+        "(Bonawitz et al. 2017; sfedlora.privacy.secagg)")
     secagg_threshold: float = Field(
         2 / 3, gt=0, le=1, description="shares needed to unmask, as a fraction of the "
         "round's clients, never below a strict majority (floor(n/2) + 1) or 2: fewer "
@@ -348,7 +348,7 @@ class CheckpointConfig(_Section):
 
 class NetworkConfig(_Section):
     """A simulated network that prices each round in seconds and joules
-    (:mod:`sfedlora.network`); ``model: none`` counts bytes only."""
+    (:mod:`sfedlora.comm.network`); ``model: none`` counts bytes only."""
 
     model: Literal["none", "wireless"] = Field(
         "none", description="none: bytes only; wireless: an FDMA uplink with path loss "
@@ -388,7 +388,7 @@ class ClientResources(_Section):
 
 
 class FlowerConfig(_Section):
-    """The Flower runtime (``sfedlora.flower``); ignored by the in-process simulator."""
+    """The Flower runtime (``sfedlora.runtime.flower``); ignored by the in-process simulator."""
 
     client_resources: ClientResources = ClientResources()
     ray_address: str | None = Field(

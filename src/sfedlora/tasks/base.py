@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 import numpy as np
 import torch
 
-from sfedlora.records import ClientScores, Tensors
+from sfedlora.core.records import ClientScores, Tensors
 
 if TYPE_CHECKING:
-    from sfedlora.adapters import AdapterSlots
+    from sfedlora.core.adapters import AdapterSlots
     from sfedlora.settings import DataConfig, ExperimentConfig
 
 

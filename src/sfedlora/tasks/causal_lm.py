@@ -1,5 +1,5 @@
 """Causal-LM supervised fine-tuning on prompt/response pairs (data handling, prompt
-formats and answer parsing in :mod:`sfedlora.lm`). Scored by perplexity on response
+formats and answer parsing in :mod:`sfedlora.modeling.lm`). Scored by perplexity on response
 tokens and by exact match of greedy answers, both on each client's own test part and on
 the global test set; exact match fills the accuracy keys."""
 
@@ -11,10 +11,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sfedlora import lm
+from sfedlora.core.records import ClientScores, LMEvalResult, Metric, Tensors, mean_or_none
 from sfedlora.data.sources import load_frames
-from sfedlora.model import eval_batches
-from sfedlora.records import ClientScores, LMEvalResult, Metric, Tensors, mean_or_none
+from sfedlora.modeling import lm
+from sfedlora.modeling.model import eval_batches
 from sfedlora.settings import ConfigError, DataConfig, ExperimentConfig
 from sfedlora.tasks.base import ClientSets, Task, validation_metrics
 

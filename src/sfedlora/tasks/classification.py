@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerBase
 
+from sfedlora.core.records import ClientScores, EvalResult, Metric, Tensors, mean_or_none
 from sfedlora.data.sources import load_source
-from sfedlora.model import eval_batches, load_tokenizer
-from sfedlora.records import ClientScores, EvalResult, Metric, Tensors, mean_or_none
+from sfedlora.modeling.model import eval_batches, load_tokenizer
 from sfedlora.settings import ConfigError, DataConfig, ExperimentConfig
 from sfedlora.tasks.base import ClientSets, Task, validation_metrics
 

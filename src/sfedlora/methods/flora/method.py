@@ -25,7 +25,7 @@ from typing import ClassVar
 
 import torch
 
-from sfedlora.aggregation import Combiner, weighted_mean
+from sfedlora.aggregation.combiners import Combiner, weighted_mean
 from sfedlora.methods.base import ALL_PARTS, Method, Part, Update
 
 

@@ -5,7 +5,7 @@ B_s}``: FLoRA's stacked clients, FedEx-LoRA's residual); downloads carry every r
 client has not received yet under ``merge.<round>.<name>``, or, where those factors
 would be larger than the dense matrices they add up to, a *refresh*
 ``merge.1-<last>.<lora_A name>`` holding ``sum_s B_s A_s`` over every round up to
-``last`` (the cap :mod:`sfedlora.downlink` puts on its chains). A model's base weights
+``last`` (the cap :mod:`sfedlora.comm.downlink` puts on its chains). A model's base weights
 are at some round: they equal the pretrained weights plus the sum of the products
 ``B_s A_s`` of rounds 1 to that round, added in order, and every process at a round
 holds bit-identical weights, whether it applied each merge or a refresh.

@@ -13,7 +13,7 @@ wireless federated LoRA. Details reconstructed from the paper's abstract; each p
 - Each client sends the change of only its ``ceil(soft.keep * r)`` most important
   components per layer (row A[i, :] and column B[:, i] together; the head whole), with
   their positions; the server averages each coordinate over the clients that sent it
-  (:func:`~sfedlora.aggregation.mean_over_senders`), and components nobody sent keep
+  (:func:`~sfedlora.aggregation.combiners.mean_over_senders`), and components nobody sent keep
   their value (under ``privacy.enabled`` the server's DP stage sums every participant's
   clipped change, unsent components counting as no change, and divides by the expected
   cohort size, which is what the DP noise is sized for; secure aggregation, whose
@@ -30,7 +30,7 @@ from typing import ClassVar
 
 import torch
 
-from sfedlora.aggregation import Combiner, mean_over_senders, weighted_mean
+from sfedlora.aggregation.combiners import Combiner, mean_over_senders, weighted_mean
 from sfedlora.methods.base import ClientHooks, Method, Part, Tensors, Update
 from sfedlora.methods.soft.components import (
     IMPORTANCE,

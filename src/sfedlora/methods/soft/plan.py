@@ -26,7 +26,7 @@ online stage can then keep every round within it). The run reads the plan throug
 ``tsfa.plan`` and refuses a ``lora.rank`` other than the chosen one.
 
 The pilots run through a ``run_rounds`` function the caller passes in (the runtime's
-:func:`sfedlora.simulation.run_rounds`): a method sits below the runtimes and never
+:func:`sfedlora.runtime.simulation.run_rounds`): a method sits below the runtimes and never
 builds one itself.
 """
 
@@ -41,10 +41,10 @@ from typing import Any
 
 import torch
 
-from sfedlora.adapters import AdapterLayout
+from sfedlora.core.adapters import AdapterLayout
+from sfedlora.core.records import Metric
 from sfedlora.methods.base import Part, ServerHooks, Update
 from sfedlora.methods.soft.schedule import upload_values
-from sfedlora.records import Metric
 from sfedlora.settings import ConfigError, ExperimentConfig, apply_overrides, validate
 
 # (config, server hooks) -> each round's metrics and the adapter's layout

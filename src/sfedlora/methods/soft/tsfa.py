@@ -23,11 +23,11 @@ from typing import Any
 
 import torch
 
+from sfedlora.core.records import Metric
 from sfedlora.methods.base import ClientHooks, ServerHooks, Tensors
 from sfedlora.methods.soft import Soft, SoftClient
 from sfedlora.methods.soft.components import PROFILE, component_positions
 from sfedlora.methods.soft.schedule import drift_plus_penalty, mean_dropped_share, next_queue
-from sfedlora.records import Metric
 from sfedlora.settings import ConfigError
 
 KEEP_EXTRA = "tsfa.keep_choice."  # + the choice's index: the round's keep ratio

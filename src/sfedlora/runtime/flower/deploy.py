@@ -1,0 +1,352 @@
+"""Flower's deployment engine on one machine: a SuperLink and N SuperNodes as separate
+processes, with TLS and SuperNode authentication, exactly as they would run on N+1
+machines (the README's "On Flower" section says what changes there).
+
+:class:`LocalDeployment` owns every process it starts and stops them all on exit,
+Ctrl-C or failure: each process gets a marker in its environment, which Flower's own
+subprocesses (SuperExec, ``flwr-serverapp``, ``flwr-clientapp``) inherit, so the final
+sweep also finds a descendant that detached into its own session. :func:`deploy_local`
+is the ``sfedlora deploy-local`` command: certificates, keys, registration, the run,
+and the processes' logs copied into the run directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psutil
+
+from sfedlora.config import load_config
+from sfedlora.runtime.flower.config import (
+    OVERWRITE_KEY,
+    as_run_config,
+    check_resumable,
+    resume_run_config,
+)
+from sfedlora.runtime.flower.credentials import NodeKey, make_node_key, make_tls
+from sfedlora.runtime.flower.simulation import QUIET_ENV
+from sfedlora.runtime.results import refuse_occupied, resolve_output_dir
+
+log = logging.getLogger(__name__)
+
+MARKER = "SFEDLORA_DEPLOYMENT"  # environment variable naming the deployment a process is in
+CONNECTION = "sfedlora-deployment"  # the SuperLink connection name in FLWR_HOME/config.toml
+STOP_GRACE_S = 10.0
+
+# The Flower app a deployment submits: only its metadata travels (the FAB); every node
+# runs the sfedlora installed in its own environment.
+APP_PYPROJECT = """\
+[project]
+name = "sfedlora-app"
+version = "1.0.0"
+description = "sfedlora methods on Flower"
+license = "Apache-2.0"
+
+[tool.flwr.app]
+publisher = "sfedlora"
+
+[tool.flwr.app.components]
+serverapp = "sfedlora.runtime.flower.server_app:app"
+clientapp = "sfedlora.runtime.flower.client_app:app"
+
+[tool.flwr.app.config]
+config-file = ""
+overrides = ""
+resume = ""
+overwrite = false
+"""
+
+
+class DeploymentError(RuntimeError):
+    """A deployment step failed; the message names the log to read."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def write_app(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "pyproject.toml").write_text(APP_PYPROJECT)
+    return folder
+
+
+def _tree(pid: int) -> list[psutil.Process]:
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _end(procs: list[psutil.Process], grace: float) -> None:
+    """SIGTERM, then SIGKILL whatever is still alive after ``grace`` seconds."""
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    for proc in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=grace)
+
+
+def marked_processes(deployment_id: str | None = None) -> list[psutil.Process]:
+    """Every live process whose environment carries this deployment's marker (any
+    deployment's, when ``deployment_id`` is None)."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            marker = proc.environ().get(MARKER) if proc.pid != os.getpid() else None
+            if marker is not None and deployment_id in (None, marker):
+                found.append(proc)
+        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+    return found
+
+
+@dataclass
+class Process:
+    name: str
+    popen: subprocess.Popen
+    log: Path
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL the process and everything it started: a machine that died."""
+        for proc in _tree(self.popen.pid):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+        self.popen.wait()
+
+
+@dataclass
+class LocalDeployment:
+    """A SuperLink with TLS and node authentication, plus SuperNodes, on ``host``.
+
+    ``workdir`` holds the certificates, keys, Flower's home (its CLI connection) and
+    the databases; ``workdir/logs`` one log per process.
+    """
+
+    workdir: Path
+    host: str = "127.0.0.1"
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    processes: list[Process] = field(default_factory=list)
+    nodes: dict[int, Process] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.workdir = Path(self.workdir).resolve()
+        self.logs = self.workdir / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.tls = make_tls(self.workdir / "tls", [self.host, "localhost"])
+        self.port = free_port(self.host)
+        bin_dir = str(Path(sys.executable).parent)  # flower-* and flwr-* live beside python
+        self.env = {**os.environ, **QUIET_ENV,
+                    "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")]),
+                    "FLWR_HOME": str(self.workdir / "flwr-home"),
+                    "FLWR_DISABLE_UPDATE_CHECK": "1",
+                    # offline: never `uv sync` an app's dependencies at run time
+                    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+                    MARKER: self.id}
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    # --- processes ------------------------------------------------------------------
+
+    def _spawn(self, name: str, command: list[str], env: dict | None = None) -> Process:
+        log_path = self.logs / f"{name}.log"
+        with log_path.open("ab") as out:
+            popen = subprocess.Popen(command, env={**self.env, **(env or {})}, stdout=out,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     start_new_session=True)  # Ctrl-C reaches us, not them
+        proc = Process(name, popen, log_path)
+        self.processes.append(proc)
+        return proc
+
+    def _flwr(self, *args: str, timeout: float = 120) -> dict:
+        """One ``flwr`` CLI call against this SuperLink, its JSON answer."""
+        result = subprocess.run(["flwr", *args, "--format", "json"], env=self.env,
+                                capture_output=True, text=True, timeout=timeout)
+        try:
+            answer = json.loads(result.stdout[result.stdout.index("{"):])
+        except ValueError:
+            answer = {}
+        if result.returncode != 0 or answer.get("success") is False:
+            raise DeploymentError(f"flwr {' '.join(args)} failed: "
+                                  f"{answer or result.stdout or result.stderr}")
+        return answer
+
+    def start_superlink(self, timeout: float = 60) -> Process:
+        proc = self._spawn("superlink", [
+            "flower-superlink", "--enable-supernode-auth",
+            "--ssl-ca-certfile", str(self.tls.ca_cert),
+            "--ssl-certfile", str(self.tls.server_cert),
+            "--ssl-keyfile", str(self.tls.server_key),
+            "--disable-runtime-dependency-installation", "--isolation", "subprocess",
+            "--host", self.host, "--port", str(self.port),
+            "--database", str(self.workdir / "superlink.db")])
+        home = self.workdir / "flwr-home"
+        home.mkdir(exist_ok=True)
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+            f'address = "{self.address}"\nroot-certificates = "{self.tls.ca_cert}"\n')
+        tls = ssl.create_default_context(cafile=str(self.tls.ca_cert))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not proc.alive():
+                raise DeploymentError(f"the SuperLink exited ({proc.popen.returncode}); "
+                                      f"see {proc.log}")
+            try:
+                if httpx.get(f"https://{self.address}/health", verify=tls, timeout=2).is_success:
+                    return proc
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise DeploymentError(f"the SuperLink did not answer within {timeout}s; see {proc.log}")
+
+    def register(self, key: NodeKey) -> int:
+        """Register a SuperNode's public key with the SuperLink (the Control API)."""
+        return int(self._flwr("supernode", "register", str(key.public), CONNECTION)["node-id"])
+
+    def supernodes(self) -> list[dict]:
+        """The SuperLink's view of its registered nodes (``node-id``, ``status``, ...)."""
+        return self._flwr("supernode", "list", CONNECTION)["nodes"]
+
+    def start_node(self, cid: int, key: NodeKey, *, max_retries: int | None = None,
+                   threads: int | None = None) -> Process:
+        """A SuperNode serving client ``cid`` (its ``partition-id``); its client state
+        goes to ``workdir/state``. ``threads`` caps torch's threads in the node's
+        ClientApp processes: nodes sharing one machine should share its cores, not
+        each take all of them."""
+        node_config = f'partition-id={cid} state-dir="{self.workdir / "state"}"'
+        command = ["flower-supernode", "--superlink", self.address,
+                   "--root-certificates", str(self.tls.ca_cert),
+                   "--auth-supernode-private-key", str(key.private),
+                   "--node-config", node_config, "--isolation", "subprocess",
+                   "--host", self.host, "--port", str(free_port(self.host))]
+        if max_retries is not None:
+            command += ["--max-retries", str(max_retries)]
+        env = None if threads is None else {"OMP_NUM_THREADS": str(threads),
+                                             "MKL_NUM_THREADS": str(threads)}
+        proc = self._spawn(f"supernode-{cid}", command, env)
+        self.nodes[cid] = proc
+        return proc
+
+    # --- runs -----------------------------------------------------------------------
+
+    def submit(self, run_config: dict[str, str | bool]) -> int:
+        """Start the sfedlora app with this run config; its run id."""
+        app = write_app(self.workdir / "app")
+        config = self.workdir / "run-config.toml"
+        config.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in run_config.items()))
+        answer = self._flwr("run", str(app), CONNECTION, "--run-config", str(config))
+        return int(answer["run-id"])
+
+    def status(self, run_id: int) -> str:
+        runs = self._flwr("list", "--run-id", str(run_id), CONNECTION).get("runs", [])
+        return runs[0]["status"] if runs else "unknown"
+
+    def wait(self, run_id: int, timeout: float | None = None, poll: float = 2.0) -> str:
+        """Block until the run finishes; its final status (e.g. ``finished:completed``)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        superlink = self.processes[0]
+        while (status := self.status(run_id)).split(":")[0] != "finished":
+            if not superlink.alive():
+                raise DeploymentError(f"the SuperLink exited mid-run; see {superlink.log}")
+            if deadline is not None and time.monotonic() > deadline:
+                raise DeploymentError(f"run {run_id} still {status} after {timeout}s")
+            time.sleep(poll)
+        return status
+
+    # --- shutdown -------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """SuperNodes first (all at once), then the SuperLink, then anything left with
+        our marker."""
+        others = [proc for proc in self.processes if proc not in self.nodes.values()]
+        for group in ([*self.nodes.values()], others):
+            _end([p for proc in group for p in _tree(proc.popen.pid)], STOP_GRACE_S)
+            for proc in group:
+                proc.popen.wait()
+        leftovers = marked_processes(self.id)
+        if leftovers:
+            log.warning("stopping %d leftover processes: %s", len(leftovers),
+                        [p.pid for p in leftovers])
+            _end(leftovers, STOP_GRACE_S)
+
+    def __enter__(self) -> LocalDeployment:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _terminate_as_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def deploy_local(config_file: str | None, overrides: list[str], nodes: int, *,
+                 timeout: float | None = None, resume: str | None = None,
+                 overwrite: bool = False) -> Path:
+    """Run one experiment on a loopback deployment with ``nodes`` SuperNodes (one per
+    client); the run directory, with the processes' logs under ``deploy/``. ``resume``
+    (a run directory) continues that run from its checkpoint."""
+    overrides = [*overrides, f"clients.num={nodes}"]
+    if resume:
+        run_dir = Path(resume).resolve()
+        check_resumable(run_dir, overrides)  # refuse before starting anything
+        run_config = resume_run_config(str(run_dir), overrides)
+    else:
+        cfg = load_config(config_file, overrides)  # refuse a bad config before starting
+        run_dir = resolve_output_dir(cfg).resolve()
+        refuse_occupied(run_dir, overwrite)
+        overrides.append(f"output_dir={run_dir}")
+        run_config = as_run_config(str(Path(config_file).resolve()) if config_file else None,
+                                   overrides)
+        run_config[OVERWRITE_KEY] = overwrite
+    previous = signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+    try:
+        with tempfile.TemporaryDirectory(prefix="sfedlora-deploy-") as work:
+            deployment = LocalDeployment(Path(work))
+            try:
+                deployment.start_superlink()
+                threads = max(1, (os.cpu_count() or 1) // nodes)  # the nodes share this machine
+                for cid in range(nodes):
+                    key = make_node_key(deployment.workdir / "keys", f"node-{cid}")
+                    deployment.register(key)
+                    deployment.start_node(cid, key, threads=threads)
+                run_id = deployment.submit(run_config)
+                log.info("run %d on %s with %d SuperNodes", run_id, deployment.address, nodes)
+                status = deployment.wait(run_id, timeout)
+            finally:
+                deployment.stop()
+                shutil.copytree(deployment.logs, run_dir / "deploy", dirs_exist_ok=True)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if status != "finished:completed":
+        raise DeploymentError(f"run {run_id} ended {status}; logs in {run_dir / 'deploy'}")
+    return run_dir
+
+
+__all__ = ["DeploymentError", "LocalDeployment", "deploy_local", "marked_processes"]

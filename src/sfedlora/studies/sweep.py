@@ -1,0 +1,294 @@
+"""Sweeps: the cross product of grid values over one base config, each run in its own
+directory, resumable, summarised in one table (mean and spread over seeds).
+
+Keys joined by ``+`` vary together instead of crossing: ``lora.scaling+lora.a_init=
+lora+shared,sfed+independent`` gives two runs, not four.
+
+A sweep directory holds ``runs/<name>/`` (ordinary run directories, named after their
+grid values), ``results.csv`` (one row per run) and ``table.csv`` / ``table.md`` (rows
+grouped by every grid key except ``seed``). Rerunning the same command skips finished
+runs and resumes interrupted ones from their checkpoint, so a long sweep can be spread
+over several sessions. ``shard=(k, m)`` runs only every m-th run starting at k, so m
+processes (one per GPU, node or core) share one sweep directory; the tables are written
+once every run is finished.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from sfedlora.config import ConfigError, load_config, parse_value
+from sfedlora.core.records import Metric
+
+log = logging.getLogger(__name__)
+
+TABLE_METRICS = tuple(str(m) for m in (
+    Metric.PERSONALIZED_VAL_LOSS, Metric.PERSONALIZED_VAL_ACCURACY,
+    Metric.PERSONALIZED_ACCURACY, Metric.PERSONALIZED_BALANCED_ACCURACY,
+    Metric.MAJORITY_BASELINE_ACCURACY, Metric.GLOBAL_ACCURACY, Metric.PERSONALIZED_LOSS,
+    Metric.PERSONALIZED_LOSS_STD, Metric.TRAIN_LOSS, Metric.GRAD_NORM_A, Metric.GRAD_NORM_B,
+    Metric.NORM_A_MEAN, Metric.ADAPTER_OUTPUT_NORM, Metric.BYTES_TOTAL,
+    Metric.PERSONALIZED_PERPLEXITY, Metric.GLOBAL_PERPLEXITY,
+))
+
+
+@dataclass(frozen=True)
+class SweepRun:
+    values: dict[str, object]  # grid key -> value
+
+    @property
+    def name(self) -> str:
+        return "__".join(f"{k}-{v}" for k, v in self.values.items()).replace("/", "_")
+
+    @property
+    def overrides(self) -> list[str]:
+        return [f"{k}={json.dumps(v) if isinstance(v, str) else v}"
+                for k, v in self.values.items()]
+
+
+Grid = dict[str, list]  # "key" or "key1+key2" -> values (tuples for joint keys)
+
+
+def parse_grid(items: Sequence[str]) -> Grid:
+    """``["lora.rank=4,16", "seed=0,1"]`` -> ``{"lora.rank": [4, 16], "seed": [0, 1]}``;
+    a joint key ``a+b=x+y,z+w`` -> ``{"a+b": [(x, y), (z, w)]}``."""
+    if not items:
+        raise ConfigError("a sweep needs at least one --grid dotted.key=v1,v2,...")
+    grid: Grid = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        if not sep or not key or not values:
+            raise ConfigError(f"--grid {item!r} is not of the form dotted.key=v1,v2,...")
+        if key in grid:
+            raise ConfigError(f"--grid {key} is given twice; list all its values once")
+        width = len(key.split("+"))
+        parsed = []
+        for value in values.split(","):
+            parts = [parse_value(v) for v in value.split("+")] if width > 1 else [value]
+            if len(parts) != width:
+                raise ConfigError(f"--grid {key}: value {value!r} needs {width} parts "
+                                  "joined by '+'")
+            parsed.append(tuple(parts) if width > 1 else parse_value(value))
+        grid[key] = parsed
+    return grid
+
+
+def grid_keys(grid: Grid) -> list[str]:
+    """The config keys a grid sets, joint keys split."""
+    return [k for key in grid for k in key.split("+")]
+
+
+def expand(grid: Grid) -> list[SweepRun]:
+    runs = []
+    for combo in itertools.product(*grid.values()):
+        values: dict[str, object] = {}
+        for key, value in zip(grid, combo, strict=True):
+            keys = key.split("+")
+            values.update(zip(keys, value if len(keys) > 1 else (value,), strict=True))
+        runs.append(SweepRun(values))
+    return runs
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"2/8"`` -> ``(2, 8)``: this process runs runs 2, 10, 18, ... of the grid."""
+    index, sep, count = text.partition("/")
+    try:
+        k, m = int(index), int(count)
+    except ValueError:
+        k, m = -1, 0
+    if not sep or m < 1 or not 0 <= k < m:
+        raise ConfigError(f"--shard {text!r} must be K/M with 0 <= K < M, e.g. --shard 0/4")
+    return k, m
+
+
+def run_sweep(config: str | None, grid: dict[str, list], out: Path,
+              overrides: Sequence[str] = (), on_start: Callable[[str], None] | None = None,
+              shard: tuple[int, int] = (0, 1)) -> bool:
+    """Run (or finish) this shard's runs of the grid; once every run of the grid is
+    finished, write the tables and return True. Every config is validated before the
+    first run starts, so a bad value fails in a second."""
+    from sfedlora.runtime.simulation import Simulation
+
+    runs = expand(grid)
+    out = Path(out)
+    configs = {}
+    for run in runs:
+        run_dir = out / "runs" / run.name
+        configs[run.name] = load_config(config, [*overrides, *run.overrides,
+                                                 f"output_dir={run_dir}", "progress=false"])
+    for run in runs:
+        _same_experiment(Path(configs[run.name].output_dir), configs[run.name])
+    index, count = shard
+    for run in runs[index::count]:
+        run_dir = Path(configs[run.name].output_dir)
+        if (run_dir / "summary.json").is_file():
+            continue
+        if on_start:
+            on_start(run.name)
+        if (run_dir / "checkpoint.safetensors").is_file():
+            Simulation.resume(run_dir, ["progress=false"]).run()
+        else:  # this sweep's own run (same experiment, checked above), cut short
+            Simulation(configs[run.name]).run(overwrite=True)
+    if not all((out / "runs" / run.name / "summary.json").is_file() for run in runs):
+        return False  # other shards are still running; the last one writes the tables
+    write_tables(out, runs, grid_keys(grid))
+    return True
+
+
+def _same_experiment(run_dir: Path, cfg) -> None:
+    """Refuse to reuse a run directory that holds a different experiment (a base config
+    or override changed since the sweep started)."""
+    from sfedlora.runtime.simulation import RESUME_MAY_CHANGE, config_differences
+
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return
+    old = load_config(saved).model_dump(mode="json")
+    diffs = config_differences(old, cfg.model_dump(mode="json"), ignore=RESUME_MAY_CHANGE)
+    if diffs:
+        raise ConfigError(
+            f"{run_dir} holds a run with other settings ({'; '.join(diffs[:3])}); give "
+            "this sweep another --out, or delete that run"
+        )
+
+
+def write_tables(out: Path, runs: Sequence[SweepRun], keys: list[str]) -> None:
+    import pandas as pd
+
+    rows = []
+    for run in runs:
+        summary = json.loads((out / "runs" / run.name / "summary.json").read_text())
+        rows.append({"run": run.name, **run.values,
+                     **{m: summary.get(m) for m in TABLE_METRICS}})
+    results = pd.DataFrame(rows)
+    metrics = [m for m in TABLE_METRICS if results[m].notna().any()]
+    results = results[["run", *keys, *metrics]]
+    results.to_csv(out / "results.csv", index=False)
+    group = [k for k in keys if k != "seed"]
+    if group:
+        table = results.groupby(group, sort=False)[metrics].agg(["mean", "std", "count"])
+        table.columns = [f"{m}_{stat}" for m, stat in table.columns]
+        table = table.reset_index()
+    else:
+        table = results[metrics].agg(["mean", "std", "count"]).T.reset_index()
+    table.to_csv(out / "table.csv", index=False)
+    (out / "table.md").write_text(_markdown(results, group, metrics))
+    if LR_KEY in keys:
+        write_best_lr_tables(out, results, keys, metrics)
+
+
+LR_KEY = "local.lr"
+SELECT_ON = str(Metric.PERSONALIZED_VAL_LOSS)
+
+
+def ci95(values) -> float:
+    """Half-width of the two-sided 95% t-interval of the mean (nan below two values)."""
+    import math
+
+    from scipy import stats
+
+    n = len(values)
+    if n < 2:
+        return math.nan
+    return float(stats.t.ppf(0.975, n - 1) * values.std(ddof=1) / math.sqrt(n))
+
+
+def best_learning_rates(results, keys: list[str], metrics: list[str]):
+    """Per cell (every grid key but the learning rate and the seed): the learning rate
+    whose mean validation loss over seeds is lowest, whether it sits at an end of the
+    ladder (then the ladder should be extended), and every metric at that learning rate
+    as mean and 95% interval over seeds. Chosen on the validation part only."""
+    import pandas as pd
+
+    cell = [k for k in keys if k not in ("seed", LR_KEY)]
+    ladder = sorted(results[LR_KEY].unique())
+    rows = []
+    groups = results.groupby(cell, sort=False) if cell else [((), results)]
+    for key, frame in groups:
+        key = key if isinstance(key, tuple) else (key,)
+        curve = frame.groupby(LR_KEY)[SELECT_ON].mean()
+        best = curve.idxmin()
+        chosen = frame[frame[LR_KEY] == best]
+        row = dict(zip(cell, key, strict=True))
+        row.update({"best_lr": best, "lr_at_ladder_end": best in (ladder[0], ladder[-1]),
+                    "lr_fit": fitted_best_lr(curve), "seeds": len(chosen)})
+        for m in metrics:
+            col = chosen[m].dropna()
+            row[f"{m}_mean"] = col.mean() if len(col) else None
+            row[f"{m}_ci95"] = ci95(col) if len(col) else None
+        rows.append(row)
+    return pd.DataFrame(rows), cell
+
+
+def fitted_best_lr(curve) -> float:
+    """The minimum of the parabola through the lowest point of a loss-vs-learning-rate
+    curve and its two neighbours, in log learning rate: where the optimum sits between
+    rungs, so a shift smaller than one rung (sqrt(8) from N=2 to N=16, say) can still be
+    read. nan where the lowest point is a ladder end or the three points are not convex."""
+    import math
+
+    import numpy as np
+
+    curve = curve.sort_index()
+    i = int(np.argmin(curve.to_numpy()))
+    if i == 0 or i == len(curve) - 1:
+        return math.nan
+    x = np.log(curve.index.to_numpy(dtype=float)[i - 1:i + 2])
+    y = curve.to_numpy(dtype=float)[i - 1:i + 2]
+    a, b, _ = np.polyfit(x, y, 2)
+    return float(math.exp(-b / (2 * a))) if a > 0 else math.nan
+
+
+def write_best_lr_tables(out: Path, results, keys: list[str], metrics: list[str]) -> None:
+    """``best_lr.csv`` / ``best_lr.md`` for a grid with a learning-rate ladder; skipped,
+    with a warning, when the runs have no validation part to choose on."""
+    if SELECT_ON not in results or results[SELECT_ON].isna().all():
+        log.warning("%s: the sweep varies %s but its runs have no %s; set "
+                    "data.validation_fraction to choose learning rates (never on the test "
+                    "part); best_lr tables not written", out, LR_KEY, SELECT_ON)
+        return
+    table, cell = best_learning_rates(results, keys, metrics)
+    table.to_csv(out / "best_lr.csv", index=False)
+    shown = [m for m in metrics if m != SELECT_ON]
+    lines = ["| " + " | ".join([*cell, "best lr", SELECT_ON, *shown, "seeds"]) + " |",
+             "|" + "---|" * (len(cell) + len(shown) + 3)]
+    for _, row in table.iterrows():
+        cells = [str(row[k]) for k in cell]
+        cells.append(f"{row['best_lr']:g}" + (" (ladder end)" if row["lr_at_ladder_end"]
+                                             else f" (fit {row['lr_fit']:.2g})"))
+        for m in [SELECT_ON, *shown]:
+            mean, half = row[f"{m}_mean"], row[f"{m}_ci95"]
+            cells.append("-" if mean is None or mean != mean else
+                         f"{mean:.4g}" if half != half else f"{mean:.4g} ± {half:.2g}")
+        cells.append(str(row["seeds"]))
+        lines.append("| " + " | ".join(cells) + " |")
+    (out / "best_lr.md").write_text(
+        f"Best learning rate per cell by mean {SELECT_ON} over seeds; every metric at "
+        "that learning rate as mean ± 95% t-interval over seeds.\n\n"
+        + "\n".join(lines) + "\n")
+
+
+def _markdown(results, group: list[str], metrics: list[str]) -> str:
+    """mean ± std (n runs) per group; std is blank for a single seed."""
+    seeds = results.groupby(group, sort=False) if group else [((), results)]
+    lines = ["| " + " | ".join([*group, *metrics, "runs"]) + " |",
+             "|" + "---|" * (len(group) + len(metrics) + 1)]
+    for key, frame in seeds:
+        key = key if isinstance(key, tuple) else (key,)
+        cells = [str(k) for k in key]
+        for m in metrics:
+            col = frame[m].dropna()
+            if col.empty:
+                cells.append("-")
+            elif len(col) == 1:
+                cells.append(f"{col.iloc[0]:.4g}")
+            else:
+                cells.append(f"{col.mean():.4g} ± {col.std():.2g}")
+        cells.append(str(len(frame)))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
