@@ -23,7 +23,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from sfedlora.methods import REGISTRY, get_method
+from sfedlora.methods import REGISTRY, get_method, method_class
 from sfedlora.settings import (
     CheckpointConfig,
     ClientsConfig,
@@ -57,9 +57,10 @@ def resolve(cfg: ExperimentConfig) -> ExperimentConfig:
     if cfg.task not in TASKS:
         raise ConfigError(f"invalid config: task={cfg.task!r} is not a task; choose one of "
                           f"{sorted(TASKS)}")
-    if cfg.method not in REGISTRY:
-        raise ConfigError(f"invalid config: method={cfg.method!r} is not a method; choose one "
-                          f"of {sorted(REGISTRY)}")
+    try:
+        method_class(cfg.method)
+    except ValueError as exc:
+        raise ConfigError(f"invalid config: {exc}") from None
     method, task = _method_with_options(cfg), get_task(cfg.task)
     resolved = cfg.with_defaults(Defaults(
         scaling=method.default_scaling, server_optimizer=method.server_optimizer,
@@ -81,7 +82,7 @@ def _method_with_options(cfg: ExperimentConfig):
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        fields = sorted(REGISTRY[cfg.method].Options.model_fields) or ["none"]
+        fields = sorted(method_class(cfg.method).Options.model_fields) or ["none"]
         raise ConfigError(
             f"invalid config: options.{where}: {first['msg']} (method={cfg.method} takes "
             f"options {', '.join(fields)})") from None

@@ -6,6 +6,8 @@ config's resolution or the runtimes (methods reach the runtime through the
 :class:`~sfedlora.methods.base.Worker` protocol).
 """
 
+import importlib
+
 from sfedlora.methods.base import Method, Part, RoundPlan, Update, part_of
 from sfedlora.methods.central import Central
 from sfedlora.methods.fdlora import FDLoRA
@@ -31,14 +33,32 @@ REGISTRY: dict[str, type[Method]] = {
 }
 
 
-def get_method(name: str, options: dict | None = None) -> Method:
-    """Method ``name`` with its ``options`` (the experiment config's ``options``
-    block), validated by the method's own ``Options`` model."""
+def method_class(name: str) -> type[Method]:
+    """A registered method, or one named by its import path ``package.module:Class``:
+    a method defined outside sfedlora, which every process that reads the config
+    imports (so it runs on Flower nodes too, wherever that module is installed)."""
+    if name in REGISTRY:
+        return REGISTRY[name]
+    module, colon, attr = name.partition(":")
+    if not colon:
+        raise ValueError(f"method={name!r} is not a method; choose one of {sorted(REGISTRY)} "
+                         "or give the import path of your own, package.module:Class")
     try:
-        cls = REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown method {name!r}; choose one of {sorted(REGISTRY)}") from None
+        cls = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"method={name!r}: cannot import {attr} from {module} ({exc}); "
+                         "install the module where every process can import it") from None
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise ValueError(f"method={name!r} is not a subclass of sfedlora.methods.Method")
+    return cls
+
+
+def get_method(name: str, options: dict | None = None) -> Method:
+    """Method ``name`` (see :func:`method_class`) with its ``options`` (the experiment
+    config's ``options`` block), validated by the method's own ``Options`` model."""
+    cls = method_class(name)
     return cls(cls.Options.model_validate(options or {}))
 
 
-__all__ = ["REGISTRY", "Method", "Part", "RoundPlan", "Update", "get_method", "part_of"]
+__all__ = ["REGISTRY", "Method", "Part", "RoundPlan", "Update", "get_method", "method_class",
+           "part_of"]

@@ -416,7 +416,8 @@ class FlowerConfig(_Section):
 class ExperimentConfig(_Section):
     task: str = Field("classification", description="classification or causal-lm "
                       "(sfedlora.tasks.TASKS)")
-    method: str = Field("sfed", description="a registered method (sfedlora.methods.REGISTRY)")
+    method: str = Field("sfed", description="a registered method (sfedlora.methods.REGISTRY), "
+                        "or the import path package.module:Class of your own Method subclass")
     seed: int = 0
     rounds: int = Field(10, gt=0)
     clients: ClientsConfig = ClientsConfig()
