@@ -1,0 +1,104 @@
+"""A method defined outside sfedlora's source (here, in this test file) runs in-process
+and on Flower with no edit under ``src/`` (issue 38): the config names it by its
+import path, and its own Options model carries its settings."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from sfedlora.config import to_yaml
+from sfedlora.methods import Method, Part, part_of
+from sfedlora.runtime.simulation import Simulation
+
+
+class ToyOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    shrink: float = Field(1.0, gt=0, le=1, description="the averaged A is scaled by this")
+
+
+class Toy(Method):
+    """FedSA-LoRA whose averaged A is scaled by ``options.shrink`` after each round."""
+
+    name = "toy"
+    summary = "A averaged (uniform) and shrunk; B and head private per client"
+    shared = frozenset({Part.A})
+    private = frozenset({Part.B, Part.HEAD})
+    weighting = "uniform"
+    a_init_modes = ("shared", "independent")
+    Options = ToyOptions
+    combined: dict | None = None  # the last combined state, before the shrink
+
+    def finalize(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        Toy.combined = dict(state)
+        return {n: t * self.options.shrink if part_of(n) is Part.A else t
+                for n, t in state.items()}
+
+
+TOY = f"{__name__}:Toy"  # what a config names it by
+
+
+def _lines(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_toy_method_without_options_runs_as_the_method_it_copies(tiny_config, tmp_path):
+    """Its description is FedSA-LoRA's: the same seed gives FedSA's metrics exactly."""
+    for method, out in ((TOY, "toy"), ("fedsa", "fedsa")):
+        Simulation(tiny_config(f"method={method}", "rounds=2", "eval.every=1",
+                               f"output_dir={tmp_path / out}")).run()
+    assert _lines(tmp_path / "toy") == _lines(tmp_path / "fedsa")
+    summary = json.loads((tmp_path / "toy/summary.json").read_text())
+    assert summary["method"] == TOY
+
+
+def test_a_toy_methods_options_reach_it(tiny_config):
+    sim = Simulation(tiny_config(f"method={TOY}", "options.shrink=0.5", "rounds=1"))
+    sim.run_round(1)
+    a_names = [n for n in sim.server.state if part_of(n) is Part.A]
+    assert a_names
+    for n in a_names:  # the server keeps exactly half the combined A
+        assert torch.equal(sim.server.state[n], Toy.combined[n] * 0.5)
+        assert Toy.combined[n].abs().max() > 0
+
+
+def test_a_toy_methods_options_are_checked_by_its_model(tiny_config):
+    from sfedlora.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"options.shrink: Input should be less than or "
+                                          r"equal to 1"):
+        tiny_config(f"method={TOY}", "options.shrink=2")
+
+
+def test_a_toy_method_on_flower_equals_in_process(tiny_config, tmp_path, monkeypatch):
+    """Flower's ClientApps run in Ray workers: they import this module by the config's
+    import path (this directory on their PYTHONPATH, as an installed package would be)."""
+    pytest.importorskip("flwr")
+    from sfedlora.runtime.flower.simulation import run_simulation
+
+    here = str(Path(__file__).parent)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        [here, *filter(None, [os.environ.get("PYTHONPATH")])]))
+    monkeypatch.setenv("SFEDLORA_STATE_DIR", str(tmp_path / "state"))
+    cfg = tiny_config(f"method={TOY}", "options.shrink=0.5", "clients.num=3", "rounds=2",
+                      "eval.every=1", "checkpoint.every=0", f"output_dir={tmp_path / 'local'}")
+    Simulation(cfg).run()
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(to_yaml(cfg))
+    run_simulation(str(config_file), [f"output_dir={tmp_path / 'flower'}"], workers=2)
+    local, flower = _lines(tmp_path / "local"), _lines(tmp_path / "flower")
+    assert [m["round"] for m in flower] == [m["round"] for m in local] == [1, 2]
+    for a, b in zip(local, flower, strict=True):
+        assert set(a) == set(b)
+        for key, value in a.items():
+            if isinstance(value, float):
+                assert math.isclose(value, b[key], abs_tol=1e-5), key
+            else:
+                assert value == b[key], key
