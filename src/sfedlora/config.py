@@ -23,29 +23,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from sfedlora import settings
 from sfedlora.methods import REGISTRY, get_method, method_class
-from sfedlora.settings import (
-    CheckpointConfig,
-    ClientsConfig,
-    CodecConfig,
-    CommConfig,
-    ConfigError,
-    DataConfig,
-    Defaults,
-    EvalConfig,
-    ExperimentConfig,
-    FlowerConfig,
-    LocalConfig,
-    LoraConfig,
-    ModelConfig,
-    NetworkConfig,
-    PersonalConfig,
-    PrivacyConfig,
-    ServerConfig,
-    apply_overrides,
-    parse_value,
-    to_yaml,
-)
+from sfedlora.settings import ConfigError, Defaults, ExperimentConfig
 from sfedlora.settings import load_config as read_config
 from sfedlora.settings import validate as check_schema
 from sfedlora.tasks import TASKS, get_task
@@ -99,10 +79,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ex
     return resolve(read_config(path, overrides))
 
 
-__all__ = [
-    "CheckpointConfig", "ClientsConfig", "CodecConfig", "CommConfig", "ConfigError",
-    "DataConfig", "Defaults", "EvalConfig", "ExperimentConfig", "FlowerConfig", "LocalConfig",
-    "LoraConfig", "ModelConfig", "NetworkConfig", "PersonalConfig", "PrivacyConfig",
-    "ServerConfig", "apply_overrides", "load_config", "parse_value", "resolve", "to_yaml",
-    "validate",
-]
+def __getattr__(name: str):
+    """The settings' other names (``DataConfig``, ``to_yaml``, ...), importable from
+    here too: ``sfedlora.config`` is where users and the upper layers reach configs."""
+    if name in settings.__all__:
+        return getattr(settings, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [*(n for n in settings.__all__ if n not in ("load_config", "validate")),
+           "load_config", "resolve", "validate"]
