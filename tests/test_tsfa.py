@@ -137,14 +137,17 @@ def test_a_budget_no_client_can_meet_is_refused_before_the_run(tiny_config):
 
 
 def test_the_plan_chooses_the_feasible_rank_of_least_bound_and_the_run_checks_it(
-        tiny_config, tmp_path):
-    from sfedlora.methods.soft.plan import make_plan
+        tiny_config, tiny_model_dir, tiny_data_file, tmp_path, capsys):
+    """Through the command TSFA owns (``sfedlora tsfa-plan``, Method.commands)."""
+    from sfedlora.cli import main
+    from tests.conftest import tiny_base
 
-    cfg = tiny_config(*WIRELESS, "tsfa.ranks=[1,2]", "tsfa.pilot_rounds=2",
-                      "tsfa.latency_budget_s=100", "rounds=10")
-    from sfedlora.runtime.simulation import run_rounds
-
-    plan = make_plan(cfg, run_rounds, tmp_path / "pilots")
+    path = tmp_path / "plan.json"
+    assert main(["tsfa-plan", *tiny_base(tiny_model_dir, tiny_data_file, tmp_path / "run"),
+                 *WIRELESS, "tsfa.ranks=[1,2]", "tsfa.pilot_rounds=2",
+                 "tsfa.latency_budget_s=100", "rounds=10", "--out", str(path)]) == 0
+    plan = json.loads(path.read_text())
+    assert f"chosen rank {plan['rank']}" in capsys.readouterr().out
     pilots = {p["rank"]: p for p in plan["pilots"]}
     assert set(pilots) == {1, 2}
     for p in pilots.values():
@@ -152,8 +155,6 @@ def test_the_plan_chooses_the_feasible_rank_of_least_bound_and_the_run_checks_it
         q = p["loss_ratio_per_round"]
         assert p["bound"] == pytest.approx(p["last_loss"] * q ** 8 + p["variance"], rel=1e-12)
     assert plan["rank"] == min(pilots.values(), key=lambda p: (p["bound"], p["rank"]))["rank"]
-    path = tmp_path / "plan.json"
-    path.write_text(json.dumps(plan))
     other = 3 - plan["rank"]
     with pytest.raises(ConfigError, match=f"chose rank {plan['rank']}"):
         tiny_config(*WIRELESS, f"tsfa.plan={path}", f"lora.rank={other}")

@@ -200,23 +200,26 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_tsfa_plan(args: argparse.Namespace) -> int:
-    _quiet_libraries()
-    from sfedlora.methods.soft.plan import make_plan
-    from sfedlora.runtime.simulation import run_rounds
+def _method_commands(sub) -> None:
+    """The subcommands methods own (``Method.commands``: TSFA's tsfa-plan), each given
+    the config loader and the in-process runtime, which a method may not import."""
+    from types import SimpleNamespace
 
-    cfg = load_config(*_split_config_arg(args))
-    plan = make_plan(cfg, run_rounds)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(plan, indent=1) + "\n")
-    print("rank  last loss  q/round  variance  T at min keep (s)  bound  feasible")
-    for p in plan["pilots"]:
-        print(f"{p['rank']:>4}  {p['last_loss']:9.4f}  {p['loss_ratio_per_round']:7.4f}  "
-              f"{p['variance']:8.4f}  {p['latency_s_at_min_keep']:17.3f}  {p['bound']:.4f}  "
-              f"{p['feasible']}")
-    print(f"chosen rank {plan['rank']}; run with: method=tsfa lora.rank={plan['rank']} "
-          f"tsfa.plan={args.out}")
-    return 0
+    from sfedlora.methods import REGISTRY
+
+    for method in REGISTRY.values():
+        for command in method.commands:
+            parser = sub.add_parser(command.name, help=command.help)
+            command.add_arguments(parser)
+
+            def run(args, command=command) -> int:
+                _quiet_libraries()
+                from sfedlora.runtime.simulation import run_rounds
+
+                context = SimpleNamespace(load_config=load_config, run_rounds=run_rounds)
+                return command.run(args, context)
+
+            parser.set_defaults(func=run)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -273,13 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="replace the run that output_dir holds")
     deploy.set_defaults(func=cmd_deploy_local)
 
-    plan = sub.add_parser("tsfa-plan", help="TSFA's offline stage: pilot each rank of "
-                          "tsfa.ranks and write the chosen rank and the estimates to a JSON "
-                          "plan that a method=tsfa run reads (tsfa.plan)")
-    plan.add_argument("config", nargs="?", help="YAML config (network.model=wireless)")
-    plan.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
-    plan.add_argument("--out", default="tsfa-plan.json", help="the plan file to write")
-    plan.set_defaults(func=cmd_tsfa_plan)
+    _method_commands(sub)
 
     plot = sub.add_parser("plot", help="draw a metric of runs against rounds or bytes")
     plot.add_argument("runs", nargs="*", help="run directories")

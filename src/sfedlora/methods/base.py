@@ -46,7 +46,7 @@ How the other methods fit:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
@@ -189,6 +189,20 @@ class ClientHooks:
         return own, {}
 
 
+@dataclass(frozen=True)
+class Command:
+    """A ``sfedlora`` subcommand a method owns (TSFA's offline rank plan). The CLI adds
+    ``add_arguments`` to its parser and calls ``run(args, context)``; ``context`` gives
+    what a method may not import itself: ``context.load_config(path, overrides)`` (a
+    resolved config) and ``context.run_rounds(cfg, server_hooks)`` (the in-process
+    runtime). ``run`` returns the exit status."""
+
+    name: str
+    help: str
+    add_arguments: Callable[[Any], None]
+    run: Callable[[Any, Any], int]
+
+
 class NoOptions(BaseModel):
     """A method's settings under the experiment config's ``options`` (none by default);
     a method with settings of its own defines a pydantic model named ``Options``."""
@@ -200,6 +214,8 @@ class Method:
     """Base description; subclasses override class attributes and rarely methods."""
 
     Options: ClassVar[type[BaseModel]] = NoOptions
+    # subcommands of the ``sfedlora`` CLI this method owns (TSFA: tsfa-plan)
+    commands: ClassVar[tuple[Command, ...]] = ()
 
     def __init__(self, options: BaseModel | None = None):
         self.options = options if options is not None else self.Options()

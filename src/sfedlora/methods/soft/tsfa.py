@@ -26,6 +26,7 @@ import torch
 from sfedlora.core.records import Metric
 from sfedlora.methods.base import ClientHooks, ServerHooks, Tensors
 from sfedlora.methods.soft import Soft, SoftClient
+from sfedlora.methods.soft.command import PLAN
 from sfedlora.methods.soft.components import PROFILE, component_positions
 from sfedlora.methods.soft.schedule import drift_plus_penalty, mean_dropped_share, next_queue
 from sfedlora.settings import ConfigError
@@ -160,6 +161,7 @@ class Tsfa(Soft):
     name = "tsfa"
     summary = ("SOFT with each round's keep ratio and bandwidth split chosen by "
                "drift-plus-penalty under a latency budget (and the rank by tsfa-plan)")
+    commands = (PLAN,)
 
     def check_config(self, cfg) -> None:
         super().check_config(cfg)
