@@ -159,6 +159,22 @@ def test_a_dp_run_keeps_who_took_part_out_of_its_released_files(tiny_config, tmp
     assert schedule == sim.sampler.schedule
 
 
+def test_a_methods_own_participation_metrics_stay_out_too(tiny_config, tmp_path):
+    """TSFA's keep ratio and queue come from the round's clients' latencies
+    (Tsfa.participation_metrics): written without DP, withheld under it."""
+    from sfedlora.methods.soft.tsfa import TsfaMetric
+
+    tsfa = ("method=tsfa", "network.model=wireless", "network.allocation=min_max",
+            "clients.num=8", "clients.per_round=4", "data.min_partition_size=2", "rounds=2",
+            "eval.every=0")
+    for private in (False, True):
+        out = tmp_path / f"dp-{private}"
+        Simulation(tiny_config(*tsfa, f"privacy.enabled={private}", f"output_dir={out}")).run()
+        lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        shown = [set(line) & {str(m) for m in TsfaMetric} for line in lines]
+        assert shown == ([set()] * 2 if private else [set(map(str, TsfaMetric))] * 2)
+
+
 def test_a_resumed_dp_run_continues_the_schedule_it_drew(tiny_config, tmp_path):
     cfg = tiny_config(*DP, "rounds=3", "eval.every=0")
     first = Simulation(cfg)

@@ -103,7 +103,8 @@ def mean_or_none(values) -> float | None:
 
 
 class Metric(StrEnum):
-    """Every key a run writes to ``metrics.jsonl`` (and ``summary.json``). A StrEnum,
+    """Every key the runtimes and tasks write to ``metrics.jsonl`` (and
+    ``summary.json``); a method's own round metrics are named in its folder. A StrEnum,
     so a member is its own name wherever a string is expected (JSON keys, columns)."""
 
     ROUND = "round"
@@ -137,10 +138,6 @@ class Metric(StrEnum):
     ENERGY_JOULES_PER_CLIENT = "energy_joules_per_client"
     LATENCY_SECONDS = "latency_seconds"
     SIMULATED_SECONDS = "simulated_seconds"
-    # TSFA's online stage (method=tsfa)
-    TSFA_KEEP = "tsfa_keep"
-    TSFA_QUEUE = "tsfa_queue"
-    TSFA_PREDICTED_LATENCY = "tsfa_predicted_latency_seconds"
     # evaluation, both tasks
     PERSONALIZED_ACCURACY = "personalized_accuracy"
     PERSONALIZED_LOSS = "personalized_loss"
@@ -177,8 +174,7 @@ PARTICIPATION_METRICS = frozenset({
     Metric.RATE_BPS_PER_CLIENT, Metric.UPLOAD_SECONDS_PER_CLIENT,
     Metric.COMPUTE_SECONDS_PER_CLIENT, Metric.DOWNLOAD_SECONDS_PER_CLIENT,
     Metric.ENERGY_JOULES_PER_CLIENT, Metric.LATENCY_SECONDS, Metric.SIMULATED_SECONDS,
-    Metric.TSFA_KEEP, Metric.TSFA_QUEUE, Metric.TSFA_PREDICTED_LATENCY,
-})
+})  # plus each method's own (Method.participation_metrics)
 
 # What summary.json keeps of the last evaluated round.
 SUMMARY_METRICS = (

@@ -216,6 +216,9 @@ class Method:
     Options: ClassVar[type[BaseModel]] = NoOptions
     # subcommands of the ``sfedlora`` CLI this method owns (TSFA: tsfa-plan)
     commands: ClassVar[tuple[Command, ...]] = ()
+    # the round metrics its server hooks report that depend on who took part: left out
+    # of the released files where sampling is secret (under DP), like the runtime's own
+    participation_metrics: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, options: BaseModel | None = None):
         self.options = options if options is not None else self.Options()

@@ -136,7 +136,8 @@ class Simulation:
         if dropped:
             metrics[Metric.DROPPED] = dropped
         if self.sampler.secret:  # who took part must not reach the released artefacts
-            metrics = {k: v for k, v in metrics.items() if k not in PARTICIPATION_METRICS}
+            hidden = PARTICIPATION_METRICS | self.method.participation_metrics
+            metrics = {k: v for k, v in metrics.items() if k not in hidden}
         if self.privacy is not None:
             pld, rdp = self.privacy.spent(round_idx)
             metrics[Metric.DP_EPSILON], metrics[Metric.DP_EPSILON_RDP] = pld, rdp

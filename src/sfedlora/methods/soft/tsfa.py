@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from enum import StrEnum
 from typing import Any
 
 import torch
@@ -30,6 +31,15 @@ from sfedlora.methods.soft.command import PLAN
 from sfedlora.methods.soft.components import PROFILE, component_positions
 from sfedlora.methods.soft.schedule import drift_plus_penalty, mean_dropped_share, next_queue
 from sfedlora.settings import ConfigError
+
+
+class TsfaMetric(StrEnum):
+    """The round metrics TSFA's online stage reports."""
+
+    KEEP = "tsfa_keep"  # the round's keep ratio
+    QUEUE = "tsfa_queue"  # the virtual queue of latency over budget
+    PREDICTED_LATENCY = "tsfa_predicted_latency_seconds"  # at the chosen keep ratio
+
 
 KEEP_EXTRA = "tsfa.keep_choice."  # + the choice's index: the round's keep ratio
 IMPORTANCE = "importance"  # a client's report: every layer's scores, layer after layer
@@ -126,8 +136,8 @@ class TsfaServer(ServerHooks):
                 self.tsfa.v, self.queue)
         else:  # no importance profiles yet: nothing to weigh, keep everything
             self.keep = choices[-1]
-        return {Metric.TSFA_KEEP: self.keep, Metric.TSFA_QUEUE: self.queue,
-                Metric.TSFA_PREDICTED_LATENCY: times[self.keep]}
+        return {TsfaMetric.KEEP: self.keep, TsfaMetric.QUEUE: self.queue,
+                TsfaMetric.PREDICTED_LATENCY: times[self.keep]}
 
     def download_extras(self, cid: int | None, advance: bool = True) -> Tensors:
         return {keep_extra(self.tsfa.keep_choices.index(self.keep)): torch.zeros(1)}
@@ -162,6 +172,7 @@ class Tsfa(Soft):
     summary = ("SOFT with each round's keep ratio and bandwidth split chosen by "
                "drift-plus-penalty under a latency budget (and the rank by tsfa-plan)")
     commands = (PLAN,)
+    participation_metrics = frozenset(TsfaMetric)  # computed from the round's clients
 
     def check_config(self, cfg) -> None:
         super().check_config(cfg)
