@@ -17,13 +17,13 @@ with ``OMP_NUM_THREADS=1``) and run the plain command last to print the table.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
 from sfedlora.config import load_config
 from sfedlora.runtime.simulation import Simulation
-from sfedlora.studies.plots import load_metrics, plot_runs
+from sfedlora.studies import runs as run_files
+from sfedlora.studies.plots import plot_runs
 
 ARMS: dict[str, list[str]] = {
     "fedit": ["method=fedit"],
@@ -43,7 +43,7 @@ BASELINE = "fedit"
 
 def run_arm(run_dir: Path, config: str, overrides: list[str]) -> Path:
     """Run one arm into ``run_dir``: reused when finished, resumed when half done."""
-    if (run_dir / "summary.json").is_file():
+    if run_files.is_finished(run_dir):
         return run_dir
     if (run_dir / "checkpoint.safetensors").is_file():
         Simulation.resume(run_dir, ["progress=false"]).run()
@@ -61,8 +61,8 @@ def bytes_to_reach(metrics: list[dict], target: float) -> int | None:
 
 
 def table(run_dirs: dict[str, Path]) -> str:
-    base = load_metrics(run_dirs[BASELINE])
-    base_final = json.loads((run_dirs[BASELINE] / "summary.json").read_text())
+    base = run_files.metrics(run_dirs[BASELINE])
+    base_final = run_files.summary(run_dirs[BASELINE])
     target = base_final[METRIC] - 0.01
     base_to_target = bytes_to_reach(base, target)
     lines = [
@@ -73,8 +73,8 @@ def table(run_dirs: dict[str, Path]) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, run_dir in run_dirs.items():
-        s = json.loads((run_dir / "summary.json").read_text())
-        reach = bytes_to_reach(load_metrics(run_dir), target)
+        s = run_files.summary(run_dir)
+        reach = bytes_to_reach(run_files.metrics(run_dir), target)
         glob = "-" if s["global_accuracy"] is None else f"{s['global_accuracy']:.4f}"
         lines.append(
             f"| {name} | {s[METRIC]:.4f} | {glob} | {s['bytes_up_total'] / 1e6:.2f} | "

@@ -50,8 +50,8 @@ sys.path[:0] = [str(ROOT / "src"), str(ROOT / "benchmarks")]
 import methods as tuned  # noqa: E402  (the methods benchmark's ladder and seeds)
 
 from sfedlora.config import load_config  # noqa: E402
-from sfedlora.studies.plots import load_metrics  # noqa: E402
-from sfedlora.studies.sweep import ci95  # noqa: E402
+from sfedlora.studies import runs as run_files  # noqa: E402
+from sfedlora.studies.stats import ci95  # noqa: E402
 
 # 1/32 rather than 1/16: per round, 1/16 saves only about 23x (the codec header
 # names every tensor, and index bytes do not shrink with bits), which leaves no room
@@ -82,12 +82,12 @@ REPEATED = ("personalized_accuracy", "train_loss")
 
 def bytes_to_reach(run: Path, line: float) -> float:
     """Cumulative bytes up + down at the first evaluation at or above ``line``."""
-    return next((m["bytes_total"] for m in load_metrics(run)
+    return next((m["bytes_total"] for m in run_files.metrics(run)
                  if m.get(METRIC) is not None and m[METRIC] >= line), math.inf)
 
 
 def final(run: Path) -> float:
-    return [m[METRIC] for m in load_metrics(run) if m.get(METRIC) is not None][-1]
+    return [m[METRIC] for m in run_files.metrics(run) if m.get(METRIC) is not None][-1]
 
 
 def _pm(values: list[float], digits: int = 3) -> str:
@@ -209,7 +209,7 @@ def per_message(runs: list[Path], direction: str) -> str:
     in every round here), over the runs' whole budget, in KB."""
     sizes = []
     for run in runs:
-        cfg, last = load_config(run / "config.yaml"), load_metrics(run)[-1]
+        cfg, last = load_config(run / "config.yaml"), run_files.metrics(run)[-1]
         sizes.append(last[f"bytes_{direction}_total"] / (last["round"] * cfg.clients.num))
     return f"{statistics.fmean(sizes) / 1e3:.2f}"
 
@@ -225,7 +225,7 @@ def figure(args) -> None:
     for arm in args.arms:
         runs = (list(tuned.stage_runs(args, arm, "longer").values())
                 or tuned.chosen_runs(args, arm))  # run on, where they were
-        curves = [[(m["bytes_total"], m[METRIC]) for m in load_metrics(r)
+        curves = [[(m["bytes_total"], m[METRIC]) for m in run_files.metrics(r)
                    if m.get(METRIC) is not None] for r in runs]
         if not curves:
             continue

@@ -38,6 +38,7 @@ from sfedlora.config import load_config
 from sfedlora.runtime.flower.deploy import deploy_local
 from sfedlora.runtime.flower.simulation import run_simulation
 from sfedlora.runtime.simulation import Simulation
+from sfedlora.studies import runs as run_files
 
 
 def timed(name: str, run_dir: Path, call) -> dict:
@@ -45,7 +46,7 @@ def timed(name: str, run_dir: Path, call) -> dict:
     start = time.time()
     call()
     end = time.time()
-    lines = [json.loads(x) for x in (run_dir / "timings.jsonl").read_text().splitlines()]
+    lines = run_files.timings(run_dir)
     rounds = [t for t in lines if t["round"] >= 1]
     seconds = [t["train"] + t["aggregate"] for t in rounds]
     steady = statistics.median(seconds[1:]) if len(seconds) > 1 else seconds[0]

@@ -292,7 +292,7 @@ def _trend_table(runs, key: str, cell: list[str]) -> str:
     """Per rule, held-out loss at each value of the curve key minus at its smallest
     value (r=256 minus r=4, say), each at its own chosen learning rate, paired by seed:
     does a rule get worse at high rank (or many clients) even when tuned?"""
-    from sfedlora.studies.sweep import ci95
+    from sfedlora.studies.stats import ci95
 
     group = [k for k in cell if k != key]
     values = sorted(runs[key].unique())
@@ -361,7 +361,7 @@ def _paired_table(runs, cell: list[str]) -> str:
     and one initialisation for every rule), as mean ± 95% t-interval."""
     import pandas as pd
 
-    from sfedlora.studies.sweep import ci95
+    from sfedlora.studies.stats import ci95
 
     group = [k for k in cell if k not in ("lora.scaling", "lora.a_init")]
     is_ref = (runs["lora.scaling"] == REFERENCE[0]) & (runs["lora.a_init"] == REFERENCE[1])

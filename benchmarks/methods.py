@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import sys
 from dataclasses import dataclass
@@ -45,8 +44,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from sfedlora.config import load_config  # noqa: E402
-from sfedlora.studies.plots import load_metrics  # noqa: E402
-from sfedlora.studies.sweep import LR_KEY, ci95, parse_grid, parse_shard, run_sweep  # noqa: E402
+from sfedlora.studies import runs as run_files  # noqa: E402
+from sfedlora.studies.stats import ci95  # noqa: E402
+from sfedlora.studies.sweep import LR_KEY, parse_grid, parse_shard, run_sweep  # noqa: E402
 
 ARMS: dict[str, list[str]] = {
     "fedit": ["method=fedit"],
@@ -119,9 +119,9 @@ def sweep(args, arm: str, stage: str, grid: list[str]) -> bool:
 def _ladder_results(args, arm: str) -> list[dict]:
     """Finished ladder runs of an arm: learning rate and final validation loss."""
     rows = []
-    for summary in sorted((arm_dir(args, arm) / "ladder" / "runs").glob("*/summary.json")):
-        s = json.loads(summary.read_text())
-        lr = load_config(summary.parent / "config.yaml").local.lr
+    for run in run_files.finished_runs(arm_dir(args, arm) / "ladder" / "runs"):
+        s = run_files.summary(run)
+        lr = load_config(run / "config.yaml").local.lr
         rows.append({"lr": lr, "val_loss": s.get("personalized_val_loss"), **s})
     return rows
 
@@ -151,10 +151,10 @@ def rate_on_recent_evaluations(args, arm: str, count: int = 3) -> float | None:
     the rule should not hinge on it): studies report the rate :func:`best_rung` picks,
     and print where this one differs."""
     rows = []
-    for summary in sorted((arm_dir(args, arm) / "ladder" / "runs").glob("*/summary.json")):
-        losses = [m["personalized_val_loss"] for m in load_metrics(summary.parent)
+    for run in run_files.finished_runs(arm_dir(args, arm) / "ladder" / "runs"):
+        losses = [m["personalized_val_loss"] for m in run_files.metrics(run)
                   if m.get("personalized_val_loss") is not None][-count:]
-        rows.append({"lr": load_config(summary.parent / "config.yaml").local.lr,
+        rows.append({"lr": load_config(run / "config.yaml").local.lr,
                      "val_loss": sum(losses) / len(losses) if losses else None})
     return best_rung(rows)[0] if rows else None
 
@@ -204,17 +204,17 @@ def run_on(args, arm: str, stage: str, extra: tuple[str, ...],
 
 def stage_runs(args, arm: str, stage: str) -> dict[int, Path]:
     """An arm's finished runs of one stage, keyed by seed."""
-    return {load_config(p.parent / "config.yaml").seed: p.parent for p in
-            sorted((arm_dir(args, arm) / stage / "runs").glob("*/summary.json"))}
+    return {load_config(run / "config.yaml").seed: run
+            for run in run_files.finished_runs(arm_dir(args, arm) / stage / "runs")}
 
 
 def repeats(longer: Path, run: Path,
             keys: tuple[str, ...] = ("personalized_accuracy", "bytes_total")) -> bool:
     """Whether ``longer`` has ``run``'s evaluated rounds with equal figures (``keys``)."""
-    by_round = {m["round"]: m for m in load_metrics(longer)}
+    by_round = {m["round"]: m for m in run_files.metrics(longer)}
     return all(r["round"] in by_round and all(by_round[r["round"]].get(k) == r.get(k)
                                              for k in keys)
-               for r in load_metrics(run) if r.get("personalized_accuracy") is not None)
+               for r in run_files.metrics(run) if r.get("personalized_accuracy") is not None)
 
 
 def study_parser(description: str, arms: list[str], out: Path, sizes: list[str],
@@ -281,9 +281,9 @@ def chosen_runs(args, arm: str) -> list[Path]:
         return []
     best, *_ = best_rung(rows)
     base = arm_dir(args, arm)
-    runs = [p.parent for p in sorted((base / "ladder/runs").glob("*/summary.json"))
-            if load_config(p.parent / "config.yaml").local.lr == best]
-    return runs + [p.parent for p in sorted((base / "seeds/runs").glob("*/summary.json"))]
+    runs = [run for run in run_files.finished_runs(base / "ladder/runs")
+            if load_config(run / "config.yaml").local.lr == best]
+    return runs + run_files.finished_runs(base / "seeds/runs")
 
 
 def chosen_by_seed(args, arm: str) -> dict[int, Path]:
@@ -299,8 +299,8 @@ def arm_row(args, arm: str) -> dict | None:
         return None
     best, low, high = best_rung(ladder_rows)
     runs = [r for r in ladder_rows if r["lr"] == best]
-    for summary in sorted((arm_dir(args, arm) / "seeds" / "runs").glob("*/summary.json")):
-        runs.append(json.loads(summary.read_text()))
+    for run in run_files.finished_runs(arm_dir(args, arm) / "seeds" / "runs"):
+        runs.append(run_files.summary(run))
     frame = pd.DataFrame(runs)
 
     def stat(key):
@@ -330,13 +330,13 @@ def majority_row(args) -> str | None:
     """Each client predicting its most frequent training label: the floor a
     personalised accuracy has to clear (per seed it depends only on the partition)."""
     by_seed = {}
-    for summary in Path(args.out, f"{args.dataset}-{args.size}").glob(
-            "*/*/runs/*/summary.json"):
-        if summary.parts[-5] == "central":  # its training data is pooled on one client
+    for stage in Path(args.out, f"{args.dataset}-{args.size}").glob("*/*/runs"):
+        if stage.parts[-3] == "central":  # its training data is pooled on one client
             continue
-        value = json.loads(summary.read_text()).get("majority_baseline_accuracy")
-        if value is not None:
-            by_seed[load_config(summary.parent / "config.yaml").seed] = value
+        for run in run_files.finished_runs(stage):
+            value = run_files.summary(run).get("majority_baseline_accuracy")
+            if value is not None:
+                by_seed[load_config(run / "config.yaml").seed] = value
     if not by_seed:
         return None
     values = [by_seed[s] for s in sorted(by_seed)]

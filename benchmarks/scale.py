@@ -35,6 +35,8 @@ from pathlib import Path
 
 import psutil
 
+from sfedlora.studies import runs as run_files
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs/scale_sst2.yaml"
 TARGETS = {"rss": 1.5, "round": 1.10}  # at the largest N, relative to the smallest
@@ -81,7 +83,7 @@ def measure(runtime: str, n: int, args, out: Path) -> dict:
             time.sleep(0.2)
     if proc.returncode:
         raise SystemExit(f"{runtime} N={n} failed:\n{log.read_text()[-3000:]}")
-    rounds = [json.loads(line) for line in (run_dir / "timings.jsonl").read_text().splitlines()]
+    rounds = run_files.timings(run_dir)
     # a round's training and aggregation; the last round's evaluation is left out
     seconds = [r["train"] + r["aggregate"] for r in rounds]
     return {"runtime": runtime, "clients": n, "peak_rss_mb": peak / 2**20,

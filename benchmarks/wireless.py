@@ -77,8 +77,8 @@ sys.path[:0] = [str(ROOT / "src"), str(ROOT / "benchmarks")]
 import methods as tuned  # noqa: E402  (the methods benchmark's ladder and seeds)
 
 from sfedlora.config import load_config  # noqa: E402
-from sfedlora.studies.plots import load_metrics  # noqa: E402
-from sfedlora.studies.sweep import ci95  # noqa: E402
+from sfedlora.studies import runs as run_files  # noqa: E402
+from sfedlora.studies.stats import ci95  # noqa: E402
 
 DENSE, TSFA = "fedit-dense", "tsfa"
 BUDGET_SHARE = 0.4  # TSFA's latency budget, as a share of the dense arm's mean latency
@@ -232,13 +232,13 @@ def tsfa_budget(args) -> float:
     if not dense:
         raise SystemExit(f"the {TSFA} arm's budget comes from the {DENSE} arm: run its "
                          f"ladder first (--arms {DENSE})")
-    latencies = [m["latency_seconds"] for m in load_metrics(dense[0])]
+    latencies = [m["latency_seconds"] for m in run_files.metrics(dense[0])]
     return round(BUDGET_SHARE * statistics.fmean(latencies), 6)
 
 
 def _curve(run: Path) -> list[tuple[float, float]]:
     """(simulated seconds, personalised accuracy) at every evaluated round."""
-    return [(m["simulated_seconds"], m["personalized_accuracy"]) for m in load_metrics(run)
+    return [(m["simulated_seconds"], m["personalized_accuracy"]) for m in run_files.metrics(run)
             if m.get("personalized_accuracy") is not None and "simulated_seconds" in m]
 
 
@@ -258,7 +258,7 @@ def _local_seconds(run: Path) -> float:
     """Median over rounds of the round's training wall time per client (every client
     trains every round here)."""
     per_round = load_config(run / "config.yaml").clients_per_round
-    timings = [json.loads(x) for x in (run / "timings.jsonl").read_text().splitlines()]
+    timings = run_files.timings(run)
     return statistics.median(t["train"] / per_round for t in timings)
 
 
@@ -290,7 +290,7 @@ def report(args) -> str:
         if drawn:
             curves[arm] = [_curve(r) for r in runs.values()]
         if arm in TSFA_ARMS and (longer := tuned.stage_runs(args, arm, "timed")):
-            last = load_metrics(next(iter(longer.values())))[-1]["round"]
+            last = run_files.metrics(next(iter(longer.values())))[-1]["round"]
             label = f"{arm}, run on to {last} rounds"
             lines.append(_row(label, longer, line, mean_line))
             if drawn:
@@ -312,13 +312,13 @@ def lines_and_times(dense: dict[int, Path]) -> tuple[dict[int, float], dict[int,
     """From the dense arm's runs by seed: each seed's line (its final accuracy minus
     ``TARGET_DROP``), its simulated time, and the mean line."""
     line = {s: _curve(r)[-1][1] - TARGET_DROP for s, r in dense.items()}
-    dense_time = {s: load_metrics(r)[-1]["simulated_seconds"] for s, r in dense.items()}
+    dense_time = {s: run_files.metrics(r)[-1]["simulated_seconds"] for s, r in dense.items()}
     return line, dense_time, statistics.fmean(line.values())
 
 
 def _mean_latency(run: Path, rounds: int | None = None) -> float:
     """Mean round latency over a run's rounds (its first ``rounds`` if given)."""
-    return statistics.fmean(m["latency_seconds"] for m in load_metrics(run)
+    return statistics.fmean(m["latency_seconds"] for m in run_files.metrics(run)
                             if rounds is None or m["round"] <= rounds)
 
 
@@ -365,7 +365,7 @@ def tsfa_candidates(args) -> list[Candidate]:
             continue
         run = chosen[0]  # the ladder's seed-0 run at the chosen rate
         cfg = load_config(run / "config.yaml")
-        val = json.loads((run / "summary.json").read_text()).get("personalized_val_loss")
+        val = run_files.summary(run).get("personalized_val_loss")
         candidates.append(Candidate(arm, cfg.lora.rank, cfg.tsfa.v,
                                     cfg.codec("up").error_feedback,
                                     cfg.local.lr, val,
@@ -420,8 +420,8 @@ def _row(label: str, runs: dict[int, Path], line: dict[int, float], mean_line: f
     """One table row: final accuracy, simulated time, bytes, time to the lines, local
     seconds, the rate and the seed count."""
     finals = [_curve(r)[-1][1] for r in runs.values()]
-    seconds = [load_metrics(r)[-1]["simulated_seconds"] for r in runs.values()]
-    megabytes = [load_metrics(r)[-1]["bytes_total"] / 1e6 for r in runs.values()]
+    seconds = [run_files.metrics(r)[-1]["simulated_seconds"] for r in runs.values()]
+    megabytes = [run_files.metrics(r)[-1]["bytes_total"] / 1e6 for r in runs.values()]
     reached = [time_to(runs[s], line[s]) for s in sorted(set(runs) & set(line))]
     reached_mean = [time_to(r, mean_line) for r in runs.values()]
     local = statistics.median(_local_seconds(r) for r in runs.values())

@@ -5,7 +5,6 @@ Layer 10, the top: may import every layer."""
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import signal
@@ -17,6 +16,7 @@ from sfedlora.config import ConfigError, load_config, to_yaml
 from sfedlora.core.checkpoint import CheckpointError
 from sfedlora.core.records import Metric
 from sfedlora.runtime.results import refuse_occupied
+from sfedlora.studies import runs as run_files
 
 
 def _quiet_libraries() -> None:
@@ -176,7 +176,7 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
         print("interrupted; every process the deployment started is stopped",
               file=sys.stderr)
         return 130
-    _print_table(json.loads((run_dir / "summary.json").read_text()), str(run_dir))
+    _print_table(run_files.summary(run_dir), str(run_dir))
     print(f"process logs: {run_dir / 'deploy'}")
     return 0
 

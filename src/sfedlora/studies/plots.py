@@ -3,12 +3,12 @@ bytes that crossed the wire (up plus down), one line per run."""
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 from sfedlora.core.records import Metric
+from sfedlora.studies import runs as run_files
 
 X_AXES = {"round": "round", "bytes": Metric.BYTES_TOTAL,
           "simulated_seconds": Metric.SIMULATED_SECONDS}
@@ -16,13 +16,6 @@ X_LABELS = {"round": "round", "bytes": "cumulative bytes sent (up + down, all cl
             "simulated_seconds": "simulated time (s, network.model=wireless)"}
 
 log = logging.getLogger(__name__)
-
-
-def load_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} has no metrics.jsonl; is it a run directory?")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def plot_runs(run_dirs: Sequence[Path], out: Path, x: str = "round",
@@ -40,7 +33,7 @@ def plot_runs(run_dirs: Sequence[Path], out: Path, x: str = "round",
     labels = list(labels) if labels else [Path(d).name for d in run_dirs]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for run_dir, label in zip(run_dirs, labels, strict=True):
-        points = [(m[X_AXES[x]], m[y]) for m in load_metrics(run_dir)
+        points = [(m[X_AXES[x]], m[y]) for m in run_files.metrics(run_dir)
                   if m.get(y) is not None and m.get(X_AXES[x]) is not None]
         if not points:
             raise ValueError(f"{run_dir}: no round has both {X_AXES[x]!r} and {y!r}")
@@ -100,12 +93,12 @@ def plot_sweep(sweep_dir: Path, out_dir: Path | None = None, rank_key: str = "lo
         results[panel_key] = "-"
     # Curves and stability need every run's metrics.jsonl; the final values come from
     # results.csv alone, so a sweep committed without its runs still regenerates those.
-    per_run = all((sweep_dir / "runs" / n / "metrics.jsonl").is_file() for n in results["run"])
+    per_run = all((sweep_dir / "runs" / n / run_files.METRICS).is_file() for n in results["run"])
     if not per_run:
         log.warning("%s: some runs have no metrics.jsonl under runs/; drawing only the final "
                     "values from results.csv (no curves or stability figures)", sweep_dir)
     for name in results["run"] if per_run else []:
-        lines = load_metrics(sweep_dir / "runs" / name)
+        lines = run_files.metrics(sweep_dir / "runs" / name)
         results.loc[results["run"] == name, "grad_B_mean"] = np.nanmean(
             [m.get("grad_norm_B") or np.nan for m in lines])
         results.loc[results["run"] == name, "output_norm_mean"] = np.nanmean(
@@ -176,7 +169,7 @@ def _curves(frame, sweep_dir: Path, panels, rules, ranks, panel_key: str, rank_k
             for colour, rank in zip(colours, ranks, strict=True):
                 runs = frame[(frame[panel_key] == panel) & (frame["rule"] == rule)
                              & (frame[rank_key] == rank)]["run"]
-                curves = [[(m["round"], m[metric]) for m in load_metrics(
+                curves = [[(m["round"], m[metric]) for m in run_files.metrics(
                     sweep_dir / "runs" / r) if m.get(metric) is not None] for r in runs]
                 if not curves or not curves[0]:
                     continue
@@ -209,7 +202,8 @@ def plot_lr_transfer(sweep_dir: Path, out_dir: Path | None = None,
     import pandas as pd
     from matplotlib.ticker import NullFormatter
 
-    from sfedlora.studies.sweep import SELECT_ON, ci95
+    from sfedlora.studies.stats import ci95
+    from sfedlora.studies.sweep import SELECT_ON
 
     sweep_dir = Path(sweep_dir)
     out_dir = Path(out_dir or sweep_dir / "figures")

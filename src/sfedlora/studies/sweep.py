@@ -24,6 +24,8 @@ from pathlib import Path
 
 from sfedlora.config import ConfigError, load_config, parse_value
 from sfedlora.core.records import Metric
+from sfedlora.studies import runs as run_files
+from sfedlora.studies.stats import ci95
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +128,7 @@ def run_sweep(config: str | None, grid: dict[str, list], out: Path,
     index, count = shard
     for run in runs[index::count]:
         run_dir = Path(configs[run.name].output_dir)
-        if (run_dir / "summary.json").is_file():
+        if run_files.is_finished(run_dir):
             continue
         if on_start:
             on_start(run.name)
@@ -134,7 +136,7 @@ def run_sweep(config: str | None, grid: dict[str, list], out: Path,
             Simulation.resume(run_dir, ["progress=false"]).run()
         else:  # this sweep's own run (same experiment, checked above), cut short
             Simulation(configs[run.name]).run(overwrite=True)
-    if not all((out / "runs" / run.name / "summary.json").is_file() for run in runs):
+    if not all(run_files.is_finished(out / "runs" / run.name) for run in runs):
         return False  # other shards are still running; the last one writes the tables
     write_tables(out, runs, grid_keys(grid))
     return True
@@ -162,7 +164,7 @@ def write_tables(out: Path, runs: Sequence[SweepRun], keys: list[str]) -> None:
 
     rows = []
     for run in runs:
-        summary = json.loads((out / "runs" / run.name / "summary.json").read_text())
+        summary = run_files.summary(out / "runs" / run.name)
         rows.append({"run": run.name, **run.values,
                      **{m: summary.get(m) for m in TABLE_METRICS}})
     results = pd.DataFrame(rows)
@@ -184,18 +186,6 @@ def write_tables(out: Path, runs: Sequence[SweepRun], keys: list[str]) -> None:
 
 LR_KEY = "local.lr"
 SELECT_ON = str(Metric.PERSONALIZED_VAL_LOSS)
-
-
-def ci95(values) -> float:
-    """Half-width of the two-sided 95% t-interval of the mean (nan below two values)."""
-    import math
-
-    from scipy import stats
-
-    n = len(values)
-    if n < 2:
-        return math.nan
-    return float(stats.t.ppf(0.975, n - 1) * values.std(ddof=1) / math.sqrt(n))
 
 
 def best_learning_rates(results, keys: list[str], metrics: list[str]):

@@ -1,0 +1,42 @@
+"""Reading run directories: the one place a study reads what runs wrote (``summary.json``,
+``metrics.jsonl``, ``timings.jsonl``), so a change to the run directory's layout is made
+once (:class:`sfedlora.runtime.results.RunDir` writes them)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+SUMMARY, METRICS, TIMINGS = "summary.json", "metrics.jsonl", "timings.jsonl"
+
+
+def is_finished(run_dir: Path) -> bool:
+    """Whether the run wrote its summary (it ran every round)."""
+    return (Path(run_dir) / SUMMARY).is_file()
+
+
+def finished_runs(folder: Path) -> list[Path]:
+    """The finished runs directly under ``folder``, in name order."""
+    return [p.parent for p in sorted(Path(folder).glob(f"*/{SUMMARY}"))]
+
+
+def summary(run_dir: Path) -> dict:
+    """The run's ``summary.json``."""
+    return json.loads((Path(run_dir) / SUMMARY).read_text())
+
+
+def _lines(run_dir: Path, name: str) -> list[dict]:
+    path = Path(run_dir) / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} has no {name}; is it a run directory?")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    """Every line of the run's ``metrics.jsonl`` (one per round, in order)."""
+    return _lines(run_dir, METRICS)
+
+
+def timings(run_dir: Path) -> list[dict]:
+    """Every line of the run's ``timings.jsonl`` (wall-clock seconds per round)."""
+    return _lines(run_dir, TIMINGS)
