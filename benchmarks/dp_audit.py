@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,18 +40,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+from sfedlora.config import PrivacyConfig, ServerConfig
+from sfedlora.core import wire
+from sfedlora.core.adapters import TensorSpec
+from sfedlora.core.environment import describe
+from sfedlora.methods import get_method
+from sfedlora.privacy.audit import audit, guess_grid
+from sfedlora.privacy.dp import Accountant, GaussianMechanism
+from sfedlora.privacy.sampling import SecretPoissonSampler, SeededSampler, secure_uniforms
+from sfedlora.runtime.server import Reply, Server
 
-from sfedlora.config import PrivacyConfig, ServerConfig  # noqa: E402
-from sfedlora.core import wire  # noqa: E402
-from sfedlora.core.adapters import TensorSpec  # noqa: E402
-from sfedlora.core.environment import describe  # noqa: E402
-from sfedlora.methods import get_method  # noqa: E402
-from sfedlora.privacy.audit import audit, guess_grid  # noqa: E402
-from sfedlora.privacy.dp import Accountant, GaussianMechanism  # noqa: E402
-from sfedlora.privacy.sampling import SecretPoissonSampler, SeededSampler, secure_uniforms  # noqa: E402
-from sfedlora.runtime.server import Reply, Server  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 NAME = "m.audit.lora_A.default.weight"
 CANARIES, HONEST, ROUNDS, CLIP, DELTA, SIGMA = 4000, 1000, 50, 1.0, 1e-5, 1.0

@@ -27,14 +27,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-
-from sfedlora.studies.sweep import (  # noqa: E402
+from sfedlora.studies.sweep import (
     LR_KEY,
     TABLE_METRICS,
     best_learning_rates,
@@ -42,6 +38,8 @@ from sfedlora.studies.sweep import (  # noqa: E402
     parse_shard,
     run_sweep,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 RULES = "lora+shared,rslora+shared,sfed+shared,rslora+independent,sfed+independent"
 LADDERS = {  # 8 rungs 4x apart: the rules' gammas differ by up to ~250x at one (r, N)

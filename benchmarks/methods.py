@@ -40,13 +40,12 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+from sfedlora.config import load_config
+from sfedlora.studies import runs as run_files
+from sfedlora.studies.stats import ci95
+from sfedlora.studies.sweep import LR_KEY, parse_grid, parse_shard, run_sweep
 
-from sfedlora.config import load_config  # noqa: E402
-from sfedlora.studies import runs as run_files  # noqa: E402
-from sfedlora.studies.stats import ci95  # noqa: E402
-from sfedlora.studies.sweep import LR_KEY, parse_grid, parse_shard, run_sweep  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 ARMS: dict[str, list[str]] = {
     "fedit": ["method=fedit"],

@@ -17,16 +17,14 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+from sfedlora.config import load_config
+from sfedlora.runtime.simulation import Simulation
 
-from sfedlora.config import load_config  # noqa: E402
-from sfedlora.runtime.simulation import Simulation  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(argv=None) -> int:
