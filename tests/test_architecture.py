@@ -57,7 +57,9 @@ def import_graph() -> dict[str, set[str]]:
                     up = package.split(".")[: len(package.split(".")) - node.level + 1]
                     base = ".".join([*up, *([node.module] if node.module else [])])
                 if base.startswith("sfedlora"):
-                    targets |= {resolve(f"{base}.{a.name}") for a in node.names}
+                    # importing from a package runs its __init__, whatever is named
+                    targets |= {resolve(base), *(resolve(f"{base}.{a.name}")
+                                                 for a in node.names)}
         graph[name] = {t for t in targets if t and t != name}
     return graph
 

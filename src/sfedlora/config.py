@@ -23,7 +23,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from sfedlora import settings
+import sfedlora.settings as settings
 from sfedlora.methods import REGISTRY, get_method, method_class
 from sfedlora.settings import ConfigError, Defaults, ExperimentConfig
 from sfedlora.settings import load_config as read_config

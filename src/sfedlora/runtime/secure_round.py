@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+import sfedlora.privacy.secagg.field as fieldmath
 from sfedlora.core import wire
-from sfedlora.privacy.secagg import field as fieldmath
 from sfedlora.privacy.secagg import messages as sm
 from sfedlora.privacy.secagg.client import weight_bound
 from sfedlora.privacy.secagg.protocol import RoundAborted, RoundParams, ServerSession

@@ -15,8 +15,8 @@ from dataclasses import replace
 
 import numpy as np
 
-from sfedlora.privacy.secagg import field
-from sfedlora.privacy.secagg import messages as sm
+import sfedlora.privacy.secagg.field as field
+import sfedlora.privacy.secagg.messages as sm
 from sfedlora.privacy.secagg.protocol import ClientSession, ProtocolViolation, RoundParams
 from sfedlora.settings import ConfigError
 

@@ -52,7 +52,7 @@ from flwr.common.secure_aggregation.crypto.symmetric_encryption import (
     generate_shared_key,
 )
 
-from sfedlora.privacy.secagg import field as fieldmath
+import sfedlora.privacy.secagg.field as fieldmath
 
 CURVE = ec.SECP384R1()
 
