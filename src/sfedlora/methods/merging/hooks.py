@@ -133,7 +133,7 @@ class BaseMerger(ClientHooks):
     def receive(self, extras: Tensors) -> None:
         """Bring the base weights to the newest merge sent: with the factors of each
         merge where this process has them all (from the download or the shared store),
-        so that every process holds bit-identical weights; else with the refresh."""
+        else with the refresh. Both give the same bits (:class:`BaseWeights`)."""
         _, merges = split_merges(extras)
         store = self.worker.shared_store
         for key, factors in merges.items():
