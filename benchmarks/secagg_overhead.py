@@ -69,7 +69,7 @@ def main(argv=None) -> int:
           f"bytes down {ratio['down']:.4f}x, bytes total {total:.4f}x "
           f"(targets: time <= 1.2x, bytes <= 1.3x)")
     print(f"quantisation bound (|secure - plain mean| per coordinate): "
-          f"{sims['secure'].secure.error_bound(cfg.clients_per_round):.3g}")
+          f"{sims['secure'].uploads.error_bound(cfg.clients_per_round):.3g}")
     return 0
 
 

@@ -105,6 +105,21 @@ def test_no_runtime_module_branches_on_a_method_or_task():
     assert hits == []
 
 
+# secure aggregation, named in any spelling
+SECURE_AGGREGATION = re.compile(r"secur|secagg", re.IGNORECASE)
+
+
+def test_the_runtime_never_names_secure_aggregation():
+    """Secure aggregation is a client stage and an upload stage of the privacy layer,
+    reached through the pools' generic ``exchange`` and ``fit(then=...)``: the round
+    loop, the pools, the server and the Flower apps never name it."""
+    hits = [f"{path.relative_to(SRC)}:{number}: {line.strip()}"
+            for path in sorted((SRC / "runtime").rglob("*.py"))
+            for number, line in enumerate(path.read_text().splitlines(), 1)
+            if SECURE_AGGREGATION.search(line)]
+    assert hits == []
+
+
 def test_every_method_and_task_is_reached_through_its_registry():
     from sfedlora.config import load_config
     from sfedlora.methods import REGISTRY

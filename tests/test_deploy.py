@@ -216,7 +216,7 @@ def test_deploy_local_runs_securely_matches_plain_sums_and_leaves_no_process(
 
     spec = sim.server.spec
     names = sorted(sim.server.names_for(sim.method.plan(1).upload))
-    bound = sim.secure.error_bound(3)
+    bound = sim.uploads.error_bound(3)
     for r in (1,):
         uploads = [seen[(r, c)] for c in range(3)]
         plain = _by_name(sum(w * v for v, w in uploads) / sum(w for _, w in uploads),

@@ -217,7 +217,7 @@ def test_central_under_epochs_trains_on_as_many_examples_as_the_sampled_clients_
     central = Simulation(cfg)
     fit = central.pool.fit
     seen = []
-    central.pool.fit = lambda r, d, secure=None: seen.append(fit(r, d, secure)[0]) or {
+    central.pool.fit = lambda r, d, then=None: seen.append(fit(r, d, then)[0]) or {
         0: seen[-1]}
     splits = central.pool.exp.data.clients
     for r in (1, 2, 3):
@@ -238,7 +238,7 @@ def test_fedex_averages_as_server_weighting_says(tiny_config, weighting):
                                  "data.partition=dirichlet", "data.dirichlet_alpha=0.3",
                                  f"server.weighting={weighting}"))
     fit, fits = sim.pool.fit, {}
-    sim.pool.fit = lambda r, d, secure=None: fits.update(fit(r, d, secure)) or dict(fits)
+    sim.pool.fit = lambda r, d, then=None: fits.update(fit(r, d, then)) or dict(fits)
     sim.run_round(1)
     sizes = {c: f.num_examples for c, f in fits.items()}
     assert len(set(sizes.values())) > 1

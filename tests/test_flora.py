@@ -208,7 +208,7 @@ def test_a_skipped_round_leaves_no_gap_in_the_merges(tiny_config, args):
     merge history had no entry for round 2 and every later download raised MergeGap."""
     skipped = Simulation(tiny_config(*args, "rounds=3"))
     fit = skipped.pool.fit
-    skipped.pool.fit = lambda r, d, secure=None: {} if r == 2 else fit(r, d, secure)
+    skipped.pool.fit = lambda r, d, then=None: {} if r == 2 else fit(r, d, then)
     never = Simulation(tiny_config(*args, "rounds=3"))
     for r in (1, 2, 3):
         record = skipped.run_round(r)

@@ -28,8 +28,8 @@ from sfedlora.privacy.secagg.protocol import (
     _unb64,
     pair_sign,
 )
+from sfedlora.privacy.secagg.server_stage import threshold
 from sfedlora.runtime.flower.node_state import NodeState
-from sfedlora.runtime.secure_round import threshold
 
 N, VICTIM, SIZE = 4, 3, 64
 
@@ -54,10 +54,10 @@ class NodeStore:
         self.nodes = {c: NodeState(root / f"node-{c}", c) for c in range(N)}
 
     def load(self, cid: int, round_idx: int) -> dict | None:
-        return self.nodes[cid].load_secure(round_idx)
+        return self.nodes[cid].load_session("secagg", round_idx)
 
     def save(self, cid: int, round_idx: int, state: dict | None) -> None:
-        self.nodes[cid].save_secure(round_idx, state)
+        self.nodes[cid].save_session("secagg", round_idx, state)
 
 
 def _exchange(store, cid: int, stage: str, body: dict, round_idx: int = 1) -> dict:
@@ -220,7 +220,7 @@ def test_the_secure_path_honours_min_clients(tiny_config, caplog):
                                  "clients.min_clients=4", "rounds=1"))
     before = {n: t.clone() for n, t in sim.server.state.items()}
     fit = sim.pool.fit
-    sim.pool.fit = lambda r, d, secure=None: {c: f for c, f in fit(r, d, secure).items()
+    sim.pool.fit = lambda r, d, then=None: {c: f for c, f in fit(r, d, then).items()
                                               if c != 3}
     metrics = sim.run_round(1).metrics
     assert not metrics["aggregated"]
@@ -237,7 +237,7 @@ def test_under_secure_aggregation_no_reply_carries_a_per_client_statistic(tiny_c
     sim = Simulation(tiny_config("method=sfed", "privacy.secure_aggregation=true",
                                  "rounds=1"))
     fit, replies = sim.pool.fit, []
-    sim.pool.fit = lambda r, d, secure=None: replies.append(fit(r, d, secure)) or replies[-1]
+    sim.pool.fit = lambda r, d, then=None: replies.append(fit(r, d, then)) or replies[-1]
     metrics = sim.run_round(1).metrics
     fits = replies[-1]
     assert sorted(fits) == [0, 1, 2, 3] and metrics["aggregated"]

@@ -92,7 +92,7 @@ def _capture_values(monkeypatch):
 def _server_view(sim):
     """Record everything a client pool hands to the server side."""
     held: list = []
-    fit, exchange = sim.pool.fit, sim.pool.secure_exchange
+    fit, exchange = sim.pool.fit, sim.pool.exchange
 
     def fit_spy(*args, **kwargs):
         out = fit(*args, **kwargs)
@@ -104,7 +104,7 @@ def _server_view(sim):
         held.extend(out.values())
         return out
 
-    sim.pool.fit, sim.pool.secure_exchange = fit_spy, exchange_spy
+    sim.pool.fit, sim.pool.exchange = fit_spy, exchange_spy
     return held
 
 
@@ -128,7 +128,7 @@ def test_a_secure_round_equals_plain_aggregation_and_the_server_sees_no_update(
     names = _uploaded(sim, 1)
     weights = {c: w for (_, c), (_, w) in seen.items()}
     plain = sum(weights[c] * v for (_, c), (v, _) in seen.items()) / sum(weights.values())
-    bound = sim.secure.error_bound(4)
+    bound = sim.uploads.error_bound(4)
     assert np.abs(_flat(sim.server.state, names) - plain).max() <= bound + 1e-7  # float32
     # nothing the server was handed holds a client's update: masked vectors differ from
     # every client's quantised upload almost everywhere, and the rest is JSON
@@ -167,7 +167,7 @@ def test_every_method_it_accepts_gets_the_aggregate_it_gets_without_it(method, t
         sim.run_round(1)
         states[secure] = sim.server.state
         if secure:
-            bound = sim.secure.last_error_bound
+            bound = sim.uploads.last_error_bound
     tolerance = 1e-4 if method == "fedsvd" else bound + 1e-6
     assert states[False].keys() == states[True].keys()
     for name, plain in states[False].items():
@@ -187,7 +187,7 @@ def test_hetlora_real_weights_and_mixed_ranks_within_the_round_bound(tiny_config
     weights = [w for _, w in seen.values()]
     assert all(0 < w < 8 and w != int(w) for w in weights)
     plain = sum(w * v for v, w in seen.values()) / sum(weights)
-    bound = sim.secure.last_error_bound
+    bound = sim.uploads.last_error_bound
     assert 0 < bound < 1e-3
     assert np.abs(_flat(sim.server.state, _uploaded(sim, 1)) - plain).max() <= bound + 1e-7
 
@@ -198,8 +198,8 @@ def test_a_client_lost_after_key_sharing_is_recovered(tiny_config, monkeypatch):
     seen = _capture_values(monkeypatch)
     fit = sim.pool.fit
 
-    def lose_client_2(round_idx, downloads, secure=None):
-        out = fit(round_idx, downloads, secure)
+    def lose_client_2(round_idx, downloads, then=None):
+        out = fit(round_idx, downloads, then)
         out.pop(2)  # it trained and masked, then died before its masked vector arrived
         return out
 
@@ -210,7 +210,7 @@ def test_a_client_lost_after_key_sharing_is_recovered(tiny_config, monkeypatch):
     plain = (sum(w * v for v, w in alive.values()) / sum(w for _, w in alive.values()))
     names = _uploaded(sim, 1)
     assert np.abs(_flat(sim.server.state, names) - plain).max() <= \
-        sim.secure.error_bound(4) + 1e-7
+        sim.uploads.error_bound(4) + 1e-7
 
 
 def test_below_the_threshold_the_round_is_skipped_and_the_run_goes_on(tiny_config, caplog):
@@ -218,7 +218,7 @@ def test_below_the_threshold_the_round_is_skipped_and_the_run_goes_on(tiny_confi
                                  "privacy.secagg_threshold=1.0", "rounds=2"))
     before = {n: t.clone() for n, t in sim.server.state.items()}
     fit = sim.pool.fit
-    sim.pool.fit = lambda r, d, secure=None: {c: f for c, f in fit(r, d, secure).items()
+    sim.pool.fit = lambda r, d, then=None: {c: f for c, f in fit(r, d, then).items()
                                               if not (r == 1 and c == 3)}
     with caplog.at_level(logging.WARNING, logger="sfedlora"):
         first = sim.run_round(1).metrics
@@ -246,7 +246,7 @@ def test_dp_with_secure_aggregation_clips_on_clients_and_reports_epsilon(tiny_co
     change = _flat(sim.server.state, names) - _flat(start, names)
     # the mean of changes each clipped to 0.01 on its client (noise 0 here), up to the
     # quantisation of every coordinate
-    bound = sim.secure.error_bound(4) * np.sqrt(change.size)
+    bound = sim.uploads.error_bound(4) * np.sqrt(change.size)
     assert 0 < np.linalg.norm(change) <= 0.01 + bound
 
 

@@ -44,6 +44,29 @@ class FitResult:
 
 
 @dataclass(frozen=True)
+class StageRequest:
+    """A message for one of a client's stages, which the pool delivers without reading
+    it: ``stage`` names the client stage that answers (:mod:`sfedlora.privacy.stages`),
+    ``step`` which of its exchanges this is, ``body`` the stage's own bytes. A pool's
+    ``exchange`` returns the stage's reply; with ``fit`` the stage's ``after_fit``
+    turns the client's fit into what is sent (secure aggregation: its masked vector)."""
+
+    stage: str
+    step: str
+    body: bytes
+
+
+@dataclass
+class AggregationReport:
+    """What became of a round's uploads: whose were combined, whose were rejected (and
+    why), and whether the global state changed."""
+
+    accepted: list[int] = field(default_factory=list)
+    rejected: dict[int, str] = field(default_factory=dict)
+    applied: bool = False
+
+
+@dataclass(frozen=True)
 class ClientScores:
     """One adapter's evaluation, computed where the adapter lives (this process or a
     Flower node) as flat numbers, so that it crosses the wire unchanged and every

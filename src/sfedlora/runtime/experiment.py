@@ -15,6 +15,7 @@ from sfedlora.data import FederatedData, build_federated_data
 from sfedlora.methods import Method, get_method
 from sfedlora.modeling import lm
 from sfedlora.modeling.model import build_model, load_tokenizer
+from sfedlora.privacy.stages import check_clients
 from sfedlora.runtime.worker import Worker
 from sfedlora.settings import ExperimentConfig
 from sfedlora.tasks import Task, get_task
@@ -97,12 +98,7 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
         split = [hold_out(t, holdout, seeds.derive_seed(cfg.seed, seeds.HOLDOUT, c))
                  for c, t in enumerate(client_train)]
         client_train, client_holdout = [s[0] for s in split], [s[1] for s in split]
-    if cfg.privacy.secure_aggregation:
-        from sfedlora.privacy.secagg.client import check_weights
-
-        if method.integer_weights and not cfg.privacy.enabled:  # known before training
-            check_weights(cfg, method, [method.client_weight(len(t), {})
-                                        for t in client_train])
+    check_clients(cfg, method, [len(t) for t in client_train])
     probe = sets.global_test.subset(
         np.arange(min(cfg.eval.probe_size, len(sets.global_test))))
     worker = Worker(cfg, model, task, method, tokenizer)

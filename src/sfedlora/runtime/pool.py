@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from sfedlora.core.adapters import AdapterLayout
-from sfedlora.core.records import ClientScores, ClientState, FitResult, Tensors
-from sfedlora.privacy.secagg import client as secure_client
+from sfedlora.core.records import ClientScores, ClientState, FitResult, StageRequest, Tensors
+from sfedlora.core.stages import Session
+from sfedlora.privacy.stages import client_stage
 from sfedlora.runtime.client_states import client_states
 from sfedlora.runtime.experiment import Experiment
 
@@ -48,14 +49,15 @@ class ClientPool(Protocol):
     def info(self) -> PoolInfo: ...
 
     def fit(self, round_idx: int, downloads: dict[int, bytes],
-            secure: dict[int, bytes] | None = None) -> dict[int, FitResult]:
+            then: dict[int, StageRequest] | None = None) -> dict[int, FitResult]:
         """Each client's local round on its download; a client missing from the
-        result dropped out. With ``secure`` (secure aggregation's mask requests), each
-        client uploads its masked vector instead (:mod:`sfedlora.privacy.secagg.client`)."""
+        result dropped out. With ``then``, each client's fit passes through the client
+        stage its request names (:meth:`~sfedlora.core.stages.ClientStage.after_fit`),
+        and what that returns is all the client sends."""
 
-    def secure_exchange(self, round_idx: int, stage: str, requests: dict[int, bytes]
-                        ) -> dict[int, bytes]:
-        """One secure-aggregation exchange with each client; missing: no reply."""
+    def exchange(self, round_idx: int, requests: dict[int, StageRequest]
+                 ) -> dict[int, bytes]:
+        """Each client's stage's reply to its request; missing: no reply."""
 
     def score(self, requests: list[AdapterRequest]) -> dict[int | None, ClientScores]:
         """The task's scores of each requested adapter; missing: could not be scored."""
@@ -90,32 +92,34 @@ class InProcessPool:
     def __init__(self, exp: Experiment):
         self.exp = exp
         self.states = client_states(exp.cfg)  # in memory, or on disk at scale
-        self.secure: dict[int, dict | None] = {}  # secure-aggregation sessions this round
+        self.sessions: dict[tuple[str, int], Session] = {}  # client stages', by client
 
     def info(self) -> PoolInfo:
         return PoolInfo(self.exp.worker.slots.layout, self.exp.data.label_names,
                         self.exp.base_path, self.exp.worker.base_params)
 
     def fit(self, round_idx: int, downloads: dict[int, bytes],
-            secure: dict[int, bytes] | None = None) -> dict[int, FitResult]:
+            then: dict[int, StageRequest] | None = None) -> dict[int, FitResult]:
         worker, fits = self.exp.worker, {}
         for cid, download in downloads.items():
             state = self.states.before(cid, round_idx)
             fit = worker.fit(cid, state, download, self.exp.round_train(cid, round_idx),
                              round_idx)
             self.states.after(cid, round_idx, state)
-            if secure is not None:
-                self.secure[cid], fit = secure_client.masked_fit(
-                    worker, cid, round_idx, download, fit, self.secure[cid], secure[cid])
+            if then is not None:
+                key = (then[cid].stage, cid)
+                self.sessions[key], fit = client_stage(then[cid].stage).after_fit(
+                    worker, cid, round_idx, download, fit, self.sessions.get(key), then[cid])
             fits[cid] = fit
         return fits
 
-    def secure_exchange(self, round_idx: int, stage: str, requests: dict[int, bytes]
-                        ) -> dict[int, bytes]:
+    def exchange(self, round_idx: int, requests: dict[int, StageRequest]
+                 ) -> dict[int, bytes]:
         replies = {}
         for cid, request in requests.items():
-            self.secure[cid], replies[cid] = secure_client.exchange(
-                self.secure.get(cid), cid, stage, request)
+            key = (request.stage, cid)
+            self.sessions[key], replies[cid] = client_stage(request.stage).exchange(
+                self.sessions.get(key), cid, request)
         return replies
 
     def _state(self, cid: int | None) -> ClientState:

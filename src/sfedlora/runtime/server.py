@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -24,6 +24,7 @@ from sfedlora.core import codecs, wire
 from sfedlora.core.adapters import TensorSpec
 from sfedlora.core.codecs import Codec
 from sfedlora.core.ranks import pad, truncate, truncated_spec
+from sfedlora.core.records import AggregationReport
 from sfedlora.methods import Method, Part, Update
 from sfedlora.methods.base import ServerHooks
 from sfedlora.privacy.dp import GaussianMechanism
@@ -43,13 +44,6 @@ class Reply:
     client_id: int
     num_examples: int
     payload: bytes
-
-
-@dataclass
-class AggregationReport:
-    accepted: list[int] = field(default_factory=list)
-    rejected: dict[int, str] = field(default_factory=dict)
-    applied: bool = False
 
 
 class Server:
@@ -295,7 +289,7 @@ class Server:
 
     def apply_mean(self, round_idx: int, mean: dict[str, torch.Tensor], weight: int,
                    clients: Sequence[int]) -> None:
-        """Apply the weighted mean of the uploads of ``clients`` that secure aggregation
+        """Apply the weighted mean of the uploads of ``clients`` that an upload stage
         unmasked (the server never saw them one by one): as one update of weight 1, or
         under DP as the noised sum of their changes (the clients clipped their own)."""
         if self.privacy is not None:
@@ -331,7 +325,7 @@ class Server:
 
     def _combine(self, round_idx: int, updates: list[Update]) -> dict[str, torch.Tensor]:
         clip = self.cfg.clip_norm
-        if clip is not None and updates[0].client_id >= 0:  # -1: a secure sum, unclippable
+        if clip is not None and updates[0].client_id >= 0:  # -1: an unmasked sum, unclippable
             updates = [replace(u, tensors=clip_update(  # on the frame updates are in
                 u.tensors, self._on_global(self.reference(u.client_id, round_idx)), clip))
                 for u in updates]

@@ -29,12 +29,13 @@ from sfedlora.methods import Part, get_method, part_of
 from sfedlora.methods.base import ServerHooks
 from sfedlora.privacy.dp import GaussianMechanism
 from sfedlora.privacy.sampling import evaluated_clients, sampler_for
+from sfedlora.privacy.stages import upload_stage
 from sfedlora.runtime.evaluation import Evaluator
 from sfedlora.runtime.inits import AdapterInits
 from sfedlora.runtime.pool import ClientPool, InProcessPool
 from sfedlora.runtime.results import RunDir, resolve_output_dir
-from sfedlora.runtime.secure_round import SecureRound
-from sfedlora.runtime.server import Reply, Server
+from sfedlora.runtime.server import Server
+from sfedlora.runtime.uploads import PlainUploads
 from sfedlora.tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -83,8 +84,8 @@ class Simulation:
         self.evaluator = Evaluator(cfg.clients.num, self.task, self.method, self.server, pool,
                                    evaluated_clients(cfg.clients.num, cfg.eval.clients,
                                                      cfg.seed))
-        self.secure = SecureRound(cfg, self.server, pool) if cfg.privacy.secure_aggregation \
-            else None
+        # the server's side of the uploads: a privacy stage's, or the plain one
+        self.uploads = upload_stage(cfg, self.server, pool) or PlainUploads(self.server, pool)
         self.done_rounds = 0
         self.prior_seconds = 0.0
         self.restored_metrics: list[str] = []
@@ -96,23 +97,14 @@ class Simulation:
         t0 = time.perf_counter()
         planned = self.server.hooks.begin_round(round_idx, clients, self.network)
         downloads = {cid: self.server.download(cid) for cid in clients}
-        if self.secure is None:
-            fits, exchange = self.pool.fit(round_idx, downloads), None
-        else:  # the server sees only masked vectors and, once unmasked, their sum
-            fits, exchange = self.secure.fit(round_idx, downloads)
+        fits = self.uploads.fit(round_idx, downloads)
         dropped = [c for c in clients if c not in fits]
         for c in dropped:
             self.server.forget(c)
         clients = [c for c in clients if c in fits]
         t1 = time.perf_counter()
-        if exchange is None:
-            report = self.server.aggregate(
-                round_idx, [Reply(c, fits[c].num_examples, fits[c].upload) for c in clients])
-            up = {c: len(fits[c].upload) for c in clients}
-            down = {c: len(d) for c, d in downloads.items()}
-        else:
-            report = self.secure.aggregate(round_idx, exchange, fits)
-            up, down = dict(sorted(exchange.up.items())), dict(sorted(exchange.down.items()))
+        uploaded = self.uploads.aggregate(round_idx, fits)
+        report, up, down = uploaded.report, uploaded.up, uploaded.down
         t2 = time.perf_counter()
 
         metrics = {

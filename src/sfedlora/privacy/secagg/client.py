@@ -17,6 +17,7 @@ import numpy as np
 
 import sfedlora.privacy.secagg.field as field
 import sfedlora.privacy.secagg.messages as sm
+from sfedlora.core.records import FitResult, StageRequest
 from sfedlora.privacy.secagg.protocol import ClientSession, ProtocolViolation, RoundParams
 from sfedlora.settings import ConfigError
 
@@ -127,3 +128,17 @@ def check_weights(cfg, method, weights) -> None:
             f"a client weighs {max(weights):g} > privacy.secagg_max_weight={bound:g}: raise "
             f"privacy.secagg_max_weight to at least {max(weights):g} (the quantisation "
             "step grows with it; see docs/reliability.md)")
+
+
+class SecureAggregationClient:
+    """Secure aggregation's client stage (:class:`sfedlora.core.stages.ClientStage`):
+    the key exchanges and the masked upload, over any pool."""
+
+    def exchange(self, session: dict | None, cid: int, request: StageRequest
+                 ) -> tuple[dict | None, bytes]:
+        return exchange(session, cid, request.step, request.body)
+
+    def after_fit(self, worker, cid: int, round_idx: int, download: bytes, fit: FitResult,
+                  session: dict | None, request: StageRequest
+                  ) -> tuple[dict | None, FitResult]:
+        return masked_fit(worker, cid, round_idx, download, fit, session, request.body)

@@ -30,7 +30,7 @@ Against a server that lies, clients refuse to help it (:class:`ProtocolViolation
 they answer the unmask request of a round at most once (so never reveal both kinds of
 share of one peer), only for a survivor list of at least t clients of U2 that includes
 themselves, and refuse a key list in which two clients share a public key. With t a
-strict majority (:func:`sfedlora.runtime.secure_round.threshold`), two groups shown different
+strict majority (:func:`sfedlora.privacy.secagg.server_stage.threshold`), two groups shown different
 survivor lists cannot both reach t, since no client answers twice. What this does not
 stop (no PKI here): a server that invents clients (a Sybil attack) or swaps keys in
 transit; the threat model is in docs/reliability.md.

@@ -18,7 +18,7 @@ import json
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from sfedlora.privacy.secagg import client as secure_client
+from sfedlora.privacy.stages import client_stage
 from sfedlora.runtime.flower import messages
 from sfedlora.runtime.flower.config import ANY_NODE_KEY, experiment_config
 from sfedlora.runtime.flower.node_state import NodeState, export_folder, state_root
@@ -26,7 +26,7 @@ from sfedlora.settings import ConfigError, ExperimentConfig
 
 # The model stack (transformers, PEFT, datasets) is imported only by the handlers that
 # need a model: a deployment starts one ClientApp process per message, and the
-# messages that need none (describe, secure-aggregation exchanges) then take about a
+# messages that need none (describe, client-stage exchanges) then take about a
 # second instead of the ten or more the imports cost.
 _experiments: dict = {}  # one model per process, keyed by its config
 
@@ -108,15 +108,16 @@ def train(msg: Message, context: Context, defaults: dict) -> Message:
     fit = exp.worker.fit(cid, state, request[messages.DOWNLOAD], exp.round_train(cid, round_idx),
                          round_idx)
     node.save(round_idx, state, int(request[messages.CHECKPOINTED]))
-    if messages.SECURE in request:  # secure aggregation: upload the masked vector
-        session, fit = secure_client.masked_fit(
+    then = messages.stage_request(request)
+    if then is not None:  # a client stage turns the fit into what is sent
+        session, fit = client_stage(then.stage).after_fit(
             exp.worker, cid, round_idx, request[messages.DOWNLOAD], fit,
-            node.load_secure(round_idx), request[messages.SECURE])
-        node.save_secure(round_idx, session)
-    secure = messages.SECURE in request  # then the masked vector is all that leaves
+            node.load_session(then.stage, round_idx), then)
+        node.save_session(then.stage, round_idx, session)
     return Message(RecordDict({
         messages.REPLY: ConfigRecord({messages.UPLOAD: fit.upload}),
-        messages.METRICS: MetricRecord({} if secure else messages.fit_metrics(fit)),
+        # after a client stage, the stage's upload is all that leaves
+        messages.METRICS: MetricRecord({} if then else messages.fit_metrics(fit)),
         messages.REPORT: MetricRecord({k: list(v) for k, v in fit.report.items()}),
     }), reply_to=msg)
 
@@ -130,12 +131,12 @@ def evaluate(msg: Message, context: Context, defaults: dict) -> Message:
 def query(msg: Message, context: Context, defaults: dict) -> Message:
     """``describe``: the node's client id; ``layout``: the adapter's layout, labels and
     base model (what the ServerApp needs instead of a model); ``adapter``: an adapter's
-    tensors; ``export``: an adapter saved by PEFT, file by file; ``secagg``: one
-    secure-aggregation exchange, the round's session kept in the node's state directory."""
+    tensors; ``export``: an adapter saved by PEFT, file by file; ``stage``: one request
+    to a client stage, the round's session kept in the node's state directory."""
     request = msg.content[messages.REQUEST]
     what = request[messages.WHAT]
-    if what == messages.SECAGG:  # needs no config or model: answered in about a second
-        return _secure_exchange(msg, context, request, defaults)
+    if what == messages.STAGE_EXCHANGE:  # needs no config or model: about a second
+        return _stage_exchange(msg, context, request, defaults)
     cfg, cid = _client(context, defaults, request)
     reply: dict = {messages.CLIENT: cid}
     if what == messages.LAYOUT:
@@ -169,16 +170,16 @@ def query(msg: Message, context: Context, defaults: dict) -> Message:
     return Message(RecordDict({messages.REPLY: ConfigRecord(reply)}), reply_to=msg)
 
 
-def _secure_exchange(msg: Message, context: Context, request, defaults: dict) -> Message:
-    """One secure-aggregation exchange for the client the message names. Builds no
-    model and reads no config, so it is answered in about a second."""
+def _stage_exchange(msg: Message, context: Context, request, defaults: dict) -> Message:
+    """One client-stage request for the client the message names. Builds no model and
+    reads no config, so it is answered in about a second."""
     cid = message_client(context, {**defaults, **context.run_config}, request)
     node = NodeState(state_root(context.node_config, str(request[messages.RUN_KEY])), cid)
     round_idx = int(request[messages.ROUND])
-    session, payload = secure_client.exchange(node.load_secure(round_idx), cid,
-                                              str(request[messages.STAGE]),
-                                              request[messages.PAYLOAD])
-    node.save_secure(round_idx, session)
+    stage = messages.stage_request(request)
+    session, payload = client_stage(stage.stage).exchange(
+        node.load_session(stage.stage, round_idx), cid, stage)
+    node.save_session(stage.stage, round_idx, session)
     return Message(RecordDict({messages.REPLY: ConfigRecord({messages.CLIENT: cid,
                                                              messages.PAYLOAD: payload})}),
                    reply_to=msg)

@@ -8,7 +8,7 @@ import json
 
 from flwr.app import ConfigRecord, MetricRecord
 
-from sfedlora.core.records import ClientScores, FitResult
+from sfedlora.core.records import ClientScores, FitResult, StageRequest
 
 REQUEST, REPLY, METRICS, EXTRAS = "request", "reply", "metrics", "extras"
 REPORT = "report"  # a fit's method report (FitResult.report)
@@ -24,12 +24,24 @@ GLOBAL, GLOBAL_PART, SAMPLES, FILE = "global", "global-part", "samples", "file:"
 # the client's private parts)
 LOCATION = "location"
 ON_NODE = "on_node.json"  # the run directory's record of that location
-# secure aggregation: an exchange (what=secagg, its stage and payload), or the mask
-# request that rides with a training download
-SECAGG, STAGE, PAYLOAD, SECURE = "secagg", "stage", "payload", "secure"
+# a client stage's request (sfedlora.core.records.StageRequest): a query of its own
+# (what=stage), or riding with a training download; the reply's payload is the stage's
+STAGE_EXCHANGE, STAGE, STEP, PAYLOAD = "stage", "stage-name", "stage-step", "payload"
 
 _FIT_FIELDS = ("num_examples", "train_loss", "grad_norm_A", "grad_norm_B", "steps",
                "tokens")
+
+
+def stage_fields(request: StageRequest) -> dict:
+    """A stage request's fields in a request ConfigRecord."""
+    return {STAGE: request.stage, STEP: request.step, PAYLOAD: request.body}
+
+
+def stage_request(request) -> StageRequest | None:
+    """The stage request a request ConfigRecord carries, if any."""
+    if STAGE not in request:
+        return None
+    return StageRequest(str(request[STAGE]), str(request[STEP]), bytes(request[PAYLOAD]))
 
 
 def fit_metrics(fit: FitResult) -> dict[str, float | int]:

@@ -71,20 +71,21 @@ class NodeState:
     def save(self, round_idx: int, state: ClientState, checkpointed: int) -> None:
         self.states.save(round_idx, state, checkpointed)
 
-    # --- secure aggregation: the round's secrets, only between its exchanges ----------
+    # --- client stages' sessions (their round's secrets): one round at a time -------
 
-    def _secure_path(self, round_idx: int) -> Path:
-        return self.folder / f"secagg-round-{round_idx}.json"
+    def _session_path(self, stage: str, round_idx: int) -> Path:
+        return self.folder / f"{stage}-round-{round_idx}.json"
 
-    def load_secure(self, round_idx: int) -> dict | None:
-        path = self._secure_path(round_idx)
+    def load_session(self, stage: str, round_idx: int) -> dict | None:
+        path = self._session_path(stage, round_idx)
         return json.loads(path.read_text()) if path.is_file() else None
 
-    def save_secure(self, round_idx: int, state: dict | None) -> None:
-        """Keep (owner-only, atomically) or, with None, delete this round's session;
-        a session left by an earlier round this client dropped out of is deleted."""
-        path = self._secure_path(round_idx)
-        for old in self.folder.glob("secagg-round-*.json"):
+    def save_session(self, stage: str, round_idx: int, state: dict | None) -> None:
+        """Keep (owner-only, atomically) or, with None, delete this round's session of
+        client stage ``stage``; a session of that stage left by an earlier round this
+        client dropped out of is deleted."""
+        path = self._session_path(stage, round_idx)
+        for old in self.folder.glob(f"{stage}-round-*.json"):
             if old != path:
                 old.unlink(missing_ok=True)
         if state is None:

@@ -26,7 +26,7 @@ from flwr.serverapp import Grid
 
 from sfedlora.core import wire
 from sfedlora.core.adapters import AdapterLayout
-from sfedlora.core.records import ClientScores, FitResult, Tensors
+from sfedlora.core.records import ClientScores, FitResult, StageRequest, Tensors
 from sfedlora.runtime.flower import messages
 from sfedlora.runtime.pool import AdapterRequest, PoolInfo
 from sfedlora.settings import ConfigError, ExperimentConfig
@@ -173,10 +173,10 @@ class FlowerPool:
                         int(meta["base_params"]))
 
     def fit(self, round_idx: int, downloads: dict[int, bytes],
-            secure: dict[int, bytes] | None = None) -> dict[int, FitResult]:
+            then: dict[int, StageRequest] | None = None) -> dict[int, FitResult]:
         self.round = round_idx
         requests = {cid: {messages.DOWNLOAD: d, messages.ROUND: round_idx,
-                          **({messages.SECURE: secure[cid]} if secure else {})}
+                          **(messages.stage_fields(then[cid]) if then else {})}
                     for cid, d in downloads.items()}
         replies = self._by_client(MessageType.TRAIN, requests, self.cfg.flower.round_timeout)
         return {cid: messages.fit_result(r.content[messages.REPLY][messages.UPLOAD],
@@ -184,11 +184,11 @@ class FlowerPool:
                                          dict(r.content.get(messages.REPORT, {})))
                 for cid, r in replies.items()}
 
-    def secure_exchange(self, round_idx: int, stage: str, requests: dict[int, bytes]
-                        ) -> dict[int, bytes]:
-        bodies = {cid: {messages.WHAT: messages.SECAGG, messages.STAGE: stage,
-                        messages.PAYLOAD: body, messages.ROUND: round_idx}
-                  for cid, body in requests.items()}
+    def exchange(self, round_idx: int, requests: dict[int, StageRequest]
+                 ) -> dict[int, bytes]:
+        bodies = {cid: {messages.WHAT: messages.STAGE_EXCHANGE, messages.ROUND: round_idx,
+                        **messages.stage_fields(request)}
+                  for cid, request in requests.items()}
         replies = self._by_client(MessageType.QUERY, bodies, self.cfg.flower.round_timeout)
         return {cid: r.content[messages.REPLY][messages.PAYLOAD] for cid, r in replies.items()}
 

@@ -1,9 +1,10 @@
-"""The server's side of a secure round, driven through any client pool.
+"""Secure aggregation's server stage: the round's uploads, driven through any pool.
 
-:class:`SecureRound` runs the exchanges of :mod:`sfedlora.privacy.secagg.protocol` through the
-pool (``secure_exchange`` for advertise, share and unmask; the mask request rides with
-the training download), counts every byte each client sends and receives, and hands
-the unmasked weighted mean to the server (:meth:`sfedlora.runtime.server.Server.apply_mean`),
+:class:`SecureUploads` (an :class:`~sfedlora.core.stages.UploadStage`) runs the exchanges
+of :mod:`sfedlora.privacy.secagg.protocol` through the pool's generic ``exchange``
+(advertise, share and unmask; the mask request rides with the training download as the
+request the client stage answers after its fit), counts every byte each client sends
+and receives, and hands the unmasked weighted mean to the server (its ``apply_mean``),
 which adds DP noise where configured and applies it as if it had averaged the uploads
 itself. Below the threshold at any exchange the round is skipped with a logged reason.
 """
@@ -20,13 +21,16 @@ import torch
 
 import sfedlora.privacy.secagg.field as fieldmath
 from sfedlora.core import wire
+from sfedlora.core.records import AggregationReport, FitResult, StageRequest
+from sfedlora.core.stages import Uploaded
 from sfedlora.privacy.secagg import messages as sm
 from sfedlora.privacy.secagg.client import weight_bound
 from sfedlora.privacy.secagg.protocol import RoundAborted, RoundParams, ServerSession
-from sfedlora.runtime.server import AggregationReport, Server
 from sfedlora.settings import ExperimentConfig
 
 log = logging.getLogger(__name__)
+
+STAGE = "secagg"  # the client stage that answers (sfedlora.privacy.stages)
 
 
 def threshold(cfg: ExperimentConfig, clients: int) -> int:
@@ -42,28 +46,50 @@ class Exchange:
     """A round in progress: the server's session and the protocol's bytes per client."""
 
     session: ServerSession | None
+    routed: dict = field(default_factory=dict)  # each client's share ciphertexts
     up: Counter = field(default_factory=Counter)
     down: Counter = field(default_factory=Counter)
     aborted: str | None = None
 
 
-class SecureRound:
-    def __init__(self, cfg: ExperimentConfig, server: Server, pool):
+class SecureUploads:
+    """``server`` is the runtime's server (its method, spec, ``names_for``,
+    ``min_clients``, ``privacy`` and ``apply_mean``); ``pool`` any client pool."""
+
+    def __init__(self, cfg: ExperimentConfig, server, pool):
         self.cfg, self.server, self.pool = cfg, server, pool
         self.last_error_bound: float | None = None  # of the last aggregated round
+        self._round: Exchange | None = None  # between fit and aggregate
 
     def _send(self, ex: Exchange, round_idx: int, stage: str, requests: dict[int, bytes]
               ) -> dict[int, bytes]:
         for c, body in requests.items():
             ex.down[c] += len(body)
-        replies = self.pool.secure_exchange(round_idx, stage, requests)
+        replies = self.pool.exchange(round_idx, {c: StageRequest(STAGE, stage, body)
+                                                 for c, body in requests.items()})
         for c, body in replies.items():
             ex.up[c] += len(body)
         return replies
 
-    def fit(self, round_idx: int, downloads: dict[int, bytes]) -> tuple[dict, Exchange]:
+    def fit(self, round_idx: int, downloads: dict[int, bytes]) -> dict[int, FitResult]:
         """Advertise and share keys, then train the clients that shared, each masking
-        its upload. Returns the fits (uploads are masked vectors) and the exchange."""
+        its upload. Returns the fits (uploads are masked vectors)."""
+        self._round = ex = self._open(round_idx, downloads)
+        if ex.aborted is not None:
+            return {}
+        masks = {c: sm.dumps({"received": {str(s): ct for s, ct in ex.routed[c].items()},
+                              "u2": ex.session.u2}) for c in ex.session.u2}
+        for c, body in masks.items():
+            ex.down[c] += len(body) + len(downloads[c])
+        fits = self.pool.fit(round_idx, {c: downloads[c] for c in ex.session.u2},
+                             then={c: StageRequest(STAGE, sm.MASK, body)
+                                   for c, body in masks.items()})
+        for c, fit in fits.items():
+            ex.up[c] += len(fit.upload)
+        return fits
+
+    def _open(self, round_idx: int, downloads: dict[int, bytes]) -> Exchange:
+        """The advertise and share exchanges (aborted: too few replied)."""
         clients = sorted(downloads)
         privacy = self.cfg.privacy
         params = RoundParams(round_idx, threshold(self.cfg, len(clients)),
@@ -76,20 +102,14 @@ class SecureRound:
             keys = ex.session.keys({c: sm.loads(r) for c, r in replies.items()})
             request = sm.dumps({"keys": {str(c): k for c, k in keys.items()}})
             replies = self._send(ex, round_idx, sm.SHARE, {c: request for c in keys})
-            routed = ex.session.route({c: sm.int_keys(sm.loads(r)) for c, r in replies.items()})
+            ex.routed = ex.session.route({c: sm.int_keys(sm.loads(r))
+                                          for c, r in replies.items()})
         except (RoundAborted, wire.MessageError) as exc:
             ex.aborted = str(exc)
-            return {}, ex
-        masks = {c: sm.dumps({"received": {str(s): ct for s, ct in routed[c].items()},
-                              "u2": ex.session.u2}) for c in ex.session.u2}
-        for c, body in masks.items():
-            ex.down[c] += len(body) + len(downloads[c])
-        fits = self.pool.fit(round_idx, {c: downloads[c] for c in ex.session.u2}, secure=masks)
-        for c, fit in fits.items():
-            ex.up[c] += len(fit.upload)
-        return fits, ex
+        return ex
 
-    def aggregate(self, round_idx: int, ex: Exchange, fits: dict) -> AggregationReport:
+    def aggregate(self, round_idx: int, fits: dict[int, FitResult]) -> Uploaded:
+        ex, self._round = self._round, None
         report = AggregationReport()
         if ex.aborted is None:
             try:
@@ -102,7 +122,7 @@ class SecureRound:
             report.accepted = []
             log.warning("round %d: secure aggregation skipped the round (%s); global state "
                         "unchanged", round_idx, ex.aborted)
-        return report
+        return Uploaded(report, dict(sorted(ex.up.items())), dict(sorted(ex.down.items())))
 
     def _unmask(self, round_idx: int, ex: Exchange, fits: dict, report: AggregationReport
                 ) -> tuple[dict[str, torch.Tensor], int]:
