@@ -78,9 +78,9 @@ def assert_nothing_private(received: list[dict], cfg) -> None:
                 assert not leaked, (key, leaked[:3])
         if cfg.privacy.secure_aggregation and message.get(messages.METRICS):
             assert messages.SAMPLES in message[messages.REPLY]  # scores, not fits
-    assert seen or not method.shared  # the check read real payloads (local sends none)
+    assert seen or not method.roles.shared  # the check read real payloads (local sends none)
     # a client's own adapter (FDLoRA's fusion with its personal copy too) is saved on
     # its node: the only adapter files the server may receive are the global adapter's
     files = [m for m in received if messages.FILE + "adapter_model.safetensors"
              in m.get(messages.REPLY, {})]
-    assert len(files) <= int(method.has_global_adapter), len(files)
+    assert len(files) <= int(method.roles.has_global_adapter), len(files)

@@ -120,6 +120,51 @@ def test_the_runtime_never_names_secure_aggregation():
     assert hits == []
 
 
+def _override_points(base: type) -> list[str]:
+    """The public members of ``base`` a subclass may replace: everything its class body
+    defines except dunders and members marked ``@typing.final`` (helpers)."""
+    return [name for name, value in vars(base).items()
+            if not name.startswith("_") and not getattr(value, "__final__", False)]
+
+
+def _subclasses(base: type) -> list[type]:
+    found, todo = [], list(base.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        found.append(cls)
+        todo += cls.__subclasses__()
+    return [c for c in found if c.__module__.startswith("sfedlora.")]
+
+
+def test_a_method_and_its_stages_have_at_most_20_override_points_each_earning_its_place():
+    """Every override point of Method, ServerStage and ClientStage is replaced by at
+    least two of sfedlora's implementations, or its docstring names it as the
+    extension point of one named feature; and there are at most 20 of them."""
+    import importlib
+    import pkgutil
+
+    import sfedlora.methods
+    from sfedlora.methods.base import ClientStage, Method, ServerStage
+
+    for module in pkgutil.walk_packages(sfedlora.methods.__path__, "sfedlora.methods."):
+        importlib.import_module(module.name)  # every method's stages, however imported
+
+    points = {(base, name) for base in (Method, ServerStage, ClientStage)
+              for name in _override_points(base)}
+    assert len(points) <= 20, sorted(f"{b.__name__}.{n}" for b, n in points)
+    lonely = []
+    for base, name in sorted(points, key=lambda p: (p[0].__name__, p[1])):
+        users = [c.__qualname__ for c in _subclasses(base) if name in vars(c)]
+        documented = "extension point of" in (getattr(vars(base)[name], "__doc__", "") or "")
+        if len(users) < 2 and not documented:
+            lonely.append(f"{base.__name__}.{name}: {users}")
+    assert lonely == []
+    for base in (Method, ServerStage, ClientStage):  # helpers stay helpers
+        final = {n for n, v in vars(base).items() if getattr(v, "__final__", False)}
+        assert not [f"{c.__qualname__}.{n}" for c in _subclasses(base) for n in final
+                    if n in vars(c)]
+
+
 def test_every_method_and_task_is_reached_through_its_registry():
     from sfedlora.config import load_config
     from sfedlora.methods import REGISTRY

@@ -65,7 +65,7 @@ def test_flasc_clients_receive_the_masked_model_and_evaluation_uses_it(tiny_conf
     sim = Simulation(tiny_config("method=flasc", "comm.down.density=0.125",
                                  "comm.up.density=0.0625", "server.lr=0.05"))
     sim.run_round(1)
-    shared = sim.pool.exp.worker.slots.names(get_method("flasc").shared)
+    shared = sim.pool.exp.worker.slots.names(get_method("flasc").roles.shared)
     total = sum(sim.server.state[n].numel() for n in shared)
     received = sim.global_adapter()
     kept = sum(int((received[n] != 0).sum()) for n in shared)

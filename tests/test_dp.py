@@ -160,8 +160,8 @@ def test_a_dp_run_keeps_who_took_part_out_of_its_released_files(tiny_config, tmp
 
 
 def test_a_methods_own_participation_metrics_stay_out_too(tiny_config, tmp_path):
-    """TSFA's keep ratio and queue come from the round's clients' latencies
-    (Tsfa.participation_metrics): written without DP, withheld under it."""
+    """TSFA's keep ratio and queue come from the round's clients' latencies (every
+    metric a method's server stage reports): written without DP, withheld under it."""
     from sfedlora.methods.soft.tsfa import TsfaMetric
 
     tsfa = ("method=tsfa", "network.model=wireless", "network.allocation=min_max",

@@ -14,13 +14,13 @@ from sfedlora.runtime.simulation import Simulation
 def _spy_updates(sim) -> dict[int, list]:
     """The accepted updates of every round, as the server combined them."""
     seen: dict[int, list] = {}
-    hooks, original = sim.server.hooks, sim.server.hooks.after_combine
+    stage, original = sim.server.stage, sim.server.stage.after_combine
 
-    def spy(round_idx, updates):
+    def spy(round_idx, state, updates):
         seen[round_idx] = list(updates)
-        original(round_idx, updates)
+        return original(round_idx, state, updates)
 
-    hooks.after_combine = spy
+    stage.after_combine = spy
     return seen
 
 
@@ -47,7 +47,7 @@ def test_fedex_merged_model_is_the_exact_average_of_the_clients_models(tiny_conf
     sim = Simulation(tiny_config("method=fedex", "clients.num=3", "rounds=2",
                                  "local.lr=0.05"))
     exp, gamma = sim.pool.exp, sim.cfg.gamma
-    base = exp.worker.hooks.base  # the base weights the clients merge into
+    base = exp.worker.stage.base  # the base weights the clients merge into
     w0 = {n: m.get_base_layer().weight.detach().double().clone()
           for n, m in base.layers.items()}
     seen = _spy_updates(sim)
@@ -79,7 +79,7 @@ def test_fedex_export_is_the_whole_change_as_one_lora(tiny_config):
     sim = Simulation(tiny_config("method=fedex", "clients.num=3", "rounds=2",
                                  "clients.per_round=2"))
     exp = sim.pool.exp
-    base = exp.worker.hooks.base  # the base weights the clients merge into
+    base = exp.worker.stage.base  # the base weights the clients merge into
     w0 = {n: m.get_base_layer().weight.detach().double().clone()
           for n, m in base.layers.items()}
     seen = _spy_updates(sim)
@@ -87,7 +87,7 @@ def test_fedex_export_is_the_whole_change_as_one_lora(tiny_config):
     sim.run_round(2)
     shared, extras = sim.server.evaluation_request(0)
     exp.adapter(None, None, shared, extras)
-    factors, _ = sim.server.hooks.export_lora(sim.server.state)
+    factors, _ = sim.server.stage.export_lora(sim.server.state)
     state, gamma = sim.server.state, sim.cfg.gamma
     u1, u2 = seen[1], seen[2]
     p1, p2 = sim.method.weights(u1), sim.method.weights(u2)

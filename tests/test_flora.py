@@ -47,7 +47,7 @@ def _spec(shape):
 
 def _base_weights(worker: Worker) -> dict[str, torch.Tensor]:
     return {n: m.get_base_layer().weight.detach().clone()
-            for n, m in worker.hooks.base.layers.items()}
+            for n, m in worker.stage.base.layers.items()}
 
 
 @pytest.mark.parametrize(("scaling", "gammas"), [
@@ -107,7 +107,7 @@ def test_downloads_carry_every_unseen_rounds_stacked_factors_capped_at_dense(
     kinds = set()
     for r in range(1, 6):
         rec = sim.run_round(r).metrics
-        record = sim.server.hooks.merges  # merge number -> stacked factors
+        record = sim.server.stage.merges  # merge number -> stacked factors
         for cid in rec["clients"]:
             shared, merges = split_merges(codecs.decode(downloads[r, cid]))
             assert shared and not any(".lora_" in n for n in shared)  # only the head
@@ -158,7 +158,7 @@ def test_resume_is_bit_identical(tiny_config, tmp_path):
     run_dir.save_checkpoint(part.checkpoint(2, 0.0, run_dir.metrics_lines()))
     run_dir.close()
     resumed = Simulation.resume(tmp_path / "part")
-    assert resumed.pool.exp.worker.hooks.base.round == 0  # a fresh process: pretrained weights
+    assert resumed.pool.exp.worker.stage.base.round == 0  # a fresh process: pretrained weights
     resumed.run()
     a = (tmp_path / "full/metrics.jsonl").read_text()
     b = (tmp_path / "part/metrics.jsonl").read_text()
@@ -215,9 +215,9 @@ def test_a_skipped_round_leaves_no_gap_in_the_merges(tiny_config, args):
         if r != 2:
             never.run_round(r)
     assert record.metrics["aggregated"]  # round 3
-    assert sorted(skipped.server.hooks.merges) == [1, 2]
+    assert sorted(skipped.server.stage.merges) == [1, 2]
     for number in (1, 2):
-        got, want = skipped.server.hooks.merges[number], never.server.hooks.merges[number]
+        got, want = skipped.server.stage.merges[number], never.server.stage.merges[number]
         assert set(got) == set(want)
         assert all(torch.equal(got[n], want[n]) for n in want)
     assert all(torch.equal(skipped.server.state[n], never.server.state[n])
@@ -243,7 +243,7 @@ def test_a_refresh_brings_a_model_at_any_round_to_the_merged_weights(tiny_config
                                  "rounds=4"))
     for r in range(1, 5):
         sim.run_round(r)
-    history = sim.server.hooks
+    history = sim.server.stage
     refresh = history.catch_up(0)
     assert list(split_merges(refresh)[1]) == [(1, 4)]  # the factors are the larger
 
@@ -251,7 +251,7 @@ def test_a_refresh_brings_a_model_at_any_round_to_the_merged_weights(tiny_config
         """A merger on a model holding the pretrained weights (base at round 0)."""
         model = copy.deepcopy(sim.pool.exp.worker.model)
         base = BaseWeights(model)
-        pretrained = sim.pool.exp.worker.hooks.base.pretrained
+        pretrained = sim.pool.exp.worker.stage.base.pretrained
         for name, layer in base.layers.items():
             layer.get_base_layer().weight.data.copy_(pretrained[name])
         merger = BaseMerger(sim.cfg, SimpleNamespace(model=model, shared_store=store))

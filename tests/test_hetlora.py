@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sfedlora.aggregation.weighting import product_norm
 from sfedlora.config import ConfigError
 from sfedlora.core import codecs
 from sfedlora.core.adapters import TensorSpec
 from sfedlora.core.ranks import pad, truncate, truncated_spec
 from sfedlora.methods import Update, get_method
-from sfedlora.methods.hetlora import product_norm
 from sfedlora.runtime.simulation import Simulation
 from sfedlora.runtime.worker import Worker
 from tests.conftest import assert_learns
@@ -61,7 +61,7 @@ def test_hetlora_run_trains_and_sends_only_each_clients_rank(tiny_config, monkey
 
     def spy(self, cid, *args, **kwargs):
         fit = real(self, cid, *args, **kwargs)
-        after_fit[cid] = {**self.slots.snapshot(self.method.shared),
+        after_fit[cid] = {**self.slots.snapshot(self.method.roles.shared),
                           "_upload": codecs.decode(fit.upload)}
         return fit
 

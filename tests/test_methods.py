@@ -39,7 +39,7 @@ def test_fedit_is_data_size_weighted_mean_of_a_b_and_head():
 def test_ffa_averages_b_and_head_and_never_touches_a():
     method = get_method("ffa")
     assert method.plan(1).upload == {Part.B, Part.HEAD}
-    assert Part.A in method.fixed and Part.A not in method.plan(1).train
+    assert Part.A in method.roles.fixed and Part.A not in method.plan(1).train
     ups = _updates([B, H])
     new = method.aggregate({B: torch.zeros(3, 2), H: torch.zeros(3, 2)}, ups)
     for name in (B, H):
@@ -51,7 +51,7 @@ def test_ffa_averages_b_and_head_and_never_touches_a():
 def test_fedsa_family_averages_only_a_uniformly(name):
     method = get_method(name)
     assert method.plan(1).upload == {Part.A}
-    assert method.private == {Part.B, Part.HEAD}
+    assert method.roles.private == {Part.B, Part.HEAD}
     ups = _updates([A], sizes=(1, 5, 100))
     new = method.aggregate({}, ups)
     torch.testing.assert_close(new[A], _uniform(ups, A), rtol=0, atol=0)

@@ -163,9 +163,9 @@ def test_flora_clipping_measures_the_change_from_the_clients_own_fresh_draw(tiny
     smallest = min(_own_draw_norm(plain, c, 1, a_names) for c in range(4))
     clipped = Simulation(tiny_config(*args, f"server.clip_norm={smallest / 2}"))
     clipped.run_round(1)
-    assert set(clipped.server.hooks.merges[1]) == set(plain.server.hooks.merges[1])
-    for name, t in plain.server.hooks.merges[1].items():
-        assert torch.equal(clipped.server.hooks.merges[1][name], t)
+    assert set(clipped.server.stage.merges[1]) == set(plain.server.stage.merges[1])
+    for name, t in plain.server.stage.merges[1].items():
+        assert torch.equal(clipped.server.stage.merges[1][name], t)
 
 
 def test_clipping_a_fresh_draw_bounds_its_change_not_its_value(tiny_config):

@@ -146,7 +146,7 @@ def test_a_secure_round_equals_plain_aggregation_and_the_server_sees_no_update(
 def _accepted_methods() -> list[str]:
     from sfedlora.methods import REGISTRY
 
-    return [name for name, m in REGISTRY.items() if not m.secure_aggregation_refusal]
+    return [name for name, m in REGISTRY.items() if not m.traits.secure_aggregation_refusal]
 
 
 @pytest.mark.parametrize("method", _accepted_methods())

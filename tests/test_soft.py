@@ -108,7 +108,7 @@ def test_an_upload_carries_exactly_the_top_components_of_each_layer(rule):
     reference = {n: torch.zeros_like(t) for n, t in upload.items()}
     client = SoftClient.__new__(SoftClient)  # no model needed to choose components
     client.keep, client.score = 0.5, IMPORTANCE[rule]
-    positions = client.upload_positions(upload)
+    positions = client.choose_upload(upload).positions
     payload = codecs.Codec(delta=True).encode(upload, reference, positions=positions)
     decoded, present = codecs.decode_with_presence(payload, reference)
     rows = present["l.lora_A.default.weight"].all(dim=1)
@@ -201,7 +201,7 @@ def test_error_feedback_keeps_the_change_of_the_components_not_sent():
     codec = codecs.Codec(delta=True, error_feedback=True)
     upload = dict(zip(names, (a, b), strict=True))
     payload, residual = codec.send(upload, reference, None,
-                                   positions=client.upload_positions(upload))
+                                   positions=client.choose_upload(upload).positions)
     sent = [True, False, True, False]  # components 0 and 2 have the larger norms
     unsent = torch.tensor([not s for s in sent])
     # what was not sent is kept exactly; what was sent is kept as nothing
@@ -213,7 +213,7 @@ def test_error_feedback_keeps_the_change_of_the_components_not_sent():
     client.keep = 1.0
     again = {n: reference[n] + 0.5 * t for n, t in upload.items()}
     payload, residual = codec.send(again, reference, residual,
-                                   positions=client.upload_positions(again))
+                                   positions=client.choose_upload(again).positions)
     decoded = codecs.decode(payload, reference)
     assert torch.equal(decoded[names[0]][unsent], 1.5 * a[unsent])
     assert torch.equal(decoded[names[0]][~unsent], 0.5 * a[~unsent])

@@ -171,13 +171,14 @@ def test_an_svd_profile_scores_every_component_so_the_schedule_can_raise_keep(ti
     cfg = tiny_config(*WIRELESS, "soft.importance=svd", "lora.rank=4",
                       "tsfa.keep_choices=[0.25,0.5,1.0]", "tsfa.v=10")
     sim = Simulation(cfg)
-    hooks = sim.pool.exp.worker.hooks
-    hooks.receive({keep_extra(0): torch.zeros(1)})  # the server chose keep 1/4
-    assert hooks.keep == 0.25
+    stage = sim.pool.exp.worker.stage
+    stage.receive({keep_extra(0): torch.zeros(1)})  # the server chose keep 1/4
+    assert stage.keep == 0.25
     gen = torch.Generator().manual_seed(0)
     a, b = torch.randn(4, 16, generator=gen), torch.randn(16, 4, generator=gen)
     name = "m.l0.q.lora_A.default.weight"
-    profile = hooks.report({name: a, name.replace(".lora_A.", ".lora_B."): b})[IMPORTANCE]
+    chosen = stage.choose_upload({name: a, name.replace(".lora_A.", ".lora_B."): b})
+    profile = chosen.report[IMPORTANCE]
     want = torch.linalg.svdvals(b.double() @ a.double())[:4]
     assert profile == pytest.approx(want.tolist(), rel=1e-5)
     dropped = [dropped_share(profile, k) for k in (0.25, 0.5, 1.0)]

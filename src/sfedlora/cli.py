@@ -201,25 +201,25 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def _method_commands(sub) -> None:
-    """The subcommands methods own (``Method.commands``: TSFA's tsfa-plan), each given
-    the config loader and the in-process runtime, which a method may not import."""
+    """The subcommands that ship with methods (``sfedlora.methods.COMMANDS``: TSFA's
+    tsfa-plan), each given the config loader and the in-process runtime, which a method
+    may not import."""
     from types import SimpleNamespace
 
-    from sfedlora.methods import REGISTRY
+    from sfedlora.methods import COMMANDS
 
-    for method in REGISTRY.values():
-        for command in method.commands:
-            parser = sub.add_parser(command.name, help=command.help)
-            command.add_arguments(parser)
+    for command in COMMANDS:
+        parser = sub.add_parser(command.name, help=command.help)
+        command.add_arguments(parser)
 
-            def run(args, command=command) -> int:
-                _quiet_libraries()
-                from sfedlora.runtime.simulation import run_rounds
+        def run(args, command=command) -> int:
+            _quiet_libraries()
+            from sfedlora.runtime.simulation import run_rounds
 
-                context = SimpleNamespace(load_config=load_config, run_rounds=run_rounds)
-                return command.run(args, context)
+            context = SimpleNamespace(load_config=load_config, run_rounds=run_rounds)
+            return command.run(args, context)
 
-            parser.set_defaults(func=run)
+        parser.set_defaults(func=run)
 
 
 def build_parser() -> argparse.ArgumentParser:

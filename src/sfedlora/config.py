@@ -43,10 +43,11 @@ def resolve(cfg: ExperimentConfig) -> ExperimentConfig:
         raise ConfigError(f"invalid config: {exc}") from None
     method, task = _method_with_options(cfg), get_task(cfg.task)
     resolved = cfg.with_defaults(Defaults(
-        scaling=method.default_scaling, server_optimizer=method.server_optimizer,
-        a_init=method.a_init_modes[0], comm=dict(method.comm), model_name=task.default_model))
+        scaling=method.traits.scaling, server_optimizer=method.traits.server_optimizer,
+        a_init=method.traits.a_init_modes[0], comm=dict(method.traits.comm),
+        model_name=task.default_model))
     try:
-        resolved.check_with(method, task, [n for n, m in REGISTRY.items() if m.supports_vera])
+        resolved.check_with(method, task, [n for n, m in REGISTRY.items() if m.traits.vera])
     except ValueError as exc:
         if isinstance(exc, ConfigError):
             raise

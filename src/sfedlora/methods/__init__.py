@@ -8,7 +8,7 @@ config's resolution or the runtimes (methods reach the runtime through the
 
 import importlib
 
-from sfedlora.methods.base import Method, Part, RoundPlan, Update, part_of
+from sfedlora.methods.base import Command, Method, Part, RoundPlan, Update, part_of
 from sfedlora.methods.central import Central
 from sfedlora.methods.fdlora import FDLoRA
 from sfedlora.methods.fedex import FedEx
@@ -25,12 +25,18 @@ from sfedlora.methods.local import Local
 from sfedlora.methods.rolora import RoLoRA
 from sfedlora.methods.sfed import SFed
 from sfedlora.methods.soft import Soft
+from sfedlora.methods.soft.command import PLAN
 from sfedlora.methods.soft.tsfa import Tsfa
 
+# a method's name is its key here (or, for one defined elsewhere, its import path)
 REGISTRY: dict[str, type[Method]] = {
-    m.name: m for m in (FedIT, FFA, FedSA, RoLoRA, SFed, FLASC, FLoCoRA, HetLoRA, FDLoRA,
-                        FLoRA, FedEx, FlexLoRA, FedSVD, Soft, Tsfa, Local, Central)
+    "fedit": FedIT, "ffa": FFA, "fedsa": FedSA, "rolora": RoLoRA, "sfed": SFed,
+    "flasc": FLASC, "flocora": FLoCoRA, "hetlora": HetLoRA, "fdlora": FDLoRA,
+    "flora": FLoRA, "fedex": FedEx, "flexlora": FlexLoRA, "fedsvd": FedSVD, "soft": Soft,
+    "tsfa": Tsfa, "local": Local, "central": Central,
 }
+# the ``sfedlora`` subcommands that ship with a method
+COMMANDS: tuple[Command, ...] = (PLAN,)
 
 
 def method_class(name: str) -> type[Method]:
@@ -57,8 +63,8 @@ def get_method(name: str, options: dict | None = None) -> Method:
     """Method ``name`` (see :func:`method_class`) with its ``options`` (the experiment
     config's ``options`` block), validated by the method's own ``Options`` model."""
     cls = method_class(name)
-    return cls(cls.Options.model_validate(options or {}))
+    return cls(cls.Options.model_validate(options or {}), name)
 
 
-__all__ = ["REGISTRY", "Method", "Part", "RoundPlan", "Update", "get_method", "method_class",
-           "part_of"]
+__all__ = ["COMMANDS", "REGISTRY", "Command", "Method", "Part", "RoundPlan", "Update",
+           "get_method", "method_class", "part_of"]

@@ -1,46 +1,40 @@
-"""The method interface: a small, pure description of one federated LoRA algorithm.
+"""The method interface: a small description of one federated LoRA algorithm, and the
+two stages through which a method with mechanics of its own reaches a round.
 
-A method says, and only says:
+A method declares, as data:
 
-* which parts of the adapter exist on the server (``shared``: downloaded every round),
-  stay with each client across rounds (``private``: never sent), or are fixed at one
-  seeded init on every client (``fixed``: never trained, never sent);
-* which parts train and which are sent up in a given round (:meth:`Method.plan`);
-* how the server combines the uploads (:meth:`Method.aggregate`);
-* which scale it uses by default and which ``a_init`` modes make sense.
+* where each part of the adapter lives (:class:`Roles`): on the server and downloaded
+  every round (``shared``), with each client across rounds and never sent
+  (``private``), fixed at one seeded init on every client (``fixed``), or drawn afresh
+  every round (``fresh``);
+* what assembling a run reads of it (:class:`Traits`): its default LoRA scale,
+  ``a_init`` modes, codec presets and server optimizer, how it weights clients, and
+  which settings it runs with (mixed ranks, VeRA, secure aggregation);
+* its own settings (``Options``, a pydantic model of the config's ``options`` block);
 
-Runtimes (the in-process simulator, later Flower) execute a method; they never branch
-on its name. The parts are A (``lora_A``), B (``lora_B``) and the task head.
+and overrides, where it differs from FedIT:
 
-How the other methods fit:
+* :meth:`Method.check_config`: settings it refuses, with the fix;
+* :meth:`Method.plan`: which parts train and go up in a round (RoLoRA, FedSVD);
+* :meth:`Method.aggregate`: how the server combines uploads (FlexLoRA's SVD, SOFT's
+  per-component mean, FLoRA);
+* :meth:`Method.initial_adapter`: every freshly drawn adapter (SOFT's orthonormal A);
+* :meth:`Method.local_data`: what each client trains on (``central`` pools the data,
+  FDLoRA holds some out);
+* :meth:`Method.server_stage` and :meth:`Method.client_stage`: the stages that carry
+  mechanics of its own (FLoRA's and FedEx-LoRA's merges into the base weights, TSFA's
+  keep-ratio schedule, FDLoRA's personal copy, FedSVD's re-factorisation).
 
-* **Compressed messages (top-k, quantisation, casting).** Messages are dicts of
-  tensors that a codec (:mod:`sfedlora.core.codecs`) turns into bytes per direction, by
-  config; any method composes with any codec. A method may carry a preset (``comm``).
-  FLoCoRA is FedIT with the preset "8-bit uploads".
-* **FLASC.** Its preset masks the download and sparsifies the uploaded change (both
-  top-k), and it names a server optimizer (``server_optimizer = "adamw"``): the
-  runtime feeds the mean client change to AdamW as a gradient instead of replacing the
-  global state. Evaluation uses what clients receive, i.e. the masked model.
-* **Methods with mechanics of their own** keep them in their own package and reach
-  the runtimes only through two hook objects the method builds: :class:`ServerHooks`
-  (state the server keeps beyond the combined tensors, extra download tensors, an
-  exact LoRA for export; checkpointed through ``state_dict``) and
-  :class:`ClientHooks` (what a client does with those extra tensors, around training,
-  after a fit, and to the adapter it is scored with). FLoRA
-  (:mod:`sfedlora.methods.flora`): A and B are ``fresh`` every round, the server keeps
-  the stacked factors of every round, and clients merge them into their base weights.
-  FDLoRA (:mod:`sfedlora.methods.fdlora`): a personal copy per client in its
-  method-owned state, fused with the global adapter by a held-out grid search.
-  FedEx-LoRA shares FLoRA's merging (:mod:`sfedlora.methods.merging`): it merges the
-  residual of averaging A and B separately.
-* **Re-factorising servers.** FlexLoRA's ``aggregate`` takes the SVD of the weighted sum
-  of products; FedSVD's :meth:`Method.finalize` re-factorises the combined state after
-  any DP noise, so it stays post-processing.
-* **References.** ``local`` keeps every part private; ``central`` pools the training
-  data on one client (:meth:`Method.training_splits`), trains only it
-  (:meth:`Method.participants`) for the round's total steps (:meth:`Method.local_steps`).
-* **Config rules** that only concern one method live in its :meth:`Method.check_config`.
+Those are all the override points there are: ten on :class:`Method`, six on
+:class:`ServerStage`, four on :class:`ClientStage` (``tests/test_architecture.py``
+counts them). Members marked ``@final`` are helpers, not override points.
+
+Runtimes execute a method and never branch on its name. Messages of any method pass
+through any codec (:mod:`sfedlora.core.codecs`), so compression composes with every
+method; FLoCoRA is FedIT with the preset "8-bit uploads", FLASC names a preset (top-k
+both ways) and a server optimizer (AdamW on the mean client change). A method is
+registered once, by name, in :data:`sfedlora.methods.REGISTRY`, or named in a config
+by its import path.
 """
 
 from __future__ import annotations
@@ -48,12 +42,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, final
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from sfedlora.aggregation import weighting
 from sfedlora.aggregation.combiners import Combiner, weighted_mean
 from sfedlora.core.parts import A_MARKERS, B_MARKERS, Part, part_of  # noqa: F401 (re-exported)
 
@@ -64,10 +59,11 @@ if TYPE_CHECKING:
     from sfedlora.settings import ExperimentConfig
 
 Tensors = dict[str, torch.Tensor]
+ALL_PARTS = frozenset(Part)
 
 
 class Worker(Protocol):
-    """What a method's client hooks may use of the runtime's worker (the runtime layer
+    """What a method's client stage may use of the runtime's worker (the runtime layer
     implements it; methods never import the runtime)."""
 
     model: torch.nn.Module  # the PEFT model, shared by every client of this process
@@ -78,12 +74,81 @@ class Worker(Protocol):
         """The task's mean loss of adapter ``tensors`` on held-out ``data``."""
 
 
+# --- what a method declares ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Roles:
+    """Where each part of the adapter lives."""
+
+    shared: frozenset[Part] = ALL_PARTS  # held by the server, downloaded every round
+    private: frozenset[Part] = frozenset()  # kept by each client across rounds, never sent
+    fixed: frozenset[Part] = frozenset()  # one seeded init on every client; never trained
+    fresh: frozenset[Part] = frozenset()  # re-drawn every round at the client's rank
+    # each client also keeps a personal adapter its scored adapter is built from (FDLoRA)
+    personal: bool = False
+
+    @property
+    def has_global_adapter(self) -> bool:
+        """True when the server's state alone is a complete adapter."""
+        return not self.private
+
+    @property
+    def per_client_adapters(self) -> bool:
+        """True when each client's scored adapter differs from the global one (private
+        parts, or a personal one): those are exported one per client."""
+        return bool(self.private) or self.personal
+
+
+@dataclass(frozen=True)
+class Traits:
+    """What assembling a run reads of a method: the defaults that settings left unset
+    take, and the settings it runs with (a refusal names the setting and why)."""
+
+    scaling: str = "lora"  # default lora.scaling
+    # a scheme of sfedlora.aggregation.weighting: "examples" (p_k ~ n_k), "uniform",
+    # "product_norm" (HetLoRA's ||B_k A_k||_F)
+    weighting: str = "examples"
+    a_init_modes: tuple[str, ...] = ("shared",)  # first: the default; one: no choice
+    a_init_note: str = "every client starts from one shared A"
+    comm: dict[str, dict] = field(default_factory=dict)  # codec presets per direction
+    # "none": the combined uploads become the global state; "sgd" / "adamw": their
+    # mean change is the gradient of a server optimizer step (FedOpt; FLASC)
+    server_optimizer: str = "none"
+    mixed_ranks: bool = False  # whether clients may hold different ranks
+    vera: bool = False  # whether lora.adapter=vera applies
+    # why the server step is not a weighted sum of what clients send (so secure
+    # aggregation, which reveals only that sum, cannot run it); "" where it is
+    secure_aggregation_refusal: str = ""
+    # whether clients choose which entries of their upload to send (SOFT: whole rank
+    # components), so error feedback has work to do even through a lossless codec
+    chooses_upload_positions: bool = False
+
+    @property
+    def integer_weights(self) -> bool:
+        """Whether a client's weight is always an integer (summed exactly under secure
+        aggregation)."""
+        return self.weighting in weighting.INTEGER_SCHEMES
+
+
 @dataclass(frozen=True)
 class RoundPlan:
     """What a client does in one round."""
 
     train: frozenset[Part]
     upload: frozenset[Part]
+
+
+@dataclass(frozen=True)
+class LocalData:
+    """What each client trains on, decided when a process builds its clients."""
+
+    splits: list  # each client's data split as the method trains on it
+    steps: int | None  # local steps per round of a training client (None: local.epochs)
+    holdout: int = 0  # training examples each client keeps out for the method (FDLoRA)
+    # (cid, size, round) -> positions of the client's training data the round trains
+    # on (None: all of them)
+    round_subset: Callable[[int, int, int], np.ndarray | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -98,16 +163,46 @@ class Update:
     present: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-ALL_PARTS = frozenset(Part)
+@dataclass(frozen=True)
+class Choice:
+    """What a client stage chose to send of a trained upload: per tensor the sorted
+    flat positions (a tensor not named goes whole; None: the codec decides), and
+    numbers about the fit for the method's server stage (TSFA's importance profiles)."""
+
+    positions: Tensors | None = None
+    report: dict[str, list[float]] = field(default_factory=dict)
 
 
-class ServerHooks:
-    """Server-side mechanics of a method beyond combining uploads. The default has
-    none; the server calls each hook at a fixed point of its round, so a method that
-    needs more (FLoRA's merge history) subclasses this in its own package."""
+# --- the stages ---------------------------------------------------------------------
 
-    def after_combine(self, round_idx: int, updates: Sequence[Update]) -> None:
-        """The round's accepted updates (client-id order), after they were combined."""
+
+@dataclass
+class ServerRound:
+    """One round as a server stage sees it. A stage may narrow ``clients`` and add
+    ``metrics`` before the round's downloads; after it, ``fits`` holds each replying
+    client's fit, ``dropped`` who did not reply and ``latency`` the network's price of
+    the round in seconds (None without a network model)."""
+
+    index: int
+    clients: list[int]
+    network: Any = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    fits: dict[int, FitResult] = field(default_factory=dict)
+    dropped: list[int] = field(default_factory=list)
+    latency: float | None = None
+
+
+class ServerStage:
+    """The server side of a method's own mechanics (default: none). The server calls
+    each member at a fixed point of its round; a method that needs more subclasses
+    this in its own package. Checkpointed through ``state_dict``."""
+
+    def round(self, rnd: ServerRound) -> contextlib.AbstractContextManager:
+        """Around one round: before its downloads the stage may narrow ``rnd.clients``
+        (``central``: one trainer) and add ``rnd.metrics`` (TSFA: the keep ratio it
+        chooses); after it, it sees the fits and the latency (TSFA's queue, the merges
+        a dropped client missed)."""
+        return contextlib.nullcontext()
 
     def download_extras(self, cid: int | None, advance: bool = True) -> Tensors:
         """Tensors sent to client ``cid`` beside the shared state (names outside the
@@ -115,31 +210,17 @@ class ServerHooks:
         opposed to an evaluation request, which is not traffic."""
         return {}
 
-    def start(self, layout: Any, network: Any) -> None:
-        """Once, before the first round (and on resume): the adapter's layout and the
-        network model (None for ``network.model: none``). May refuse the setup with a
-        ``ConfigError`` naming the setting (TSFA: a latency budget no client can meet)."""
-
-    def begin_round(self, round_idx: int, clients: list[int], network: Any) -> dict[str, Any]:
-        """Before round ``round_idx``'s downloads, with its sampled clients and the
-        network model (None for ``network.model: none``); returns metrics to log for
-        the round. TSFA chooses the round's keep ratio here."""
-        return {}
-
-    def end_round(self, round_idx: int, metrics: dict[str, Any],
-                  fits: dict[int, FitResult]) -> dict[str, Any]:
-        """After the round is priced: its metrics so far and each replying client's fit
-        (its :meth:`ClientHooks.report`, tokens, examples); returns metrics to add.
-        TSFA updates its virtual queue with the round's latency here."""
-        return {}
-
-    def forget(self, cid: int) -> None:
-        """Client ``cid`` did not reply: assume it holds nothing it was sent."""
+    def after_combine(self, round_idx: int, state: Tensors, updates: Sequence[Update]
+                      ) -> Tensors:
+        """The new global state from the combined one, after any DP noise (so it is
+        post-processing and costs no privacy), with the round's accepted updates in
+        client-id order (FedSVD re-factorises; FLoRA records the merge)."""
+        return state
 
     def export_lora(self, state: Tensors) -> tuple[Tensors, int] | None:
-        """An exact LoRA (factors, rank) that replaces the exported adapters' own
-        factors, where what was learned lives elsewhere too (FLoRA, FedEx-LoRA: the
-        base weights); ``state`` is the server's global state."""
+        """The extension point of exact export for methods that merge into the base
+        weights (FLoRA, FedEx-LoRA): an exact LoRA (factors, rank) that replaces the
+        exported adapters' own factors; ``state`` is the server's global state."""
         return None
 
     def state_dict(self) -> dict[str, Any]:
@@ -150,52 +231,48 @@ class ServerHooks:
         """Restore what :meth:`state_dict` returned."""
 
 
-class ClientHooks:
-    """Client-side mechanics of a method beyond training its adapter (default: none)."""
+Penalty = Callable[[], torch.Tensor]
+
+
+class ClientStage:
+    """The client side of a method's own mechanics (default: none)."""
 
     def receive(self, extras: Tensors) -> None:
         """The extra tensors of a download or evaluation request (see
-        :meth:`ServerHooks.download_extras`), before anything runs on the model."""
+        :meth:`ServerStage.download_extras`), before anything runs on the model."""
 
-    def training(self, cid: int) -> contextlib.AbstractContextManager:
-        """Context around client ``cid``'s local steps."""
+    def training(self, cid: int, state: ClientState, round_idx: int
+                 ) -> contextlib.AbstractContextManager[Penalty | None]:
+        """Around client ``cid``'s local steps: may yield a term added to each step's
+        loss, computed from the adapter on the model (SOFT's orthogonality penalty;
+        the logged loss is the task's alone); on a normal exit the trained adapter is
+        still on the model and the stage may add to ``state.method`` (FDLoRA)."""
         return contextlib.nullcontext()
 
-    def penalty(self) -> torch.Tensor | None:
-        """A term added to each local step's loss, computed from the adapter on the
-        model (SOFT's orthogonality penalty); None: none. The logged loss is the
-        task's alone."""
-        return None
-
-    def after_fit(self, cid: int, state: ClientState, round_idx: int) -> None:
-        """After the local steps, with the trained adapter still on the model; may add
-        to ``state.method`` (method-owned tensors the client keeps)."""
-
-    def report(self, trained: Tensors) -> dict[str, list[float]]:
-        """Numbers about this fit for the method's server hooks, sent beside the upload
-        (see :meth:`ServerHooks.end_round`; TSFA: each layer's importance profile);
-        ``trained``: the adapter tensors as trained, before any compression."""
-        return {}
-
-    def upload_positions(self, upload: Tensors) -> Tensors | None:
-        """Per tensor, the sorted flat positions of ``upload`` to send (SOFT: whole rank
-        components); a tensor not named goes whole. None: the codec decides."""
-        return None
+    def choose_upload(self, upload: Tensors) -> Choice:
+        """What to send of ``upload`` (the adapter tensors as trained, before any
+        compression), and the fit's report for the server stage."""
+        return Choice()
 
     def scored_adapter(self, cid: int, state: ClientState, own: Tensors, holdout
                        ) -> tuple[Tensors, dict[str, list[float]]]:
-        """The adapter client ``cid`` is scored and exported with (default: its own),
-        and per-client values to report beside the metrics."""
+        """The extension point of personalised evaluation (FDLoRA's fusion): the
+        adapter client ``cid`` is scored and exported with (default: its own), and
+        per-client values to report beside the metrics."""
         return own, {}
+
+
+# --- the method ---------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Command:
-    """A ``sfedlora`` subcommand a method owns (TSFA's offline rank plan). The CLI adds
-    ``add_arguments`` to its parser and calls ``run(args, context)``; ``context`` gives
-    what a method may not import itself: ``context.load_config(path, overrides)`` (a
-    resolved config) and ``context.run_rounds(cfg, server_hooks)`` (the in-process
-    runtime). ``run`` returns the exit status."""
+    """A ``sfedlora`` subcommand that ships with a method (TSFA's offline rank plan),
+    listed in :data:`sfedlora.methods.COMMANDS`. The CLI adds ``add_arguments`` to its
+    parser and calls ``run(args, context)``; ``context`` gives what a method may not
+    import itself: ``context.load_config(path, overrides)`` (a resolved config) and
+    ``context.run_rounds(cfg, server_stage)`` (the in-process runtime). ``run``
+    returns the exit status."""
 
     name: str
     help: str
@@ -211,64 +288,29 @@ class NoOptions(BaseModel):
 
 
 class Method:
-    """Base description; subclasses override class attributes and rarely methods."""
+    """FedIT unless a subclass says otherwise (the first line of its docstring is its
+    summary; its registry key, or import path, is its name)."""
 
     Options: ClassVar[type[BaseModel]] = NoOptions
-    # subcommands of the ``sfedlora`` CLI this method owns (TSFA: tsfa-plan)
-    commands: ClassVar[tuple[Command, ...]] = ()
-    # the round metrics its server hooks report that depend on who took part: left out
-    # of the released files where sampling is secret (under DP), like the runtime's own
-    participation_metrics: ClassVar[frozenset[str]] = frozenset()
+    roles: ClassVar[Roles] = Roles()
+    traits: ClassVar[Traits] = Traits()
 
-    def __init__(self, options: BaseModel | None = None):
+    def __init__(self, options: BaseModel | None = None, name: str | None = None):
         self.options = options if options is not None else self.Options()
+        self.name = name or type(self).__name__.lower()
 
-    name: ClassVar[str]
-    summary: ClassVar[str]
-    shared: ClassVar[frozenset[Part]] = ALL_PARTS
-    private: ClassVar[frozenset[Part]] = frozenset()
-    fixed: ClassVar[frozenset[Part]] = frozenset()
-    default_scaling: ClassVar[str] = "lora"
-    weighting: ClassVar[str] = "examples"  # "examples": p_i ~ n_i; "uniform": p_i = 1/m
-    # First entry is the default; a_init is an error for methods with one mode.
-    a_init_modes: ClassVar[tuple[str, ...]] = ("shared",)
-    a_init_note: ClassVar[str] = "every client starts from one shared A"
-    # Whether clients may hold different ranks (lora.client_ranks).
-    mixed_ranks: ClassVar[bool] = False
-    # Codec settings per direction ("up", "down") that config fields left unset take.
-    comm: ClassVar[dict[str, dict]] = {}
-    # "none": the combined uploads become the global state; "sgd" / "adamw": their
-    # mean change is the gradient of a server optimizer step (FedOpt).
-    server_optimizer: ClassVar[str] = "none"
-    # Parts re-initialised every round at the client's rank (never held by the server).
-    fresh: ClassVar[frozenset[Part]] = frozenset()
-    # Whether lora.adapter=vera applies (VeRA's shared frozen projections).
-    supports_vera: ClassVar[bool] = False
-    # Why the server step is not a weighted sum of what clients send (so secure
-    # aggregation, which reveals only that sum, cannot run it); "" where it is.
-    secure_aggregation_refusal: ClassVar[str] = ""
-    # Whether client_weight is always an integer (summed exactly under secure aggregation).
-    integer_weights: ClassVar[bool] = True
-    # Whether clients choose which entries of their upload to send
-    # (ClientHooks.upload_positions; SOFT: whole rank components), so an upload can
-    # lose change even through a lossless codec, and error feedback has work to do.
-    chooses_upload_positions: ClassVar[bool] = False
-
-    @property
-    def has_global_adapter(self) -> bool:
-        """True when the server's state alone is a complete adapter."""
-        return not self.private
-
-    @property
-    def per_client_adapters(self) -> bool:
-        """True when each client's scored adapter differs from the global one (private
-        parts, or a per-client fusion): those are exported one per client."""
-        return not self.has_global_adapter
+    @final
+    @classmethod
+    def summary(cls) -> str:
+        """The first paragraph of the class's docstring, on one line."""
+        paragraph = (cls.__doc__ or "").strip().split("\n\n")[0]
+        return " ".join(line.strip() for line in paragraph.splitlines())
 
     def check_config(self, cfg: ExperimentConfig) -> None:
         """Refuse settings this method cannot run with: raise ``ValueError`` naming the
-        setting and the fix. Called by config validation."""
+        setting and the fix (see :meth:`refuse`). Called by config validation."""
 
+    @final
     def refuse(self, refused: Sequence[tuple[bool, str, str]]) -> None:
         """For :meth:`check_config`: ``(refused?, setting, why)`` triples; raise
         ``ValueError`` naming the first refused setting, why, and the fix."""
@@ -277,66 +319,46 @@ class Method:
                 raise ValueError(f"method={self.name} does not work with this {setting}: "
                                  f"{why}; remove or change {setting}")
 
-    def holdout_examples(self, cfg: ExperimentConfig) -> int:
-        """Examples of each client's training data kept out of training for the
-        method's own use (FDLoRA's fusion search); 0: none."""
-        return 0
-
-    def server_hooks(self, cfg: ExperimentConfig) -> ServerHooks:
-        return ServerHooks()
-
-    def client_hooks(self, cfg: ExperimentConfig, worker: Worker) -> ClientHooks:
-        return ClientHooks()
-
     def plan(self, round_idx: int) -> RoundPlan:
         """Default: everything that is not fixed trains; the shared parts go up."""
-        trainable = (self.shared | self.private) - self.fixed
-        return RoundPlan(train=frozenset(trainable), upload=frozenset(self.shared - self.fixed))
+        roles = self.roles
+        trainable = (roles.shared | roles.private) - roles.fixed
+        return RoundPlan(train=frozenset(trainable), upload=frozenset(roles.shared - roles.fixed))
 
     def initial_adapter(self, state: Tensors) -> Tensors:
-        """Every freshly drawn adapter (shared, per client or per round) passes
-        through here; default: as drawn. SOFT orthonormalises A's rows."""
+        """The extension point of drawn initialisations (SOFT's orthonormal A): every
+        freshly drawn adapter (shared, per client or per round) passes through here;
+        default: as drawn."""
         return state
 
-    def finalize(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The new global state from the combined one, after any DP noise (so it is
-        post-processing and costs no privacy); default: unchanged. FedSVD
-        re-factorises here."""
-        return state
+    def local_data(self, cfg: ExperimentConfig, splits: list) -> LocalData:
+        """What clients train on, from every client's own split
+        (:class:`~sfedlora.data.ClientSplit`): default, each its own, ``local.steps``
+        per round."""
+        return LocalData(splits, cfg.local.steps)
 
-    def participants(self, sampled: list[int]) -> list[int]:
-        """Which of the round's sampled clients train (default: all of them)."""
-        return sampled
+    def server_stage(self, cfg: ExperimentConfig, layout: Any, network: Any) -> ServerStage:
+        """The server side of the method's mechanics, built once per server (and on
+        resume, before its state is restored) with the adapter's layout and the
+        network model (None for ``network.model: none``). It may refuse the setup with
+        a ``ConfigError`` naming the setting (TSFA: a latency budget no client meets)."""
+        return ServerStage()
 
-    def training_splits(self, splits: list) -> list:
-        """Each client's data split (:class:`~sfedlora.data.ClientSplit`) as this
-        method trains on it (default: unchanged; ``central`` pools training data)."""
-        return splits
+    def client_stage(self, cfg: ExperimentConfig, worker: Worker) -> ClientStage:
+        return ClientStage()
 
-    def round_subset(self, cfg: ExperimentConfig, cid: int, size: int, splits: list,
-                     round_idx: int) -> np.ndarray | None:
-        """Positions of client ``cid``'s training data (``size`` examples, as
-        :meth:`training_splits` made it; ``splits``: every client's own split) that round
-        ``round_idx`` trains on (default None: all of them; ``central`` under
-        ``local.epochs``: as many as the round's sampled clients hold)."""
-        return None
-
-    def local_steps(self, cfg: ExperimentConfig) -> int | None:
-        """Local steps per round of a training client (default ``local.steps``; None:
-        ``local.epochs`` decide)."""
-        return cfg.local.steps
-
+    @final
     def client_weight(self, num_examples: int, tensors: Tensors) -> float:
-        """A client's unnormalised weight, from what it knows itself: what secure
-        aggregation's clients pre-weight their uploads with (the server divides by the
-        sum). Consistent with :meth:`weights`."""
-        return 1.0 if self.weighting == "uniform" else float(num_examples)
+        """A client's unnormalised weight, from what it knows itself (its scheme,
+        ``traits.weighting``): what secure aggregation's clients pre-weight their
+        uploads with (the server divides by the sum)."""
+        return weighting.client_weight(self.traits.weighting, num_examples, tensors)
 
+    @final
     def weights(self, updates: Sequence[Update]) -> list[float]:
-        if self.weighting == "uniform":
-            return [1.0 / len(updates)] * len(updates)
-        total = sum(u.num_examples for u in updates)
-        return [u.num_examples / total for u in updates]
+        """The normalised weights of ``updates``."""
+        return weighting.normalised(self.traits.weighting,
+                                    [(u.num_examples, u.tensors) for u in updates])
 
     def aggregate(
         self,

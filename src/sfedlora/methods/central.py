@@ -15,44 +15,60 @@ would have to move), and the benchmarks report none for it.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import replace
+from functools import partial
 
 import numpy as np
 
 from sfedlora.core import seeds
-from sfedlora.methods.base import Method
+from sfedlora.methods.base import LocalData, Method, ServerRound, ServerStage, Traits
 from sfedlora.privacy.sampling import sample_clients
 
 TRAINER = 0  # the client that holds the pooled training data
 
 
+class OneTrainer(ServerStage):
+    """Every round is trained by the trainer alone, whoever was sampled."""
+
+    @contextlib.contextmanager
+    def round(self, rnd: ServerRound):
+        rnd.clients = [TRAINER]
+        yield
+
+
+def round_subset(cfg, splits: list, cid: int, size: int, round_idx: int
+                 ) -> np.ndarray | None:
+    """Under ``local.epochs``, a seeded random subset of the pool (``size`` examples on
+    the trainer) as large as the training data of the round's sampled clients."""
+    if cid != TRAINER or cfg.local.epochs is None:
+        return None
+    sampled = sample_clients(cfg.clients.num, cfg.clients_per_round, cfg.seed, round_idx)
+    pool = sum(len(s.train) for s in splits)
+    share = sum(len(splits[c].train) for c in sampled)
+    count = round(size * share / pool) if pool else 0
+    rng = np.random.default_rng([cfg.seed, seeds.CENTRAL_SUBSET, round_idx])
+    return np.sort(rng.choice(size, size=count, replace=False))
+
+
 class Central(Method):
-    name = "central"
-    summary = "reference: every client's training data pooled on one trainer, same total steps"
-    secure_aggregation_refusal = "trains one client; there is no sum to hide"
+    """reference: every client's training data pooled on one trainer, same total steps"""
 
-    def participants(self, sampled: list[int]) -> list[int]:
-        return [TRAINER]
+    traits = Traits(secure_aggregation_refusal="trains one client; there is no sum to hide")
 
-    def training_splits(self, splits: list) -> list:
+    def local_data(self, cfg, splits: list) -> LocalData:
+        """Every client's training data on the trainer, which trains the round's total
+        steps (``clients.per_round * local.steps``)."""
         pooled = np.concatenate([s.train for s in splits])
-        return [replace(s, train=pooled if c == TRAINER else pooled[:0])
-                for c, s in enumerate(splits)]
-
-    def round_subset(self, cfg, cid: int, size: int, splits: list, round_idx: int
-                     ) -> np.ndarray | None:
-        if cid != TRAINER or cfg.local.epochs is None:
-            return None
-        sampled = sample_clients(cfg.clients.num, cfg.clients_per_round, cfg.seed, round_idx)
-        pool = sum(len(s.train) for s in splits)
-        share = sum(len(splits[c].train) for c in sampled)
-        count = round(size * share / pool) if pool else 0
-        rng = np.random.default_rng([cfg.seed, seeds.CENTRAL_SUBSET, round_idx])
-        return np.sort(rng.choice(size, size=count, replace=False))
-
-    def local_steps(self, cfg) -> int | None:
         steps = cfg.local.steps
-        return None if steps is None else steps * cfg.clients_per_round
+        return LocalData(
+            [replace(s, train=pooled if c == TRAINER else pooled[:0])
+             for c, s in enumerate(splits)],
+            steps=None if steps is None else steps * cfg.clients_per_round,
+            round_subset=partial(round_subset, cfg, splits))
+
+    def server_stage(self, cfg, layout, network) -> ServerStage:
+        return OneTrainer()
 
     def check_config(self, cfg) -> None:
         refused = [(cfg.privacy.enabled, "privacy.enabled",

@@ -22,31 +22,32 @@ from collections.abc import Sequence
 import torch
 
 from sfedlora.aggregation.combiners import weighted_mean
-from sfedlora.methods.base import Method, Update
+from sfedlora.methods.base import Method, Traits, Update
 
 
 class FedEx(Method):
-    name = "fedex"
-    summary = "FedIT averages; the residual mean(B_i A_i) - mean(B) mean(A) merged into the base"
-    a_init_modes = ("shared", "independent")
-    a_init_note = "A is averaged, so clients may start from one A or their own"
-    secure_aggregation_refusal = "merges the residual of each client's own product B_i A_i"
+    """FedIT averages; the residual mean(B_i A_i) - mean(B) mean(A) merged into the base"""
+
+    traits = Traits(a_init_modes=("shared", "independent"),
+                    a_init_note="A is averaged, so clients may start from one A or their own",
+                    secure_aggregation_refusal="merges the residual of each client's own "
+                    "product B_i A_i")
 
     def merge_factors(self, updates: Sequence[Update], cfg) -> dict[str, torch.Tensor]:
         return residual_factors(updates, self.weights(updates), cfg.gamma)
 
-    def server_hooks(self, cfg):
+    def server_stage(self, cfg, layout, network):
         from sfedlora.methods.merging import MergeHistory
 
         return MergeHistory(self, cfg)
 
-    def client_hooks(self, cfg, worker):
+    def client_stage(self, cfg, worker):
         from sfedlora.methods.merging import BaseMerger
 
         return BaseMerger(cfg, worker)
 
     def check_config(self, cfg) -> None:
-        from sfedlora.methods.merging.hooks import merge_refusals
+        from sfedlora.methods.merging.stages import merge_refusals
 
         self.refuse(merge_refusals(cfg))
 

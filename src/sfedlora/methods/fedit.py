@@ -5,12 +5,12 @@ Note mean(B_i) mean(A_i) != mean(B_i A_i): this aggregation noise is what later
 methods remove.
 """
 
-from sfedlora.methods.base import Method
+from sfedlora.methods.base import Method, Traits
 
 
 class FedIT(Method):
-    name = "fedit"
-    summary = "FedAvg of A, B and head (weighted by data size)"
-    a_init_modes = ("shared", "independent")
-    a_init_note = "A is averaged, so clients may start from one A or their own"
-    supports_vera = True
+    """FedAvg of A, B and head (weighted by data size)"""
+
+    traits = Traits(a_init_modes=("shared", "independent"),
+                    a_init_note="A is averaged, so clients may start from one A or their own",
+                    vera=True)

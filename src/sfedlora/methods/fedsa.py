@@ -7,15 +7,13 @@ every client runs the same fixed ``local.steps`` at one batch size (the default)
 differs under ``local.epochs``.
 """
 
-from sfedlora.methods.base import Method, Part
+from sfedlora.methods.base import Method, Part, Roles, Traits
 
 
 class FedSA(Method):
-    name = "fedsa"
-    summary = "A averaged (uniform); B and head private per client"
-    shared = frozenset({Part.A})
-    private = frozenset({Part.B, Part.HEAD})
-    weighting = "uniform"
-    a_init_modes = ("shared", "independent")
-    a_init_note = "A is averaged, so clients may start from one A or their own"
-    supports_vera = True  # FedSA-VeRA
+    """A averaged (uniform); B and head private per client"""
+
+    roles = Roles(shared=frozenset({Part.A}), private=frozenset({Part.B, Part.HEAD}))
+    traits = Traits(weighting="uniform", a_init_modes=("shared", "independent"),
+                    a_init_note="A is averaged, so clients may start from one A or their own",
+                    vera=True)  # FedSA-VeRA

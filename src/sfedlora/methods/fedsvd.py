@@ -9,16 +9,15 @@ A_old`` exactly (its rank is at most r). A therefore adapts across rounds althou
 client ever trains or sends it, and every client receives the new A with B.
 
 Designed with DP in mind: only B is released, so clipping and noise apply to B's mean
-alone, and the re-factorisation runs on the noised mean (:meth:`Method.finalize`), a
+alone, and the re-factorisation runs on the noised mean (:class:`Refactorise`), a
 post-processing step that costs no privacy.
 """
 
 from __future__ import annotations
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from sfedlora.methods.base import Method, Part, RoundPlan
+from sfedlora.methods.base import Method, Part, RoundPlan, ServerStage, Tensors
 from sfedlora.methods.factorize import lora_pairs, svd_factors
 
 
@@ -30,22 +29,29 @@ class FedSVDOptions(BaseModel):
         "seeded initialisation, as the official code does")
 
 
-class FedSVD(Method):
-    name = "fedsvd"
-    summary = "clients train B only; the server re-factorises B_mean A by SVD (new A orthonormal)"
-    Options = FedSVDOptions
+class Refactorise(ServerStage):
+    """After every combine (and any DP noise): ``B_new A_new = B_mean A_old`` by SVD."""
 
-    def plan(self, round_idx: int) -> RoundPlan:
-        trained = frozenset({Part.B, Part.HEAD} if self.options.train_head else {Part.B})
-        return RoundPlan(train=trained, upload=trained)
-
-    def finalize(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def after_combine(self, round_idx: int, state: Tensors, updates) -> Tensors:
         new = dict(state)
         for a_name, b_name in lora_pairs(state):
             a, b = state[a_name], state[b_name]
             new[a_name], new[b_name] = svd_factors(b.double() @ a.double(), a.shape[0],
                                                    a.dtype)
         return new
+
+
+class FedSVD(Method):
+    """clients train B only; the server re-factorises B_mean A by SVD (new A orthonormal)"""
+
+    Options = FedSVDOptions
+
+    def plan(self, round_idx: int) -> RoundPlan:
+        trained = frozenset({Part.B, Part.HEAD} if self.options.train_head else {Part.B})
+        return RoundPlan(train=trained, upload=trained)
+
+    def server_stage(self, cfg, layout, network) -> ServerStage:
+        return Refactorise()
 
     def check_config(self, cfg) -> None:
         refused = [

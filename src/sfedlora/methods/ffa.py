@@ -4,12 +4,11 @@ same everywhere, mean(B_i) A = mean(B_i A): aggregation is exact, at half FedIT'
 traffic.
 """
 
-from sfedlora.methods.base import Method, Part
+from sfedlora.methods.base import Method, Part, Roles, Traits
 
 
 class FFA(Method):
-    name = "ffa"
-    summary = "A frozen (shared seed); B and head averaged"
-    shared = frozenset({Part.B, Part.HEAD})
-    fixed = frozenset({Part.A})
-    a_init_note = "A is frozen at one init shared by every client"
+    """A frozen (shared seed); B and head averaged"""
+
+    roles = Roles(shared=frozenset({Part.B, Part.HEAD}), fixed=frozenset({Part.A}))
+    traits = Traits(a_init_note="A is frozen at one init shared by every client")

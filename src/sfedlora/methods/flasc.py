@@ -14,20 +14,14 @@ by default; the paper's code uses SGD with momentum 0.9, ``local.optimizer=sgd
 local.momentum=0.9``), and top-k keeps ``ceil(d * n)`` entries (official: floor).
 """
 
-from typing import ClassVar
-
+from sfedlora.methods.base import Traits
 from sfedlora.methods.fedit import FedIT
 
 
 class FLASC(FedIT):
-    name = "flasc"
-    supports_vera = False
-    summary = "sparse up/down messages, mean change as the gradient of a server AdamW"
-    weighting = "uniform"
-    comm: ClassVar[dict[str, dict]] = {
-        "down": {"density": 0.25},
-        "up": {"density": 0.25, "delta": True},
-    }
-    server_optimizer = "adamw"
-    a_init_modes = ("shared",)
-    a_init_note = "the server keeps one dense A from one shared init"
+    """sparse up/down messages, mean change as the gradient of a server AdamW"""
+
+    traits = Traits(weighting="uniform",
+                    comm={"down": {"density": 0.25}, "up": {"density": 0.25, "delta": True}},
+                    server_optimizer="adamw", a_init_modes=("shared",),
+                    a_init_note="the server keeps one dense A from one shared init")

@@ -21,15 +21,15 @@ from collections.abc import Sequence
 import torch
 
 from sfedlora.aggregation.combiners import Combiner, weighted_mean
-from sfedlora.methods.base import Method, Part, Update, part_of
+from sfedlora.methods.base import Method, Part, Traits, Update, part_of
 from sfedlora.methods.factorize import lora_pairs, svd_factors
 
 
 class FlexLoRA(Method):
-    name = "flexlora"
-    summary = "mixed ranks: SVD of sum_k p_k B_k A_k, each client gets its rank's truncation"
-    mixed_ranks = True
-    secure_aggregation_refusal = "takes the SVD of the clients' own products B_k A_k"
+    """mixed ranks: SVD of sum_k p_k B_k A_k, each client gets its rank's truncation"""
+
+    traits = Traits(mixed_ranks=True, secure_aggregation_refusal="takes the SVD of the "
+                    "clients' own products B_k A_k")
 
     def aggregate(self, global_state: dict[str, torch.Tensor], updates: Sequence[Update],
                   combine: Combiner = weighted_mean) -> dict[str, torch.Tensor]:

@@ -7,13 +7,12 @@ Quantisation is a codec, so any method can use it (``comm.up.bits``); this prese
 the paper's setting, with ``comm.up.bits=4`` or ``2`` for its lower-bit variants.
 """
 
-from typing import ClassVar
+from dataclasses import replace
 
 from sfedlora.methods.fedit import FedIT
 
 
 class FLoCoRA(FedIT):
-    name = "flocora"
-    supports_vera = False
-    summary = "FedIT with 8-bit affine per-channel quantised uploads"
-    comm: ClassVar[dict[str, dict]] = {"up": {"bits": 8, "delta": False}}
+    """FedIT with 8-bit affine per-channel quantised uploads"""
+
+    traits = replace(FedIT.traits, vera=False, comm={"up": {"bits": 8, "delta": False}})

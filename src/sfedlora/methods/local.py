@@ -6,17 +6,16 @@ the federated methods are, so the gap to them is what federation buys. By defaul
 client draws its own A (``a_init: independent``), as a client alone would.
 """
 
-from sfedlora.methods.base import ALL_PARTS, Method
+from sfedlora.methods.base import ALL_PARTS, Method, Roles, Traits
 
 
 class Local(Method):
-    name = "local"
-    summary = "reference: each client trains alone on its own data; nothing is sent"
-    shared = frozenset()
-    private = ALL_PARTS
-    secure_aggregation_refusal = "sends nothing"
-    a_init_modes = ("independent", "shared")
-    a_init_note = "nothing is averaged, so clients may start from their own A or one A"
+    """reference: each client trains alone on its own data; nothing is sent"""
+
+    roles = Roles(shared=frozenset(), private=ALL_PARTS)
+    traits = Traits(
+        secure_aggregation_refusal="sends nothing", a_init_modes=("independent", "shared"),
+        a_init_note="nothing is averaged, so clients may start from their own A or one A")
 
     def check_config(self, cfg) -> None:
         refused = [(cfg.privacy.enabled, "privacy.enabled", "nothing is released to noise"),

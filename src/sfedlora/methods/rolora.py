@@ -5,13 +5,13 @@ identical on every client, so the average of products is exact, and one factor g
 up per round. The head trains and is averaged every round.
 """
 
-from sfedlora.methods.base import Method, Part, RoundPlan
+from sfedlora.methods.base import Method, Part, RoundPlan, Traits
 
 
 class RoLoRA(Method):
-    name = "rolora"
-    summary = "alternating B-rounds and A-rounds, B first"
-    a_init_note = "the frozen factor must be identical on every client"
+    """alternating B-rounds and A-rounds, B first"""
+
+    traits = Traits(a_init_note="the frozen factor must be identical on every client")
 
     def plan(self, round_idx: int) -> RoundPlan:
         factor = Part.B if round_idx % 2 == 1 else Part.A

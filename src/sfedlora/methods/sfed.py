@@ -8,12 +8,13 @@ independent A's has sqrt(N) times smaller norm, which the factor restores. With
 sqrt(N)-larger step; both are offered so studies can tell the two apart.
 """
 
+from dataclasses import replace
+
 from sfedlora.methods.fedsa import FedSA
 
 
 class SFed(FedSA):
-    name = "sfed"
-    summary = "FedSA-LoRA with gamma = alpha*sqrt(N/r)"
-    default_scaling = "sfed"
-    supports_vera = False  # VeRA has no LoRA scale to set
-    a_init_modes = ("independent", "shared")
+    """FedSA-LoRA with gamma = alpha*sqrt(N/r)"""
+
+    traits = replace(FedSA.traits, scaling="sfed", a_init_modes=("independent", "shared"),
+                     vera=False)  # VeRA has no LoRA scale to set

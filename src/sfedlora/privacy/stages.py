@@ -42,5 +42,5 @@ def check_clients(cfg: ExperimentConfig, method, train_sizes: list[int]) -> None
     """Refuse, before training, clients that the configured stages cannot carry: under
     secure aggregation, data-size weights beyond what its quantisation was sized for
     (``privacy.secagg_max_weight``; known in advance for integer weights without DP)."""
-    if cfg.privacy.secure_aggregation and method.integer_weights and not cfg.privacy.enabled:
+    if cfg.privacy.secure_aggregation and method.traits.integer_weights and not cfg.privacy.enabled:
         check_weights(cfg, method, [method.client_weight(n, {}) for n in train_sizes])

@@ -47,7 +47,7 @@ class Evaluator:
         return out + ([self.global_request()] if global_adapter else [])
 
     def evaluate(self) -> dict:
-        has_global = self.method.has_global_adapter
+        has_global = self.method.roles.has_global_adapter
         requests = [self.client_request(c, global_part=not has_global) for c in self.scored]
         scores = self.pool.score(requests + ([self.global_request()] if has_global else []))
         clients = {c: s for c, s in scores.items() if c is not None}

@@ -13,6 +13,7 @@ from sfedlora.core import seeds
 from sfedlora.core.records import ClientScores
 from sfedlora.data import FederatedData, build_federated_data
 from sfedlora.methods import Method, get_method
+from sfedlora.methods.base import LocalData
 from sfedlora.modeling import lm
 from sfedlora.modeling.model import build_model, load_tokenizer
 from sfedlora.privacy.stages import check_clients
@@ -27,6 +28,7 @@ class Experiment:
     task: Task
     method: Method
     data: FederatedData
+    local: LocalData  # what the method's clients train on
     client_train: list
     client_test: list
     client_val: list  # each client's validation part (data.validation_fraction; else empty)
@@ -43,7 +45,7 @@ class Experiment:
         state it would receive and the method's extras it has not received yet, and
         the method's per-client values. The same for every runtime."""
         worker = self.worker
-        worker.hooks.receive(extras)
+        worker.stage.receive(extras)
         if cid is None:
             return worker.inits.global_adapter(shared), {}
         holdout = self.client_holdout[cid] if self.client_holdout else None
@@ -51,10 +53,10 @@ class Experiment:
 
     def round_train(self, cid: int, round_idx: int):
         """The training examples client ``cid`` uses in round ``round_idx``: its training
-        data, or the part of it the method chooses (:meth:`Method.round_subset`)."""
+        data, or the part of it the method chooses (``LocalData.round_subset``)."""
         data = self.client_train[cid]
-        subset = self.method.round_subset(self.cfg, cid, len(data), self.data.clients,
-                                          round_idx)
+        choose = self.local.round_subset
+        subset = None if choose is None else choose(cid, len(data), round_idx)
         return data if subset is None else data.subset(subset)
 
     def score(self, cid: int | None, state, shared, extras, global_part: bool
@@ -91,18 +93,19 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
     model, base_path = build_model(cfg, task, data.label_names)
     tokenizer = load_tokenizer(base_path)
     # the clients' own splits stay in ``data``; training follows the method's (central)
-    sets = task.encode(cfg, tokenizer,
-                       replace(data, clients=method.training_splits(data.clients)))
+    local = method.local_data(cfg, data.clients)
+    sets = task.encode(cfg, tokenizer, replace(data, clients=local.splits))
     client_train, client_holdout = sets.train, []
-    if holdout := method.holdout_examples(cfg):
+    if holdout := local.holdout:
         split = [hold_out(t, holdout, seeds.derive_seed(cfg.seed, seeds.HOLDOUT, c))
                  for c, t in enumerate(client_train)]
         client_train, client_holdout = [s[0] for s in split], [s[1] for s in split]
     check_clients(cfg, method, [len(t) for t in client_train])
     probe = sets.global_test.subset(
         np.arange(min(cfg.eval.probe_size, len(sets.global_test))))
-    worker = Worker(cfg, model, task, method, tokenizer)
-    return Experiment(cfg=cfg, task=task, method=method, data=data, client_train=client_train,
+    worker = Worker(cfg, model, task, method, tokenizer, local.steps)
+    return Experiment(cfg=cfg, task=task, method=method, data=data, local=local,
+                      client_train=client_train,
                       client_test=sets.test, client_val=sets.val,
                       client_holdout=client_holdout, global_test=sets.global_test,
                       probe=probe, worker=worker, base_path=base_path)

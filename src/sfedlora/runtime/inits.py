@@ -35,9 +35,9 @@ class AdapterInits:
         """Client ``cid``'s full adapter: its init, then its private parts, then the
         server's shared parts on top. Once the server holds A, the client's own A draw
         would be overwritten, so it is not drawn. Where the method re-initialises parts
-        every round (``Method.fresh``), the init of a training round is a fresh draw at
+        every round (``Roles.fresh``), the init of a training round is a fresh draw at
         the client's rank."""
-        if self.method.fresh and round_idx is not None:
+        if self.method.roles.fresh and round_idx is not None:
             fresh = self._draw(seeds.derive_seed(self.cfg.seed, seeds.A_INIT, 2, round_idx,
                                                  cid))
             rank = self.cfg.client_rank(cid)
@@ -69,7 +69,7 @@ class AdapterInits:
         much as an uncompressed round). Computed once per process: a draw per client."""
         if self._origin is None:
             origin = self.initial_server_state()
-            shared = self.method.shared - self.method.fixed - self.method.fresh
+            shared = self.method.roles.shared - self.method.roles.fixed - self.method.roles.fresh
             if self.cfg.a_init == "independent" and Part.A in shared:
                 total = {n: torch.zeros_like(self.shared_init[n]) for n in self._a_names}
                 for cid in range(self.cfg.clients.num):
@@ -83,7 +83,7 @@ class AdapterInits:
     def initial_server_state(self) -> Tensors:
         """What the server holds before round 1: the shared parts of the common init
         (without A when every client draws its own A)."""
-        parts = set(self.method.shared - self.method.fixed - self.method.fresh)
+        parts = set(self.method.roles.shared - self.method.roles.fixed - self.method.roles.fresh)
         if self.cfg.a_init == "independent":
             parts.discard(Part.A)
         return {n: self.shared_init[n].clone() for n in self.layout.names(parts)}

@@ -26,7 +26,7 @@ from sfedlora.core.codecs import Codec
 from sfedlora.core.ranks import pad, truncate, truncated_spec
 from sfedlora.core.records import AggregationReport
 from sfedlora.methods import Method, Part, Update
-from sfedlora.methods.base import ServerHooks
+from sfedlora.methods.base import ServerStage
 from sfedlora.privacy.dp import GaussianMechanism
 from sfedlora.settings import ServerConfig
 
@@ -60,7 +60,7 @@ class Server:
         optimizer: str = "none",
         ranks: Sequence[int] | None = None,
         client_start: Callable[[int, int], dict[str, torch.Tensor]] | None = None,
-        hooks: ServerHooks | None = None,
+        stage: ServerStage | None = None,
         down_history: int = 16,
         down_origin: dict[str, torch.Tensor] | None = None,
     ):
@@ -68,7 +68,7 @@ class Server:
         layout); ``spec`` gives every adapter tensor's shape and dtype; ``down`` encodes
         the download; ``optimizer`` names the server optimizer (``"none"``: replace);
         ``ranks`` gives each client's rank where ranks are mixed (:mod:`sfedlora.core.ranks`);
-        ``hooks`` the method's server-side mechanics (default: none);
+        ``stage`` the method's server stage (default: none);
         ``client_start(cid, round)`` the adapter a client starts a round from before its
         download (its own A draw where A is independent or fresh, B zero): what changes
         to tensors the server never sent are measured against. A ``down`` codec with
@@ -83,10 +83,10 @@ class Server:
         self.down = down or Codec()
         self.ranks = list(ranks) if ranks is not None else None
         self.client_start = client_start
-        self.hooks = hooks or ServerHooks()
+        self.stage = stage or ServerStage()
         self.downlink = (Downlink(self.down, down_history, state, down_origin)
                          if self.down.delta else None)
-        shared = names_for(method.shared - method.fixed)
+        shared = names_for(method.roles.shared - method.roles.fixed)
         self.optimizer = (None if optimizer == "none"
                           else ServerOptimizer(optimizer, self.cfg, spec, shared))
 
@@ -99,14 +99,14 @@ class Server:
         state and the method's server-side state."""
         return {"state": self.state,
                 "optimizer": self.optimizer.state_dict() if self.optimizer else None,
-                "hooks": self.hooks.state_dict(),
+                "hooks": self.stage.state_dict(),  # the key checkpoints have always had
                 "downlink": self.downlink.state_dict() if self.downlink else None}
 
     def load_state_dict(self, saved: dict) -> None:
         self.state = saved["state"]
         if self.optimizer is not None:
             self.optimizer.load_state_dict(saved["optimizer"])
-        self.hooks.load_state_dict(saved.get("hooks") or {})
+        self.stage.load_state_dict(saved.get("hooks") or {})
         if self.downlink is not None:
             self.downlink.load_state_dict(saved["downlink"])
 
@@ -134,14 +134,14 @@ class Server:
         to its rank where ranks are mixed), encoded, plus the method's extra tensors
         for it (FLoRA: the factors of every round it has not received yet). Uploads are
         decoded (and changes measured) relative to what the client received."""
-        extras = self.hooks.download_extras(cid) if cid is not None else {}
+        extras = self.stage.download_extras(cid) if cid is not None else {}
         if self.downlink is not None and cid is not None:
             return self.downlink.message(cid, extras)
         return self._payload(self._rank(cid), extras)
 
     def forget(self, cid: int) -> None:
-        """Client ``cid`` did not reply: assume it holds nothing it was sent."""
-        self.hooks.forget(cid)
+        """Client ``cid`` did not reply: assume it holds no download it was sent (the
+        method's stage does the same for its extras when the round ends)."""
         if self.downlink is not None:
             self.downlink.forget(cid)
 
@@ -150,7 +150,7 @@ class Server:
         """What client ``cid`` is scored with now: the shared state as it would receive
         it, and the method's extras it has not received yet (which an evaluation
         request carries without counting them as received)."""
-        return self.received_state(cid), self.hooks.download_extras(cid, advance=False)
+        return self.received_state(cid), self.stage.download_extras(cid, advance=False)
 
     def _received(self, cid: int | None) -> dict[str, torch.Tensor]:
         """The shared state as client ``cid`` decodes it (truncated to its rank)."""
@@ -334,8 +334,8 @@ class Server:
 
     def _finish(self, round_idx: int, new: dict[str, torch.Tensor], updates: list[Update],
                 uploaded: list[str]) -> dict[str, torch.Tensor]:
-        new = self.method.finalize(new)
-        self.hooks.after_combine(round_idx, sorted(updates, key=lambda u: u.client_id))
+        new = self.stage.after_combine(round_idx, new,
+                                       sorted(updates, key=lambda u: u.client_id))
         if self.optimizer is None:
             return new
         return self.optimizer.step(self.state, self.sent, {n: new[n] for n in uploaded})

@@ -4,7 +4,7 @@ A round samples clients, has the server encode their downloads, asks the client 
 to train them, has the server check and combine the replies, counts the bytes, and,
 on schedule, evaluates and checkpoints. The clients are reached only through a
 :class:`~sfedlora.runtime.pool.ClientPool` (in this process, or Flower SuperNodes); what a
-method or task does differently lives in the method's hooks and the task component.
+method or task does differently lives in the method's stages and the task component.
 Every message is really serialised (safetensors) and parsed, so byte counts and what
 the server sees are what a deployment would have.
 """
@@ -26,7 +26,7 @@ from sfedlora.core.checkpoint import FILENAME as CHECKPOINT_FILE
 from sfedlora.core.checkpoint import Checkpoint, load_checkpoint
 from sfedlora.core.records import PARTICIPATION_METRICS, Metric, Tensors, mean_or_none
 from sfedlora.methods import Part, get_method, part_of
-from sfedlora.methods.base import ServerHooks
+from sfedlora.methods.base import ServerRound, ServerStage
 from sfedlora.privacy.dp import GaussianMechanism
 from sfedlora.privacy.sampling import evaluated_clients, sampler_for
 from sfedlora.privacy.stages import upload_stage
@@ -66,6 +66,8 @@ class Simulation:
                         if cfg.privacy.enabled else None)
         self.sampler = sampler_for(cfg)
         layout = self.info.layout
+        self.network = build_network(cfg.network, cfg.seed, cfg.clients.num,
+                                     self.info.base_params)
         self.server = Server(self.method, self.inits.initial_server_state(), layout.spec,
                              layout.names, cfg.server, cfg.clients.min_clients,
                              self.privacy, down=cfg.codec("down"),
@@ -73,14 +75,11 @@ class Simulation:
                              ranks=([cfg.client_rank(c) for c in range(cfg.clients.num)]
                                     if cfg.lora.client_ranks else None),
                              client_start=self.inits.drawn_start,
-                             hooks=self.method.server_hooks(cfg),
+                             stage=self.method.server_stage(cfg, layout, self.network),
                              down_history=cfg.comm.down_history,
                              down_origin=(self.inits.downlink_origin()
                                           if cfg.codec("down").delta else None))
         self.bytes = ByteCounter(cfg.clients.num)
-        self.network = build_network(cfg.network, cfg.seed, cfg.clients.num,
-                                     self.info.base_params)
-        self.server.hooks.start(layout, self.network)
         self.evaluator = Evaluator(cfg.clients.num, self.task, self.method, self.server, pool,
                                    evaluated_clients(cfg.clients.num, cfg.eval.clients,
                                                      cfg.seed))
@@ -93,15 +92,33 @@ class Simulation:
     # --- one round ------------------------------------------------------------------
 
     def run_round(self, round_idx: int) -> RoundRecord:
-        clients = self.method.participants(self.sampler.sample(round_idx))
+        rnd = ServerRound(round_idx, self.sampler.sample(round_idx), self.network)
+        with self.server.stage.round(rnd):  # the method's stage may narrow the clients
+            metrics, seconds = self._round(rnd)
+        metrics |= rnd.metrics
+        if rnd.dropped:
+            metrics[Metric.DROPPED] = rnd.dropped
+        if self.sampler.secret:  # who took part must not reach the released artefacts;
+            # the stage's metrics are computed from the round's clients
+            hidden = PARTICIPATION_METRICS | set(rnd.metrics)
+            metrics = {k: v for k, v in metrics.items() if k not in hidden}
+        if self.privacy is not None:
+            pld, rdp = self.privacy.spent(round_idx)
+            metrics[Metric.DP_EPSILON], metrics[Metric.DP_EPSILON_RDP] = pld, rdp
+        return RoundRecord({str(k): v for k, v in metrics.items()}, seconds)
+
+    def _round(self, rnd: ServerRound) -> tuple[dict, dict]:
+        """Downloads, training, aggregation and the round's price; ``rnd`` gains the
+        fits, who dropped and the latency, for the method's stage."""
+        round_idx, clients = rnd.index, rnd.clients
         t0 = time.perf_counter()
-        planned = self.server.hooks.begin_round(round_idx, clients, self.network)
         downloads = {cid: self.server.download(cid) for cid in clients}
         fits = self.uploads.fit(round_idx, downloads)
-        dropped = [c for c in clients if c not in fits]
-        for c in dropped:
+        rnd.dropped = [c for c in clients if c not in fits]
+        for c in rnd.dropped:
             self.server.forget(c)
         clients = [c for c in clients if c in fits]
+        rnd.fits = {c: fits[c] for c in clients}
         t1 = time.perf_counter()
         uploaded = self.uploads.aggregate(round_idx, fits)
         report, up, down = uploaded.report, uploaded.up, uploaded.down
@@ -122,19 +139,8 @@ class Simulation:
             metrics |= self.network.price(round_idx, {c: up[c] for c in clients},
                                           {c: down[c] for c in clients},
                                           {c: fits[c].tokens or 0 for c in clients})
-        metrics |= planned
-        metrics |= self.server.hooks.end_round(round_idx, metrics,
-                                               {c: fits[c] for c in clients})
-        if dropped:
-            metrics[Metric.DROPPED] = dropped
-        if self.sampler.secret:  # who took part must not reach the released artefacts
-            hidden = PARTICIPATION_METRICS | self.method.participation_metrics
-            metrics = {k: v for k, v in metrics.items() if k not in hidden}
-        if self.privacy is not None:
-            pld, rdp = self.privacy.spent(round_idx)
-            metrics[Metric.DP_EPSILON], metrics[Metric.DP_EPSILON_RDP] = pld, rdp
-        return RoundRecord({str(k): v for k, v in metrics.items()},
-                           {"train": t1 - t0, "aggregate": t2 - t1})
+            rnd.latency = float(metrics[Metric.LATENCY_SECONDS])
+        return metrics, {"train": t1 - t0, "aggregate": t2 - t1}
 
     def shared_a_norm(self) -> float | None:
         """Frobenius norm, over every adapted layer, of the A the server holds after this
@@ -165,12 +171,13 @@ class Simulation:
     def export_adapters(self, run_dir: RunDir) -> list[Path]:
         """PEFT adapters: the global one where there is one, and one per client where
         clients' scored adapters differ from it."""
-        requests = self.evaluator.requests(self.method.has_global_adapter,
-                                           self.method.per_client_adapters)
+        roles = self.method.roles
+        requests = self.evaluator.requests(roles.has_global_adapter,
+                                           roles.per_client_adapters)
         files = self.pool.export(requests)
         named = {("global" if r.cid is None else f"client_{r.cid}"): files.get(r.cid)
                  for r in requests}
-        return run_dir.write_adapters(named, self.server.hooks.export_lora(self.server.state))
+        return run_dir.write_adapters(named, self.server.stage.export_lora(self.server.state))
 
     def should_evaluate(self, round_idx: int) -> bool:
         every = self.cfg.eval.every
@@ -318,12 +325,12 @@ def config_differences(old: dict, new: dict, ignore=frozenset(), prefix: str = "
     return diffs
 
 
-def run_rounds(cfg: ExperimentConfig, server_hooks: ServerHooks | None = None
+def run_rounds(cfg: ExperimentConfig, server_stage: ServerStage | None = None
                ) -> tuple[list[dict], AdapterLayout]:
     """Train ``cfg.rounds`` rounds in this process, nothing written or evaluated, with
-    ``server_hooks`` in place of the method's (an offline study's recorder: TSFA's
+    ``server_stage`` in place of the method's (an offline study's recorder: TSFA's
     pilots); each round's metrics and the adapter's layout."""
     sim = Simulation(cfg)
-    if server_hooks is not None:
-        sim.server.hooks = server_hooks
+    if server_stage is not None:
+        sim.server.stage = server_stage
     return [sim.run_round(r).metrics for r in range(1, cfg.rounds + 1)], sim.info.layout

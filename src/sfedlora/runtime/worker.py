@@ -2,7 +2,7 @@
 
 A :class:`Worker` owns the process's model and runs any client on it by swapping
 adapter tensors in and out. It follows the method's description (what trains, what
-goes up, what stays) and calls the method's client hooks at fixed points; what a
+goes up, what stays) and calls the method's client stage at fixed points; what a
 batch is, the loss and the scores are the task's. It contains no method- or
 task-specific logic, so every runtime (the in-process pool, a Flower ClientApp) calls it.
 """
@@ -42,8 +42,12 @@ def lr_factor(schedule: str, step: int, total: int) -> float:
 
 class Worker:
     def __init__(self, cfg: ExperimentConfig, model: torch.nn.Module, task: Task,
-                 method: Method, tokenizer=None):
+                 method: Method, tokenizer=None, local_steps: int | None = ...):
+        """``local_steps``: a training client's steps per round (None: ``local.epochs``
+        decide), as the method's :meth:`~sfedlora.methods.Method.local_data` says;
+        default ``local.steps``."""
         self.cfg, self.model, self.task, self.method = cfg, model, task, method
+        self.local_steps = cfg.local.steps if local_steps is ... else local_steps
         self.tokenizer = tokenizer
         self.collate = task.collator(tokenizer, cfg)
         self.up = cfg.codec("up")
@@ -58,7 +62,7 @@ class Worker:
         # Tensors every client on this machine may read (the runtime may replace it:
         # a Flower node keeps it in its state directory).
         self.shared_store: TensorStore = MemoryStore()
-        self.hooks = method.client_hooks(cfg, self)
+        self.stage = method.client_stage(cfg, self)
         self.device = next(model.parameters()).device
         if self.device.type == "cpu":
             # Adam's second moments of near-zero gradients fall into the denormal range,
@@ -99,9 +103,9 @@ class Worker:
     def scored_adapter(self, cid: int, state: ClientState, shared: Tensors, holdout
                        ) -> tuple[Tensors, dict[str, list[float]]]:
         """The adapter client ``cid`` is evaluated and exported with (its assembled
-        adapter, or what the method's hooks make of it, e.g. FDLoRA's fusion), and the
+        adapter, or what the method's stage makes of it, e.g. FDLoRA's fusion), and the
         method's per-client values."""
-        return self.hooks.scored_adapter(cid, state, self.inits.assemble(cid, state, shared),
+        return self.stage.scored_adapter(cid, state, self.inits.assemble(cid, state, shared),
                                          holdout)
 
     def holdout_loss(self, tensors: Tensors, data) -> float:
@@ -135,7 +139,7 @@ class Worker:
             round_idx: int) -> FitResult:
         """Run client ``cid``'s local work for round ``round_idx`` (1-based); updates
         ``state`` in place and returns the serialised upload."""
-        # truncated to ``rank`` where ranks are mixed; the method's extras to its hooks
+        # truncated to ``rank`` where ranks are mixed; the method's extras to its stage
         received, extras = self.split_download(self.receive(download, state))
         if len(data) == 0:  # a skewed partition left it nothing: the server rejects
             # a zero-example update with that reason, and the round goes on
@@ -144,27 +148,27 @@ class Worker:
         cfg, local = self.cfg, self.cfg.local
         plan = self.method.plan(round_idx)
         rank = cfg.client_rank(cid)
-        self.hooks.receive(extras)
+        self.stage.receive(extras)
         self.slots.load(self.inits.assemble(cid, state, pad(received, self.spec), round_idx))
         self.slots.set_trainable(plan.train)
         optimizer = self._optimizer()
         if local.keep_optimizer_state and state.optimizer is not None:
             optimizer.load_state_dict(state.optimizer)
-        with self.hooks.training(cid):
-            losses, norms_a, norms_b, tokens = self._train(cid, optimizer, data, round_idx)
+        with self.stage.training(cid, state, round_idx) as penalty:
+            losses, norms_a, norms_b, tokens = self._train(cid, optimizer, data, round_idx,
+                                                           penalty)
 
-        state.private = self.slots.snapshot(self.method.private)
-        self.hooks.after_fit(cid, state, round_idx)
+        state.private = self.slots.snapshot(self.method.roles.private)
         if local.keep_optimizer_state:
             # on the CPU with the rest of the client's state; loading moves it back
             state.optimizer = _cpu_copy(optimizer.state_dict())
         tensors = self._truncate(self.slots.snapshot(plan.upload), rank)
+        choice = self.stage.choose_upload(tensors)
         upload, state.residual = self.up.send(
             tensors, reference=received, residual=state.residual,
-            meta={"client": cid, "round": round_idx},
-            positions=self.hooks.upload_positions(tensors))
+            meta={"client": cid, "round": round_idx}, positions=choice.positions)
         return FitResult(
-            report=self.hooks.report(tensors),
+            report=choice.report,
             upload=upload,
             num_examples=len(data),
             train_loss=float(np.mean(losses)),
@@ -175,11 +179,12 @@ class Worker:
         )
 
     def _train(self, cid: int, optimizer: torch.optim.Optimizer, data,
-               round_idx: int) -> tuple[list[float], list, list, int]:
+               round_idx: int, penalty=None) -> tuple[list[float], list, list, int]:
         """The local steps: losses and the gradient norms of A and B per step, and the
-        token positions processed (padding included: the model computes them)."""
+        token positions processed (padding included: the model computes them).
+        ``penalty()``, where given, is added to each step's loss (not to the logged one)."""
         cfg, local = self.cfg, self.cfg.local
-        num_steps = self.method.local_steps(cfg)
+        num_steps = self.local_steps
         per_round = steps_per_round(len(data), local.batch_size, num_steps, local.epochs)
         total = per_round * cfg.rounds
         a_names = self.slots.names({Part.A})
@@ -199,10 +204,10 @@ class Worker:
             batch = self.batch(data, idx)
             tokens += batch["input_ids"].numel()
             loss = self.model(**batch).loss
-            penalty = self.hooks.penalty()
-            (loss if penalty is None else loss + penalty).backward()
+            extra = None if penalty is None else penalty()
+            (loss if extra is None else loss + extra).backward()
             losses.append(loss.item())
-            del loss, penalty  # release the step's graph before the next forward pass
+            del loss, extra  # release the step's graph before the next forward pass
             norms_a.append(self._grad_norm(a_names))
             norms_b.append(self._grad_norm(b_names))
             if local.max_grad_norm is not None:

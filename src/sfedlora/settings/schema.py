@@ -1,7 +1,7 @@
 """The experiment config's schema: sections, fields, rules that span fields, and the
 values derived from them (resolved in one place so every runtime agrees). Rules and
 defaults that concern one method or task are theirs (``Method.check_config``,
-``Task.check_config``, ``Method.default_scaling``, ...): :func:`sfedlora.config.resolve`
+``Task.check_config``, ``Method.traits``, ...): :func:`sfedlora.config.resolve`
 applies them, since this layer sits below the methods and tasks."""
 
 from __future__ import annotations
@@ -520,10 +520,10 @@ class ExperimentConfig(_Section):
         """The checks that need this config's method and task (their objects, passed
         in by :func:`sfedlora.config.resolve`: the settings layer sits below both).
         Raises ``ValueError`` naming the setting and the fix."""
-        if self.lora.a_init is not None and len(method.a_init_modes) < 2:
+        if self.lora.a_init is not None and len(method.traits.a_init_modes) < 2:
             raise ValueError(
                 f"lora.a_init={self.lora.a_init!r} does not apply to method {self.method!r}, "
-                f"which has no such choice ({method.a_init_note}); remove lora.a_init"
+                f"which has no such choice ({method.traits.a_init_note}); remove lora.a_init"
             )
         if self.lora.adapter == "vera":
             self._check_vera(method, vera_methods)
@@ -545,8 +545,8 @@ class ExperimentConfig(_Section):
         """Secure aggregation gives the server only the weighted sum of what clients
         send: refuse whatever needs an individual update."""
         refused = [
-            (method.secure_aggregation_refusal, "method",
-             f"method={self.method} {method.secure_aggregation_refusal}"),
+            (method.traits.secure_aggregation_refusal, "method",
+             f"method={self.method} {method.traits.secure_aggregation_refusal}"),
             (self.server.aggregation != "mean", "server.aggregation",
              "a median or trimmed mean needs every update; use mean"),
             (self.server.max_update_norm is not None, "server.max_update_norm",
@@ -563,7 +563,7 @@ class ExperimentConfig(_Section):
 
     def _check_client_ranks(self, method) -> None:
         ranks, num = self.lora.client_ranks, self.clients.num
-        if not method.mixed_ranks:
+        if not method.traits.mixed_ranks:
             raise ValueError(
                 f"lora.client_ranks with method={self.method!r}, which needs one rank for "
                 "every client; use method=hetlora or flora, or remove lora.client_ranks"
@@ -578,7 +578,7 @@ class ExperimentConfig(_Section):
                              "optimizer; remove server.optimizer / lora.adapter")
 
     def _check_vera(self, method, vera_methods: list[str]) -> None:
-        if not method.supports_vera:
+        if not method.traits.vera:
             names = ", ".join(vera_methods)
             raise ValueError(
                 f"lora.adapter=vera with method={self.method!r}: VeRA's projections are "
@@ -613,7 +613,7 @@ class ExperimentConfig(_Section):
                  "every client then holds a truncation of its own"),
                 (self.privacy.secure_aggregation, "privacy.secure_aggregation",
                  "masks are computed against the download as one message"),
-                (bool(method.comm.get("down")), f"method={self.method}",
+                (bool(method.traits.comm.get("down")), f"method={self.method}",
                  "its downloads are compressed by design (its comm.down preset)"),
             ])
         up = self.codec("up")
@@ -624,7 +624,7 @@ class ExperimentConfig(_Section):
                 f"comm.up.error_feedback with method {self.method!r}, which sends nothing "
                 "up; remove comm.up.error_feedback"
             )
-        if up.lossless and not method.chooses_upload_positions:
+        if up.lossless and not method.traits.chooses_upload_positions:
             raise ValueError(
                 "comm.up.error_feedback with a lossless upload codec: nothing is lost, so "
                 "there is nothing to feed back; set comm.up.density < 1, comm.up.bits or "

@@ -7,7 +7,9 @@ every other piece of client state, and never sent.
 
 from __future__ import annotations
 
-from sfedlora.methods.base import ClientHooks, Part, Tensors
+import contextlib
+
+from sfedlora.methods.base import ClientStage, Part, Tensors
 
 PREFIX = "personal."
 
@@ -41,13 +43,16 @@ def choose_fusion(worker, grid: list[float], global_: Tensors, personal: Tensors
     return best
 
 
-class PersonalCopy(ClientHooks):
+class PersonalCopy(ClientStage):
     def __init__(self, cfg, worker):
         self.cfg, self.worker = cfg, worker
 
-    def after_fit(self, cid: int, state, round_idx: int) -> None:
-        """Refresh the personal copy from the locally trained global adapter in rounds
-        divisible by ``personal.sync_every``, and on the client's first round."""
+    @contextlib.contextmanager
+    def training(self, cid: int, state, round_idx: int):
+        """After the local steps, refresh the personal copy from the locally trained
+        global adapter in rounds divisible by ``personal.sync_every``, and on the
+        client's first round."""
+        yield None
         if state.method is None or round_idx % self.cfg.personal.sync_every == 0:
             state.method = {PREFIX + n: t
                             for n, t in self.worker.slots.snapshot(set(Part)).items()}

@@ -12,24 +12,22 @@ examples, kept out of training).
 The paper's exact schedule is not confirmed (METHODS.md); this is the reading above.
 """
 
+from dataclasses import replace
+
+from sfedlora.methods.base import LocalData, Roles, Traits
 from sfedlora.methods.fedit import FedIT
 
 
 class FDLoRA(FedIT):
-    name = "fdlora"
-    summary = "global adapter averaged; personal copy kept; fused by held-out grid search"
-    a_init_modes = ("shared",)
-    a_init_note = "the global adapter starts from one shared A"
-    supports_vera = False
+    """global adapter averaged; personal copy kept; fused by held-out grid search"""
 
-    @property
-    def per_client_adapters(self) -> bool:
-        return True  # every client's fusion is its own
+    roles = Roles(personal=True)  # every client's fusion is its own
+    traits = Traits(a_init_note="the global adapter starts from one shared A")
 
-    def holdout_examples(self, cfg) -> int:
-        return cfg.personal.holdout
+    def local_data(self, cfg, splits: list) -> LocalData:
+        return replace(super().local_data(cfg, splits), holdout=cfg.personal.holdout)
 
-    def client_hooks(self, cfg, worker):
+    def client_stage(self, cfg, worker):
         from sfedlora.methods.fdlora.fusion import PersonalCopy
 
         return PersonalCopy(cfg, worker)

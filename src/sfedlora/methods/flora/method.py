@@ -21,27 +21,27 @@ not received yet. The task head is averaged as in FedIT.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar
 
 import torch
 
 from sfedlora.aggregation.combiners import Combiner, weighted_mean
-from sfedlora.methods.base import ALL_PARTS, Method, Part, Update
+from sfedlora.methods.base import ALL_PARTS, Method, Part, Roles, Traits, Update
 
 
 class FLoRA(Method):
-    name = "flora"
-    summary = "fresh LoRA each round; stacked factors merged into the base (mixed ranks)"
-    shared = ALL_PARTS
-    fresh = frozenset({Part.A, Part.B})
-    secure_aggregation_refusal = "stacks each client's factors; their sum is not the stacked matrix"
-    mixed_ranks = True
-    a_init_modes = ("independent",)
-    a_init_note = "each client draws a fresh A every round"
-    # The official code sets lora_alpha = 2 * r_i: gamma = 2 at every client rank.
-    default_scaling = "fixed"
-    # The server never sees a fresh A, so lossy uploads are coded as values, not changes.
-    comm: ClassVar[dict[str, dict]] = {"up": {"delta": False}}
+    """fresh LoRA each round; stacked factors merged into the base (mixed ranks)"""
+
+    roles = Roles(shared=ALL_PARTS, fresh=frozenset({Part.A, Part.B}))
+    traits = Traits(
+        secure_aggregation_refusal="stacks each client's factors; their sum is not the "
+        "stacked matrix",
+        mixed_ranks=True, a_init_modes=("independent",),
+        a_init_note="each client draws a fresh A every round",
+        # The official code sets lora_alpha = 2 * r_i: gamma = 2 at every client rank.
+        scaling="fixed",
+        # The server never sees a fresh A, so lossy uploads are coded as values, not
+        # changes.
+        comm={"up": {"delta": False}})
 
     def aggregate(
         self,
@@ -59,12 +59,12 @@ class FLoRA(Method):
         return stack(updates, self.weights(updates), [cfg.client_rank(c) for c in cids],
                      [cfg.client_gamma(c) for c in cids])
 
-    def server_hooks(self, cfg):
+    def server_stage(self, cfg, layout, network):
         from sfedlora.methods.merging import MergeHistory
 
         return MergeHistory(self, cfg)
 
-    def client_hooks(self, cfg, worker):
+    def client_stage(self, cfg, worker):
         from sfedlora.methods.merging import BaseMerger
 
         return BaseMerger(cfg, worker)
@@ -72,7 +72,7 @@ class FLoRA(Method):
     def check_config(self, cfg) -> None:
         """Clients merge the downloaded factors into their base weights and start
         every round from a fresh adapter; refuse settings that break either."""
-        from sfedlora.methods.merging.hooks import merge_refusals
+        from sfedlora.methods.merging.stages import merge_refusals
 
         self.refuse([
             *merge_refusals(cfg),

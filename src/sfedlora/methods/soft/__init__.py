@@ -26,12 +26,12 @@ wireless federated LoRA. Details reconstructed from the paper's abstract; each p
 
 from __future__ import annotations
 
-from typing import ClassVar
+import contextlib
 
 import torch
 
 from sfedlora.aggregation.combiners import Combiner, mean_over_senders, weighted_mean
-from sfedlora.methods.base import ClientHooks, Method, Part, Tensors, Update
+from sfedlora.methods.base import Choice, ClientStage, Method, Part, Tensors, Traits, Update
 from sfedlora.methods.soft.components import (
     IMPORTANCE,
     component_positions,
@@ -41,7 +41,7 @@ from sfedlora.methods.soft.components import (
 )
 
 
-class SoftClient(ClientHooks):
+class SoftClient(ClientStage):
     def __init__(self, cfg, worker):
         self.weight, self.keep = cfg.soft.ortho_weight, cfg.soft.keep
         self.score = IMPORTANCE[cfg.soft.importance]
@@ -49,12 +49,20 @@ class SoftClient(ClientHooks):
         self.layers = [(params[a], params[a.replace(".lora_A.", ".lora_B.")])
                        for a in worker.slots.names({Part.A})]
 
-    def penalty(self) -> torch.Tensor | None:
-        if self.weight == 0:
-            return None
+    @contextlib.contextmanager
+    def training(self, cid: int, state, round_idx: int):
+        """Each local step's loss gains the orthogonality penalty (none at weight 0)."""
+        yield self.penalty if self.weight != 0 else None
+
+    def penalty(self) -> torch.Tensor:
         return self.weight * sum(orthogonality_penalty(a, b) for a, b in self.layers)
 
-    def upload_positions(self, upload: Tensors) -> Tensors:
+    def choose_upload(self, upload: Tensors) -> Choice:
+        return Choice(positions=self.positions(upload))
+
+    def positions(self, upload: Tensors) -> Tensors:
+        """Per factor, the flat positions of the ``ceil(keep * r)`` most important rank
+        components (row of A, column of B)."""
         positions = {}
         for name in [n for n in upload if ".lora_A." in n]:
             b_name = name.replace(".lora_A.", ".lora_B.")
@@ -65,13 +73,12 @@ class SoftClient(ClientHooks):
 
 
 class Soft(Method):
-    name = "soft"
-    summary = ("FedIT with near-orthogonal factors; clients send only their most "
-               "important rank components, averaged over their senders")
-    comm: ClassVar[dict[str, dict]] = {"up": {"delta": True}}
-    chooses_upload_positions = True
-    secure_aggregation_refusal = ("averages each rank component over the clients that "
-                                  "sent it, and a masked sum does not say who sent what")
+    """FedIT with near-orthogonal factors; clients send only their most important rank
+    components, averaged over their senders"""
+
+    traits = Traits(comm={"up": {"delta": True}}, chooses_upload_positions=True,
+                    secure_aggregation_refusal="averages each rank component over the "
+                    "clients that sent it, and a masked sum does not say who sent what")
 
     def check_config(self, cfg) -> None:
         self.refuse([(cfg.lora.adapter == "vera", "lora.adapter=vera",
@@ -80,7 +87,7 @@ class Soft(Method):
                       "comm.up.density", "SOFT chooses what to send by rank component "
                       "(soft.keep), not by entry")])
 
-    def client_hooks(self, cfg, worker) -> ClientHooks:
+    def client_stage(self, cfg, worker) -> ClientStage:
         return SoftClient(cfg, worker)
 
     def initial_adapter(self, state: Tensors) -> Tensors:

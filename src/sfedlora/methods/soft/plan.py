@@ -43,12 +43,12 @@ import torch
 
 from sfedlora.core.adapters import AdapterLayout
 from sfedlora.core.records import Metric
-from sfedlora.methods.base import Part, ServerHooks, Update
+from sfedlora.methods.base import Part, ServerStage, Tensors, Update
 from sfedlora.methods.soft.schedule import upload_values
 from sfedlora.settings import ConfigError, ExperimentConfig, apply_overrides, validate
 
-# (config, server hooks) -> each round's metrics and the adapter's layout
-RunRounds = Callable[[ExperimentConfig, ServerHooks], tuple[list[dict], AdapterLayout]]
+# (config, server stage) -> each round's metrics and the adapter's layout
+RunRounds = Callable[[ExperimentConfig, ServerStage], tuple[list[dict], AdapterLayout]]
 
 
 def read_plan(path: str | Path) -> dict[str, Any]:
@@ -81,15 +81,16 @@ def spread(updates: list[Update]) -> float:
     return float(spread_ / size) if size > 0 else 0.0
 
 
-class _SpreadRecorder(ServerHooks):
-    """A pilot's server hooks: SOFT has none of its own; these record each round's
+class _SpreadRecorder(ServerStage):
+    """A pilot's server stage: SOFT has none of its own; this records each round's
     :func:`spread`."""
 
     def __init__(self):
         self.spreads: list[float] = []
 
-    def after_combine(self, round_idx: int, updates) -> None:
+    def after_combine(self, round_idx: int, state: Tensors, updates) -> Tensors:
         self.spreads.append(spread(list(updates)))
+        return state
 
 
 def bound(last_loss: float, first_loss: float, pilot_rounds: int, rounds: int,

@@ -17,6 +17,7 @@ last round's mean (before any: every step's batch at ``model.max_length``).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from enum import StrEnum
@@ -24,10 +25,8 @@ from typing import Any
 
 import torch
 
-from sfedlora.core.records import Metric
-from sfedlora.methods.base import ClientHooks, ServerHooks, Tensors
+from sfedlora.methods.base import Choice, ClientStage, ServerRound, ServerStage, Tensors
 from sfedlora.methods.soft import Soft, SoftClient
-from sfedlora.methods.soft.command import PLAN
 from sfedlora.methods.soft.components import PROFILE, component_positions
 from sfedlora.methods.soft.schedule import drift_plus_penalty, mean_dropped_share, next_queue
 from sfedlora.settings import ConfigError
@@ -61,16 +60,18 @@ class TsfaClient(SoftClient):
             if name.startswith(KEEP_EXTRA):
                 self.keep = self.choices[int(name[len(KEEP_EXTRA):])]
 
-    def report(self, trained: Tensors) -> dict[str, list[float]]:
+    def choose_upload(self, upload: Tensors) -> Choice:
+        """SOFT's components at the round's keep ratio, and every layer's importance
+        profile for the server's schedule."""
         scores = []
-        for name in [n for n in trained if ".lora_A." in n]:
-            a, b = trained[name], trained[name.replace(".lora_A.", ".lora_B.")]
+        for name in [n for n in upload if ".lora_A." in n]:
+            a, b = upload[name], upload[name.replace(".lora_A.", ".lora_B.")]
             scores += self.profile(a, b).tolist()
-        return {IMPORTANCE: scores}
+        return Choice(positions=self.positions(upload), report={IMPORTANCE: scores})
 
 
-class TsfaServer(ServerHooks):
-    def __init__(self, cfg):
+class TsfaServer(ServerStage):
+    def __init__(self, cfg, layout, network):
         self.cfg, self.tsfa = cfg, cfg.tsfa
         self.queue = 0.0
         self.keep = self.tsfa.keep_choices[-1]
@@ -79,8 +80,10 @@ class TsfaServer(ServerHooks):
         self.ranks: list[int] = []  # each layer's rank, in report order
         self.up_bytes: dict[float, int] = {}  # keep ratio -> upload size
         self.down_bytes = 0
+        self._size_messages(layout)
+        self._check_budget(network)
 
-    def start(self, layout, network) -> None:
+    def _size_messages(self, layout) -> None:
         """Size every choice's upload and the download by encoding payloads of their
         shape with the run's codecs: sizes depend on shapes and counts, and on values
         only through the deflated layout and index (a few bytes)."""
@@ -99,7 +102,6 @@ class TsfaServer(ServerHooks):
             self.up_bytes[keep] = len(up.encode(zeros, zeros, meta, positions))
         extra = {keep_extra(len(self.tsfa.keep_choices) - 1): torch.zeros(1)}
         self.down_bytes = len(self.cfg.codec("down").encode({**zeros, **extra}))
-        self._check_budget(network)
 
     def _check_budget(self, network) -> None:
         """Refuse a budget that no client meets alone on the whole band at the smallest
@@ -120,7 +122,21 @@ class TsfaServer(ServerHooks):
         local = self.cfg.local
         return (local.steps or 1) * local.batch_size * self.cfg.model.max_length
 
-    def begin_round(self, round_idx: int, clients: list[int], network) -> dict[str, Any]:
+    @contextlib.contextmanager
+    def round(self, rnd: ServerRound):
+        """Before the downloads, choose the round's keep ratio; after the round, update
+        the virtual queue with its latency, and keep the clients' profiles."""
+        rnd.metrics |= self._choose(rnd.index, rnd.clients, rnd.network)
+        yield
+        self.queue = next_queue(self.queue, rnd.latency, self.tsfa.latency_budget_s)
+        if reported := [fit.report[IMPORTANCE] for fit in rnd.fits.values()
+                        if fit.report.get(IMPORTANCE)]:
+            self.profiles = [layer for scores in reported for layer in self._layers(scores)]
+        if rnd.fits:
+            self.tokens = sum(fit.tokens or 0 for fit in rnd.fits.values()) / len(rnd.fits)
+
+    def _choose(self, round_idx: int, clients: list[int], network) -> dict[str, Any]:
+        """The keep ratio of least drift plus penalty, and the metrics of that choice."""
         choices = self.tsfa.keep_choices
         tokens = self._most_tokens() if self.tokens is None else self.tokens
 
@@ -142,16 +158,6 @@ class TsfaServer(ServerHooks):
     def download_extras(self, cid: int | None, advance: bool = True) -> Tensors:
         return {keep_extra(self.tsfa.keep_choices.index(self.keep)): torch.zeros(1)}
 
-    def end_round(self, round_idx: int, metrics: dict[str, Any], fits) -> dict[str, Any]:
-        self.queue = next_queue(self.queue, float(metrics[Metric.LATENCY_SECONDS]),
-                                self.tsfa.latency_budget_s)
-        if reported := [fit.report[IMPORTANCE] for fit in fits.values()
-                        if fit.report.get(IMPORTANCE)]:
-            self.profiles = [layer for scores in reported for layer in self._layers(scores)]
-        if fits:
-            self.tokens = sum(fit.tokens or 0 for fit in fits.values()) / len(fits)
-        return {}
-
     def _layers(self, scores: list[float]) -> list[list[float]]:
         """A report's scores, one list per layer."""
         ends = list(itertools.accumulate(self.ranks))
@@ -168,11 +174,8 @@ class TsfaServer(ServerHooks):
 
 
 class Tsfa(Soft):
-    name = "tsfa"
-    summary = ("SOFT with each round's keep ratio and bandwidth split chosen by "
-               "drift-plus-penalty under a latency budget (and the rank by tsfa-plan)")
-    commands = (PLAN,)
-    participation_metrics = frozenset(TsfaMetric)  # computed from the round's clients
+    """SOFT with each round's keep ratio and bandwidth split chosen by drift-plus-penalty
+    under a latency budget (and the rank by tsfa-plan)"""
 
     def check_config(self, cfg) -> None:
         super().check_config(cfg)
@@ -193,8 +196,8 @@ class Tsfa(Soft):
                 raise ValueError(f"lora.rank={cfg.lora.rank} but the plan {cfg.tsfa.plan} "
                                  f"chose rank {chosen}; set lora.rank={chosen}")
 
-    def client_hooks(self, cfg, worker) -> ClientHooks:
+    def client_stage(self, cfg, worker) -> ClientStage:
         return TsfaClient(cfg, worker)
 
-    def server_hooks(self, cfg) -> ServerHooks:
-        return TsfaServer(cfg)
+    def server_stage(self, cfg, layout, network) -> ServerStage:
+        return TsfaServer(cfg, layout, network)

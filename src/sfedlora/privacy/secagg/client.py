@@ -114,7 +114,7 @@ def upload_vector(worker, cid: int, round_idx: int, download: bytes, upload: byt
 def weight_bound(cfg, method) -> float:
     """The largest weight a client may carry: 1 where the method averages uniformly
     or under DP, else ``privacy.secagg_max_weight``."""
-    if cfg.privacy.enabled or method.weighting == "uniform":
+    if cfg.privacy.enabled or method.traits.weighting == "uniform":
         return 1.0
     return float(cfg.privacy.secagg_max_weight)
 

@@ -190,6 +190,6 @@ class SecureUploads:
     def weight_step(self, clients: int) -> float:
         """1 for integer weights (summed exactly); else the step that keeps the sum of
         ``clients`` weights up to ``privacy.secagg_max_weight`` inside 32 bits."""
-        if self.cfg.privacy.enabled or self.server.method.integer_weights:
+        if self.cfg.privacy.enabled or self.server.method.traits.integer_weights:
             return 1.0
         return fieldmath.step_for(weight_bound(self.cfg, self.server.method), 1, clients)

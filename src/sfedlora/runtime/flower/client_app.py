@@ -150,7 +150,7 @@ def query(msg: Message, context: Context, defaults: dict) -> Message:
 
         exp, cid, node, request = _setup(msg, context, defaults)
         own = not request[messages.GLOBAL]  # a client's own adapter: private parts
-        if own and what == messages.ADAPTER and exp.method.per_client_adapters:
+        if own and what == messages.ADAPTER and exp.method.roles.per_client_adapters:
             raise PermissionError(f"client {cid}'s adapter holds its private parts, which "
                                   "never leave its node; score it there (evaluate) or "
                                   "export it into the node's storage")

@@ -25,7 +25,15 @@ import contextlib
 from collections.abc import Sequence
 from typing import Any
 
-from sfedlora.methods.base import ClientHooks, Part, ServerHooks, Tensors, Update, part_of
+from sfedlora.methods.base import (
+    ClientStage,
+    Part,
+    ServerRound,
+    ServerStage,
+    Tensors,
+    Update,
+    part_of,
+)
 from sfedlora.methods.merging.factors import (
     BaseWeights,
     MergeGap,
@@ -61,7 +69,7 @@ def _store_key(round_idx: int) -> str:
     return f"flora-merge-{round_idx}"
 
 
-class MergeHistory(ServerHooks):
+class MergeHistory(ServerStage):
     def __init__(self, method, cfg):
         self.method, self.cfg = method, cfg
         self.merges: dict[int, Tensors] = {}  # merge number -> stacked factors
@@ -73,9 +81,19 @@ class MergeHistory(ServerHooks):
         """The number of the last merge (0: none yet)."""
         return max(self.merges, default=0)
 
-    def after_combine(self, round_idx: int, updates: Sequence[Update]) -> None:
+    @contextlib.contextmanager
+    def round(self, rnd: ServerRound):
+        """A client that did not reply is assumed to hold nothing it was sent: its
+        next download catches it up from the start."""
+        yield
+        for cid in rnd.dropped:
+            self.synced.pop(cid, None)
+
+    def after_combine(self, round_idx: int, state: Tensors, updates: Sequence[Update]
+                      ) -> Tensors:
         ordered = sorted(updates, key=lambda u: u.client_id)
         self.merges[self.merged_round + 1] = self.method.merge_factors(ordered, self.cfg)
+        return state
 
     def merges_since(self, number: int) -> Tensors:
         """Every merge after merge ``number``, named ``merge.<number>.<name>``."""
@@ -103,9 +121,6 @@ class MergeHistory(ServerHooks):
             self.synced[cid] = self.merged_round
         return extras
 
-    def forget(self, cid: int) -> None:
-        self.synced.pop(cid, None)
-
     def export_lora(self, state: Tensors) -> tuple[Tensors, int]:
         """Every merged round plus the LoRA factors still in the server's state (none
         for FLoRA, whose factors are fresh; the averaged A and B for FedEx-LoRA), at
@@ -125,7 +140,7 @@ class MergeHistory(ServerHooks):
         self._refresh = None
 
 
-class BaseMerger(ClientHooks):
+class BaseMerger(ClientStage):
     def __init__(self, cfg, worker):
         self.cfg, self.worker = cfg, worker
         self.base = BaseWeights(worker.model)
@@ -155,7 +170,7 @@ class BaseMerger(ClientHooks):
         self.base.apply(missing)
 
     @contextlib.contextmanager
-    def training(self, cid: int):
+    def training(self, cid: int, state, round_idx: int):
         """Every LoRA layer at the scale of client ``cid``'s own rank inside the block."""
         value = self.cfg.client_gamma(cid)
         layers = list(self.base.layers.values())
@@ -163,7 +178,7 @@ class BaseMerger(ClientHooks):
         for layer in layers:
             layer.scaling["default"] = value
         try:
-            yield
+            yield None
         finally:
             for layer, scale in zip(layers, own, strict=True):
                 layer.scaling["default"] = scale
