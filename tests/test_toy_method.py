@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from sfedlora.config import to_yaml
 from sfedlora.methods import Method, Part, part_of
+from sfedlora.methods.base import Roles, ServerStage, Traits
 from sfedlora.runtime.simulation import Simulation
 
 
@@ -24,22 +25,27 @@ class ToyOptions(BaseModel):
     shrink: float = Field(1.0, gt=0, le=1, description="the averaged A is scaled by this")
 
 
-class Toy(Method):
-    """FedSA-LoRA whose averaged A is scaled by ``options.shrink`` after each round."""
+class Shrink(ServerStage):
+    """After each combine, the averaged A times ``shrink``."""
 
-    name = "toy"
-    summary = "A averaged (uniform) and shrunk; B and head private per client"
-    shared = frozenset({Part.A})
-    private = frozenset({Part.B, Part.HEAD})
-    weighting = "uniform"
-    a_init_modes = ("shared", "independent")
+    def __init__(self, shrink: float):
+        self.shrink = shrink
+
+    def after_combine(self, round_idx, state, updates):
+        Toy.combined = dict(state)
+        return {n: t * self.shrink if part_of(n) is Part.A else t for n, t in state.items()}
+
+
+class Toy(Method):
+    """A averaged (uniform) and shrunk by ``options.shrink``; B and head private"""
+
+    roles = Roles(shared=frozenset({Part.A}), private=frozenset({Part.B, Part.HEAD}))
+    traits = Traits(weighting="uniform", a_init_modes=("shared", "independent"))
     Options = ToyOptions
     combined: dict | None = None  # the last combined state, before the shrink
 
-    def finalize(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        Toy.combined = dict(state)
-        return {n: t * self.options.shrink if part_of(n) is Part.A else t
-                for n, t in state.items()}
+    def server_stage(self, cfg, layout, network) -> ServerStage:
+        return Shrink(self.options.shrink)
 
 
 TOY = f"{__name__}:Toy"  # what a config names it by
