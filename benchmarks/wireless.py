@@ -11,7 +11,7 @@ the same partitions, placements and fading). Arms:
 - ``fedit-topk-ab``: FedIT with elementwise top-k of A and B separately
   (``comm.up.per_tensor``), at the density whose bytes match ``soft-k25``'s;
 - ``soft-k25``, ``soft-k50``: SOFT at keep ratios 1/4 and 1/2, equal bandwidth;
-- ``soft-svd``: SOFT at 1/4 with the SVD importance (``soft.importance=svd``);
+- ``soft-svd``: SOFT at 1/4 with the SVD importance (``options.importance=svd``);
 - ``tsfa``: TSFA, its latency budget ``BUDGET_SHARE`` of the dense arm's mean round
   latency (seed 0 at the dense arm's chosen rate), min-max bandwidth split, V = 1. Its
   rank is the config's (8), with the online stage alone (the planned arms below add
@@ -22,7 +22,7 @@ the same partitions, placements and fading). Arms:
 - ``tsfa-plan``, ``tsfa-plan-ef``: TSFA with both stages, without and with feedback: the
   rank its offline stage chose (``tsfa-plan.json`` beside the arms, made once from the
   study's config and budget by :func:`sfedlora.methods.soft.plan.make_plan`, read by
-  every run through ``tsfa.plan``), then the same online stage.
+  every run through ``options.plan``), then the same online stage.
 
 The TSFA arms' settings (rank, V, error feedback) are chosen like the rate: the report
 takes the TSFA arm with the lowest seed-0 validation loss among those whose seed-0 mean
@@ -77,6 +77,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))  # the ladder of methods.py
 import methods as tuned  # noqa: E402  (the methods benchmark's ladder and seeds)
 
 from sfedlora.config import load_config  # noqa: E402
+from sfedlora.methods.soft.options import TsfaOptions  # noqa: E402
 from sfedlora.studies import runs as run_files  # noqa: E402
 from sfedlora.studies.stats import ci95  # noqa: E402
 
@@ -91,14 +92,14 @@ ARMS: dict[str, list[str]] = {
     # dense FedIT at the rank TSFA's offline stage chose (4): a reference for what the
     # rank alone buys, not a TSFA candidate and not the line the targets are read at
     "fedit-dense-r4": ["method=fedit", "lora.rank=4"],
-    "soft-k25": ["method=soft", "soft.keep=0.25"],
-    "soft-k50": ["method=soft", "soft.keep=0.5"],
-    "soft-svd": ["method=soft", "soft.keep=0.25", "soft.importance=svd"],
+    "soft-k25": ["method=soft", "options.keep=0.25"],
+    "soft-k50": ["method=soft", "options.keep=0.5"],
+    "soft-svd": ["method=soft", "options.keep=0.25", "options.importance=svd"],
     TSFA: ["method=tsfa", "network.allocation=min_max"],  # + the budget (tsfa_budget)
     # TSFA's V on a ladder 4x apart (V = 1 is the config default, the arm above); the
     # report chooses one on validation loss within the latency target (choose_tsfa)
-    "tsfa-v4": ["method=tsfa", "network.allocation=min_max", "tsfa.v=4.0"],
-    "tsfa-v16": ["method=tsfa", "network.allocation=min_max", "tsfa.v=16.0"],
+    "tsfa-v4": ["method=tsfa", "network.allocation=min_max", "options.v=4.0"],
+    "tsfa-v16": ["method=tsfa", "network.allocation=min_max", "options.v=16.0"],
     # TSFA (V = 1) keeping what a round did not send for a later round, SOFT's optional
     # error feedback; chosen or not by the same rule as V (choose_tsfa)
     "tsfa-ef": ["method=tsfa", "network.allocation=min_max", "comm.up.error_feedback=true"],
@@ -129,7 +130,7 @@ CONFIRM_SEEDS = (3, 4, 5)  # the confirm stage's fresh seeds (tuning used 0-2)
 def study(args) -> tuned.Study:
     arms = dict(ARMS)
     if set(TSFA_ARMS) & set(args.arms):
-        budget = f"tsfa.latency_budget_s={tsfa_budget(args)!r}"
+        budget = f"options.latency_budget_s={tsfa_budget(args)!r}"
         arms.update({arm: [*ARMS[arm], budget] for arm in TSFA_ARMS})
         if set(PLANNED) & set(args.arms):
             planned = planned_overrides(args, budget)
@@ -159,7 +160,7 @@ def planned_overrides(args, budget: str) -> list[str]:
         part.write_text(json.dumps(make_plan(cfg, run_rounds), indent=1) + "\n")
         part.replace(path)
     shown = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path  # runs from ROOT
-    return [f"lora.rank={read_plan(path)['rank']}", f"tsfa.plan={shown}"]
+    return [f"lora.rank={read_plan(path)['rank']}", f"options.plan={shown}"]
 
 
 def plan_table(args) -> list[str]:
@@ -366,10 +367,11 @@ def tsfa_candidates(args) -> list[Candidate]:
         run = chosen[0]  # the ladder's seed-0 run at the chosen rate
         cfg = load_config(run / "config.yaml")
         val = run_files.summary(run).get("personalized_val_loss")
-        candidates.append(Candidate(arm, cfg.lora.rank, cfg.tsfa.v,
+        options = TsfaOptions.model_validate(cfg.options)
+        candidates.append(Candidate(arm, cfg.lora.rank, options.v,
                                     cfg.codec("up").error_feedback,
                                     cfg.local.lr, val,
-                                    _mean_latency(run) / cfg.tsfa.latency_budget_s))
+                                    _mean_latency(run) / options.latency_budget_s))
     return candidates
 
 
@@ -475,7 +477,8 @@ def latency_verdict(what: str, group: dict[int, Path], budget: float,
 
 
 def _budget(runs: dict[int, Path]) -> float:
-    return load_config(next(iter(runs.values())) / "config.yaml").tsfa.latency_budget_s
+    cfg = load_config(next(iter(runs.values())) / "config.yaml")
+    return TsfaOptions.model_validate(cfg.options).latency_budget_s
 
 
 def tsfa_verdicts(args, arm: str, runs: dict[int, Path], line: dict[int, float],

@@ -135,3 +135,30 @@ def test_device_that_is_not_there(tiny_config):
         build_experiment(tiny_config("model.device=cuda"))
     with pytest.raises(ConfigError, match="is not a torch device"):
         build_experiment(tiny_config("model.device=gpu0"))
+
+
+def test_a_config_written_before_methods_owned_their_settings_still_loads(tmp_path):
+    """Saved configs of older runs spell out sections soft, tsfa and personal: their
+    keys reach the method that takes them as options, and a method that takes none
+    (fedit) drops them, as it always ignored them."""
+    import yaml
+
+    from sfedlora.config import to_yaml
+
+    old = yaml.safe_load(to_yaml(load_config(None, ["method=tsfa", "network.model=wireless",
+                                                    "network.allocation=min_max"])))
+    old.pop("options")
+    old["soft"] = {"ortho_weight": 0.01, "keep": 0.25, "importance": "svd"}
+    old["tsfa"] = {"v": 4.0, "latency_budget_s": 2.5}
+    old["personal"] = {"holdout": 8}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(old))
+    cfg = load_config(path, ["options.v=8.0"])  # an options value wins
+    assert cfg.options == {"ortho_weight": 0.01, "keep": 0.25, "importance": "svd",
+                           "v": 8.0, "latency_budget_s": 2.5}
+    assert "soft" not in cfg.model_dump() and "soft" not in to_yaml(cfg)
+    fedit = load_config(path, ["method=fedit", "network.model=none", "network.allocation=equal"])
+    assert fedit.options == {}
+    fdlora = load_config(path, ["method=fdlora", "network.model=none",
+                                "network.allocation=equal"])
+    assert fdlora.options == {"holdout": 8}

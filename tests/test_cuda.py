@@ -25,7 +25,7 @@ ARMS.update({
     "flora": ["lora.client_ranks=[2,4]"],
     "flexlora": ["lora.client_ranks=[2,4]"],
     "tsfa": ["network.model=wireless", "network.allocation=min_max",
-             "tsfa.latency_budget_s=100"],
+             "options.latency_budget_s=100"],
 })
 
 
@@ -51,10 +51,10 @@ def test_method_runs_on_cuda_with_client_state_on_cpu(tiny_config, method):
 # upload), and TSFA's schedule over a wireless network with feedback.
 WIRELESS = ["network.model=wireless", "network.bandwidth_hz=1e6"]
 VARIANTS = {
-    "soft-svd": ["method=soft", "soft.importance=svd", *WIRELESS],
+    "soft-svd": ["method=soft", "options.importance=svd", *WIRELESS],
     "soft-feedback": ["method=soft", "comm.up.error_feedback=true", *WIRELESS],
     "tsfa-feedback": ["method=tsfa", "comm.up.error_feedback=true", *WIRELESS,
-                      "network.allocation=min_max", "tsfa.latency_budget_s=100"],
+                      "network.allocation=min_max", "options.latency_budget_s=100"],
     "flasc-wireless": ["method=flasc", "comm.up.density=0.25", "comm.down.density=0.25",
                        *WIRELESS],
 }

@@ -29,7 +29,7 @@ def test_personal_adapter_is_never_sent_and_refreshes_on_schedule(tiny_config, m
         return fit
 
     monkeypatch.setattr(worker.Worker, "fit", spy)
-    sim = _run(tiny_config, "personal.sync_every=2", "clients.num=3")
+    sim = _run(tiny_config, "options.sync_every=2", "clients.num=3")
     sim.run_round(1)
     first = {c: personal_adapter(s) for c, s in sim.pool.states.items()}
     uploads.clear()
@@ -46,7 +46,7 @@ def test_personal_adapter_is_never_sent_and_refreshes_on_schedule(tiny_config, m
 
 
 def test_fusion_minimises_the_held_out_loss_over_the_grid(tiny_config):
-    sim = _run(tiny_config, "personal.grid=[0,0.5,1,1.5]", "rounds=2")
+    sim = _run(tiny_config, "options.grid=[0,0.5,1,1.5]", "rounds=2")
     for r in (1, 2):
         sim.run_round(r)
     w = sim.pool.exp.worker
@@ -64,7 +64,7 @@ def test_fusion_minimises_the_held_out_loss_over_the_grid(tiny_config):
 
 
 def test_fdlora_holds_out_data_learns_and_exports_fused_adapters(encoder_config, tmp_path):
-    cfg = encoder_config("method=fdlora", "personal.holdout=8")
+    cfg = encoder_config("method=fdlora", "options.holdout=8")
     sim = Simulation(cfg)
     exp = sim.pool.exp
     for cid, part in enumerate(exp.data.clients):

@@ -64,8 +64,8 @@ CASES = {  # name: (config factory fixture, overrides)
     # the narrow band makes the budget bind, so the keep ratio falls below 1
     "tsfa": ("tiny_config", ["method=tsfa", "network.model=wireless",
                              "network.allocation=min_max", "network.bandwidth_hz=2e3",
-                             "tsfa.latency_budget_s=3", "tsfa.keep_choices=[0.25,0.5,1.0]",
-                             "tsfa.v=0.01", "comm.up.error_feedback=true", "rounds=3"]),
+                             "options.latency_budget_s=3", "options.keep_choices=[0.25,0.5,1.0]",
+                             "options.v=0.01", "comm.up.error_feedback=true", "rounds=3"]),
 }
 
 

@@ -161,7 +161,7 @@ def test_under_dp_a_component_is_averaged_over_every_client_not_its_senders():
 
 
 def test_a_soft_run_starts_from_orthonormal_a_and_sends_fewer_bytes(tiny_config):
-    sims = {keep: Simulation(tiny_config("method=soft", f"soft.keep={keep}", "rounds=1",
+    sims = {keep: Simulation(tiny_config("method=soft", f"options.keep={keep}", "rounds=1",
                                          f"output_dir={tiny_config().output_dir}-{keep}"))
             for keep in (0.5, 1.0)}
     state = sims[0.5].server.state
@@ -170,16 +170,16 @@ def test_a_soft_run_starts_from_orthonormal_a_and_sends_fewer_bytes(tiny_config)
         assert torch.allclose(a @ a.T, torch.eye(a.shape[0]), atol=1e-5), name
     up = {keep: sim.run_round(1).metrics["bytes_up"] for keep, sim in sims.items()}
     assert up[0.5] < 0.8 * up[1.0]
-    svd = Simulation(tiny_config("method=soft", "soft.keep=0.5", "soft.importance=svd",
+    svd = Simulation(tiny_config("method=soft", "options.keep=0.5", "options.importance=svd",
                                  "rounds=1", f"output_dir={tiny_config().output_dir}-svd"))
     assert svd.run_round(1).metrics["bytes_up"] < 0.8 * up[1.0]  # it too sends half
 
 
 @pytest.mark.parametrize(("overrides", "field"), [
-    (("soft.keep=0",), "soft.keep"), (("soft.keep=1.5",), "soft.keep"),
-    (("soft.ortho_weight=-1",), "soft.ortho_weight"),
+    (("options.keep=0",), "options.keep"), (("options.keep=1.5",), "options.keep"),
+    (("options.ortho_weight=-1",), "options.ortho_weight"),
     (("comm.up.density=0.25",), "comm.up.density"),
-    (("soft.importance=eigen",), "soft.importance"),
+    (("options.importance=eigen",), "options.importance"),
 ])
 def test_bad_soft_settings_are_refused_naming_the_field(tiny_config, overrides, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
@@ -221,7 +221,7 @@ def test_error_feedback_keeps_the_change_of_the_components_not_sent():
 
 
 def test_a_soft_run_accepts_error_feedback_and_keeps_residuals(tiny_config):
-    cfg = tiny_config("method=soft", "soft.keep=0.5", "comm.up.error_feedback=true",
+    cfg = tiny_config("method=soft", "options.keep=0.5", "comm.up.error_feedback=true",
                       "rounds=1", "clients.per_round=1")
     assert cfg.codec("up").error_feedback and cfg.codec("up").lossless
     sim = Simulation(cfg)

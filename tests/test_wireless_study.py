@@ -120,14 +120,14 @@ def test_planned_arms_read_the_offline_stages_rank_and_the_report_never_plans(wi
     args = argparse.Namespace(out=str(tmp_path), dataset="sst2", size="cpu", stage="report",
                               overrides=[])
     # no plan yet: the report stage must not run the pilots (they train)
-    assert wireless.planned_overrides(args, "tsfa.latency_budget_s=1.0") == []
+    assert wireless.planned_overrides(args, "options.latency_budget_s=1.0") == []
     path = tmp_path / "sst2-cpu" / wireless.PLAN
     path.parent.mkdir()
     path.write_text(json.dumps({"rank": 4, "pilots": []}))
     for stage in ("report", "ladder"):  # a plan that exists is read, never made again
         args.stage = stage
-        assert wireless.planned_overrides(args, "tsfa.latency_budget_s=1.0") == [
-            "lora.rank=4", f"tsfa.plan={path}"]
+        assert wireless.planned_overrides(args, "options.latency_budget_s=1.0") == [
+            "lora.rank=4", f"options.plan={path}"]
 
 
 def _write_run(path: Path, latencies: list[float], budget: float = 1.0) -> Path:

@@ -28,6 +28,7 @@ from sfedlora.methods import REGISTRY, get_method, method_class
 from sfedlora.settings import ConfigError, Defaults, ExperimentConfig
 from sfedlora.settings import load_config as read_config
 from sfedlora.settings import validate as check_schema
+from sfedlora.settings.schema import LEGACY_OPTIONS
 from sfedlora.tasks import TASKS, get_task
 
 
@@ -41,6 +42,7 @@ def resolve(cfg: ExperimentConfig) -> ExperimentConfig:
         method_class(cfg.method)
     except ValueError as exc:
         raise ConfigError(f"invalid config: {exc}") from None
+    cfg = _adopt_legacy_sections(cfg)
     method, task = _method_with_options(cfg), get_task(cfg.task)
     resolved = cfg.with_defaults(Defaults(
         scaling=method.traits.scaling, server_optimizer=method.traits.server_optimizer,
@@ -53,6 +55,23 @@ def resolve(cfg: ExperimentConfig) -> ExperimentConfig:
             raise
         raise ConfigError(f"invalid config: {exc}") from None
     return resolved
+
+
+def _adopt_legacy_sections(cfg: ExperimentConfig) -> ExperimentConfig:
+    """``cfg`` with the settings of its pre-options sections (``soft.keep``,
+    ``tsfa.v``, ``personal.grid``, ...) moved into ``options`` where the method's
+    Options model takes them (an ``options`` value wins); the rest never applied to
+    this method and is dropped."""
+    legacy = cfg.options.get(LEGACY_OPTIONS)
+    if legacy is None:
+        return cfg
+    fields = method_class(cfg.method).Options.model_fields
+    options = {k: v for k, v in cfg.options.items() if k != LEGACY_OPTIONS}
+    for section in legacy.values():
+        for key, value in (section or {}).items():
+            if key in fields:
+                options.setdefault(key, value)
+    return cfg.model_copy(update={"options": options})
 
 
 def _method_with_options(cfg: ExperimentConfig):

@@ -46,7 +46,7 @@ class CheckpointError(ValueError):
 @dataclass
 class Checkpoint:
     round: int
-    server: dict[str, Any]  # Server.state_dict(): state, optimizer, method hooks
+    server: dict[str, Any]  # Server.state_dict(): state, optimizer, method stage
     pool: dict[str, Any]  # ClientPool.state_dict()
     totals: dict[str, Any]  # byte counts, wall seconds, the run key
     config: dict[str, Any]

@@ -23,7 +23,7 @@ class ClientState:
     private: Tensors = field(default_factory=dict)
     optimizer: dict | None = None
     residual: Tensors | None = None  # upload error feedback
-    method: Tensors | None = None  # owned by the method's client hooks (FDLoRA's copy)
+    method: Tensors | None = None  # owned by the method's client stage (FDLoRA's copy)
     # with delta downloads: the published version this client holds and its tensors
     # ({"version": int, "tensors": ...}; sfedlora.comm.downlink)
     held: dict | None = None
@@ -38,8 +38,8 @@ class FitResult:
     grad_norm_B: float | None
     steps: int
     tokens: int = 0  # token positions the local steps processed (for compute time)
-    # the method's numbers about this fit for its server hooks (TSFA: importance
-    # profiles); see ClientHooks.report
+    # the method's numbers about this fit for its server stage (TSFA: importance
+    # profiles); see ClientStage.choose_upload
     report: dict[str, list[float]] = field(default_factory=dict)
 
 
@@ -197,7 +197,7 @@ PARTICIPATION_METRICS = frozenset({
     Metric.RATE_BPS_PER_CLIENT, Metric.UPLOAD_SECONDS_PER_CLIENT,
     Metric.COMPUTE_SECONDS_PER_CLIENT, Metric.DOWNLOAD_SECONDS_PER_CLIENT,
     Metric.ENERGY_JOULES_PER_CLIENT, Metric.LATENCY_SECONDS, Metric.SIMULATED_SECONDS,
-})  # plus each method's own (Method.participation_metrics)
+})  # plus every metric a method's server stage reports (ServerRound.metrics)
 
 # What summary.json keeps of the last evaluated round.
 SUMMARY_METRICS = (

@@ -213,7 +213,7 @@ class RunDir:
         """Write PEFT adapters (``name -> file name -> bytes``, as ``save_pretrained``
         wrote them where the adapter lives) under ``adapters/``. ``exact_lora``
         replaces their LoRA factors where what was learned lives elsewhere (FLoRA's
-        merged base weights, see :meth:`ServerHooks.export_lora`)."""
+        merged base weights, see :meth:`ServerStage.export_lora`)."""
         written = []
         for name, files in adapters.items():
             if files is None:

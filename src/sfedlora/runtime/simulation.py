@@ -298,7 +298,7 @@ def resume_config(run_dir: Path, ckpt: Checkpoint, overrides=()) -> ExperimentCo
     cfg = load_config(run_dir / "config.yaml", [*overrides, f"output_dir={run_dir}"])
     # settings added since the checkpoint was written take their defaults, which keep
     # the old behaviour: only real changes count
-    saved = ExperimentConfig.model_validate(ckpt.config).model_dump(mode="json")
+    saved = resolve(ExperimentConfig.model_validate(ckpt.config)).model_dump(mode="json")
     diffs = config_differences(saved, cfg.model_dump(mode="json"), ignore=RESUME_MAY_CHANGE)
     if diffs:
         raise ConfigError(

@@ -96,7 +96,7 @@ class Worker:
 
     def split_download(self, tensors: Tensors) -> tuple[Tensors, Tensors]:
         """A decoded download: the adapter tensors, and the method's extra tensors
-        (names outside the adapter, see :class:`~sfedlora.methods.base.ServerHooks`)."""
+        (names outside the adapter, see :class:`~sfedlora.methods.base.ServerStage`)."""
         shared = {n: t for n, t in tensors.items() if n in self.spec}
         return shared, {n: t for n, t in tensors.items() if n not in self.spec}
 

@@ -35,7 +35,6 @@ from sfedlora.settings.schema import (
     LoraConfig,
     ModelConfig,
     NetworkConfig,
-    PersonalConfig,
     PrivacyConfig,
     ServerConfig,
 )
@@ -43,6 +42,6 @@ from sfedlora.settings.schema import (
 __all__ = [
     "CheckpointConfig", "ClientsConfig", "CodecConfig", "CommConfig", "ConfigError",
     "DataConfig", "Defaults", "EvalConfig", "ExperimentConfig", "FlowerConfig", "LocalConfig",
-    "LoraConfig", "ModelConfig", "NetworkConfig", "PersonalConfig", "PrivacyConfig", "ServerConfig",
+    "LoraConfig", "ModelConfig", "NetworkConfig", "PrivacyConfig", "ServerConfig",
     "apply_overrides", "load_config", "parse_value", "to_yaml", "validate",
 ]

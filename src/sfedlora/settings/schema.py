@@ -236,55 +236,6 @@ class CodecConfig(_Section):
         "instead of over the whole message")
 
 
-class SoftConfig(_Section):
-    """SOFT (``method=soft``): near-orthogonal factors, uploads of whole rank components."""
-
-    ortho_weight: float = Field(
-        1e-2, ge=0, description="weight of ||A A^T - I||^2 + ||offdiag(B^T B)||^2 per layer "
-        "in the local loss")
-    keep: float = Field(0.5, gt=0, le=1, description="fraction of each layer's rank "
-                        "components a client sends (ceil(keep * r), by importance)")
-    importance: Literal["norms", "svd"] = Field(
-        "norms", description="how components are ranked: norms, ||B[:, i]|| ||A[i, :]|| "
-        "(no SVD; exact for orthogonal factors), or svd, each component's size inside "
-        "the best rank-ceil(keep r) approximation of B A (one SVD per layer per round)")
-
-
-class TsfaConfig(_Section):
-    """TSFA (``method=tsfa``): SOFT with the rank chosen offline (``sfedlora tsfa-plan``)
-    and each round's keep ratio and bandwidth split chosen online by drift-plus-penalty
-    under a latency budget (:mod:`sfedlora.methods.soft.schedule`)."""
-
-    keep_choices: list[float] = Field(
-        [0.125, 0.25, 0.5, 1.0], min_length=1, description="the keep ratios a round may "
-        "choose from, each in (0, 1]")
-    latency_budget_s: float = Field(
-        1.0, gt=0, description="the time-averaged round latency the virtual queue enforces")
-    v: float = Field(1.0, ge=0, description="V: weight of the dropped importance share "
-                     "against the queue-weighted latency (larger: more accuracy, slower "
-                     "convergence to the budget)")
-    ranks: list[int] = Field([4, 8, 16], min_length=1, description="tsfa-plan: the "
-                             "candidate ranks its pilots compare")
-    pilot_rounds: int = Field(3, ge=2, description="tsfa-plan: rounds of each rank's pilot")
-    plan: str | None = Field(None, description="a plan file written by `sfedlora tsfa-plan`; "
-                             "the run checks that lora.rank is the rank it chose")
-
-    @field_validator("keep_choices")
-    @classmethod
-    def _keep_choices(cls, value: list[float]) -> list[float]:
-        if bad := [k for k in value if not 0 < k <= 1]:
-            raise ValueError(f"tsfa.keep_choices has {bad}: every keep ratio must lie in "
-                             "(0, 1], e.g. [0.125, 0.25, 0.5, 1.0]")
-        return sorted(set(value))
-
-    @field_validator("ranks")
-    @classmethod
-    def _ranks(cls, value: list[int]) -> list[int]:
-        if bad := [r for r in value if r < 1]:
-            raise ValueError(f"tsfa.ranks has {bad}: ranks must be positive")
-        return sorted(set(value))
-
-
 class CommConfig(_Section):
     up: CodecConfig = CodecConfig()
     down: CodecConfig = CodecConfig()
@@ -316,30 +267,6 @@ class PrivacyConfig(_Section):
         4096, gt=0, description="the most training examples a client may have where "
         "clients are weighted by them; with the range and the round's clients it sets the "
         "quantisation step (uniform weights and DP use 1)")
-
-
-class PersonalConfig(_Section):
-    """FDLoRA: each client's personal adapter and its fusion with the global one."""
-
-    sync_every: int = Field(
-        1, gt=0, description="refresh the personal adapter from the locally trained global "
-        "one in rounds divisible by this (and on the client's first round)"
-    )
-    holdout: int = Field(
-        32, gt=0, description="examples of each client's training data kept out of "
-        "training to choose the fusion weights (at most a fifth of the client's data)"
-    )
-    grid: list[float] = Field(
-        [0.0, 0.25, 0.5, 0.75, 1.0], min_length=1,
-        description="values tried for each of w1 (global) and w2 (personal)"
-    )
-
-    @field_validator("grid")
-    @classmethod
-    def _some_weight(cls, grid: list[float]) -> list[float]:
-        if not any(grid):
-            raise ValueError("personal.grid needs a non-zero weight, e.g. [0, 0.5, 1]")
-        return grid
 
 
 class CheckpointConfig(_Section):
@@ -413,6 +340,11 @@ class FlowerConfig(_Section):
         "under privacy.enabled keep it as secret as the checkpoint")
 
 
+# sections that became method options (see ExperimentConfig._legacy_method_sections)
+LEGACY_SECTIONS = ("soft", "tsfa", "personal")
+LEGACY_OPTIONS = "__sections__"
+
+
 class ExperimentConfig(_Section):
     task: str = Field("classification", description="classification or causal-lm "
                       "(sfedlora.tasks.TASKS)")
@@ -428,17 +360,14 @@ class ExperimentConfig(_Section):
     eval: EvalConfig = EvalConfig()
     server: ServerConfig = ServerConfig()
     comm: CommConfig = CommConfig()
-    personal: PersonalConfig = PersonalConfig()
-    soft: SoftConfig = SoftConfig()
-    tsfa: TsfaConfig = TsfaConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     flower: FlowerConfig = FlowerConfig()
     network: NetworkConfig = NetworkConfig()
     options: dict[str, Any] = Field(
         {}, description="the method's own settings, validated by the method's Options "
-        "model (e.g. method=fedsvd takes options.train_head); an unknown one is refused "
-        "with the list the method takes")
+        "model (e.g. method=fedsvd takes options.train_head, method=soft options.keep); "
+        "an unknown one is refused with the list the method takes")
     output_dir: str | None = Field(
         None, description="where the run is written; None: a new directory "
         "runs/<UTC time>-<method>, with runs/latest pointing at the newest. A directory "
@@ -456,6 +385,20 @@ class ExperimentConfig(_Section):
             raise ValueError(
                 f"flower.client_resources.num_gpus={gpus}: a worker takes a fraction of one "
                 "GPU or a whole number of GPUs; use e.g. 0.5, 1 or 2")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_method_sections(cls, data: Any) -> Any:
+        """Configs written before the methods owned their settings had sections
+        ``soft``, ``tsfa`` and ``personal`` (every saved config.yaml spells them out):
+        they are kept under ``options`` as :data:`LEGACY_OPTIONS`, and
+        :func:`sfedlora.config.resolve` gives the method the keys its Options model
+        takes (the others never applied to it)."""
+        if isinstance(data, dict) and any(k in data for k in LEGACY_SECTIONS):
+            data = dict(data)
+            legacy = {k: data.pop(k) for k in LEGACY_SECTIONS if k in data}
+            data["options"] = {**(data.get("options") or {}), LEGACY_OPTIONS: legacy}
+        return data
 
     @model_validator(mode="after")
     def _combinations(self) -> ExperimentConfig:

@@ -39,21 +39,21 @@ def choose_fusion(worker, grid: list[float], global_: Tensors, personal: Tensors
             loss = worker.holdout_loss(fuse(global_, personal, w1, w2), holdout)
             if best is None or loss < best[2]:
                 best = (w1, w2, loss)
-    assert best is not None, "personal.grid has a non-zero value (validated)"
+    assert best is not None, "options.grid has a non-zero value (validated)"
     return best
 
 
 class PersonalCopy(ClientStage):
-    def __init__(self, cfg, worker):
-        self.cfg, self.worker = cfg, worker
+    def __init__(self, options, worker):
+        self.options, self.worker = options, worker
 
     @contextlib.contextmanager
     def training(self, cid: int, state, round_idx: int):
         """After the local steps, refresh the personal copy from the locally trained
-        global adapter in rounds divisible by ``personal.sync_every``, and on the
+        global adapter in rounds divisible by ``options.sync_every``, and on the
         client's first round."""
         yield None
-        if state.method is None or round_idx % self.cfg.personal.sync_every == 0:
+        if state.method is None or round_idx % self.options.sync_every == 0:
             state.method = {PREFIX + n: t
                             for n, t in self.worker.slots.snapshot(set(Part)).items()}
 
@@ -61,5 +61,5 @@ class PersonalCopy(ClientStage):
         personal = personal_adapter(state)
         if personal is None:
             return own, {}
-        w1, w2, _ = choose_fusion(self.worker, self.cfg.personal.grid, own, personal, holdout)
+        w1, w2, _ = choose_fusion(self.worker, self.options.grid, own, personal, holdout)
         return fuse(own, personal, w1, w2), {"fusion_weights": [w1, w2]}

@@ -6,11 +6,11 @@ wireless federated LoRA. Details reconstructed from the paper's abstract; each p
 - As FedIT, A, B and the head train on every client and are averaged with data-size
   weights.
 - A's rows start orthonormal, and the local loss adds
-  ``soft.ortho_weight * sum over layers of (||A A^T - I||_F^2 + ||offdiag(B^T B)||_F^2)``,
+  ``options.ortho_weight * sum over layers of (||A A^T - I||_F^2 + ||offdiag(B^T B)||_F^2)``,
   so ``s_i = ||B[:, i]|| ||A[i, :]||`` approximates the singular values of ``B A``
-  without an SVD; ``soft.importance=svd`` scores by an SVD per layer instead
+  without an SVD; ``options.importance=svd`` scores by an SVD per layer instead
   (:func:`~.components.svd_importance`), exact but dearer.
-- Each client sends the change of only its ``ceil(soft.keep * r)`` most important
+- Each client sends the change of only its ``ceil(options.keep * r)`` most important
   components per layer (row A[i, :] and column B[:, i] together; the head whole), with
   their positions; the server averages each coordinate over the clients that sent it
   (:func:`~sfedlora.aggregation.combiners.mean_over_senders`), and components nobody sent keep
@@ -39,12 +39,13 @@ from sfedlora.methods.soft.components import (
     orthonormal_rows,
     top_components,
 )
+from sfedlora.methods.soft.options import SoftOptions
 
 
 class SoftClient(ClientStage):
-    def __init__(self, cfg, worker):
-        self.weight, self.keep = cfg.soft.ortho_weight, cfg.soft.keep
-        self.score = IMPORTANCE[cfg.soft.importance]
+    def __init__(self, options: SoftOptions, worker):
+        self.weight, self.keep = options.ortho_weight, options.keep
+        self.score = IMPORTANCE[options.importance]
         params = worker.slots.params
         self.layers = [(params[a], params[a.replace(".lora_A.", ".lora_B.")])
                        for a in worker.slots.names({Part.A})]
@@ -76,6 +77,7 @@ class Soft(Method):
     """FedIT with near-orthogonal factors; clients send only their most important rank
     components, averaged over their senders"""
 
+    Options = SoftOptions
     traits = Traits(comm={"up": {"delta": True}}, chooses_upload_positions=True,
                     secure_aggregation_refusal="averages each rank component over the "
                     "clients that sent it, and a masked sum does not say who sent what")
@@ -85,10 +87,10 @@ class Soft(Method):
                       "VeRA trains no A and B factors to rank"),
                      (cfg.comm.up.density is not None and cfg.comm.up.density < 1,
                       "comm.up.density", "SOFT chooses what to send by rank component "
-                      "(soft.keep), not by entry")])
+                      "(options.keep), not by entry")])
 
     def client_stage(self, cfg, worker) -> ClientStage:
-        return SoftClient(cfg, worker)
+        return SoftClient(self.options, worker)
 
     def initial_adapter(self, state: Tensors) -> Tensors:
         return {n: orthonormal_rows(t) if ".lora_A." in n else t for n, t in state.items()}

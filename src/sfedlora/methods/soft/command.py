@@ -31,12 +31,12 @@ def _run(args, context) -> int:
               f"{p['variance']:8.4f}  {p['latency_s_at_min_keep']:17.3f}  {p['bound']:.4f}  "
               f"{p['feasible']}")
     print(f"chosen rank {plan['rank']}; run with: method=tsfa lora.rank={plan['rank']} "
-          f"tsfa.plan={args.out}")
+          f"options.plan={args.out}")
     return 0
 
 
 PLAN = Command(
     name="tsfa-plan",
-    help="TSFA's offline stage: pilot each rank of tsfa.ranks and write the chosen rank "
-         "and the estimates to a JSON plan that a method=tsfa run reads (tsfa.plan)",
+    help="TSFA's offline stage: pilot each rank of options.ranks and write the chosen rank "
+         "and the estimates to a JSON plan that a method=tsfa run reads (options.plan)",
     add_arguments=_add_arguments, run=_run)

@@ -4,8 +4,8 @@ After Kim and Choi (arXiv 2505.00333); the bound below is a reconstruction from 
 abstract, a surrogate whose every term is written to the plan so that another bound
 can be applied to the same pilots.
 
-For each candidate rank r in ``tsfa.ranks``, a pilot runs SOFT (every component sent,
-``soft.keep=1``) for ``tsfa.pilot_rounds`` rounds on the experiment's clients and
+For each candidate rank r in ``options.ranks``, a pilot runs SOFT (every component sent,
+``options.keep=1``) for ``options.pilot_rounds`` rounds on the experiment's clients and
 network, and measures:
 
 - the loss decrease per round, as a ratio: q(r) = (L_P / L_1)^(1 / (P - 1)) from the
@@ -23,7 +23,7 @@ The estimated bound after ``rounds`` rounds is
 (the loss the measured rate of decrease reaches, plus the averaging's variance), and
 the plan chooses the rank of least bound among those with T_min(r) <= the budget (the
 online stage can then keep every round within it). The run reads the plan through
-``tsfa.plan`` and refuses a ``lora.rank`` other than the chosen one.
+``options.plan`` and refuses a ``lora.rank`` other than the chosen one.
 
 The pilots run through a ``run_rounds`` function the caller passes in (the runtime's
 :func:`sfedlora.runtime.simulation.run_rounds`): a method sits below the runtimes and never
@@ -44,6 +44,7 @@ import torch
 from sfedlora.core.adapters import AdapterLayout
 from sfedlora.core.records import Metric
 from sfedlora.methods.base import Part, ServerStage, Tensors, Update
+from sfedlora.methods.soft.options import SoftOptions, TsfaOptions
 from sfedlora.methods.soft.schedule import upload_values
 from sfedlora.settings import ConfigError, ExperimentConfig, apply_overrides, validate
 
@@ -55,12 +56,12 @@ def read_plan(path: str | Path) -> dict[str, Any]:
     try:
         plan = json.loads(Path(path).read_text())
     except FileNotFoundError:
-        raise ValueError(f"tsfa.plan={path}: no such file; write it with "
+        raise ValueError(f"options.plan={path}: no such file; write it with "
                          "`sfedlora tsfa-plan CONFIG --out PLAN`") from None
     except json.JSONDecodeError as exc:
-        raise ValueError(f"tsfa.plan={path} is not a plan (invalid JSON: {exc})") from None
+        raise ValueError(f"options.plan={path} is not a plan (invalid JSON: {exc})") from None
     if not isinstance(plan, dict) or not isinstance(plan.get("rank"), int):
-        raise ValueError(f"tsfa.plan={path} has no chosen rank; write it with "
+        raise ValueError(f"options.plan={path} has no chosen rank; write it with "
                          "`sfedlora tsfa-plan`")
     return plan
 
@@ -104,11 +105,14 @@ def bound(last_loss: float, first_loss: float, pilot_rounds: int, rounds: int,
 def pilot(cfg: ExperimentConfig, rank: int, out: Path, run_rounds: RunRounds
           ) -> dict[str, Any]:
     """One rank's pilot (module docstring); its measured terms."""
-    tsfa = cfg.tsfa
-    pilot_cfg = validate(apply_overrides(cfg.model_dump(mode="json"), [
-        "method=soft", "soft.keep=1.0", f"lora.rank={rank}", f"rounds={tsfa.pilot_rounds}",
-        "eval.every=0", "checkpoint.every=0", f"output_dir={out / f'rank-{rank}'}",
-        "progress=false", "tsfa.plan=null"]))
+    tsfa = TsfaOptions.model_validate(cfg.options)
+    raw = cfg.model_dump(mode="json")  # SOFT sending everything, with TSFA's SOFT settings
+    raw["options"] = {k: v for k, v in tsfa.model_dump(mode="json").items()
+                      if k in SoftOptions.model_fields}
+    pilot_cfg = validate(apply_overrides(raw, [
+        "method=soft", "options.keep=1.0", f"lora.rank={rank}",
+        f"rounds={tsfa.pilot_rounds}", "eval.every=0", "checkpoint.every=0",
+        f"output_dir={out / f'rank-{rank}'}", "progress=false"]))
     recorder = _SpreadRecorder()
     rounds, layout = run_rounds(pilot_cfg, recorder)
     layers, always = _layout_values(layout)
@@ -149,19 +153,20 @@ def make_plan(cfg: ExperimentConfig, run_rounds: RunRounds, workdir: Path | None
     if cfg.network.model != "wireless":
         raise ConfigError("tsfa-plan prices pilot rounds on the network; set "
                           "network.model=wireless")
+    tsfa = TsfaOptions.model_validate(cfg.options)
     with tempfile.TemporaryDirectory(prefix="tsfa-plan-") as tmp:
         out = Path(workdir or tmp)
-        pilots = [pilot(cfg, r, out, run_rounds) for r in cfg.tsfa.ranks]
+        pilots = [pilot(cfg, r, out, run_rounds) for r in tsfa.ranks]
     feasible = [p for p in pilots if p["feasible"]]
     if not feasible:
         raise ConfigError(
-            f"no rank in tsfa.ranks={cfg.tsfa.ranks} meets tsfa.latency_budget_s="
-            f"{cfg.tsfa.latency_budget_s} even at keep {cfg.tsfa.keep_choices[0]} (least: "
+            f"no rank in options.ranks={tsfa.ranks} meets options.latency_budget_s="
+            f"{tsfa.latency_budget_s} even at keep {tsfa.keep_choices[0]} (least: "
             f"{min(p['latency_s_at_min_keep'] for p in pilots):.3g} s); raise the budget "
             "or add smaller ranks")
     chosen = min(feasible, key=lambda p: (p["bound"], p["rank"]))
     return {"rank": chosen["rank"], "rounds": cfg.rounds,
-            "latency_budget_s": cfg.tsfa.latency_budget_s,
-            "keep_choices": cfg.tsfa.keep_choices, "pilots": pilots,
+            "latency_budget_s": tsfa.latency_budget_s,
+            "keep_choices": tsfa.keep_choices, "pilots": pilots,
             "bound": "L_P * q^(rounds - P) + v; q = (L_P / L_1)^(1/(P-1)); see "
                      "sfedlora.methods.soft.plan"}

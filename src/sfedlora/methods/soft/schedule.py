@@ -2,7 +2,7 @@
 round's keep ratio and the virtual queue that enforces the latency budget on average.
 
 After Kim and Choi (arXiv 2505.00333); details reconstructed from the abstract. Round t
-chooses the keep ratio rho from ``tsfa.keep_choices`` that minimises
+chooses the keep ratio rho from ``options.keep_choices`` that minimises
 
     V * E_t(rho) + Q_t * T_t(rho, b*(rho))
 
@@ -13,7 +13,7 @@ equalises the clients' finish times. E does not depend on the split, and for a g
 rho that split minimises T, so minimising over (rho, b) jointly is minimising over rho
 with b = b*(rho): the joint choice needs no search over splits. Then
 
-    Q_{t+1} = max(0, Q_t + T_t - tsfa.latency_budget_s)
+    Q_{t+1} = max(0, Q_t + T_t - options.latency_budget_s)
 
 with T_t the round's realised latency. A large Q (rounds have run over budget) weighs
 latency more; a large V weighs accuracy (kept importance) more.

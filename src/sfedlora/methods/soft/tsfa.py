@@ -28,6 +28,7 @@ import torch
 from sfedlora.methods.base import Choice, ClientStage, ServerRound, ServerStage, Tensors
 from sfedlora.methods.soft import Soft, SoftClient
 from sfedlora.methods.soft.components import PROFILE, component_positions
+from sfedlora.methods.soft.options import TsfaOptions
 from sfedlora.methods.soft.schedule import drift_plus_penalty, mean_dropped_share, next_queue
 from sfedlora.settings import ConfigError
 
@@ -49,11 +50,11 @@ def keep_extra(index: int) -> str:
 
 
 class TsfaClient(SoftClient):
-    def __init__(self, cfg, worker):
-        super().__init__(cfg, worker)
-        self.choices = cfg.tsfa.keep_choices
+    def __init__(self, options: TsfaOptions, worker):
+        super().__init__(options, worker)
+        self.choices = options.keep_choices
         self.keep = self.choices[-1]
-        self.profile = PROFILE[cfg.soft.importance]
+        self.profile = PROFILE[options.importance]
 
     def receive(self, extras: Tensors) -> None:
         for name in extras:
@@ -71,8 +72,8 @@ class TsfaClient(SoftClient):
 
 
 class TsfaServer(ServerStage):
-    def __init__(self, cfg, layout, network):
-        self.cfg, self.tsfa = cfg, cfg.tsfa
+    def __init__(self, cfg, options: TsfaOptions, layout, network):
+        self.cfg, self.tsfa = cfg, options
         self.queue = 0.0
         self.keep = self.tsfa.keep_choices[-1]
         self.profiles: list[list[float]] = []  # last reports, one per client and layer
@@ -113,7 +114,7 @@ class TsfaServer(ServerStage):
                    for c in range(cfg.clients.num))
         if self.tsfa.latency_budget_s < best:
             raise ConfigError(
-                f"tsfa.latency_budget_s={self.tsfa.latency_budget_s} is below {best:.3g} s, "
+                f"options.latency_budget_s={self.tsfa.latency_budget_s} is below {best:.3g} s, "
                 "the least any client needs for a round alone on the whole band at the "
                 f"smallest keep ratio ({smallest}); raise the budget, widen "
                 "network.bandwidth_hz or lower the work per round")
@@ -177,6 +178,8 @@ class Tsfa(Soft):
     """SOFT with each round's keep ratio and bandwidth split chosen by drift-plus-penalty
     under a latency budget (and the rank by tsfa-plan)"""
 
+    Options = TsfaOptions
+
     def check_config(self, cfg) -> None:
         super().check_config(cfg)
         self.refuse([
@@ -188,16 +191,16 @@ class Tsfa(Soft):
             (cfg.privacy.secure_aggregation, "privacy.secure_aggregation",
              "TSFA reads each client's importance profile"),
         ])
-        if cfg.tsfa.plan is not None:
+        if self.options.plan is not None:
             from sfedlora.methods.soft.plan import read_plan
 
-            chosen = read_plan(cfg.tsfa.plan)["rank"]
+            chosen = read_plan(self.options.plan)["rank"]
             if cfg.lora.rank != chosen:
-                raise ValueError(f"lora.rank={cfg.lora.rank} but the plan {cfg.tsfa.plan} "
+                raise ValueError(f"lora.rank={cfg.lora.rank} but the plan {self.options.plan} "
                                  f"chose rank {chosen}; set lora.rank={chosen}")
 
     def client_stage(self, cfg, worker) -> ClientStage:
-        return TsfaClient(cfg, worker)
+        return TsfaClient(self.options, worker)
 
     def server_stage(self, cfg, layout, network) -> ServerStage:
-        return TsfaServer(cfg, layout, network)
+        return TsfaServer(cfg, self.options, layout, network)
