@@ -39,19 +39,16 @@ from __future__ import annotations
 
 import math
 import statistics
-import sys
 from pathlib import Path
 
-import numpy as np
+from sfedlora.config import load_config
+from sfedlora.studies import runs as run_files
+from sfedlora.studies.plots import save_figure
+from sfedlora.studies.readings import bytes_to, final
+from sfedlora.studies.tables import values_pm
+from sfedlora.studies.tuning import Study, Tuning, repeats, run_study, study_parser
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))  # the ladder of methods.py
-
-import methods as tuned  # noqa: E402  (the methods benchmark's ladder and seeds)
-
-from sfedlora.config import load_config  # noqa: E402
-from sfedlora.studies import runs as run_files  # noqa: E402
-from sfedlora.studies.stats import ci95  # noqa: E402
 
 # 1/32 rather than 1/16: per round, 1/16 saves only about 23x (the codec header
 # names every tensor, and index bytes do not shrink with bits), which leaves no room
@@ -74,27 +71,20 @@ METRIC = "personalized_accuracy"
 DROP = 0.01  # equal accuracy: the uncompressed arm's final minus 1 point
 TARGET = 20.0  # at least this many times fewer bytes at equal accuracy
 LONGER = {"cpu": ("rounds=20",), "smoke": ("rounds=3",)}  # compressed arms, run on
-STUDY = tuned.Study(ARMS, CONFIGS, SIZES)
+STUDY = Study(ARMS, CONFIGS, SIZES, root=ROOT)
 # what a run on must repeat: the training, not the bytes (the 10-round compressed
 # FedIT runs predate the 16-byte "pending" field of every delta download's header)
 REPEATED = ("personalized_accuracy", "train_loss")
 
 
+def reader(args) -> Tuning:
+    """The study on the command line's size and output folder."""
+    return Tuning.from_args(STUDY, args)
+
+
 def bytes_to_reach(run: Path, line: float) -> float:
     """Cumulative bytes up + down at the first evaluation at or above ``line``."""
-    return next((m["bytes_total"] for m in run_files.metrics(run)
-                 if m.get(METRIC) is not None and m[METRIC] >= line), math.inf)
-
-
-def final(run: Path) -> float:
-    return [m[METRIC] for m in run_files.metrics(run) if m.get(METRIC) is not None][-1]
-
-
-def _pm(values: list[float], digits: int = 3) -> str:
-    if not all(map(math.isfinite, values)):
-        return f"not reached in {sum(not math.isfinite(v) for v in values)} of {len(values)}"
-    mean, half = statistics.fmean(values), ci95(np.array(values))
-    return f"{mean:.{digits}f}" if math.isnan(half) else f"{mean:.{digits}f} ± {half:.{digits}f}"
+    return bytes_to(run, line, METRIC)
 
 
 def longer(args) -> bool:
@@ -103,10 +93,9 @@ def longer(args) -> bool:
     if args.stage not in ("longer", "all"):
         return True
     for arm in args.arms:
-        if arm.endswith("-compressed"):
-            args.study = STUDY
-            if not tuned.run_on(args, arm, "longer", LONGER[args.size]):
-                return False
+        if arm.endswith("-compressed") and not reader(args).run_on(arm, "longer",
+                                                                     LONGER[args.size]):
+            return False
     return True
 
 
@@ -119,9 +108,9 @@ def _ratio(plain: float, packed: float) -> float:
 def compare(args, method: str) -> tuple[list[str], list[str]] | None:
     """Table rows and the verdicts for one method (None until both arms have runs):
     the compressed runs read within the common rounds, and run on where they were."""
-    plain = tuned.chosen_by_seed(args, method)
-    packed = tuned.chosen_by_seed(args, f"{method}-compressed")
-    longer_runs = tuned.stage_runs(args, f"{method}-compressed", "longer")
+    plain = reader(args).chosen_by_seed(method)
+    packed = reader(args).chosen_by_seed(f"{method}-compressed")
+    longer_runs = reader(args).stage_runs(f"{method}-compressed", "longer")
     seeds = sorted(set(plain) & set(packed))
     if not seeds:
         return None
@@ -157,8 +146,8 @@ def compare(args, method: str) -> tuple[list[str], list[str]] | None:
         of_means = statistics.fmean(plain_k) / statistics.fmean(packed_k)
         met = reached and len(have) >= 3 and min(statistics.fmean(ratios), of_means) >= TARGET
         rounds = load_config(runs[seeds[have[0]]] / "config.yaml").rounds
-        summary[k] = (_pm([final(runs[seeds[i]]) for i in have]), _pm(packed_k),
-                      f"**{_pm(ratios, 1)}**")
+        summary[k] = (values_pm([final(runs[seeds[i]]) for i in have]), values_pm(packed_k),
+                      f"**{values_pm(ratios, 1)}**")
         verdicts.append(
             f"{method}, compressed runs of {rounds} rounds: "
             + (f"{statistics.fmean(ratios):.1f}x fewer bytes at equal accuracy (mean of "
@@ -168,13 +157,13 @@ def compare(args, method: str) -> tuple[list[str], list[str]] | None:
             + f", target {TARGET:.0f}x over 3 seeds: {'met' if met else 'MISSED'}")
     if longer_runs:
         same = [s for s in seeds if s in longer_runs
-                and tuned.repeats(longer_runs[s], packed[s], REPEATED)]
+                and repeats(longer_runs[s], packed[s], REPEATED)]
         verdicts.append(f"{method}: the run-on compressed runs repeat the tuned runs' "
                         f"evaluated rounds exactly (accuracy, training loss): {len(same)} "
                         f"of {len(set(seeds) & set(longer_runs))} seeds")
     finals = [final(plain[s]) for s in seeds]
-    lines.append(f"| **{method}** | mean of {len(seeds)} | | {_pm(finals)} | "
-                 + " | ".join(summary[k][0] for k in readings) + f" | {_pm(plain_mb, 2)} | "
+    lines.append(f"| **{method}** | mean of {len(seeds)} | | {values_pm(finals)} | "
+                 + " | ".join(summary[k][0] for k in readings) + f" | {values_pm(plain_mb, 2)} | "
                  + " | ".join(summary[k][1] for k in readings) + " | "
                  + " | ".join(summary[k][2] for k in readings) + " |")
     return lines, verdicts
@@ -183,7 +172,7 @@ def compare(args, method: str) -> tuple[list[str], list[str]] | None:
 def report(args) -> str:
     rates = [f"| {arm} | {load_config(runs[0] / 'config.yaml').local.lr:.1e} | "
              f"{len(runs)} | {per_message(runs, 'up')} | {per_message(runs, 'down')} |"
-             for arm in args.arms if (runs := tuned.chosen_runs(args, arm))]
+             for arm in args.arms if (runs := reader(args).chosen_runs(arm))]
     rounds = (load_config(ROOT / CONFIGS["sst2"], list(SIZES[args.size])).rounds,
               load_config(ROOT / CONFIGS["sst2"],
                           [*SIZES[args.size], *LONGER[args.size]]).rounds)
@@ -223,8 +212,8 @@ def figure(args) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for arm in args.arms:
-        runs = (list(tuned.stage_runs(args, arm, "longer").values())
-                or tuned.chosen_runs(args, arm))  # run on, where they were
+        runs = (list(reader(args).stage_runs(arm, "longer").values())
+                or reader(args).chosen_runs(arm))  # run on, where they were
         curves = [[(m["bytes_total"], m[METRIC]) for m in run_files.metrics(r)
                    if m.get(METRIC) is not None] for r in runs]
         if not curves:
@@ -240,15 +229,15 @@ def figure(args) -> None:
     ax.set_title("SST-2, 10 clients, Dir(0.5): compressed vs uncompressed")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    tuned.save_figure(fig, Path(args.out) / f"sst2-{args.size}" / "accuracy_vs_bytes.png")
+    save_figure(fig, Path(args.out) / f"sst2-{args.size}" / "accuracy_vs_bytes.png")
 
 
 def main(argv=None) -> int:
-    parser = tuned.study_parser(__doc__.splitlines()[0], list(ARMS), OUT, list(SIZES),
-                                stages=("longer",))
+    parser = study_parser(__doc__.splitlines()[0], list(ARMS), OUT, list(SIZES),
+                          stages=("longer",))
     args = parser.parse_args(argv)
-    args.dataset = "sst2"
-    return tuned.run_study(args, lambda arm: STUDY, report, after_tuning=longer)
+    return run_study(lambda arm: reader(args), args.arms, args.stage, lambda: report(args),
+                     after_tuning=lambda: longer(args))
 
 
 if __name__ == "__main__":

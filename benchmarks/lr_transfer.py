@@ -38,6 +38,7 @@ from sfedlora.studies.sweep import (
     parse_shard,
     run_sweep,
 )
+from sfedlora.studies.tables import mean_pm
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -242,8 +243,7 @@ def report(args) -> Path:
 
 def _pm(mean: float, half: float, signed: bool = False) -> str:
     """``mean ± half`` ("mean" alone where one seed gives no interval)."""
-    text = f"{mean:+.4f}" if signed else f"{mean:.4g}"
-    return text if half != half else f"{text} ± {half:.2g}"
+    return mean_pm(mean, half, "+.4f" if signed else ".4g", ".2g")
 
 
 def _relative(path: str) -> str:

@@ -62,24 +62,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
+from sfedlora.config import load_config
+from sfedlora.methods.soft.options import TsfaOptions
+from sfedlora.studies import readings, verdicts
+from sfedlora.studies import runs as run_files
+from sfedlora.studies.plots import save_figure
+from sfedlora.studies.tables import values_pm
+from sfedlora.studies.tuning import SEEDS, Study, Tuning, repeats, run_study, study_parser
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))  # the ladder of methods.py
-
-import methods as tuned  # noqa: E402  (the methods benchmark's ladder and seeds)
-
-from sfedlora.config import load_config  # noqa: E402
-from sfedlora.methods.soft.options import TsfaOptions  # noqa: E402
-from sfedlora.studies import runs as run_files  # noqa: E402
-from sfedlora.studies.stats import ci95  # noqa: E402
 
 DENSE, TSFA = "fedit-dense", "tsfa"
 BUDGET_SHARE = 0.4  # TSFA's latency budget, as a share of the dense arm's mean latency
@@ -127,7 +123,18 @@ TIMED = {"cpu": ("rounds=18", "eval.every=1"), "smoke": ("rounds=3",)}
 CONFIRM_SEEDS = (3, 4, 5)  # the confirm stage's fresh seeds (tuning used 0-2)
 
 
-def study(args) -> tuned.Study:
+def reader(args) -> Tuning:
+    """The study's runs on the command line's size and output folder (for reading:
+    which overrides made them does not matter)."""
+    return Tuning.from_args(Study(ARMS, CONFIGS, SIZES, root=ROOT), args)
+
+
+def tuning(args, arm: str) -> Tuning:
+    """The study as ``arm`` runs it (TSFA's arms with the budget the dense arm set)."""
+    return Tuning.from_args(study(argparse.Namespace(**{**vars(args), "arms": [arm]})), args)
+
+
+def study(args) -> Study:
     arms = dict(ARMS)
     if set(TSFA_ARMS) & set(args.arms):
         budget = f"options.latency_budget_s={tsfa_budget(args)!r}"
@@ -135,11 +142,11 @@ def study(args) -> tuned.Study:
         if set(PLANNED) & set(args.arms):
             planned = planned_overrides(args, budget)
             arms.update({arm: [*arms[arm], *planned] for arm in PLANNED})
-    return tuned.Study(arms, CONFIGS, SIZES)
+    return Study(arms, CONFIGS, SIZES, root=ROOT)
 
 
 def plan_path(args) -> Path:
-    return tuned.arm_dir(args, DENSE).parent / PLAN
+    return reader(args).arm_dir(DENSE).parent / PLAN
 
 
 def planned_overrides(args, budget: str) -> list[str]:
@@ -191,13 +198,12 @@ def timed(args) -> bool:
 
 
 def _run_on(args, arms: list[str], stage: str, extra: Callable[[str], tuple[str, ...]],
-            seeds: tuple[int, ...] = (0, *tuned.SEEDS)) -> bool:
+            seeds: tuple[int, ...] = (0, *SEEDS)) -> bool:
     """Each of ``arms`` at its chosen rate for ``seeds``, with ``extra(arm)`` overrides,
     into ``<arm>/<stage>/runs/``; False while other shards still hold some runs."""
     done = True
     for arm in arms:
-        args.study = study(argparse.Namespace(**{**vars(args), "arms": [arm]}))
-        done &= tuned.run_on(args, arm, stage, extra(arm), seeds=seeds)
+        done &= tuning(args, arm).run_on(arm, stage, extra(arm), seeds)
     return done
 
 
@@ -229,7 +235,7 @@ def confirm(args) -> bool:
 
 def tsfa_budget(args) -> float:
     """``BUDGET_SHARE`` of the dense arm's mean round latency (seed 0, chosen rate)."""
-    dense = [r for r in tuned.chosen_runs(args, DENSE) if load_config(r / "config.yaml").seed == 0]
+    dense = [r for r in reader(args).chosen_runs(DENSE) if load_config(r / "config.yaml").seed == 0]
     if not dense:
         raise SystemExit(f"the {TSFA} arm's budget comes from the {DENSE} arm: run its "
                          f"ladder first (--arms {DENSE})")
@@ -239,20 +245,7 @@ def tsfa_budget(args) -> float:
 
 def _curve(run: Path) -> list[tuple[float, float]]:
     """(simulated seconds, personalised accuracy) at every evaluated round."""
-    return [(m["simulated_seconds"], m["personalized_accuracy"]) for m in run_files.metrics(run)
-            if m.get("personalized_accuracy") is not None and "simulated_seconds" in m]
-
-
-def time_to(run: Path, target: float) -> float:
-    return next((t for t, acc in _curve(run) if acc >= target), math.inf)
-
-
-def _pm(values: list[float], digits: int = 3) -> str:
-    finite = [v for v in values if math.isfinite(v)]
-    if len(finite) < len(values):
-        return f"not reached in {len(values) - len(finite)} of {len(values)}"
-    mean, half = statistics.fmean(values), ci95(np.array(values))
-    return f"{mean:.{digits}f}" if math.isnan(half) else f"{mean:.{digits}f} ± {half:.{digits}f}"
+    return readings.curve(run, "simulated_seconds")
 
 
 def _local_seconds(run: Path) -> float:
@@ -268,9 +261,9 @@ def report(args) -> str:
     time at which each seed first reached the dense arm's final accuracy minus 1 point
     at the same seed (the same partition, placements and fading), and at the mean
     line (the dense arm's mean final minus 1 point) for the figure."""
-    dense = tuned.chosen_by_seed(args, DENSE)
+    dense = reader(args).chosen_by_seed(DENSE)
     if not dense:
-        raise SystemExit(f"no finished {DENSE} runs under {tuned.arm_dir(args, DENSE)}")
+        raise SystemExit(f"no finished {DENSE} runs under {reader(args).arm_dir(DENSE)}")
     line, dense_time, mean_line = lines_and_times(dense)
     lines = [f"Lines: {DENSE}'s final accuracy minus {TARGET_DROP:.2f} per seed "
              f"({', '.join(f'{s}: {v:.4f}' for s, v in sorted(line.items()))}; mean "
@@ -283,21 +276,21 @@ def report(args) -> str:
         choice += ["", *plan]
     curves, verdicts = {}, {}
     for arm in args.arms:
-        runs = tuned.chosen_by_seed(args, arm)
+        runs = reader(args).chosen_by_seed(arm)
         if not runs:
             continue
         lines.append(_row(arm, runs, line, mean_line))
         drawn = arm not in TSFA_ARMS or arm == chosen  # of TSFA, the arm chosen
         if drawn:
             curves[arm] = [_curve(r) for r in runs.values()]
-        if arm in TSFA_ARMS and (longer := tuned.stage_runs(args, arm, "timed")):
+        if arm in TSFA_ARMS and (longer := reader(args).stage_runs(arm, "timed")):
             last = run_files.metrics(next(iter(longer.values())))[-1]["round"]
             label = f"{arm}, run on to {last} rounds"
             lines.append(_row(label, longer, line, mean_line))
             if drawn:
                 curves[label] = [_curve(r) for r in longer.values()]
     for arm in (a for a in TSFA_ARMS if a in args.arms):
-        if runs := tuned.chosen_by_seed(args, arm):
+        if runs := reader(args).chosen_by_seed(arm):
             verdicts[arm] = tsfa_verdicts(args, arm, runs, line, dense_time)
     figure(curves, mean_line, Path(args.out) / f"sst2-{args.size}" / "accuracy_vs_time.png")
     headline = ([f"**{chosen}** (chosen on validation):", *verdicts.pop(chosen)]
@@ -317,12 +310,6 @@ def lines_and_times(dense: dict[int, Path]) -> tuple[dict[int, float], dict[int,
     return line, dense_time, statistics.fmean(line.values())
 
 
-def _mean_latency(run: Path, rounds: int | None = None) -> float:
-    """Mean round latency over a run's rounds (its first ``rounds`` if given)."""
-    return statistics.fmean(m["latency_seconds"] for m in run_files.metrics(run)
-                            if rounds is None or m["round"] <= rounds)
-
-
 class Candidate(NamedTuple):
     """One TSFA arm's seed-0 tuned run at its chosen rate, as :func:`choose_tsfa` sees
     it."""
@@ -340,29 +327,27 @@ def within_budget(latency_ratio: float) -> bool:
     """TSFA's latency target as the study reads it: the mean round latency within 5% of
     the budget on either side (the online stage should spend its budget, not only stay
     under it)."""
-    return abs(latency_ratio - 1) <= LATENCY_TOLERANCE
+    return verdicts.within(latency_ratio, LATENCY_TOLERANCE)
 
 
 def at_most_over_budget(latency_ratio: float) -> bool:
     """The one-sided reading of the latency target: at most 5% over the budget. Not the
     study's rule; :func:`choose_tsfa` reports what it would choose."""
-    return latency_ratio - 1 <= LATENCY_TOLERANCE
+    return verdicts.at_most_over(latency_ratio, LATENCY_TOLERANCE)
 
 
 def pick_tsfa(candidates: list[Candidate],
               admissible: Callable[[float], bool] = within_budget) -> str | None:
     """The candidate with the lowest validation loss among those whose latency ratio is
     ``admissible`` (ties: the first); None if none is."""
-    feasible = [c for c in candidates if admissible(c.latency_ratio)
-                and c.val_loss is not None and math.isfinite(c.val_loss)]
-    return min(feasible, key=lambda c: c.val_loss).arm if feasible else None
+    return verdicts.lowest_admissible(candidates, admissible)
 
 
 def tsfa_candidates(args) -> list[Candidate]:
     """Each TSFA arm's seed-0 tuned run at its chosen rate, as the choice sees it."""
     candidates = []
     for arm in (a for a in TSFA_ARMS if a in args.arms):
-        if not (chosen := tuned.chosen_runs(args, arm)):
+        if not (chosen := reader(args).chosen_runs(arm)):
             continue
         run = chosen[0]  # the ladder's seed-0 run at the chosen rate
         cfg = load_config(run / "config.yaml")
@@ -371,7 +356,7 @@ def tsfa_candidates(args) -> list[Candidate]:
         candidates.append(Candidate(arm, cfg.lora.rank, options.v,
                                     cfg.codec("up").error_feedback,
                                     cfg.local.lr, val,
-                                    _mean_latency(run) / options.latency_budget_s))
+                                    readings.mean_latency(run) / options.latency_budget_s))
     return candidates
 
 
@@ -405,8 +390,8 @@ def rate_check(args, count: int = 3) -> list[str]:
     by); a check of how much a choice hinges on one evaluation."""
     moved = []
     for arm in args.arms:
-        recent = tuned.rate_on_recent_evaluations(args, arm, count)
-        if recent is not None and (chosen := tuned.chosen_rate(args, arm)) != recent:
+        recent = reader(args).rate_on_recent_evaluations(arm, count)
+        if recent is not None and (chosen := reader(args).chosen_rate(arm)) != recent:
             moved.append(f"{arm}: {recent:.1e} instead of {chosen:.1e}")
     return [f"Rates chosen on the mean of seed 0's last {count} validation losses instead "
             f"of its last (a check of the rule; not used): "
@@ -424,23 +409,13 @@ def _row(label: str, runs: dict[int, Path], line: dict[int, float], mean_line: f
     finals = [_curve(r)[-1][1] for r in runs.values()]
     seconds = [run_files.metrics(r)[-1]["simulated_seconds"] for r in runs.values()]
     megabytes = [run_files.metrics(r)[-1]["bytes_total"] / 1e6 for r in runs.values()]
-    reached = [time_to(runs[s], line[s]) for s in sorted(set(runs) & set(line))]
-    reached_mean = [time_to(r, mean_line) for r in runs.values()]
+    reached = [readings.time_to(runs[s], line[s]) for s in sorted(set(runs) & set(line))]
+    reached_mean = [readings.time_to(r, mean_line) for r in runs.values()]
     local = statistics.median(_local_seconds(r) for r in runs.values())
     lr = load_config(next(iter(runs.values())) / "config.yaml").local.lr
-    return (f"| {label} | {_pm(finals)} | {_pm(seconds, 1)} | {_pm(megabytes, 2)} | "
-            f"{_pm(reached, 1)} | {_pm(reached_mean, 1)} | {local:.3f} | {lr:.1e} | "
-            f"{len(runs)} |")
-
-
-def _reached(run: Path, seconds: float, line: float) -> str:
-    """When a run reached its line and at what accuracy, or, if never, its best accuracy
-    and when; at 4 decimals, since a verdict can turn on less than a thousandth."""
-    if math.isfinite(seconds):
-        accuracy = dict(_curve(run))[seconds]
-        return f"{seconds:.1f} s ({accuracy:.4f}, line {line:.4f})"
-    at, best = max(_curve(run), key=lambda point: point[1])
-    return f"never (best {best:.4f} at {at:.1f} s, line {line:.4f})"
+    return (f"| {label} | {values_pm(finals)} | {values_pm(seconds, 1)} | "
+            f"{values_pm(megabytes, 2)} | {values_pm(reached, 1)} | "
+            f"{values_pm(reached_mean, 1)} | {local:.3f} | {lr:.1e} | {len(runs)} |")
 
 
 BOTH_READINGS = (("within 5%", within_budget), ("at most 5% over", at_most_over_budget))
@@ -451,9 +426,9 @@ def time_verdict(source: dict[int, Path], line: dict[int, float],
     """TSFA's time target: each seed reaches its line in at most half the dense run's
     simulated time at that seed, read from ``source`` (the ``what`` runs)."""
     paired = sorted(set(source) & set(dense_time))
-    reached = {s: time_to(source[s], line[s]) for s in paired}
+    reached = {s: readings.time_to(source[s], line[s]) for s in paired}
     fast = [reached[s] <= dense_time[s] / 2 for s in paired]
-    per_seed = ", ".join(f"seed {s}: {_reached(source[s], reached[s], line[s])} of "
+    per_seed = ", ".join(f"seed {s}: {readings.reached(source[s], reached[s], line[s])} of "
                          f"{dense_time[s] / 2:.1f}" for s in paired)
     rounds = load_config(next(iter(source.values())) / "config.yaml").rounds
     return (f"TSFA reaching the seed's line within half the dense run's time, read from "
@@ -464,16 +439,16 @@ def time_verdict(source: dict[int, Path], line: dict[int, float],
 
 def latency_verdict(what: str, group: dict[int, Path], budget: float,
                     rounds: int | None = None,
-                    readings: tuple = (("within 5%", within_budget),)) -> str:
+                    targets: tuple = (("within 5%", within_budget),)) -> str:
     """TSFA's latency target: the mean round latency (every round, or the first
-    ``rounds``; mean over seeds) against the budget, under each of ``readings``."""
-    latency = statistics.fmean(_mean_latency(r, rounds) for r in group.values())
+    ``rounds``; mean over seeds) against the budget, under each of ``targets``."""
+    latency = statistics.fmean(readings.mean_latency(r, rounds) for r in group.values())
     ratio = latency / budget
     count = rounds or load_config(next(iter(group.values())) / "config.yaml").rounds
-    verdicts = "; ".join(f"{name}: {'met' if admissible(ratio) else 'MISSED'}"
-                         for name, admissible in readings)
+    outcome = "; ".join(f"{name}: {'met' if admissible(ratio) else 'MISSED'}"
+                        for name, admissible in targets)
     return (f"TSFA's mean round latency over its {what} runs ({count} rounds) "
-            f"{latency:.3f} s / budget {budget:.3f} s = {ratio:.3f} (target {verdicts})")
+            f"{latency:.3f} s / budget {budget:.3f} s = {ratio:.3f} (target {outcome})")
 
 
 def _budget(runs: dict[int, Path]) -> float:
@@ -487,13 +462,13 @@ def tsfa_verdicts(args, arm: str, runs: dict[int, Path], line: dict[int, float],
     run's simulated time (read from the timed runs where they exist, else from the
     tuned runs); the mean round latency (every round, mean over seeds; over the tuned
     runs and over the timed ones) is within 5% of the budget."""
-    longer = tuned.stage_runs(args, arm, "timed")
+    longer = reader(args).stage_runs(arm, "timed")
     lines = [time_verdict(longer or runs, line, dense_time, "timed" if longer else "tuned")]
     lines += [latency_verdict(name, group, _budget(runs))
               for name, group in (("tuned", runs), ("timed", longer)) if group]
     if longer:
         same = [s for s in sorted(set(longer) & set(runs))
-                if tuned.repeats(longer[s], runs[s], REPEATED)]
+                if repeats(longer[s], runs[s], REPEATED)]
         lines.append(f"The timed runs repeat the tuned runs' evaluated rounds exactly "
                      f"(accuracy, seconds, bytes): {len(same)} of "
                      f"{len(set(longer) & set(runs))} seeds")
@@ -505,10 +480,10 @@ def confirmation(args) -> list[str]:
     from the dense arm, a table row per arm, and each confirmed TSFA arm's targets
     under both readings of the latency target (over the tuned length and over all
     its rounds)."""
-    dense = tuned.stage_runs(args, DENSE, "confirm")
+    dense = reader(args).stage_runs(DENSE, "confirm")
     reading = chosen_by_reading(tsfa_candidates(args))
     arms = {arm: runs for arm in reading
-            if (runs := tuned.stage_runs(args, arm, "confirm"))}
+            if (runs := reader(args).stage_runs(arm, "confirm"))}
     if not dense or not arms:
         return []
     line, dense_time, mean_line = lines_and_times(dense)
@@ -520,7 +495,7 @@ def confirmation(args) -> list[str]:
             *TABLE_HEAD, _row(DENSE, dense, line, mean_line),
             *(_row(arm, runs, line, mean_line) for arm, runs in arms.items()), ""]
     for arm, runs in arms.items():
-        tuned_rounds = load_config(tuned.chosen_runs(args, arm)[0] / "config.yaml").rounds
+        tuned_rounds = load_config(reader(args).chosen_runs(arm)[0] / "config.yaml").rounds
         text += [f"{arm} (chosen under {reading[arm]} reading of the latency target):",
                  time_verdict(runs, line, dense_time, "confirm"),
                  latency_verdict("confirm", runs, _budget(runs), tuned_rounds, BOTH_READINGS),
@@ -549,18 +524,17 @@ def figure(curves: dict[str, list[list[tuple[float, float]]]], target: float,
     ax.set_ylabel("personalised accuracy (mean over seeds)")
     ax.set_title("SST-2, 10 clients, Dir(0.5), narrow-band uplink")
     ax.legend(fontsize=8)
-    tuned.save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> int:
-    parser = tuned.study_parser(__doc__.splitlines()[0], list(ARMS), OUT, list(SIZES),
-                                stages=("timed", "confirm"))
+    parser = study_parser(__doc__.splitlines()[0], list(ARMS), OUT, list(SIZES),
+                          stages=("timed", "confirm"))
     args = parser.parse_args(argv)
-    args.dataset = "sst2"
     args.arms = [a for a in ARMS if a in args.arms]  # the dense arm first: TSFA's
-    return tuned.run_study(  # budget comes from it
-        args, lambda arm: study(argparse.Namespace(**{**vars(args), "arms": [arm]})),
-        report, after_tuning=lambda a: timed(a) and confirm(a))
+    return run_study(lambda arm: tuning(args, arm), args.arms, args.stage,  # budget
+                     lambda: report(args),  # comes from it
+                     after_tuning=lambda: timed(args) and confirm(args))
 
 
 if __name__ == "__main__":

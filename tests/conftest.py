@@ -219,15 +219,21 @@ TRACKED_RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "timings.js
 
 
 def import_benchmark(name: str):
-    """A script of ``benchmarks/`` (a folder of scripts, not a package) as a module."""
-    import importlib
+    """A script of ``benchmarks/`` as a module, loaded from its file. The folder is
+    scripts, not a package (opacus installs a top-level ``benchmarks`` package), and a
+    benchmark imports only ``sfedlora``, so nothing is added to ``sys.path``."""
+    import importlib.util
     import sys
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    module_name = f"sfedlora_benchmark_{name}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(module_name, ROOT / "benchmarks" /
+                                                  f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # dataclasses resolve their module by name
+    spec.loader.exec_module(module)
+    return module
 
 
 def copy_tracked_runs(runs: list[Path], source: Path, dest: Path) -> int:

@@ -74,7 +74,7 @@ def assert_nothing_private(received: list[dict], cfg) -> None:
                     continue
                 seen += len(names)
                 leaked = [n for n in names if n != sm.MASKED  # a masked vector
-                          and (n.startswith("personal.") or part_of(n) in method.private)]
+                          and (n.startswith("personal.") or part_of(n) in method.roles.private)]
                 assert not leaked, (key, leaked[:3])
         if cfg.privacy.secure_aggregation and message.get(messages.METRICS):
             assert messages.SAMPLES in message[messages.REPLY]  # scores, not fits

@@ -50,19 +50,23 @@ def test_tsfa_arm_is_the_lowest_validation_loss_within_the_latency_target(wirele
     assert wireless.pick_tsfa([]) is None
 
 
-def test_time_to_the_line_is_the_first_evaluation_at_or_above_it(wireless, tmp_path):
+def test_time_to_the_line_is_the_first_evaluation_at_or_above_it(tmp_path):
+    from sfedlora.studies import readings
+
     # evaluated rounds only; a round without an evaluation cannot cross the line
     rows = [{"round": 1, "simulated_seconds": 2.0, "personalized_accuracy": 0.80},
             {"round": 2, "simulated_seconds": 4.5},
             {"round": 3, "simulated_seconds": 6.5, "personalized_accuracy": 0.8549},
             {"round": 4, "simulated_seconds": 8.0, "personalized_accuracy": 0.9}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert wireless.time_to(tmp_path, 0.8548) == 6.5
-    assert wireless._reached(tmp_path, 6.5, 0.8548) == "6.5 s (0.8549, line 0.8548)"
-    assert wireless.time_to(tmp_path, 0.95) == math.inf
+    assert readings.time_to(tmp_path, 0.8548) == 6.5
+    assert readings.reached(tmp_path, 6.5, 0.8548) == "6.5 s (0.8549, line 0.8548)"
+    assert readings.time_to(tmp_path, 0.95) == math.inf
     # a miss names the best evaluation to 4 decimals: the margin can be that thin
-    assert (wireless._reached(tmp_path, math.inf, 0.95)
+    assert (readings.reached(tmp_path, math.inf, 0.95)
             == "never (best 0.9000 at 8.0 s, line 0.9500)")
+    # bytes to the line read the same way
+    assert readings.bytes_to(tmp_path, 0.8548) == math.inf  # these rows log no bytes
 
 
 def test_committed_table_regenerates_from_tracked_files(wireless, tmp_path, monkeypatch):
@@ -82,7 +86,8 @@ def test_committed_table_regenerates_from_tracked_files(wireless, tmp_path, monk
 
 
 def test_compare_runs_names_each_metric_that_differs_and_by_how_much():
-    compare = import_benchmark("compare_runs")
+    from sfedlora.studies import compare
+
     old = [{"round": 1, "bytes_up": 100, "acc": 0.5, "keep": {"0": 1, "1": 3}},
            {"round": 2, "bytes_up": 200, "acc": 0.6, "keep": {"0": 1}, "mode": "a"}]
     new = [{"round": 1, "bytes_up": 107, "acc": 0.5, "keep": {"0": 1, "1": 7}},
@@ -98,7 +103,8 @@ def test_compare_runs_names_each_metric_that_differs_and_by_how_much():
 
 
 def test_compare_runs_names_what_changed_in_the_environment():
-    compare = import_benchmark("compare_runs")
+    from sfedlora.studies import compare
+
     old = [{"from_round": 1, "started_at": 1.0, "argv": ["a"], "cpu": "X",
             "packages": {"torch": "2.13.0", "transformers": "5.24.0"}}]
     new = [{"from_round": 1, "started_at": 2.0, "argv": ["b"], "cpu": "X",
@@ -156,9 +162,10 @@ def test_latency_verdict_reads_the_first_rounds_and_both_readings(wireless, tmp_
 def test_confirmation_uses_fresh_seeds_and_the_arms_each_reading_chose(wireless):
     import argparse
 
-    assert not set(wireless.CONFIRM_SEEDS) & {0, *wireless.tuned.SEEDS}
+    from sfedlora.studies.tuning import SEEDS
+
+    assert not set(wireless.CONFIRM_SEEDS) & {0, *SEEDS}
     args = argparse.Namespace(out=str(STUDY.parent), dataset="sst2", size="cpu",
                               stage="report", overrides=[], arms=list(wireless.ARMS))
-    args.study = wireless.study(argparse.Namespace(**{**vars(args), "arms": ["fedit-dense"]}))
     # the committed study: two-sided rule tsfa-ef, one-sided reading tsfa-plan
     assert wireless.confirmed_arms(args) == ["fedit-dense", "tsfa-ef", "tsfa-plan"]

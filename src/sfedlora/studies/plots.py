@@ -289,3 +289,13 @@ def _save(fig, path: Path, title: str) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def save_figure(fig, path: Path) -> None:
+    """A study's figure as a PNG at ``path`` (its folder made), the figure closed."""
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

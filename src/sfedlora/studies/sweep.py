@@ -26,6 +26,7 @@ from sfedlora.config import ConfigError, load_config, parse_value
 from sfedlora.core.records import Metric
 from sfedlora.studies import runs as run_files
 from sfedlora.studies.stats import ci95
+from sfedlora.studies.tables import mean_pm
 
 log = logging.getLogger(__name__)
 
@@ -253,8 +254,7 @@ def write_best_lr_tables(out: Path, results, keys: list[str], metrics: list[str]
                                              else f" (fit {row['lr_fit']:.2g})"))
         for m in [SELECT_ON, *shown]:
             mean, half = row[f"{m}_mean"], row[f"{m}_ci95"]
-            cells.append("-" if mean is None or mean != mean else
-                         f"{mean:.4g}" if half != half else f"{mean:.4g} ± {half:.2g}")
+            cells.append(mean_pm(mean, half, ".4g", ".2g"))
         cells.append(str(row["seeds"]))
         lines.append("| " + " | ".join(cells) + " |")
     (out / "best_lr.md").write_text(
