@@ -87,16 +87,19 @@ def tuning(args) -> Tuning:
 
 
 def arm_row(args, arm: str) -> dict | None:
+    """An arm's row, once its tuning has finished (its seeds stage has runs): an arm
+    whose ladder is still running has no chosen rate yet, and a row of it would stand
+    beside tuned arms as if it were one."""
     import pandas as pd
 
     study = tuning(args)
     ladder_rows = study.ladder_results(arm)
-    if not ladder_rows:
+    seeded = run_files.finished_runs(study.arm_dir(arm) / "seeds" / "runs")
+    if not ladder_rows or not seeded:
         return None
     best, low, high = best_rung(ladder_rows)
     runs = [r for r in ladder_rows if r["lr"] == best]
-    for run in run_files.finished_runs(study.arm_dir(arm) / "seeds" / "runs"):
-        runs.append(run_files.summary(run))
+    runs += [run_files.summary(run) for run in seeded]
     frame = pd.DataFrame(runs)
 
     def stat(key):
