@@ -48,7 +48,7 @@ from sfedlora.methods import get_method
 from sfedlora.privacy.audit import audit, guess_grid
 from sfedlora.privacy.dp import Accountant, GaussianMechanism
 from sfedlora.privacy.sampling import SecretPoissonSampler, SeededSampler, secure_uniforms
-from sfedlora.runtime.server import Reply, Server
+from sfedlora.runtime.server import Reply, build_server
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,9 +78,9 @@ def run(row: Row) -> dict:
     mechanism = GaussianMechanism(
         PrivacyConfig(enabled=True, noise_multiplier=row.noise, clip_norm=CLIP),
         row.rate, expected)
-    server = Server(get_method("fedit"), {NAME: torch.zeros(dim)},
-                    {NAME: TensorSpec((dim,), torch.float32)}, lambda parts: [NAME],
-                    ServerConfig(), privacy=mechanism)
+    server = build_server(get_method("fedit"), {NAME: torch.zeros(dim)},
+                          {NAME: TensorSpec((dim,), torch.float32)}, lambda parts: [NAME],
+                          ServerConfig(), privacy=mechanism)
     sampler = (SeededSampler(clients, round(expected), seed=0) if row.public
                else SecretPoissonSampler(clients, row.rate, ROUNDS))
     included = secure_uniforms(CANARIES) < 0.5

@@ -13,7 +13,7 @@ from sfedlora.core import codecs
 from sfedlora.core.adapters import TensorSpec
 from sfedlora.core.checkpoint import load_checkpoint, save_checkpoint
 from sfedlora.methods import Part, get_method
-from sfedlora.runtime.server import Reply, Server
+from sfedlora.runtime.server import Reply, Server, build_server
 from sfedlora.runtime.simulation import Simulation
 from tests.conftest import assert_learns
 
@@ -24,8 +24,8 @@ SPEC = {NAMES[0]: TensorSpec((2, 3), torch.float32), NAMES[1]: TensorSpec((3, 2)
 def _server(optimizer: str, **cfg) -> Server:
     gen = torch.Generator().manual_seed(0)
     state = {n: torch.randn(s.shape, generator=gen) for n, s in SPEC.items()}
-    return Server(get_method("flasc"), state, SPEC, lambda parts: list(NAMES),
-                  ServerConfig(**cfg), optimizer=optimizer)
+    return build_server(get_method("flasc"), state, SPEC, lambda parts: list(NAMES),
+                        ServerConfig(**cfg), optimizer=optimizer)
 
 
 def _reply(cid: int, tensors) -> Reply:

@@ -22,7 +22,7 @@ from sfedlora.core.records import PARTICIPATION_METRICS
 from sfedlora.methods import get_method
 from sfedlora.privacy.dp import Accountant, GaussianMechanism
 from sfedlora.privacy.sampling import SecretPoissonSampler, sample_clients
-from sfedlora.runtime.server import Reply, Server
+from sfedlora.runtime.server import Reply, Server, build_server
 from sfedlora.runtime.simulation import Simulation
 
 A = "m.l0.q.lora_A.default.weight"
@@ -35,8 +35,8 @@ def _server(sigma: float, clip: float, expected: float, shape=(4, 8)) -> Server:
     state = {A: torch.zeros(shape), H: torch.zeros(3)}
     mech = GaussianMechanism(PrivacyConfig(enabled=True, noise_multiplier=sigma,
                                            clip_norm=clip), 0.5, expected)
-    return Server(get_method("fedit"), state, spec, lambda parts: [A, H], ServerConfig(),
-                  privacy=mech)
+    return build_server(get_method("fedit"), state, spec, lambda parts: [A, H], ServerConfig(),
+                        privacy=mech)
 
 
 def _flat(tensors: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -15,7 +15,7 @@ from sfedlora.core import codecs, wire
 from sfedlora.core.adapters import TensorSpec
 from sfedlora.methods import Part, get_method
 from sfedlora.privacy.dp import Accountant, GaussianMechanism
-from sfedlora.runtime.server import Reply, Server
+from sfedlora.runtime.server import Reply, Server, build_server
 from sfedlora.runtime.simulation import Simulation
 from tests.conftest import assert_learns
 
@@ -24,8 +24,8 @@ SPEC = {A: TensorSpec((4, 8), torch.float32)}
 
 
 def _server(aggregation: str, **kw) -> Server:
-    return Server(get_method("fedsa"), {A: torch.zeros(4, 8)}, SPEC, lambda parts: [A],
-                  ServerConfig(aggregation=aggregation, **kw))
+    return build_server(get_method("fedsa"), {A: torch.zeros(4, 8)}, SPEC, lambda parts: [A],
+                        ServerConfig(aggregation=aggregation, **kw))
 
 
 def _round_with_attacker(server: Server, scale: float = 1000.0):
@@ -217,8 +217,8 @@ def _sparse_round(aggregation: str, clients: int = 7, density: float = 0.25):
     spec = {A: TensorSpec((16, 32), torch.float32)}
     gen = torch.Generator().manual_seed(0)
     start = torch.randn(16, 32, generator=gen)
-    server = Server(get_method("fedsa"), {A: start.clone()}, spec, lambda parts: [A],
-                    ServerConfig(aggregation=aggregation))
+    server = build_server(get_method("fedsa"), {A: start.clone()}, spec, lambda parts: [A],
+                          ServerConfig(aggregation=aggregation))
     codec = Codec(density=density, delta=True)
     news = [start + torch.randn(16, 32, generator=gen) for _ in range(clients)]
     replies = [Reply(i, 10, codec.encode({A: t}, {A: start})) for i, t in enumerate(news)]
@@ -250,9 +250,9 @@ def test_median_over_mixed_ranks_combines_each_component_over_its_holders():
     b = A.replace("lora_A", "lora_B")
     spec = {A: TensorSpec((4, 8), torch.float32), b: TensorSpec((6, 4), torch.float32)}
     ranks = [2, 2, 2, 2, 4, 4, 4]
-    server = Server(get_method("hetlora"), {A: torch.zeros(4, 8), b: torch.zeros(6, 4)},
-                    spec, lambda parts: [A, b], ServerConfig(aggregation="median"),
-                    ranks=ranks)
+    server = build_server(get_method("hetlora"), {A: torch.zeros(4, 8), b: torch.zeros(6, 4)},
+                          spec, lambda parts: [A, b], ServerConfig(aggregation="median"),
+                          ranks=ranks)
     gen = torch.Generator().manual_seed(1)
     full = [torch.randn(4, 8, generator=gen) for _ in ranks]
     bs = [torch.randn(6, 4, generator=gen) for _ in ranks]

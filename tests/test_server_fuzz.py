@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from sfedlora.core import wire
 from sfedlora.core.adapters import TensorSpec
 from sfedlora.methods import get_method, part_of
-from sfedlora.runtime.server import Reply, Server
+from sfedlora.runtime.server import Reply, build_server
 
 SPEC = {
     "m.l0.q.lora_A.default.weight": TensorSpec((4, 6), torch.float32),
@@ -97,8 +97,8 @@ def test_server_never_crashes_and_logs_every_bad_update(kinds, num_honest, aggre
     gen = torch.Generator().manual_seed(seed)
     method = get_method("fedit")
     state = {n: torch.zeros(s.shape) for n, s in SPEC.items()}
-    server = Server(method, state, SPEC, names_for, ServerConfig(aggregation=aggregation),
-                    min_clients=1)
+    server = build_server(method, state, SPEC, names_for, ServerConfig(aggregation=aggregation),
+                          min_clients=1)
     replies, bad_ids = [], set()
     cid = 0
     for _ in range(num_honest):
@@ -141,8 +141,8 @@ def test_rejected_round_leaves_state_unchanged_below_min_clients():
     from sfedlora.config import ServerConfig
 
     state = {n: torch.ones(s.shape) for n, s in SPEC.items()}
-    server = Server(get_method("fedit"), dict(state), SPEC, names_for, ServerConfig(),
-                    min_clients=2)
+    server = build_server(get_method("fedit"), dict(state), SPEC, names_for, ServerConfig(),
+                          min_clients=2)
     gen = torch.Generator().manual_seed(0)
     report = server.aggregate(1, [Reply(0, 5, wire.encode(honest(gen))),
                                   Reply(1, 5, b"junk")])
@@ -154,8 +154,8 @@ def test_norm_limit_rejects_outsized_updates():
     from sfedlora.config import ServerConfig
 
     state = {n: torch.zeros(s.shape) for n, s in SPEC.items()}
-    server = Server(get_method("fedit"), state, SPEC, names_for,
-                    ServerConfig(max_update_norm=50.0))
+    server = build_server(get_method("fedit"), state, SPEC, names_for,
+                          ServerConfig(max_update_norm=50.0))
     gen = torch.Generator().manual_seed(1)
     big = {n: 100 * t for n, t in honest(gen).items()}
     report = server.aggregate(1, [Reply(0, 5, wire.encode(honest(gen))),

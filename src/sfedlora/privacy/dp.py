@@ -30,6 +30,7 @@ import math
 import numpy as np
 import torch
 
+from sfedlora.aggregation.combiners import clip_update
 from sfedlora.privacy.sampling import secure_uniforms
 from sfedlora.settings import PrivacyConfig
 
@@ -142,6 +143,18 @@ class GaussianMechanism:
             out[name] = (base[name].double() + (total + noise) / self.expected_clients
                          ).to(base[name].dtype)
         return out
+
+    def clipped_sum(self, changes: list[tuple[Tensors, Tensors]], names: list[str],
+                    shapes: dict[str, tuple[int, ...]]) -> Tensors:
+        """The sum, in float64, of each client's change clipped to C: ``changes`` holds
+        ``(update, start)`` pairs in client-id order, every change measured against
+        what its client started from, never against zero."""
+        total = {n: torch.zeros(shapes[n], dtype=torch.float64) for n in names}
+        for tensors, start in changes:
+            clipped = clip_update(tensors, start, self.cfg.clip_norm)
+            for n in names:
+                total[n] += clipped[n].double() - start[n].double()
+        return total
 
     def spent(self, rounds: int) -> tuple[float, float]:
         """Privacy spent after ``rounds`` rounds for the configured delta: (PLD, RDP)."""

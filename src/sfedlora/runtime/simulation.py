@@ -34,7 +34,7 @@ from sfedlora.runtime.evaluation import Evaluator
 from sfedlora.runtime.inits import AdapterInits
 from sfedlora.runtime.pool import ClientPool, InProcessPool
 from sfedlora.runtime.results import RunDir, resolve_output_dir
-from sfedlora.runtime.server import Server
+from sfedlora.runtime.server import build_server
 from sfedlora.runtime.uploads import PlainUploads
 from sfedlora.tasks import get_task
 
@@ -68,17 +68,17 @@ class Simulation:
         layout = self.info.layout
         self.network = build_network(cfg.network, cfg.seed, cfg.clients.num,
                                      self.info.base_params)
-        self.server = Server(self.method, self.inits.initial_server_state(), layout.spec,
-                             layout.names, cfg.server, cfg.clients.min_clients,
-                             self.privacy, down=cfg.codec("down"),
-                             optimizer=cfg.server_optimizer,
-                             ranks=([cfg.client_rank(c) for c in range(cfg.clients.num)]
-                                    if cfg.lora.client_ranks else None),
-                             client_start=self.inits.drawn_start,
-                             stage=self.method.server_stage(cfg, layout, self.network),
-                             down_history=cfg.comm.down_history,
-                             down_origin=(self.inits.downlink_origin()
-                                          if cfg.codec("down").delta else None))
+        down = cfg.codec("down")
+        self.server = build_server(
+            self.method, self.inits.initial_server_state(), layout.spec, layout.names,
+            cfg.server, cfg.clients.min_clients, self.privacy, down=down,
+            optimizer=cfg.server_optimizer,
+            ranks=([cfg.client_rank(c) for c in range(cfg.clients.num)]
+                   if cfg.lora.client_ranks else None),
+            client_start=self.inits.drawn_start,
+            stage=self.method.server_stage(cfg, layout, self.network),
+            down_history=cfg.comm.down_history,
+            down_origin=self.inits.downlink_origin() if down.delta else None)
         self.bytes = ByteCounter(cfg.clients.num)
         self.evaluator = Evaluator(cfg.clients.num, self.task, self.method, self.server, pool,
                                    evaluated_clients(cfg.clients.num, cfg.eval.clients,
