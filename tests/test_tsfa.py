@@ -167,13 +167,13 @@ def test_an_svd_profile_scores_every_component_so_the_schedule_can_raise_keep(ti
     1/2 and 1 would add: the singular values of B A (computed here from the product
     itself), not the SVD score within the current keep ratio, which is 0 beyond it and
     made every larger keep ratio look worthless (so a positive queue never raised keep)."""
-    from sfedlora.methods.soft.tsfa import IMPORTANCE, keep_extra
+    from sfedlora.methods.soft.tsfa import IMPORTANCE, KeepChoice
 
     cfg = tiny_config(*WIRELESS, "options.importance=svd", "lora.rank=4",
                       "options.keep_choices=[0.25,0.5,1.0]", "options.v=10")
     sim = Simulation(cfg)
     stage = sim.pool.exp.worker.stage
-    stage.receive({keep_extra(0): torch.zeros(1)})  # the server chose keep 1/4
+    stage.receive(KeepChoice(0).extras())  # the server chose keep 1/4
     assert stage.keep == 0.25
     gen = torch.Generator().manual_seed(0)
     a, b = torch.randn(4, 16, generator=gen), torch.randn(16, 4, generator=gen)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
@@ -45,8 +46,25 @@ KEEP_EXTRA = "tsfa.keep_choice."  # + the choice's index: the round's keep ratio
 IMPORTANCE = "importance"  # a client's report: every layer's scores, layer after layer
 
 
-def keep_extra(index: int) -> str:
-    return f"{KEEP_EXTRA}{index}"
+@dataclass(frozen=True)
+class KeepChoice:
+    """The round's keep ratio as the server sends it: its index in
+    ``options.keep_choices``. On the wire it is the name of a one-element download
+    extra (``tsfa.keep_choice.<index>``), the format every committed TSFA run's byte
+    counts were made with; only :meth:`extras` and :meth:`read` know that."""
+
+    index: int
+
+    def extras(self) -> Tensors:
+        return {f"{KEEP_EXTRA}{self.index}": torch.zeros(1)}
+
+    @classmethod
+    def read(cls, extras: Tensors) -> KeepChoice | None:
+        """The choice a download's extras carry (None: none)."""
+        for name in extras:
+            if name.startswith(KEEP_EXTRA):
+                return cls(int(name[len(KEEP_EXTRA):]))
+        return None
 
 
 class TsfaClient(SoftClient):
@@ -57,9 +75,8 @@ class TsfaClient(SoftClient):
         self.profile = PROFILE[options.importance]
 
     def receive(self, extras: Tensors) -> None:
-        for name in extras:
-            if name.startswith(KEEP_EXTRA):
-                self.keep = self.choices[int(name[len(KEEP_EXTRA):])]
+        if (choice := KeepChoice.read(extras)) is not None:
+            self.keep = self.choices[choice.index]
 
     def choose_upload(self, upload: Tensors) -> Choice:
         """SOFT's components at the round's keep ratio, and every layer's importance
@@ -101,7 +118,7 @@ class TsfaServer(ServerStage):
                 positions[name], positions[b_name] = component_positions(
                     chosen, zeros[name].shape, zeros[b_name].shape)
             self.up_bytes[keep] = len(up.encode(zeros, zeros, meta, positions))
-        extra = {keep_extra(len(self.tsfa.keep_choices) - 1): torch.zeros(1)}
+        extra = KeepChoice(len(self.tsfa.keep_choices) - 1).extras()
         self.down_bytes = len(self.cfg.codec("down").encode({**zeros, **extra}))
 
     def _check_budget(self, network) -> None:
@@ -157,7 +174,7 @@ class TsfaServer(ServerStage):
                 TsfaMetric.PREDICTED_LATENCY: times[self.keep]}
 
     def download_extras(self, cid: int | None, advance: bool = True) -> Tensors:
-        return {keep_extra(self.tsfa.keep_choices.index(self.keep)): torch.zeros(1)}
+        return KeepChoice(self.tsfa.keep_choices.index(self.keep)).extras()
 
     def _layers(self, scores: list[float]) -> list[list[float]]:
         """A report's scores, one list per layer."""
