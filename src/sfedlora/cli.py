@@ -12,10 +12,10 @@ import sys
 import warnings
 from pathlib import Path
 
+import sfedlora.api as api
 from sfedlora.config import ConfigError, load_config, to_yaml
 from sfedlora.core.checkpoint import CheckpointError
 from sfedlora.core.records import Metric
-from sfedlora.runtime.results import refuse_occupied
 from sfedlora.studies import runs as run_files
 
 
@@ -88,21 +88,19 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if args.resume:
         sim = Simulation.resume(args.resume, _resume_overrides(args))
-    else:
-        cfg = load_config(*_split_config_arg(args))
-        if cfg.output_dir is not None:  # refuse before the model loads
-            refuse_occupied(Path(cfg.output_dir), args.overwrite)
-        sim = Simulation(cfg)
+    else:  # the Python API's path (sfedlora.run), step by step
+        config, overrides = _split_config_arg(args)
+        sim = api.simulation(api.experiment_config(config, overrides), args.overwrite)
     cfg = sim.cfg
     # Schedulers (SLURM, Kubernetes) stop jobs with SIGTERM: checkpoint as on Ctrl-C.
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        summary = sim.run(overwrite=args.overwrite)
+        result = api.finish(sim, sim.run(overwrite=args.overwrite))
     except KeyboardInterrupt:
         print(f"interrupted; continue with: sfedlora run --resume {cfg.output_dir}",
               file=sys.stderr)
         return 130
-    _print_table(summary, cfg.output_dir)
+    _print_table(result.summary, str(result.run_dir))
     return 0
 
 

@@ -222,6 +222,7 @@ class Simulation:
         refuses a directory that holds another run unless ``overwrite``."""
         cfg = self.cfg
         run_dir = run_dir or RunDir(resolve_output_dir(cfg))
+        self.run_dir = run_dir.path  # where this run is written
         first = self.done_rounds + 1
         run_dir.start(cfg, self.info.label_names, resume_after=self.done_rounds or None,
                       metrics=self.restored_metrics, overwrite=overwrite)

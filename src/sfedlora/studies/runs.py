@@ -37,6 +37,12 @@ def metrics(run_dir: Path) -> list[dict]:
     return _lines(run_dir, METRICS)
 
 
+def labels(run_dir: Path) -> list[str]:
+    """The run's label names (``labels.json``; a causal-LM run has none)."""
+    path = Path(run_dir) / "labels.json"
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
 def timings(run_dir: Path) -> list[dict]:
     """Every line of the run's ``timings.jsonl`` (wall-clock seconds per round)."""
     return _lines(run_dir, TIMINGS)
