@@ -30,7 +30,7 @@ resumed run price rounds identically. Byte counts are the real serialised payloa
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,12 +69,21 @@ def bandwidth_for_rate(need_bps: float, limit_hz: float, power_w: float, gain: f
         return 0.0
     if rate_bps(limit_hz, power_w, gain, noise_w_per_hz) < need_bps:
         return None
-    lo, hi = 0.0, limit_hz
+    return smallest_passing(
+        0.0, limit_hz, lambda b: rate_bps(b, power_w, gain, noise_w_per_hz) >= need_bps,
+        iterations)
+
+
+def smallest_passing(lo: float, hi: float, passes: Callable[[float], bool],
+                     iterations: int) -> float:
+    """Bisection for the smallest value in ``(lo, hi]`` that ``passes`` (monotone:
+    ``hi`` passes, and everything above a passing value passes); stops early at a
+    floating-point fixed point, where every further step would repeat the last."""
     for _ in range(iterations):
         mid = (lo + hi) / 2
-        if rate_bps(mid, power_w, gain, noise_w_per_hz) >= need_bps:
+        if passes(mid):
             if hi == mid:
-                break  # a fixed point: every further step would repeat this one
+                break
             hi = mid
         else:
             if lo == mid:
@@ -107,17 +116,7 @@ def min_max_split(bits: list[float], fixed_s: list[float], total_hz: float, powe
     equal = total_hz / len(bits)
     hi = max(f + (b / rate_bps(equal, power_w, g, noise_w_per_hz) if b else 0.0)
              for b, f, g in zip(bits, fixed_s, gains, strict=True))  # feasible
-    lo = max(fixed_s)
-    for _ in range(iterations):
-        mid = (lo + hi) / 2
-        if needed(mid) is None:
-            if lo == mid:
-                break  # a fixed point: every further step would repeat this one
-            lo = mid
-        else:
-            if hi == mid:
-                break
-            hi = mid
+    hi = smallest_passing(max(fixed_s), hi, lambda t: needed(t) is not None, iterations)
     split = needed(hi)
     if split is None:  # hi is still the equal split's latency, which rounding put a
         # hair past what the equal split itself achieves (one client: f + b / R(B) - f
