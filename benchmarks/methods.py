@@ -41,7 +41,7 @@ import numpy as np
 from sfedlora.config import load_config
 from sfedlora.studies import runs as run_files
 from sfedlora.studies.stats import ci95
-from sfedlora.studies.tables import mean_pm
+from sfedlora.studies.tables import markdown_table, mean_pm
 from sfedlora.studies.tuning import Study, Tuning, best_rung
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,7 +122,7 @@ def _mb(value: float) -> str:
     return f"{value:.1f}" if value >= 1 else f"{value:.3f}"
 
 
-def majority_row(args) -> str | None:
+def majority_row(args) -> list | None:
     """Each client predicting its most frequent training label: the floor a
     personalised accuracy has to clear (per seed it depends only on the partition)."""
     by_seed = {}
@@ -138,25 +138,23 @@ def majority_row(args) -> str | None:
     values = [by_seed[s] for s in sorted(by_seed)]
     mean = sum(values) / len(values)
     cell = _pm((mean, ci95(np.array(values))))
-    return f"| *majority label* (floor) | {cell} | - | - | 0 | 0 | - | {len(values)} |"
+    return ["*majority label* (floor)", cell, "-", "-", 0, 0, "-", len(values)]
 
 
 def report(args) -> str:
-    rows = [r for arm in args.arms if (r := arm_row(args, arm)) is not None]
-    lines = ["| method | pers. acc | global acc | val loss | MB up | MB down | lr | seeds |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["arm"] in REFERENCES, r["arm"])):
+    rows = []
+    for r in sorted((r for arm in args.arms if (r := arm_row(args, arm)) is not None),
+                    key=lambda r: (r["arm"] in REFERENCES, r["arm"])):
         mb = ("n/a", "n/a") if r["arm"] == "central" else (_mb(r["mb_up"]),
                                                             _mb(r["mb_down"]))
         flag = " (ladder end)" if r["at_end"] else ""
         name = f"*{r['arm']}* (reference)" if r["arm"] in REFERENCES else r["arm"]
-        lines.append(f"| {name} | {_pm(r['pers'])} | {_pm(r['glob'])} | "
-                     f"{_pm(r['val_loss'])} | {mb[0]} | {mb[1]} | {r['lr']:.1e}{flag} | "
-                     f"{r['seeds']} |")
-    majority = majority_row(args)
-    if majority:
-        lines.append(majority)
-    table = "\n".join(lines)
+        rows.append([name, _pm(r["pers"]), _pm(r["glob"]), _pm(r["val_loss"]), *mb,
+                     f"{r['lr']:.1e}{flag}", r["seeds"]])
+    if majority := majority_row(args):
+        rows.append(majority)
+    table = markdown_table(["method", "pers. acc", "global acc", "val loss", "MB up",
+                            "MB down", "lr", "seeds"], rows)
     (tuning(args).folder / "table.md").write_text(table + "\n")
     return table
 

@@ -299,13 +299,6 @@ class Method:
         self.options = options if options is not None else self.Options()
         self.name = name or type(self).__name__.lower()
 
-    @final
-    @classmethod
-    def summary(cls) -> str:
-        """The first paragraph of the class's docstring, on one line."""
-        paragraph = (cls.__doc__ or "").strip().split("\n\n")[0]
-        return " ".join(line.strip() for line in paragraph.splitlines())
-
     def check_config(self, cfg: ExperimentConfig) -> None:
         """Refuse settings this method cannot run with: raise ``ValueError`` naming the
         setting and the fix (see :meth:`refuse`). Called by config validation."""

@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sfedlora.config import load_config
@@ -219,9 +219,6 @@ class Tuning:
         """Print a study's report and keep it as ``<out>/<dataset>-<size>/table.md``."""
         (self.folder / "table.md").write_text(text + "\n")
         print(text)
-
-    def at_size(self, size: str) -> Tuning:
-        return replace(self, size=size)
 
 
 def study_parser(description: str, arms: list[str], out: Path, sizes: list[str],
