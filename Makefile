@@ -5,6 +5,11 @@ BIN    := $(VENV)/bin
 # A local folder of wheels (this machine keeps the CPU build of torch there).
 WHEELS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 PIP    := $(BIN)/python -m pip install --quiet $(WHEELS) -c constraints.txt
+# Named datasets (data.dataset: sst2) are read from $SFEDLORA_DATA, by default the user's
+# cache (`sfedlora data get sst2` fills it); our own machines keep them beside the checkout.
+ifneq ($(wildcard ../shared/data),)
+export SFEDLORA_DATA ?= $(abspath ../shared/data)
+endif
 
 .PHONY: setup demo test lint bench lock clean
 

@@ -31,8 +31,7 @@ from sfedlora.modeling.model import train_batches
 from sfedlora.runtime.simulation import Simulation
 
 DEFAULTS = [
-    "task=causal-lm", "method=sfed", "data.source=files",
-    "data.train_path=../shared/data/gsm8k/train.jsonl", "data.partition=iid",
+    "task=causal-lm", "method=sfed", "data.dataset=gsm8k", "data.partition=iid",
     "data.max_train_examples=200", "clients.num=2", "model.max_length=256",
     "local.batch_size=4", "lora.rank=8", "progress=false", "eval.every=0",
 ]

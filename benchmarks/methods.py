@@ -14,7 +14,7 @@ Per arm (a method plus what it needs: mixed ranks, a scaling rule, an adapter ty
 
 The head's learning rate (``local.head_lr``) and everything else are the same for every
 arm; only the adapter's rate is tuned. Datasets (``--dataset``): ``sst2``
-(``../shared/data/sst2``, 2 classes) and ``bbc`` (BBC News, 5 topics, the offline
+(``data.dataset: sst2``, 2 classes) and ``bbc`` (BBC News, 5 topics, the offline
 stand-in for AG News' 4), each with 10 clients, Dirichlet(0.5), all-MiniLM-L6-v2.
 ``--size cpu`` is the budget a 2-core machine finishes (see ``SIZES``); ``gpu`` is the
 same budget on a CUDA device; ``smoke`` is a seconds-long check of the plumbing.

@@ -15,6 +15,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from sfedlora.config import load_config
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+if SHARED_DATA.is_dir():  # our machines keep the named datasets there (data.dataset: sst2)
+    os.environ.setdefault("SFEDLORA_DATA", str(SHARED_DATA))
 
 
 def make_tiny_model(out: Path) -> Path:

@@ -89,12 +89,15 @@ def test_string_and_integer_labels(tmp_path):
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "sst2").is_dir(), reason="../shared/data/sst2 absent")
-def test_sst2_tsv_reads_with_quotes_intact():
+def test_sst2_tsv_reads_with_quotes_intact_and_its_name_reads_the_same_files():
     cfg = DataConfig(source="files", train_path=str(SHARED_DATA / "sst2/train.tsv"),
                      test_path=str(SHARED_DATA / "sst2/test.tsv"), text_column="sentence")
     train, test = load_source(cfg)
     assert len(train) == 60614 and len(test) == 872
     assert train.label_names == ["0", "1"]
+    named_train, named_test = load_source(DataConfig(dataset="sst2"))
+    assert named_train.texts == train.texts and named_test.texts == test.texts
+    assert (named_train.labels == train.labels).all()
 
 
 @pytest.mark.parametrize("scheme", ["iid", "dirichlet"])

@@ -198,6 +198,21 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    from sfedlora.data import catalog
+
+    if args.action == "list":
+        print(f"data directory: {catalog.data_dir()} (${catalog.ENV})")
+        for name, about, present in catalog.status():
+            print(f"  {name:<7} {'present' if present else 'missing'}  {about}")
+        return 0
+    if not args.names:
+        raise ConfigError("sfedlora data get needs dataset names, e.g. sfedlora data get sst2")
+    for name in args.names:
+        print(f"{name}: {catalog.get(name, Path(args.source) if args.source else None)}")
+    return 0
+
+
 def _method_commands(sub) -> None:
     """The subcommands that ship with methods (``sfedlora.methods.COMMANDS``: TSFA's
     tsfa-plan), each given the config loader and the in-process runtime, which a method
@@ -273,6 +288,14 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("--overwrite", action="store_true",
                         help="replace the run that output_dir holds")
     deploy.set_defaults(func=cmd_deploy_local)
+
+    data = sub.add_parser("data", help="the named datasets (data.dataset: NAME): list them, "
+                          "or fetch them into the data directory")
+    data.add_argument("action", choices=["get", "list"])
+    data.add_argument("names", nargs="*", help="datasets to fetch, e.g. sst2 gsm8k")
+    data.add_argument("--from", dest="source", metavar="FOLDER", help="copy the files from "
+                      "this folder instead of the Hugging Face Hub (machines offline)")
+    data.set_defaults(func=cmd_data)
 
     _method_commands(sub)
 

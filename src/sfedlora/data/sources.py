@@ -1,4 +1,5 @@
-"""Where labelled texts come from: BBC News (offline default), local files, or the Hub.
+"""Where labelled texts come from: BBC News (offline default), a named dataset in the
+data directory, local files, or the Hub.
 
 All sources return the same :class:`TextDataset` pair (train, global test) with labels
 mapped to ids ``0..k-1`` in a stable order (numeric labels numerically, strings
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from sfedlora.data.catalog import dataset_files
 from sfedlora.settings import ConfigError, DataConfig
 
 
@@ -143,8 +145,11 @@ def load_hf(cfg: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame | None]:
 
 
 def load_frames(cfg: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame | None, str]:
-    """Raw train and (optional) test tables of a files or hub source, and a name for
-    messages."""
+    """Raw train and (optional) test tables of a named, files or hub source, and a name
+    for messages."""
+    if cfg.source == "named":
+        train_path, test_path = dataset_files(cfg.dataset)
+        return read_table(str(train_path)), read_table(str(test_path)), str(train_path)
     if cfg.source == "files":
         train = read_table(cfg.train_path)
         test = read_table(cfg.test_path) if cfg.test_path else None

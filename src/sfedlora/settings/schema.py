@@ -20,6 +20,7 @@ from pydantic import (
 
 from sfedlora.core.codecs import Codec
 from sfedlora.core.scaling import default_alpha, gamma
+from sfedlora.settings.datasets import DATASETS
 from sfedlora.settings.errors import ConfigError
 
 
@@ -118,10 +119,18 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    source: Literal["bbc", "files", "hf"] = "bbc"
+    source: Literal["bbc", "named", "files", "hf"] = Field(
+        "bbc", description="bbc: BBC News from its offline package; named: a dataset "
+        "named by data.dataset, read from the data directory (the default when "
+        "data.dataset is set); files: data.train_path/test_path; hf: the Hugging Face Hub"
+    )
     train_path: str | None = None
     test_path: str | None = None
-    dataset: str | None = Field(None, description="HF dataset name for source=hf, e.g. glue")
+    dataset: str | None = Field(
+        None, description="source=named: one of " + ", ".join(DATASETS) + " (files in "
+        "$SFEDLORA_DATA/<name>/, fetched by `sfedlora data get <name>`); source=hf: the "
+        "Hub dataset id, e.g. glue"
+    )
     subset: str | None = Field(None, description="HF dataset config, e.g. sst2")
     train_split: str = "train"
     test_split: str | None = Field("validation", description="HF split used as global test")
@@ -155,6 +164,38 @@ class DataConfig(_Section):
     global_test_fraction: float = Field(0.2, gt=0, lt=1)
     max_train_examples: int | None = Field(None, gt=0)
     max_test_examples: int | None = Field(None, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _name_a_dataset(cls, data: Any) -> Any:
+        """``data.dataset: sst2`` alone means the named dataset, with its columns
+        wherever the config does not set them."""
+        if not isinstance(data, dict) or data.get("dataset") is None:
+            return data
+        data = dict(data)
+        data.setdefault("source", "named")
+        spec = DATASETS.get(data["dataset"]) if data["source"] == "named" else None
+        for key, column in (spec.columns.items() if spec else ()):
+            data.setdefault(key, column)
+        return data
+
+    @model_validator(mode="after")
+    def _check_source(self) -> DataConfig:
+        if self.source == "named":
+            if self.dataset not in DATASETS:
+                raise ValueError(
+                    f"data.dataset={self.dataset!r} is not a dataset sfedlora names; use one "
+                    f"of {', '.join(DATASETS)}, data.source=hf for a Hugging Face Hub id, or "
+                    "data.source=files with data.train_path")
+            if self.train_path or self.test_path:
+                raise ValueError(
+                    f"data.dataset={self.dataset!r} names its files; remove data.train_path "
+                    "and data.test_path, or set data.source=files to read those instead")
+        elif self.dataset is not None and self.source in ("bbc", "files"):
+            raise ValueError(
+                f"data.dataset={self.dataset!r} with data.source={self.source!r}: remove "
+                "data.source to read the named dataset, or remove data.dataset")
+        return self
 
 
 class EvalConfig(_Section):
@@ -438,6 +479,10 @@ class ExperimentConfig(_Section):
             raise ValueError("data.source=files needs data.train_path (a CSV, TSV or JSONL file)")
         if data.source == "hf" and not data.dataset:
             raise ValueError("data.source=hf needs data.dataset, e.g. data.dataset=glue")
+        named = DATASETS.get(data.dataset) if data.source == "named" else None
+        if named is not None and named.task != self.task:
+            raise ValueError(f"data.dataset={data.dataset!r} is {named.task} data and task="
+                             f"{self.task!r}; set task={named.task} or choose another dataset")
         if self.privacy.enabled and not self.privacy.secure_aggregation and c.min_clients > 1:
             raise ValueError(
                 f"privacy.enabled with clients.min_clients={c.min_clients}: under DP the "

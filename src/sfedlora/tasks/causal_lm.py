@@ -124,13 +124,13 @@ class CausalLMTask(Task):
                              "causal-lm packs or pads its own; remove model.padding")
         if cfg.data.source == "bbc":
             raise ValueError(
-                "task=causal-lm needs prompt/response data: set data.source=files (e.g. "
-                "data.train_path=../shared/data/gsm8k/train.jsonl) or data.source=hf")
+                "task=causal-lm needs prompt/response data: set data.dataset=gsm8k, or "
+                "data.source=files with data.train_path (JSONL or CSV), or data.source=hf")
 
     def load_pools(self, cfg: DataConfig):
         frame, test_frame, where = load_frames(cfg)
         train, groups = lm.pairs_from_frame(frame, cfg, where)
-        test = (lm.pairs_from_frame(test_frame, cfg, cfg.test_path or where, groups)[0]
+        test = (lm.pairs_from_frame(test_frame, cfg, str(cfg.test_path or where), groups)[0]
                 if test_frame is not None else None)
         return train, test, [str(g) for g in groups]
 
