@@ -65,3 +65,23 @@ def test_the_global_adapter_loads_in_peft_with_the_exported_tensors(
         assert torch.equal(loaded[key], saved[name])
     with pytest.raises(KeyError, match="no adapter 'client_0'"):
         result.load_adapter("client_0")
+
+
+def test_a_python_sweep_makes_the_runs_and_tables_of_sfedlora_sweep(
+        tiny_model_dir, tiny_data_file, tmp_path):
+    base = [*tiny_base(tiny_model_dir, tiny_data_file, tmp_path / "x"), "rounds=1",
+            "method=fedit", "eval.every=1"]
+    cfg = load_config(None, base)
+    swept = sfedlora.sweep(cfg.model_dump(mode="json"), {"local.lr": [1e-3, 1e-2]},
+                           out=tmp_path / "api")
+    assert main(["sweep", *base, "--grid", "local.lr=1e-3,1e-2",
+                 "--out", str(tmp_path / "cli")]) == 0
+    assert swept.finished and sorted(swept.runs()) == ["local.lr-0.001", "local.lr-0.01"]
+    for name, result in swept.runs().items():
+        assert _lines(result.run_dir) == _lines(tmp_path / "cli" / "runs" / name)
+    assert swept.results["local.lr"].tolist() == [1e-3, 1e-2]
+    assert (tmp_path / "api" / "table.md").read_text() == \
+        (tmp_path / "cli" / "table.md").read_text()
+    # the two rates are two experiments: different metrics, not one run copied
+    first, second = swept.runs().values()
+    assert first.summary["train_loss"] != second.summary["train_loss"]

@@ -11,14 +11,15 @@
 or None (the offline main job's defaults); ``overrides`` are ``dotted.key=value``
 strings, as on the command line. Nothing is left behind in the process between calls
 (each run builds its own model and closes its files), so a second call works, and
-progress bars use tqdm's auto backend, which renders in Jupyter.
+progress bars use tqdm's auto backend, which renders in Jupyter. :func:`sweep` is the
+same entry for a grid of runs (``sfedlora sweep``).
 
 Layer 10, beside the CLI (which calls it). May import: every layer below.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,6 +93,58 @@ def run(config: str | Path | Mapping | ExperimentConfig | None = None, *override
     directory that holds another run is refused unless ``overwrite``."""
     sim = simulation(experiment_config(config, overrides), overwrite)
     return finish(sim, sim.run(overwrite=overwrite))
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    """A sweep's directory: every run (a :class:`Result` each, by run name) and the
+    tables over them, once every shard has finished."""
+
+    out: Path
+    finished: bool
+
+    @property
+    def results(self):
+        """``results.csv``: one row per run, its grid values and final metrics."""
+        import pandas as pd
+
+        return pd.read_csv(self.out / "results.csv")
+
+    @property
+    def table(self):
+        """``table.csv``: mean, spread and count over seeds per grid cell."""
+        import pandas as pd
+
+        return pd.read_csv(self.out / "table.csv")
+
+    def runs(self) -> dict[str, Result]:
+        """Every finished run of the sweep by name."""
+        found = {}
+        for run_dir in sorted((self.out / "runs").iterdir()):
+            if run_files.is_finished(run_dir):
+                found[run_dir.name] = Result(run_dir, load_config(run_dir / "config.yaml"),
+                                             run_files.summary(run_dir))
+        return found
+
+
+def sweep(config: str | Path | Mapping | ExperimentConfig | None,
+          grid: Mapping[str, Sequence], *overrides: str, out: str | Path = "runs/sweep",
+          shard: tuple[int, int] = (0, 1),
+          on_start: Callable[[str], None] | None = None) -> SweepResult:
+    """Run the cross product of ``grid`` over ``config`` (``sfedlora sweep`` makes the
+    same runs): ``{"local.lr": [1e-4, 1e-3], "seed": [0, 1]}`` gives four runs; a key
+    ``"a+b"`` with tuple values varies two keys together. Each run is an ordinary run
+    directory under ``out/runs/``; calling again skips finished runs and resumes
+    interrupted ones, and ``shard=(k, m)`` lets m processes share one sweep.
+    ``on_start`` is called with each run's name as it starts."""
+    from sfedlora.studies.sweep import run_sweep
+
+    grid = {key: [tuple(v) if isinstance(v, list) else v for v in values]
+            for key, values in grid.items()}
+    out = Path(out)
+    done = run_sweep(None, dict(grid), out, overrides, shard=shard, on_start=on_start,
+                     load=lambda items: experiment_config(config, items))
+    return SweepResult(out, done)
 
 
 def simulation(cfg: ExperimentConfig, overwrite: bool = False):

@@ -128,13 +128,14 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     _quiet_libraries()
-    from sfedlora.studies.sweep import parse_grid, parse_shard, run_sweep
+    from sfedlora.studies.sweep import parse_grid, parse_shard
 
     config, overrides = _split_config_arg(args)
-    grid = parse_grid(args.grid)
     out = Path(args.out)
-    done = run_sweep(config, grid, out, overrides, shard=parse_shard(args.shard),
-                     on_start=lambda name: print(f"run {name}", file=sys.stderr, flush=True))
+    done = api.sweep(config, parse_grid(args.grid), *overrides, out=out,
+                     shard=parse_shard(args.shard),
+                     on_start=lambda name: print(f"run {name}", file=sys.stderr, flush=True),
+                     ).finished
     if done:
         print((out / "table.md").read_text(), end="")
     else:

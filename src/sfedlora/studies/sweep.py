@@ -111,19 +111,23 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 def run_sweep(config: str | None, grid: dict[str, list], out: Path,
               overrides: Sequence[str] = (), on_start: Callable[[str], None] | None = None,
-              shard: tuple[int, int] = (0, 1)) -> bool:
+              shard: tuple[int, int] = (0, 1),
+              load: Callable[[list[str]], object] | None = None) -> bool:
     """Run (or finish) this shard's runs of the grid; once every run of the grid is
     finished, write the tables and return True. Every config is validated before the
-    first run starts, so a bad value fails in a second."""
+    first run starts, so a bad value fails in a second. ``load`` builds a run's config
+    from its overrides (default: ``config`` read as a YAML path; the Python API passes
+    one that also takes a dict or a config object)."""
     from sfedlora.runtime.simulation import Simulation
 
+    load = load or (lambda items: load_config(config, items))
     runs = expand(grid)
     out = Path(out)
     configs = {}
     for run in runs:
         run_dir = out / "runs" / run.name
-        configs[run.name] = load_config(config, [*overrides, *run.overrides,
-                                                 f"output_dir={run_dir}", "progress=false"])
+        configs[run.name] = load([*overrides, *run.overrides, f"output_dir={run_dir}",
+                                  "progress=false"])
     for run in runs:
         _same_experiment(Path(configs[run.name].output_dir), configs[run.name])
     index, count = shard
