@@ -11,7 +11,7 @@ ifneq ($(wildcard ../shared/data),)
 export SFEDLORA_DATA ?= $(abspath ../shared/data)
 endif
 
-.PHONY: setup demo test lint bench lock clean
+.PHONY: setup demo test docs lint bench lock clean
 
 setup: $(VENV)/.installed
 
@@ -37,8 +37,15 @@ TEST_WORKERS ?= 2
 test: setup
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
+# The documentation site, offline, into site/: first the pages generated from the code
+# (configuration and command-line reference), then a strict build (a broken link or
+# reference fails it). The test suite runs the same build (tests/test_docs.py).
+docs: setup
+	$(BIN)/python scripts/docs_reference.py
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
 lint: setup
-	$(BIN)/ruff check src tests benchmarks scripts
+	$(BIN)/ruff check src tests benchmarks scripts examples docs/_hooks
 
 bench: setup
 	$(BIN)/python benchmarks/overhead.py
@@ -51,4 +58,4 @@ lock: setup
 	} > constraints.txt.new && mv constraints.txt.new constraints.txt
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs site .pytest_cache

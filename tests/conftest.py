@@ -220,18 +220,18 @@ TRACKED_RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "timings.js
                      "labels.json")
 
 
-def import_benchmark(name: str):
-    """A script of ``benchmarks/`` as a module, loaded from its file. The folder is
-    scripts, not a package (opacus installs a top-level ``benchmarks`` package), and a
-    benchmark imports only ``sfedlora``, so nothing is added to ``sys.path``."""
+def import_benchmark(name: str, folder: str = "benchmarks"):
+    """A script of ``benchmarks/`` (or ``scripts/``, ``examples/``) as a module, loaded
+    from its file. These folders are scripts, not packages (opacus installs a top-level
+    ``benchmarks`` package), and a script imports only ``sfedlora``, so nothing is added
+    to ``sys.path``."""
     import importlib.util
     import sys
 
-    module_name = f"sfedlora_benchmark_{name}"
+    module_name = f"sfedlora_{folder}_{name}"
     if module_name in sys.modules:
         return sys.modules[module_name]
-    spec = importlib.util.spec_from_file_location(module_name, ROOT / "benchmarks" /
-                                                  f"{name}.py")
+    spec = importlib.util.spec_from_file_location(module_name, ROOT / folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module  # dataclasses resolve their module by name
     spec.loader.exec_module(module)

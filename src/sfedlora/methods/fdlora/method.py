@@ -9,7 +9,7 @@ that minimise the loss of ``w1 * global + w2 * personal`` (elementwise on every 
 tensor) on a held-out slice of the client's training data (``options.holdout``
 examples, kept out of training).
 
-The paper's exact schedule is not confirmed (METHODS.md); this is the reading above.
+The paper's exact schedule is not spelled out in what we could read; this is the reading above.
 """
 
 from dataclasses import replace
