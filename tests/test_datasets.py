@@ -91,3 +91,30 @@ def test_data_get_from_a_folder_copies_it_for_machines_offline(data_dir, tmp_pat
     assert main(["data", "get", "gsm8k", "--from", str(source)]) == 0
     assert (data_dir / "gsm8k" / "test.jsonl").read_text() == (source / "test.jsonl").read_text()
     assert [row[2] for row in catalog.status()] == [False, True]
+
+
+def test_a_named_dataset_and_the_paths_it_resolves_to_are_one_experiment(data_dir,
+                                                                         tmp_path):
+    """A committed sweep ran on paths; rerun with ``data.dataset`` it must recognise
+    its runs (and must not when the files differ)."""
+    folder = data_dir / "sst2"
+    folder.mkdir(parents=True)
+    (folder / "train.tsv").write_text("sentence\tlabel\na\t1\n")
+    (folder / "test.tsv").write_text("sentence\tlabel\nb\t0\n")
+    named = {"source": "named", "dataset": "sst2"}
+
+    def files(train, test):
+        return {"source": "files", "train_path": str(train), "test_path": str(test)}
+
+    assert catalog.same_files(files(folder / "train.tsv", folder / "test.tsv"), named)
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "train.tsv").write_text((folder / "train.tsv").read_text())
+    (copy / "test.tsv").write_text("sentence\tlabel\nc\t1\n")  # another test set
+    assert not catalog.same_files(files(copy / "train.tsv", copy / "test.tsv"), named)
+    # files from a machine this one cannot see: the same <dataset>/<file>, or not
+    assert catalog.same_files(files("../elsewhere/sst2/train.tsv",
+                                    "../elsewhere/sst2/test.tsv"), named)
+    assert not catalog.same_files(files("../elsewhere/imdb/train.tsv",
+                                        "../elsewhere/imdb/test.tsv"), named)
+    assert not catalog.same_files({"source": "bbc"}, named)

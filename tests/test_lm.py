@@ -93,7 +93,8 @@ def test_answer_parser(text, expected):
 @pytest.mark.parametrize("method", [
     "fedit", "ffa", "fedsa", "rolora", "sfed", "flocora", "flasc server.lr=0.1",
     "hetlora lora.client_ranks=[2,4]", "fedsa lora.adapter=vera local.lr=0.1",
-    "sfed comm.up.density=0.25 comm.up.bits=4 comm.down.bits=8", "fdlora",
+    "sfed comm.up.density=0.25 comm.up.bits=4 comm.down.bits=8",
+    "fdlora options.grid=[0,0.5,1]",  # 9 fusions scored per client, not the default 25
     "flora lora.client_ranks=[2,4]", "fedex", "flexlora lora.client_ranks=[2,4]", "fedsvd",
     # one client's worth of steps per round, as the others take (per_round x local.steps)
     "central clients.per_round=1",

@@ -5,6 +5,7 @@ import path, and its own Options model carries its settings."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -83,6 +84,15 @@ def test_a_toy_methods_options_are_checked_by_its_model(tiny_config):
         tiny_config(f"method={TOY}", "options.shrink=2")
 
 
+class _FlowerLog(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
 def test_a_toy_method_on_flower_equals_in_process(tiny_config, tmp_path, monkeypatch):
     """Flower's ClientApps run in Ray workers: they import this module by the config's
     import path (this directory on their PYTHONPATH, as an installed package would be)."""
@@ -98,9 +108,25 @@ def test_a_toy_method_on_flower_equals_in_process(tiny_config, tmp_path, monkeyp
     Simulation(cfg).run()
     config_file = tmp_path / "config.yaml"
     config_file.write_text(to_yaml(cfg))
-    run_simulation(str(config_file), [f"output_dir={tmp_path / 'flower'}"], workers=2)
+    logged = _FlowerLog()
+    logging.getLogger("flwr").addHandler(logged)
+    try:
+        run_simulation(str(config_file), [f"output_dir={tmp_path / 'flower'}"], workers=2)
+    finally:
+        logging.getLogger("flwr").removeHandler(logged)
     local, flower = _lines(tmp_path / "local"), _lines(tmp_path / "flower")
     assert [m["round"] for m in flower] == [m["round"] for m in local] == [1, 2]
+    # the ServerApp told its user how each round went and how the run ended, through
+    # Flower's logger (what `flwr run --stream` shows)
+    for m in flower:
+        line = next(x for x in logged.lines if x.startswith(f"round {m['round']}/2: "))
+        assert f"personalised acc {m['personalized_accuracy']:.4f}" in line
+        assert f"bytes up {m['bytes_up']:,}" in line
+    summary = json.loads((tmp_path / "flower" / "summary.json").read_text())
+    assert f"sfedlora: {TOY}" in "\n".join(logged.lines)
+    assert any(x.split() == ["personalised", "accuracy",
+                             f"{summary['personalized_accuracy']:.4f}"] for x in logged.lines)
+    assert f"run directory: {tmp_path / 'flower'}" in logged.lines
     for a, b in zip(local, flower, strict=True):
         assert set(a) == set(b)
         for key, value in a.items():

@@ -6,76 +6,36 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
-import warnings
 from pathlib import Path
 
 import sfedlora.api as api
 from sfedlora.config import ConfigError, load_config, to_yaml
 from sfedlora.core.checkpoint import CheckpointError
-from sfedlora.core.records import Metric
 from sfedlora.studies import runs as run_files
 
 
 def _quiet_libraries() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
-    import transformers
+    from sfedlora.runtime.report import quiet_libraries
 
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
+    quiet_libraries()
 
 
 def _print_table(summary: dict, run_dir: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"sfedlora: {summary['method']} ({summary['scaling']} scaling, "
-                        + ("VeRA)" if summary["gamma"] is None
-                           else f"gamma={summary['gamma']:.3g})"))
+    from sfedlora.runtime.report import summary_rows, summary_title
+
+    table = Table(title=summary_title(summary))
     table.add_column("metric")
     table.add_column("value", justify="right")
-    if summary.get(Metric.PERSONALIZED_PERPLEXITY) is not None:  # causal-lm
-        quality = [
-            ("personalised perplexity", summary[Metric.PERSONALIZED_PERPLEXITY]),
-            ("global perplexity", summary[Metric.GLOBAL_PERPLEXITY]),
-            ("personalised exact match", summary[Metric.PERSONALIZED_EXACT_MATCH]),
-            ("global exact match", summary[Metric.GLOBAL_EXACT_MATCH]),
-        ]
-    else:
-        quality = [
-            ("personalised accuracy", summary[Metric.PERSONALIZED_ACCURACY]),
-            ("global accuracy", summary[Metric.GLOBAL_ACCURACY]),
-        ]
-    rows = [
-        ("rounds", summary["round"]),
-        ("train loss", summary[Metric.TRAIN_LOSS]),
-        *quality,
-        ("bytes up (total)", summary[Metric.BYTES_UP_TOTAL]),
-        ("bytes down (total)", summary[Metric.BYTES_DOWN_TOTAL]),
-        ("bytes up + down", summary[Metric.BYTES_TOTAL]),
-        ("bytes per client (up / down, mean)", _per_client_bytes(summary)),
-        ("wall seconds", summary["wall_seconds"]),
-    ]
-    for name, value in rows:
-        if isinstance(value, float):
-            value = f"{value:.4f}"
-        elif isinstance(value, int):
-            value = f"{value:,}"
-        table.add_row(name, str(value))
+    for name, value in summary_rows(summary):
+        table.add_row(name, value)
     console = Console()
     console.print(table)
     console.print(f"run directory: {run_dir}")
-
-
-def _per_client_bytes(summary: dict) -> str:
-    up = summary.get(Metric.BYTES_UP_TOTAL_PER_CLIENT) or {}
-    down = summary.get(Metric.BYTES_DOWN_TOTAL_PER_CLIENT) or {}
-    if not up:
-        return "-"
-    return f"{sum(up.values()) / len(up):,.0f} / {sum(down.values()) / len(down):,.0f}"
 
 
 def _raise_interrupt(signum, frame):

@@ -10,6 +10,7 @@ be given them by copying a folder (``sfedlora data get NAME --from FOLDER``).
 from __future__ import annotations
 
 import csv
+import filecmp
 import os
 import shutil
 from pathlib import Path
@@ -112,3 +113,37 @@ def status() -> list[tuple[str, str, bool]]:
     folder = data_dir()
     return [(name, spec.about, all((folder / name / f).is_file() for f in (spec.train, spec.test)))
             for name, spec in DATASETS.items()]
+
+
+# the data settings that only say where the files are
+WHERE_KEYS = ("source", "dataset", "train_path", "test_path")
+
+
+def _files(data: dict) -> tuple[Path, Path | None] | None:
+    if data.get("source") == "named" and data.get("dataset") in DATASETS:
+        spec, folder = DATASETS[data["dataset"]], data_dir() / data["dataset"]
+        return folder / spec.train, folder / spec.test
+    if data.get("source") == "files" and data.get("train_path"):
+        test = data.get("test_path")
+        return Path(data["train_path"]), Path(test) if test else None
+    return None
+
+
+def same_files(old: dict, new: dict) -> bool:
+    """Whether two configs' ``data`` sections read the same files though one names a
+    dataset and the other gives paths (a run made before datasets had names): the same
+    file, or files of equal content, where both exist here; else the same
+    ``<dataset>/<file>`` at the end of both paths."""
+    pairs, news = _files(old), _files(new)
+    if pairs is None or news is None:
+        return False
+    for a, b in zip(pairs, news, strict=True):
+        if a is None or b is None:
+            if a is not b:
+                return False
+        elif a.is_file() and b.is_file():
+            if not (os.path.samefile(a, b) or filecmp.cmp(a, b, shallow=False)):
+                return False
+        elif a.parts[-2:] != b.parts[-2:]:
+            return False
+    return True

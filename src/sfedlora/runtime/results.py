@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -92,10 +93,13 @@ def refuse_occupied(path: Path, overwrite: bool = False) -> None:
 
 
 class RunDir:
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, writers: Sequence[MetricWriter] = ()):
+        """``writers``: metric writers beside the built-in TensorBoard one (the Flower
+        ServerApp's log of each round)."""
         self.path = Path(path)
         self._log_handler: logging.Handler | None = None
         self._lock: int | None = None
+        self._extra_writers = list(writers)
         self.writers: list[MetricWriter] = []
         self._untracked: list[dict] = []  # logged records the writers have not seen
 
@@ -146,7 +150,7 @@ class RunDir:
         (self.path / "metrics.jsonl").write_text("".join(metrics))
         (self.path / "labels.json").write_text(json.dumps(label_names))
         self.writers = [TensorBoardWriter(self.path, (resume_after or 0) + 1
-                                          if resume_after else 0)]
+                                          if resume_after else 0), *self._extra_writers]
         self._log_handler = logging.FileHandler(self.path / "run.log",
                                                 mode="w" if resume_after is None else "a")
         self._log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))

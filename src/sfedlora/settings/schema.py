@@ -50,15 +50,20 @@ class ClientsConfig(_Section):
         "auto", description="where clients' private state lives between rounds: memory, "
         "or one file per client and round under the run directory (auto: disk above "
         "clients.state_store_threshold clients)")
-    state_store_threshold: int = Field(1000, gt=0)
+    state_store_threshold: int = Field(
+        1000, gt=0, description="above this many clients, state_store=auto keeps client state on "
+        "disk")
 
 
 class LocalConfig(_Section):
     steps: int | None = Field(5, gt=0, description="local optimizer steps per round")
     epochs: int | None = Field(None, gt=0, description="local epochs (instead of steps)")
-    batch_size: int = Field(16, gt=0)
-    optimizer: Literal["sgd", "adamw"] = "adamw"
-    lr: float = Field(5e-4, gt=0)
+    batch_size: int = Field(
+        16, gt=0, description="examples per local step")
+    optimizer: Literal["sgd", "adamw"] = Field(
+        "adamw", description="the clients' local optimizer")
+    lr: float = Field(
+        5e-4, gt=0, description="learning rate of the adapter (A and B; see lr_A, lr_B, head_lr)")
     head_lr: float | None = Field(
         None, gt=0, description="learning rate of the task head (None: same as lr)"
     )
@@ -70,13 +75,18 @@ class LocalConfig(_Section):
         "With B starting at zero, scale c*gamma at lr is exactly scale gamma at lr_B = c*lr "
         "(AdamW) or c^2*lr (SGD)"
     )
-    momentum: float = Field(0.0, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
-    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    momentum: float = Field(
+        0.0, ge=0, lt=1, description="SGD momentum")
+    weight_decay: float = Field(
+        0.0, ge=0, description="decoupled weight decay of the local optimizer")
+    schedule: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="learning-rate schedule over all rounds' local steps")
     keep_optimizer_state: bool = Field(
         False, description="keep each client's optimizer state across rounds"
     )
-    max_grad_norm: float | None = Field(None, gt=0)
+    max_grad_norm: float | None = Field(
+        None, gt=0, description="clip each local step's gradient to this L2 norm (None: no "
+        "clipping)")
 
 
 class LoraConfig(_Section):
@@ -84,7 +94,8 @@ class LoraConfig(_Section):
         "lora", description="lora, or vera (PEFT's VeRA: frozen shared random projections, "
         "trained scaling vectors lambda_d and lambda_b; with fedsa: FedSA-VeRA)"
     )
-    rank: int = Field(8, gt=0)
+    rank: int = Field(
+        8, gt=0, description="LoRA rank r (with client_ranks: the server's r_max)")
     client_ranks: list[int] | None = Field(
         None, description="mixed ranks (hetlora): one rank per client, or a shorter list "
         "of tiers splitting client ids into equal contiguous groups; each <= lora.rank"
@@ -101,7 +112,8 @@ class LoraConfig(_Section):
         None, description="None: the method's default"
     )
     targets: list[str] | None = Field(None, description="None: per-architecture default")
-    dropout: float = Field(0.0, ge=0, lt=1)
+    dropout: float = Field(
+        0.0, ge=0, lt=1, description="LoRA dropout on the adapter's input")
 
 
 class ModelConfig(_Section):
@@ -109,7 +121,8 @@ class ModelConfig(_Section):
         None, description="hub name, local path or offline asset (None: the task's "
         "offline default, all-MiniLM-L6-v2 or SmolLM2-135M-Instruct)"
     )
-    max_length: int = Field(128, gt=0)
+    max_length: int = Field(
+        128, gt=0, description="tokens per example (longer texts are truncated)")
     padding: Literal["longest", "max_length"] = Field(
         "longest", description="classification batches: padded to their longest sequence, "
         "or always to max_length (every batch the same shape and cost, e.g. to time runs "
@@ -124,29 +137,44 @@ class DataConfig(_Section):
         "named by data.dataset, read from the data directory (the default when "
         "data.dataset is set); files: data.train_path/test_path; hf: the Hugging Face Hub"
     )
-    train_path: str | None = None
-    test_path: str | None = None
+    train_path: str | None = Field(
+        None, description="source=files: the training file (.csv, .tsv or .jsonl)")
+    test_path: str | None = Field(
+        None, description="source=files: the global test file (None: a stratified split of the "
+        "training file)")
     dataset: str | None = Field(
         None, description="source=named: one of " + ", ".join(DATASETS) + " (files in "
         "$SFEDLORA_DATA/<name>/, fetched by `sfedlora data get <name>`); source=hf: the "
         "Hub dataset id, e.g. glue"
     )
     subset: str | None = Field(None, description="HF dataset config, e.g. sst2")
-    train_split: str = "train"
+    train_split: str = Field(
+        "train", description="source=hf: the split clients train on")
     test_split: str | None = Field("validation", description="HF split used as global test")
-    text_column: str = "text"
-    label_column: str = "label"
+    text_column: str = Field(
+        "text", description="the column holding the text")
+    label_column: str = Field(
+        "label", description="the column holding the label (strings or integers)")
     prompt_column: str = Field("question", description="causal-lm: the instruction/prompt")
     response_column: str = Field("answer", description="causal-lm: the target response")
     input_column: str | None = Field(
         None, description="causal-lm: optional extra input appended to the prompt (Alpaca)"
     )
     packing: bool = Field(False, description="causal-lm: pack examples into full blocks")
-    partition: Literal["iid", "dirichlet", "classes", "size"] = "dirichlet"
-    dirichlet_alpha: float = Field(0.5, gt=0)
-    classes_per_client: int = Field(2, gt=0)
-    min_partition_size: int = Field(10, ge=0)
-    client_test_fraction: float = Field(0.2, gt=0, lt=1)
+    partition: Literal["iid", "dirichlet", "classes", "size"] = Field(
+        "dirichlet", description="how examples are split over clients: iid, dirichlet (label "
+        "skew), classes (each client gets classes_per_client labels) or size (causal-lm: skewed "
+        "sizes)")
+    dirichlet_alpha: float = Field(
+        0.5, gt=0, description="partition=dirichlet: concentration; smaller is more skewed")
+    classes_per_client: int = Field(
+        2, gt=0, description="partition=classes: labels per client")
+    min_partition_size: int = Field(
+        10, ge=0, description="partition=dirichlet: redraw until every client holds at least this "
+        "many examples (0: allow empty clients)")
+    client_test_fraction: float = Field(
+        0.2, gt=0, lt=1, description="share of each client's examples kept as its own test part "
+        "(same label mix)")
     validation_fraction: float = Field(
         0.0, ge=0, lt=1, description="hold this fraction of each client's training part "
         "out of training as its validation part (stratified); choose learning rates on "
@@ -161,9 +189,15 @@ class DataConfig(_Section):
     client_test_examples: int = Field(
         50, gt=0, description="test examples per client with data.examples_per_client"
     )
-    global_test_fraction: float = Field(0.2, gt=0, lt=1)
-    max_train_examples: int | None = Field(None, gt=0)
-    max_test_examples: int | None = Field(None, gt=0)
+    global_test_fraction: float = Field(
+        0.2, gt=0, lt=1, description="without a test file: share of the data kept apart as the "
+        "global test set")
+    max_train_examples: int | None = Field(
+        None, gt=0, description="use at most this many training examples (a seeded subset, before "
+        "partitioning)")
+    max_test_examples: int | None = Field(
+        None, gt=0, description="use at most this many global test examples (a seeded "
+        "subset)")
 
     @model_validator(mode="before")
     @classmethod
@@ -210,9 +244,11 @@ class EvalConfig(_Section):
         16, ge=0, description="causal-lm: examples per client and of the global test set "
         "answered by greedy generation for exact match"
     )
-    max_new_tokens: int = Field(256, gt=0)
+    max_new_tokens: int = Field(
+        256, gt=0, description="causal-lm: most tokens a generated answer may have")
     few_shot: int = Field(0, ge=0, description="causal-lm: solved training examples in the prompt")
-    batch_size: int = Field(64, gt=0)
+    batch_size: int = Field(
+        64, gt=0, description="examples per evaluation batch")
     probe_size: int = Field(16, gt=0, description="examples in the fixed probe batch")
     clients: Literal["all"] | int = Field(
         "all", description="all, or K: score a fixed seeded subset of K clients for the "
@@ -290,10 +326,13 @@ class PrivacyConfig(_Section):
     """Client-level differential privacy (DP-FedAvg: clip, average, add noise) and
     secure aggregation (the server learns only the sum of the uploads)."""
 
-    enabled: bool = False
+    enabled: bool = Field(
+        False, description="client-level differential privacy (clipping, Gaussian noise, secret "
+        "Poisson sampling)")
     clip_norm: float = Field(1.0, gt=0, description="L2 bound on each client's update")
     noise_multiplier: float = Field(1.0, ge=0, description="noise std / clip_norm")
-    delta: float = Field(1e-5, gt=0, lt=1)
+    delta: float = Field(
+        1e-5, gt=0, lt=1, description="the delta of the reported (epsilon, delta)-DP guarantee")
     secure_aggregation: bool = Field(
         False, description="mask every upload so the server learns only their sum "
         "(Bonawitz et al. 2017; sfedlora.privacy.secagg)")
@@ -391,8 +430,10 @@ class ExperimentConfig(_Section):
                       "(sfedlora.tasks.TASKS)")
     method: str = Field("sfed", description="a registered method (sfedlora.methods.REGISTRY), "
                         "or the import path package.module:Class of your own Method subclass")
-    seed: int = 0
-    rounds: int = Field(10, gt=0)
+    seed: int = Field(
+        0, description="seeds the partition, initialisation, sampling and batches (never DP noise)")
+    rounds: int = Field(
+        10, gt=0, description="federated rounds")
     clients: ClientsConfig = ClientsConfig()
     local: LocalConfig = LocalConfig()
     lora: LoraConfig = LoraConfig()
@@ -413,7 +454,8 @@ class ExperimentConfig(_Section):
         None, description="where the run is written; None: a new directory "
         "runs/<UTC time>-<method>, with runs/latest pointing at the newest. A directory "
         "holding another run is refused (sfedlora run --overwrite replaces it)")
-    progress: bool = True
+    progress: bool = Field(
+        True, description="show a progress bar")
 
     def _check_flower_resources(self) -> None:
         gpus = self.flower.client_resources.num_gpus

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from sfedlora.config import ConfigError, load_config, parse_value
 from sfedlora.core.records import Metric
+from sfedlora.data.catalog import WHERE_KEYS, same_files
 from sfedlora.studies import runs as run_files
 from sfedlora.studies.stats import ci95
 from sfedlora.studies.tables import mean_pm
@@ -155,8 +156,11 @@ def _same_experiment(run_dir: Path, cfg) -> None:
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         return
-    old = load_config(saved).model_dump(mode="json")
-    diffs = config_differences(old, cfg.model_dump(mode="json"), ignore=RESUME_MAY_CHANGE)
+    old, new = load_config(saved).model_dump(mode="json"), cfg.model_dump(mode="json")
+    ignore = RESUME_MAY_CHANGE
+    if same_files(old["data"], new["data"]):  # data.dataset: sst2 reads what the paths did
+        ignore = ignore | {f"data.{key}" for key in WHERE_KEYS}
+    diffs = config_differences(old, new, ignore=ignore)
     if diffs:
         raise ConfigError(
             f"{run_dir} holds a run with other settings ({'; '.join(diffs[:3])}); give "

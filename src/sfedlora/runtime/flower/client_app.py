@@ -33,6 +33,9 @@ _experiments: dict = {}  # one model per process, keyed by its config
 
 def experiment(cfg: ExperimentConfig):
     from sfedlora.runtime.experiment import build_experiment
+    from sfedlora.runtime.report import quiet_libraries
+
+    quiet_libraries()  # no weight-loading report per node in the run's stream
 
     key = json.dumps(cfg.model_dump(mode="json"), sort_keys=True)
     if key not in _experiments:

@@ -9,9 +9,10 @@ checkpoint; the nodes read their clients' state from their state directories.
 
 from __future__ import annotations
 
-import logging
+from logging import INFO
 
 from flwr.app import Context
+from flwr.common.logger import log as flwr_log
 from flwr.serverapp import Grid, ServerApp
 
 from sfedlora.runtime.flower.config import (
@@ -21,9 +22,9 @@ from sfedlora.runtime.flower.config import (
     experiment_config,
 )
 from sfedlora.runtime.flower.pool import FlowerPool
+from sfedlora.runtime.report import round_line, summary_text
+from sfedlora.runtime.results import RunDir, resolve_output_dir
 from sfedlora.runtime.simulation import Simulation
-
-log = logging.getLogger(__name__)
 
 
 def main(grid: Grid, context: Context, defaults: dict) -> None:
@@ -32,12 +33,28 @@ def main(grid: Grid, context: Context, defaults: dict) -> None:
     any_node = bool(run_config.get(ANY_NODE_KEY))
     if resume := run_config.get(RESUME_KEY):
         sim = Simulation.resume(resume, pool_factory=lambda c: FlowerPool(c, grid, any_node))
-        log.info("Flower: resuming %s after round %d", resume, sim.done_rounds)
+        flwr_log(INFO, "sfedlora: resuming %s after round %d", resume, sim.done_rounds)
     else:
         sim = Simulation(cfg, FlowerPool(cfg, grid, any_node))
-    summary = sim.run(overwrite=bool(run_config.get(OVERWRITE_KEY)))
-    log.info("Flower run finished in %s: %s", sim.cfg.output_dir, {
-        k: summary.get(k) for k in ("personalized_accuracy", "global_accuracy")})
+    run_dir = RunDir(resolve_output_dir(sim.cfg), writers=[RoundLog(sim.cfg.rounds)])
+    summary = sim.run(run_dir, overwrite=bool(run_config.get(OVERWRITE_KEY)))
+    for line in summary_text(summary, sim.run_dir):
+        flwr_log(INFO, line)
+
+
+class RoundLog:
+    """A metric writer that logs each round's key figures through Flower's logger, so
+    ``flwr run --stream`` shows how the run goes (the same line on every runtime:
+    :func:`~sfedlora.runtime.report.round_line`)."""
+
+    def __init__(self, rounds: int):
+        self.rounds = rounds
+
+    def write(self, record: dict) -> None:
+        flwr_log(INFO, round_line(record, self.rounds))
+
+    def close(self) -> None:
+        pass
 
 
 def make_app(defaults: dict | None = None) -> ServerApp:
