@@ -30,14 +30,12 @@ demo: setup
 
 # Two pytest workers, one torch thread each: a third of the suite's time is Flower and
 # deploy tests waiting on processes they started, which the other worker overlaps.
-# Tests are dealt out one by one (loadgroup), except the groups that must stay together:
-# the deploy tests check that no deployment's process is left, which a deployment of
-# another test beside them would break (xdist_group "deploy"), and a few modules share
-# one expensive run between their tests.
+# Tests are dealt out one by one, except the modules that must run on one worker
+# (tests/conftest.py: pytest_xdist_make_scheduler, ONE_WORKER).
 TEST_WORKERS ?= 2
 
 test: setup
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 # The documentation site, offline, into site/: first the pages generated from the code
 # (configuration and command-line reference), then a strict build (a broken link or

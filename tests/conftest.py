@@ -250,3 +250,25 @@ def copy_tracked_runs(runs: list[Path], source: Path, dest: Path) -> int:
             if (run / name).is_file():
                 shutil.copy2(run / name, target / name)
     return len(runs)
+
+
+# Modules whose tests must run on one worker: the deploy tests check that no deployment's
+# process is left, which a deployment of another test beside them would break; the
+# others share one expensive run between their tests (a module fixture).
+ONE_WORKER = ("tests/test_deploy.py", "tests/test_run_dir.py", "tests/test_tsfa.py")
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """Deal tests out to the workers one by one (the Flower and deploy tests wait on
+    processes, which a worker busy with another file's tests would not overlap), except
+    the modules of ``ONE_WORKER``. Written here because xdist's own ``xdist_group``
+    marks do not reach its scheduler under pytest 9 (it rewrites ``Item._nodeid``,
+    which pytest 9 no longer reads)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class OneByOne(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return module if module in ONE_WORKER else nodeid
+
+    return OneByOne(config, log)

@@ -14,9 +14,6 @@ import server_inbox
 from sfedlora.config import to_yaml
 from sfedlora.runtime.simulation import Simulation
 
-# one worker runs this module: its deployments must not overlap another deployment
-pytestmark = pytest.mark.xdist_group("deploy")
-
 pytest.importorskip("flwr")
 
 COMPARED = ("train_loss", "personalized_accuracy", "personalized_loss", "global_accuracy",

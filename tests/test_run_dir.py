@@ -16,9 +16,6 @@ from sfedlora.core.checkpoint import load_checkpoint
 from sfedlora.runtime.results import RunDir
 from sfedlora.runtime.simulation import Simulation
 
-# one worker runs this module: its tests share one expensive run (a module fixture)
-pytestmark = pytest.mark.xdist_group("run_dir")
-
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, tiny_model_dir, tiny_data_file):

@@ -22,9 +22,6 @@ from sfedlora.methods.soft.schedule import (
 )
 from sfedlora.runtime.simulation import Simulation
 
-# one worker runs this module: its tests share one expensive run (a module fixture)
-pytestmark = pytest.mark.xdist_group("tsfa")
-
 WIRELESS = ("method=tsfa", "network.model=wireless", "network.allocation=min_max")
 
 
