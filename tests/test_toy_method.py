@@ -111,7 +111,7 @@ def test_a_toy_method_on_flower_equals_in_process(tiny_config, tmp_path, monkeyp
     logged = _FlowerLog()
     logging.getLogger("flwr").addHandler(logged)
     try:
-        run_simulation(str(config_file), [f"output_dir={tmp_path / 'flower'}"], workers=2)
+        run_simulation(str(config_file), [f"output_dir={tmp_path / 'flower'}"], workers=1)
     finally:
         logging.getLogger("flwr").removeHandler(logged)
     local, flower = _lines(tmp_path / "local"), _lines(tmp_path / "flower")
