@@ -42,7 +42,9 @@ CASES = {  # name: (config factory fixture, overrides)
     # mixed ranks and partial participation: nodes that missed rounds catch up on merges
     "flora": ("tiny_config", ["method=flora", "lora.client_ranks=[1,2,4]",
                               "clients.per_round=2", "rounds=3"]),
-    "causal-lm": ("tiny_lm_config", ["method=fedsa", "eval.generate=2", "rounds=2"]),
+    # one round: the nodes' perplexity, generation and samples; state kept across
+    # rounds on the nodes is every other case's
+    "causal-lm": ("tiny_lm_config", ["method=fedsa", "eval.generate=2", "rounds=1"]),
     # issue 20: residual merges with catch-up, SVD re-factorisations, the pooled trainer
     "fedex": ("tiny_config", ["method=fedex", "clients.per_round=2", "rounds=3"]),
     "flexlora": ("tiny_config", ["method=flexlora", "lora.client_ranks=[1,2,4]", "rounds=2"]),
