@@ -81,8 +81,9 @@ def get(name: str, source: Path | None = None) -> Path:
         ) from None
     for split, role in spec.hub.splits.items():
         file = spec.train if role == "train" else spec.test
-        frame = splits[split].to_pandas()[list(_columns(spec))]
-        _write_atomically(folder / file, lambda tmp, frame=frame: _write_table(frame, tmp))
+        frame, tsv = splits[split].to_pandas()[list(_columns(spec))], file.endswith(".tsv")
+        _write_atomically(folder / file,
+                          lambda tmp, frame=frame, tsv=tsv: _write_table(frame, tmp, tsv))
     return folder
 
 
@@ -90,8 +91,8 @@ def _columns(spec: DatasetSpec) -> list[str]:
     return list(dict.fromkeys(spec.columns.values()))
 
 
-def _write_table(frame, path: Path) -> None:
-    if path.name.endswith(".tsv.part"):
+def _write_table(frame, path: Path, tsv: bool) -> None:
+    if tsv:
         # The TSV reader takes quotes literally (SST-2's phrases contain them), so a
         # tab or newline inside a text cannot be escaped: refuse rather than corrupt.
         text = frame.select_dtypes("object")
@@ -104,7 +105,11 @@ def _write_table(frame, path: Path) -> None:
 
 def _write_atomically(path: Path, write) -> None:
     tmp = path.with_name(path.name + ".part")
-    write(tmp)
+    try:
+        write(tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     tmp.replace(path)
 
 
