@@ -213,7 +213,7 @@ def _failing_client_app(run_config: dict, fail_client: int, fail_round: int):
     """The real ClientApp, except that one client's node fails one round."""
     from flwr.clientapp import ClientApp
 
-    from sfedlora.runtime.flower import client_app
+    from sfedlora.runtime.flower import handlers
 
     app = ClientApp()
 
@@ -222,10 +222,10 @@ def _failing_client_app(run_config: dict, fail_client: int, fail_round: int):
         if (int(context.node_config["partition-id"]) == fail_client
                 and int(msg.content["request"]["round"]) == fail_round):
             raise RuntimeError("node lost")
-        return client_app.train(msg, context, run_config)
+        return handlers.train(msg, context, run_config)
 
-    app.evaluate()(lambda msg, context: client_app.evaluate(msg, context, run_config))
-    app.query()(lambda msg, context: client_app.query(msg, context, run_config))
+    app.evaluate()(lambda msg, context: handlers.evaluate(msg, context, run_config))
+    app.query()(lambda msg, context: handlers.query(msg, context, run_config))
     return app
 
 
@@ -269,8 +269,8 @@ class _Context:  # the one field of flwr's Context that routing reads
 
 def test_a_simulated_node_serves_the_named_client_and_a_deployed_node_only_its_own():
     from sfedlora.config import ConfigError
-    from sfedlora.runtime.flower.client_app import message_client
     from sfedlora.runtime.flower.config import ANY_NODE_KEY
+    from sfedlora.runtime.flower.handlers import message_client
 
     simulated, deployed = {ANY_NODE_KEY: True}, {}
     assert message_client(_Context(3), simulated, {"client": 7}) == 7

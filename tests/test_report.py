@@ -40,11 +40,11 @@ def test_the_final_table_is_one_list_of_rows_for_every_runtime(tmp_path):
 def test_a_node_silences_the_model_stacks_load_reports(tiny_config):
     import transformers
 
-    from sfedlora.runtime.flower import client_app
+    from sfedlora.runtime.flower import handlers
 
     transformers.logging.set_verbosity_info()
     transformers.logging.enable_progress_bar()
-    client_app.experiment(tiny_config("clients.num=2"))
+    handlers.experiment(tiny_config("clients.num=2"))
     assert transformers.logging.get_verbosity() == transformers.logging.ERROR
     assert not transformers.utils.logging.is_progress_bar_enabled()
-    client_app._experiments.clear()
+    handlers._experiments.clear()

@@ -13,6 +13,14 @@ The experiment config travels as Flower run config: ``config-file`` (a YAML file
 for ``sfedlora run``) plus any dotted key (``lora.rank = 16``) as an override.
 """
 
-from sfedlora.runtime.flower.config import experiment_config
-
 __all__ = ["experiment_config"]
+
+
+def __getattr__(name: str):
+    # imported on first use: a deployed node's per-message ClientApp process imports this
+    # package and should not pay for torch (see client_app)
+    if name == "experiment_config":
+        from sfedlora.runtime.flower.config import experiment_config
+
+        return experiment_config
+    raise AttributeError(f"module 'sfedlora.runtime.flower' has no attribute {name!r}")

@@ -14,14 +14,13 @@ import shlex
 from collections.abc import Mapping
 
 from sfedlora.config import ExperimentConfig, load_config
-
-CONFIG_FILE_KEY = "config-file"
-OVERRIDES_KEY = "overrides"
-RESUME_KEY = "resume"  # a run directory to continue from its checkpoint
-OVERWRITE_KEY = "overwrite"  # replace the run that output_dir holds
-# Set by the simulation engine's runner: every virtual node runs the same ClientApp on
-# one machine, so any node may serve any client (the message names it); see FlowerPool.
-ANY_NODE_KEY = "any-node"
+from sfedlora.runtime.flower.run_keys import (
+    ANY_NODE_KEY,
+    CONFIG_FILE_KEY,
+    OVERRIDES_KEY,
+    OVERWRITE_KEY,
+    RESUME_KEY,
+)
 
 
 def experiment_config(run_config: Mapping[str, object]) -> ExperimentConfig:

@@ -17,13 +17,13 @@ checkpoint it resumed from (:meth:`NodeState.enter_timeline`).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from sfedlora.core.checkpoint import write_atomically
 from sfedlora.core.records import ClientState
 from sfedlora.core.stores import DiskStore
 from sfedlora.runtime.client_states import ClientStateFolder
+from sfedlora.runtime.flower.worker_channel import state_dir
 
 
 def export_folder(node_config, run_key: str, cid: int) -> Path:
@@ -35,9 +35,7 @@ def export_folder(node_config, run_key: str, cid: int) -> Path:
 
 
 def state_root(node_config, run_key: str) -> Path:
-    root = (node_config.get("state-dir") or os.environ.get("SFEDLORA_STATE_DIR")
-            or Path.home() / ".cache" / "sfedlora" / "flower-state")
-    return Path(str(root)) / f"run-{run_key}"
+    return state_dir(node_config) / f"run-{run_key}"
 
 
 TIMELINE_FILE = "timeline.json"
