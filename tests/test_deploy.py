@@ -7,6 +7,7 @@ import json
 import math
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import server_inbox
@@ -22,6 +23,17 @@ COMPARED = ("train_loss", "personalized_accuracy", "personalized_loss", "global_
 
 def _lines(run_dir):
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_same_metrics(expected: list[dict], got: list[dict]) -> None:
+    """Every round's ``COMPARED`` metrics equal to 1e-5 (absent where not evaluated)."""
+    for a, b in zip(expected, got, strict=True):
+        assert a.get("dropped") == b.get("dropped")
+        for key in COMPARED:
+            if a.get(key) is None:
+                assert b.get(key) is None, (a["round"], key)
+            else:
+                assert math.isclose(a[key], b[key], abs_tol=1e-5), (a["round"], key)
 
 
 @pytest.fixture
@@ -178,13 +190,15 @@ def test_deploy_local_runs_securely_matches_plain_sums_and_leaves_no_process(
                             "rounds=1", "eval.every=1", "checkpoint.every=1")
     inbox_log = tmp_path / "inbox.jsonl"  # the ServerApp runs in a process of its own
     run_dir = deploy_local(str(path), [f"output_dir={tmp_path / 'deployed'}",
-                                       f"flower.inbox_log={inbox_log}"], nodes=3, timeout=600)
+                                       f"flower.inbox_log={inbox_log}"], nodes=3, timeout=600,
+                           state_dir=tmp_path / "state")
     # no message the ServerApp received holds B, the head or a client's training numbers
     server_inbox.assert_nothing_private(server_inbox.logged(inbox_log), cfg)
     assert marked_processes() == []  # SuperLink, SuperNodes and their children are gone
     assert run_dir == tmp_path / "deployed"
     logs = sorted(p.name for p in (run_dir / "deploy").iterdir())
-    assert logs == ["superlink.log", "supernode-0.log", "supernode-1.log", "supernode-2.log"]
+    assert logs == ["serverapp.log", "superlink.log", *(f"supernode-{c}{kind}.log" for c in range(3)
+                                       for kind in ("", ".worker"))]
     assert json.loads((run_dir / "summary.json").read_text())["round"] == 1
     # the clients' adapters hold their B and head: saved on their nodes, never sent
     # (SFed-LoRA has no global adapter: its B is per client)
@@ -241,3 +255,128 @@ def test_deploy_local_runs_securely_matches_plain_sums_and_leaves_no_process(
                 for upload in clients:
                     assert not any(u.shape == tuple(t.shape) and np.allclose(
                         t.double().numpy(), u, rtol=0, atol=1e-7) for u in upload.values()), file
+
+
+class _DropsOne:
+    """An in-process pool in which client ``cid`` drops out of round ``round_idx``: the
+    in-process run of what a deployment does when that client's message fails."""
+
+    def __init__(self, pool, cid: int, round_idx: int):
+        self.pool, self.dropped = pool, (round_idx, cid)
+
+    def fit(self, round_idx, downloads, then=None):
+        kept = {c: d for c, d in downloads.items() if (round_idx, c) != self.dropped}
+        return self.pool.fit(round_idx, kept, then)
+
+    def __getattr__(self, name):
+        return getattr(self.pool, name)
+
+
+def _kill_worker_serving(status_file, train: int, stop, killed: list) -> None:
+    """SIGKILL the worker whose status is ``status_file`` while it serves its
+    ``train``-th training message (it has answered ``train - 1``)."""
+    import os
+    import signal
+
+    while not stop.is_set():
+        try:
+            status = json.loads(status_file.read_text())
+        except (OSError, ValueError):  # not started yet
+            status = {"serving": None}
+        if status["serving"] == "train" and status["served"].get("train", 0) == train - 1:
+            os.kill(status["pid"], signal.SIGKILL)
+            killed.append(status["pid"])
+            return
+        time.sleep(0.01)
+
+
+def test_a_worker_killed_mid_round_drops_its_client_for_that_round_and_loses_no_state(
+        config_file, tmp_path):
+    """Node 1's worker is killed while it trains round 2: that message fails, client 1
+    counts as dropped in round 2, the node starts a new worker for the next message
+    (the evaluation), which scores client 1 with the state it kept after round 1: the
+    run equals the in-process run in which client 1 drops out of round 2."""
+    from sfedlora.runtime.experiment import build_experiment
+    from sfedlora.runtime.flower.config import as_run_config
+    from sfedlora.runtime.flower.credentials import make_node_key
+    from sfedlora.runtime.flower.deploy import LocalDeployment
+    from sfedlora.runtime.flower.worker_channel import endpoint
+    from sfedlora.runtime.pool import InProcessPool
+
+    cfg, path = config_file("clients.min_clients=1", "local.steps=20",
+                            f"output_dir={tmp_path / 'run'}")
+    stop, killed = threading.Event(), []
+    with LocalDeployment(tmp_path / "work", state_dir=tmp_path / "state") as deployment:
+        deployment.start_superlink()
+        for cid in range(2):
+            key = make_node_key(deployment.workdir / "keys", f"node-{cid}")
+            deployment.register(key, cid)
+            deployment.start_node(cid, key)
+        run_id = deployment.submit(as_run_config(str(path), []))
+        worker = endpoint({"state-dir": str(deployment.state_dir)},
+                          deployment.node_ids[1], run_id)
+        killer = threading.Thread(target=_kill_worker_serving, daemon=True,
+                                  args=(worker.status, 2, stop, killed))
+        killer.start()
+        try:
+            status = deployment.wait(run_id, 400)
+        finally:
+            stop.set()
+        deployment.copy_logs(tmp_path / "logs", run_id)
+    assert status == "finished:completed" and len(killed) == 1
+    worker_log = (tmp_path / "logs" / "supernode-1.worker.log").read_text()
+    assert worker_log.count(" serves node ") == 2  # the killed worker and its successor
+
+    deployed = _lines(tmp_path / "run")
+    assert [m.get("dropped") for m in deployed] == [None, [1]]
+    assert [m["clients"] for m in deployed] == [[0, 1], [0]]
+    assert deployed[1].get("unscored", []) == []  # the new worker scored client 1
+    local_cfg = cfg.model_copy(update={"output_dir": str(tmp_path / "local")})
+    Simulation(local_cfg, _DropsOne(InProcessPool(build_experiment(local_cfg)), 1, 2)).run()
+    _assert_same_metrics(_lines(tmp_path / "local"), deployed)
+
+
+def test_deploy_local_killed_outright_and_resumed_equals_the_uninterrupted_run(
+        config_file, tmp_path):
+    """Every process of a deploy-local run SIGKILLed after round 1 (the machine lost
+    power), then ``deploy-local --resume``: the metrics of every round and each client's
+    exported adapter (B and head included, kept on its node) equal the in-process run's."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from sfedlora.runtime.flower.deploy import deploy_local, marked_processes
+
+    run_dir, state = tmp_path / "run", tmp_path / "state"
+    cfg, path = config_file("checkpoint.every=1", f"output_dir={run_dir}")
+    before = {p.pid for p in marked_processes()}
+    cli = subprocess.Popen([sys.executable, "-m", "sfedlora.cli", "deploy-local", str(path),
+                            "--nodes", "2", "--state-dir", str(state)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and cli.poll() is None:
+        if (run_dir / "metrics.jsonl").is_file() and len(_lines(run_dir)) >= 1:
+            break
+        time.sleep(0.2)
+    assert cli.poll() is None, "the run ended before it could be killed"
+    cli.kill()
+    for proc in marked_processes():
+        if proc.pid not in before:
+            os.kill(proc.pid, signal.SIGKILL)
+    cli.wait()
+
+    deploy_local(None, [], 2, resume=str(run_dir), state_dir=state, timeout=400)
+    Simulation(cfg.model_copy(update={"output_dir": str(tmp_path / "local")})).run()
+    local, deployed = _lines(tmp_path / "local"), _lines(run_dir)
+    assert [m["round"] for m in deployed] == [1, 2]
+    _assert_same_metrics(local, deployed)
+    for cid in range(2):
+        on_node = json.loads((run_dir / f"adapters/client_{cid}/on_node.json").read_text())
+        ours = load_file(tmp_path / f"local/adapters/client_{cid}/adapter_model.safetensors")
+        theirs = load_file(Path(on_node["path"]) / "adapter_model.safetensors")
+        assert ours.keys() == theirs.keys()
+        for name, tensor in ours.items():
+            assert (tensor - theirs[name]).abs().max() <= 1e-5, (cid, name)

@@ -127,7 +127,8 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
                          else _split_config_arg(args))
     try:
         run_dir = deploy_local(config, overrides, args.nodes, timeout=args.timeout,
-                               resume=args.resume, overwrite=args.overwrite)
+                               resume=args.resume, overwrite=args.overwrite,
+                               state_dir=args.state_dir, worker=not args.no_worker)
     except DeploymentError as exc:
         print(f"sfedlora: {exc}", file=sys.stderr)
         return 1
@@ -248,6 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "from its last checkpoint")
     deploy.add_argument("--overwrite", action="store_true",
                         help="replace the run that output_dir holds")
+    deploy.add_argument("--state-dir", help="where the nodes keep their clients' state and "
+                        "exported adapters (default: $SFEDLORA_STATE_DIR, else "
+                        "~/.cache/sfedlora/flower-state); a resumed run needs the same one")
+    deploy.add_argument("--no-worker", action="store_true",
+                        help="no long-lived worker per node: every message builds the model "
+                        "in the process Flower starts for it (slower; for comparison)")
     deploy.set_defaults(func=cmd_deploy_local)
 
     data = sub.add_parser("data", help="the named datasets (data.dataset: NAME): list them, "

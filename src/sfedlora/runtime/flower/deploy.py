@@ -40,6 +40,8 @@ from sfedlora.runtime.flower.config import (
 )
 from sfedlora.runtime.flower.credentials import NodeKey, make_node_key, make_tls
 from sfedlora.runtime.flower.simulation import QUIET_ENV
+from sfedlora.runtime.flower.worker_channel import WORKER_KEY, endpoint
+from sfedlora.runtime.flower.worker_channel import state_dir as node_state_dir
 from sfedlora.runtime.results import refuse_occupied, resolve_output_dir
 
 log = logging.getLogger(__name__)
@@ -122,6 +124,12 @@ def marked_processes(deployment_id: str | None = None) -> list[psutil.Process]:
     return found
 
 
+def _is_node_worker(proc: psutil.Process) -> bool:
+    with contextlib.suppress(psutil.Error):
+        return "sfedlora.runtime.flower.node_worker" in proc.cmdline()
+    return False
+
+
 @dataclass
 class Process:
     name: str
@@ -149,6 +157,7 @@ class LocalDeployment:
 
     workdir: Path
     host: str = "127.0.0.1"
+    state_dir: Path | None = None  # the nodes' client state and exports; default workdir/state
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     processes: list[Process] = field(default_factory=list)
     nodes: dict[int, Process] = field(default_factory=dict)
@@ -157,6 +166,8 @@ class LocalDeployment:
         self.workdir = Path(self.workdir).resolve()
         self.logs = self.workdir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
+        self.state_dir = Path(self.state_dir or self.workdir / "state").resolve()
+        self.node_ids: dict[int, int] = {}  # client id -> the SuperLink's node id
         self.tls = make_tls(self.workdir / "tls", [self.host, "localhost"])
         self.port = free_port(self.host)
         bin_dir = str(Path(sys.executable).parent)  # flower-* and flwr-* live beside python
@@ -166,6 +177,8 @@ class LocalDeployment:
                     "FLWR_DISABLE_UPDATE_CHECK": "1",
                     # offline: never `uv sync` an app's dependencies at run time
                     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+                    # a node's SuperExec looks for new messages every second by default
+                    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",
                     MARKER: self.id}
 
     @property
@@ -225,21 +238,38 @@ class LocalDeployment:
             time.sleep(0.5)
         raise DeploymentError(f"the SuperLink did not answer within {timeout}s; see {proc.log}")
 
-    def register(self, key: NodeKey) -> int:
-        """Register a SuperNode's public key with the SuperLink (the Control API)."""
-        return int(self._flwr("supernode", "register", str(key.public), CONNECTION)["node-id"])
+    def register(self, key: NodeKey, cid: int | None = None) -> int:
+        """Register a SuperNode's public key with the SuperLink (the Control API); its
+        node id (kept in ``node_ids`` under ``cid``, the client it will serve)."""
+        node_id = int(self._flwr("supernode", "register", str(key.public), CONNECTION)["node-id"])
+        if cid is not None:
+            self.node_ids[cid] = node_id
+        return node_id
+
+    def copy_logs(self, folder: Path, run_id: int | None) -> None:
+        """Every process's log into ``folder``, the nodes' workers' logs (``run_id``'s)
+        as ``supernode-<client>.worker.log``."""
+        shutil.copytree(self.logs, folder, dirs_exist_ok=True)
+        if run_id is None:  # no run was submitted: no worker started
+            return
+        for cid, node_id in self.node_ids.items():
+            worker_log = endpoint({"state-dir": str(self.state_dir)}, node_id, run_id).log
+            if worker_log.is_file():
+                shutil.copyfile(worker_log, folder / f"supernode-{cid}.worker.log")
 
     def supernodes(self) -> list[dict]:
         """The SuperLink's view of its registered nodes (``node-id``, ``status``, ...)."""
         return self._flwr("supernode", "list", CONNECTION)["nodes"]
 
     def start_node(self, cid: int, key: NodeKey, *, max_retries: int | None = None,
-                   threads: int | None = None) -> Process:
+                   threads: int | None = None, worker: bool = True) -> Process:
         """A SuperNode serving client ``cid`` (its ``partition-id``); its client state
-        goes to ``workdir/state``. ``threads`` caps torch's threads in the node's
-        ClientApp processes: nodes sharing one machine should share its cores, not
-        each take all of them."""
-        node_config = f'partition-id={cid} state-dir="{self.workdir / "state"}"'
+        goes to ``state_dir``. ``threads`` caps torch's threads in the node's
+        processes: nodes sharing one machine should share its cores, not each take all
+        of them. ``worker=False``: no long-lived worker, every message is served in
+        the fresh process Flower starts for it (the model built each time)."""
+        node_config = (f'partition-id={cid} state-dir="{self.state_dir}" '
+                       f'{WORKER_KEY}={str(worker).lower()}')
         command = ["flower-supernode", "--superlink", self.address,
                    "--root-certificates", str(self.tls.ca_cert),
                    "--auth-supernode-private-key", str(key.private),
@@ -267,6 +297,12 @@ class LocalDeployment:
         runs = self._flwr("list", "--run-id", str(run_id), CONNECTION).get("runs", [])
         return runs[0]["status"] if runs else "unknown"
 
+    def server_log(self, run_id: int) -> str:
+        """The ServerApp's log of run ``run_id``, as the SuperLink kept it."""
+        result = subprocess.run(["flwr", "log", str(run_id), CONNECTION, "--show"],
+                                env=self.env, capture_output=True, text=True, timeout=120)
+        return result.stdout + result.stderr
+
     def wait(self, run_id: int, timeout: float | None = None, poll: float = 2.0) -> str:
         """Block until the run finishes; its final status (e.g. ``finished:completed``)."""
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -282,13 +318,16 @@ class LocalDeployment:
     # --- shutdown -------------------------------------------------------------------
 
     def stop(self) -> None:
-        """SuperNodes first (all at once), then the SuperLink, then anything left with
-        our marker."""
+        """SuperNodes first (all at once) with their workers, then the SuperLink, then
+        anything left with our marker."""
         others = [proc for proc in self.processes if proc not in self.nodes.values()]
         for group in ([*self.nodes.values()], others):
             _end([p for proc in group for p in _tree(proc.popen.pid)], STOP_GRACE_S)
             for proc in group:
                 proc.popen.wait()
+            if group is not others:  # the nodes' workers left their trees when started
+                _end([p for p in marked_processes(self.id) if _is_node_worker(p)],
+                     STOP_GRACE_S)
         leftovers = marked_processes(self.id)
         if leftovers:
             log.warning("stopping %d leftover processes: %s", len(leftovers),
@@ -308,10 +347,16 @@ def _terminate_as_interrupt(signum, frame) -> None:
 
 def deploy_local(config_file: str | None, overrides: list[str], nodes: int, *,
                  timeout: float | None = None, resume: str | None = None,
-                 overwrite: bool = False) -> Path:
+                 overwrite: bool = False, state_dir: str | Path | None = None,
+                 worker: bool = True) -> Path:
     """Run one experiment on a loopback deployment with ``nodes`` SuperNodes (one per
     client); the run directory, with the processes' logs under ``deploy/``. ``resume``
-    (a run directory) continues that run from its checkpoint."""
+    (a run directory) continues that run from its checkpoint.
+
+    The nodes keep their clients' state and exported adapters under ``state_dir``
+    (default: ``$SFEDLORA_STATE_DIR``, else ``~/.cache/sfedlora/flower-state``), which
+    outlives the deployment so that a resumed run finds them. ``worker=False`` turns the
+    nodes' long-lived workers off (see :meth:`LocalDeployment.start_node`)."""
     overrides = [*overrides, f"clients.num={nodes}"]
     if resume:
         run_dir = Path(resume).resolve()
@@ -328,20 +373,22 @@ def deploy_local(config_file: str | None, overrides: list[str], nodes: int, *,
     previous = signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     try:
         with tempfile.TemporaryDirectory(prefix="sfedlora-deploy-") as work:
-            deployment = LocalDeployment(Path(work))
+            deployment = LocalDeployment(Path(work), state_dir=state_dir or node_state_dir({}))
+            run_id = None
             try:
                 deployment.start_superlink()
                 threads = max(1, (os.cpu_count() or 1) // nodes)  # the nodes share this machine
                 for cid in range(nodes):
                     key = make_node_key(deployment.workdir / "keys", f"node-{cid}")
-                    deployment.register(key)
-                    deployment.start_node(cid, key, threads=threads)
+                    deployment.register(key, cid)
+                    deployment.start_node(cid, key, threads=threads, worker=worker)
                 run_id = deployment.submit(run_config)
                 log.info("run %d on %s with %d SuperNodes", run_id, deployment.address, nodes)
                 status = deployment.wait(run_id, timeout)
+                (deployment.logs / "serverapp.log").write_text(deployment.server_log(run_id))
             finally:
                 deployment.stop()
-                shutil.copytree(deployment.logs, run_dir / "deploy", dirs_exist_ok=True)
+                deployment.copy_logs(run_dir / "deploy", run_id)
     finally:
         signal.signal(signal.SIGTERM, previous)
     if status != "finished:completed":
