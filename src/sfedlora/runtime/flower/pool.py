@@ -32,6 +32,7 @@ from sfedlora.runtime.pool import AdapterRequest, PoolInfo
 from sfedlora.settings import ConfigError, ExperimentConfig
 
 log = logging.getLogger(__name__)
+PULL_S = 0.1  # how often a deployment's ServerApp asks the SuperLink for replies
 
 
 class FlowerPool:
@@ -103,13 +104,31 @@ class FlowerPool:
         if not sent:
             return {}
         replies = {}
-        for reply in self.grid.send_and_receive(sent, timeout=timeout):
+        for reply in self._send_and_receive(sent, timeout):
             self._log_inbox(reply)
             node = reply.metadata.src_node_id
             if reply.has_error():
                 log.warning("node %s replied with an error: %s", node, reply.error.reason)
                 continue
             replies[node] = reply
+        return replies
+
+    def _send_and_receive(self, sent: list[Message], timeout: float | None
+                          ) -> list[Message]:
+        """``Grid.send_and_receive``, pulling every ``PULL_S`` seconds: flwr 1.42's gRPC
+        grid (the deployment engine's) waits 3 s between pulls, about 1.5 s added to
+        every exchange of a round; the simulation engine's grid keeps its own interval."""
+        pull_s = getattr(self.grid, "pull_interval", PULL_S)
+        waiting = set(self.grid.push_messages(sent))
+        end = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while waiting:
+            pulled = self.grid.pull_messages(waiting)
+            replies += pulled
+            waiting -= {reply.metadata.reply_to_message_id for reply in pulled}
+            if not waiting or (end is not None and time.monotonic() >= end):
+                break
+            time.sleep(pull_s)
         return replies
 
     def _log_inbox(self, reply: Message) -> None:
