@@ -12,14 +12,23 @@ evaluation off, the same config and seed in both arms. Reported per arm:
 Round starts and ends come from the run's ``timings.jsonl`` (wall-clock Unix time, so
 they compare with this process's clock even when the rounds ran elsewhere).
 
-The in-process arm trains the clients one after another in this process (torch uses
-every core); the Flower arm runs them on ``--workers`` worker processes, one model and
-one core each. ``--deployment`` adds a third arm, Flower's deployment engine on
-loopback (``sfedlora deploy-local``: a SuperLink and one SuperNode per client, TLS);
-it is not in the ratio.
+Arms (``--arms``, any of them, in this order):
 
-    python benchmarks/flower_overhead.py [--rounds 4] [--workers N] [--deployment]
-                                         [dotted.key=value ...]
+* ``in-process``: the clients one after another in this process (torch uses every core);
+* ``simulation``: Flower's simulation engine on ``--workers`` worker processes, one
+  model and one core each;
+* ``deployment``: Flower's deployment engine on loopback (``sfedlora deploy-local``: a
+  SuperLink and one SuperNode per client, TLS, node authentication), each node's
+  messages served by its long-lived worker; the nodes share the cores;
+* ``deployment-no-worker``: the same, every message served in the process Flower
+  starts for it (the model built per message): what a node did before its worker.
+
+Each arm's steady seconds per round is printed beside its ratio to in-process
+(targets: simulation <= 1.10, deployment <= 1.20). ``--save FILE`` writes the rows,
+the command and the environment as JSON.
+
+    python benchmarks/flower_overhead.py [--config configs/demo.yaml] [--rounds 4]
+        [--arms in-process,simulation] [--workers N] [--save FILE] [dotted.key=value ...]
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,6 +45,7 @@ from pathlib import Path
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from sfedlora.config import load_config
+from sfedlora.core.environment import describe
 from sfedlora.runtime.flower.deploy import deploy_local
 from sfedlora.runtime.flower.simulation import run_simulation
 from sfedlora.runtime.simulation import Simulation
@@ -59,39 +70,61 @@ def timed(name: str, run_dir: Path, call) -> dict:
     return row
 
 
+ARMS = ("in-process", "simulation", "deployment", "deployment-no-worker")
+TARGETS = {"simulation": 1.10, "deployment": 1.20}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--arms", default="in-process,simulation",
+                        help=f"comma-separated, from {', '.join(ARMS)}")
     parser.add_argument("--workers", type=int, default=os.cpu_count())
-    parser.add_argument("--deployment", action="store_true",
-                        help="also time the loopback deployment engine")
+    parser.add_argument("--save", type=Path, help="write the rows and environment as JSON")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
+    arms = args.arms.split(",")
+    if unknown := set(arms) - set(ARMS):
+        parser.error(f"--arms: unknown {sorted(unknown)}; choose from {', '.join(ARMS)}")
     out = Path(tempfile.mkdtemp(prefix="flower-overhead-"))
     common = [f"rounds={args.rounds}", "eval.every=0", "checkpoint.every=0",
               "progress=false", *args.overrides]
+    nodes = load_config(args.config, common).clients.num
     import transformers
 
     transformers.logging.set_verbosity_error()
 
-    local = timed("in-process", out / "local", lambda: Simulation(
-        load_config(args.config, [*common, f"output_dir={out / 'local'}"])).run())
-    flower = timed("flower", out / "flower", lambda: run_simulation(
-        args.config, [*common, f"output_dir={out / 'flower'}", "flower.round_timeout=3600"],
-        workers=args.workers))
+    def deploy(name: str, worker: bool):
+        return lambda: deploy_local(
+            args.config, [*common, f"output_dir={out / name}", "flower.round_timeout=3600"],
+            nodes=nodes, state_dir=out / f"{name}-state", worker=worker)
 
-    arms = {"local": local, "flower": flower}
-    if args.deployment:
-        nodes = load_config(args.config, common).clients.num
-        arms["deployment"] = timed("deployment", out / "deployment", lambda: deploy_local(
-            args.config, [*common, f"output_dir={out / 'deployment'}",
-                          "flower.round_timeout=3600"], nodes=nodes))
-    ratio = flower["steady_s_per_round"] / local["steady_s_per_round"]
-    print(f"steady-state ratio flower / in-process: {ratio:.3f} (target <= 1.10); "
-          f"{args.workers} Flower workers, torch threads in-process: "
+    calls = {
+        "in-process": lambda: Simulation(
+            load_config(args.config, [*common, f"output_dir={out / 'in-process'}"])).run(),
+        "simulation": lambda: run_simulation(
+            args.config, [*common, f"output_dir={out / 'simulation'}",
+                          "flower.round_timeout=3600"], workers=args.workers),
+        "deployment": deploy("deployment", worker=True),
+        "deployment-no-worker": deploy("deployment-no-worker", worker=False),
+    }
+    rows = {name: timed(name, out / name, calls[name]) for name in ARMS if name in arms}
+    base = rows.get("in-process")
+    for name, row in rows.items():
+        if base and name != "in-process":
+            row["ratio"] = row["steady_s_per_round"] / base["steady_s_per_round"]
+            target = f" (target <= {TARGETS[name]:.2f})" if name in TARGETS else ""
+            print(f"steady-state ratio {name} / in-process: {row['ratio']:.3f}{target}")
+    print(f"{args.workers} simulation workers, {nodes} SuperNodes sharing "
+          f"{os.cpu_count()} cores, torch threads in-process: "
           f"{__import__('torch').get_num_threads()}")
-    print(json.dumps({**arms, "ratio": ratio}))
+    if args.save:
+        args.save.parent.mkdir(parents=True, exist_ok=True)
+        args.save.write_text(json.dumps({
+            "command": " ".join(["python", *sys.argv]), "rows": rows,
+            "environment": describe()}, indent=1) + "\n")
+    print(json.dumps(rows))
 
 
 if __name__ == "__main__":
