@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -288,6 +289,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _torchrun_helper() -> bool:
+    """Whether torchrun started this process as a rank above 0: it serves rank 0's
+    clients (:mod:`sfedlora.runtime.client_group`) instead of running the command."""
+    return ("TORCHELASTIC_RUN_ID" in os.environ
+            and int(os.environ.get("RANK", "0")) > 0)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -299,6 +307,11 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if _torchrun_helper():
+        from sfedlora.runtime.client_group import serve
+
+        serve()  # `torchrun --nproc-per-node W sfedlora run ... clients.world_size=W`
+        return 0
     try:
         return args.func(args)
     except (ConfigError, CheckpointError) as exc:

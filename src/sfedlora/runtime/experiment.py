@@ -104,6 +104,11 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
     probe = sets.global_test.subset(
         np.arange(min(cfg.eval.probe_size, len(sets.global_test))))
     worker = Worker(cfg, model, task, method, tokenizer, local.steps)
+    if cfg.clients.world_size > 1:
+        from sfedlora.runtime.client_group import ClientGroup
+
+        worker.backward = ClientGroup(cfg, model, worker.slots.params, task,
+                                      data.label_names).backward
     return Experiment(cfg=cfg, task=task, method=method, data=data, local=local,
                       client_train=client_train,
                       client_test=sets.test, client_val=sets.val,

@@ -64,6 +64,9 @@ class Worker:
         self.shared_store: TensorStore = MemoryStore()
         self.stage = method.client_stage(cfg, self)
         self.device = next(model.parameters()).device
+        # how a step's loss is backpropagated: here, or over the client's process group
+        # (:class:`~sfedlora.runtime.client_group.ClientGroup`, clients.world_size > 1)
+        self.backward = self.local_backward
         if self.device.type == "cpu":
             # Adam's second moments of near-zero gradients fall into the denormal range,
             # where CPU arithmetic is many times slower; flushing them to zero costs
@@ -203,11 +206,7 @@ class Worker:
                 group["lr"] = group["base_lr"] * factor
             batch = self.batch(data, idx)
             tokens += batch["input_ids"].numel()
-            loss = self.model(**batch).loss
-            extra = None if penalty is None else penalty()
-            (loss if extra is None else loss + extra).backward()
-            losses.append(loss.item())
-            del loss, extra  # release the step's graph before the next forward pass
+            losses.append(self.backward(batch, penalty))
             norms_a.append(self._grad_norm(a_names))
             norms_b.append(self._grad_norm(b_names))
             if local.max_grad_norm is not None:
@@ -215,6 +214,13 @@ class Worker:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         return losses, norms_a, norms_b, tokens
+
+    def local_backward(self, batch: dict[str, torch.Tensor], penalty=None) -> float:
+        """Backpropagate the batch's loss (plus ``penalty()``, where given); the loss."""
+        loss = self.model(**batch).loss
+        extra = None if penalty is None else penalty()
+        (loss if extra is None else loss + extra).backward()
+        return loss.item()  # the step's graph is released on return
 
     def _truncate(self, tensors: dict[str, torch.Tensor], rank: int):
         return tensors if rank == self.cfg.lora.rank else truncate(tensors, rank)

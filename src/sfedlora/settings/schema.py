@@ -53,6 +53,11 @@ class ClientsConfig(_Section):
     state_store_threshold: int = Field(
         1000, gt=0, description="above this many clients, state_store=auto keeps client state on "
         "disk")
+    world_size: int = Field(
+        1, gt=0, description="processes that train each client together: every local "
+        "step's batch is split across them and their gradients summed (gloo on the CPU, "
+        "NCCL on GPUs, rank r on cuda:r); the update is the one-process update for the "
+        "same batch")
 
 
 class LocalConfig(_Section):

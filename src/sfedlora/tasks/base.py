@@ -114,6 +114,12 @@ class Task:
         """Mean loss of an adapter on a held-out set (a method's own search)."""
         raise NotImplementedError
 
+    def loss_weight(self, batch: dict[str, torch.Tensor]) -> int:
+        """How many terms the model's training loss on ``batch`` averages over (its
+        rows by default), so that a batch split into parts is the parts' losses
+        weighted by their counts (:mod:`sfedlora.runtime.client_group`)."""
+        return len(batch["labels"])
+
 
 def validation_metrics(losses: list[float], accuracies: list[float] | None = None) -> dict:
     """Mean (and spread over clients) of the clients' validation figures: what

@@ -153,6 +153,11 @@ class CausalLMTask(Task):
             val=[enc(data.train.subset(s.val)) for s in data.clients],
             global_test=enc(data.global_test))
 
+    def loss_weight(self, batch) -> int:
+        """The target tokens: a causal LM's loss is the mean over every position whose
+        next token is labelled (not -100), across the batch."""
+        return int((batch["labels"][:, 1:] != -100).sum())
+
     def collator(self, tokenizer, cfg: ExperimentConfig):
         return lm.LMCollator(tokenizer)
 

@@ -62,6 +62,9 @@ def merge_refusals(cfg) -> list[tuple[bool, str, str]]:
         (not cfg.codec("down").lossless, "comm.down",
          "clients merge what they receive into their base weights, so a lossy download "
          "would drift them away from the server's record"),
+        (cfg.clients.world_size > 1, "clients.world_size",
+         "a client's helper processes keep their own copy of the base weights, which "
+         "merging changes every round; use clients.world_size=1"),
     ]
 
 
