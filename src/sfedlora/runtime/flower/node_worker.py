@@ -69,10 +69,12 @@ class NodeWorker:
             return
         kind = header["kind"]
         self._write(kind)
+        start = time.perf_counter()
         try:
             msg = message_from_proto(ProtoMessage.FromString(msg_bytes))
             reply = self.handlers[kind](msg, context, header["defaults"])
             send_frame(conn, {}, recorddict_to_proto(reply.content).SerializeToString())
+            log.info("%s message served in %.2f s", kind, time.perf_counter() - start)
         except Exception as err:  # the ClientApp raises it; Flower sends it as the error
             log.error("%s message failed:\n%s", kind, traceback.format_exc())
             send_frame(conn, {"error": f"{type(err).__name__}: {err}"})
