@@ -29,6 +29,7 @@ the command and the environment as JSON.
 
     python benchmarks/flower_overhead.py [--config configs/demo.yaml] [--rounds 4]
         [--arms in-process,simulation] [--workers N] [--save FILE] [dotted.key=value ...]
+    python benchmarks/flower_overhead.py --report FILE [FILE ...]   # saved rows as a table
 """
 
 from __future__ import annotations
@@ -74,6 +75,24 @@ ARMS = ("in-process", "simulation", "deployment", "deployment-no-worker")
 TARGETS = {"simulation": 1.10, "deployment": 1.20}
 
 
+def report(paths: list[Path]) -> str:
+    """The saved rows of each file as one markdown table (what the results page shows)."""
+    lines = ["| config | arm | steady s/round (median of rounds 2..) | ratio to in-process "
+             "| rounds (s) | start-up (s) | shut-down (s) | commit |",
+             "|---|---|---|---|---|---|---|---|"]
+    for path in paths:
+        saved = json.loads(path.read_text())
+        config = next((a for a in saved["command"].split("--config ")[1:]), "configs/demo.yaml")
+        commit = (saved["environment"]["source"] or {}).get("commit", "?")[:7]
+        for row in saved["rows"].values():
+            ratio = f"{row['ratio']:.2f}" if "ratio" in row else "1"
+            lines.append(f"| {config.split()[0]} | {row['arm']} | "
+                         f"{row['steady_s_per_round']:.1f} | {ratio} | "
+                         + ", ".join(f"{r:.1f}" for r in row["rounds_s"])
+                         + f" | {row['startup_s']:.1f} | {row['shutdown_s']:.1f} | {commit} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="configs/demo.yaml")
@@ -82,8 +101,13 @@ def main() -> None:
                         help=f"comma-separated, from {', '.join(ARMS)}")
     parser.add_argument("--workers", type=int, default=os.cpu_count())
     parser.add_argument("--save", type=Path, help="write the rows and environment as JSON")
+    parser.add_argument("--report", type=Path, nargs="+", metavar="FILE",
+                        help="print saved rows as a markdown table, run nothing")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
+    if args.report:
+        print(report(args.report))
+        return
     arms = args.arms.split(",")
     if unknown := set(arms) - set(ARMS):
         parser.error(f"--arms: unknown {sorted(unknown)}; choose from {', '.join(ARMS)}")

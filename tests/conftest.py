@@ -252,10 +252,9 @@ def copy_tracked_runs(runs: list[Path], source: Path, dest: Path) -> int:
     return len(runs)
 
 
-# Modules whose tests must run on one worker: the deploy tests check that no deployment's
-# process is left, which a deployment of another test beside them would break; the
-# others share one expensive run between their tests (a module fixture).
-ONE_WORKER = ("tests/test_deploy.py", "tests/test_run_dir.py", "tests/test_tsfa.py")
+# Modules whose tests must run on one worker: they share one expensive run between their
+# tests (a module fixture).
+ONE_WORKER = ("tests/test_run_dir.py", "tests/test_tsfa.py")
 
 
 def pytest_xdist_make_scheduler(config, log):

@@ -37,6 +37,41 @@ def _assert_same_metrics(expected: list[dict], got: list[dict]) -> None:
 
 
 @pytest.fixture
+def started(monkeypatch) -> list:
+    """The deployments started during the test (this module's tests run beside each
+    other, so "no process left" is checked per deployment)."""
+    from sfedlora.runtime.flower import deploy
+
+    made, original = [], deploy.LocalDeployment.__post_init__
+
+    def record(self):
+        original(self)
+        made.append(self)
+
+    monkeypatch.setattr(deploy.LocalDeployment, "__post_init__", record)
+    return made
+
+
+def _deployment_id(cli_pid: int, timeout: float = 120) -> str:
+    """The marker of the deployment that the ``sfedlora deploy-local`` process
+    ``cli_pid`` started (its children carry it in their environment)."""
+    import contextlib
+
+    import psutil
+
+    from sfedlora.runtime.flower.deploy import MARKER
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for child in psutil.Process(cli_pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if marker := child.environ().get(MARKER):
+                    return marker
+        time.sleep(0.2)
+    raise AssertionError(f"deploy-local ({cli_pid}) started no process in {timeout}s")
+
+
+@pytest.fixture
 def config_file(tiny_config, tmp_path):
     def make(*overrides):
         cfg = tiny_config("method=sfed", "clients.num=2", "rounds=2", "eval.every=2",
@@ -126,13 +161,13 @@ def test_a_node_killed_mid_round_is_dropped_and_the_run_finishes(config_file, tm
     (["--nodes", "2", "--resume", "no/such/run"], "no checkpoint at"),
     (["--nodes", "2", "lora.rank=0"], "lora.rank"),
 ])
-def test_deploy_local_refuses_bad_input_before_starting_anything(args, message, capsys):
+def test_deploy_local_refuses_bad_input_before_starting_anything(args, message, capsys,
+                                                                started):
     from sfedlora.cli import main
-    from sfedlora.runtime.flower.deploy import marked_processes
 
     assert main(["deploy-local", *args]) == 2
     assert message in capsys.readouterr().err
-    assert marked_processes() == []
+    assert started == []
 
 
 def test_sigterm_mid_run_stops_every_process(config_file, tmp_path):
@@ -146,14 +181,15 @@ def test_sigterm_mid_run_stops_every_process(config_file, tmp_path):
     _, path = config_file(f"output_dir={tmp_path / 'run'}")
     cli = subprocess.Popen([sys.executable, "-m", "sfedlora.cli", "deploy-local", str(path),
                             "--nodes", "2"], stderr=subprocess.PIPE, text=True)
+    deployment = _deployment_id(cli.pid)
     deadline = time.monotonic() + 120
-    while len(marked_processes()) < 3 and time.monotonic() < deadline:  # link + 2 nodes
-        time.sleep(0.5)
-    assert len(marked_processes()) >= 3
+    while len(marked_processes(deployment)) < 3 and time.monotonic() < deadline:
+        time.sleep(0.5)  # the SuperLink and 2 nodes
+    assert len(marked_processes(deployment)) >= 3
     cli.send_signal(signal.SIGTERM)
     _, err = cli.communicate(timeout=120)
     assert cli.returncode == 130 and "every process the deployment started is stopped" in err
-    assert marked_processes() == []
+    assert marked_processes(deployment) == []
     assert (tmp_path / "run" / "deploy" / "superlink.log").is_file()
 
 
@@ -170,7 +206,7 @@ def _by_name(values, names, spec) -> dict:
 
 
 def test_deploy_local_runs_securely_matches_plain_sums_and_leaves_no_process(
-        config_file, tmp_path, monkeypatch):
+        config_file, tmp_path, monkeypatch, started):
     """A TLS deployment of SFed-LoRA with node authentication, 3 nodes, one round (the
     Flower simulation's secagg case runs two), secure aggregation: no message the
     ServerApp received holds a private part or a client's training numbers, the run equals the
@@ -194,7 +230,8 @@ def test_deploy_local_runs_securely_matches_plain_sums_and_leaves_no_process(
                            state_dir=tmp_path / "state")
     # no message the ServerApp received holds B, the head or a client's training numbers
     server_inbox.assert_nothing_private(server_inbox.logged(inbox_log), cfg)
-    assert marked_processes() == []  # SuperLink, SuperNodes and their children are gone
+    (deployment,) = started  # SuperLink, SuperNodes, their children and workers are gone
+    assert marked_processes(deployment.id) == []
     assert run_dir == tmp_path / "deployed"
     logs = sorted(p.name for p in (run_dir / "deploy").iterdir())
     assert logs == ["serverapp.log", "superlink.log", *(f"supernode-{c}{kind}.log" for c in range(3)
@@ -342,6 +379,7 @@ def test_deploy_local_killed_outright_and_resumed_equals_the_uninterrupted_run(
     power), then ``deploy-local --resume``: the metrics of every round and each client's
     exported adapter (B and head included, kept on its node) equal the in-process run's."""
     import os
+    import shutil
     import signal
     import subprocess
     import sys
@@ -352,21 +390,24 @@ def test_deploy_local_killed_outright_and_resumed_equals_the_uninterrupted_run(
 
     run_dir, state = tmp_path / "run", tmp_path / "state"
     cfg, path = config_file("checkpoint.every=1", f"output_dir={run_dir}")
-    before = {p.pid for p in marked_processes()}
     cli = subprocess.Popen([sys.executable, "-m", "sfedlora.cli", "deploy-local", str(path),
                             "--nodes", "2", "--state-dir", str(state)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deployment = _deployment_id(cli.pid)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and cli.poll() is None:
         if (run_dir / "metrics.jsonl").is_file() and len(_lines(run_dir)) >= 1:
             break
         time.sleep(0.2)
     assert cli.poll() is None, "the run ended before it could be killed"
+    procs = marked_processes(deployment)  # the nodes' workers included
+    workdir = next(Path(arg).parent for p in procs for arg in p.cmdline()
+                   if arg.endswith("superlink.db"))
     cli.kill()
-    for proc in marked_processes():
-        if proc.pid not in before:
-            os.kill(proc.pid, signal.SIGKILL)
+    for proc in procs:
+        os.kill(proc.pid, signal.SIGKILL)
     cli.wait()
+    shutil.rmtree(workdir)  # what deploy-local would have removed on a clean exit
 
     deploy_local(None, [], 2, resume=str(run_dir), state_dir=state, timeout=400)
     Simulation(cfg.model_copy(update={"output_dir": str(tmp_path / "local")})).run()

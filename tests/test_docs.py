@@ -75,3 +75,10 @@ def test_every_link_in_the_readme_resolves_in_a_clone():
     assert targets
     for target in targets:
         assert target.startswith("http") or (ROOT / target).exists(), target
+
+
+def test_the_flower_results_tables_regenerate_from_their_saved_rows():
+    """docs/results/flower.md shows ``flower_overhead.py --report`` of its saved rows."""
+    module = import_benchmark("flower_overhead")
+    saved = [ROOT / "docs/results/flower" / f"{name}.json" for name in ("minilm", "smollm2")]
+    assert module.report(saved) in (ROOT / "docs/results/flower.md").read_text()
