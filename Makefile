@@ -28,11 +28,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt Makefile
 demo: setup
 	$(BIN)/sfedlora run configs/demo.yaml
 
-# Two pytest workers, one torch thread each: a third of the suite's time is Flower and
-# deploy tests waiting on processes they started, which the other worker overlaps.
+# Three pytest workers on 2 cores, one torch thread each: much of the suite's time is
+# Flower and deploy tests waiting on processes they started, which the others overlap.
 # Tests are dealt out one by one, except the modules that must run on one worker
 # (tests/conftest.py: pytest_xdist_make_scheduler, ONE_WORKER).
-TEST_WORKERS ?= 2
+TEST_WORKERS ?= 3
 
 test: setup
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS)

@@ -104,19 +104,10 @@ def test_a_flower_simulation_of_two_process_sfed_clients_equals_one_process_in_p
     _assert_same_run(tmp_path / "one", tmp_path / "flower")
 
 
-def test_a_two_process_causal_lm_client_weights_its_parts_by_target_tokens(
-        tiny_lm_config, tmp_path):
-    from sfedlora.runtime.simulation import Simulation
-
-    cfg = tiny_lm_config("method=sfed", "clients.num=2", "rounds=1", "eval.every=1",
-                         "local.batch_size=3", f"output_dir={tmp_path / 'one'}")
-    Simulation(cfg).run()
-    _assert_same_run(tmp_path / "one", _run_two_ranks(cfg, tmp_path, "two"))
-
-
 def test_parts_weighted_by_their_target_tokens_give_the_batch_loss(tiny_lm_config):
-    """The weighting itself, in one process: a causal-LM batch's loss is the sum of its
-    parts' losses, each weighted by its share of the target tokens (unequal here)."""
+    """The causal-LM weighting, in one process (the 2-process path is the FedIT and
+    SFed-LoRA tests'): a batch's loss is the sum of its parts' losses, each weighted by
+    its share of the target tokens (unequal here)."""
     from sfedlora.runtime.client_group import _rows
     from sfedlora.runtime.experiment import build_experiment
 
