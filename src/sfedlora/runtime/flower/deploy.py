@@ -300,7 +300,7 @@ class LocalDeployment:
     def server_log(self, run_id: int) -> str:
         """The ServerApp's log of run ``run_id``, as the SuperLink kept it."""
         result = subprocess.run(["flwr", "log", str(run_id), CONNECTION, "--show"],
-                                env=self.env, capture_output=True, text=True, timeout=120)
+                                env=self.env, capture_output=True, text=True, timeout=30)
         return result.stdout + result.stderr
 
     def wait(self, run_id: int, timeout: float | None = None, poll: float = 2.0) -> str:
@@ -385,8 +385,11 @@ def deploy_local(config_file: str | None, overrides: list[str], nodes: int, *,
                 run_id = deployment.submit(run_config)
                 log.info("run %d on %s with %d SuperNodes", run_id, deployment.address, nodes)
                 status = deployment.wait(run_id, timeout)
-                (deployment.logs / "serverapp.log").write_text(deployment.server_log(run_id))
             finally:
+                if run_id is not None:  # also when the wait timed out: why it hung
+                    with contextlib.suppress(OSError, subprocess.SubprocessError):
+                        (deployment.logs / "serverapp.log").write_text(
+                            deployment.server_log(run_id))
                 deployment.stop()
                 deployment.copy_logs(run_dir / "deploy", run_id)
     finally:

@@ -226,7 +226,7 @@ def forward(kind: str, msg, context, defaults: dict):
                        message_to_proto(msg).SerializeToString(),
                        context_to_proto(context).SerializeToString())
             header, blobs = recv_frame(sock)
-        except (ConnectionError, struct.error) as err:
+        except ConnectionError as err:  # EOF or reset mid-frame
             raise WorkerError(f"the node's worker died while serving a {kind} message; "
                               f"the node starts a new one with its next message "
                               f"(its log: {ep.log})") from err
