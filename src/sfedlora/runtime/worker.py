@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,10 +27,33 @@ from sfedlora.core.ranks import pad, truncate
 from sfedlora.core.records import ClientState, FitResult, Tensors, mean_or_none
 from sfedlora.core.stores import MemoryStore, TensorStore
 from sfedlora.methods import Method, Part
+from sfedlora.methods.base import RoundPlan
 from sfedlora.modeling.model import steps_per_round, train_batches
 from sfedlora.runtime.inits import AdapterInits
 from sfedlora.settings import ExperimentConfig
 from sfedlora.tasks import Task
+
+
+@dataclass(eq=False)
+class LocalRound:
+    """One client's local round in progress: what it starts from, its batches (index
+    arrays, drawn as the sequential path draws them) and what it has logged."""
+
+    cid: int
+    state: ClientState
+    round_idx: int
+    data: Any
+    received: Tensors
+    extras: Tensors
+    plan: RoundPlan
+    start: Tensors  # the assembled adapter the client trains from
+    per_round: int  # steps per round (the schedule's unit)
+    batches: list[np.ndarray]
+    dropout_seed: int
+    losses: list[float] = field(default_factory=list)
+    norms_a: list[float | None] = field(default_factory=list)
+    norms_b: list[float | None] = field(default_factory=list)
+    tokens: int = 0
 
 
 def lr_factor(schedule: str, step: int, total: int) -> float:
@@ -117,19 +142,24 @@ class Worker:
 
     # --- local training -----------------------------------------------------------
 
-    def _optimizer(self) -> torch.optim.Optimizer:
-        # Every adapter tensor in a fixed order; frozen ones get no gradient and so are
-        # left untouched, which keeps a stored optimizer state valid across rounds
-        # whose trainable parts differ (RoLoRA). The head, trained from scratch, may
-        # have its own learning rate.
-        # A and B may have learning rates of their own (local.lr_A / lr_B): one group
-        # per distinct learning rate, A and B together when theirs are equal.
+    def _optimizer(self, params: dict[str, torch.Tensor] | None = None
+                   ) -> torch.optim.Optimizer:
+        """The local optimizer over ``params`` (default: the model's adapter tensors;
+        the batched trainer passes one client's own copies, named alike).
+
+        Every adapter tensor in a fixed order; frozen ones get no gradient and so are
+        left untouched, which keeps a stored optimizer state valid across rounds
+        whose trainable parts differ (RoLoRA). The head, trained from scratch, may
+        have its own learning rate. A and B may have learning rates of their own
+        (local.lr_A / lr_B): one group per distinct learning rate, A and B together
+        when theirs are equal."""
+        params = self.slots.params if params is None else params
         local = self.cfg.local
         lr = {Part.A: local.lr_A or local.lr, Part.B: local.lr_B or local.lr,
               Part.HEAD: local.head_lr or local.lr}
         order = [[Part.A, Part.B], [Part.HEAD]] if lr[Part.A] == lr[Part.B] else \
             [[Part.A], [Part.B], [Part.HEAD]]
-        groups = [{"params": [p for n, p in self.slots.params.items()
+        groups = [{"params": [p for n, p in params.items()
                               if self.slots.parts[n] in parts], "base_lr": lr[parts[0]]}
                   for parts in order]
         groups = [g | {"lr": g["base_lr"]} for g in groups if g["params"]]
@@ -138,82 +168,107 @@ class Worker:
                                    weight_decay=local.weight_decay)
         return torch.optim.AdamW(groups, lr=local.lr, weight_decay=local.weight_decay)
 
+    def start_fit(self, cid: int, state: ClientState, download: bytes, data,
+                  round_idx: int) -> LocalRound | FitResult:
+        """What a client's local round starts from: its download decoded and the
+        adapter it trains assembled (not yet on the model), or the empty fit of a
+        client a skewed partition left without examples (the server rejects a
+        zero-example update with that reason, and the round goes on)."""
+        # truncated to ``rank`` where ranks are mixed; the method's extras to its stage
+        received, extras = self.split_download(self.receive(download, state))
+        if len(data) == 0:
+            return FitResult(upload=b"", num_examples=0, train_loss=None, grad_norm_A=None,
+                             grad_norm_B=None, steps=0)
+        local = self.cfg.local
+        per_round = steps_per_round(len(data), local.batch_size, self.local_steps,
+                                    local.epochs)
+        self.stage.receive(extras)
+        return LocalRound(
+            cid=cid, state=state, round_idx=round_idx, data=data, received=received,
+            extras=extras, plan=self.method.plan(round_idx),
+            start=self.inits.assemble(cid, state, pad(received, self.spec), round_idx),
+            per_round=per_round,
+            batches=list(train_batches(
+                data, local.batch_size, self.local_steps, local.epochs,
+                seeds.derive_seed(self.cfg.seed, seeds.BATCHES, round_idx, cid))),
+            dropout_seed=seeds.derive_seed(self.cfg.seed, seeds.TRAIN, round_idx, cid))
+
     def fit(self, cid: int, state: ClientState, download: bytes, data,
             round_idx: int) -> FitResult:
         """Run client ``cid``'s local work for round ``round_idx`` (1-based); updates
         ``state`` in place and returns the serialised upload."""
-        # truncated to ``rank`` where ranks are mixed; the method's extras to its stage
-        received, extras = self.split_download(self.receive(download, state))
-        if len(data) == 0:  # a skewed partition left it nothing: the server rejects
-            # a zero-example update with that reason, and the round goes on
-            return FitResult(upload=b"", num_examples=0, train_loss=None, grad_norm_A=None,
-                             grad_norm_B=None, steps=0)
-        cfg, local = self.cfg, self.cfg.local
-        plan = self.method.plan(round_idx)
-        rank = cfg.client_rank(cid)
-        self.stage.receive(extras)
-        self.slots.load(self.inits.assemble(cid, state, pad(received, self.spec), round_idx))
-        self.slots.set_trainable(plan.train)
-        optimizer = self._optimizer()
-        if local.keep_optimizer_state and state.optimizer is not None:
-            optimizer.load_state_dict(state.optimizer)
+        run = self.start_fit(cid, state, download, data, round_idx)
+        if isinstance(run, FitResult):
+            return run
+        self.slots.load(run.start)
+        self.slots.set_trainable(run.plan.train)
+        optimizer = self.load_optimizer(self._optimizer(), state)
         with self.stage.training(cid, state, round_idx) as penalty:
-            losses, norms_a, norms_b, tokens = self._train(cid, optimizer, data, round_idx,
-                                                           penalty)
+            self._train(run, optimizer, penalty)
+        return self.finish_fit(run, optimizer)
 
+    def load_optimizer(self, optimizer: torch.optim.Optimizer, state: ClientState
+                       ) -> torch.optim.Optimizer:
+        if self.cfg.local.keep_optimizer_state and state.optimizer is not None:
+            optimizer.load_state_dict(state.optimizer)
+        return optimizer
+
+    def finish_fit(self, run: LocalRound, optimizer: torch.optim.Optimizer) -> FitResult:
+        """The end of a local round, with the trained adapter on the model: the
+        client's private parts and optimizer state kept, the upload chosen and
+        encoded."""
+        state, cid = run.state, run.cid
         state.private = self.slots.snapshot(self.method.roles.private)
-        if local.keep_optimizer_state:
+        if self.cfg.local.keep_optimizer_state:
             # on the CPU with the rest of the client's state; loading moves it back
             state.optimizer = _cpu_copy(optimizer.state_dict())
-        tensors = self._truncate(self.slots.snapshot(plan.upload), rank)
+        tensors = self._truncate(self.slots.snapshot(run.plan.upload),
+                                 self.cfg.client_rank(cid))
         choice = self.stage.choose_upload(tensors)
         upload, state.residual = self.up.send(
-            tensors, reference=received, residual=state.residual,
-            meta={"client": cid, "round": round_idx}, positions=choice.positions)
+            tensors, reference=run.received, residual=state.residual,
+            meta={"client": cid, "round": run.round_idx}, positions=choice.positions)
         return FitResult(
             report=choice.report,
             upload=upload,
-            num_examples=len(data),
-            train_loss=float(np.mean(losses)),
-            grad_norm_A=mean_or_none(norms_a),
-            grad_norm_B=mean_or_none(norms_b),
-            steps=len(losses),
-            tokens=tokens,
+            num_examples=len(run.data),
+            train_loss=float(np.mean(run.losses)),
+            grad_norm_A=mean_or_none(run.norms_a),
+            grad_norm_B=mean_or_none(run.norms_b),
+            steps=len(run.losses),
+            tokens=run.tokens,
         )
 
-    def _train(self, cid: int, optimizer: torch.optim.Optimizer, data,
-               round_idx: int, penalty=None) -> tuple[list[float], list, list, int]:
-        """The local steps: losses and the gradient norms of A and B per step, and the
-        token positions processed (padding included: the model computes them).
-        ``penalty()``, where given, is added to each step's loss (not to the logged one)."""
-        cfg, local = self.cfg, self.cfg.local
-        num_steps = self.local_steps
-        per_round = steps_per_round(len(data), local.batch_size, num_steps, local.epochs)
-        total = per_round * cfg.rounds
-        a_names = self.slots.names({Part.A})
-        b_names = self.slots.names({Part.B})
-        trainable = [p for p in self.slots.params.values() if p.requires_grad]
-
-        torch.manual_seed(seeds.derive_seed(cfg.seed, seeds.TRAIN, round_idx, cid))  # dropout
-        batches = train_batches(data, local.batch_size, num_steps, local.epochs,
-                                seeds.derive_seed(cfg.seed, seeds.BATCHES, round_idx, cid))
+    def _train(self, run: LocalRound, optimizer: torch.optim.Optimizer, penalty=None
+               ) -> None:
+        """The local steps. ``penalty()``, where given, is added to each step's loss
+        (not to the logged one)."""
+        torch.manual_seed(run.dropout_seed)
         self.model.train()
-        losses, norms_a, norms_b, tokens = [], [], [], 0
-        for k, idx in enumerate(batches):
-            step = (round_idx - 1) * per_round + k
-            factor = lr_factor(local.schedule, step, total)
-            for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * factor
-            batch = self.batch(data, idx)
-            tokens += batch["input_ids"].numel()
-            losses.append(self.backward(batch, penalty))
-            norms_a.append(self._grad_norm(a_names))
-            norms_b.append(self._grad_norm(b_names))
-            if local.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(trainable, local.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        return losses, norms_a, norms_b, tokens
+        for k, idx in enumerate(run.batches):
+            self.set_lr(optimizer, run, k)
+            batch = self.batch(run.data, idx)
+            run.tokens += batch["input_ids"].numel()
+            run.losses.append(self.backward(batch, penalty))
+            self.step(run, self.slots.params, optimizer)
+
+    def set_lr(self, optimizer: torch.optim.Optimizer, run: LocalRound, k: int) -> None:
+        """The schedule's learning rate for the round's ``k``-th step."""
+        step = (run.round_idx - 1) * run.per_round + k
+        factor = lr_factor(self.cfg.local.schedule, step, run.per_round * self.cfg.rounds)
+        for group in optimizer.param_groups:
+            group["lr"] = group["base_lr"] * factor
+
+    def step(self, run: LocalRound, params: dict[str, torch.Tensor],
+             optimizer: torch.optim.Optimizer) -> None:
+        """After a step's backward: log the gradient norms of A and B, clip, step."""
+        run.norms_a.append(_grad_norm(params, self.slots.names({Part.A})))
+        run.norms_b.append(_grad_norm(params, self.slots.names({Part.B})))
+        if self.cfg.local.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_([p for p in params.values() if p.requires_grad],
+                                           self.cfg.local.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
     def local_backward(self, batch: dict[str, torch.Tensor], penalty=None) -> float:
         """Backpropagate the batch's loss (plus ``penalty()``, where given); the loss."""
@@ -224,13 +279,6 @@ class Worker:
 
     def _truncate(self, tensors: dict[str, torch.Tensor], rank: int):
         return tensors if rank == self.cfg.lora.rank else truncate(tensors, rank)
-
-    def _grad_norm(self, names: list[str]) -> float | None:
-        grads = [self.slots.params[n].grad for n in names]
-        grads = [g for g in grads if g is not None]
-        if not grads:
-            return None
-        return torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item()
 
     # --- evaluation -----------------------------------------------------------------
 
@@ -257,6 +305,14 @@ class Worker:
             for h in handles:
                 h.remove()
         return float(np.mean(per_layer))
+
+
+def _grad_norm(params: dict[str, torch.Tensor], names: list[str]) -> float | None:
+    grads = [params[n].grad for n in names]
+    grads = [g for g in grads if g is not None]
+    if not grads:
+        return None
+    return torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item()
 
 
 def _cpu_copy(obj):
