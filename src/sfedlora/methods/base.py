@@ -123,6 +123,13 @@ class Traits:
     # whether clients choose which entries of their upload to send (SOFT: whole rank
     # components), so error feedback has work to do even through a lossless codec
     chooses_upload_positions: bool = False
+    # why several clients' local rounds cannot interleave on one model
+    # (clients.parallel; sfedlora.runtime.batched), "" where they can: the client
+    # stage's ``training`` yields no penalty and neither it nor ``receive`` changes the
+    # model. The batched trainer enters every client's ``training`` together, leaves
+    # each with that client's adapter on the model, and repeats ``receive`` with the
+    # client's extras just before its ``choose_upload``.
+    batched_refusal: str = ""
 
     @property
     def integer_weights(self) -> bool:

@@ -31,7 +31,8 @@ class FedEx(Method):
     traits = Traits(a_init_modes=("shared", "independent"),
                     a_init_note="A is averaged, so clients may start from one A or their own",
                     secure_aggregation_refusal="merges the residual of each client's own "
-                    "product B_i A_i")
+                    "product B_i A_i",
+                    batched_refusal="merges into the base weights the clients share")
 
     def merge_factors(self, updates: Sequence[Update], cfg) -> dict[str, torch.Tensor]:
         return residual_factors(updates, self.weights(updates), cfg.gamma)

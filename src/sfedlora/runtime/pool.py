@@ -106,12 +106,19 @@ class InProcessPool:
             fit = worker.fit(cid, state, download, self.exp.round_train(cid, round_idx),
                              round_idx)
             self.states.after(cid, round_idx, state)
-            if then is not None:
-                key = (then[cid].stage, cid)
-                self.sessions[key], fit = client_stage(then[cid].stage).after_fit(
-                    worker, cid, round_idx, download, fit, self.sessions.get(key), then[cid])
-            fits[cid] = fit
+            fits[cid] = self.sent(cid, round_idx, download, fit, then)
         return fits
+
+    def sent(self, cid: int, round_idx: int, download: bytes, fit: FitResult,
+             then: dict[int, StageRequest] | None) -> FitResult:
+        """What client ``cid`` sends of its fit: the fit, or what the client stage its
+        request names makes of it."""
+        if then is None:
+            return fit
+        key = (then[cid].stage, cid)
+        self.sessions[key], fit = client_stage(then[cid].stage).after_fit(
+            self.exp.worker, cid, round_idx, download, fit, self.sessions.get(key), then[cid])
+        return fit
 
     def exchange(self, round_idx: int, requests: dict[int, StageRequest]
                  ) -> dict[int, bytes]:

@@ -55,9 +55,11 @@ class Simulation:
     def __init__(self, cfg: ExperimentConfig, pool: ClientPool | None = None):
         cfg = self.cfg = cfg if cfg.is_resolved else resolve(cfg)
         if pool is None:
+            from sfedlora.runtime.batched import BatchedPool
             from sfedlora.runtime.experiment import build_experiment
 
-            pool = InProcessPool(build_experiment(cfg))
+            exp = build_experiment(cfg)
+            pool = BatchedPool(exp) if cfg.clients.parallel > 1 else InProcessPool(exp)
         self.pool = pool
         self.info = pool.info()
         self.method, self.task = get_method(cfg.method, cfg.options), get_task(cfg.task)

@@ -58,6 +58,11 @@ class ClientsConfig(_Section):
         "step's batch is split across them and their gradients summed (gloo on the CPU, "
         "NCCL on GPUs, rank r on cuda:r); the update is the one-process update for the "
         "same batch")
+    parallel: int = Field(
+        1, gt=0, description="clients trained at once on the one model of the in-process "
+        "runtime: their batches go through the frozen base as one batch and each client's "
+        "adapter acts on its own rows; the results are the one-at-a-time results "
+        "(methods whose client stage works on the model train one at a time)")
 
 
 class LocalConfig(_Section):
@@ -548,6 +553,10 @@ class ExperimentConfig(_Section):
         if net.model == "none" and changed:  # a saved config spells out the defaults
             raise ValueError(f"{', '.join(changed)} set with network.model=none, which "
                              "counts bytes only; set network.model=wireless or remove them")
+        if c.parallel > 1 and c.world_size > 1:
+            raise ValueError(
+                f"clients.parallel={c.parallel} with clients.world_size={c.world_size}: a "
+                "client spread over processes trains alone; set one of them to 1")
         self._check_flower_resources()
         return self
 

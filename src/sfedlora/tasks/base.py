@@ -114,6 +114,11 @@ class Task:
         """Mean loss of an adapter on a held-out set (a method's own search)."""
         raise NotImplementedError
 
+    def train_loss(self, model, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The training loss ``model(**batch).loss`` is, from the model's ``logits`` on
+        the batch and its ``labels``: a batched pass scores each client's rows with it."""
+        raise NotImplementedError
+
     def loss_weight(self, batch: dict[str, torch.Tensor]) -> int:
         """How many terms the model's training loss on ``batch`` averages over (its
         rows by default), so that a batch split into parts is the parts' losses

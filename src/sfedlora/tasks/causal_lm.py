@@ -161,6 +161,12 @@ class CausalLMTask(Task):
     def collator(self, tokenizer, cfg: ExperimentConfig):
         return lm.LMCollator(tokenizer)
 
+    def train_loss(self, model, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The model's own causal-LM loss (shifted, mean over labelled tokens)."""
+        base = model.get_base_model()
+        return base.loss_function(logits=logits, labels=labels,
+                                  vocab_size=base.config.vocab_size)
+
     def score(self, exp, tensors: Tensors, cid: int | None, global_part: bool
               ) -> ClientScores:
         worker, values, samples = exp.worker, {}, []

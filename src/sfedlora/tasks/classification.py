@@ -195,3 +195,7 @@ class ClassificationTask(Task):
 
     def holdout_loss(self, worker, tensors: Tensors, data) -> float:
         return evaluate(worker, tensors, data).loss
+
+    def train_loss(self, model, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        # transformers' single-label classification loss: the mean cross-entropy
+        return F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1))

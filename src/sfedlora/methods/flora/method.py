@@ -41,7 +41,9 @@ class FLoRA(Method):
         scaling="fixed",
         # The server never sees a fresh A, so lossy uploads are coded as values, not
         # changes.
-        comm={"up": {"delta": False}})
+        comm={"up": {"delta": False}},
+        batched_refusal="each client's factors are merged into the base weights the "
+        "clients share, at the client's own scale")
 
     def aggregate(
         self,

@@ -80,7 +80,9 @@ class Soft(Method):
     Options = SoftOptions
     traits = Traits(comm={"up": {"delta": True}}, chooses_upload_positions=True,
                     secure_aggregation_refusal="averages each rank component over the "
-                    "clients that sent it, and a masked sum does not say who sent what")
+                    "clients that sent it, and a masked sum does not say who sent what",
+                    batched_refusal="computes its orthogonality penalty on the adapter on "
+                    "the model")
 
     def check_config(self, cfg) -> None:
         self.refuse([(cfg.lora.adapter == "vera", "lora.adapter=vera",

@@ -1,0 +1,52 @@
+"""The in-process pool with up to ``clients.parallel`` clients training at once."""
+
+from __future__ import annotations
+
+import logging
+
+from sfedlora.core.records import FitResult, StageRequest
+from sfedlora.runtime.batched.rows import Unbatchable
+from sfedlora.runtime.batched.training import BatchedTrainer
+from sfedlora.runtime.experiment import Experiment
+from sfedlora.runtime.pool import InProcessPool
+from sfedlora.runtime.worker import LocalRound
+
+log = logging.getLogger(__name__)
+
+
+class BatchedPool(InProcessPool):
+    """:class:`~sfedlora.runtime.pool.InProcessPool` whose round trains the sampled
+    clients in groups of ``clients.parallel`` (in sampling order), each group in one
+    pass per step (:class:`~sfedlora.runtime.batched.training.BatchedTrainer`). Every
+    client's fit, state and upload are those of the one-at-a-time pool. A model or
+    method that cannot train batched trains one at a time, with a warning saying why."""
+
+    def __init__(self, exp: Experiment):
+        super().__init__(exp)
+        self.parallel = exp.cfg.clients.parallel
+        try:
+            self.trainer: BatchedTrainer | None = BatchedTrainer(exp.worker)
+        except Unbatchable as exc:
+            log.warning("clients.parallel=%d: clients train one at a time, since %s",
+                        self.parallel, exc)
+            self.trainer = None
+
+    def fit(self, round_idx: int, downloads: dict[int, bytes],
+            then: dict[int, StageRequest] | None = None) -> dict[int, FitResult]:
+        if self.trainer is None:
+            return super().fit(round_idx, downloads, then)
+        cids, fits = list(downloads), {}
+        for start in range(0, len(cids), self.parallel):
+            group = cids[start:start + self.parallel]
+            states = {cid: self.states.before(cid, round_idx) for cid in group}
+            runs = {cid: self.exp.worker.start_fit(
+                        cid, states[cid], downloads[cid], self.exp.round_train(cid, round_idx),
+                        round_idx) for cid in group}
+            training = [run for run in runs.values() if isinstance(run, LocalRound)]
+            trained = dict(zip([run.cid for run in training],
+                               self.trainer.train(training) if training else [], strict=True))
+            for cid in group:
+                self.states.after(cid, round_idx, states[cid])
+                fit = trained.get(cid, runs[cid])
+                fits[cid] = self.sent(cid, round_idx, downloads[cid], fit, then)
+        return fits

@@ -1,0 +1,166 @@
+"""Local rounds of several clients trained together: each step, every client's batch
+goes through the shared model in one pass (:class:`~sfedlora.runtime.batched.rows.ClientRows`),
+one backward computes every client's gradients (a client's loss depends on its own
+tensors only, so the sum's gradient is each client's own), and each client's optimizer
+clips and steps its own tensors.
+
+Each client keeps exactly what its sequential round keeps: its own copy of the adapter
+(named as the model's tensors), its own optimizer (AdamW and SGD are elementwise, so K
+optimizers are what one stacked optimizer would be, and each loads and saves the state
+the sequential path stores), its own schedule, clipping and gradient norms, its own
+batches and dropout stream. The first and last parts of a round are the worker's own
+(``Worker.start_fit``, ``Worker.finish_fit``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections import defaultdict
+
+import torch
+
+from sfedlora.core.records import FitResult, Tensors
+from sfedlora.runtime.batched.rows import (
+    AdapterSites,
+    ClientRows,
+    RandomnessGuard,
+    Unbatchable,
+    rng_state,
+    set_rng_state,
+)
+from sfedlora.runtime.worker import LocalRound, Worker
+
+
+class BatchedTrainer:
+    """Trains a group of clients' local rounds on ``worker``'s model at once. Raises
+    :class:`Unbatchable` for a model or method that cannot."""
+
+    def __init__(self, worker: Worker):
+        if refusal := worker.method.traits.batched_refusal:
+            raise Unbatchable(f"method {worker.cfg.method} {refusal}")
+        if worker.backward != worker.local_backward:
+            raise Unbatchable("each client is trained by a process group "
+                              "(clients.world_size > 1)")
+        self.worker = worker
+        self.sites = AdapterSites(worker.model, list(worker.slots.params))
+
+    def train(self, runs: list[LocalRound]) -> list[FitResult]:
+        """The clients' local rounds, as many passes per step as their batches have
+        distinct shapes; each round's fit, in order."""
+        worker = self.worker
+        params = [self._own_copy(run) for run in runs]
+        optimizers = [worker.load_optimizer(worker._optimizer(p), run.state)
+                      for run, p in zip(runs, params, strict=True)]
+        stages = _Contexts([worker.stage.training(run.cid, run.state, run.round_idx)
+                            for run in runs])
+        with stages:
+            if any(penalty is not None for penalty in stages.values):
+                raise RuntimeError("a client stage that trains batched yielded a "
+                                   "penalty (see Traits.batched_refusal)")
+            rng = self._dropout_streams(runs)
+            worker.slots.set_trainable(())  # the clients' own copies train instead
+            worker.model.train()
+            for k in range(max(len(run.batches) for run in runs)):
+                active = [i for i, run in enumerate(runs) if k < len(run.batches)]
+                for i in active:
+                    worker.set_lr(optimizers[i], runs[i], k)
+                self._step([runs[i] for i in active], [params[i] for i in active],
+                           [rng[i] for i in active], k)
+                for i in active:
+                    worker.step(runs[i], params[i], optimizers[i])
+            # what the sequential path leaves in the default generator: the last
+            # client's stream, after its steps
+            set_rng_state(worker.device, rng[-1][0])
+            fits = []
+            for i, (run, optimizer) in enumerate(zip(runs, optimizers, strict=True)):
+                # each client's stage sees its trained adapter on the model as it
+                # leaves the steps (FDLoRA keeps a copy), and its own download's extras
+                worker.slots.load({n: t.detach() for n, t in params[i].items()})
+                stages.exit(i)
+                worker.stage.receive(run.extras)
+                fits.append(worker.finish_fit(run, optimizer))
+        return fits
+
+    def _own_copy(self, run: LocalRound) -> Tensors:
+        """The client's adapter as leaves of its own, trainable as the round's plan says."""
+        slots, device = self.worker.slots, self.worker.device
+        return {n: run.start[n].to(device=device, dtype=p.dtype, copy=True)
+                .requires_grad_(slots.parts[n] in run.plan.train)
+                for n, p in slots.params.items()}
+
+    def _dropout_streams(self, runs: list[LocalRound]) -> list[list[torch.Tensor]]:
+        """Each client's generator state as its sequential round seeds it (one-item
+        lists, so passes can advance them in place)."""
+        device, streams = self.worker.device, []
+        outer = rng_state(device)
+        for run in runs:
+            torch.manual_seed(run.dropout_seed)
+            streams.append([rng_state(device)])
+        set_rng_state(device, outer)
+        return streams
+
+    def _step(self, runs: list[LocalRound], params: list[Tensors],
+              rng: list[list[torch.Tensor]], k: int) -> None:
+        """Forward and backward of step ``k`` for ``runs``; logs each client's loss."""
+        worker = self.worker
+        batches = [worker.batch(run.data, run.batches[k]) for run in runs]
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, batch in enumerate(batches):
+            run = runs[i]
+            run.tokens += batch["input_ids"].numel()
+            # dropout masks are drawn in each client's own shape: one pass per shape
+            groups[tuple(batch["input_ids"].shape[1:])].append(i)
+        losses: dict[int, torch.Tensor] = {}
+        for members in groups.values():
+            losses |= self._pass([batches[i] for i in members], [params[i] for i in members],
+                                 [rng[i] for i in members], members)
+        total = torch.stack([losses[i] for i in sorted(losses)]).sum()
+        total.backward()
+        for i, run in enumerate(runs):
+            run.losses.append(losses[i].item())
+
+    def _pass(self, batches, params, rng, members) -> dict[int, torch.Tensor]:
+        worker = self.worker
+        inputs = {key: torch.cat([b[key] for b in batches])
+                  for key in batches[0] if key != "labels"}
+        states = [r[0] for r in rng]
+        rows = ClientRows(self.sites, [len(b["input_ids"]) for b in batches], params, states)
+        guard = RandomnessGuard(worker.device)
+        with rows.applied(worker.model):
+            logits = worker.model(**inputs).logits
+        guard.check()
+        for r, state in zip(rng, states, strict=True):
+            r[0] = state
+        return {i: worker.task.train_loss(worker.model, part, b["labels"])
+                for i, part, b in zip(members, rows.split(logits), batches, strict=True)}
+
+
+class _Contexts:
+    """Each client's stage context, entered together and left one by one (in order,
+    each with its client's adapter on the model), or all at once on an error."""
+
+    def __init__(self, contexts: list[contextlib.AbstractContextManager]):
+        self.contexts = contexts
+        self.values: list = []
+        self.open: list[bool] = []
+
+    def __enter__(self) -> _Contexts:
+        try:
+            for context in self.contexts:
+                self.values.append(context.__enter__())
+                self.open.append(True)
+        except BaseException:
+            self.__exit__(*sys.exc_info())
+            raise
+        return self
+
+    def exit(self, i: int) -> None:
+        self.open[i] = False
+        self.contexts[i].__exit__(None, None, None)
+
+    def __exit__(self, *exc) -> None:
+        for i in reversed(range(len(self.open))):
+            if self.open[i]:
+                self.open[i] = False
+                self.contexts[i].__exit__(*exc)

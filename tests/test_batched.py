@@ -1,0 +1,154 @@
+"""Batched client training (``clients.parallel``): several clients' local rounds in one
+pass per step give the one-at-a-time rounds (issue 39)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sfedlora.runtime.simulation import Simulation
+
+# Methods whose client stage leaves the model alone during the local steps; the tiny
+# BERT keeps its dropout (0.1), so every client's masks must come from its own stream.
+BATCHED = ["fedit", "sfed", "fedsa", "ffa", "rolora", "flasc", "flocora", "hetlora",
+           "flexlora", "fedsvd", "fdlora", "local", "central"]
+
+
+def _lines(run_dir):
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _runs(make, tmp_path, *overrides: str):
+    """The same config run one client at a time and three at a time (4 clients: groups
+    of 3 and 1); their run directories."""
+    dirs = []
+    for parallel in (1, 3):
+        out = tmp_path / f"parallel-{parallel}"
+        Simulation(make(*overrides, f"clients.parallel={parallel}", f"output_dir={out}",
+                        "checkpoint.every=0")).run()
+        dirs.append(out)
+    return dirs
+
+
+def _assert_same_run(one, other) -> None:
+    """Every metric to 1e-5 (relative for large values, e.g. perplexities) and every
+    exported adapter tensor to 1e-5."""
+    lines, others = _lines(one), _lines(other)
+    assert len(lines) == len(others) and lines
+    for a, b in zip(lines, others, strict=True):
+        assert a.keys() == b.keys()
+        for key, value in a.items():
+            if isinstance(value, float):
+                assert math.isclose(value, b[key], rel_tol=1e-5, abs_tol=1e-5), \
+                    (a["round"], key, value, b[key])
+            elif key not in ("seconds",):
+                assert value == b[key] or isinstance(value, dict), (a["round"], key)
+    files = sorted(one.glob("adapters/*/adapter_model.safetensors"))
+    assert files
+    for file in files:
+        ours, theirs = load_file(file), load_file(other / file.relative_to(one))
+        assert ours.keys() == theirs.keys()
+        for name, tensor in ours.items():
+            assert (tensor - theirs[name]).abs().max() <= 1e-5, (file, name)
+
+
+@pytest.mark.parametrize("method", BATCHED)
+def test_a_batched_run_equals_the_sequential_run(tiny_config, tmp_path, method):
+    one, three = _runs(tiny_config, tmp_path, f"method={method}", "rounds=2",
+                       "local.max_grad_norm=0.5", "local.keep_optimizer_state=true")
+    _assert_same_run(one, three)
+
+
+def test_a_batched_causal_lm_run_equals_the_sequential_run(tiny_lm_config, tmp_path):
+    """The tiny Llama with LoRA dropout on; clients' batches pad to different lengths,
+    so a step may take several passes."""
+    one, three = _runs(tiny_lm_config, tmp_path, "method=sfed", "rounds=2",
+                       "lora.dropout=0.1", "eval.generate=0")
+    _assert_same_run(one, three)
+
+
+def test_under_epochs_clients_with_fewer_steps_leave_the_pass_early(tiny_config, tmp_path):
+    from sfedlora.runtime.experiment import build_experiment
+
+    overrides = ("method=fedit", "rounds=2", "local.steps=null", "local.epochs=1",
+                 "local.schedule=cosine")
+    steps = {-(-len(t) // 8) for t in build_experiment(tiny_config(*overrides)).client_train}
+    assert len(steps) > 1  # local.batch_size=8: the clients take different step counts
+    _assert_same_run(*_runs(tiny_config, tmp_path, *overrides))
+
+
+@pytest.mark.parametrize("method", ["flora", "soft"])
+def test_a_method_whose_stage_works_on_the_model_trains_one_at_a_time(tiny_config,
+                                                                       tmp_path, caplog, method):
+    with caplog.at_level(logging.WARNING):
+        one, three = _runs(tiny_config, tmp_path, f"method={method}", "rounds=2")
+    assert f"clients.parallel=3: clients train one at a time, since method {method} " \
+        in caplog.text
+    assert _lines(one)[-1]["train_loss"] == _lines(three)[-1]["train_loss"]
+
+
+def test_one_pass_gives_each_client_its_own_peft_forward(tiny_config):
+    """Against PEFT's own forward: two clients with different adapters (and heads) in
+    one pass, eval mode, equal each client's logits with its adapter loaded."""
+    from sfedlora.runtime.batched.rows import AdapterSites, ClientRows
+    from sfedlora.runtime.experiment import build_experiment
+
+    exp = build_experiment(tiny_config())
+    worker, slots = exp.worker, exp.worker.slots
+    gen = torch.Generator().manual_seed(0)
+    adapters = [{n: torch.randn(p.shape, generator=gen) * 0.3 for n, p in slots.params.items()}
+                for _ in range(2)]
+    data = exp.client_train[0]
+    batches = [worker.batch(data, [0, 1, 2], labels=False),
+               worker.batch(data, [3, 4, 5], labels=False)]
+    worker.model.eval()
+    expected = []
+    with torch.no_grad():
+        for adapter, batch in zip(adapters, batches, strict=True):
+            slots.load(adapter)
+            expected.append(worker.model(**batch).logits)
+        slots.load(slots.layout.initial_state(1))  # the model's own tensors play no part
+        rows = ClientRows(AdapterSites(worker.model, list(slots.params)), [3, 3], adapters,
+                          [torch.get_rng_state()] * 2)
+        inputs = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+        with rows.applied(worker.model):
+            got = worker.model(**inputs).logits
+    torch.testing.assert_close(got, torch.cat(expected), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("config", ["tiny_config", "tiny_lm_config"])
+def test_the_tasks_training_loss_is_the_models_own(config, request):
+    """What a batched pass scores each client's rows with equals ``model(**batch).loss``."""
+    from sfedlora.runtime.experiment import build_experiment
+
+    exp = build_experiment(request.getfixturevalue(config)())
+    batch = exp.worker.batch(exp.client_train[0], list(range(5)))
+    with torch.no_grad():
+        out = exp.worker.model.eval()(**batch)
+        ours = exp.task.train_loss(exp.worker.model, out.logits, batch["labels"])
+    assert torch.equal(ours, out.loss)
+
+
+def test_a_random_draw_outside_dropout_fails_the_pass(tiny_config, tmp_path):
+    """Anything else drawing from the default generator would mix the clients' streams."""
+    cfg = tiny_config("clients.parallel=2", "rounds=1")
+    from sfedlora.runtime.batched import BatchedPool
+    from sfedlora.runtime.experiment import build_experiment
+
+    exp = build_experiment(cfg)
+    layer = next(m for m in exp.worker.model.modules() if isinstance(m, torch.nn.LayerNorm))
+    layer.register_forward_hook(lambda m, a, out: out + 0 * torch.rand(()))
+    with pytest.raises(RuntimeError, match=r"clients\.parallel=1"):
+        Simulation(cfg, pool=BatchedPool(exp)).run()
+
+
+def test_parallel_clients_cannot_span_processes(tiny_config):
+    from sfedlora.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"clients\.parallel=2 with clients\.world_size=2"):
+        tiny_config("clients.parallel=2", "clients.world_size=2")
