@@ -64,11 +64,29 @@ def test_a_batched_run_equals_the_sequential_run(tiny_config, tmp_path, method):
     _assert_same_run(one, three)
 
 
-def test_a_batched_causal_lm_run_equals_the_sequential_run(tiny_lm_config, tmp_path):
-    """The tiny Llama with LoRA dropout on; clients' batches pad to different lengths,
-    so a step may take several passes."""
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_a_batched_causal_lm_run_equals_the_sequential_run(tiny_lm_config, tmp_path,
+                                                           monkeypatch, dropout):
+    """The tiny Llama, two examples a batch: clients' batches have different widths.
+    Without dropout they are padded alike (one pass a step); with LoRA dropout, the
+    first padded pass stops at the first mask and from then on each width takes a pass,
+    so every client's masks keep its own shape."""
+    from sfedlora.runtime.batched.training import BatchedTrainer
+
+    alike = []
+    original = BatchedTrainer._pass
+
+    def spy(self, batches, params, rng, members, padded=False):
+        alike.append(padded)
+        return original(self, batches, params, rng, members, padded)
+
+    monkeypatch.setattr(BatchedTrainer, "_pass", spy)
     one, three = _runs(tiny_lm_config, tmp_path, "method=sfed", "rounds=2",
-                       "lora.dropout=0.1", "eval.generate=0")
+                       "local.batch_size=2", f"lora.dropout={dropout}", "eval.generate=0")
+    if dropout:  # one padded attempt, then a pass per width
+        assert alike.count(True) == 1 and alike.count(False) > 1
+    else:
+        assert alike.count(True) > 1
     _assert_same_run(one, three)
 
 

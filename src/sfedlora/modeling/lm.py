@@ -209,15 +209,19 @@ def _refuse_truncated_responses(labels: list[list[int]], max_length: int) -> Non
 
 
 class LMCollator:
-    """Right-pads ids (pad id), labels (-100) and builds the attention mask."""
+    """Right-pads ids (pad id), labels (-100) and builds the attention mask: to the
+    longest sequence, or to ``width`` (a batched pass pads several clients' batches
+    alike)."""
+
+    pads_right = True
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase):
         self.pad_id = tokenizer.pad_token_id
 
-    def __call__(self, data: EncodedLM, idx) -> dict[str, torch.Tensor]:
+    def __call__(self, data: EncodedLM, idx, width: int | None = None) -> dict[str, torch.Tensor]:
         seqs = [data.input_ids[i] for i in idx]
         labs = [data.labels[i] for i in idx]
-        width = max(len(s) for s in seqs)
+        width = max(width or 0, *(len(s) for s in seqs))
         input_ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(seqs), width), -100, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)

@@ -98,8 +98,11 @@ class Worker:
             # nothing in accuracy and keeps runs deterministic.
             torch.set_flush_denormal(True)
 
-    def batch(self, data, idx, labels: bool = True) -> dict[str, torch.Tensor]:
-        batch = self.collate(data, idx)
+    def batch(self, data, idx, labels: bool = True, width: int | None = None
+              ) -> dict[str, torch.Tensor]:
+        """Examples ``idx`` of ``data`` collated (padded to ``width`` where given) and
+        on the model's device."""
+        batch = self.collate(data, idx) if width is None else self.collate(data, idx, width)
         if not labels:
             batch.pop("labels")
         return {k: v.to(self.device) for k, v in batch.items()}

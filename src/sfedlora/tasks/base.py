@@ -92,7 +92,10 @@ class Task:
         raise NotImplementedError
 
     def collator(self, tokenizer, cfg: ExperimentConfig):
-        """``collate(encoded, indices) -> batch`` with ``labels`` for the model's loss."""
+        """``collate(encoded, indices) -> batch`` with ``labels`` for the model's loss.
+        A collator with ``pads_right = True`` also takes ``width=``: the batch padded on
+        the right to that many positions, which changes no real token's output (a
+        batched pass then pads several clients' batches alike)."""
         raise NotImplementedError
 
     # --- evaluation --------------------------------------------------------------------

@@ -40,16 +40,20 @@ def encode(tokenizer: PreTrainedTokenizerBase, texts: list[str], labels, max_len
 
 
 class Collator:
-    """Pads a batch to its longest sequence (dynamic padding), or to ``max_length``."""
+    """Pads a batch to its longest sequence (dynamic padding), or to ``max_length``;
+    or, asked for a ``width``, to that (a batched pass pads several clients' batches
+    alike, which leaves every real token's output as it was where padding is on the
+    right)."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int | None = None):
         self.tokenizer, self.max_length = tokenizer, max_length
+        self.pads_right = tokenizer.padding_side == "right"
 
-    def __call__(self, data: Encoded, idx) -> dict[str, torch.Tensor]:
-        padding = "max_length" if self.max_length else "longest"
+    def __call__(self, data: Encoded, idx, width: int | None = None) -> dict[str, torch.Tensor]:
+        length = width or self.max_length
         batch = self.tokenizer.pad(
             {"input_ids": [data.input_ids[i] for i in idx]}, return_tensors="pt",
-            padding=padding, max_length=self.max_length)
+            padding="max_length" if length else "longest", max_length=length)
         batch["labels"] = torch.from_numpy(data.labels[np.asarray(idx)])
         return dict(batch)
 

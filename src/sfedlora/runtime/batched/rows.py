@@ -41,6 +41,11 @@ _DROPOUTS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
              F.feature_alpha_dropout}
 
 
+class PaddedRandomness(Exception):
+    """A random op met rows padded beyond their own width: its draws would not be the
+    sequential ones (the pass is redone with each width on its own)."""
+
+
 class Unbatchable(Exception):
     """This model or method cannot train several clients in one pass; the message
     says why (the pool then trains them one after another)."""
@@ -97,11 +102,14 @@ class AdapterSites:
 class ClientRows:
     """One pass of K clients' rows: ``sizes[k]`` consecutive rows per client, client
     k's adapter tensors ``params[k]`` (named as the model's), its generator state
-    ``rng[k]`` (replaced by the state after its draws)."""
+    ``rng[k]`` (replaced by the state after its draws). ``padded``: some client's rows
+    are wider than its own batch, so a random op raises :class:`PaddedRandomness`
+    before drawing anything."""
 
     def __init__(self, sites: AdapterSites, sizes: list[int], params: list[Tensors],
-                 rng: list[torch.Tensor]):
+                 rng: list[torch.Tensor], padded: bool = False):
         self.sites, self.sizes, self.params, self.rng = sites, sizes, params, rng
+        self.padded = padded
         self.rows = sum(sizes)
 
     @contextlib.contextmanager
@@ -183,6 +191,8 @@ class _PerClientRandomness(TorchFunctionMode):
 
     def _per_client(self, func, args, kwargs):
         rows = self.rows
+        if rows.padded:
+            raise PaddedRandomness(func.__name__)
         first = args[0] if args else next(iter(kwargs.values()))
         device = first.device
         outer = rng_state(device)

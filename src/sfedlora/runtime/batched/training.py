@@ -15,6 +15,7 @@ batches and dropout stream. The first and last parts of a round are the worker's
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 from collections import defaultdict
 
@@ -24,12 +25,15 @@ from sfedlora.core.records import FitResult, Tensors
 from sfedlora.runtime.batched.rows import (
     AdapterSites,
     ClientRows,
+    PaddedRandomness,
     RandomnessGuard,
     Unbatchable,
     rng_state,
     set_rng_state,
 )
 from sfedlora.runtime.worker import LocalRound, Worker
+
+log = logging.getLogger(__name__)
 
 
 class BatchedTrainer:
@@ -44,6 +48,10 @@ class BatchedTrainer:
                               "(clients.world_size > 1)")
         self.worker = worker
         self.sites = AdapterSites(worker.model, list(worker.slots.params))
+        # Batches of different widths are padded alike (one pass per step) while the
+        # model draws nothing random; once a random op meets padded rows, each width
+        # gets a pass of its own, so every client's masks keep its own shape.
+        self.pad_alike = getattr(worker.collate, "pads_right", False)
 
     def train(self, runs: list[LocalRound]) -> list[FitResult]:
         """The clients' local rounds, as many passes per step as their batches have
@@ -105,27 +113,48 @@ class BatchedTrainer:
         """Forward and backward of step ``k`` for ``runs``; logs each client's loss."""
         worker = self.worker
         batches = [worker.batch(run.data, run.batches[k]) for run in runs]
-        groups: dict[tuple, list[int]] = defaultdict(list)
-        for i, batch in enumerate(batches):
-            run = runs[i]
-            run.tokens += batch["input_ids"].numel()
-            # dropout masks are drawn in each client's own shape: one pass per shape
-            groups[tuple(batch["input_ids"].shape[1:])].append(i)
-        losses: dict[int, torch.Tensor] = {}
-        for members in groups.values():
-            losses |= self._pass([batches[i] for i in members], [params[i] for i in members],
-                                 [rng[i] for i in members], members)
+        for run, batch in zip(runs, batches, strict=True):
+            run.tokens += batch["input_ids"].numel()  # positions of its own width
+        losses = self._padded_alike(runs, batches, params, rng, k) if self.pad_alike else None
+        if losses is None:
+            groups: dict[tuple, list[int]] = defaultdict(list)
+            for i, batch in enumerate(batches):
+                groups[tuple(batch["input_ids"].shape[1:])].append(i)
+            losses = {}
+            for members in groups.values():
+                losses |= self._pass([batches[i] for i in members],
+                                     [params[i] for i in members],
+                                     [rng[i] for i in members], members)
         total = torch.stack([losses[i] for i in sorted(losses)]).sum()
         total.backward()
         for i, run in enumerate(runs):
             run.losses.append(losses[i].item())
 
-    def _pass(self, batches, params, rng, members) -> dict[int, torch.Tensor]:
+    def _padded_alike(self, runs, batches, params, rng, k) -> dict[int, torch.Tensor] | None:
+        """One pass with every batch padded to the widest; None where a random op met
+        the padding (and from then on, a pass per width)."""
+        widths = [b["input_ids"].shape[1] for b in batches]
+        if len(set(widths)) == 1:
+            return None
+        width = max(widths)
+        padded = [b if w == width else self.worker.batch(run.data, run.batches[k], width=width)
+                  for run, b, w in zip(runs, batches, widths, strict=True)]
+        try:
+            return self._pass(padded, params, rng, list(range(len(runs))), padded=True)
+        except PaddedRandomness as exc:
+            log.info("batched training: the model draws random numbers (%s), so batches "
+                     "of different widths take a pass each", exc)
+            self.pad_alike = False
+            return None
+
+    def _pass(self, batches, params, rng, members, padded: bool = False
+              ) -> dict[int, torch.Tensor]:
         worker = self.worker
         inputs = {key: torch.cat([b[key] for b in batches])
                   for key in batches[0] if key != "labels"}
         states = [r[0] for r in rng]
-        rows = ClientRows(self.sites, [len(b["input_ids"]) for b in batches], params, states)
+        rows = ClientRows(self.sites, [len(b["input_ids"]) for b in batches], params, states,
+                          padded)
         guard = RandomnessGuard(worker.device)
         with rows.applied(worker.model):
             logits = worker.model(**inputs).logits
