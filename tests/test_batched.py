@@ -170,3 +170,31 @@ def test_parallel_clients_cannot_span_processes(tiny_config):
 
     with pytest.raises(ConfigError, match=r"clients\.parallel=2 with clients\.world_size=2"):
         tiny_config("clients.parallel=2", "clients.world_size=2")
+
+
+def test_cpu_dropout_gives_each_clients_rows_the_bits_of_its_own_call():
+    """The one noise tensor of a batched pass against ``F.dropout`` per client, each
+    under its own seed: bit for bit."""
+    from sfedlora.runtime.batched.rows import ClientRows, _PerClientRandomness
+
+    x = torch.randn(7, 5, 9)
+    sizes, seeds = [3, 4], [11, 22]
+    expected = []
+    for part, seed in zip(x.split(sizes), seeds, strict=True):
+        torch.manual_seed(seed)
+        expected.append(torch.nn.functional.dropout(part, 0.1, True))
+    states = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        states.append(torch.get_rng_state())
+    rows = ClientRows(None, sizes, [{}, {}], states)
+    torch.manual_seed(0)
+    outer = torch.get_rng_state()
+    with _PerClientRandomness(rows):
+        got = torch.nn.functional.dropout(x, 0.1, True)
+    assert torch.equal(got, torch.cat(expected))
+    assert torch.equal(torch.get_rng_state(), outer)  # the default stream is untouched
+    for state, part, seed in zip(rows.rng, x.split(sizes), seeds, strict=True):
+        torch.manual_seed(seed)
+        torch.nn.functional.dropout(part, 0.1, True)
+        assert torch.equal(state, torch.get_rng_state())  # each stream advanced as its own

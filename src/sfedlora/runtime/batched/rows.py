@@ -184,6 +184,9 @@ class _PerClientRandomness(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in _DROPOUTS and _dropout_draws(args, kwargs):
+            if func is F.dropout and _cpu_dropout_applies(args, kwargs):
+                return self._cpu_dropout(args[0], kwargs.get("p", args[1] if len(args) > 1
+                                                              else 0.5))
             return self._per_client(func, args, kwargs)
         if func is F.scaled_dot_product_attention and _attention_dropout(args, kwargs) > 0:
             return self._per_client(func, args, kwargs)
@@ -207,6 +210,26 @@ class _PerClientRandomness(TorchFunctionMode):
             set_rng_state(device, outer)
         return torch.cat(parts)
 
+    def _cpu_dropout(self, x: torch.Tensor, p: float) -> torch.Tensor:
+        """``F.dropout`` on the CPU, each client's rows of the noise drawn from its
+        stream, without splitting the activations: ATen's CPU dropout is this same
+        arithmetic (``_dropout_impl``: Bernoulli(1 - p) noise, divided by 1 - p, times
+        the input), so each client's rows get the bits its own call would give
+        (test_batched checks it bit for bit)."""
+        rows = self.rows
+        if rows.padded:
+            raise PaddedRandomness("dropout")
+        noise = torch.empty_like(x)
+        outer = torch.get_rng_state()
+        try:
+            for k, part in enumerate(rows.split(noise)):
+                torch.set_rng_state(rows.rng[k])
+                part.bernoulli_(1 - p)
+                rows.rng[k] = torch.get_rng_state()
+        finally:
+            torch.set_rng_state(outer)
+        return x * noise.div_(1 - p)
+
     def _part(self, value, k: int):
         """Client k's rows of a per-row tensor argument; anything else as it is (a
         mask broadcast over rows, a probability)."""
@@ -220,6 +243,15 @@ def _dropout_draws(args, kwargs) -> bool:
     p = kwargs.get("p", args[1] if len(args) > 1 else 0.5)
     training = kwargs.get("training", args[2] if len(args) > 2 else True)
     return bool(training) and p > 0
+
+
+def _cpu_dropout_applies(args, kwargs) -> bool:
+    """Plain dropout of a contiguous CPU tensor, not in place: what ``_cpu_dropout``
+    reproduces (elsewhere each client's rows take a call of their own)."""
+    x = args[0]
+    inplace = kwargs.get("inplace", args[3] if len(args) > 3 else False)
+    return x.device.type == "cpu" and x.is_contiguous() and not inplace \
+        and 0 < kwargs.get("p", args[1] if len(args) > 1 else 0.5) < 1
 
 
 def _attention_dropout(args, kwargs) -> float:
