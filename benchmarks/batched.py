@@ -1,16 +1,21 @@
-"""Batched against sequential client training, side by side in one process.
+"""Batched against sequential client training, side by side in one run.
 
-For each K, the same K clients' first local round runs twice on the one model of this
-process: one client after another (``Worker.fit``, what ``clients.parallel=1`` does)
-and all K at once (``BatchedTrainer.train``, ``clients.parallel=K``). Both arms start
-from the same downloads and client states; the order of the arms alternates with K so
-drift in machine speed hits both alike. Each arm reports client-steps per second,
-tokens per second (positions the model computes, padding included) and its peak memory
-above what the process held before it (resident set on the CPU, sampled every 5 ms;
-``torch.cuda.max_memory_allocated`` on a GPU). On a GPU it also reports the achieved
-FLOP/s, counted as 4 x (frozen base parameters) per token (forward, and the backward
-to the activations; the base has no weight gradients), over ``--peak-tflops``. The
-largest difference between the two arms' uploads is printed as a check.
+For each K, the same K clients' first local round runs twice on the same model: one
+client after another (``Worker.fit``, what ``clients.parallel=1`` does) and all K at
+once (``BatchedTrainer.train``, ``clients.parallel=K``). Both arms start from the same
+downloads and client states, and the order of the arms alternates with K so drift in
+machine speed hits both alike. Each arm runs in a process of its own (after loading
+the model and a one-client warm-up), so its peak memory is its own: on the CPU the
+process's peak resident set above the level with the model loaded (the warm-up's one
+client stays below every arm's peak), ``max_memory_allocated`` on a GPU. Both arms
+run with the allocator setting the batched pool makes on the CPU
+(:func:`~sfedlora.runtime.batched.pool.keep_freed_memory`).
+
+Each arm reports client-steps per second and tokens per second (positions the model
+computes, padding included); on a GPU also the achieved FLOP/s, counted as 4 x (frozen
+base parameters) per token (the forward, and the backward to the activations: the
+base has no weight gradients), and its share of ``--peak-tflops``. The largest
+difference between the two arms' uploads is printed as a check.
 
     python benchmarks/batched.py --workload minilm --ks 1,4,16,64 [--save FILE]
     python benchmarks/batched.py --report docs/results/batched/*.json
@@ -21,11 +26,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import threading
+import resource
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -33,6 +42,7 @@ from sfedlora.config import load_config
 from sfedlora.core import codecs
 from sfedlora.core.environment import describe
 from sfedlora.core.records import ClientState
+from sfedlora.runtime.batched.pool import keep_freed_memory
 from sfedlora.runtime.batched.training import BatchedTrainer
 from sfedlora.runtime.simulation import Simulation
 
@@ -47,107 +57,120 @@ WORKLOADS = {
 }
 
 
-class PeakMemory:
-    """Peak memory above the level at entry: CUDA's allocator statistics, or the
-    resident set sampled by a thread."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.peak = device, 0
-
-    def __enter__(self) -> PeakMemory:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.start = torch.cuda.memory_allocated(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            return self
-        self.start = self.high = _rss()
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-        self.thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self.done.wait(0.005):
-            self.high = max(self.high, _rss())
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak = torch.cuda.max_memory_allocated(self.device) - self.start
-            return
-        self.done.set()
-        self.thread.join()
-        self.peak = max(self.high, _rss()) - self.start
-
-
 def _rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def arm(sim: Simulation, k: int, downloads: dict[int, bytes], batched: bool) -> dict:
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def arm(sim: Simulation, k: int, downloads: dict[int, bytes], batched: bool,
+        loaded: int = 0) -> dict:
+    """One arm; its peak memory above ``loaded`` (the resident set with the model
+    loaded, before any training) on the CPU, above the allocation at its start on a GPU."""
     exp = sim.pool.exp
     worker = exp.worker
     states = {cid: ClientState() for cid in range(k)}
-    with PeakMemory(worker.device) as memory:
-        start = time.perf_counter()
-        if batched:
-            runs = [worker.start_fit(cid, states[cid], downloads[cid],
-                                     exp.round_train(cid, 1), 1) for cid in range(k)]
-            fits = BatchedTrainer(worker).train(runs)
-        else:
-            fits = [worker.fit(cid, states[cid], downloads[cid], exp.round_train(cid, 1), 1)
-                    for cid in range(k)]
-        if worker.device.type == "cuda":
-            torch.cuda.synchronize(worker.device)
-        seconds = time.perf_counter() - start
+    cuda = worker.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(worker.device)
+        before = torch.cuda.memory_allocated(worker.device)
+        torch.cuda.reset_peak_memory_stats(worker.device)
+    else:
+        before = loaded
+    start = time.perf_counter()
+    if batched:
+        runs = [worker.start_fit(cid, states[cid], downloads[cid],
+                                 exp.round_train(cid, 1), 1) for cid in range(k)]
+        fits = BatchedTrainer(worker).train(runs)
+    else:
+        fits = [worker.fit(cid, states[cid], downloads[cid], exp.round_train(cid, 1), 1)
+                for cid in range(k)]
+    if cuda:
+        torch.cuda.synchronize(worker.device)
+    seconds = time.perf_counter() - start
+    peak = (torch.cuda.max_memory_allocated(worker.device) if cuda else _peak_rss()) - before
     steps, tokens = sum(f.steps for f in fits), sum(f.tokens for f in fits)
     return {"seconds": seconds, "client_steps": steps, "tokens": tokens,
             "client_steps_per_s": steps / seconds, "tokens_per_s": tokens / seconds,
-            "peak_bytes": memory.peak, "uploads": [f.upload for f in fits]}
+            "peak_bytes": max(peak, 0), "uploads": [f.upload for f in fits]}
 
 
-def upload_gap(a: list[bytes], b: list[bytes]) -> float:
-    gap = 0.0
-    for x, y in zip(a, b, strict=True):
-        tx, ty = codecs.decode(x), codecs.decode(y)
-        gap = max([gap, *((tx[n] - ty[n]).abs().max().item() for n in tx)])
-    return gap
+def setup(workload: str, k: int, steps: int, overrides: list[str]):
+    cfg = load_config(None, [*WORKLOADS[workload], f"clients.num={k}", f"local.steps={steps}",
+                             "eval.every=0", "progress=false", "checkpoint.every=0",
+                             *overrides])
+    sim = Simulation(cfg)
+    keep_freed_memory()
+    downloads = {cid: sim.server.download(cid) for cid in range(k)}
+    loaded = _rss()
+    arm(sim, 1, downloads, batched=False)  # warm-up: first-call costs hit neither arm
+    return cfg, sim, downloads, loaded
+
+
+def child(workload: str, k: int, steps: int, overrides: list[str], batched: bool,
+          out: Path) -> None:
+    """One arm in this process; its row as JSON on stdout, its uploads to ``out``."""
+    cfg, sim, downloads, loaded = setup(workload, k, steps, overrides)
+    row = arm(sim, k, downloads, batched, loaded)
+    tensors = {f"{cid}/{name}": t for cid, upload in enumerate(row.pop("uploads"))
+               for name, t in codecs.decode(upload).items()}
+    save_file(tensors, out)
+    worker = sim.pool.exp.worker
+    device = worker.device
+    print(json.dumps({**row, "config": {
+        "model": cfg.model_name, "batch_size": cfg.local.batch_size,
+        "max_length": cfg.model.max_length, "steps": steps, "rank": cfg.lora.rank,
+        "base_params": worker.base_params},
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+        else f"cpu, {torch.get_num_threads()} threads"}))
+
+
+def spawn(workload: str, k: int, steps: int, overrides: list[str], batched: bool,
+          out: Path) -> dict:
+    cmd = [sys.executable, __file__, "--workload", workload, "--child",
+           "batched" if batched else "sequential", "--ks", str(k), "--steps", str(steps),
+           "--uploads", str(out), *overrides]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def upload_gap(a: Path, b: Path) -> float:
+    ta, tb = load_file(a), load_file(b)
+    assert ta.keys() == tb.keys()
+    return max((ta[n] - tb[n]).abs().max().item() for n in ta)
 
 
 def measure(workload: str, ks: list[int], steps: int, overrides: list[str],
             peak_tflops: float | None) -> dict:
-    cfg = load_config(None, [*WORKLOADS[workload], f"clients.num={max(ks)}",
-                             f"local.steps={steps}", "eval.every=0", "progress=false",
-                             "checkpoint.every=0", *overrides])
-    sim = Simulation(cfg)
-    worker = sim.pool.exp.worker
-    downloads = {cid: sim.server.download(cid) for cid in range(max(ks))}
-    arm(sim, 1, downloads, batched=False)  # warm-up: first-call costs hit neither arm
-    rows = []
-    for i, k in enumerate(ks):
-        order = (False, True) if i % 2 == 0 else (True, False)
-        result = {batched: arm(sim, k, downloads, batched) for batched in order}
-        seq, bat = result[False], result[True]
-        row = {"K": k, "gap": upload_gap(seq.pop("uploads"), bat.pop("uploads")),
-               "sequential": seq, "batched": bat,
-               "speedup": bat["client_steps_per_s"] / seq["client_steps_per_s"]}
-        if worker.device.type == "cuda":
-            for name in ("sequential", "batched"):
-                flops = 4 * worker.base_params * row[name]["tokens_per_s"]
-                row[name]["tflops"] = flops / 1e12
-                if peak_tflops:
-                    row[name]["utilisation"] = flops / 1e12 / peak_tflops
-        rows.append(row)
-        print(_line(row), flush=True)
-    device = worker.device
+    rows, meta = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, k in enumerate(ks):
+            order = (False, True) if i % 2 == 0 else (True, False)
+            result = {batched: spawn(workload, k, steps, overrides, batched,
+                                     Path(tmp) / f"{k}-{batched}.safetensors")
+                      for batched in order}
+            seq, bat = result[False], result[True]
+            meta = {"config": seq.pop("config"), "device": seq.pop("device")}
+            bat.pop("config"), bat.pop("device")
+            row = {"K": k, "gap": upload_gap(Path(tmp) / f"{k}-False.safetensors",
+                                             Path(tmp) / f"{k}-True.safetensors"),
+                   "sequential": seq, "batched": bat,
+                   "speedup": bat["client_steps_per_s"] / seq["client_steps_per_s"]}
+            if not meta["device"].startswith("cpu"):
+                for name in ("sequential", "batched"):
+                    flops = 4 * meta["config"]["base_params"] * row[name]["tokens_per_s"]
+                    row[name]["tflops"] = flops / 1e12
+                    if peak_tflops:
+                        row[name]["utilisation"] = flops / 1e12 / peak_tflops
+            rows.append(row)
+            print(_line(row), flush=True)
     return {"workload": workload, "command": _command(workload, ks, steps, overrides),
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda"
-            else f"cpu, {torch.get_num_threads()} threads",
-            "config": {"model": cfg.model_name, "batch_size": cfg.local.batch_size,
-                       "max_length": cfg.model.max_length, "steps": steps,
-                       "rank": cfg.lora.rank, "base_params": worker.base_params},
-            "rows": rows, "environment": describe()}
+            **meta, "rows": rows, "environment": describe()}
 
 
 def _command(workload: str, ks: list[int], steps: int, overrides: list[str]) -> str:
@@ -195,14 +218,20 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, help="the device's peak, for utilisation")
     parser.add_argument("--save", type=Path, help="write the rows and environment as JSON")
     parser.add_argument("--report", type=Path, nargs="+", help="print saved runs as tables")
+    parser.add_argument("--child", choices=["sequential", "batched"], help=argparse.SUPPRESS)
+    parser.add_argument("--uploads", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="dotted.key=value settings")
     args = parser.parse_args()
+    if args.child:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        child(args.workload, int(args.ks), args.steps, args.overrides,
+              args.child == "batched", args.uploads)
+        return
     if args.report:
         print(report(args.report))
         return
-    import transformers
-
-    transformers.logging.set_verbosity_error()
     print(HEADER)
     saved = measure(args.workload, [int(k) for k in args.ks.split(",")], args.steps,
                     args.overrides, args.peak_tflops)

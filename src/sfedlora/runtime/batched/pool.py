@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 
 from sfedlora.core.records import FitResult, StageRequest
@@ -12,6 +14,23 @@ from sfedlora.runtime.pool import InProcessPool
 from sfedlora.runtime.worker import LocalRound
 
 log = logging.getLogger(__name__)
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc's allocator to keep freed memory for reuse instead of returning it
+    to the system. A batched pass allocates activations of hundreds of MB each step;
+    glibc serves blocks that large with fresh mmaps, so every step would fault in (and
+    zero) every page again, which measured a fifth of a CPU step's time. PyTorch's CPU
+    tuning guide swaps in jemalloc or tcmalloc for the same reason; this needs no
+    install. The process keeps its peak memory. False where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(
+            libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    except (OSError, AttributeError):
+        return False
 
 
 class BatchedPool(InProcessPool):
@@ -30,6 +49,8 @@ class BatchedPool(InProcessPool):
             log.warning("clients.parallel=%d: clients train one at a time, since %s",
                         self.parallel, exc)
             self.trainer = None
+        if self.trainer is not None and exp.worker.device.type == "cpu":
+            keep_freed_memory()
 
     def fit(self, round_idx: int, downloads: dict[int, bytes],
             then: dict[int, StageRequest] | None = None) -> dict[int, FitResult]:
