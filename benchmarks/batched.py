@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -129,11 +130,14 @@ def child(workload: str, k: int, steps: int, overrides: list[str], batched: bool
 
 
 def spawn(workload: str, k: int, steps: int, overrides: list[str], batched: bool,
-          out: Path) -> dict:
+          out: Path) -> dict | str:
+    """The arm's row, or why it has none (a process the kernel killed for memory)."""
     cmd = [sys.executable, __file__, "--workload", workload, "--child",
            "batched" if batched else "sequential", "--ks", str(k), "--steps", str(steps),
            "--uploads", str(out), *overrides]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode == -signal.SIGKILL:
+        return "killed (out of memory)"
     if done.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -155,6 +159,12 @@ def measure(workload: str, ks: list[int], steps: int, overrides: list[str],
                                      Path(tmp) / f"{k}-{batched}.safetensors")
                       for batched in order}
             seq, bat = result[False], result[True]
+            if isinstance(seq, str) or isinstance(bat, str):
+                rows.append({"K": k, "failed": {
+                    "sequential": seq if isinstance(seq, str) else "ran",
+                    "batched": bat if isinstance(bat, str) else "ran"}})
+                print(_line(rows[-1]), flush=True)
+                continue
             meta = {"config": seq.pop("config"), "device": seq.pop("device")}
             bat.pop("config"), bat.pop("device")
             row = {"K": k, "gap": upload_gap(Path(tmp) / f"{k}-False.safetensors",
@@ -183,6 +193,9 @@ HEADER = ("| K | sequential client-steps/s | batched client-steps/s | speedup | 
 
 
 def _line(row: dict) -> str:
+    if "failed" in row:
+        failed = row["failed"]
+        return f"| {row['K']} | {failed['sequential']} | {failed['batched']} |" + " |" * 5
     s, b = row["sequential"], row["batched"]
     cells = [row["K"], f"{s['client_steps_per_s']:.2f}", f"{b['client_steps_per_s']:.2f}",
              f"{row['speedup']:.2f}x", f"{s['tokens_per_s']:.0f}", f"{b['tokens_per_s']:.0f}",
@@ -206,7 +219,7 @@ def report(paths: list[Path]) -> str:
                 f"`{saved['command']}`", "", HEADER, "|---" * 8 + "|",
                 *[_line(row) for row in saved["rows"]],
                 "", "Largest difference between the two arms' uploads: "
-                f"{max(row['gap'] for row in saved['rows']):.1e}.", ""]
+                f"{max(row['gap'] for row in saved['rows'] if 'gap' in row):.1e}.", ""]
     return "\n".join(out)
 
 
