@@ -1,0 +1,278 @@
+"""A study's plan, fixed before its first run, and the verdicts it allows.
+
+A plan (``plan.yaml`` in the study's folder under ``docs/results/``) says, before any
+of the study's runs exist: the question, the arms (each a list of settings), the
+settings every arm shares (the budget), the ladder each arm is tuned on (on
+validation data, with the selection seeds only), the seeds that choose (never
+reported) and the at least five seeds that report, the evaluation rounds (the same
+for every arm), the metrics, and each decision rule: which arm against which control,
+on which reading, by what margin.
+
+Readings that count a crossing (seconds or bytes to a target line) count it only when
+the line holds for ``hold`` consecutive evaluations (3 by default), so a single lucky
+evaluation decides nothing; each such rule also reads the metric at a fixed time or
+byte budget. A verdict is the paired difference by seed with its 95% interval: the arm
+wins when the interval clears the margin, the control when it falls below minus the
+margin, and otherwise it is unresolved.
+
+:func:`plan_precedes` checks the order in git: the commit that added the plan is an
+ancestor of the commit every run of the study names in its ``environment.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from sfedlora.studies import stats
+
+MIN_REPORTING_SEEDS = 5
+# what an arm may not set for itself: every arm is evaluated on the same rounds, runs
+# the same budget and is reported on the plan's seeds
+SHARED_KEYS = ("rounds", "seed", "eval.every", "eval.at_start")
+
+Reading = Literal["final", "at_seconds", "at_bytes", "seconds_to", "bytes_to"]
+X_OF = {"at_seconds": "simulated_seconds", "seconds_to": "simulated_seconds",
+        "at_bytes": "bytes_total", "bytes_to": "bytes_total"}
+
+
+class PlanError(ValueError):
+    """A plan that cannot be followed; the message names the field and the fix."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Rule(_Model):
+    """One decision: ``arm`` against ``control`` on ``reading`` of ``metric``."""
+
+    name: str
+    arm: str
+    control: str
+    metric: str = "personalized_accuracy"
+    reading: Reading = "final"
+    budget: float | None = Field(None, gt=0, description="at_seconds / at_bytes: the budget")
+    line: float | None = Field(None, description="seconds_to / bytes_to: the target line")
+    hold: int = Field(3, gt=0, description="consecutive evaluations the line must hold")
+    higher_is_better: bool = True  # of the metric (a loss: false)
+    margin: float = Field(0.0, ge=0, description="the difference the interval must clear")
+    mechanism: str = Field(description="the one-line mechanism the rule tests")
+
+    @model_validator(mode="after")
+    def _reading_needs(self) -> Rule:
+        if self.reading.startswith("at_") and self.budget is None:
+            raise ValueError(f"rule {self.name!r}: reading={self.reading} needs a budget")
+        if self.reading.endswith("_to") and self.line is None:
+            raise ValueError(f"rule {self.name!r}: reading={self.reading} needs a line")
+        return self
+
+    @property
+    def lower_wins(self) -> bool:
+        """Whether a smaller reading is better: seconds or bytes to a line, or a metric
+        where lower is better."""
+        return self.reading.endswith("_to") or not self.higher_is_better
+
+
+class Plan(_Model):
+    question: str
+    arms: dict[str, list[str]] = Field(description="arm name -> its settings")
+    common: list[str] = Field(default_factory=list, description="settings every arm shares")
+    ladder: dict[str, list[float]] = Field(
+        default_factory=dict, description="setting -> values each arm is tuned over")
+    tune_on: str = Field("val_loss", description="the validation metric choosing a rung "
+                         "(lowest wins), at the last evaluation")
+    selection_seeds: list[int] = Field(description="seeds that choose; never reported")
+    reporting_seeds: list[int] = Field(description="seeds that report")
+    rounds: int = Field(gt=0)
+    eval_every: int = Field(gt=0, description="every arm is evaluated on these rounds")
+    metrics: list[str]
+    rules: list[Rule]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Plan:
+        if len(set(self.reporting_seeds)) < MIN_REPORTING_SEEDS:
+            raise ValueError(f"reporting_seeds: {len(set(self.reporting_seeds))} distinct "
+                             f"seeds; a verdict needs at least {MIN_REPORTING_SEEDS}")
+        if shared := sorted(set(self.selection_seeds) & set(self.reporting_seeds)):
+            raise ValueError(f"seeds {shared} both choose and report; a seed that chose a "
+                             "setting must not report it: use fresh reporting seeds")
+        for arm, settings in {"common": self.common, **self.arms}.items():
+            if own := [s for s in settings if s.split("=")[0] in (*SHARED_KEYS, *self.ladder)]:
+                raise ValueError(f"{arm} sets {own}: rounds, seeds, evaluation rounds and "
+                                 "the ladder's settings are the plan's, the same for every "
+                                 "arm; remove them from the arm")
+        for rule in self.rules:
+            missing = [a for a in (rule.arm, rule.control) if a not in self.arms]
+            if missing:
+                raise ValueError(f"rule {rule.name!r} names arm(s) {missing}, which the plan "
+                                 f"does not have (arms: {sorted(self.arms)})")
+        return self
+
+    @property
+    def eval_rounds(self) -> list[int]:
+        """The rounds every arm is evaluated on (the last always)."""
+        return sorted({*range(self.eval_every, self.rounds + 1, self.eval_every), self.rounds})
+
+    def settings(self, arm: str, seed: int, rung: dict[str, float] | None = None
+                 ) -> list[str]:
+        """The settings of one run: the common ones, the arm's, the rung's and the
+        plan's own (rounds, evaluation rounds, seed)."""
+        return [*self.common, *self.arms[arm],
+                *(f"{k}={v}" for k, v in (rung or {}).items()),
+                f"rounds={self.rounds}", f"eval.every={self.eval_every}",
+                "eval.at_start=false", f"seed={seed}"]
+
+
+def load_plan(path: Path) -> Plan:
+    """The plan in ``path`` (YAML), or a :class:`PlanError` naming what is wrong."""
+    try:
+        return Plan.model_validate(yaml.safe_load(Path(path).read_text()))
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'plan'}: {e['msg']}"
+                             for e in exc.errors())
+        raise PlanError(f"{path}: {problems}") from None
+
+
+# --- readings -----------------------------------------------------------------------
+
+
+def sustained_crossing(points: Sequence[tuple[float, float]], line: float, hold: int = 3,
+                       higher_is_better: bool = True) -> float:
+    """``x`` of the first evaluation from which the metric is on the good side of
+    ``line`` for ``hold`` consecutive evaluations; inf if it never is (a run too short
+    to hold counts as not crossing)."""
+    run = 0
+    for i, (_, value) in enumerate(points):
+        good = value >= line if higher_is_better else value <= line
+        run = run + 1 if good else 0
+        if run == hold:
+            return points[i - hold + 1][0]
+    return math.inf
+
+
+def value_at(points: Sequence[tuple[float, float]], budget: float) -> float:
+    """The metric at the last evaluation within ``budget`` of ``x``; nan if none is."""
+    within = [value for x, value in points if x <= budget]
+    return within[-1] if within else math.nan
+
+
+def reading(rule: Rule, metrics: Sequence[dict]) -> float:
+    """What ``rule`` reads of one run's metrics lines."""
+    if rule.reading == "final":
+        return [m[rule.metric] for m in metrics if m.get(rule.metric) is not None][-1]
+    x = X_OF[rule.reading]
+    points = [(m[x], m[rule.metric]) for m in metrics
+              if m.get(rule.metric) is not None and x in m]
+    if rule.reading.startswith("at_"):
+        return value_at(points, rule.budget)
+    return sustained_crossing(points, rule.line, rule.hold, rule.higher_is_better)
+
+
+# --- verdicts ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Verdict:
+    rule: Rule
+    mean: float  # of arm - control, paired by seed
+    half_width: float  # of its 95% t-interval
+    seeds: list[int]
+    never: dict[str, int]  # runs per arm that never held the line (a *_to reading)
+
+    @property
+    def outcome(self) -> str:
+        """``arm``, ``control`` or ``unresolved``: who the rule's interval favours."""
+        if self.never:
+            return "unresolved"
+        low, high = self.mean - self.half_width, self.mean + self.half_width
+        sign = -1 if self.rule.lower_wins else 1  # make "arm better" a positive gap
+        low, high = sorted((sign * low, sign * high))
+        if low > self.rule.margin:
+            return self.rule.arm
+        if high < -self.rule.margin:
+            return self.rule.control
+        return "unresolved"
+
+    def sentence(self) -> str:
+        r = self.rule
+        winner = {r.arm: f"{r.arm} wins", r.control: f"{r.control} wins"}.get(
+            self.outcome, "unresolved")
+        never = "".join(f"; {n} run(s) of {a} never held the line" for a, n in
+                        self.never.items())
+        return (f"{r.name}: {r.arm} - {r.control} on {r.reading} {r.metric} = "
+                f"{self.mean:+.4f} ± {self.half_width:.4f} (95%, paired over seeds "
+                f"{self.seeds}{never}); rule: the interval must clear {r.margin:g}; "
+                f"{winner}. Mechanism: {r.mechanism}")
+
+
+def decide(rule: Rule, arm: dict[int, float], control: dict[int, float],
+           seeds: Sequence[int]) -> Verdict:
+    """The rule's verdict from each reporting seed's reading of the two arms. Every
+    seed must have both; a run that never held its line (inf) leaves the verdict
+    unresolved and is counted."""
+    missing = [s for s in seeds if s not in arm or s not in control]
+    if missing:
+        raise PlanError(f"rule {rule.name!r}: no reading for seed(s) {missing}; run them "
+                        "before deciding")
+    never = {name: sum(math.isinf(values[s]) for s in seeds)
+             for name, values in ((rule.arm, arm), (rule.control, control))}
+    never = {name: n for name, n in never.items() if n}
+    if never:
+        return Verdict(rule, math.nan, math.nan, list(seeds), never)
+    mean, half = stats.paired_difference([arm[s] for s in seeds], [control[s] for s in seeds])
+    return Verdict(rule, mean, half, list(seeds), {})
+
+
+# --- provenance -------------------------------------------------------------------------
+
+
+def _git(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
+                          check=False, timeout=60)
+
+
+def plan_commit(plan_path: Path) -> str | None:
+    """The commit that first added ``plan_path``; None if git does not know it."""
+    path = Path(plan_path).resolve()
+    done = _git(path.parent, "log", "--diff-filter=A", "--format=%H", "--follow", "--",
+                path.name)
+    commits = done.stdout.split()
+    return commits[-1] if done.returncode == 0 and commits else None
+
+
+def run_commits(run_dir: Path) -> set[str]:
+    """The source commits a run's processes named in ``environment.jsonl``."""
+    path = Path(run_dir) / "environment.jsonl"
+    if not path.is_file():
+        return set()
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {(r.get("source") or {}).get("commit") for r in records} - {None}
+
+
+def plan_precedes(plan_path: Path, run_dirs: Sequence[Path]) -> list[str]:
+    """What breaks "the plan was committed before every run": each problem as a line
+    (a run naming no commit, or a commit the plan's commit is not an ancestor of);
+    empty when the order holds."""
+    first = plan_commit(plan_path)
+    if first is None:
+        return [f"{plan_path} is not committed"]
+    repo = Path(plan_path).resolve().parent
+    problems = []
+    for run in run_dirs:
+        commits = run_commits(run)
+        if not commits:
+            problems.append(f"{run}: its environment.jsonl names no commit")
+        for commit in sorted(commits):
+            if _git(repo, "merge-base", "--is-ancestor", first, commit).returncode != 0:
+                problems.append(f"{run}: ran at {commit[:10]}, which does not follow the "
+                                f"plan's commit {first[:10]}")
+    return problems
