@@ -113,7 +113,7 @@ def test_a_method_whose_stage_works_on_the_model_trains_one_at_a_time(tiny_confi
 def test_one_pass_gives_each_client_its_own_peft_forward(tiny_config):
     """Against PEFT's own forward: two clients with different adapters (and heads) in
     one pass, eval mode, equal each client's logits with its adapter loaded."""
-    from sfedlora.runtime.batched.rows import AdapterSites, ClientRows
+    from sfedlora.modeling.client_rows import AdapterSites, ClientRows
     from sfedlora.runtime.experiment import build_experiment
 
     exp = build_experiment(tiny_config())
@@ -137,6 +137,26 @@ def test_one_pass_gives_each_client_its_own_peft_forward(tiny_config):
         with rows.applied(worker.model):
             got = worker.model(**inputs).logits
     torch.testing.assert_close(got, torch.cat(expected), rtol=1e-5, atol=1e-6)
+
+
+def test_scoring_many_adapters_at_once_gives_each_its_own_scores(tiny_config):
+    """Against one adapter at a time through PEFT's own forward: three clients'
+    random adapters on their own test and validation parts and the global test set."""
+    from sfedlora.runtime.experiment import build_experiment
+
+    exp = build_experiment(tiny_config("data.validation_fraction=0.2"))
+    gen = torch.Generator().manual_seed(0)
+    items = [({n: torch.randn(p.shape, generator=gen) * 0.3
+               for n, p in exp.worker.slots.params.items()}, cid, True) for cid in range(3)]
+    many = exp.task.score_many(exp, items)
+    for item, found in zip(items, many, strict=True):
+        one = exp.task.score(exp, *item).values
+        assert one.keys() == found.values.keys() and {"val_count", "global_count"} <= one.keys()
+        for key, value in one.items():
+            if isinstance(value, float):
+                assert math.isclose(value, found.values[key], rel_tol=1e-5), key
+            else:
+                assert value == found.values[key], key
 
 
 @pytest.mark.parametrize("config", ["tiny_config", "tiny_lm_config"])
@@ -175,7 +195,7 @@ def test_parallel_clients_cannot_span_processes(tiny_config):
 def test_cpu_dropout_gives_each_clients_rows_the_bits_of_its_own_call():
     """The one noise tensor of a batched pass against ``F.dropout`` per client, each
     under its own seed: bit for bit."""
-    from sfedlora.runtime.batched.rows import ClientRows, _PerClientRandomness
+    from sfedlora.modeling.client_rows import ClientRows, _PerClientRandomness
 
     x = torch.randn(7, 5, 9)
     sizes, seeds = [3, 4], [11, 22]

@@ -77,6 +77,13 @@ def test_every_link_in_the_readme_resolves_in_a_clone():
         assert target.startswith("http") or (ROOT / target).exists(), target
 
 
+def test_the_batched_results_tables_regenerate_from_their_saved_rows():
+    """docs/results/batched.md shows ``batched.py --report`` of its saved rows."""
+    module = import_benchmark("batched")
+    saved = [ROOT / "docs/results/batched" / f"{name}.json" for name in ("minilm", "smollm2")]
+    assert module.report(saved) in (ROOT / "docs/results/batched.md").read_text()
+
+
 def test_the_flower_results_tables_regenerate_from_their_saved_rows():
     """docs/results/flower.md shows ``flower_overhead.py --report`` of its saved rows."""
     module = import_benchmark("flower_overhead")

@@ -107,6 +107,13 @@ class Task:
         adapter is scored with ``cid=None``. Runs where the adapter lives."""
         raise NotImplementedError
 
+    def score_many(self, exp: Experiment, items: list[tuple[Tensors, int | None, bool]]
+                   ) -> list[ClientScores]:
+        """:meth:`score` of each ``(tensors, cid, global_part)``: a task may score many
+        adapters in shared passes (the batched pool asks it to)."""
+        return [self.score(exp, tensors, cid, global_part)
+                for tensors, cid, global_part in items]
+
     def combine(self, clients: Sequence[ClientScores], global_: ClientScores | None
                 ) -> tuple[dict, list[dict]]:
         """The round's metrics from every scored client (client-id order) and the

@@ -15,6 +15,7 @@ from transformers import AutoModelForSequenceClassification, PreTrainedTokenizer
 
 from sfedlora.core.records import ClientScores, EvalResult, Metric, Tensors, mean_or_none
 from sfedlora.data.sources import load_source
+from sfedlora.modeling.client_rows import AdapterSites, ClientRows
 from sfedlora.modeling.model import eval_batches, load_tokenizer
 from sfedlora.settings import ConfigError, DataConfig, ExperimentConfig
 from sfedlora.tasks.base import ClientSets, Task, validation_metrics
@@ -90,8 +91,39 @@ def logits(worker, tensors: Tensors, data: Encoded) -> torch.Tensor:
     return torch.cat(out).float().cpu()
 
 
+@torch.inference_mode()
+def logits_many(worker, jobs: list[tuple[Tensors, Encoded]]) -> list[torch.Tensor]:
+    """:func:`logits` of each ``(tensors, data)`` job, the jobs' batches in one pass a
+    step (:mod:`sfedlora.modeling.client_rows`; padded alike on the right, which
+    changes no real token's output; evaluation draws nothing random)."""
+    worker.model.eval()
+    sites = AdapterSites(worker.model, list(worker.slots.params))
+    size = worker.cfg.eval.batch_size
+    batches = [list(eval_batches(len(data), size)) for _, data in jobs]
+    out: list[list[torch.Tensor]] = [[] for _ in jobs]
+    for k in range(max(map(len, batches), default=0)):
+        active = [j for j, b in enumerate(batches) if k < len(b)]
+        parts = [worker.batch(jobs[j][1], batches[j][k], labels=False) for j in active]
+        width = max(p["input_ids"].shape[1] for p in parts)
+        parts = [p if p["input_ids"].shape[1] == width else
+                 worker.batch(jobs[j][1], batches[j][k], labels=False, width=width)
+                 for j, p in zip(active, parts, strict=True)]
+        rows = ClientRows(sites, [len(p["input_ids"]) for p in parts],
+                          [jobs[j][0] for j in active], [], padded=True)
+        with rows.applied(worker.model):
+            result = worker.model(**{key: torch.cat([p[key] for p in parts])
+                                     for key in parts[0]}).logits
+        for j, part in zip(active, rows.split(result), strict=True):
+            out[j].append(part)
+    return [torch.cat(parts).float().cpu() for parts in out]
+
+
 def evaluate(worker, tensors: Tensors, data: Encoded) -> EvalResult:
-    scores = logits(worker, tensors, data)
+    return result_of(logits(worker, tensors, data), data)
+
+
+def result_of(scores: torch.Tensor, data: Encoded) -> EvalResult:
+    """The task's counts from ``data``'s logits."""
     labels = torch.from_numpy(data.labels)
     loss = F.cross_entropy(scores, labels, reduction="sum").item()
     right = scores.argmax(-1) == labels
@@ -99,6 +131,20 @@ def evaluate(worker, tensors: Tensors, data: Encoded) -> EvalResult:
     per_class = torch.bincount(labels[right], minlength=classes)
     return EvalResult(int(right.sum()), len(data), loss, tuple(per_class.tolist()),
                       tuple(torch.bincount(labels, minlength=classes).tolist()))
+
+
+def _scored_sets(exp, cid: int | None, global_part: bool) -> dict[str, Encoded]:
+    """What an adapter is scored on: its client's own test and validation parts, and
+    with ``global_part`` the global test set. A client a skewed partition left without
+    test examples has no personalised score (the means are over those that have one)."""
+    sets = {}
+    if cid is not None and len(exp.client_test[cid]):
+        sets["own"] = exp.client_test[cid]
+        if len(exp.client_val[cid]):
+            sets["val"] = exp.client_val[cid]
+    if global_part and exp.cfg.eval.global_metrics:
+        sets["global"] = exp.global_test
+    return sets
 
 
 def _flat(prefix: str, result: EvalResult) -> dict:
@@ -147,13 +193,28 @@ class ClassificationTask(Task):
 
     def score(self, exp, tensors: Tensors, cid: int | None, global_part: bool
               ) -> ClientScores:
-        worker, values = exp.worker, {}
-        # a client a skewed partition left without test (or training) examples has no
-        # personalised score: the means are over the clients that have one
-        if cid is not None and len(exp.client_test[cid]):
-            values |= _flat("own", evaluate(worker, tensors, exp.client_test[cid]))
-            if len(exp.client_val[cid]):
-                values |= _flat("val", evaluate(worker, tensors, exp.client_val[cid]))
+        sets = _scored_sets(exp, cid, global_part)
+        return self._scores(exp, tensors, cid, global_part, {
+            prefix: evaluate(exp.worker, tensors, data) for prefix, data in sets.items()})
+
+    def score_many(self, exp, items: list[tuple[Tensors, int | None, bool]]
+                   ) -> list[ClientScores]:
+        """Every adapter's sets in shared passes (:func:`logits_many`)."""
+        sets = [_scored_sets(exp, cid, global_part) for _, cid, global_part in items]
+        jobs = [(tensors, data) for (tensors, _, _), s in zip(items, sets, strict=True)
+                for data in s.values()]
+        scores = iter(logits_many(exp.worker, jobs))
+        results = [{prefix: result_of(next(scores), data) for prefix, data in s.items()}
+                   for s in sets]
+        return [self._scores(exp, tensors, cid, global_part, found)
+                for (tensors, cid, global_part), found in zip(items, results, strict=True)]
+
+    def _scores(self, exp, tensors: Tensors, cid: int | None, global_part: bool,
+                results: dict[str, EvalResult]) -> ClientScores:
+        values = {}
+        for prefix, result in results.items():
+            values |= _flat(prefix, result)
+        if "own" in results:
             # what predicting the client's most frequent training label scores on its
             # own test part: under Dirichlet splits, far above chance
             own = exp.data.train.labels[exp.data.clients[cid].train]
@@ -161,9 +222,7 @@ class ClassificationTask(Task):
                 majority = np.bincount(own).argmax()
                 values["majority"] = float(np.mean(exp.client_test[cid].labels == majority))
         if global_part:
-            if exp.cfg.eval.global_metrics:
-                values |= _flat("global", evaluate(worker, tensors, exp.global_test))
-            values["norm"] = worker.adapter_output_norm(tensors, exp.probe)
+            values["norm"] = exp.worker.adapter_output_norm(tensors, exp.probe)
         return ClientScores(values)
 
     def combine(self, clients: Sequence[ClientScores], global_: ClientScores | None

@@ -6,11 +6,11 @@ import ctypes
 import ctypes.util
 import logging
 
-from sfedlora.core.records import FitResult, StageRequest
-from sfedlora.runtime.batched.rows import Unbatchable
+from sfedlora.core.records import ClientScores, FitResult, StageRequest
+from sfedlora.modeling.client_rows import Unbatchable
 from sfedlora.runtime.batched.training import BatchedTrainer
 from sfedlora.runtime.experiment import Experiment
-from sfedlora.runtime.pool import InProcessPool
+from sfedlora.runtime.pool import AdapterRequest, InProcessPool
 from sfedlora.runtime.worker import LocalRound
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,8 @@ def keep_freed_memory() -> bool:
 class BatchedPool(InProcessPool):
     """:class:`~sfedlora.runtime.pool.InProcessPool` whose round trains the sampled
     clients in groups of ``clients.parallel`` (in sampling order), each group in one
-    pass per step (:class:`~sfedlora.runtime.batched.training.BatchedTrainer`). Every
+    pass per step (:class:`~sfedlora.runtime.batched.training.BatchedTrainer`), and
+    scores as many adapters at once. Every
     client's fit, state and upload are those of the one-at-a-time pool. A model or
     method that cannot train batched trains one at a time, with a warning saying why."""
 
@@ -51,6 +52,22 @@ class BatchedPool(InProcessPool):
             self.trainer = None
         if self.trainer is not None and exp.worker.device.type == "cpu":
             keep_freed_memory()
+
+    def score(self, requests: list[AdapterRequest]) -> dict[int | None, ClientScores]:
+        """Up to ``clients.parallel`` adapters scored in shared passes (where the task
+        can: :meth:`~sfedlora.tasks.Task.score_many`)."""
+        if self.trainer is None:  # the method's stage changes the model between them
+            return super().score(requests)
+        out = {}
+        for start in range(0, len(requests), self.parallel):
+            group = requests[start:start + self.parallel]
+            made = [self._adapter(req) for req in group]
+            scores = self.exp.task.score_many(self.exp, [
+                (tensors, req.cid, req.global_part)
+                for req, (tensors, _) in zip(group, made, strict=True)])
+            for req, (_, values), found in zip(group, made, scores, strict=True):
+                out[req.cid] = ClientScores(found.values, values, found.samples)
+        return out
 
     def fit(self, round_idx: int, downloads: dict[int, bytes],
             then: dict[int, StageRequest] | None = None) -> dict[int, FitResult]:

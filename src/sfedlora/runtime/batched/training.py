@@ -1,5 +1,5 @@
 """Local rounds of several clients trained together: each step, every client's batch
-goes through the shared model in one pass (:class:`~sfedlora.runtime.batched.rows.ClientRows`),
+goes through the shared model in one pass (:mod:`sfedlora.modeling.client_rows`),
 one backward computes every client's gradients (a client's loss depends on its own
 tensors only, so the sum's gradient is each client's own), and each client's optimizer
 clips and steps its own tensors.
@@ -22,7 +22,7 @@ from collections import defaultdict
 import torch
 
 from sfedlora.core.records import FitResult, Tensors
-from sfedlora.runtime.batched.rows import (
+from sfedlora.modeling.client_rows import (
     AdapterSites,
     ClientRows,
     PaddedRandomness,
