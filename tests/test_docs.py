@@ -77,6 +77,16 @@ def test_every_link_in_the_readme_resolves_in_a_clone():
         assert target.startswith("http") or (ROOT / target).exists(), target
 
 
+def test_the_main_job_tables_regenerate_from_its_committed_runs(monkeypatch):
+    """docs/results/demo.md shows ``demo.py --report`` of its committed runs (named by
+    their paths from the repository's root, as the page's command gives them)."""
+    module = import_benchmark("demo")
+    monkeypatch.chdir(ROOT)
+    runs = [ROOT.relative_to(ROOT) / "docs/results/demo/runs" / name
+            for name in ("sfed", "sfed-parallel10", "fedsa-independent-a")]
+    assert module.report(runs) in (ROOT / "docs/results/demo.md").read_text()
+
+
 def test_the_batched_results_tables_regenerate_from_their_saved_rows():
     """docs/results/batched.md shows ``batched.py --report`` of its saved rows."""
     module = import_benchmark("batched")

@@ -1,0 +1,79 @@
+r"""The main job's tables, from its committed runs.
+
+The runs are ``make demo``'s command with an output folder (and, for the second, the
+FedSA-LoRA scale):
+
+    sfedlora run configs/demo.yaml output_dir=docs/results/demo/runs/sfed progress=false
+    sfedlora run configs/demo.yaml progress=false method=fedsa \
+        output_dir=docs/results/demo/runs/fedsa
+    python benchmarks/demo.py --report docs/results/demo/runs/sfed docs/results/demo/runs/fedsa
+
+``--report`` prints, per run, the evaluated rounds (accuracies beside the clients'
+majority-label baseline, gradient and adapter-output norms, cumulative bytes) and where
+its wall-clock time went (``timings.jsonl``), with the commit that ran it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import yaml
+
+from sfedlora.studies import runs
+
+COLUMNS = [
+    ("round", "round", "{}"),
+    ("train loss", "train_loss", "{:.4f}"),
+    ("personalised acc.", "personalized_accuracy", "{:.4f}"),
+    ("majority-label baseline", "majority_baseline_accuracy", "{:.4f}"),
+    ("global acc.", "global_accuracy", "{:.4f}"),
+    ("‖∇A‖", "grad_norm_A", "{:.3f}"),
+    ("‖∇B‖", "grad_norm_B", "{:.3f}"),
+    ("‖γBAx‖", "adapter_output_norm", "{:.3f}"),
+    ("bytes up (cum.)", "bytes_up_total", "{:,}"),
+    ("bytes down (cum.)", "bytes_down_total", "{:,}"),
+]
+
+
+def _cell(fmt: str, value) -> str:
+    return "" if value is None else fmt.format(value)
+
+
+def commit_of(run: Path) -> str:
+    records = [json.loads(x) for x in (run / "environment.jsonl").read_text().splitlines()]
+    source = records[0].get("source") or {}
+    return source.get("commit", "?")[:7] + (" (modified)" if source.get("modified") else "")
+
+
+def report(run_dirs: list[Path]) -> str:
+    out = []
+    for run in run_dirs:
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        lines = [m for m in runs.metrics(run) if m.get("personalized_accuracy") is not None]
+        times = runs.timings(run)
+        train = sum(t["train"] for t in times)
+        evaluate = sum(t.get("eval", 0.0) for t in times)
+        aggregate = sum(t.get("aggregate", 0.0) for t in times)
+        wall = times[-1]["ended_at"] - times[0]["started_at"]
+        out += [f"**{run.name}** (method {cfg['method']}, `{run}`, commit {commit_of(run)}): "
+                f"{len(times)} rounds in {wall:.1f} s of wall-clock time: training "
+                f"{train:.1f} s, evaluation {evaluate:.1f} s, aggregation {aggregate:.2f} s.",
+                "", "| " + " | ".join(name for name, _, _ in COLUMNS) + " |",
+                "|---" * len(COLUMNS) + "|"]
+        out += ["| " + " | ".join(_cell(fmt, m.get(key)) for _, key, fmt in COLUMNS) + " |"
+                for m in lines]
+        out.append("")
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--report", type=Path, nargs="+", required=True,
+                        help="run directories to print")
+    print(report(parser.parse_args().report))
+
+
+if __name__ == "__main__":
+    main()
