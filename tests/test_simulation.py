@@ -194,9 +194,9 @@ def test_a_returning_client_starts_from_exactly_the_b_and_head_it_kept(method, t
     starts, ends = {}, {}
     real_train, real_fit = Worker._train, Worker.fit
 
-    def train(self, cid, optimizer, data, round_idx, *rest):
-        starts[cid, round_idx] = self.slots.snapshot({Part.B, Part.HEAD})
-        return real_train(self, cid, optimizer, data, round_idx, *rest)
+    def train(self, run, *rest):  # the adapter on the model as the local steps begin
+        starts[run.cid, run.round_idx] = self.slots.snapshot({Part.B, Part.HEAD})
+        return real_train(self, run, *rest)
 
     def fit(self, cid, state, download, data, round_idx):
         out = real_fit(self, cid, state, download, data, round_idx)
@@ -229,9 +229,9 @@ def test_independent_a_draws_differ_and_their_first_average_shrinks_by_sqrt_n(ti
     starts = {}
     real_train = Worker._train
 
-    def train(self, cid, optimizer, data, round_idx, *rest):
-        starts[cid] = self.slots.snapshot({Part.A})
-        return real_train(self, cid, optimizer, data, round_idx, *rest)
+    def train(self, run, *rest):
+        starts[run.cid] = self.slots.snapshot({Part.A})
+        return real_train(self, run, *rest)
 
     monkeypatch.setattr(Worker, "_train", train)
     n = 4
