@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -298,6 +299,20 @@ def test_a_simulation_routes_messages_to_virtual_nodes_in_turn(tiny_config):
     assert pool._trips([2, 0, 1]) == [{0: 3, 1: 17}, {2: 3}]  # a node serves one at a time
     pool.any_node, pool.nodes = False, {0: 7, 1: 7, 2: 8}  # a deployment: its own node
     assert pool._trips([2, 0, 1]) == [{0: 8, 1: 7}, {2: 7}]
+
+
+def test_clients_parallel_under_flower_says_it_does_not_apply(tiny_config, caplog):
+    from sfedlora.runtime.flower.pool import FlowerPool
+
+    class Grid:
+        def get_node_ids(self):
+            return [1, 2, 3]
+
+    with caplog.at_level(logging.WARNING):
+        FlowerPool(tiny_config("clients.num=3"), Grid(), any_node=True)
+        assert "clients.parallel" not in caplog.text
+        FlowerPool(tiny_config("clients.num=3", "clients.parallel=3"), Grid(), any_node=True)
+    assert "clients.parallel=3 is for the in-process runtime" in caplog.text
 
 
 def test_backend_config_reserves_what_flower_client_resources_says(tiny_config):

@@ -38,6 +38,10 @@ PULL_S = 0.1  # how often a deployment's ServerApp asks the SuperLink for replie
 class FlowerPool:
     def __init__(self, cfg: ExperimentConfig, grid: Grid, any_node: bool = False):
         self.cfg, self.grid = cfg, grid
+        if cfg.clients.parallel > 1:
+            log.warning("clients.parallel=%d is for the in-process runtime: each Flower "
+                        "node (or simulation actor) trains its clients one at a time",
+                        cfg.clients.parallel)
         self.run_key = uuid.uuid4().hex[:16]  # names this run's state on the nodes
         self.round = 0  # the last round trained
         self.saved = 0  # the last round whose server state is checkpointed
