@@ -139,19 +139,22 @@ def test_one_pass_gives_each_client_its_own_peft_forward(tiny_config):
     torch.testing.assert_close(got, torch.cat(expected), rtol=1e-5, atol=1e-6)
 
 
-def test_scoring_many_adapters_at_once_gives_each_its_own_scores(tiny_config):
+@pytest.mark.parametrize(("config", "keys"), [
+    ("tiny_config", {"val_count", "global_count"}),
+    ("tiny_lm_config", {"val_loss", "global_tokens", "own_em"})])
+def test_scoring_many_adapters_at_once_gives_each_its_own_scores(config, keys, request):
     """Against one adapter at a time through PEFT's own forward: three clients'
     random adapters on their own test and validation parts and the global test set."""
     from sfedlora.runtime.experiment import build_experiment
 
-    exp = build_experiment(tiny_config("data.validation_fraction=0.2"))
+    exp = build_experiment(request.getfixturevalue(config)("data.validation_fraction=0.2"))
     gen = torch.Generator().manual_seed(0)
     items = [({n: torch.randn(p.shape, generator=gen) * 0.3
                for n, p in exp.worker.slots.params.items()}, cid, True) for cid in range(3)]
     many = exp.task.score_many(exp, items)
     for item, found in zip(items, many, strict=True):
         one = exp.task.score(exp, *item).values
-        assert one.keys() == found.values.keys() and {"val_count", "global_count"} <= one.keys()
+        assert one.keys() == found.values.keys() and keys <= one.keys()
         for key, value in one.items():
             if isinstance(value, float):
                 assert math.isclose(value, found.values[key], rel_tol=1e-5), key

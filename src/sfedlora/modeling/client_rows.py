@@ -33,6 +33,7 @@ from peft.utils import ModulesToSaveWrapper
 from torch.overrides import TorchFunctionMode
 
 from sfedlora.core.records import Tensors
+from sfedlora.modeling.model import eval_batches
 
 ADAPTER = "default"
 
@@ -272,3 +273,30 @@ class RandomnessGuard:
                 "a random op other than dropout or attention dropout ran during batched "
                 "training, so clients' randomness would mix; train them one at a time "
                 "with clients.parallel=1")
+
+
+@torch.inference_mode()
+def eval_passes(worker, jobs: list[tuple[Tensors, object]], batch_size: int
+                ) -> Iterator[tuple[int, dict[str, torch.Tensor], torch.Tensor]]:
+    """Each ``(tensors, data)`` job's evaluation batches (in order, ``batch_size``
+    examples each), every job's k-th batch in one shared pass: yields ``(job, batch,
+    logits)`` per job and batch. Batches are padded alike on the right, which changes
+    no real token's output, and evaluation draws nothing random. ``worker`` is a
+    :class:`~sfedlora.runtime.worker.Worker` (its model, slots and collation)."""
+    worker.model.eval()
+    sites = AdapterSites(worker.model, list(worker.slots.params))
+    batches = [list(eval_batches(len(data), batch_size)) for _, data in jobs]
+    for k in range(max(map(len, batches), default=0)):
+        active = [j for j, b in enumerate(batches) if k < len(b)]
+        parts = [worker.batch(jobs[j][1], batches[j][k]) for j in active]
+        width = max(p["input_ids"].shape[1] for p in parts)
+        parts = [p if p["input_ids"].shape[1] == width else
+                 worker.batch(jobs[j][1], batches[j][k], width=width)
+                 for j, p in zip(active, parts, strict=True)]
+        rows = ClientRows(sites, [len(p["input_ids"]) for p in parts],
+                          [jobs[j][0] for j in active], [], padded=True)
+        with rows.applied(worker.model):
+            logits = worker.model(**{key: torch.cat([p[key] for p in parts])
+                                     for key in parts[0] if key != "labels"}).logits
+        for j, part, batch in zip(active, rows.split(logits), parts, strict=True):
+            yield j, batch, part

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from sfedlora.core.records import ClientScores, LMEvalResult, Metric, Tensors, mean_or_none
 from sfedlora.data.sources import load_frames
 from sfedlora.modeling import lm
+from sfedlora.modeling.client_rows import eval_passes
 from sfedlora.modeling.model import eval_batches
 from sfedlora.settings import ConfigError, DataConfig, ExperimentConfig
 from sfedlora.tasks.base import ClientSets, Task, validation_metrics
@@ -59,11 +60,27 @@ def lm_loss(worker, tensors: Tensors, data) -> LMEvalResult:
         batch = worker.batch(data, idx)
         logits = worker.model(input_ids=batch["input_ids"],
                               attention_mask=batch["attention_mask"]).logits
-        labels = batch["labels"][:, 1:]
-        loss_sum += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
-                                    ignore_index=-100, reduction="sum").item()
-        tokens += int((labels != -100).sum())
+        batch_loss, batch_tokens = _token_loss(logits, batch["labels"])
+        loss_sum, tokens = loss_sum + batch_loss, tokens + batch_tokens
     return LMEvalResult(loss_sum, tokens)
+
+
+def lm_loss_many(worker, jobs: list[tuple[Tensors, object]]) -> list[LMEvalResult]:
+    """:func:`lm_loss` of each ``(tensors, data)`` job, the jobs' batches in shared
+    passes (:func:`~sfedlora.modeling.client_rows.eval_passes`)."""
+    sums, counts = [0.0] * len(jobs), [0] * len(jobs)
+    for j, batch, logits in eval_passes(worker, jobs, worker.cfg.eval.batch_size):
+        batch_loss, batch_tokens = _token_loss(logits, batch["labels"])
+        sums[j], counts[j] = sums[j] + batch_loss, counts[j] + batch_tokens
+    return [LMEvalResult(s, n) for s, n in zip(sums, counts, strict=True)]
+
+
+def _token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+    """The summed next-token loss over labelled positions, and their count."""
+    labels = labels[:, 1:]
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
+                           ignore_index=-100, reduction="sum").item()
+    return loss, int((labels != -100).sum())
 
 
 @torch.inference_mode()
@@ -106,6 +123,19 @@ def exact_match(exp, tensors: Tensors, pairs: lm.PairDataset, who: str,
         samples.append({"adapter": who, "question": q, "reference": want, "parsed": got,
                         "correct": hits[-1], "generated": out})
     return float(np.mean(hits))
+
+
+def _scored_sets(exp, cid: int | None, global_part: bool) -> dict[str, object]:
+    """The sets whose loss an adapter is scored by: its client's test part (and
+    validation part), and with ``global_part`` the global test set."""
+    sets = {}
+    if cid is not None:
+        sets["own"] = exp.client_test[cid]
+        if len(exp.client_val[cid]):
+            sets["val"] = exp.client_val[cid]
+    if global_part and exp.cfg.eval.global_metrics:
+        sets["global"] = exp.global_test
+    return sets
 
 
 def _perplexities(values: list[dict], prefix: str) -> list[LMEvalResult]:
@@ -169,19 +199,37 @@ class CausalLMTask(Task):
 
     def score(self, exp, tensors: Tensors, cid: int | None, global_part: bool
               ) -> ClientScores:
+        sets = _scored_sets(exp, cid, global_part)
+        return self._scores(exp, tensors, cid, global_part, {
+            name: lm_loss(exp.worker, tensors, data) for name, data in sets.items()})
+
+    def score_many(self, exp, items: list[tuple[Tensors, int | None, bool]]
+                   ) -> list[ClientScores]:
+        """Every adapter's losses in shared passes (:func:`lm_loss_many`); answers are
+        generated one adapter at a time."""
+        sets = [_scored_sets(exp, cid, global_part) for _, cid, global_part in items]
+        jobs = [(tensors, data) for (tensors, _, _), s in zip(items, sets, strict=True)
+                for data in s.values()]
+        losses = iter(lm_loss_many(exp.worker, jobs))
+        found = [{name: next(losses) for name in s} for s in sets]
+        return [self._scores(exp, tensors, cid, global_part, f)
+                for (tensors, cid, global_part), f in zip(items, found, strict=True)]
+
+    def _scores(self, exp, tensors: Tensors, cid: int | None, global_part: bool,
+                losses: dict[str, LMEvalResult]) -> ClientScores:
         worker, values, samples = exp.worker, {}, []
         who = "global" if cid is None else f"client_{cid}"
         if cid is not None:
-            own = lm_loss(worker, tensors, exp.client_test[cid])
+            own = losses["own"]
             values |= {"own_loss_sum": own.loss_sum, "own_tokens": own.tokens}
-            if len(exp.client_val[cid]):
-                values["val_loss"] = lm_loss(worker, tensors, exp.client_val[cid]).loss
+            if "val" in losses:
+                values["val_loss"] = losses["val"].loss
             em = exact_match(exp, tensors, exp.client_test_pairs(cid), who, samples)
             if em is not None:
                 values["own_em"] = em
         if global_part:
             if exp.cfg.eval.global_metrics:
-                on_global = lm_loss(worker, tensors, exp.global_test)
+                on_global = losses["global"]
                 values |= {"global_loss_sum": on_global.loss_sum,
                            "global_tokens": on_global.tokens}
                 em = exact_match(exp, tensors, exp.data.global_test, who + GLOBAL_SUFFIX,

@@ -15,7 +15,7 @@ from transformers import AutoModelForSequenceClassification, PreTrainedTokenizer
 
 from sfedlora.core.records import ClientScores, EvalResult, Metric, Tensors, mean_or_none
 from sfedlora.data.sources import load_source
-from sfedlora.modeling.client_rows import AdapterSites, ClientRows
+from sfedlora.modeling.client_rows import eval_passes
 from sfedlora.modeling.model import eval_batches, load_tokenizer
 from sfedlora.settings import ConfigError, DataConfig, ExperimentConfig
 from sfedlora.tasks.base import ClientSets, Task, validation_metrics
@@ -91,30 +91,12 @@ def logits(worker, tensors: Tensors, data: Encoded) -> torch.Tensor:
     return torch.cat(out).float().cpu()
 
 
-@torch.inference_mode()
 def logits_many(worker, jobs: list[tuple[Tensors, Encoded]]) -> list[torch.Tensor]:
-    """:func:`logits` of each ``(tensors, data)`` job, the jobs' batches in one pass a
-    step (:mod:`sfedlora.modeling.client_rows`; padded alike on the right, which
-    changes no real token's output; evaluation draws nothing random)."""
-    worker.model.eval()
-    sites = AdapterSites(worker.model, list(worker.slots.params))
-    size = worker.cfg.eval.batch_size
-    batches = [list(eval_batches(len(data), size)) for _, data in jobs]
+    """:func:`logits` of each ``(tensors, data)`` job, the jobs' batches in shared
+    passes (:func:`~sfedlora.modeling.client_rows.eval_passes`)."""
     out: list[list[torch.Tensor]] = [[] for _ in jobs]
-    for k in range(max(map(len, batches), default=0)):
-        active = [j for j, b in enumerate(batches) if k < len(b)]
-        parts = [worker.batch(jobs[j][1], batches[j][k], labels=False) for j in active]
-        width = max(p["input_ids"].shape[1] for p in parts)
-        parts = [p if p["input_ids"].shape[1] == width else
-                 worker.batch(jobs[j][1], batches[j][k], labels=False, width=width)
-                 for j, p in zip(active, parts, strict=True)]
-        rows = ClientRows(sites, [len(p["input_ids"]) for p in parts],
-                          [jobs[j][0] for j in active], [], padded=True)
-        with rows.applied(worker.model):
-            result = worker.model(**{key: torch.cat([p[key] for p in parts])
-                                     for key in parts[0]}).logits
-        for j, part in zip(active, rows.split(result), strict=True):
-            out[j].append(part)
+    for j, _, part in eval_passes(worker, jobs, worker.cfg.eval.batch_size):
+        out[j].append(part)
     return [torch.cat(parts).float().cpu() for parts in out]
 
 
