@@ -146,3 +146,29 @@ def validation_metrics(losses: list[float], accuracies: list[float] | None = Non
     if accuracies:
         out["personalized_val_accuracy"] = float(np.mean(accuracies))
     return out
+
+
+def scored_sets(exp: Experiment, cid: int | None, global_part: bool,
+                own_needs_examples: bool = True) -> dict[str, Any]:
+    """What an adapter is scored on, by name: its client's test part ("own") and
+    validation part ("val"), and with ``global_part`` the global test set ("global").
+    With ``own_needs_examples``, a client a skewed partition left without test examples
+    has no personalised score (the means are over those that have one)."""
+    sets: dict[str, Any] = {}
+    if cid is not None and (len(exp.client_test[cid]) or not own_needs_examples):
+        sets["own"] = exp.client_test[cid]
+        if len(exp.client_val[cid]):
+            sets["val"] = exp.client_val[cid]
+    if global_part and exp.cfg.eval.global_metrics:
+        sets["global"] = exp.global_test
+    return sets
+
+
+def measured_together(items: Sequence[tuple[Tensors, int | None, bool]],
+                      sets: Sequence[dict[str, Any]], measure_many) -> list[dict[str, Any]]:
+    """Each item's sets measured with its adapter, every ``(tensors, data)`` pair in one
+    call of ``measure_many`` (which returns their measurements in order)."""
+    jobs = [(tensors, data) for (tensors, _, _), named in zip(items, sets, strict=True)
+            for data in named.values()]
+    found = iter(measure_many(jobs))
+    return [{name: next(found) for name in named} for named in sets]

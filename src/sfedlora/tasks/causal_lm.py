@@ -17,7 +17,13 @@ from sfedlora.modeling import lm
 from sfedlora.modeling.client_rows import eval_passes
 from sfedlora.modeling.model import eval_batches
 from sfedlora.settings import ConfigError, DataConfig, ExperimentConfig
-from sfedlora.tasks.base import ClientSets, Task, validation_metrics
+from sfedlora.tasks.base import (
+    ClientSets,
+    Task,
+    measured_together,
+    scored_sets,
+    validation_metrics,
+)
 
 GLOBAL_SUFFIX = "@global"
 
@@ -125,19 +131,6 @@ def exact_match(exp, tensors: Tensors, pairs: lm.PairDataset, who: str,
     return float(np.mean(hits))
 
 
-def _scored_sets(exp, cid: int | None, global_part: bool) -> dict[str, object]:
-    """The sets whose loss an adapter is scored by: its client's test part (and
-    validation part), and with ``global_part`` the global test set."""
-    sets = {}
-    if cid is not None:
-        sets["own"] = exp.client_test[cid]
-        if len(exp.client_val[cid]):
-            sets["val"] = exp.client_val[cid]
-    if global_part and exp.cfg.eval.global_metrics:
-        sets["global"] = exp.global_test
-    return sets
-
-
 def _perplexities(values: list[dict], prefix: str) -> list[LMEvalResult]:
     return [LMEvalResult(float(v[f"{prefix}_loss_sum"]), int(v[f"{prefix}_tokens"]))
             for v in values if f"{prefix}_tokens" in v]
@@ -199,7 +192,7 @@ class CausalLMTask(Task):
 
     def score(self, exp, tensors: Tensors, cid: int | None, global_part: bool
               ) -> ClientScores:
-        sets = _scored_sets(exp, cid, global_part)
+        sets = scored_sets(exp, cid, global_part, own_needs_examples=False)
         return self._scores(exp, tensors, cid, global_part, {
             name: lm_loss(exp.worker, tensors, data) for name, data in sets.items()})
 
@@ -207,11 +200,9 @@ class CausalLMTask(Task):
                    ) -> list[ClientScores]:
         """Every adapter's losses in shared passes (:func:`lm_loss_many`); answers are
         generated one adapter at a time."""
-        sets = [_scored_sets(exp, cid, global_part) for _, cid, global_part in items]
-        jobs = [(tensors, data) for (tensors, _, _), s in zip(items, sets, strict=True)
-                for data in s.values()]
-        losses = iter(lm_loss_many(exp.worker, jobs))
-        found = [{name: next(losses) for name in s} for s in sets]
+        sets = [scored_sets(exp, cid, global_part, own_needs_examples=False)
+                for _, cid, global_part in items]
+        found = measured_together(items, sets, lambda jobs: lm_loss_many(exp.worker, jobs))
         return [self._scores(exp, tensors, cid, global_part, f)
                 for (tensors, cid, global_part), f in zip(items, found, strict=True)]
 

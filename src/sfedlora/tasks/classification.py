@@ -18,7 +18,13 @@ from sfedlora.data.sources import load_source
 from sfedlora.modeling.client_rows import eval_passes
 from sfedlora.modeling.model import eval_batches, load_tokenizer
 from sfedlora.settings import ConfigError, DataConfig, ExperimentConfig
-from sfedlora.tasks.base import ClientSets, Task, validation_metrics
+from sfedlora.tasks.base import (
+    ClientSets,
+    Task,
+    measured_together,
+    scored_sets,
+    validation_metrics,
+)
 
 
 @dataclass(frozen=True)
@@ -115,20 +121,6 @@ def result_of(scores: torch.Tensor, data: Encoded) -> EvalResult:
                       tuple(torch.bincount(labels, minlength=classes).tolist()))
 
 
-def _scored_sets(exp, cid: int | None, global_part: bool) -> dict[str, Encoded]:
-    """What an adapter is scored on: its client's own test and validation parts, and
-    with ``global_part`` the global test set. A client a skewed partition left without
-    test examples has no personalised score (the means are over those that have one)."""
-    sets = {}
-    if cid is not None and len(exp.client_test[cid]):
-        sets["own"] = exp.client_test[cid]
-        if len(exp.client_val[cid]):
-            sets["val"] = exp.client_val[cid]
-    if global_part and exp.cfg.eval.global_metrics:
-        sets["global"] = exp.global_test
-    return sets
-
-
 def _flat(prefix: str, result: EvalResult) -> dict:
     return {f"{prefix}_correct": result.correct, f"{prefix}_count": result.count,
             f"{prefix}_loss_sum": result.loss_sum,
@@ -175,19 +167,17 @@ class ClassificationTask(Task):
 
     def score(self, exp, tensors: Tensors, cid: int | None, global_part: bool
               ) -> ClientScores:
-        sets = _scored_sets(exp, cid, global_part)
+        sets = scored_sets(exp, cid, global_part)
         return self._scores(exp, tensors, cid, global_part, {
             prefix: evaluate(exp.worker, tensors, data) for prefix, data in sets.items()})
 
     def score_many(self, exp, items: list[tuple[Tensors, int | None, bool]]
                    ) -> list[ClientScores]:
         """Every adapter's sets in shared passes (:func:`logits_many`)."""
-        sets = [_scored_sets(exp, cid, global_part) for _, cid, global_part in items]
-        jobs = [(tensors, data) for (tensors, _, _), s in zip(items, sets, strict=True)
-                for data in s.values()]
-        scores = iter(logits_many(exp.worker, jobs))
-        results = [{prefix: result_of(next(scores), data) for prefix, data in s.items()}
-                   for s in sets]
+        sets = [scored_sets(exp, cid, global_part) for _, cid, global_part in items]
+        results = measured_together(items, sets, lambda jobs: [
+            result_of(scores, data)
+            for scores, (_, data) in zip(logits_many(exp.worker, jobs), jobs, strict=True)])
         return [self._scores(exp, tensors, cid, global_part, found)
                 for (tensors, cid, global_part), found in zip(items, results, strict=True)]
 
