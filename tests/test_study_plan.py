@@ -24,6 +24,7 @@ from sfedlora.studies.plan import (
 
 PLAN = {
     "question": "does sfed beat local?",
+    "config": "configs/methods_sst2.yaml",
     "arms": {"sfed": ["method=sfed"], "local": ["method=local"]},
     "common": ["data.dataset=sst2"],
     "ladder": {"local.lr": [1e-4, 1e-3]},
@@ -47,8 +48,8 @@ def test_a_plan_gives_every_arm_the_same_rounds_evaluations_and_seed(tmp_path):
     plan = load_plan(_write(tmp_path, PLAN))
     assert plan.eval_rounds == [4, 8, 10]
     assert plan.settings("sfed", 3, {"local.lr": 1e-3}) == [
-        "data.dataset=sst2", "method=sfed", "local.lr=0.001", "rounds=10", "eval.every=4",
-        "eval.at_start=false", "seed=3"]
+        "data.dataset=sst2", "method=sfed", "rounds=10", "eval.every=4",
+        "eval.at_start=false", "local.lr=0.001", "seed=3"]
 
 
 @pytest.mark.parametrize(("change", "match"), [

@@ -105,6 +105,19 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    _quiet_libraries()
+    from sfedlora.studies.protocol import PlannedStudy
+
+    study = PlannedStudy.load(Path(args.plan), shard=args.shard)
+    if not study.run(args.stage, args.arms):
+        print(f"shard {args.shard} finished its part; the rest waits for the other shards")
+        return 0
+    if args.stage in ("decide", "all"):
+        print((study.folder / "report.md").read_text(), end="")
+    return 0
+
+
 def cmd_flower_sim(args: argparse.Namespace) -> int:
     _quiet_libraries()
     from sfedlora.runtime.flower.simulation import run_simulation
@@ -224,6 +237,17 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--shard", default="0/1", metavar="K/M",
                        help="run only runs K, K+M, K+2M, ... (M processes share one sweep)")
     sweep.set_defaults(func=cmd_sweep)
+    study = sub.add_parser("study", help="run a study by its committed plan.yaml: choose "
+                           "each arm's rung on the selection seeds, run the reporting seeds, "
+                           "decide the plan's rules (writes report.md beside the plan)")
+    study.add_argument("plan", help="the study's plan.yaml")
+    study.add_argument("--stage", choices=["select", "report", "decide", "all"],
+                       default="all")
+    study.add_argument("--arms", nargs="+", help="only these arms (default: every arm; "
+                       "run arms in separate processes to share the machine)")
+    study.add_argument("--shard", default="0/1", metavar="K/M",
+                       help="run only runs K, K+M, ... of each sweep (M processes)")
+    study.set_defaults(func=cmd_study)
     flower = sub.add_parser(
         "flower-sim", help="run one experiment on Flower's simulation engine (one virtual "
         "SuperNode per client); same results as `run`")

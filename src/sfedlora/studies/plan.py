@@ -52,8 +52,14 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+BASELINE = "baseline:"  # a control that is a figure of the arm's own runs
+
+
 class Rule(_Model):
-    """One decision: ``arm`` against ``control`` on ``reading`` of ``metric``."""
+    """One decision: ``arm`` against ``control`` on ``reading`` of ``metric``. The
+    control is another arm, or ``baseline:<key>``: the summary figure ``key`` of the
+    arm's own runs (``baseline:majority_baseline_accuracy``: does the arm learn beyond
+    always predicting its client's majority label?)."""
 
     name: str
     arm: str
@@ -81,21 +87,34 @@ class Rule(_Model):
         where lower is better."""
         return self.reading.endswith("_to") or not self.higher_is_better
 
+    @property
+    def baseline(self) -> str | None:
+        """The summary key a ``baseline:`` control reads; None when it is an arm."""
+        return self.control.removeprefix(BASELINE) if self.control.startswith(BASELINE) \
+            else None
+
 
 class Plan(_Model):
     question: str
+    config: str = Field(description="the base config every run starts from, relative to "
+                        "the repository root")
     arms: dict[str, list[str]] = Field(description="arm name -> its settings")
     common: list[str] = Field(default_factory=list, description="settings every arm shares")
     ladder: dict[str, list[float]] = Field(
         default_factory=dict, description="setting -> values each arm is tuned over")
-    tune_on: str = Field("val_loss", description="the validation metric choosing a rung "
-                         "(lowest wins), at the last evaluation")
+    tune_on: str = Field("personalized_val_loss", description="the summary figure (of "
+                         "validation data) choosing a rung: lowest mean over the selection "
+                         "seeds wins")
+    extend: int = Field(2, ge=0, description="a one-setting ladder whose choice sits at an "
+                        "end gains a rung past it (the end rungs' ratio), at most this many")
     selection_seeds: list[int] = Field(description="seeds that choose; never reported")
     reporting_seeds: list[int] = Field(description="seeds that report")
     rounds: int = Field(gt=0)
     eval_every: int = Field(gt=0, description="every arm is evaluated on these rounds")
     metrics: list[str]
     rules: list[Rule]
+    decision: str = Field("", description="how the rules' outcomes answer the question, "
+                          "in words, fixed with the rules")
 
     @model_validator(mode="after")
     def _consistent(self) -> Plan:
@@ -111,7 +130,8 @@ class Plan(_Model):
                                  "the ladder's settings are the plan's, the same for every "
                                  "arm; remove them from the arm")
         for rule in self.rules:
-            missing = [a for a in (rule.arm, rule.control) if a not in self.arms]
+            named = (rule.arm,) if rule.baseline else (rule.arm, rule.control)
+            missing = [a for a in named if a not in self.arms]
             if missing:
                 raise ValueError(f"rule {rule.name!r} names arm(s) {missing}, which the plan "
                                  f"does not have (arms: {sorted(self.arms)})")
@@ -122,14 +142,17 @@ class Plan(_Model):
         """The rounds every arm is evaluated on (the last always)."""
         return sorted({*range(self.eval_every, self.rounds + 1, self.eval_every), self.rounds})
 
+    def arm_settings(self, arm: str) -> list[str]:
+        """An arm's settings but the rung and seed: the common ones, the arm's and the
+        plan's rounds and evaluation rounds."""
+        return [*self.common, *self.arms[arm], f"rounds={self.rounds}",
+                f"eval.every={self.eval_every}", "eval.at_start=false"]
+
     def settings(self, arm: str, seed: int, rung: dict[str, float] | None = None
                  ) -> list[str]:
-        """The settings of one run: the common ones, the arm's, the rung's and the
-        plan's own (rounds, evaluation rounds, seed)."""
-        return [*self.common, *self.arms[arm],
-                *(f"{k}={v}" for k, v in (rung or {}).items()),
-                f"rounds={self.rounds}", f"eval.every={self.eval_every}",
-                "eval.at_start=false", f"seed={seed}"]
+        """The settings of one run: :meth:`arm_settings`, the rung's and the seed."""
+        return [*self.arm_settings(arm), *(f"{k}={v}" for k, v in (rung or {}).items()),
+                f"seed={seed}"]
 
 
 def load_plan(path: Path) -> Plan:

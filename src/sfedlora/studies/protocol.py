@@ -1,0 +1,267 @@
+"""A study run by its plan: tune on the selection seeds, report on the others, decide.
+
+:class:`PlannedStudy` follows a committed ``plan.yaml`` (:mod:`.plan`) in three stages:
+
+1. ``select``: every arm over the plan's ladder, once per selection seed, into
+   ``<study>/runs/<arm>/select/``. The rung with the lowest mean ``tune_on`` figure
+   (validation data: never the test part) over the selection seeds is chosen; a
+   one-setting ladder whose choice sits at an end gains a rung past it, up to
+   ``plan.extend`` rungs, so no arm is judged at a rate the ladder clipped.
+2. ``report``: the chosen rung on the reporting seeds, into ``<arm>/report/``. These
+   runs, and only these, are reported.
+3. ``decide``: each rule's reading per reporting seed, the paired difference with its
+   95% interval, the outcome, and a check that the plan's commit precedes every run;
+   written as ``<study>/report.md``, which regenerates byte for byte from the committed
+   runs.
+
+Runs go through :func:`~sfedlora.studies.sweep.run_sweep`, so a rerun skips finished
+runs, resumes interrupted ones, and ``shard`` K/M splits each sweep over M processes.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from sfedlora.config import load_config
+from sfedlora.studies import runs as run_files
+from sfedlora.studies.plan import (
+    Plan,
+    PlanError,
+    Rule,
+    Verdict,
+    decide,
+    load_plan,
+    plan_precedes,
+    reading,
+)
+from sfedlora.studies.stats import mean_ci
+from sfedlora.studies.sweep import parse_shard, run_sweep
+from sfedlora.studies.tables import markdown_table, mean_pm
+
+Rung = dict[str, float]
+
+
+@dataclass(frozen=True)
+class PlannedStudy:
+    """One study: its plan, its folder (the plan's), the repository root its config
+    path is relative to, and the sweep runner (a test passes its own)."""
+
+    plan: Plan
+    folder: Path
+    root: Path
+    shard: str = "0/1"
+    runner: Callable[..., bool] = field(default=run_sweep, repr=False)
+
+    @classmethod
+    def load(cls, plan_path: Path, root: Path | None = None, **kwargs) -> PlannedStudy:
+        plan_path = Path(plan_path)
+        root = root if root is not None else _repository_root(plan_path)
+        return cls(load_plan(plan_path), plan_path.parent, root, **kwargs)
+
+    @property
+    def plan_path(self) -> Path:
+        return self.folder / "plan.yaml"
+
+    def stage_dir(self, arm: str, stage: str) -> Path:
+        return self.folder / "runs" / arm / stage
+
+    def _sweep(self, arm: str, stage: str, grid: dict[str, list]) -> bool:
+        """Run ``grid`` (the rung settings and ``seed``) under the arm's settings into
+        ``<arm>/<stage>/``; False while other shards still hold some of its runs."""
+        return self.runner(str(self.root / self.plan.config), grid,
+                           self.stage_dir(arm, stage), self.plan.arm_settings(arm),
+                           shard=parse_shard(self.shard),
+                           on_start=lambda name: print(f"{arm} {stage} {name}", flush=True))
+
+    # --- select ------------------------------------------------------------------------
+
+    def ladder(self, arm: str) -> dict[str, list[float]]:
+        """The plan's ladder, plus any rung an earlier selection added past an end."""
+        ladder = {k: list(v) for k, v in self.plan.ladder.items()}
+        for rung, _ in self.selection_runs(arm):
+            for key, value in rung.items():
+                if value not in ladder[key]:
+                    ladder[key] = sorted([*ladder[key], value])
+        return ladder
+
+    def selection_runs(self, arm: str) -> list[tuple[Rung, Path]]:
+        """The arm's finished selection runs with the rung each ran."""
+        return [(_rung(run, self.plan.ladder), run) for run in
+                run_files.finished_runs(self.stage_dir(arm, "select") / "runs")]
+
+    def choice(self, arm: str) -> tuple[Rung, dict[tuple, float]]:
+        """The chosen rung (lowest mean ``tune_on`` over the selection seeds; a figure
+        that is not finite counts as worst) and each complete rung's mean."""
+        by_rung: dict[tuple, list[float]] = {}
+        for rung, run in self.selection_runs(arm):
+            value = run_files.summary(run).get(self.plan.tune_on)
+            value = value if value is not None and math.isfinite(value) else math.inf
+            by_rung.setdefault(tuple(rung.items()), []).append(value)
+        means = {rung: float(np.mean(v)) for rung, v in by_rung.items()
+                 if len(v) == len(self.plan.selection_seeds)}
+        if not means:
+            raise PlanError(f"{arm}: no rung has finished on every selection seed; run "
+                            "the select stage first")
+        best = min(means, key=lambda r: (means[r], r))
+        return dict(best), means
+
+    def select(self, arm: str) -> bool:
+        """Run the ladder on the selection seeds, extending a one-setting ladder past an
+        end the choice sits at; False while other shards still run the arm."""
+        ladder = self.ladder(arm)
+        while True:
+            if not self._sweep(arm, "select",
+                               {**ladder, "seed": list(self.plan.selection_seeds)}):
+                return False
+            if len(ladder) != 1:
+                return True
+            ((key, values),) = ladder.items()
+            chosen = self.choice(arm)[0][key]
+            added = len(values) - len(self.plan.ladder[key])
+            if len(values) < 2 or added >= self.plan.extend or \
+                    chosen not in (values[0], values[-1]):
+                return True
+            low = chosen == values[0]
+            ratio = values[1] / values[0] if low else values[-1] / values[-2]
+            step = float(f"{chosen / ratio if low else chosen * ratio:.6g}")
+            print(f"{arm}: the choice {key}={chosen:g} sits at the ladder's end; adding "
+                  f"{step:g}", flush=True)
+            # the next sweep covers the added rung (runs already finished are skipped)
+            ladder = {key: sorted([*values, step])}
+
+    # --- report ------------------------------------------------------------------------
+
+    def report(self, arm: str) -> bool:
+        chosen, _ = self.choice(arm)
+        return self._sweep(arm, "report", {**{k: [v] for k, v in chosen.items()},
+                                           "seed": list(self.plan.reporting_seeds)})
+
+    def reporting_runs(self, arm: str) -> dict[int, Path]:
+        """The arm's finished reporting runs by seed (at its chosen rung only)."""
+        chosen, _ = self.choice(arm)
+        found = {}
+        for run in run_files.finished_runs(self.stage_dir(arm, "report") / "runs"):
+            if _rung(run, self.plan.ladder) == chosen:
+                found[load_config(run / "config.yaml").seed] = run
+        return found
+
+    # --- decide ------------------------------------------------------------------------
+
+    def readings(self, rule: Rule, arm: str) -> dict[int, float]:
+        """What ``rule`` reads of each of ``arm``'s reporting runs."""
+        return {seed: reading(rule, run_files.metrics(run))
+                for seed, run in self.reporting_runs(arm).items()}
+
+    def paired_readings(self, rule: Rule) -> tuple[dict[int, float], dict[int, float]]:
+        """The rule's arm's and control's readings by reporting seed (a ``baseline:``
+        control: that summary figure of the arm's own runs)."""
+        arm = self.readings(rule, rule.arm)
+        if rule.baseline:
+            return arm, {seed: float(run_files.summary(run)[rule.baseline])
+                         for seed, run in self.reporting_runs(rule.arm).items()}
+        return arm, self.readings(rule, rule.control)
+
+    def verdict(self, rule: Rule) -> Verdict:
+        return decide(rule, *self.paired_readings(rule), self.plan.reporting_seeds)
+
+    def all_runs(self) -> list[Path]:
+        return [run for arm in self.plan.arms for stage in ("select", "report")
+                for run in run_files.finished_runs(self.stage_dir(arm, stage) / "runs")]
+
+    def page(self) -> str:
+        """The study's report: the chosen rungs, each metric per arm over the
+        reporting seeds, every rule's verdict with its per-seed readings, and whether
+        the plan preceded every run."""
+        plan = self.plan
+        lines = [f"# {self.folder.name}: report", "",
+                 f"Generated from the committed runs by `sfedlora study "
+                 f"{_relative(self.plan_path, self.root)} --stage decide`; the plan is "
+                 "[plan.yaml](plan.yaml).", "", f"**Question.** {plan.question}", "",
+                 f"Reporting seeds {plan.reporting_seeds} (selection seeds "
+                 f"{plan.selection_seeds} chose each arm's rung on `{plan.tune_on}` and are "
+                 f"not reported); {plan.rounds} rounds, evaluated on rounds "
+                 f"{plan.eval_rounds}.", ""]
+        if plan.decision:
+            lines += [f"**Decision rule (fixed with the plan).** {plan.decision}", ""]
+        lines += ["## Arms", ""]
+        rows = []
+        for arm in plan.arms:
+            chosen, means = self.choice(arm)
+            values = sorted(r[0][1] for r in means) if len(plan.ladder) == 1 else None
+            at_end = values is not None and len(values) > 1 and \
+                next(iter(chosen.values())) in (values[0], values[-1])
+            runs = self.reporting_runs(arm)
+            cells = []
+            for metric in plan.metrics:
+                got = [run_files.summary(r).get(metric) for r in runs.values()]
+                got = [g for g in got if g is not None]
+                cells.append(mean_pm(*mean_ci(got)) if got else "-")
+            rung = ", ".join(f"{k}={v:g}" for k, v in chosen.items())
+            rows.append([arm, rung + (" (ladder end)" if at_end else ""), *cells, len(runs)])
+        lines += [markdown_table(["arm", "chosen", *plan.metrics, "seeds"], rows), "",
+                  "Mean ± half-width of the 95% t-interval over the reporting seeds.", "",
+                  "## Verdicts", ""]
+        for rule in plan.rules:
+            verdict = self.verdict(rule)
+            lines += [f"- {verdict.sentence()}", ""]
+            lines += [_per_seed_table(self, rule), ""]
+        problems = plan_precedes(self.plan_path, self.all_runs())
+        lines += ["## Order", "", "The plan's commit precedes every run's: " +
+                  ("yes." if not problems else "**no**:"), ""]
+        lines += [f"- {p}" for p in problems]
+        return "\n".join(lines).rstrip() + "\n"
+
+    def run(self, stage: str, arms: Sequence[str] | None = None) -> bool:
+        """Run ``stage`` (``select``, ``report``, ``decide`` or ``all``) for ``arms``
+        (default every arm); False while other shards are still running."""
+        arms = list(arms or self.plan.arms)
+        if unknown := [a for a in arms if a not in self.plan.arms]:
+            raise PlanError(f"--arms {unknown}: the plan's arms are {list(self.plan.arms)}")
+        for arm in arms:
+            if stage in ("select", "all") and not self.select(arm):
+                return False
+        for arm in arms:
+            if stage in ("report", "all") and not self.report(arm):
+                return False
+        if stage in ("decide", "all"):
+            (self.folder / "report.md").write_text(self.page())
+        return True
+
+
+def _per_seed_table(study: PlannedStudy, rule: Rule) -> str:
+    arm, control = study.paired_readings(rule)
+    return markdown_table(
+        ["seed", rule.arm, rule.control, "difference"],
+        [[s, _fmt(arm.get(s)), _fmt(control.get(s)),
+          _fmt(arm[s] - control[s] if s in arm and s in control else None)]
+         for s in study.plan.reporting_seeds])
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _rung(run: Path, ladder: dict[str, list[float]]) -> Rung:
+    """The ladder settings a run ran with (read from its resolved config)."""
+    cfg = load_config(run / "config.yaml")
+    return {key: functools.reduce(getattr, key.split("."), cfg) for key in ladder}
+
+
+def _repository_root(path: Path) -> Path:
+    for parent in Path(path).resolve().parents:
+        if (parent / ".git").exists():
+            return parent
+    raise PlanError(f"{path} is not inside a git repository; give the root")
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(Path(root).resolve()))
+    except ValueError:
+        return str(path)

@@ -1,0 +1,147 @@
+"""A study run by its plan (sfedlora.studies.protocol, issue 41): the selection seeds
+choose each arm's rung and are never reported, the reporting seeds run the chosen rung
+only, the ladder extends past an end, and each verdict is the paired interval of the
+plan's rule. The sweep runner is the study's own parameter: here one that writes the
+run files a study reads, with figures given as functions of (arm, rung, seed)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from scipy import stats as scipy_stats
+
+from sfedlora.studies.plan import PlanError
+from sfedlora.studies.protocol import PlannedStudy
+
+CONFIG = Path(__file__).parents[1] / "configs/methods_sst2.yaml"
+PLAN = {
+    "question": "does sfed beat local?",
+    "config": "configs/methods_sst2.yaml",
+    "arms": {"sfed": ["method=sfed"], "local": ["method=local"]},
+    "common": ["clients.num=4"],
+    "ladder": {"local.lr": [1e-3, 4e-3, 1.6e-2]},
+    "selection_seeds": [100, 101],
+    "reporting_seeds": [0, 1, 2, 3, 4],
+    "rounds": 4,
+    "eval_every": 2,
+    "metrics": ["personalized_accuracy"],
+    "rules": [
+        {"name": "federation", "arm": "sfed", "control": "local",
+         "mechanism": "the shared A pools what every client learns"},
+        {"name": "learns", "arm": "local", "control": "baseline:majority_baseline_accuracy",
+         "margin": 0.1, "mechanism": "the adapter learns beyond each client's majority"},
+    ],
+}
+
+
+def _accuracy(arm: str, seed: int) -> float:
+    return {"sfed": 0.80, "local": 0.70}[arm] + 0.01 * (seed % 3)
+
+
+class FakeRuns:
+    """A runner that writes each run the grid asks for: validation loss
+    ``val_loss(arm, lr, seed)``, accuracy :func:`_accuracy` on every evaluated round."""
+
+    def __init__(self, val_loss):
+        self.val_loss = val_loss
+        self.calls: list[tuple[str, str, dict]] = []
+
+    def __call__(self, config, grid, folder, overrides, shard, on_start):
+        arm = next(s.split("=")[1] for s in overrides if s.startswith("method="))
+        self.calls.append((arm, Path(folder).name, grid))
+        for lr in grid["local.lr"]:
+            for seed in grid["seed"]:
+                run = Path(folder) / "runs" / f"local.lr-{lr}__seed-{seed}"
+                if not run.exists():
+                    self._write(run, arm, lr, seed, overrides)
+        return True
+
+    def _write(self, run, arm, lr, seed, overrides):
+        run.mkdir(parents=True)
+        cfg = yaml.safe_load(CONFIG.read_text())
+        cfg["local"]["lr"], cfg["seed"], cfg["method"] = lr, seed, arm
+        (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+        acc = _accuracy(arm, seed)
+        rows = [{"round": r, "personalized_accuracy": acc - 0.1 * (r < 4)}
+                for r in (2, 4)]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (run / "summary.json").write_text(json.dumps({
+            "personalized_val_loss": self.val_loss(arm, lr, seed),
+            "personalized_accuracy": acc, "majority_baseline_accuracy": 0.55}))
+
+
+def _study(tmp_path, val_loss, **change) -> tuple[PlannedStudy, FakeRuns]:
+    folder = tmp_path / "study"
+    folder.mkdir()
+    (folder / "plan.yaml").write_text(yaml.safe_dump({**PLAN, **change}))
+    runs = FakeRuns(val_loss)
+    return PlannedStudy.load(folder / "plan.yaml", root=CONFIG.parents[1], runner=runs), runs
+
+
+def test_the_selection_seeds_choose_the_lowest_mean_and_never_report(tmp_path):
+    # seed 100 alone would choose 1.6e-2 for sfed; the mean over both seeds is 4e-3's
+    def val_loss(arm, lr, seed):
+        table = {1e-3: (0.50, 0.50), 4e-3: (0.41, 0.30), 1.6e-2: (0.40, 0.60)}
+        return table[lr][seed - 100] if seed >= 100 else 0.5  # reporting runs: unread
+
+    study, runs = _study(tmp_path, val_loss)
+    assert study.run("all")
+    assert study.choice("sfed")[0] == {"local.lr": 4e-3}
+    assert study.choice("sfed")[1][(("local.lr", 4e-3),)] == pytest.approx(0.355)
+    select = [grid for arm, stage, grid in runs.calls if stage == "select"]
+    assert all(grid["seed"] == [100, 101] for grid in select)
+    report = [grid for arm, stage, grid in runs.calls if stage == "report"]
+    assert report == [{"local.lr": [4e-3], "seed": [0, 1, 2, 3, 4]}] * 2
+    assert sorted(study.reporting_runs("sfed")) == [0, 1, 2, 3, 4]
+
+
+def test_a_choice_at_an_end_extends_the_ladder_by_its_ratio_up_to_extend(tmp_path):
+    study, runs = _study(tmp_path, lambda arm, lr, seed: lr, extend=1)  # lowest is best
+    assert study.select("sfed")
+    assert [grid["local.lr"] for _, _, grid in runs.calls] == [
+        [1e-3, 4e-3, 1.6e-2], [2.5e-4, 1e-3, 4e-3, 1.6e-2]]
+    assert study.choice("sfed")[0] == {"local.lr": 2.5e-4}
+    runs.calls.clear()
+    assert study.select("sfed")  # a rerun sweeps every rung it has, adds none
+    assert [grid["local.lr"] for _, _, grid in runs.calls] == [[2.5e-4, 1e-3, 4e-3, 1.6e-2]]
+
+
+def test_each_verdict_is_the_paired_interval_of_its_rule(tmp_path):
+    study, _ = _study(tmp_path, lambda arm, lr, seed: abs(lr - 4e-3))
+    study.run("all")
+    federation, learns = (study.verdict(rule) for rule in study.plan.rules)
+    # sfed - local is 0.10 on every seed: a zero-width interval at 0.10
+    assert federation.mean == pytest.approx(0.10)
+    assert federation.half_width == pytest.approx(0.0, abs=1e-12)
+    assert federation.outcome == "sfed"
+    # local against its own runs' majority baseline: paired by seed, checked with scipy
+    gaps = np.array([_accuracy("local", s) - 0.55 for s in range(5)])
+    half = scipy_stats.t.ppf(0.975, 4) * gaps.std(ddof=1) / math.sqrt(5)
+    assert learns.mean == pytest.approx(gaps.mean())
+    assert learns.half_width == pytest.approx(half)
+    assert learns.outcome == "local"  # 0.16 ± 0.01 clears the 0.1 margin
+
+
+def test_the_report_names_rule_interval_mechanism_and_the_plans_order(tmp_path):
+    study, _ = _study(tmp_path, lambda arm, lr, seed: abs(lr - 4e-3))
+    study.run("all")
+    page = (study.folder / "report.md").read_text()
+    assert page == study.page()  # regenerates from the run files alone
+    assert "federation: sfed - local on final personalized_accuracy = +0.1000" in page
+    assert "Mechanism: the shared A pools what every client learns" in page
+    assert "| 3 | 0.7000 | 0.5500 | 0.1500 |" in page  # the learns rule, per seed
+    assert "not committed" in page  # a plan outside git cannot show it came first
+
+
+def test_a_verdict_before_every_reporting_run_has_finished_is_refused(tmp_path):
+    study, _ = _study(tmp_path, lambda arm, lr, seed: lr)
+    study.run("select")
+    with pytest.raises(PlanError, match="run them before deciding"):
+        study.verdict(study.plan.rules[0])
+    with pytest.raises(PlanError, match="the plan's arms are"):
+        study.run("all", ["fedit"])
