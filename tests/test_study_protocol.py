@@ -145,3 +145,20 @@ def test_a_verdict_before_every_reporting_run_has_finished_is_refused(tmp_path):
         study.verdict(study.plan.rules[0])
     with pytest.raises(PlanError, match="the plan's arms are"):
         study.run("all", ["fedit"])
+
+
+def test_the_report_waits_for_the_whole_selection(tmp_path):
+    # a shard that finished its rungs early must not report a choice from part of them
+    study, _ = _study(tmp_path, lambda arm, lr, seed: abs(lr - 4e-3))
+    study.select("sfed")
+    next((study.stage_dir("sfed", "select") / "runs").glob("*lr-0.016*")).joinpath(
+        "summary.json").unlink()
+    assert not study.selection_finished("sfed")
+    with pytest.raises(PlanError, match="select stage has not finished"):
+        study.report("sfed")
+    # the lowest rung was best and one rung past it is due: still not finished
+    (tmp_path / "end").mkdir()
+    study, _ = _study(tmp_path / "end", lambda arm, lr, seed: lr)
+    study._sweep("sfed", "select", {"local.lr": [1e-3, 4e-3, 1.6e-2], "seed": [100, 101]})
+    assert not study.selection_finished("sfed")
+    assert study.select("sfed") and study.selection_finished("sfed")

@@ -21,6 +21,7 @@ runs, resumes interrupted ones, and ``shard`` K/M splits each sweep over M proce
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -111,6 +112,25 @@ class PlannedStudy:
         best = min(means, key=lambda r: (means[r], r))
         return dict(best), means
 
+    def selection_finished(self, arm: str) -> bool:
+        """Whether the select stage is over: every rung has run on every selection seed
+        and no further rung is due (the choice is inside the ladder, or the extension is
+        spent). The report stage waits for it, so a shard that finishes early cannot
+        report a rung chosen from part of the ladder."""
+        ladder = self.ladder(arm)
+        done = {(tuple(rung.items()), load_config(run / "config.yaml").seed)
+                for rung, run in self.selection_runs(arm)}
+        rungs = [dict(zip(ladder, values, strict=True))
+                 for values in itertools.product(*ladder.values())]
+        if any((tuple(r.items()), s) not in done for r in rungs
+               for s in self.plan.selection_seeds):
+            return False
+        if len(ladder) != 1:
+            return True
+        ((key, values),) = ladder.items()
+        return self.choice(arm)[0][key] not in (values[0], values[-1]) or \
+            len(values) - len(self.plan.ladder[key]) >= self.plan.extend or len(values) < 2
+
     def select(self, arm: str) -> bool:
         """Run the ladder on the selection seeds, extending a one-setting ladder past an
         end the choice sits at; False while other shards still run the arm."""
@@ -138,6 +158,10 @@ class PlannedStudy:
     # --- report ------------------------------------------------------------------------
 
     def report(self, arm: str) -> bool:
+        if not self.selection_finished(arm):
+            raise PlanError(f"{arm}: its select stage has not finished (a rung or a "
+                            "selection seed is missing, or a rung past the ladder's end is "
+                            "due); run --stage select to its end first")
         chosen, _ = self.choice(arm)
         return self._sweep(arm, "report", {**{k: [v] for k, v in chosen.items()},
                                            "seed": list(self.plan.reporting_seeds)})
