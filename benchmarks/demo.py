@@ -1,16 +1,21 @@
-r"""The main job's tables, from its committed runs.
+r"""Tables of committed runs: the main job's (``docs/results/demo.md``) and the GSM8K
+config's (``docs/results/gsm8k.md``).
 
-The runs are ``make demo``'s command with an output folder (and, for the second, the
-FedSA-LoRA scale):
+The main job's runs are ``make demo``'s command with an output folder (and, for the
+second, the FedSA-LoRA scale):
 
     sfedlora run configs/demo.yaml output_dir=docs/results/demo/runs/sfed progress=false
     sfedlora run configs/demo.yaml progress=false method=fedsa \
         output_dir=docs/results/demo/runs/fedsa
     python benchmarks/demo.py --report docs/results/demo/runs/sfed docs/results/demo/runs/fedsa
 
-``--report`` prints, per run, the evaluated rounds (accuracies beside the clients'
-majority-label baseline, gradient and adapter-output norms, cumulative bytes) and where
-its wall-clock time went (``timings.jsonl``), with the commit that ran it.
+The GSM8K run is ``sfedlora run configs/gsm8k_smollm2.yaml
+output_dir=docs/results/gsm8k/runs/smollm2 progress=false``.
+
+``--report`` prints, per run, the evaluated rounds and where its wall-clock time went
+(``timings.jsonl``), with the commit that ran it. A classification run shows accuracies
+beside the clients' majority-label baseline, gradient and adapter-output norms and
+cumulative bytes; a causal-LM run shows held-out perplexities and exact match.
 """
 
 from __future__ import annotations
@@ -35,6 +40,17 @@ COLUMNS = [
     ("bytes up (cum.)", "bytes_up_total", "{:,}"),
     ("bytes down (cum.)", "bytes_down_total", "{:,}"),
 ]
+LM_COLUMNS = [
+    ("round", "round", "{}"),
+    ("train loss", "train_loss", "{:.4f}"),
+    ("personalised perplexity", "personalized_perplexity", "{:.3f}"),
+    ("global perplexity", "global_perplexity", "{:.3f}"),
+    ("personalised exact match", "personalized_exact_match", "{:.3f}"),
+    ("global exact match", "global_exact_match", "{:.3f}"),
+    ("‖γBAx‖", "adapter_output_norm", "{:.3f}"),
+    ("bytes up (cum.)", "bytes_up_total", "{:,}"),
+]
+EVALUATED = {"classification": "personalized_accuracy", "causal-lm": "personalized_perplexity"}
 
 
 def _cell(fmt: str, value) -> str:
@@ -51,7 +67,9 @@ def report(run_dirs: list[Path]) -> str:
     out = []
     for run in run_dirs:
         cfg = yaml.safe_load((run / "config.yaml").read_text())
-        lines = [m for m in runs.metrics(run) if m.get("personalized_accuracy") is not None]
+        task = cfg.get("task", "classification")
+        columns = LM_COLUMNS if task == "causal-lm" else COLUMNS
+        lines = [m for m in runs.metrics(run) if m.get(EVALUATED[task]) is not None]
         times = runs.timings(run)
         train = sum(t["train"] for t in times)
         evaluate = sum(t.get("eval", 0.0) for t in times)
@@ -60,9 +78,9 @@ def report(run_dirs: list[Path]) -> str:
         out += [f"**{run.name}** (method {cfg['method']}, `{run}`, commit {commit_of(run)}): "
                 f"{len(times)} rounds in {wall:.1f} s of wall-clock time: training "
                 f"{train:.1f} s, evaluation {evaluate:.1f} s, aggregation {aggregate:.2f} s.",
-                "", "| " + " | ".join(name for name, _, _ in COLUMNS) + " |",
-                "|---" * len(COLUMNS) + "|"]
-        out += ["| " + " | ".join(_cell(fmt, m.get(key)) for _, key, fmt in COLUMNS) + " |"
+                "", "| " + " | ".join(name for name, _, _ in columns) + " |",
+                "|---" * len(columns) + "|"]
+        out += ["| " + " | ".join(_cell(fmt, m.get(key)) for _, key, fmt in columns) + " |"
                 for m in lines]
         out.append("")
     return "\n".join(out)

@@ -38,7 +38,6 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -46,7 +45,6 @@ from pathlib import Path
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from sfedlora.config import load_config
-from sfedlora.core.environment import describe
 from sfedlora.runtime.flower.deploy import deploy_local
 from sfedlora.runtime.flower.simulation import run_simulation
 from sfedlora.runtime.simulation import Simulation
@@ -144,10 +142,7 @@ def main() -> None:
           f"{os.cpu_count()} cores, torch threads in-process: "
           f"{__import__('torch').get_num_threads()}")
     if args.save:
-        args.save.parent.mkdir(parents=True, exist_ok=True)
-        args.save.write_text(json.dumps({
-            "command": " ".join(["python", *sys.argv]), "rows": rows,
-            "environment": describe()}, indent=1) + "\n")
+        run_files.write_record(args.save, rows=rows)
     print(json.dumps(rows))
 
 

@@ -10,7 +10,8 @@ Both arms are warmed up once; then they run in ABBA order (which arm goes first
 alternates) so drift in machine speed hits both alike. Tokens are non-padding input
 tokens.
 
-    python benchmarks/lm_throughput.py [--repeats 4] [--steps 3] [dotted.key=value ...]
+    python benchmarks/lm_throughput.py [--repeats 4] [--steps 3] [--save FILE] [key=value ...]
+    python benchmarks/lm_throughput.py --report FILE    # a saved record's table
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from pathlib import Path
 
 import torch
 
@@ -29,6 +31,7 @@ from sfedlora.core.seeds import TRAIN as TAG_TRAIN
 from sfedlora.core.seeds import derive_seed
 from sfedlora.modeling.model import train_batches
 from sfedlora.runtime.simulation import Simulation
+from sfedlora.studies import runs
 
 DEFAULTS = [
     "task=causal-lm", "method=sfed", "data.dataset=gsm8k", "data.partition=iid",
@@ -65,8 +68,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--save", type=Path, help="write the timings, the command and the "
+                        "environment as JSON (the results page's table is its --report)")
+    parser.add_argument("--report", type=Path, help="print a saved record's table, run nothing")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
+    if args.report:
+        print(render(runs.read_record(args.report)))
+        return
     cfg = load_config(None, [*DEFAULTS, f"local.steps={args.steps}", *args.overrides])
     import transformers
 
@@ -102,17 +111,30 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"cpu x{torch.get_num_threads()} threads"
     targets = sorted(worker.model.peft_config["default"].target_modules)
-    print(f"model={cfg.model_name} device={name} batch={cfg.local.batch_size} "
-          f"steps/repeat={cfg.local.steps} max_length={cfg.model.max_length} "
-          f"rank={cfg.lora.rank} targets={targets}")
-    print(f"{'repeat':>6} {'tokens':>7} {'sfedlora tok/s':>15} {'plain tok/s':>12} {'ratio':>6}")
-    for i, (n, a, b) in enumerate(zip(tokens, ours, plain, strict=True), start=1):
-        print(f"{i:>6} {n:>7} {n / a:>15.1f} {n / b:>12.1f} {b / a:>6.3f}")
-    total = sum(tokens)
-    print(f"{'total':>6} {total:>7} {total / sum(ours):>15.1f} {total / sum(plain):>12.1f} "
-          f"{sum(plain) / sum(ours):>6.3f}")
-    print("ratio = sfedlora tokens/s / plain tokens/s; target >= 0.95")
+    header = (f"model={cfg.model_name} device={name} batch={cfg.local.batch_size} "
+              f"steps/repeat={cfg.local.steps} max_length={cfg.model.max_length} "
+              f"rank={cfg.lora.rank} targets={targets}")
+    record = {"header": header, "tokens": tokens, "sfedlora_s": ours, "plain_s": plain}
+    if args.save:
+        runs.write_record(args.save, **record)
+    print(render(record))
 
+
+def render(record: dict) -> str:
+    """The table a run prints (and the results page shows), from its record."""
+    tokens, ours, plain = record["tokens"], record["sfedlora_s"], record["plain_s"]
+    lines = [record["header"],
+             f"{'repeat':>6} {'tokens':>7} {'sfedlora tok/s':>15} {'plain tok/s':>12} "
+             f"{'ratio':>6}"]
+    lines += [f"{i:>6} {n:>7} {n / a:>15.1f} {n / b:>12.1f} {b / a:>6.3f}"
+              for i, (n, a, b) in enumerate(zip(tokens, ours, plain, strict=True), start=1)]
+    total = sum(tokens)
+    lines += [f"{'total':>6} {total:>7} {total / sum(ours):>15.1f} "
+              f"{total / sum(plain):>12.1f} {sum(plain) / sum(ours):>6.3f}",
+              "ratio = sfedlora tokens/s / plain tokens/s; target >= 0.95"]
+    if commit := (record["environment"].get("source") or {}).get("commit"):
+        lines.append(f"commit {commit[:7]}")
+    return "\n".join(lines)
 
 if __name__ == "__main__":
     main()

@@ -8,7 +8,8 @@ and aggregating uploads, and the per-step gradient-norm bookkeeping. Evaluation 
 off in both arms. Rounds alternate between the arms so that drift in machine speed
 hits both alike.
 
-    python benchmarks/overhead.py [--rounds 3] [dotted.key=value ...]
+    python benchmarks/overhead.py [--rounds 3] [--save FILE] [dotted.key=value ...]
+    python benchmarks/overhead.py --report FILE    # a saved record's table
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from pathlib import Path
 
 import torch
 
@@ -28,6 +30,7 @@ from sfedlora.core.seeds import derive_seed
 from sfedlora.modeling.model import train_batches
 from sfedlora.privacy.sampling import sample_clients
 from sfedlora.runtime.simulation import Simulation
+from sfedlora.studies import runs
 
 
 def plain_round(sim: Simulation, round_idx: int, optimizer: torch.optim.Optimizer) -> None:
@@ -50,8 +53,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--save", type=Path, help="write the timings, the command and the "
+                        "environment as JSON (the results page's table is its --report)")
+    parser.add_argument("--report", type=Path, help="print a saved record's table, run nothing")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
+    if args.report:
+        print(render(runs.read_record(args.report)))
+        return
     cfg = load_config(args.config, [f"rounds={args.rounds}", "eval.every=0", "progress=false",
                                     *args.overrides])
     import transformers
@@ -76,17 +85,29 @@ def main() -> None:
         plain.append(time.perf_counter() - t)
 
     steps = cfg.clients_per_round * (cfg.local.steps or 0)
-    print(f"model={cfg.model.name} method={cfg.method} clients/round={cfg.clients_per_round} "
-          f"local.steps={cfg.local.steps} batch={cfg.local.batch_size} "
-          f"max_length={cfg.model.max_length} rank={cfg.lora.rank} threads="
-          f"{torch.get_num_threads()}")
-    print(f"{'round':>5} {'federated s':>12} {'plain s':>9} {'ratio':>7}")
-    for r, (f, p) in enumerate(zip(fed, plain, strict=True), start=1):
-        print(f"{r:>5} {f:>12.2f} {p:>9.2f} {f / p:>7.3f}")
-    print(f"{'total':>5} {sum(fed):>12.2f} {sum(plain):>9.2f} {sum(fed) / sum(plain):>7.3f}")
-    print(f"steps per round: {steps}; federated overhead per round: "
-          f"{(sum(fed) - sum(plain)) / len(fed):.3f} s; target ratio <= 1.05")
+    header = (f"model={cfg.model.name} method={cfg.method} "
+              f"clients/round={cfg.clients_per_round} local.steps={cfg.local.steps} "
+              f"batch={cfg.local.batch_size} max_length={cfg.model.max_length} "
+              f"rank={cfg.lora.rank} threads={torch.get_num_threads()}")
+    record = {"header": header, "steps_per_round": steps, "federated_s": fed,
+              "plain_s": plain}
+    if args.save:
+        runs.write_record(args.save, **record)
+    print(render(record))
 
+
+def render(record: dict) -> str:
+    """The table a run prints (and the results page shows), from its record."""
+    fed, plain = record["federated_s"], record["plain_s"]
+    lines = [record["header"], f"{'round':>5} {'federated s':>12} {'plain s':>9} {'ratio':>7}"]
+    lines += [f"{r:>5} {f:>12.2f} {p:>9.2f} {f / p:>7.3f}"
+              for r, (f, p) in enumerate(zip(fed, plain, strict=True), start=1)]
+    lines += [f"{'total':>5} {sum(fed):>12.2f} {sum(plain):>9.2f} {sum(fed) / sum(plain):>7.3f}",
+              f"steps per round: {record['steps_per_round']}; federated overhead per round: "
+              f"{(sum(fed) - sum(plain)) / len(fed):.3f} s; target ratio <= 1.05"]
+    if commit := (record["environment"].get("source") or {}).get("commit"):
+        lines.append(f"commit {commit[:7]}")
+    return "\n".join(lines)
 
 if __name__ == "__main__":
     main()

@@ -46,3 +46,23 @@ def labels(run_dir: Path) -> list[str]:
 def timings(run_dir: Path) -> list[dict]:
     """Every line of the run's ``timings.jsonl`` (wall-clock seconds per round)."""
     return _lines(run_dir, TIMINGS)
+
+
+def write_record(path: Path, **payload) -> None:
+    """A benchmark's measurement as JSON: ``payload``, the command that made it and this
+    process's environment (its commit among them), so a results page's table
+    regenerates from the file and says what produced it."""
+    import sys
+
+    from sfedlora.core.environment import describe
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"command": " ".join(["python", *sys.argv]), **payload,
+              "environment": describe()}
+    path.write_text(json.dumps(record, indent=1) + "\n")
+
+
+def read_record(path: Path) -> dict:
+    """What :func:`write_record` wrote."""
+    return json.loads(Path(path).read_text())
