@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from sfedlora.core.environment import source_commit
+from sfedlora.core.environment import process_source, source_commit
 from sfedlora.runtime.simulation import Simulation
 
 
@@ -41,10 +41,13 @@ def test_the_source_commit_and_whether_tracked_files_changed(tmp_path):
     _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "c")
     head = _git(repo, "rev-parse", "HEAD")
     assert source_commit(repo / "pkg") == {"commit": head, "modified": False}
+    assert process_source(repo / "pkg") == {"commit": head, "modified": False}
     (repo / "pkg" / "new.py").write_text("")  # untracked files are not the code run
     assert source_commit(repo / "pkg") == {"commit": head, "modified": False}
     (repo / "pkg" / "code.py").write_text("x = 2\n")
     assert source_commit(repo / "pkg") == {"commit": head, "modified": True}
+    # a process names the code it started with, not an edit made while it runs
+    assert process_source(repo / "pkg") == {"commit": head, "modified": False}
     (tmp_path / "elsewhere").mkdir()
     assert source_commit(tmp_path / "elsewhere") is None  # not a checkout: no commit
     (repo / "site").mkdir()  # a package installed inside someone else's repository

@@ -11,6 +11,7 @@ that writes a run (the first, and each resume) appends this record to the run's
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import subprocess
@@ -64,6 +65,14 @@ def source_commit(source: Path = SOURCE) -> dict[str, str | bool] | None:
     return {"commit": commit, "modified": bool(changed)}
 
 
+@functools.cache
+def process_source(source: Path = SOURCE) -> dict[str, str | bool] | None:
+    """:func:`source_commit` as this process first saw it. A process runs the code it
+    imported at its start; a sweep that runs for hours must not name a commit checked
+    out while it ran (nor call its code modified for an edit made since)."""
+    return source_commit(source)
+
+
 def describe() -> dict:
     """This process's environment, as one JSON-ready record."""
     return {
@@ -75,6 +84,6 @@ def describe() -> dict:
         "torch_threads": torch.get_num_threads(),
         "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "packages": package_versions(),
-        "source": source_commit(),
+        "source": process_source(),
         "argv": sys.argv,
     }
