@@ -154,22 +154,23 @@ def _kill_tree(pid: int) -> None:
 def test_a_killed_flower_run_resumes_to_the_uninterrupted_result(tiny_config, tmp_path,
                                                                   monkeypatch):
     """SIGKILL of the whole process group after a checkpointed round, then
-    ``sfedlora flower-sim --resume``: the same metrics and adapters as one Flower run
-    without interruption. Private state (sfed's B and head) lives on the nodes, and
-    partial participation leaves clients whose newest state is rounds old."""
+    ``sfedlora flower-sim --resume``: the same metrics and adapters as the run without
+    interruption (in-process, which an uninterrupted Flower run equals:
+    ``test_flower_simulation_equals_in_process``). Private state (sfed's B and head)
+    lives on the nodes, and partial participation leaves clients whose newest state is
+    rounds old."""
     import subprocess
     import sys
     import time
 
     from sfedlora.core.checkpoint import CheckpointError, load_checkpoint
-    from sfedlora.runtime.flower.simulation import run_simulation
 
     monkeypatch.setenv("SFEDLORA_STATE_DIR", str(tmp_path / "state"))
-    cfg = tiny_config("method=sfed", "clients.num=3", "clients.per_round=2", "rounds=4",
-                      "eval.every=1", "checkpoint.every=1")
+    settings = ("method=sfed", "clients.num=3", "clients.per_round=2", "rounds=4",
+                "eval.every=1", "checkpoint.every=1")
     config_file = tmp_path / "config.yaml"
-    config_file.write_text(to_yaml(cfg))
-    run_simulation(str(config_file), [f"output_dir={tmp_path / 'whole'}"], workers=2)
+    config_file.write_text(to_yaml(tiny_config(*settings)))
+    Simulation(tiny_config(*settings, f"output_dir={tmp_path / 'whole'}")).run()
 
     killed = tmp_path / "killed"
     cmd = [sys.executable, "-m", "sfedlora", "flower-sim", str(config_file),
