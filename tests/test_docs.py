@@ -100,3 +100,23 @@ def test_the_flower_results_tables_regenerate_from_their_saved_rows():
     module = import_benchmark("flower_overhead")
     saved = [ROOT / "docs/results/flower" / f"{name}.json" for name in ("minilm", "smollm2")]
     assert module.report(saved) in (ROOT / "docs/results/flower.md").read_text()
+
+
+def test_the_provenance_table_regenerates_from_the_committed_runs():
+    """docs/results/index.md shows ``scripts/provenance.py``'s audit of every run."""
+    module = import_benchmark("provenance", folder="scripts")
+    assert module.table() in (ROOT / "docs/results/index.md").read_text()
+
+
+def test_every_planned_studys_report_regenerates_and_follows_its_plan():
+    """Each study run by a committed plan (``sfedlora study``): its ``report.md`` is
+    what its runs give now, and says the plan's commit precedes every run's."""
+    from sfedlora.studies.protocol import PlannedStudy
+
+    reports = sorted((ROOT / "docs/results").rglob("report.md"))
+    planned = [r for r in reports if (r.parent / "plan.yaml").is_file()]
+    for report in planned:
+        study = PlannedStudy.load(report.parent / "plan.yaml", root=ROOT)
+        text = report.read_text()
+        assert study.page() == text, f"{report}: rerun `sfedlora study ... --stage decide`"
+        assert "The plan's commit precedes every run's: yes." in text, report
