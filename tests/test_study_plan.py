@@ -61,6 +61,11 @@ def test_a_plan_gives_every_arm_the_same_rounds_evaluations_and_seed(tmp_path):
      r"arm\(s\) \['fedit'\]"),
     ({"rules": [{"name": "x", "arm": "sfed", "control": "local", "mechanism": "m",
                  "reading": "bytes_to"}]}, "needs a line"),
+    ({"rules": [{"name": "x", "arm": "sfed", "control": "local", "mechanism": "m",
+                 "reading": "bytes_to", "line": 0.8, "line_below_control": 0.01}]},
+     "not both"),
+    ({"rules": [{"name": "x", "arm": "sfed", "control": "local", "mechanism": "m",
+                 "compare": "ratio"}]}, "goes with a target"),
 ])
 def test_a_plan_that_cannot_decide_is_refused_naming_the_field(tmp_path, change, match):
     with pytest.raises(PlanError, match=match):
@@ -155,3 +160,25 @@ def test_runs_must_follow_the_commit_that_added_their_plan(tmp_path):
     assert "does not follow the plan's commit" in problems[0]
     assert "names no commit" in problems[1]
     assert plan_precedes(repo / "absent.yaml", []) == [f"{repo / 'absent.yaml'} is not committed"]
+
+
+def test_a_ratio_target_reads_the_paired_log_ratio_and_a_line_never_held_misses():
+    """20x fewer bytes: the geometric mean of control / arm per seed, its 95% interval
+    the exponential of the log ratios' t-interval (checked with scipy here)."""
+    rule = Rule(name="20x", arm="packed", control="plain", mechanism="m",
+                reading="bytes_to", line=0.8, compare="ratio", target=20)
+    plain = {s: 1000.0 for s in range(5)}
+    packed = {0: 30.0, 1: 35.0, 2: 40.0, 3: 32.0, 4: 38.0}
+    verdict = decide(rule, packed, plain, range(5))
+    logs = [math.log(plain[s] / packed[s]) for s in range(5)]
+    low, high = scipy_stats.t.interval(0.95, 4, loc=sum(logs) / 5, scale=scipy_stats.sem(logs))
+    assert math.isclose(verdict.interval[0], math.exp(low), rel_tol=1e-9)
+    assert math.isclose(verdict.interval[1], math.exp(high), rel_tol=1e-9)
+    assert verdict.outcome == "met" and "must clear 20x; met" in verdict.sentence()
+    short = {s: v * 2 for s, v in packed.items()}  # 12.5x to 16.7x
+    assert decide(rule, short, plain, range(5)).outcome == "missed"
+    packed[2] = math.inf  # one seed never reached equal accuracy: the target is missed
+    assert decide(rule, packed, plain, range(5)).outcome == "missed"
+    plain[1], packed[2] = math.inf, 40.0  # the control never did: nothing to compare with
+    assert decide(rule, packed, plain, range(5)).outcome == "unresolved"
+

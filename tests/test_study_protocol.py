@@ -67,8 +67,8 @@ class FakeRuns:
         cfg["local"]["lr"], cfg["seed"], cfg["method"] = lr, seed, arm
         (run / "config.yaml").write_text(yaml.safe_dump(cfg))
         acc = _accuracy(arm, seed)
-        rows = [{"round": r, "personalized_accuracy": acc - 0.1 * (r < 4)}
-                for r in (2, 4)]
+        rows = [{"round": r, "personalized_accuracy": acc - 0.1 * (r < 4),
+                 "bytes_total": 100 * r} for r in (2, 4)]
         (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         (run / "summary.json").write_text(json.dumps({
             "personalized_val_loss": self.val_loss(arm, lr, seed),
@@ -162,3 +162,21 @@ def test_the_report_waits_for_the_whole_selection(tmp_path):
     study._sweep("sfed", "select", {"local.lr": [1e-3, 4e-3, 1.6e-2], "seed": [100, 101]})
     assert not study.selection_finished("sfed")
     assert study.select("sfed") and study.selection_finished("sfed")
+
+
+def test_a_line_below_the_control_is_drawn_per_seed_from_its_final_metric(tmp_path):
+    # local's line is its final accuracy minus 0.05: it holds it only at round 4 (400
+    # bytes); sfed is above that line from round 2 (200 bytes): 2x fewer bytes per seed
+    rule = {"name": "bytes", "arm": "sfed", "control": "local", "reading": "bytes_to",
+            "line_below_control": 0.05, "hold": 1, "compare": "ratio", "target": 1.5,
+            "mechanism": "m"}
+    study, _ = _study(tmp_path, lambda arm, lr, seed: abs(lr - 4e-3), rules=[rule])
+    study.run("all")
+    assert study.lines(study.plan.rules[0]) == {
+        s: pytest.approx(_accuracy("local", s) - 0.05) for s in range(5)}
+    assert study.paired_readings(study.plan.rules[0]) == (
+        {s: 200 for s in range(5)}, {s: 400 for s in range(5)})
+    verdict = study.verdict(study.plan.rules[0])
+    assert verdict.outcome == "met" and verdict.interval == pytest.approx((2.0, 2.0))
+    assert "| 0 | 0.6500 | 200.0000 | 400.0000 | 2.0000 |" in study.page()
+

@@ -68,6 +68,14 @@ class Rule(_Model):
     reading: Reading = "final"
     budget: float | None = Field(None, gt=0, description="at_seconds / at_bytes: the budget")
     line: float | None = Field(None, description="seconds_to / bytes_to: the target line")
+    line_below_control: float | None = Field(
+        None, ge=0, description="seconds_to / bytes_to: instead of a fixed line, the "
+        "control's final metric minus this, per seed (0.01: equal accuracy within a point)")
+    compare: Literal["difference", "ratio"] = Field(
+        "difference", description="difference: arm minus control, which must clear the "
+        "margin; ratio: how many times better the arm's reading is (control / arm where "
+        "less is better), whose interval must clear the target")
+    target: float | None = Field(None, gt=0, description="compare=ratio: the ratio to reach")
     hold: int = Field(3, gt=0, description="consecutive evaluations the line must hold")
     higher_is_better: bool = True  # of the metric (a loss: false)
     margin: float = Field(0.0, ge=0, description="the difference the interval must clear")
@@ -77,8 +85,16 @@ class Rule(_Model):
     def _reading_needs(self) -> Rule:
         if self.reading.startswith("at_") and self.budget is None:
             raise ValueError(f"rule {self.name!r}: reading={self.reading} needs a budget")
-        if self.reading.endswith("_to") and self.line is None:
-            raise ValueError(f"rule {self.name!r}: reading={self.reading} needs a line")
+        if self.reading.endswith("_to") and (self.line is None) == \
+                (self.line_below_control is None):
+            raise ValueError(f"rule {self.name!r}: reading={self.reading} needs a line, "
+                             "or line_below_control (not both)")
+        if (self.compare == "ratio") != (self.target is not None):
+            raise ValueError(f"rule {self.name!r}: compare=ratio goes with a target, and "
+                             "a target with compare=ratio")
+        if self.line_below_control is not None and self.control.startswith(BASELINE):
+            raise ValueError(f"rule {self.name!r}: line_below_control needs an arm as the "
+                             "control")
         return self
 
     @property
@@ -188,16 +204,26 @@ def value_at(points: Sequence[tuple[float, float]], budget: float) -> float:
     return within[-1] if within else math.nan
 
 
-def reading(rule: Rule, metrics: Sequence[dict]) -> float:
-    """What ``rule`` reads of one run's metrics lines."""
+def final_value(metric: str, metrics: Sequence[dict]) -> float:
+    """The metric at a run's last evaluation."""
+    return [m[metric] for m in metrics if m.get(metric) is not None][-1]
+
+
+def reading(rule: Rule, metrics: Sequence[dict], line: float | None = None) -> float:
+    """What ``rule`` reads of one run's metrics lines (``line``: the seed's line, for a
+    rule whose line is drawn below its control)."""
     if rule.reading == "final":
-        return [m[rule.metric] for m in metrics if m.get(rule.metric) is not None][-1]
+        return final_value(rule.metric, metrics)
     x = X_OF[rule.reading]
     points = [(m[x], m[rule.metric]) for m in metrics
               if m.get(rule.metric) is not None and x in m]
     if rule.reading.startswith("at_"):
         return value_at(points, rule.budget)
-    return sustained_crossing(points, rule.line, rule.hold, rule.higher_is_better)
+    line = rule.line if line is None else line
+    if line is None:
+        raise PlanError(f"rule {rule.name!r}: its line is drawn below the control's final "
+                        "metric; pass the seed's line")
+    return sustained_crossing(points, line, rule.hold, rule.higher_is_better)
 
 
 # --- verdicts ------------------------------------------------------------------------
@@ -212,8 +238,25 @@ class Verdict:
     never: dict[str, int]  # runs per arm that never held the line (a *_to reading)
 
     @property
+    def interval(self) -> tuple[float, float]:
+        """The 95% interval: of the difference, or of the ratio (a ratio's interval is
+        the exponential of its log's, so the mean is the geometric mean)."""
+        low, high = self.mean - self.half_width, self.mean + self.half_width
+        return (math.exp(low), math.exp(high)) if self.rule.compare == "ratio" else (low, high)
+
+    @property
     def outcome(self) -> str:
-        """``arm``, ``control`` or ``unresolved``: who the rule's interval favours."""
+        """``arm``, ``control`` or ``unresolved``: who the rule's interval favours; for a
+        ratio, ``met``, ``missed`` or ``unresolved`` against its target. A seed whose arm
+        never held its line misses a ratio target outright."""
+        if self.rule.compare == "ratio":
+            if self.never.get(self.rule.arm):
+                return "missed"
+            if self.never:
+                return "unresolved"
+            low, high = self.interval
+            return "met" if low >= self.rule.target else \
+                "missed" if high < self.rule.target else "unresolved"
         if self.never:
             return "unresolved"
         low, high = self.mean - self.half_width, self.mean + self.half_width
@@ -226,6 +269,8 @@ class Verdict:
         return "unresolved"
 
     def sentence(self) -> str:
+        if self.rule.compare == "ratio":
+            return self._ratio_sentence()
         r = self.rule
         winner = {r.arm: f"{r.arm} wins", r.control: f"{r.control} wins"}.get(
             self.outcome, "unresolved")
@@ -235,6 +280,18 @@ class Verdict:
                 f"{self.mean:+.4f} ± {self.half_width:.4f} (95%, paired over seeds "
                 f"{self.seeds}{never}); rule: the interval must clear {r.margin:g}; "
                 f"{winner}. Mechanism: {r.mechanism}")
+
+
+    def _ratio_sentence(self) -> str:
+        r = self.rule
+        never = "".join(f"; {n} run(s) of {a} never held the line" for a, n in
+                        self.never.items())
+        figure = "" if math.isnan(self.mean) else (
+            f" = {math.exp(self.mean):.2f}x (95% interval {self.interval[0]:.2f}x to "
+            f"{self.interval[1]:.2f}x, geometric mean over seeds {self.seeds})")
+        return (f"{r.name}: {r.arm} against {r.control} on {r.reading} {r.metric}"
+                f"{figure}{never}; rule: the interval must clear {r.target:g}x; "
+                f"{self.outcome}. Mechanism: {r.mechanism}")
 
 
 def decide(rule: Rule, arm: dict[int, float], control: dict[int, float],
@@ -251,6 +308,10 @@ def decide(rule: Rule, arm: dict[int, float], control: dict[int, float],
     never = {name: n for name, n in never.items() if n}
     if never:
         return Verdict(rule, math.nan, math.nan, list(seeds), never)
+    if rule.compare == "ratio":  # log of how many times better, paired by seed
+        better, worse = (control, arm) if rule.lower_wins else (arm, control)
+        mean, half = stats.mean_ci([math.log(better[s] / worse[s]) for s in seeds])
+        return Verdict(rule, mean, half, list(seeds), {})
     mean, half = stats.paired_difference([arm[s] for s in seeds], [control[s] for s in seeds])
     return Verdict(rule, mean, half, list(seeds), {})
 

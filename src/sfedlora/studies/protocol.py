@@ -37,6 +37,7 @@ from sfedlora.studies.plan import (
     Rule,
     Verdict,
     decide,
+    final_value,
     load_plan,
     plan_precedes,
     reading,
@@ -177,19 +178,31 @@ class PlannedStudy:
 
     # --- decide ------------------------------------------------------------------------
 
-    def readings(self, rule: Rule, arm: str) -> dict[int, float]:
-        """What ``rule`` reads of each of ``arm``'s reporting runs."""
-        return {seed: reading(rule, run_files.metrics(run))
+    def readings(self, rule: Rule, arm: str, lines: dict[int, float] | None = None
+                 ) -> dict[int, float]:
+        """What ``rule`` reads of each of ``arm``'s reporting runs (``lines``: each
+        seed's line, for a rule whose line is drawn below its control)."""
+        return {seed: reading(rule, run_files.metrics(run), (lines or {}).get(seed))
                 for seed, run in self.reporting_runs(arm).items()}
+
+    def lines(self, rule: Rule) -> dict[int, float] | None:
+        """Each seed's line of a rule drawn ``line_below_control`` under the control's
+        final metric (None for a rule with a fixed line or none)."""
+        if rule.line_below_control is None:
+            return None
+        return {seed: final_value(rule.metric, run_files.metrics(run)) -
+                rule.line_below_control
+                for seed, run in self.reporting_runs(rule.control).items()}
 
     def paired_readings(self, rule: Rule) -> tuple[dict[int, float], dict[int, float]]:
         """The rule's arm's and control's readings by reporting seed (a ``baseline:``
         control: that summary figure of the arm's own runs)."""
-        arm = self.readings(rule, rule.arm)
+        lines = self.lines(rule)
+        arm = self.readings(rule, rule.arm, lines)
         if rule.baseline:
             return arm, {seed: float(run_files.summary(run)[rule.baseline])
                          for seed, run in self.reporting_runs(rule.arm).items()}
-        return arm, self.readings(rule, rule.control)
+        return arm, self.readings(rule, rule.control, lines)
 
     def verdict(self, rule: Rule) -> Verdict:
         return decide(rule, *self.paired_readings(rule), self.plan.reporting_seeds)
@@ -260,11 +273,21 @@ class PlannedStudy:
 
 def _per_seed_table(study: PlannedStudy, rule: Rule) -> str:
     arm, control = study.paired_readings(rule)
-    return markdown_table(
-        ["seed", rule.arm, rule.control, "difference"],
-        [[s, _fmt(arm.get(s)), _fmt(control.get(s)),
-          _fmt(arm[s] - control[s] if s in arm and s in control else None)]
-         for s in study.plan.reporting_seeds])
+    lines = study.lines(rule) or {}
+
+    def compared(s: int) -> float | None:
+        if s not in arm or s not in control:
+            return None
+        if rule.compare == "difference":
+            return arm[s] - control[s]
+        better, worse = (control[s], arm[s]) if rule.lower_wins else (arm[s], control[s])
+        return better / worse if worse else math.inf
+
+    head = ["seed", *(["line"] if lines else []), rule.arm, rule.control,
+            "difference" if rule.compare == "difference" else "ratio"]
+    return markdown_table(head, [[s, *([_fmt(lines.get(s))] if lines else []),
+                                  _fmt(arm.get(s)), _fmt(control.get(s)), _fmt(compared(s))]
+                                 for s in study.plan.reporting_seeds])
 
 
 def _fmt(value: float | None) -> str:
