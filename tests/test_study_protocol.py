@@ -180,3 +180,30 @@ def test_a_line_below_the_control_is_drawn_per_seed_from_its_final_metric(tmp_pa
     assert verdict.outcome == "met" and verdict.interval == pytest.approx((2.0, 2.0))
     assert "| 0 | 0.6500 | 200.0000 | 400.0000 | 2.0000 |" in study.page()
 
+
+
+def test_an_arm_can_run_the_rung_another_arm_chose(tmp_path):
+    """What reusing a tuned rate costs: the borrowing arm is never tuned and reports at
+    the rung its source chose, with its own settings."""
+    arms = {"sfed": ["method=sfed"], "local": ["method=local"],
+            "sfed-at-local-rate": {"settings": ["method=sfed"], "rung_from": "local"}}
+    best = {"sfed": 1.6e-2, "local": 4e-3}
+    study, _ = _study(tmp_path, lambda arm, lr, seed: abs(lr - best[arm]), arms=arms,
+                         ladder={"local.lr": [1e-3, 4e-3, 1.6e-2, 6.4e-2]})
+    assert study.run("all")
+    assert study.choice("sfed-at-local-rate")[0] == {"local.lr": 4e-3}
+    assert not study.stage_dir("sfed-at-local-rate", "select").exists()
+    borrowed = study.reporting_runs("sfed-at-local-rate")
+    assert sorted(borrowed) == [0, 1, 2, 3, 4]
+    for run in borrowed.values():
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        assert (cfg["method"], cfg["local"]["lr"]) == ("sfed", 4e-3)
+    assert "| sfed-at-local-rate | local.lr=0.004 (local's) |" in study.page()
+
+
+@pytest.mark.parametrize("rung_from", ["fedit", "sfed-at-local-rate"])
+def test_rung_from_must_name_an_arm_tuned_itself(tmp_path, rung_from):
+    arms = {"sfed": ["method=sfed"], "local": ["method=local"],
+            "sfed-at-local-rate": {"settings": ["method=sfed"], "rung_from": rung_from}}
+    with pytest.raises(PlanError, match="must name an arm that is tuned itself"):
+        _study(tmp_path, lambda arm, lr, seed: lr, arms=arms)

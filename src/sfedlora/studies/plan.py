@@ -110,11 +110,21 @@ class Rule(_Model):
             else None
 
 
+class Arm(_Model):
+    """An arm's settings; ``rung_from`` names another arm whose chosen rung this one
+    runs instead of being tuned (what reusing a rate tuned elsewhere costs: an arm at
+    r=256 run at the rate r=4 chose, against the same arm tuned at r=256)."""
+
+    settings: list[str]
+    rung_from: str | None = None
+
+
 class Plan(_Model):
     question: str
     config: str = Field(description="the base config every run starts from, relative to "
                         "the repository root")
-    arms: dict[str, list[str]] = Field(description="arm name -> its settings")
+    arms: dict[str, Arm] = Field(description="arm name -> its settings (a list), or "
+                                 "{settings: [...], rung_from: ARM}")
     common: list[str] = Field(default_factory=list, description="settings every arm shares")
     ladder: dict[str, list[float]] = Field(
         default_factory=dict, description="setting -> values each arm is tuned over")
@@ -132,6 +142,15 @@ class Plan(_Model):
     decision: str = Field("", description="how the rules' outcomes answer the question, "
                           "in words, fixed with the rules")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _arms_as_lists(cls, data):
+        """An arm given as a bare list of settings is an arm tuned on its own."""
+        if isinstance(data, dict) and isinstance(data.get("arms"), dict):
+            data = {**data, "arms": {name: {"settings": arm} if isinstance(arm, list) else arm
+                                     for name, arm in data["arms"].items()}}
+        return data
+
     @model_validator(mode="after")
     def _consistent(self) -> Plan:
         if len(set(self.reporting_seeds)) < MIN_REPORTING_SEEDS:
@@ -140,7 +159,13 @@ class Plan(_Model):
         if shared := sorted(set(self.selection_seeds) & set(self.reporting_seeds)):
             raise ValueError(f"seeds {shared} both choose and report; a seed that chose a "
                              "setting must not report it: use fresh reporting seeds")
-        for arm, settings in {"common": self.common, **self.arms}.items():
+        for name, arm in self.arms.items():
+            source = self.arms.get(arm.rung_from) if arm.rung_from else None
+            if arm.rung_from and (source is None or source.rung_from):
+                raise ValueError(f"arm {name}: rung_from={arm.rung_from!r} must name an arm "
+                                 "that is tuned itself")
+        for arm, settings in {"common": self.common,
+                              **{n: a.settings for n, a in self.arms.items()}}.items():
             if own := [s for s in settings if s.split("=")[0] in (*SHARED_KEYS, *self.ladder)]:
                 raise ValueError(f"{arm} sets {own}: rounds, seeds, evaluation rounds and "
                                  "the ladder's settings are the plan's, the same for every "
@@ -161,7 +186,7 @@ class Plan(_Model):
     def arm_settings(self, arm: str) -> list[str]:
         """An arm's settings but the rung and seed: the common ones, the arm's and the
         plan's rounds and evaluation rounds."""
-        return [*self.common, *self.arms[arm], f"rounds={self.rounds}",
+        return [*self.common, *self.arms[arm].settings, f"rounds={self.rounds}",
                 f"eval.every={self.eval_every}", "eval.at_start=false"]
 
     def settings(self, arm: str, seed: int, rung: dict[str, float] | None = None

@@ -99,7 +99,10 @@ class PlannedStudy:
 
     def choice(self, arm: str) -> tuple[Rung, dict[tuple, float]]:
         """The chosen rung (lowest mean ``tune_on`` over the selection seeds; a figure
-        that is not finite counts as worst) and each complete rung's mean."""
+        that is not finite counts as worst) and each complete rung's mean; an arm with
+        ``rung_from`` takes that arm's."""
+        if source := self.plan.arms[arm].rung_from:
+            return self.choice(source)
         by_rung: dict[tuple, list[float]] = {}
         for rung, run in self.selection_runs(arm):
             value = run_files.summary(run).get(self.plan.tune_on)
@@ -117,7 +120,10 @@ class PlannedStudy:
         """Whether the select stage is over: every rung has run on every selection seed
         and no further rung is due (the choice is inside the ladder, or the extension is
         spent). The report stage waits for it, so a shard that finishes early cannot
-        report a rung chosen from part of the ladder."""
+        report a rung chosen from part of the ladder. An arm with ``rung_from`` waits for
+        that arm's."""
+        if source := self.plan.arms[arm].rung_from:
+            return self.selection_finished(source)
         ladder = self.ladder(arm)
         done = {(tuple(rung.items()), load_config(run / "config.yaml").seed)
                 for rung, run in self.selection_runs(arm)}
@@ -134,7 +140,10 @@ class PlannedStudy:
 
     def select(self, arm: str) -> bool:
         """Run the ladder on the selection seeds, extending a one-setting ladder past an
-        end the choice sits at; False while other shards still run the arm."""
+        end the choice sits at; False while other shards still run the arm. An arm with
+        ``rung_from`` is not tuned: it has nothing to select."""
+        if self.plan.arms[arm].rung_from:
+            return True
         ladder = self.ladder(arm)
         while True:
             if not self._sweep(arm, "select",
@@ -240,6 +249,8 @@ class PlannedStudy:
                 got = [g for g in got if g is not None]
                 cells.append(mean_pm(*mean_ci(got)) if got else "-")
             rung = ", ".join(f"{k}={v:g}" for k, v in chosen.items())
+            if source := plan.arms[arm].rung_from:
+                rung += f" ({source}'s)"
             rows.append([arm, rung + (" (ladder end)" if at_end else ""), *cells, len(runs)])
         lines += [markdown_table(["arm", "chosen", *plan.metrics, "seeds"], rows), "",
                   "Mean ± half-width of the 95% t-interval over the reporting seeds.", "",
