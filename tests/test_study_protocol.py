@@ -181,6 +181,19 @@ def test_a_line_below_the_control_is_drawn_per_seed_from_its_final_metric(tmp_pa
     assert "| 0 | 0.6500 | 200.0000 | 400.0000 | 2.0000 |" in study.page()
 
 
+def test_a_line_can_be_drawn_below_a_third_arm(tmp_path):
+    # both arms read at the line under sfed's final accuracy (0.75 at seed 0): local
+    # never holds it, so the verdict is unresolved and says so
+    rule = {"name": "at sfed's line", "arm": "sfed", "control": "local",
+            "reading": "bytes_to", "line_below_control": 0.05, "line_arm": "sfed",
+            "hold": 1, "mechanism": "m"}
+    study, _ = _study(tmp_path, lambda arm, lr, seed: abs(lr - 4e-3), rules=[rule])
+    study.run("all")
+    assert study.lines(study.plan.rules[0])[0] == pytest.approx(0.75)
+    verdict = study.verdict(study.plan.rules[0])
+    assert verdict.never == {"local": 5} and verdict.outcome == "unresolved"
+
+
 
 def test_an_arm_can_run_the_rung_another_arm_chose(tmp_path):
     """What reusing a tuned rate costs: the borrowing arm is never tuned and reports at

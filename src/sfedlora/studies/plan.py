@@ -71,6 +71,9 @@ class Rule(_Model):
     line_below_control: float | None = Field(
         None, ge=0, description="seconds_to / bytes_to: instead of a fixed line, the "
         "control's final metric minus this, per seed (0.01: equal accuracy within a point)")
+    line_arm: str | None = Field(
+        None, description="line_below_control: draw the line below this arm's final "
+        "metric instead of the control's (every arm read at one arm's line)")
     compare: Literal["difference", "ratio"] = Field(
         "difference", description="difference: arm minus control, which must clear the "
         "margin; ratio: how many times better the arm's reading is (control / arm where "
@@ -92,7 +95,10 @@ class Rule(_Model):
         if (self.compare == "ratio") != (self.target is not None):
             raise ValueError(f"rule {self.name!r}: compare=ratio goes with a target, and "
                              "a target with compare=ratio")
-        if self.line_below_control is not None and self.control.startswith(BASELINE):
+        if self.line_arm is not None and self.line_below_control is None:
+            raise ValueError(f"rule {self.name!r}: line_arm goes with line_below_control")
+        if self.line_below_control is not None and self.line_arm is None and \
+                self.control.startswith(BASELINE):
             raise ValueError(f"rule {self.name!r}: line_below_control needs an arm as the "
                              "control")
         return self
@@ -171,7 +177,8 @@ class Plan(_Model):
                                  "the ladder's settings are the plan's, the same for every "
                                  "arm; remove them from the arm")
         for rule in self.rules:
-            named = (rule.arm,) if rule.baseline else (rule.arm, rule.control)
+            named = ((rule.arm,) if rule.baseline else (rule.arm, rule.control)) + \
+                ((rule.line_arm,) if rule.line_arm else ())
             missing = [a for a in named if a not in self.arms]
             if missing:
                 raise ValueError(f"rule {rule.name!r} names arm(s) {missing}, which the plan "

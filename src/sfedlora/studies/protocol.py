@@ -195,13 +195,13 @@ class PlannedStudy:
                 for seed, run in self.reporting_runs(arm).items()}
 
     def lines(self, rule: Rule) -> dict[int, float] | None:
-        """Each seed's line of a rule drawn ``line_below_control`` under the control's
-        final metric (None for a rule with a fixed line or none)."""
+        """Each seed's line of a rule drawn ``line_below_control`` under the final
+        metric of its control (or of ``line_arm``); None for a fixed line or none."""
         if rule.line_below_control is None:
             return None
         return {seed: final_value(rule.metric, run_files.metrics(run)) -
                 rule.line_below_control
-                for seed, run in self.reporting_runs(rule.control).items()}
+                for seed, run in self.reporting_runs(rule.line_arm or rule.control).items()}
 
     def paired_readings(self, rule: Rule) -> tuple[dict[int, float], dict[int, float]]:
         """The rule's arm's and control's readings by reporting seed (a ``baseline:``
