@@ -100,6 +100,14 @@ def test_the_selection_seeds_choose_the_lowest_mean_and_never_report(tmp_path):
     assert sorted(study.reporting_runs("sfed")) == [0, 1, 2, 3, 4]
 
 
+def test_a_plan_may_choose_on_an_accuracy_where_highest_wins(tmp_path):
+    study, _ = _study(tmp_path, lambda arm, lr, seed: {1e-3: 0.7, 4e-3: 0.9, 1.6e-2: 0.8}[lr],
+                      tune_higher_is_better=True)
+    assert study.select("sfed")
+    rung, means = study.choice("sfed")
+    assert rung == {"local.lr": 4e-3} and means[(("local.lr", 4e-3),)] == pytest.approx(0.9)
+
+
 def test_a_choice_at_an_end_extends_the_ladder_by_its_ratio_up_to_extend(tmp_path):
     study, runs = _study(tmp_path, lambda arm, lr, seed: lr, extend=1)  # lowest is best
     assert study.select("sfed")

@@ -136,7 +136,9 @@ class Plan(_Model):
         default_factory=dict, description="setting -> values each arm is tuned over")
     tune_on: str = Field("personalized_val_loss", description="the summary figure (of "
                          "validation data) choosing a rung: lowest mean over the selection "
-                         "seeds wins")
+                         "seeds wins (highest with tune_higher_is_better)")
+    tune_higher_is_better: bool = Field(False, description="the tune_on figure is an "
+                                        "accuracy rather than a loss")
     extend: int = Field(2, ge=0, description="a one-setting ladder whose choice sits at an "
                         "end gains a rung past it (the end rungs' ratio), at most this many")
     selection_seeds: list[int] = Field(description="seeds that choose; never reported")

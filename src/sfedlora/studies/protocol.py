@@ -98,23 +98,25 @@ class PlannedStudy:
                 run_files.finished_runs(self.stage_dir(arm, "select") / "runs")]
 
     def choice(self, arm: str) -> tuple[Rung, dict[tuple, float]]:
-        """The chosen rung (lowest mean ``tune_on`` over the selection seeds; a figure
-        that is not finite counts as worst) and each complete rung's mean; an arm with
-        ``rung_from`` takes that arm's."""
+        """The chosen rung (the best mean ``tune_on`` over the selection seeds: lowest,
+        or highest with ``tune_higher_is_better``; a figure that is not finite counts as
+        worst) and each complete rung's mean; an arm with ``rung_from`` takes that
+        arm's."""
         if source := self.plan.arms[arm].rung_from:
             return self.choice(source)
+        sign = -1.0 if self.plan.tune_higher_is_better else 1.0
         by_rung: dict[tuple, list[float]] = {}
         for rung, run in self.selection_runs(arm):
             value = run_files.summary(run).get(self.plan.tune_on)
-            value = value if value is not None and math.isfinite(value) else math.inf
+            value = sign * value if value is not None and math.isfinite(value) else math.inf
             by_rung.setdefault(tuple(rung.items()), []).append(value)
-        means = {rung: float(np.mean(v)) for rung, v in by_rung.items()
-                 if len(v) == len(self.plan.selection_seeds)}
-        if not means:
+        scores = {rung: float(np.mean(v)) for rung, v in by_rung.items()
+                  if len(v) == len(self.plan.selection_seeds)}
+        if not scores:
             raise PlanError(f"{arm}: no rung has finished on every selection seed; run "
                             "the select stage first")
-        best = min(means, key=lambda r: (means[r], r))
-        return dict(best), means
+        best = min(scores, key=lambda r: (scores[r], r))
+        return dict(best), {rung: sign * v for rung, v in scores.items()}
 
     def selection_finished(self, arm: str) -> bool:
         """Whether the select stage is over: every rung has run on every selection seed
