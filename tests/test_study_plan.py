@@ -113,7 +113,10 @@ def test_a_verdict_is_the_paired_difference_and_its_t_interval():
     assert "sfed wins" in verdict.sentence() and "Mechanism: m" in verdict.sentence()
     assert decide(rule, control, arm, list(range(5))).outcome == "local"
     wide = Rule(name="r", arm="sfed", control="local", mechanism="m", margin=0.5)
-    assert decide(wide, arm, control, list(range(5))).outcome == "unresolved"
+    short = decide(wide, arm, control, list(range(5)))  # 0.09 ± 0.02: below 0.5
+    assert short.outcome == "short of the margin" and "falls short" in short.sentence()
+    noisy = {**arm, 0: 1.9, 1: -0.3}  # an interval that reaches past 0.5 and below 0
+    assert decide(wide, noisy, control, list(range(5))).outcome == "unresolved"
 
 
 def test_for_time_to_target_less_is_better_and_never_leaves_it_unresolved():

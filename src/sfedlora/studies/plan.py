@@ -263,6 +263,9 @@ def reading(rule: Rule, metrics: Sequence[dict], line: float | None = None) -> f
 # --- verdicts ------------------------------------------------------------------------
 
 
+SHORT = "short of the margin"  # a verdict whose interval lies wholly below a margin > 0
+
+
 @dataclass(frozen=True)
 class Verdict:
     rule: Rule
@@ -280,7 +283,8 @@ class Verdict:
 
     @property
     def outcome(self) -> str:
-        """``arm``, ``control`` or ``unresolved``: who the rule's interval favours; for a
+        """``arm``, ``control``, :data:`SHORT` (the interval lies below a positive margin:
+        the arm is not better by the margin) or ``unresolved``; for a
         ratio, ``met``, ``missed`` or ``unresolved`` against its target. A seed whose arm
         never held its line misses a ratio target outright."""
         if self.rule.compare == "ratio":
@@ -300,14 +304,17 @@ class Verdict:
             return self.rule.arm
         if high < -self.rule.margin:
             return self.rule.control
+        if high < self.rule.margin:  # the arm may be better, but not by the margin
+            return SHORT
         return "unresolved"
 
     def sentence(self) -> str:
         if self.rule.compare == "ratio":
             return self._ratio_sentence()
         r = self.rule
-        winner = {r.arm: f"{r.arm} wins", r.control: f"{r.control} wins"}.get(
-            self.outcome, "unresolved")
+        winner = {r.arm: f"{r.arm} wins", r.control: f"{r.control} wins",
+                  SHORT: f"the whole interval lies below {r.margin:g}: {r.arm} falls short "
+                  "of the margin"}.get(self.outcome, "unresolved")
         never = "".join(f"; {n} run(s) of {a} never held the line" for a, n in
                         self.never.items())
         return (f"{r.name}: {r.arm} - {r.control} on {r.reading} {r.metric} = "
