@@ -71,12 +71,15 @@ def report(run_dirs: list[Path]) -> str:
         columns = LM_COLUMNS if task == "causal-lm" else COLUMNS
         lines = [m for m in runs.metrics(run) if m.get(EVALUATED[task]) is not None]
         times = runs.timings(run)
-        train = sum(t["train"] for t in times)
-        evaluate = sum(t.get("eval", 0.0) for t in times)
-        aggregate = sum(t.get("aggregate", 0.0) for t in times)
-        wall = times[-1]["ended_at"] - times[0]["started_at"]
+        rounds = [t for t in times if "started_at" in t]  # round 0: an evaluation alone
+        before = sum(t.get("eval", 0.0) for t in times if "started_at" not in t)
+        train = sum(t["train"] for t in rounds)
+        evaluate = sum(t.get("eval", 0.0) for t in rounds)
+        aggregate = sum(t.get("aggregate", 0.0) for t in rounds)
+        wall = rounds[-1]["ended_at"] - rounds[0]["started_at"]
+        first = f" after an evaluation of the base model ({before:.1f} s)" if before else ""
         out += [f"**{run.name}** (method {cfg['method']}, `{run}`, commit {commit_of(run)}): "
-                f"{len(times)} rounds in {wall:.1f} s of wall-clock time: training "
+                f"{len(rounds)} rounds in {wall:.1f} s of wall-clock time{first}: training "
                 f"{train:.1f} s, evaluation {evaluate:.1f} s, aggregation {aggregate:.2f} s.",
                 "", "| " + " | ".join(name for name, _, _ in columns) + " |",
                 "|---" * len(columns) + "|"]

@@ -132,7 +132,7 @@ def render(record: dict) -> str:
     lines += [f"{'total':>6} {total:>7} {total / sum(ours):>15.1f} "
               f"{total / sum(plain):>12.1f} {sum(plain) / sum(ours):>6.3f}",
               "ratio = sfedlora tokens/s / plain tokens/s; target >= 0.95"]
-    if commit := (record["environment"].get("source") or {}).get("commit"):
+    if commit := (record.get("environment", {}).get("source") or {}).get("commit"):
         lines.append(f"commit {commit[:7]}")
     return "\n".join(lines)
 

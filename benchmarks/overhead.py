@@ -105,7 +105,7 @@ def render(record: dict) -> str:
     lines += [f"{'total':>5} {sum(fed):>12.2f} {sum(plain):>9.2f} {sum(fed) / sum(plain):>7.3f}",
               f"steps per round: {record['steps_per_round']}; federated overhead per round: "
               f"{(sum(fed) - sum(plain)) / len(fed):.3f} s; target ratio <= 1.05"]
-    if commit := (record["environment"].get("source") or {}).get("commit"):
+    if commit := (record.get("environment", {}).get("source") or {}).get("commit"):
         lines.append(f"commit {commit[:7]}")
     return "\n".join(lines)
 

@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 from tests.conftest import ROOT, import_benchmark
 
@@ -120,3 +121,19 @@ def test_every_planned_studys_report_regenerates_and_follows_its_plan():
         text = report.read_text()
         assert study.page() == text, f"{report}: rerun `sfedlora study ... --stage decide`"
         assert "The plan's commit precedes every run's: yes." in text, report
+
+
+def test_the_overhead_and_gsm8k_tables_regenerate_from_their_records(monkeypatch):
+    """docs/results/overhead.md and gsm8k.md show their benchmarks' --report of the
+    committed records, and the GSM8K run's table (``demo.py --report``)."""
+    from sfedlora.studies import runs
+
+    overhead, throughput = import_benchmark("overhead"), import_benchmark("lm_throughput")
+    page = (ROOT / "docs/results/overhead.md").read_text()
+    assert overhead.render(runs.read_record(ROOT / "docs/results/overhead/overhead.json")) \
+        in page
+    page = (ROOT / "docs/results/gsm8k.md").read_text()
+    record = runs.read_record(ROOT / "docs/results/gsm8k/lm_throughput.json")
+    assert throughput.render(record) in page
+    monkeypatch.chdir(ROOT)
+    assert import_benchmark("demo").report([Path("docs/results/gsm8k/runs/smollm2")]) in page
