@@ -109,6 +109,12 @@ class Rule(_Model):
         where lower is better."""
         return self.reading.endswith("_to") or not self.higher_is_better
 
+    def ratio(self, arm: float, control: float) -> float:
+        """How many times better the arm's reading is than the control's (control / arm
+        where less is better)."""
+        better, worse = (control, arm) if self.lower_wins else (arm, control)
+        return better / worse if worse else math.inf
+
     @property
     def baseline(self) -> str | None:
         """The summary key a ``baseline:`` control reads; None when it is an arm."""
@@ -350,8 +356,7 @@ def decide(rule: Rule, arm: dict[int, float], control: dict[int, float],
     if never:
         return Verdict(rule, math.nan, math.nan, list(seeds), never)
     if rule.compare == "ratio":  # log of how many times better, paired by seed
-        better, worse = (control, arm) if rule.lower_wins else (arm, control)
-        mean, half = stats.mean_ci([math.log(better[s] / worse[s]) for s in seeds])
+        mean, half = stats.mean_ci([math.log(rule.ratio(arm[s], control[s])) for s in seeds])
         return Verdict(rule, mean, half, list(seeds), {})
     mean, half = stats.paired_difference([arm[s] for s in seeds], [control[s] for s in seeds])
     return Verdict(rule, mean, half, list(seeds), {})

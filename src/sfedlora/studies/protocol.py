@@ -293,8 +293,7 @@ def _per_seed_table(study: PlannedStudy, rule: Rule) -> str:
             return None
         if rule.compare == "difference":
             return arm[s] - control[s]
-        better, worse = (control[s], arm[s]) if rule.lower_wins else (arm[s], control[s])
-        return better / worse if worse else math.inf
+        return rule.ratio(arm[s], control[s])
 
     head = ["seed", *(["line"] if lines else []), rule.arm, rule.control,
             "difference" if rule.compare == "difference" else "ratio"]
