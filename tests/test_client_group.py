@@ -14,6 +14,8 @@ import torch
 
 from sfedlora.config import to_yaml
 
+pytestmark = pytest.mark.slow  # each test starts a group of processes
+
 COMPARED = ("train_loss", "grad_norm_A", "grad_norm_B", "personalized_accuracy",
             "personalized_loss", "global_accuracy", "norm_A_mean")
 

@@ -16,6 +16,7 @@ from sfedlora.config import to_yaml
 from sfedlora.runtime.simulation import Simulation
 
 pytest.importorskip("flwr")
+pytestmark = pytest.mark.slow  # each starts a deployment: processes, TLS, heartbeats
 
 COMPARED = ("train_loss", "personalized_accuracy", "personalized_loss", "global_accuracy",
             "adapter_output_norm")

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import ROOT, import_benchmark
 
 # What a clone holds and a user reads: README, the site's pages, the shipped configs.
@@ -45,6 +47,7 @@ def test_the_config_reference_lists_every_key_of_the_schema():
     assert {"options.keep", "options.train_head", "options.grid"} <= rows  # method options
 
 
+@pytest.mark.slow
 def test_the_site_builds_offline_in_strict_mode(tmp_path):
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1", "HF_HUB_OFFLINE": "1"}
     build = subprocess.run(

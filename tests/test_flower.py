@@ -72,6 +72,7 @@ CASES = {  # name: (config factory fixture, overrides)
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_flower_simulation_equals_in_process(case, request, tmp_path, monkeypatch):
     from sfedlora.runtime.flower.simulation import run_simulation
@@ -151,6 +152,7 @@ def _kill_tree(pid: int) -> None:
     psutil.wait_procs(family, timeout=30)
 
 
+@pytest.mark.slow
 def test_a_killed_flower_run_resumes_to_the_uninterrupted_result(tiny_config, tmp_path,
                                                                   monkeypatch):
     """SIGKILL of the whole process group after a checkpointed round, then
@@ -231,6 +233,7 @@ def _failing_client_app(run_config: dict, fail_client: int, fail_round: int):
     return app
 
 
+@pytest.mark.slow
 def test_a_failed_client_is_dropped_and_the_round_goes_on(tiny_config, tmp_path, monkeypatch):
     import sys
 
@@ -413,6 +416,7 @@ def two_node_ray_cluster():
     assert not _ray_processes(marks), "a Ray process of the test cluster survived"
 
 
+@pytest.mark.slow
 def test_a_two_node_ray_cluster_gives_the_in_process_result(tiny_config, two_node_ray_cluster,
                                                             tmp_path, monkeypatch):
     """flower.ray_address joins a running cluster: its two nodes (one worker each)

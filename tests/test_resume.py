@@ -64,6 +64,7 @@ def _artifacts(out: Path) -> dict[str, bytes]:
     return files
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_is_bit_identical(tiny_model_dir, tiny_data_file, tmp_path):
     """Client states in the checkpoint (memory store) or in per-round files the
     checkpoint refers to (disk store): both resume to the uninterrupted result."""

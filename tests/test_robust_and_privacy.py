@@ -125,6 +125,7 @@ def test_dp_accounts_the_sampling_rate_of_partial_participation(tiny_config, tmp
     assert lines[-1]["dp_epsilon"] < 0.6 * full  # 2.83 against 5.87 at q = 1
 
 
+@pytest.mark.slow
 def test_dp_run_reports_epsilon_per_round_and_still_learns(encoder_config, tmp_path):
     # noise small enough to learn in 5 rounds (std 0.0025 per coordinate of the mean)
     cfg = encoder_config("method=fedit", "clients.num=8", "privacy.enabled=true",
