@@ -252,13 +252,6 @@ def copy_tracked_runs(runs: list[Path], source: Path, dest: Path) -> int:
     return len(runs)
 
 
-def pytest_collection_modifyitems(items: list) -> None:
-    """The ``slow`` tests first (a stable sort; each worker collects the same order):
-    dealt out one by one from the front, they overlap each other and the short tests
-    fill the workers' ends, where a slow test dealt out last would run alone."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
-
-
 # Modules whose tests must run on one worker: they share one expensive run between their
 # tests (a module fixture).
 ONE_WORKER = ("tests/test_run_dir.py", "tests/test_tsfa.py")
