@@ -107,10 +107,21 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_study(args: argparse.Namespace) -> int:
     _quiet_libraries()
+    from sfedlora.studies.plan import PlanError
     from sfedlora.studies.protocol import PlannedStudy
 
-    study = PlannedStudy.load(Path(args.plan), shard=args.shard)
-    if not study.run(args.stage, args.arms):
+    try:
+        study = PlannedStudy.load(Path(args.plan), shard=args.shard)
+        if args.jobs > 1:
+            from sfedlora.studies.parallel import run_parallel
+
+            done = run_parallel(study, args.stage, args.arms, args.jobs)
+        else:
+            done = study.run(args.stage, args.arms)
+    except PlanError as exc:
+        print(f"sfedlora study: {exc}", file=sys.stderr)
+        return 2
+    if not done:
         print(f"shard {args.shard} finished its part; the rest waits for the other shards")
         return 0
     if args.stage in ("decide", "all"):
@@ -247,6 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "run arms in separate processes to share the machine)")
     study.add_argument("--shard", default="0/1", metavar="K/M",
                        help="run only runs K, K+M, ... of each sweep (M processes)")
+    study.add_argument("--jobs", type=int, default=1, metavar="N",
+                       help="keep N runs going at once, each a process of its own, each "
+                       "started as soon as the runs it depends on have finished (one torch "
+                       "thread each unless OMP_NUM_THREADS says otherwise)")
     study.set_defaults(func=cmd_study)
     flower = sub.add_parser(
         "flower-sim", help="run one experiment on Flower's simulation engine (one virtual "

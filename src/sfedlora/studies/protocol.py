@@ -43,7 +43,7 @@ from sfedlora.studies.plan import (
     reading,
 )
 from sfedlora.studies.stats import mean_ci
-from sfedlora.studies.sweep import parse_shard, run_sweep
+from sfedlora.studies.sweep import expand, parse_shard, run_sweep
 from sfedlora.studies.tables import markdown_table, mean_pm
 
 Rung = dict[str, float]
@@ -151,21 +151,54 @@ class PlannedStudy:
             if not self._sweep(arm, "select",
                                {**ladder, "seed": list(self.plan.selection_seeds)}):
                 return False
-            if len(ladder) != 1:
+            if (extended := self._extended(arm, ladder)) is None:
                 return True
-            ((key, values),) = ladder.items()
-            chosen = self.choice(arm)[0][key]
-            added = len(values) - len(self.plan.ladder[key])
-            if len(values) < 2 or added >= self.plan.extend or \
-                    chosen not in (values[0], values[-1]):
-                return True
-            low = chosen == values[0]
-            ratio = values[1] / values[0] if low else values[-1] / values[-2]
-            step = float(f"{chosen / ratio if low else chosen * ratio:.6g}")
+            # the next sweep covers the added rung (runs already finished are skipped)
+            ladder = extended
+
+    def _extended(self, arm: str, ladder: dict[str, list[float]],
+                  say: bool = True) -> dict[str, list[float]] | None:
+        """``ladder`` (every rung of it finished) with the rung past the end its choice
+        sits at, by the end rungs' ratio; None where no rung is due (the choice is
+        inside, the extension is spent, or the ladder has several settings)."""
+        if len(ladder) != 1:
+            return None
+        ((key, values),) = ladder.items()
+        chosen = self.choice(arm)[0][key]
+        added = len(values) - len(self.plan.ladder[key])
+        if len(values) < 2 or added >= self.plan.extend or \
+                chosen not in (values[0], values[-1]):
+            return None
+        low = chosen == values[0]
+        ratio = values[1] / values[0] if low else values[-1] / values[-2]
+        step = float(f"{chosen / ratio if low else chosen * ratio:.6g}")
+        if say:
             print(f"{arm}: the choice {key}={chosen:g} sits at the ladder's end; adding "
                   f"{step:g}", flush=True)
-            # the next sweep covers the added rung (runs already finished are skipped)
-            ladder = {key: sorted([*values, step])}
+        return {key: sorted([*values, step])}
+
+    def due(self, arm: str) -> tuple[str, dict[str, list]] | None:
+        """The stage and grid ``arm`` must run next, from what has finished on disk:
+        its ladder (extended once every rung of it has finished and the choice sits at
+        an end) on the selection seeds, then its chosen rung on the reporting seeds;
+        None once both are done, or while an arm with ``rung_from`` waits for its
+        source's selection. The parallel runner (:mod:`.parallel`) asks this again as
+        each run finishes."""
+        if not self.plan.arms[arm].rung_from and not self.selection_finished(arm):
+            ladder = self.ladder(arm)
+            grid = {**ladder, "seed": list(self.plan.selection_seeds)}
+            if all(run_files.is_finished(self.stage_dir(arm, "select") / "runs" / r.name)
+                   for r in expand(grid)):
+                grid = {**self._extended(arm, ladder, say=False),
+                        "seed": list(self.plan.selection_seeds)}
+            return "select", grid
+        if not self.selection_finished(arm):
+            return None  # rung_from: its source is still selecting
+        chosen, _ = self.choice(arm)
+        if len(self.reporting_runs(arm)) == len(set(self.plan.reporting_seeds)):
+            return None
+        return "report", {**{k: [v] for k, v in chosen.items()},
+                          "seed": list(self.plan.reporting_seeds)}
 
     # --- report ------------------------------------------------------------------------
 

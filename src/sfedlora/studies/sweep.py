@@ -130,7 +130,7 @@ def run_sweep(config: str | None, grid: dict[str, list], out: Path,
         configs[run.name] = load([*overrides, *run.overrides, f"output_dir={run_dir}",
                                   "progress=false"])
     for run in runs:
-        _same_experiment(Path(configs[run.name].output_dir), configs[run.name])
+        same_experiment(Path(configs[run.name].output_dir), configs[run.name])
     index, count = shard
     for run in runs[index::count]:
         run_dir = Path(configs[run.name].output_dir)
@@ -148,7 +148,7 @@ def run_sweep(config: str | None, grid: dict[str, list], out: Path,
     return True
 
 
-def _same_experiment(run_dir: Path, cfg) -> None:
+def same_experiment(run_dir: Path, cfg) -> None:
     """Refuse to reuse a run directory that holds a different experiment (a base config
     or override changed since the sweep started)."""
     from sfedlora.runtime.simulation import RESUME_MAY_CHANGE, config_differences

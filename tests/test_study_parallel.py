@@ -1,0 +1,139 @@
+"""``sfedlora study --jobs N`` (sfedlora.studies.parallel): up to N runs at once, each
+started as soon as what it depends on has finished, giving the study the one-process
+path gives. The launcher is the runner's parameter: here one whose processes write the
+run files a study reads after a fixed number of polls."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sfedlora.config import load_config
+from sfedlora.studies.parallel import run_parallel
+from sfedlora.studies.plan import PlanError
+from sfedlora.studies.protocol import PlannedStudy
+from tests.test_study_protocol import CONFIG, PLAN, FakeRuns
+
+
+def _val_loss(arm, lr, seed):  # lowest rate best for sfed (the ladder extends), mid for local
+    return lr if arm == "sfed" else abs(lr - 4e-3)
+
+
+class FakeLaunch:
+    """Starts a 'process' that finishes ``polls`` polls later by writing its run's files
+    (FakeRuns' figures), or fails for run directories in ``fail``; records when each
+    starts and how many ran at once."""
+
+    def __init__(self, study_of, polls: int = 2, fail: tuple[str, ...] = ()):
+        self.study_of, self.polls, self.fail = study_of, polls, fail
+        self.files = FakeRuns(_val_loss)
+        self.running: list[_Process] = []
+        self.started: list[tuple[str, str, bool]] = []  # (arm, stage, selection finished)
+        self.most = 0
+
+    def __call__(self, args: list[str], log_file: Path) -> _Process:
+        assert args[3] == "run" and args[-1] == "--overwrite"
+        settings = dict(a.split("=", 1) for a in args[5:-1])
+        run_dir = Path(settings["output_dir"])
+        arm, stage = settings["method"], run_dir.parents[1].name
+        self.started.append((arm, stage, self.study_of().selection_finished(arm)))
+        process = _Process(self, run_dir, arm, float(settings["local.lr"]),
+                           int(settings["seed"]))
+        self.running.append(process)
+        self.most = max(self.most, len(self.running))
+        return process
+
+
+class _Process:
+    def __init__(self, launch, run_dir, arm, lr, seed):
+        self.launch, self.run_dir, self.arm, self.lr, self.seed = launch, run_dir, arm, lr, seed
+        self.left = launch.polls
+
+    def poll(self) -> int | None:
+        self.left -= 1
+        if self.left > 0:
+            return None
+        self.launch.running.remove(self)
+        if any(part in str(self.run_dir) for part in self.launch.fail):
+            return 1
+        self.launch.files._write(self.run_dir, self.arm, self.lr, self.seed, [])
+        return 0
+
+
+def _study(folder: Path, extend: int = 1, **kwargs) -> PlannedStudy:
+    """The test plan, extending the ladder up to ``extend`` times; the one-process
+    runner (which writes the tables at the end) is FakeRuns, which keeps the runs it
+    finds."""
+    folder.mkdir()
+    (folder / "plan.yaml").write_text(yaml.safe_dump({**PLAN, "extend": extend}))
+    return PlannedStudy.load(folder / "plan.yaml", root=CONFIG.parents[1],
+                             **{"runner": FakeRuns(_val_loss), **kwargs})
+
+
+def test_jobs_run_at_most_n_at_once_and_give_the_one_process_study(tmp_path):
+    (tmp_path / "one").mkdir(), (tmp_path / "many").mkdir()
+    sequential = _study(tmp_path / "one" / "study", extend=2)
+    assert sequential.run("all")
+    study = _study(tmp_path / "many" / "study", extend=2)
+    launch = FakeLaunch(lambda: study)
+    assert run_parallel(study, "all", None, jobs=3, launch=launch, poll_seconds=0)
+
+    assert launch.most == 3
+    # 3 + 2 (the extensions) rungs x 2 seeds for sfed, 3 x 2 for local, 5 + 5
+    assert len(launch.started) == 10 + 6 + 10
+    assert all(done for arm, stage, done in launch.started if stage == "report")
+    for arm in PLAN["arms"]:
+        assert study.choice(arm) == sequential.choice(arm)
+        assert sorted(study.reporting_runs(arm)) == [0, 1, 2, 3, 4]
+    assert study.choice("sfed")[0] == {"local.lr": 6.25e-5}  # the second extension
+    assert study.choice("local")[0] == {"local.lr": 4e-3}
+    # one arm's reporting runs started while the other was still selecting
+    order = [(arm, stage) for arm, stage, _ in launch.started]
+    assert order.index(("local", "report")) < max(
+        i for i, (arm, stage) in enumerate(order) if (arm, stage) == ("sfed", "select"))
+    assert study.page() == sequential.page().replace("/one/", "/many/")
+    assert (study.folder / "report.md").read_text() == study.page()
+
+
+def test_a_failed_run_is_named_and_the_other_runs_finish(tmp_path):
+    study = _study(tmp_path / "study")
+    launch = FakeLaunch(lambda: study, fail=("local/report/runs/local.lr-0.004__seed-3",))
+    with pytest.raises(PlanError, match=r"1 run\(s\) failed: .*seed-3 \(log: "):
+        run_parallel(study, "all", None, jobs=2, launch=launch, poll_seconds=0)
+    assert sorted(study.reporting_runs("local")) == [0, 1, 2, 4]
+    assert sorted(study.reporting_runs("sfed")) == [0, 1, 2, 3, 4]
+
+
+def test_the_select_stage_alone_starts_no_reporting_run(tmp_path):
+    study = _study(tmp_path / "study")
+    launch = FakeLaunch(lambda: study)
+    assert run_parallel(study, "select", ["sfed"], jobs=4, launch=launch, poll_seconds=0)
+    assert {stage for _, stage, _ in launch.started} == {"select"}
+    assert study.selection_finished("sfed") and not study.reporting_runs("sfed")
+
+
+def test_each_launched_command_is_the_run_the_plan_describes(tmp_path):
+    study = _study(tmp_path / "study")
+    commands = []
+
+    def launch(args, log_file):
+        commands.append(args)
+        raise SystemExit  # stop after the first start
+
+    with pytest.raises(SystemExit):
+        run_parallel(study, "all", ["local"], jobs=1, launch=launch, poll_seconds=0)
+    (args,) = commands
+    config = load_config(args[4], args[5:-1])
+    assert Path(args[4]) == CONFIG
+    assert (config.method, config.local.lr, config.seed) == ("local", 1e-3, 100)
+    assert (config.rounds, config.eval.every, config.clients.num) == (4, 2, 4)
+    assert Path(config.output_dir) == study.stage_dir("local", "select") / "runs" / \
+        "local.lr-0.001__seed-100"
+
+
+def test_jobs_and_shard_together_are_refused(tmp_path):
+    study = _study(tmp_path / "study", shard="0/2")
+    with pytest.raises(PlanError, match="--jobs and --shard"):
+        run_parallel(study, "all", None, jobs=2, launch=None)
