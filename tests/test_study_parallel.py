@@ -26,8 +26,9 @@ class FakeLaunch:
     (FakeRuns' figures), or fails for run directories in ``fail``; records when each
     starts and how many ran at once."""
 
-    def __init__(self, study_of, polls: int = 2, fail: tuple[str, ...] = ()):
-        self.study_of, self.polls, self.fail = study_of, polls, fail
+    def __init__(self, study_of, polls: int = 2, fail: tuple[str, ...] = (),
+                 on_start=None):
+        self.study_of, self.polls, self.fail, self.on_start = study_of, polls, fail, on_start
         self.files = FakeRuns(_val_loss)
         self.running: list[_Process] = []
         self.started: list[tuple[str, str, bool]] = []  # (arm, stage, selection finished)
@@ -43,6 +44,8 @@ class FakeLaunch:
                            int(settings["seed"]))
         self.running.append(process)
         self.most = max(self.most, len(self.running))
+        if self.on_start:
+            self.on_start(self)
         return process
 
 
@@ -137,3 +140,48 @@ def test_jobs_and_shard_together_are_refused(tmp_path):
     study = _study(tmp_path / "study", shard="0/2")
     with pytest.raises(PlanError, match="--jobs and --shard"):
         run_parallel(study, "all", None, jobs=2, launch=None)
+
+
+def test_the_study_is_asked_again_only_when_a_run_ends(tmp_path, monkeypatch):
+    """Finding what is due reads every run's config; asked on every poll, the parent
+    took a quarter of a core from the runs it waits on."""
+    study = _study(tmp_path / "study")
+    asked = []
+    original = PlannedStudy.due
+    monkeypatch.setattr(PlannedStudy, "due",
+                        lambda self, arm: asked.append(arm) or original(self, arm))
+    launch = FakeLaunch(lambda: study, polls=10)
+    assert run_parallel(study, "select", None, jobs=2, launch=launch, poll_seconds=0)
+    ends = len(launch.started)  # each run ends once; the first ask precedes them all
+    assert len(asked) <= len(PLAN["arms"]) * (ends + 1)
+
+
+def test_a_run_another_process_is_writing_is_not_started_twice_and_counts_toward_n(
+        tmp_path):
+    """An earlier parent's run, or one started by hand: its directory's lock is held.
+    This parent leaves it, runs one fewer of its own, and takes it over once the other
+    process lets go without finishing it (it crashed)."""
+    import fcntl
+    import os
+
+    study = _study(tmp_path / "study")
+    held = study.stage_dir("local", "select") / "runs" / "local.lr-0.016__seed-101"
+    held.mkdir(parents=True)
+    fd = os.open(held / ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    seen = {"most_while_held": 0}
+
+    def on_start(launch):
+        if fd in seen.values():  # released already
+            return
+        seen["most_while_held"] = max(seen["most_while_held"], len(launch.running))
+        assert all(p.run_dir != held for p in launch.running)
+        if len(launch.started) == 4:
+            seen["released"] = fd
+            os.close(fd)  # the other process dies
+
+    launch = FakeLaunch(lambda: study, on_start=on_start)
+    assert run_parallel(study, "select", None, jobs=2, launch=launch, poll_seconds=0)
+    assert seen["most_while_held"] == 1 and launch.most == 2
+    assert study.selection_finished("local")
+    assert (held / "summary.json").is_file()  # this parent ran it in the end

@@ -62,7 +62,7 @@ class FakeRuns:
         return True
 
     def _write(self, run, arm, lr, seed, overrides):
-        run.mkdir(parents=True)
+        run.mkdir(parents=True, exist_ok=True)  # a crashed attempt may have left it
         cfg = yaml.safe_load(CONFIG.read_text())
         cfg["local"]["lr"], cfg["seed"], cfg["method"] = lr, seed, arm
         (run / "config.yaml").write_text(yaml.safe_dump(cfg))

@@ -92,6 +92,22 @@ def refuse_occupied(path: Path, overwrite: bool = False) -> None:
         "under runs/)")
 
 
+def held_elsewhere(path: str | Path) -> bool:
+    """Whether another process holds the run directory's lock, that is, is writing
+    that run now (a run that process crashed out of holds none)."""
+    lock = Path(path) / LOCK_FILE
+    if not lock.is_file():
+        return False
+    fd = os.open(lock, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # and with it the lock, where this process took it
+    return False
+
+
 class RunDir:
     def __init__(self, path: str | Path, writers: Sequence[MetricWriter] = ()):
         """``writers``: metric writers beside the built-in TensorBoard one (the Flower

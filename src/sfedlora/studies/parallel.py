@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Protocol
 
 from sfedlora.config import load_config
+from sfedlora.runtime.results import held_elsewhere
 from sfedlora.studies import runs as run_files
 from sfedlora.studies.plan import PlanError
 from sfedlora.studies.protocol import PlannedStudy
@@ -108,21 +109,23 @@ def run_parallel(study: PlannedStudy, stage: str, arms: Sequence[str] | None, jo
     running: dict[Path, tuple[Process, PendingRun]] = {}
     failed: dict[Path, Path] = {}
     while stage != "decide":
-        for run in pending(study, stage, arms):
-            if len(running) >= jobs:
-                break
-            if run.run_dir in running or run.run_dir in failed:
-                continue
+        ready = [run for run in pending(study, stage, arms)
+                 if run.run_dir not in running and run.run_dir not in failed]
+        # a run another process is writing (an earlier parent's, a hand-started one)
+        # is not started twice, and counts toward N: it uses the same machine
+        elsewhere = [run for run in ready if held_elsewhere(run.run_dir)]
+        free = max(0, jobs - len(running) - len(elsewhere))
+        for run in [run for run in ready if run not in elsewhere][:free]:
             log_file = logs / f"{run.arm}-{run.stage}-{run.run_dir.name}.log"
             print(f"{run.arm} {run.stage} {run.run_dir.name} (log: {log_file})", flush=True)
             running[run.run_dir] = (launch(command(study, run), log_file), run)
-        if not running:
+        if not running and not elsewhere:
             break
-        time.sleep(poll_seconds)
-        for run_dir, (process, run) in list(running.items()):
-            if (code := process.poll()) is None:
-                continue
-            del running[run_dir]
+        # the study is asked again only once a run has ended: reading every run's
+        # config to find what is due costs CPU the runs need
+        for run_dir, run, code in _ended(running, poll_seconds,
+                                         give_up_after=30 * poll_seconds if elsewhere
+                                         else None):
             if code != 0 or not run_files.is_finished(run_dir):
                 log_file = logs / f"{run.arm}-{run.stage}-{run_dir.name}.log"
                 failed[run_dir] = log_file
@@ -133,3 +136,19 @@ def run_parallel(study: PlannedStudy, stage: str, arms: Sequence[str] | None, jo
             f"{d} (log: {f})" for d, f in failed.items()) + "; fix the cause and run the "
             "same command again (finished runs are kept)")
     return study.run(stage, arms)
+
+
+def _ended(running: dict[Path, tuple[Process, PendingRun]], poll_seconds: float,
+           give_up_after: float | None = None) -> list[tuple[Path, PendingRun, int]]:
+    """Wait until at least one of ``running`` has ended (or ``give_up_after`` seconds,
+    to look again at runs another process is writing); remove and return those that
+    have, with their exit codes."""
+    deadline = None if give_up_after is None else time.monotonic() + give_up_after
+    while True:
+        time.sleep(poll_seconds)
+        ended = [(run_dir, run, code) for run_dir, (process, run) in running.items()
+                 if (code := process.poll()) is not None]
+        for run_dir, _, _ in ended:
+            del running[run_dir]
+        if ended or (deadline is not None and time.monotonic() >= deadline):
+            return ended
