@@ -26,8 +26,8 @@ class FakeLaunch:
     (FakeRuns' figures), or fails for run directories in ``fail``; records when each
     starts and how many ran at once."""
 
-    def __init__(self, study_of, polls: int = 2, fail: tuple[str, ...] = (),
-                 on_start=None):
+    def __init__(self, study_of, polls=2, fail: tuple[str, ...] = (), on_start=None):
+        """``polls``: how many polls a run takes, or a function of its rate."""
         self.study_of, self.polls, self.fail, self.on_start = study_of, polls, fail, on_start
         self.files = FakeRuns(_val_loss)
         self.running: list[_Process] = []
@@ -52,7 +52,7 @@ class FakeLaunch:
 class _Process:
     def __init__(self, launch, run_dir, arm, lr, seed):
         self.launch, self.run_dir, self.arm, self.lr, self.seed = launch, run_dir, arm, lr, seed
-        self.left = launch.polls
+        self.left = launch.polls(lr) if callable(launch.polls) else launch.polls
 
     def poll(self) -> int | None:
         self.left -= 1
@@ -185,3 +185,30 @@ def test_a_run_another_process_is_writing_is_not_started_twice_and_counts_toward
     assert seen["most_while_held"] == 1 and launch.most == 2
     assert study.selection_finished("local")
     assert (held / "summary.json").is_file()  # this parent ran it in the end
+
+
+def test_an_arm_borrowing_a_rung_reports_only_after_its_source_has_chosen(tmp_path):
+    """rung_from (the learning-rate-transfer plans): the borrowing arm selects nothing
+    and its reporting runs wait for its source's selection, at the source's rung."""
+    folder = tmp_path / "study"
+    folder.mkdir()
+    arms = {**PLAN["arms"],
+            "sfed-at-local-rate": {"settings": ["method=sfed"], "rung_from": "local"}}
+    (folder / "plan.yaml").write_text(yaml.safe_dump({**PLAN, "arms": arms, "extend": 1}))
+    study = PlannedStudy.load(folder / "plan.yaml", root=CONFIG.parents[1],
+                              runner=FakeRuns(_val_loss))
+    starts = []
+
+    def on_start(launch):
+        starts.append((launch.running[-1].run_dir, study.selection_finished("local")))
+
+    # the lowest rung ends first, so the source has a complete rung long before its
+    # selection ends; every run can start at once
+    launch = FakeLaunch(lambda: study, on_start=on_start,
+                        polls=lambda lr: 1 if lr == 1e-3 else 6)
+    assert run_parallel(study, "all", None, jobs=30, launch=launch, poll_seconds=0)
+    borrowed = [(d, done) for d, done in starts if "sfed-at-local-rate" in str(d)]
+    assert len(borrowed) == 5 and all(done for _, done in borrowed)
+    assert all("/report/" in str(d) for d, _ in borrowed)
+    assert study.choice("sfed-at-local-rate")[0] == study.choice("local")[0] == \
+        {"local.lr": 4e-3}
