@@ -108,6 +108,9 @@ def run_parallel(study: PlannedStudy, stage: str, arms: Sequence[str] | None, jo
     logs = Path(tempfile.mkdtemp(prefix="sfedlora-study-"))
     running: dict[Path, tuple[Process, PendingRun]] = {}
     failed: dict[Path, Path] = {}
+
+    def log_of(run: PendingRun) -> Path:
+        return logs / f"{run.arm}-{run.stage}-{run.run_dir.name}.log"
     while stage != "decide":
         ready = [run for run in pending(study, stage, arms)
                  if run.run_dir not in running and run.run_dir not in failed]
@@ -116,9 +119,9 @@ def run_parallel(study: PlannedStudy, stage: str, arms: Sequence[str] | None, jo
         elsewhere = [run for run in ready if held_elsewhere(run.run_dir)]
         free = max(0, jobs - len(running) - len(elsewhere))
         for run in [run for run in ready if run not in elsewhere][:free]:
-            log_file = logs / f"{run.arm}-{run.stage}-{run.run_dir.name}.log"
-            print(f"{run.arm} {run.stage} {run.run_dir.name} (log: {log_file})", flush=True)
-            running[run.run_dir] = (launch(command(study, run), log_file), run)
+            print(f"{run.arm} {run.stage} {run.run_dir.name} (log: {log_of(run)})",
+                  flush=True)
+            running[run.run_dir] = (launch(command(study, run), log_of(run)), run)
         if not running and not elsewhere:
             break
         # the study is asked again only once a run has ended: reading every run's
@@ -127,10 +130,9 @@ def run_parallel(study: PlannedStudy, stage: str, arms: Sequence[str] | None, jo
                                          give_up_after=30 * poll_seconds if elsewhere
                                          else None):
             if code != 0 or not run_files.is_finished(run_dir):
-                log_file = logs / f"{run.arm}-{run.stage}-{run_dir.name}.log"
-                failed[run_dir] = log_file
+                failed[run_dir] = log_of(run)
                 print(f"{run.arm} {run.stage} {run_dir.name} failed (exit {code}); "
-                      f"see {log_file}", file=sys.stderr, flush=True)
+                      f"see {log_of(run)}", file=sys.stderr, flush=True)
     if failed:
         raise PlanError(f"{len(failed)} run(s) failed: " + "; ".join(
             f"{d} (log: {f})" for d, f in failed.items()) + "; fix the cause and run the "
