@@ -20,6 +20,8 @@ changes only how many adapters are averaged. ``--size gpu`` is the issue's budge
 rounds x 8 steps x batch 32); ``--size cpu`` cuts it for a 2-core machine (fewer rounds,
 steps, tokens); ``--size smoke`` is a seconds-long check of the plumbing. ``--shard K/M``
 lets M processes share a stage (one per GPU or core); the last one writes the tables.
+``--batched R`` runs R runs at a time in a process, their clients trained in shared
+passes through the one base model (``sfedlora sweep --batched``).
 Resumable: rerunning skips finished runs, also runs committed under docs/results/.
 """
 
@@ -127,14 +129,19 @@ def stage_dir(args, stage: str) -> Path:
     return study_dir(args) / stage
 
 
+def sweep(args, grid, stage: str) -> bool:
+    """One stage's runs (this shard's, ``--batched`` at a time where asked)."""
+    return run_sweep(config(args), grid, stage_dir(args, stage), base_overrides(args),
+                     on_start=lambda name: print("run", name, flush=True),
+                     shard=parse_shard(args.shard), batched=args.batched)
+
+
 def ladder(args) -> bool:
     part = PARTS[args.part]
     grid = parse_grid([f"lora.scaling+lora.a_init={args.rules or part.rules}",
                        f"{part.key}={args.values or part.values}", *part.grid,
                        f"{LR_KEY}={args.ladder or part.ladder[args.optimizer]}", "seed=0"])
-    return run_sweep(config(args), grid, stage_dir(args, "ladder"), base_overrides(args),
-                     on_start=lambda name: print("run", name, flush=True),
-                     shard=parse_shard(args.shard))
+    return sweep(args, grid, "ladder")
 
 
 def seeds(args) -> bool:
@@ -149,9 +156,7 @@ def seeds(args) -> bool:
     cells = ",".join("+".join([*(str(r[k]) for k in cell), repr(r["best_lr"])])
                      for _, r in best.iterrows())
     grid = parse_grid([f"{'+'.join(cell)}+{LR_KEY}={cells}", f"seed={args.seeds}"])
-    return run_sweep(config(args), grid, stage_dir(args, "seeds"), base_overrides(args),
-                     on_start=lambda name: print("run", name, flush=True),
-                     shard=parse_shard(args.shard))
+    return sweep(args, grid, "seeds")
 
 
 def replicate(args) -> bool:
@@ -171,9 +176,7 @@ def replicate(args) -> bool:
                   for j in (i - 1, i + 1) if 0 <= j < len(rungs)]
     grid = parse_grid([f"{'+'.join(cell)}+{LR_KEY}={','.join(cells)}",
                        f"seed={args.seeds}"])
-    return run_sweep(config(args), grid, stage_dir(args, "replicate"), base_overrides(args),
-                     on_start=lambda name: print("run", name, flush=True),
-                     shard=parse_shard(args.shard))
+    return sweep(args, grid, "replicate")
 
 
 REFERENCE = ("sfed", "independent")  # the flagship: every other rule is compared to it
@@ -405,6 +408,9 @@ def main(argv=None) -> int:
                         "part) instead of the part's default")
     parser.add_argument("--seeds", default=SEEDS)
     parser.add_argument("--shard", default="0/1")
+    parser.add_argument("--batched", type=int, default=1, metavar="R",
+                        help="R runs at a time in one process, clients trained in shared "
+                        "passes (sfedlora sweep --batched)")
     parser.add_argument("overrides", nargs="*", help="extra dotted.key=value settings")
     args = parser.parse_intermixed_args(argv)
     part = PARTS[args.part]

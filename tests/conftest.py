@@ -3,11 +3,14 @@ a small labelled text file in which the label is learnable from the words."""
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import random
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -271,3 +274,29 @@ def pytest_xdist_make_scheduler(config, log):
             return module if module in ONE_WORKER else nodeid
 
     return OneByOne(config, log)
+
+
+def metric_lines(run_dir):
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_run(one, other) -> None:
+    """Every metric to 1e-5 (relative for large values, e.g. perplexities) and every
+    exported adapter tensor to 1e-5."""
+    lines, others = metric_lines(one), metric_lines(other)
+    assert len(lines) == len(others) and lines
+    for a, b in zip(lines, others, strict=True):
+        assert a.keys() == b.keys()
+        for key, value in a.items():
+            if isinstance(value, float):
+                assert math.isclose(value, b[key], rel_tol=1e-5, abs_tol=1e-5), \
+                    (a["round"], key, value, b[key])
+            elif key not in ("seconds",):
+                assert value == b[key] or isinstance(value, dict), (a["round"], key)
+    files = sorted(one.glob("adapters/*/adapter_model.safetensors"))
+    assert files
+    for file in files:
+        ours, theirs = load_file(file), load_file(other / file.relative_to(one))
+        assert ours.keys() == theirs.keys()
+        for name, tensor in ours.items():
+            assert (tensor - theirs[name]).abs().max() <= 1e-5, (file, name)

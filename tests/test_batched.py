@@ -3,24 +3,19 @@ pass per step give the one-at-a-time rounds (issue 39)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from sfedlora.runtime.simulation import Simulation
+from tests.conftest import assert_same_run, metric_lines
 
 # Methods whose client stage leaves the model alone during the local steps; the tiny
 # BERT keeps its dropout (0.1), so every client's masks must come from its own stream.
 BATCHED = ["fedit", "sfed", "fedsa", "ffa", "rolora", "flasc", "flocora", "hetlora",
            "flexlora", "fedsvd", "fdlora", "local", "central"]
-
-
-def _lines(run_dir):
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def _runs(make, tmp_path, *overrides: str):
@@ -35,33 +30,11 @@ def _runs(make, tmp_path, *overrides: str):
     return dirs
 
 
-def _assert_same_run(one, other) -> None:
-    """Every metric to 1e-5 (relative for large values, e.g. perplexities) and every
-    exported adapter tensor to 1e-5."""
-    lines, others = _lines(one), _lines(other)
-    assert len(lines) == len(others) and lines
-    for a, b in zip(lines, others, strict=True):
-        assert a.keys() == b.keys()
-        for key, value in a.items():
-            if isinstance(value, float):
-                assert math.isclose(value, b[key], rel_tol=1e-5, abs_tol=1e-5), \
-                    (a["round"], key, value, b[key])
-            elif key not in ("seconds",):
-                assert value == b[key] or isinstance(value, dict), (a["round"], key)
-    files = sorted(one.glob("adapters/*/adapter_model.safetensors"))
-    assert files
-    for file in files:
-        ours, theirs = load_file(file), load_file(other / file.relative_to(one))
-        assert ours.keys() == theirs.keys()
-        for name, tensor in ours.items():
-            assert (tensor - theirs[name]).abs().max() <= 1e-5, (file, name)
-
-
 @pytest.mark.parametrize("method", BATCHED)
 def test_a_batched_run_equals_the_sequential_run(tiny_config, tmp_path, method):
     one, three = _runs(tiny_config, tmp_path, f"method={method}", "rounds=2",
                        "local.max_grad_norm=0.5", "local.keep_optimizer_state=true")
-    _assert_same_run(one, three)
+    assert_same_run(one, three)
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
@@ -76,9 +49,9 @@ def test_a_batched_causal_lm_run_equals_the_sequential_run(tiny_lm_config, tmp_p
     alike = []
     original = BatchedTrainer._pass
 
-    def spy(self, batches, params, rng, members, padded=False):
+    def spy(self, batches, params, rng, members, padded=False, scales=None):
         alike.append(padded)
-        return original(self, batches, params, rng, members, padded)
+        return original(self, batches, params, rng, members, padded, scales)
 
     monkeypatch.setattr(BatchedTrainer, "_pass", spy)
     one, three = _runs(tiny_lm_config, tmp_path, "method=sfed", "rounds=2",
@@ -87,7 +60,7 @@ def test_a_batched_causal_lm_run_equals_the_sequential_run(tiny_lm_config, tmp_p
         assert alike.count(True) == 1 and alike.count(False) > 1
     else:
         assert alike.count(True) > 1
-    _assert_same_run(one, three)
+    assert_same_run(one, three)
 
 
 def test_under_epochs_clients_with_fewer_steps_leave_the_pass_early(tiny_config, tmp_path):
@@ -97,7 +70,7 @@ def test_under_epochs_clients_with_fewer_steps_leave_the_pass_early(tiny_config,
                  "local.schedule=cosine")
     steps = {-(-len(t) // 8) for t in build_experiment(tiny_config(*overrides)).client_train}
     assert len(steps) > 1  # local.batch_size=8: the clients take different step counts
-    _assert_same_run(*_runs(tiny_config, tmp_path, *overrides))
+    assert_same_run(*_runs(tiny_config, tmp_path, *overrides))
 
 
 @pytest.mark.parametrize("method", ["flora", "soft"])
@@ -107,7 +80,7 @@ def test_a_method_whose_stage_works_on_the_model_trains_one_at_a_time(tiny_confi
         one, three = _runs(tiny_config, tmp_path, f"method={method}", "rounds=2")
     assert f"clients.parallel=3: clients train one at a time, since method {method} " \
         in caplog.text
-    assert _lines(one)[-1]["train_loss"] == _lines(three)[-1]["train_loss"]
+    assert metric_lines(one)[-1]["train_loss"] == metric_lines(three)[-1]["train_loss"]
 
 
 def test_one_pass_gives_each_client_its_own_peft_forward(tiny_config):

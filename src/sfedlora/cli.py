@@ -94,7 +94,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     config, overrides = _split_config_arg(args)
     out = Path(args.out)
     done = api.sweep(config, parse_grid(args.grid), *overrides, out=out,
-                     shard=parse_shard(args.shard),
+                     shard=parse_shard(args.shard), batched=args.batched,
                      on_start=lambda name: print(f"run {name}", file=sys.stderr, flush=True),
                      ).finished
     if done:
@@ -247,6 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--out", default="runs/sweep", help="sweep directory")
     sweep.add_argument("--shard", default="0/1", metavar="K/M",
                        help="run only runs K, K+M, K+2M, ... (M processes share one sweep)")
+    sweep.add_argument("--batched", type=int, default=1, metavar="R",
+                       help="run R runs at a time in this process, their clients trained "
+                            "in shared passes through the one base model (1: one run "
+                            "after another)")
     sweep.set_defaults(func=cmd_sweep)
     study = sub.add_parser("study", help="run a study by its committed plan.yaml: choose "
                            "each arm's rung on the selection seeds, run the reporting seeds, "

@@ -108,10 +108,15 @@ class ClientRows:
     before drawing anything."""
 
     def __init__(self, sites: AdapterSites, sizes: list[int], params: list[Tensors],
-                 rng: list[torch.Tensor], padded: bool = False):
+                 rng: list[torch.Tensor], padded: bool = False,
+                 scales: list[dict[str, float]] | None = None):
+        """``scales``: each client's LoRA scale per layer (keyed by the layer's A name),
+        where clients come from runs whose scales differ (a batched sweep); default:
+        the model's own."""
         self.sites, self.sizes, self.params, self.rng = sites, sizes, params, rng
         self.padded = padded
         self.rows = sum(sizes)
+        self.scales = scales
 
     @contextlib.contextmanager
     def applied(self, model) -> Iterator[None]:
@@ -138,13 +143,24 @@ class ClientRows:
         def hook(module, args, output):
             # as PEFT's Linear.forward: result + lora_B(lora_A(dropout(x))) * scaling
             x = module.lora_dropout[ADAPTER](args[0].to(module.lora_A[ADAPTER].weight.dtype))
-            return output + self.delta(x, site.a, site.b) * module.scaling[ADAPTER]
+            return output + self.scaled(self.delta(x, site.a, site.b), site.a,
+                                        module.scaling[ADAPTER])
         return hook
+
+    def scaled(self, delta: torch.Tensor, a: str, own: float) -> torch.Tensor:
+        """``delta`` times each client's scale: one product where every client's scale
+        is the same (bit for bit what one client's pass computes), else one per client."""
+        scales = [own] if self.scales is None else [s[a] for s in self.scales]
+        if len(set(scales)) == 1:
+            return delta * scales[0]
+        return torch.cat([part * s for part, s in zip(self.split(delta), scales,
+                                                      strict=True)])
 
     def delta(self, x: torch.Tensor, a: str, b: str) -> torch.Tensor:
         """``B_k A_k x_k`` on each client's rows."""
         k = len(self.sizes)
-        if k > 1 and len(set(self.sizes)) == 1:  # one batched matmul for every client
+        if k > 1 and len(set(self.sizes)) == 1 and len({p[a].shape for p in self.params}) == 1:
+            # one batched matmul for every client (of equal rows and ranks)
             xs = x.reshape(k, -1, x.shape[-1])
             a_stack = torch.stack([p[a] for p in self.params])
             b_stack = torch.stack([p[b] for p in self.params])

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -109,10 +110,14 @@ def held_elsewhere(path: str | Path) -> bool:
 
 
 class RunDir:
-    def __init__(self, path: str | Path, writers: Sequence[MetricWriter] = ()):
+    def __init__(self, path: str | Path, writers: Sequence[MetricWriter] = (),
+                 execution: dict | None = None):
         """``writers``: metric writers beside the built-in TensorBoard one (the Flower
-        ServerApp's log of each round)."""
+        ServerApp's log of each round). ``execution``: how the run is executed, where
+        that is not the plain way (a batched sweep's), recorded in its environment
+        record; such a run's log takes only its own thread's records."""
         self.path = Path(path)
+        self.execution = execution
         self._log_handler: logging.Handler | None = None
         self._lock: int | None = None
         self._extra_writers = list(writers)
@@ -162,7 +167,9 @@ class RunDir:
         else:
             self._truncate_after("timings.jsonl", resume_after)
         self._append(ENVIRONMENT_FILE, {"from_round": (resume_after or 0) + 1,
-                                        "started_at": time.time(), **describe()})
+                                        "started_at": time.time(), **describe(),
+                                        **({"execution": self.execution}
+                                           if self.execution else {})})
         (self.path / "metrics.jsonl").write_text("".join(metrics))
         (self.path / "labels.json").write_text(json.dumps(label_names))
         self.writers = [TensorBoardWriter(self.path, (resume_after or 0) + 1
@@ -170,6 +177,9 @@ class RunDir:
         self._log_handler = logging.FileHandler(self.path / "run.log",
                                                 mode="w" if resume_after is None else "a")
         self._log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        if self.execution:  # other runs share the process, each in a thread of its own
+            thread = threading.get_ident()
+            self._log_handler.addFilter(lambda record: record.thread == thread)
         logging.getLogger("sfedlora").addHandler(self._log_handler)
 
     def _truncate_after(self, name: str, round_idx: int) -> None:

@@ -113,14 +113,15 @@ def parse_shard(text: str) -> tuple[int, int]:
 def run_sweep(config: str | None, grid: dict[str, list], out: Path,
               overrides: Sequence[str] = (), on_start: Callable[[str], None] | None = None,
               shard: tuple[int, int] = (0, 1),
-              load: Callable[[list[str]], object] | None = None) -> bool:
+              load: Callable[[list[str]], object] | None = None,
+              batched: int = 1) -> bool:
     """Run (or finish) this shard's runs of the grid; once every run of the grid is
     finished, write the tables and return True. Every config is validated before the
     first run starts, so a bad value fails in a second. ``load`` builds a run's config
     from its overrides (default: ``config`` read as a YAML path; the Python API passes
-    one that also takes a dict or a config object)."""
-    from sfedlora.runtime.simulation import Simulation
-
+    one that also takes a dict or a config object). ``batched``: how many runs share
+    one process at a time, their clients trained in shared passes
+    (:mod:`sfedlora.runtime.batched.lockstep`; 1: one run after another)."""
     load = load or (lambda items: load_config(config, items))
     runs = expand(grid)
     out = Path(out)
@@ -132,20 +133,46 @@ def run_sweep(config: str | None, grid: dict[str, list], out: Path,
     for run in runs:
         same_experiment(Path(configs[run.name].output_dir), configs[run.name])
     index, count = shard
-    for run in runs[index::count]:
+    todo = [run for run in runs[index::count]
+            if not run_files.is_finished(Path(configs[run.name].output_dir))]
+    if batched > 1:
+        for start in range(0, len(todo), batched):
+            _run_batched(todo[start:start + batched], configs, on_start)
+    else:
+        _run_one_by_one(todo, configs, on_start)
+    if not all(run_files.is_finished(out / "runs" / run.name) for run in runs):
+        return False  # other shards are still running; the last one writes the tables
+    write_tables(out, runs, grid_keys(grid))
+    return True
+
+
+def _run_batched(runs: list[SweepRun], configs: dict, on_start) -> None:
+    """``runs`` in one process, their clients trained in shared passes; the first
+    failure is raised once every other run has ended."""
+    from sfedlora.runtime.batched.lockstep import run_together
+
+    for run in runs:
+        if on_start:
+            on_start(run.name)
+    outcomes = run_together([(run.name, configs[run.name]) for run in runs])
+    failed = {name: out for name, out in outcomes.items() if isinstance(out, BaseException)}
+    for name, exc in failed.items():
+        log.error("run %s failed: %s", name, exc)
+    if failed:
+        raise next(iter(failed.values()))
+
+
+def _run_one_by_one(runs: list[SweepRun], configs: dict, on_start) -> None:
+    from sfedlora.runtime.simulation import Simulation
+
+    for run in runs:
         run_dir = Path(configs[run.name].output_dir)
-        if run_files.is_finished(run_dir):
-            continue
         if on_start:
             on_start(run.name)
         if (run_dir / "checkpoint.safetensors").is_file():
             Simulation.resume(run_dir, ["progress=false"]).run()
         else:  # this sweep's own run (same experiment, checked above), cut short
             Simulation(configs[run.name]).run(overwrite=True)
-    if not all(run_files.is_finished(out / "runs" / run.name) for run in runs):
-        return False  # other shards are still running; the last one writes the tables
-    write_tables(out, runs, grid_keys(grid))
-    return True
 
 
 def same_experiment(run_dir: Path, cfg) -> None:

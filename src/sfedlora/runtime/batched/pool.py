@@ -41,6 +41,8 @@ class BatchedPool(InProcessPool):
     client's fit, state and upload are those of the one-at-a-time pool. A model or
     method that cannot train batched trains one at a time, with a warning saying why."""
 
+    fit_group: int | None = None  # clients per training call (default clients.parallel)
+
     def __init__(self, exp: Experiment):
         super().__init__(exp)
         self.parallel = exp.cfg.clients.parallel
@@ -73,9 +75,9 @@ class BatchedPool(InProcessPool):
             then: dict[int, StageRequest] | None = None) -> dict[int, FitResult]:
         if self.trainer is None:
             return super().fit(round_idx, downloads, then)
-        cids, fits = list(downloads), {}
-        for start in range(0, len(cids), self.parallel):
-            group = cids[start:start + self.parallel]
+        cids, fits, size = list(downloads), {}, self.fit_group or self.parallel
+        for start in range(0, len(cids), size):
+            group = cids[start:start + size]
             states = {cid: self.states.before(cid, round_idx) for cid in group}
             runs = {cid: self.exp.worker.start_fit(
                         cid, states[cid], downloads[cid], self.exp.round_train(cid, round_idx),

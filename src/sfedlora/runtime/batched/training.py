@@ -20,9 +20,11 @@ import sys
 from collections import defaultdict
 
 import torch
+from peft.tuners.lora import LoraLayer
 
 from sfedlora.core.records import FitResult, Tensors
 from sfedlora.modeling.client_rows import (
+    ADAPTER,
     AdapterSites,
     ClientRows,
     PaddedRandomness,
@@ -52,47 +54,79 @@ class BatchedTrainer:
         # model draws nothing random; once a random op meets padded rows, each width
         # gets a pass of its own, so every client's masks keep its own shape.
         self.pad_alike = getattr(worker.collate, "pads_right", False)
+        self._scale_cache: dict[Worker, dict[str, float]] = {}
 
     def train(self, runs: list[LocalRound]) -> list[FitResult]:
         """The clients' local rounds, as many passes per step as their batches have
         distinct shapes; each round's fit, in order."""
-        worker = self.worker
-        params = [self._own_copy(run) for run in runs]
-        optimizers = [worker.load_optimizer(worker._optimizer(p), run.state)
-                      for run, p in zip(runs, params, strict=True)]
-        stages = _Contexts([worker.stage.training(run.cid, run.state, run.round_idx)
-                            for run in runs])
+        fits, _ = self.train_jobs([(self.worker, run) for run in runs])
+        return fits
+
+    def train_jobs(self, jobs: list[tuple[Worker, LocalRound]]
+                   ) -> tuple[list[FitResult], dict[Worker, torch.Tensor]]:
+        """:meth:`train` for local rounds of several runs at once (a batched sweep,
+        :mod:`sfedlora.runtime.batched.lockstep`): each round with the worker of its own
+        run, whose model shares this worker's frozen base, and which steps, clips,
+        finishes and scales it. Also each worker's
+        default-generator state after its last client, which a sequential run of its own
+        would leave."""
+        workers, runs = [w for w, _ in jobs], [run for _, run in jobs]
+        params = [self._own_copy(w, run) for w, run in jobs]
+        optimizers = [w.load_optimizer(w._optimizer(p), run.state)
+                      for (w, run), p in zip(jobs, params, strict=True)]
+        stages = _Contexts([w.stage.training(run.cid, run.state, run.round_idx)
+                            for w, run in jobs])
+        owners = list(dict.fromkeys(workers))  # each run's worker, in order
+        scales = None if owners == [self.worker] else [self._scales(w) for w in workers]
         with stages:
             if any(penalty is not None for penalty in stages.values):
                 raise RuntimeError("a client stage that trains batched yielded a "
                                    "penalty (see Traits.batched_refusal)")
             rng = self._dropout_streams(runs)
-            worker.slots.set_trainable(())  # the clients' own copies train instead
-            worker.model.train()
+            for worker in owners:  # the clients' own copies train instead
+                worker.slots.set_trainable(())
+                worker.model.train()
+            self.worker.model.train()
             for k in range(max(len(run.batches) for run in runs)):
                 active = [i for i, run in enumerate(runs) if k < len(run.batches)]
                 for i in active:
-                    worker.set_lr(optimizers[i], runs[i], k)
-                self._step([runs[i] for i in active], [params[i] for i in active],
-                           [rng[i] for i in active], k)
+                    workers[i].set_lr(optimizers[i], runs[i], k)
+                self._step([jobs[i] for i in active], [params[i] for i in active],
+                           [rng[i] for i in active], k,
+                           None if scales is None else [scales[i] for i in active])
                 for i in active:
-                    worker.step(runs[i], params[i], optimizers[i])
-            # what the sequential path leaves in the default generator: the last
-            # client's stream, after its steps
-            set_rng_state(worker.device, rng[-1][0])
-            fits = []
-            for i, (run, optimizer) in enumerate(zip(runs, optimizers, strict=True)):
-                # each client's stage sees its trained adapter on the model as it
-                # leaves the steps (FDLoRA keeps a copy), and its own download's extras
-                worker.slots.load({n: t.detach() for n, t in params[i].items()})
-                stages.exit(i)
-                worker.stage.receive(run.extras)
-                fits.append(worker.finish_fit(run, optimizer))
-        return fits
+                    workers[i].step(runs[i], params[i], optimizers[i])
+            fits: list[FitResult | None] = [None] * len(jobs)
+            left = {}
+            for worker in owners:
+                mine = [i for i, w in enumerate(workers) if w is worker]
+                # what the sequential path leaves in the default generator: the last
+                # client's stream, after its steps
+                set_rng_state(worker.device, rng[mine[-1]][0])
+                for i in mine:
+                    # each client's stage sees its trained adapter on the model as it
+                    # leaves the steps (FDLoRA keeps a copy), and its own download's
+                    # extras
+                    worker.slots.load({n: t.detach() for n, t in params[i].items()})
+                    stages.exit(i)
+                    worker.stage.receive(runs[i].extras)
+                    fits[i] = worker.finish_fit(runs[i], optimizers[i])
+                left[worker] = rng_state(worker.device)
+        return fits, left
 
-    def _own_copy(self, run: LocalRound) -> Tensors:
+    def _scales(self, worker: Worker) -> dict[str, float]:
+        """The LoRA scale of each of ``worker``'s layers, by the layer's A name."""
+        if worker not in self._scale_cache:
+            self._scale_cache[worker] = {
+                f"{path}.lora_A.{ADAPTER}.weight": module.scaling[ADAPTER]
+                for path, module in worker.model.named_modules()
+                if isinstance(module, LoraLayer)}
+        return self._scale_cache[worker]
+
+    @staticmethod
+    def _own_copy(worker: Worker, run: LocalRound) -> Tensors:
         """The client's adapter as leaves of its own, trainable as the round's plan says."""
-        slots, device = self.worker.slots, self.worker.device
+        slots, device = worker.slots, worker.device
         return {n: run.start[n].to(device=device, dtype=p.dtype, copy=True)
                 .requires_grad_(slots.parts[n] in run.plan.train)
                 for n, p in slots.params.items()}
@@ -108,14 +142,15 @@ class BatchedTrainer:
         set_rng_state(device, outer)
         return streams
 
-    def _step(self, runs: list[LocalRound], params: list[Tensors],
-              rng: list[list[torch.Tensor]], k: int) -> None:
-        """Forward and backward of step ``k`` for ``runs``; logs each client's loss."""
-        worker = self.worker
-        batches = [worker.batch(run.data, run.batches[k]) for run in runs]
-        for run, batch in zip(runs, batches, strict=True):
+    def _step(self, jobs: list[tuple[Worker, LocalRound]], params: list[Tensors],
+              rng: list[list[torch.Tensor]], k: int,
+              scales: list[dict[str, float]] | None) -> None:
+        """Forward and backward of step ``k`` for ``jobs``; logs each client's loss."""
+        batches = [worker.batch(run.data, run.batches[k]) for worker, run in jobs]
+        for (_, run), batch in zip(jobs, batches, strict=True):
             run.tokens += batch["input_ids"].numel()  # positions of its own width
-        losses = self._padded_alike(runs, batches, params, rng, k) if self.pad_alike else None
+        losses = (self._padded_alike(jobs, batches, params, rng, k, scales)
+                  if self.pad_alike else None)
         if losses is None:
             groups: dict[tuple, list[int]] = defaultdict(list)
             for i, batch in enumerate(batches):
@@ -124,37 +159,41 @@ class BatchedTrainer:
             for members in groups.values():
                 losses |= self._pass([batches[i] for i in members],
                                      [params[i] for i in members],
-                                     [rng[i] for i in members], members)
+                                     [rng[i] for i in members], members,
+                                     scales=None if scales is None
+                                     else [scales[i] for i in members])
         total = torch.stack([losses[i] for i in sorted(losses)]).sum()
         total.backward()
-        for i, run in enumerate(runs):
+        for i, (_, run) in enumerate(jobs):
             run.losses.append(losses[i].item())
 
-    def _padded_alike(self, runs, batches, params, rng, k) -> dict[int, torch.Tensor] | None:
+    def _padded_alike(self, jobs, batches, params, rng, k, scales
+                      ) -> dict[int, torch.Tensor] | None:
         """One pass with every batch padded to the widest; None where a random op met
         the padding (and from then on, a pass per width)."""
         widths = [b["input_ids"].shape[1] for b in batches]
         if len(set(widths)) == 1:
             return None
         width = max(widths)
-        padded = [b if w == width else self.worker.batch(run.data, run.batches[k], width=width)
-                  for run, b, w in zip(runs, batches, widths, strict=True)]
+        padded = [b if w == width else worker.batch(run.data, run.batches[k], width=width)
+                  for (worker, run), b, w in zip(jobs, batches, widths, strict=True)]
         try:
-            return self._pass(padded, params, rng, list(range(len(runs))), padded=True)
+            return self._pass(padded, params, rng, list(range(len(jobs))), padded=True,
+                              scales=scales)
         except PaddedRandomness as exc:
             log.info("batched training: the model draws random numbers (%s), so batches "
                      "of different widths take a pass each", exc)
             self.pad_alike = False
             return None
 
-    def _pass(self, batches, params, rng, members, padded: bool = False
+    def _pass(self, batches, params, rng, members, padded: bool = False, scales=None
               ) -> dict[int, torch.Tensor]:
         worker = self.worker
         inputs = {key: torch.cat([b[key] for b in batches])
                   for key in batches[0] if key != "labels"}
         states = [r[0] for r in rng]
         rows = ClientRows(self.sites, [len(b["input_ids"]) for b in batches], params, states,
-                          padded)
+                          padded, scales)
         guard = RandomnessGuard(worker.device)
         with rows.applied(worker.model):
             logits = worker.model(**inputs).logits
