@@ -67,6 +67,26 @@ def test_a_batched_sweep_leaves_the_run_directories_of_runs_alone(sweeps):
     assert (sweeps[1] / "table.md").is_file() and (sweeps[4] / "table.md").is_file()
 
 
+def test_a_batched_causal_lm_sweep_leaves_the_run_directories_of_runs_alone(
+        tiny_lm_config, tmp_path):
+    """The tiny Llama with LoRA dropout: clients' batches of different widths, each
+    run's own rate, rank, scale and seed."""
+    grid = {"lora.rank+lora.scaling": [(4, "lora"), (8, "sfed")],
+            "local.lr+seed": [(0.01, 0), (0.003, 1)]}
+    dirs = []
+    for batched in (1, 4):
+        out = tmp_path / f"batched-{batched}"
+        assert run_sweep(None, dict(grid), out, batched=batched, load=lambda items: (
+            tiny_lm_config("method=sfed", "rounds=2", "local.steps=2", "local.batch_size=2",
+                           "lora.dropout=0.1", "eval.generate=0", "checkpoint.every=0",
+                           *items)))
+        dirs.append(out)
+    names = sorted(p.name for p in (dirs[0] / "runs").iterdir())
+    assert len(names) == 4
+    for name in names:
+        assert_same_run(dirs[0] / "runs" / name, dirs[1] / "runs" / name)
+
+
 def test_the_batchable_runs_trained_in_shared_passes(sweeps):
     """The four sfed runs (two ranks and scales, two rates and seeds) share every
     round's passes; FedEx-LoRA's runs train one client at a time, in no shared pass."""

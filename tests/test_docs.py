@@ -140,3 +140,10 @@ def test_the_overhead_and_gsm8k_tables_regenerate_from_their_records(monkeypatch
     assert throughput.render(record) in page
     monkeypatch.chdir(ROOT)
     assert import_benchmark("demo").report([Path("docs/results/gsm8k/runs/smollm2")]) in page
+
+
+def test_the_batched_sweep_table_regenerates_from_its_saved_measurement():
+    """docs/results/batched.md shows ``batched_sweep.py --report`` of its saved timing."""
+    module = import_benchmark("batched_sweep")
+    saved = [ROOT / "docs/results/batched/sweep-cpu.json"]
+    assert module.report(saved) in (ROOT / "docs/results/batched.md").read_text()
