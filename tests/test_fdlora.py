@@ -4,10 +4,12 @@ with the global adapter minimises the held-out loss over the grid it is given.""
 from __future__ import annotations
 
 import json
+import math
 
 import torch
 
 from sfedlora.core import codecs
+from sfedlora.methods import Part
 from sfedlora.methods.fdlora.fusion import choose_fusion, fuse, personal_adapter
 from sfedlora.runtime import worker
 from sfedlora.runtime.simulation import Simulation
@@ -61,6 +63,47 @@ def test_fusion_minimises_the_held_out_loss_over_the_grid(tiny_config):
         assert loss == min(losses.values()) == losses[(w1, w2)]
         fused = sim.client_adapter(cid)
         assert all(torch.equal(fused[n], w1 * own[n] + w2 * personal[n]) for n in own)
+
+
+def test_a_batched_run_scores_the_fusion_grid_in_shared_passes(tiny_config, monkeypatch):
+    """With clients.parallel=3 the grid's candidates are scored three to a pass, and
+    each loss is the one-at-a-time loss (independent path: ``holdout_loss``)."""
+    grid = [0, 0.5, 1, 1.5]
+    sim = _run(tiny_config, f"options.grid={grid}", "rounds=2", "clients.parallel=3")
+    for r in (1, 2):
+        sim.run_round(r)
+    w = sim.pool.exp.worker
+    passes = []
+    shared = type(w.task).holdout_losses
+    monkeypatch.setattr(type(w.task), "holdout_losses", lambda self, worker, cands, data: (
+        passes.append(len(cands)) or shared(self, worker, cands, data)))
+    for cid in range(4):
+        own = w.inits.assemble(cid, sim.pool.states[cid], sim.server.received_state(cid))
+        personal = personal_adapter(sim.pool.states[cid])
+        holdout = sim.pool.exp.client_holdout[cid]
+        weights = [(a, b) for a in grid for b in grid if a or b]
+        alone = [w.holdout_loss(fuse(own, personal, a, b), holdout) for a, b in weights]
+        together = w.holdout_losses([fuse(own, personal, a, b) for a, b in weights], holdout)
+        assert all(math.isclose(x, y, rel_tol=1e-6) for x, y in zip(alone, together,
+                                                                   strict=True))
+        w1, w2, _ = choose_fusion(w, grid, own, personal, holdout)
+        assert (w1, w2) == weights[alone.index(min(alone))]
+    assert passes and set(passes) <= {3} | {len(weights) % 3}
+
+
+def test_causal_lm_candidates_score_in_shared_passes(tiny_lm_config):
+    from sfedlora.runtime.experiment import build_experiment
+
+    exp = build_experiment(tiny_lm_config("clients.parallel=2"))
+    w = exp.worker
+    torch.manual_seed(0)
+    candidates = [{n: t + 0.05 * torch.randn_like(t)
+                   for n, t in w.slots.snapshot(set(Part)).items()} for _ in range(3)]
+    data = exp.client_test[0]
+    alone = [w.holdout_loss(c, data) for c in candidates]
+    together = w.holdout_losses(candidates, data)
+    assert len(set(alone)) == 3
+    assert all(math.isclose(x, y, rel_tol=1e-6) for x, y in zip(alone, together, strict=True))
 
 
 def test_fdlora_holds_out_data_learns_and_exports_fused_adapters(encoder_config, tmp_path):

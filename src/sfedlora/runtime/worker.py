@@ -28,6 +28,7 @@ from sfedlora.core.records import ClientState, FitResult, Tensors, mean_or_none
 from sfedlora.core.stores import MemoryStore, TensorStore
 from sfedlora.methods import Method, Part
 from sfedlora.methods.base import RoundPlan
+from sfedlora.modeling.client_rows import Unbatchable
 from sfedlora.modeling.model import steps_per_round, train_batches
 from sfedlora.runtime.inits import AdapterInits
 from sfedlora.settings import ExperimentConfig
@@ -142,6 +143,20 @@ class Worker:
     def holdout_loss(self, tensors: Tensors, data) -> float:
         """The task's mean loss of an adapter on held-out data."""
         return self.task.holdout_loss(self, tensors, data)
+
+    def holdout_losses(self, candidates: list[Tensors], data) -> list[float]:
+        """:meth:`holdout_loss` of each candidate: up to ``clients.parallel`` of them in
+        shared passes where the run trains clients batched and the model allows it,
+        else one after another."""
+        k = self.cfg.clients.parallel
+        if k > 1:
+            try:
+                return [loss for start in range(0, len(candidates), k)
+                        for loss in self.task.holdout_losses(
+                            self, candidates[start:start + k], data)]
+            except Unbatchable:  # an adapter outside LoRA's A and B and a head (VeRA)
+                pass
+        return [self.holdout_loss(tensors, data) for tensors in candidates]
 
     # --- local training -----------------------------------------------------------
 

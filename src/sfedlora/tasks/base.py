@@ -124,6 +124,11 @@ class Task:
         """Mean loss of an adapter on a held-out set (a method's own search)."""
         raise NotImplementedError
 
+    def holdout_losses(self, worker: Worker, candidates: list[Tensors], data) -> list[float]:
+        """:meth:`holdout_loss` of each candidate adapter on the same data: a task may
+        score them in shared passes (FDLoRA's fusion grid in a batched run)."""
+        return [self.holdout_loss(worker, tensors, data) for tensors in candidates]
+
     def train_loss(self, model, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The training loss ``model(**batch).loss`` is, from the model's ``logits`` on
         the batch and its ``labels``: a batched pass scores each client's rows with it."""

@@ -260,3 +260,6 @@ class CausalLMTask(Task):
 
     def holdout_loss(self, worker, tensors: Tensors, data) -> float:
         return lm_loss(worker, tensors, data).loss
+
+    def holdout_losses(self, worker, candidates: list[Tensors], data) -> list[float]:
+        return [found.loss for found in lm_loss_many(worker, [(t, data) for t in candidates])]

@@ -231,6 +231,10 @@ class ClassificationTask(Task):
     def holdout_loss(self, worker, tensors: Tensors, data) -> float:
         return evaluate(worker, tensors, data).loss
 
+    def holdout_losses(self, worker, candidates: list[Tensors], data) -> list[float]:
+        return [result_of(scores, data).loss
+                for scores in logits_many(worker, [(t, data) for t in candidates])]
+
     def train_loss(self, model, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         # transformers' single-label classification loss: the mean cross-entropy
         return F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1))

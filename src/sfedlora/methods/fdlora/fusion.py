@@ -31,16 +31,12 @@ def choose_fusion(worker, grid: list[float], global_: Tensors, personal: Tensors
     """``(w1, w2, loss)`` minimising the held-out loss of :func:`fuse` over the grid
     (gradient-free, as LoraHub composes modules; the first minimum in grid order wins
     ties)."""
-    best: tuple[float, float, float] | None = None
-    for w1 in grid:
-        for w2 in grid:
-            if w1 == 0 and w2 == 0:
-                continue
-            loss = worker.holdout_loss(fuse(global_, personal, w1, w2), holdout)
-            if best is None or loss < best[2]:
-                best = (w1, w2, loss)
-    assert best is not None, "options.grid has a non-zero value (validated)"
-    return best
+    weights = [(w1, w2) for w1 in grid for w2 in grid if w1 or w2]
+    assert weights, "options.grid has a non-zero value (validated)"
+    losses = worker.holdout_losses([fuse(global_, personal, w1, w2) for w1, w2 in weights],
+                                   holdout)
+    best = min(range(len(weights)), key=losses.__getitem__)  # the first of equal minima
+    return (*weights[best], losses[best])
 
 
 class PersonalCopy(ClientStage):
