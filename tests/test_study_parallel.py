@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from sfedlora.config import load_config
-from sfedlora.studies.parallel import run_parallel
+from sfedlora.studies.parallel import run_batched, run_parallel
 from sfedlora.studies.plan import PlanError
 from sfedlora.studies.protocol import PlannedStudy
 from tests.test_study_protocol import CONFIG, PLAN, FakeRuns
@@ -212,3 +212,61 @@ def test_an_arm_borrowing_a_rung_reports_only_after_its_source_has_chosen(tmp_pa
     assert all("/report/" in str(d) for d, _ in borrowed)
     assert study.choice("sfed-at-local-rate")[0] == study.choice("local")[0] == \
         {"local.lr": 4e-3}
+
+
+class FakeTogether:
+    """Stands in for ``run_together``: writes each run's files (FakeRuns' figures), or
+    returns an exception for run directories in ``fail``; records each batch."""
+
+    def __init__(self, fail: tuple[str, ...] = ()):
+        self.files, self.fail = FakeRuns(_val_loss), fail
+        self.batches: list[list[tuple[str, str]]] = []
+
+    def __call__(self, configs):
+        self.batches.append([(cfg.method, Path(cfg.output_dir).parents[1].name)
+                             for _, cfg in configs])
+        out = {}
+        for name, cfg in configs:
+            if any(part in name for part in self.fail):
+                out[name] = RuntimeError("a client's data is corrupt")
+                continue
+            self.files._write(Path(cfg.output_dir), cfg.method, cfg.local.lr, cfg.seed, [])
+            out[name] = {}
+        return out
+
+
+def test_batched_runs_every_ready_run_in_one_batch_and_gives_the_one_process_study(
+        tmp_path):
+    (tmp_path / "one").mkdir(), (tmp_path / "many").mkdir()
+    sequential = _study(tmp_path / "one" / "study", extend=2)
+    assert sequential.run("all")
+    study = _study(tmp_path / "many" / "study", extend=2)
+    together = FakeTogether()
+    assert run_batched(study, "all", None, batched=8, together=together)
+
+    sizes = [len(batch) for batch in together.batches]
+    assert max(sizes) == 8 and sum(sizes) == 10 + 6 + 10  # as with --jobs
+    # the first batch is selection only, and fills up while runs are ready
+    assert {stage for _, stage in together.batches[0]} == {"select"}
+    for i, batch in enumerate(together.batches):  # an arm reports after it has chosen
+        for arm, stage in batch:
+            if stage == "report":
+                assert all((arm, "select") not in later for later in together.batches[i:])
+    for arm in PLAN["arms"]:
+        assert study.choice(arm) == sequential.choice(arm)
+    assert study.page() == sequential.page().replace("/one/", "/many/")
+
+
+def test_a_failed_batched_run_is_named_and_the_others_finish(tmp_path):
+    study = _study(tmp_path / "study")
+    together = FakeTogether(fail=("local/report/runs/local.lr-0.004__seed-3",))
+    with pytest.raises(PlanError, match=r"1 run\(s\) failed: .*seed-3 \(RuntimeError"):
+        run_batched(study, "all", None, batched=4, together=together)
+    assert sorted(study.reporting_runs("local")) == [0, 1, 2, 4]
+    assert sorted(study.reporting_runs("sfed")) == [0, 1, 2, 3, 4]
+
+
+def test_batched_and_jobs_or_shard_together_are_refused(tmp_path):
+    study = _study(tmp_path / "study", shard="0/2")
+    with pytest.raises(PlanError, match="--batched and --shard"):
+        run_batched(study, "all", None, batched=4, together=FakeTogether())

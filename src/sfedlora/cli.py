@@ -112,7 +112,14 @@ def cmd_study(args: argparse.Namespace) -> int:
 
     try:
         study = PlannedStudy.load(Path(args.plan), shard=args.shard)
-        if args.jobs > 1:
+        if args.jobs > 1 and args.batched > 1:
+            raise PlanError("--jobs and --batched are two ways to share the machine; "
+                            "give one of them")
+        if args.batched > 1:
+            from sfedlora.studies.parallel import run_batched
+
+            done = run_batched(study, args.stage, args.arms, args.batched)
+        elif args.jobs > 1:
             from sfedlora.studies.parallel import run_parallel
 
             done = run_parallel(study, args.stage, args.arms, args.jobs)
@@ -266,6 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="keep N runs going at once, each a process of its own, each "
                        "started as soon as the runs it depends on have finished (one torch "
                        "thread each unless OMP_NUM_THREADS says otherwise)")
+    study.add_argument("--batched", type=int, default=1, metavar="R",
+                       help="run up to R runs at a time in this process, their clients "
+                       "trained in shared passes through the one base model (for a GPU); "
+                       "every run that can start goes into the next batch")
     study.set_defaults(func=cmd_study)
     flower = sub.add_parser(
         "flower-sim", help="run one experiment on Flower's simulation engine (one virtual "

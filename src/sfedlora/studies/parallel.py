@@ -1,4 +1,5 @@
-"""A planned study's runs as up to N processes at once (``sfedlora study --jobs N``).
+"""A planned study's runs as up to N processes at once (``sfedlora study --jobs N``), or
+up to R at a time in this process with their clients in shared passes (``--batched R``).
 
 ``--shard K/M`` splits each sweep statically, so a shard that finishes early waits for
 the others before an arm's extension or its reporting runs can start, and someone has to
@@ -102,9 +103,7 @@ def run_parallel(study: PlannedStudy, stage: str, arms: Sequence[str] | None, jo
         raise PlanError(f"--jobs {jobs}: give at least 1")
     if study.shard != "0/1":
         raise PlanError("--jobs and --shard split the same work; give one of them")
-    arms = list(arms or study.plan.arms)
-    if unknown := [a for a in arms if a not in study.plan.arms]:
-        raise PlanError(f"--arms {unknown}: the plan's arms are {list(study.plan.arms)}")
+    arms = _known_arms(study, arms)
     logs = Path(tempfile.mkdtemp(prefix="sfedlora-study-"))
     running: dict[Path, tuple[Process, PendingRun]] = {}
     failed: dict[Path, Path] = {}
@@ -138,6 +137,58 @@ def run_parallel(study: PlannedStudy, stage: str, arms: Sequence[str] | None, jo
             f"{d} (log: {f})" for d, f in failed.items()) + "; fix the cause and run the "
             "same command again (finished runs are kept)")
     return study.run(stage, arms)
+
+
+Together = Callable[[list[tuple[str, object]]], dict[str, object]]  # run_together's shape
+
+
+def run_batched(study: PlannedStudy, stage: str, arms: Sequence[str] | None, batched: int,
+                together: Together | None = None) -> bool:
+    """Run every run ``stage`` needs for ``arms``, up to ``batched`` at a time in this
+    process with their clients trained in shared passes
+    (:func:`~sfedlora.runtime.batched.lockstep.run_together`): every run that can start
+    now goes into the next batch (selection runs first), and the study is asked again
+    when a batch has ended. The runs are the ones the other paths make, so the tables
+    and report are too; failures are handled as :func:`run_parallel` does."""
+    if batched < 2:
+        raise PlanError(f"--batched {batched}: give at least 2 (1 is the plain path)")
+    if study.shard != "0/1":
+        raise PlanError("--batched and --shard split the same work; give one of them")
+    arms = _known_arms(study, arms)
+    if together is None:
+        from sfedlora.runtime.batched.lockstep import run_together as together
+    config = str(study.root / study.plan.config)
+    failed: dict[Path, str] = {}
+    while stage != "decide":
+        ready = [run for run in pending(study, stage, arms)
+                 if run.run_dir not in failed and not held_elsewhere(run.run_dir)]
+        if not ready:
+            break
+        batch = {str(run.run_dir): run for run in ready[:batched]}
+        configs = []
+        for name, run in batch.items():
+            cfg = load_config(config, run.settings)
+            same_experiment(run.run_dir, cfg)
+            configs.append((name, cfg))
+            print(f"{run.arm} {run.stage} {run.run_dir.name}", flush=True)
+        for name, outcome in together(configs).items():
+            run_dir = batch[name].run_dir
+            if isinstance(outcome, BaseException) or not run_files.is_finished(run_dir):
+                failed[run_dir] = repr(outcome)
+                print(f"{batch[name].arm} {batch[name].stage} {run_dir.name} failed: "
+                      f"{outcome!r}", file=sys.stderr, flush=True)
+    if failed:
+        raise PlanError(f"{len(failed)} run(s) failed: " + "; ".join(
+            f"{d} ({why})" for d, why in failed.items()) + "; fix the cause and run the "
+            "same command again (finished runs are kept)")
+    return study.run(stage, arms)
+
+
+def _known_arms(study: PlannedStudy, arms: Sequence[str] | None) -> list[str]:
+    arms = list(arms or study.plan.arms)
+    if unknown := [a for a in arms if a not in study.plan.arms]:
+        raise PlanError(f"--arms {unknown}: the plan's arms are {list(study.plan.arms)}")
+    return arms
 
 
 def _ended(running: dict[Path, tuple[Process, PendingRun]], poll_seconds: float,
