@@ -132,10 +132,7 @@ def run_parallel(study: PlannedStudy, stage: str, arms: Sequence[str] | None, jo
                 failed[run_dir] = log_of(run)
                 print(f"{run.arm} {run.stage} {run_dir.name} failed (exit {code}); "
                       f"see {log_of(run)}", file=sys.stderr, flush=True)
-    if failed:
-        raise PlanError(f"{len(failed)} run(s) failed: " + "; ".join(
-            f"{d} (log: {f})" for d, f in failed.items()) + "; fix the cause and run the "
-            "same command again (finished runs are kept)")
+    _refuse_failures({d: f"log: {f}" for d, f in failed.items()})
     return study.run(stage, arms)
 
 
@@ -177,11 +174,16 @@ def run_batched(study: PlannedStudy, stage: str, arms: Sequence[str] | None, bat
                 failed[run_dir] = repr(outcome)
                 print(f"{batch[name].arm} {batch[name].stage} {run_dir.name} failed: "
                       f"{outcome!r}", file=sys.stderr, flush=True)
+    _refuse_failures(failed)
+    return study.run(stage, arms)
+
+
+def _refuse_failures(failed: dict[Path, str]) -> None:
+    """Name every failed run (and why) once the others have finished."""
     if failed:
         raise PlanError(f"{len(failed)} run(s) failed: " + "; ".join(
             f"{d} ({why})" for d, why in failed.items()) + "; fix the cause and run the "
             "same command again (finished runs are kept)")
-    return study.run(stage, arms)
 
 
 def _known_arms(study: PlannedStudy, arms: Sequence[str] | None) -> list[str]:
