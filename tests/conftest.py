@@ -257,7 +257,7 @@ def copy_tracked_runs(runs: list[Path], source: Path, dest: Path) -> int:
 
 # Modules whose tests must run on one worker: they share one expensive run between their
 # tests (a module fixture).
-ONE_WORKER = ("tests/test_run_dir.py", "tests/test_tsfa.py")
+ONE_WORKER = ("tests/test_run_dir.py", "tests/test_tsfa.py", "tests/test_batched_sweep.py")
 
 
 def pytest_xdist_make_scheduler(config, log):
