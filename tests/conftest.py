@@ -260,6 +260,13 @@ def copy_tracked_runs(runs: list[Path], source: Path, dest: Path) -> int:
 ONE_WORKER = ("tests/test_run_dir.py", "tests/test_tsfa.py", "tests/test_batched_sweep.py")
 
 
+def pytest_collection_modifyitems(config, items):
+    """The ``slow`` tests first (in their files' order): most of their time is spent
+    waiting on processes they started, which the other workers' short tests then fill;
+    dealt out last, they would end the suite with one worker waiting alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def pytest_xdist_make_scheduler(config, log):
     """Deal tests out to the workers one by one (the Flower and deploy tests wait on
     processes, which a worker busy with another file's tests would not overlap), except
