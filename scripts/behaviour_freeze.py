@@ -5,6 +5,11 @@ behaviour (issue 38's restructuring).
     .venv/bin/python scripts/behaviour_freeze.py record   # before: write the references
     .venv/bin/python scripts/behaviour_freeze.py check    # after: rerun and compare
 
+Byte identity holds on one machine: CPUs with other vector units (AVX2 against AVX-512)
+run other kernels, which round differently in the last bits. ``environment.json`` beside
+the references says what they were recorded with, and a check elsewhere says so; record
+the references on the machine that checks, at the commit before the change.
+
 The references live in ``scripts/behaviour_freeze/<case>.jsonl``. Runs are in-process
 on the tests' tiny seeded BERT and data (``tests/conftest.py``); the Flower equality
 tests cover the other runtime. DP draws its sampling and noise from ``os.urandom``, so
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import json
 import os
 import random
 import sys
@@ -79,6 +85,11 @@ def main(argv: list[str] | None = None) -> int:
 
     names = args.cases or list(CASES)
     failed = []
+    here = _arithmetic()
+    if args.mode == "check" and (recorded := _recorded_arithmetic()) != here:
+        # other CPU kernels round differently: byte identity is then not expected
+        print(f"note: references recorded with {recorded}, this machine has {here}; "
+              "record them here first (at the commit before the change), then check")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         make_tiny_model(work / "model")
@@ -100,10 +111,27 @@ def main(argv: list[str] | None = None) -> int:
                     ref.read_text().splitlines(True), got.splitlines(True),
                     str(ref), "now", n=0))
             print(f"{name:20s} {status} ({time.perf_counter() - start:.1f} s)", flush=True)
+    if args.mode == "record":
+        ENVIRONMENT.write_text(json.dumps(here, indent=1) + "\n")
     if failed:
         print(f"{len(failed)} of {len(names)} cases changed: {', '.join(failed)}")
         return 1
     return 0
+
+
+ENVIRONMENT = REFERENCES / "environment.json"
+
+
+def _arithmetic() -> dict:
+    """What decides the runs' last bits besides the code: torch and its CPU kernels."""
+    import torch
+
+    return {"torch": torch.__version__,
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
+def _recorded_arithmetic() -> dict | None:
+    return json.loads(ENVIRONMENT.read_text()) if ENVIRONMENT.is_file() else None
 
 
 if __name__ == "__main__":
