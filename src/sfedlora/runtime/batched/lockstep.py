@@ -272,8 +272,11 @@ def run_together(runs: list[tuple[str, ExperimentConfig]]) -> dict[str, dict | B
     for name, cfg in runs:
         run_dir = Path(cfg.output_dir)
         resume = (run_dir / CHECKPOINT_FILE).is_file()
-        sim = (Simulation.resume(run_dir, ["progress=false"], pool_factory=pool) if resume
-               else Simulation(resolve(cfg), pool(resolve(cfg))))
+        if resume:
+            sim = Simulation.resume(run_dir, ["progress=false"], pool_factory=pool)
+        else:
+            cfg = resolve(cfg)  # once: the pool and the loop share it
+            sim = Simulation(cfg, pool(cfg))
         lockstep.add(name, sim.pool, functools.partial(
             sim.run, RunDir(run_dir, execution=execution), overwrite=not resume))
     return lockstep.run()
