@@ -19,7 +19,10 @@ Arms (``--arms``, any of them, in this order):
   model and one core each;
 * ``deployment``: Flower's deployment engine on loopback (``sfedlora deploy-local``: a
   SuperLink and one SuperNode per client, TLS, node authentication), each node's
-  messages served by its long-lived worker; the nodes share the cores;
+  messages served by its long-lived worker; the nodes take turns at the cores, one
+  computing node per core (``deploy-local``'s default ``--compute-slots``);
+* ``deployment-all-at-once``: the same, with every node computing at once, each on
+  ``cores // nodes`` threads (``--compute-slots 0``);
 * ``deployment-no-worker``: the same, every message served in the process Flower
   starts for it (the model built per message): what a node did before its worker.
 
@@ -69,7 +72,8 @@ def timed(name: str, run_dir: Path, call) -> dict:
     return row
 
 
-ARMS = ("in-process", "simulation", "deployment", "deployment-no-worker")
+ARMS = ("in-process", "simulation", "deployment", "deployment-all-at-once",
+        "deployment-no-worker")
 TARGETS = {"simulation": 1.10, "deployment": 1.20}
 
 
@@ -117,10 +121,11 @@ def main() -> None:
 
     transformers.logging.set_verbosity_error()
 
-    def deploy(name: str, worker: bool):
+    def deploy(name: str, worker: bool, compute_slots: int | None = -1):
         return lambda: deploy_local(
             args.config, [*common, f"output_dir={out / name}", "flower.round_timeout=3600"],
-            nodes=nodes, state_dir=out / f"{name}-state", worker=worker)
+            nodes=nodes, state_dir=out / f"{name}-state", worker=worker,
+            compute_slots=compute_slots)
 
     calls = {
         "in-process": lambda: Simulation(
@@ -129,6 +134,8 @@ def main() -> None:
             args.config, [*common, f"output_dir={out / 'simulation'}",
                           "flower.round_timeout=3600"], workers=args.workers),
         "deployment": deploy("deployment", worker=True),
+        "deployment-all-at-once": deploy("deployment-all-at-once", worker=True,
+                                         compute_slots=None),
         "deployment-no-worker": deploy("deployment-no-worker", worker=False),
     }
     rows = {name: timed(name, out / name, calls[name]) for name in ARMS if name in arms}

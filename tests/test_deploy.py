@@ -215,7 +215,8 @@ def test_deploy_local_runs_securely_matches_plain_sums_and_leaves_no_process(
     secret masks), each round's aggregate is the plain
     weighted mean of the same uploads within the quantisation bound, nothing the server
     wrote (its logs, the run directory) holds an individual update, and every process
-    the deployment started is gone."""
+    the deployment started is gone. The nodes take turns at computing
+    (``compute_slots=1``), which changes no result."""
     import numpy as np
     from safetensors.torch import load_file
 
@@ -228,7 +229,7 @@ def test_deploy_local_runs_securely_matches_plain_sums_and_leaves_no_process(
     inbox_log = tmp_path / "inbox.jsonl"  # the ServerApp runs in a process of its own
     run_dir = deploy_local(str(path), [f"output_dir={tmp_path / 'deployed'}",
                                        f"flower.inbox_log={inbox_log}"], nodes=3, timeout=600,
-                           state_dir=tmp_path / "state")
+                           state_dir=tmp_path / "state", compute_slots=1)
     # no message the ServerApp received holds B, the head or a client's training numbers
     server_inbox.assert_nothing_private(server_inbox.logged(inbox_log), cfg)
     (deployment,) = started  # SuperLink, SuperNodes, their children and workers are gone

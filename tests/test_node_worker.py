@@ -177,3 +177,26 @@ def test_a_worker_killed_mid_message_fails_that_message_and_the_next_starts_anew
     reply = handle("query", query, context, {})  # a new worker, started by this message
     assert reply.content["reply"]["client"] == 1
     assert _status(context, {"query": 1})["pid"] != first
+
+
+def test_a_worker_computes_only_in_a_free_compute_slot(node):
+    """Nodes that share a machine take turns (``compute-slots``): while every slot is
+    held elsewhere, the worker's message waits; it is served once one frees."""
+    import threading
+
+    from sfedlora.runtime.flower.client_app import handle
+    from sfedlora.runtime.flower.compute_slots import node_slot
+
+    context, query = node
+    context.node_config["compute-slots"] = 1
+    handle("query", query, context, {})  # the worker is up
+    served: list = []
+    with node_slot(context.node_config) as index:  # this process holds the one slot
+        assert index == 0
+        thread = threading.Thread(target=lambda: served.append(handle("query", query,
+                                                                      context, {})))
+        thread.start()
+        thread.join(1.0)
+        assert served == [] and _status(context)["serving"] == "query"
+    thread.join(60)
+    assert served[0].content["reply"]["client"] == 1

@@ -160,7 +160,8 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
     try:
         run_dir = deploy_local(config, overrides, args.nodes, timeout=args.timeout,
                                resume=args.resume, overwrite=args.overwrite,
-                               state_dir=args.state_dir, worker=not args.no_worker)
+                               state_dir=args.state_dir, worker=not args.no_worker,
+                               compute_slots=args.compute_slots or None)
     except DeploymentError as exc:
         print(f"sfedlora: {exc}", file=sys.stderr)
         return 1
@@ -310,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("--no-worker", action="store_true",
                         help="no long-lived worker per node: every message builds the model "
                         "in the process Flower starts for it (slower; for comparison)")
+    deploy.add_argument("--compute-slots", type=int, default=-1, metavar="K",
+                        help="at most K nodes compute at once, each with cores/K torch "
+                        "threads (default: one per core); 0: every node at once")
     deploy.set_defaults(func=cmd_deploy_local)
 
     data = sub.add_parser("data", help="the named datasets (data.dataset: NAME): list them, "

@@ -22,9 +22,11 @@ def handle(kind: str, msg: Message, context: Context, defaults: dict) -> Message
     worker or, where the node has none, in this process."""
     if worker_channel.uses_worker(context.node_config, {**defaults, **context.run_config}):
         return worker_channel.forward(kind, msg, context, defaults)
+    from sfedlora.runtime.flower.compute_slots import node_slot
     from sfedlora.runtime.flower.handlers import HANDLERS
 
-    return HANDLERS[kind](msg, context, defaults)
+    with node_slot(context.node_config):
+        return HANDLERS[kind](msg, context, defaults)
 
 
 def make_app(defaults: dict | None = None) -> ClientApp:

@@ -31,7 +31,8 @@ from pathlib import Path
 import httpx
 import psutil
 
-from sfedlora.config import load_config
+from sfedlora.config import ConfigError, load_config
+from sfedlora.runtime.flower.compute_slots import SLOTS_KEY
 from sfedlora.runtime.flower.config import (
     OVERWRITE_KEY,
     as_run_config,
@@ -262,14 +263,19 @@ class LocalDeployment:
         return self._flwr("supernode", "list", CONNECTION)["nodes"]
 
     def start_node(self, cid: int, key: NodeKey, *, max_retries: int | None = None,
-                   threads: int | None = None, worker: bool = True) -> Process:
+                   threads: int | None = None, worker: bool = True,
+                   compute_slots: int | None = None) -> Process:
         """A SuperNode serving client ``cid`` (its ``partition-id``); its client state
         goes to ``state_dir``. ``threads`` caps torch's threads in the node's
         processes: nodes sharing one machine should share its cores, not each take all
-        of them. ``worker=False``: no long-lived worker, every message is served in
+        of them. ``compute_slots``: at most this many of the nodes sharing
+        ``state_dir`` handle a message at once (:mod:`~.compute_slots`; None: no
+        limit). ``worker=False``: no long-lived worker, every message is served in
         the fresh process Flower starts for it (the model built each time)."""
         node_config = (f'partition-id={cid} state-dir="{self.state_dir}" '
                        f'{WORKER_KEY}={str(worker).lower()}')
+        if compute_slots is not None:
+            node_config += f" {SLOTS_KEY}={compute_slots}"
         command = ["flower-supernode", "--superlink", self.address,
                    "--root-certificates", str(self.tls.ca_cert),
                    "--auth-supernode-private-key", str(key.private),
@@ -348,7 +354,7 @@ def _terminate_as_interrupt(signum, frame) -> None:
 def deploy_local(config_file: str | None, overrides: list[str], nodes: int, *,
                  timeout: float | None = None, resume: str | None = None,
                  overwrite: bool = False, state_dir: str | Path | None = None,
-                 worker: bool = True) -> Path:
+                 worker: bool = True, compute_slots: int | None = -1) -> Path:
     """Run one experiment on a loopback deployment with ``nodes`` SuperNodes (one per
     client); the run directory, with the processes' logs under ``deploy/``. ``resume``
     (a run directory) continues that run from its checkpoint.
@@ -356,7 +362,20 @@ def deploy_local(config_file: str | None, overrides: list[str], nodes: int, *,
     The nodes keep their clients' state and exported adapters under ``state_dir``
     (default: ``$SFEDLORA_STATE_DIR``, else ``~/.cache/sfedlora/flower-state``), which
     outlives the deployment so that a resumed run finds them. ``worker=False`` turns the
-    nodes' long-lived workers off (see :meth:`LocalDeployment.start_node`)."""
+    nodes' long-lived workers off (see :meth:`LocalDeployment.start_node`).
+
+    The nodes share this machine's cores as the in-process runtime does: at most
+    ``compute_slots`` of them compute at once (default -1: one per core, at most one per
+    node), each with an equal share of the cores as torch threads; None lets every node
+    compute at once with ``cores // nodes`` threads each."""
+    cores = os.cpu_count() or 1
+    if compute_slots == -1:
+        compute_slots = min(nodes, cores)
+    if compute_slots is not None and compute_slots < 1:
+        raise ConfigError(f"compute_slots (--compute-slots) must be at least 1, or None "
+                          f"(0 on the command line) for no limit; "
+                          f"got {compute_slots}")
+    threads = max(1, cores // min(nodes, compute_slots or nodes))
     overrides = [*overrides, f"clients.num={nodes}"]
     if resume:
         run_dir = Path(resume).resolve()
@@ -377,11 +396,11 @@ def deploy_local(config_file: str | None, overrides: list[str], nodes: int, *,
             run_id = None
             try:
                 deployment.start_superlink()
-                threads = max(1, (os.cpu_count() or 1) // nodes)  # the nodes share this machine
                 for cid in range(nodes):
                     key = make_node_key(deployment.workdir / "keys", f"node-{cid}")
                     deployment.register(key, cid)
-                    deployment.start_node(cid, key, threads=threads, worker=worker)
+                    deployment.start_node(cid, key, threads=threads, worker=worker,
+                                          compute_slots=compute_slots)
                 run_id = deployment.submit(run_config)
                 log.info("run %d on %s with %d SuperNodes", run_id, deployment.address, nodes)
                 status = deployment.wait(run_id, timeout)

@@ -23,6 +23,7 @@ import time
 import traceback
 from pathlib import Path
 
+from sfedlora.runtime.flower.compute_slots import node_slot
 from sfedlora.runtime.flower.worker_channel import recv_frame, send_frame, write_status
 
 log = logging.getLogger("sfedlora.node_worker")
@@ -72,9 +73,12 @@ class NodeWorker:
         start = time.perf_counter()
         try:
             msg = message_from_proto(ProtoMessage.FromString(msg_bytes))
-            reply = self.handlers[kind](msg, context, header["defaults"])
+            with node_slot(context.node_config):
+                waited = time.perf_counter() - start
+                reply = self.handlers[kind](msg, context, header["defaults"])
             send_frame(conn, {}, recorddict_to_proto(reply.content).SerializeToString())
-            log.info("%s message served in %.2f s", kind, time.perf_counter() - start)
+            log.info("%s message served in %.2f s (%.2f s of it waiting for a compute slot)",
+                     kind, time.perf_counter() - start, waited)
         except Exception as err:  # the ClientApp raises it; Flower sends it as the error
             log.error("%s message failed:\n%s", kind, traceback.format_exc())
             send_frame(conn, {"error": f"{type(err).__name__}: {err}"})
