@@ -178,8 +178,6 @@ class LocalDeployment:
                     "FLWR_DISABLE_UPDATE_CHECK": "1",
                     # offline: never `uv sync` an app's dependencies at run time
                     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-                    # a node's SuperExec looks for new messages every second by default
-                    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",
                     MARKER: self.id}
 
     @property
@@ -309,17 +307,43 @@ class LocalDeployment:
                                 env=self.env, capture_output=True, text=True, timeout=30)
         return result.stdout + result.stderr
 
-    def wait(self, run_id: int, timeout: float | None = None, poll: float = 2.0) -> str:
-        """Block until the run finishes; its final status (e.g. ``finished:completed``)."""
+    def wait(self, run_id: int, timeout: float | None = None, poll: float = 2.0,
+             longest_poll: float = 30.0) -> str:
+        """Block until the run finishes; its final status (e.g. ``finished:completed``).
+
+        Each status query is a ``flwr list`` process (about a second of CPU: Flower's
+        imports), which on a machine shared with the nodes slows their training. So the
+        SuperLink is asked at intervals growing from ``poll`` to ``longest_poll``
+        seconds, and at once when the run's ServerApp process, watched cheaply in
+        between, ends."""
         deadline = None if timeout is None else time.monotonic() + timeout
         superlink = self.processes[0]
-        while (status := self.status(run_id)).split(":")[0] != "finished":
+        interval, asked, server_app = poll, -float("inf"), None
+        while True:
+            now = time.monotonic()
+            if server_app is None:
+                server_app = self._server_app()
+            ended = server_app is not None and not server_app.is_running()
+            if ended or now - asked >= interval:
+                status = self.status(run_id)
+                if status.split(":")[0] == "finished":
+                    return status
+                asked, interval = now, min(interval * 1.5, longest_poll)
+                if ended:  # ended but not yet finished in the SuperLink's books
+                    server_app, interval = None, poll
             if not superlink.alive():
                 raise DeploymentError(f"the SuperLink exited mid-run; see {superlink.log}")
-            if deadline is not None and time.monotonic() > deadline:
+            if deadline is not None and now > deadline:
                 raise DeploymentError(f"run {run_id} still {status} after {timeout}s")
-            time.sleep(poll)
-        return status
+            time.sleep(0.5)
+
+    def _server_app(self) -> psutil.Process | None:
+        """This deployment's running ServerApp process, if one is up."""
+        for proc in marked_processes(self.id):
+            with contextlib.suppress(psutil.Error):
+                if any("flwr-serverapp" in part for part in proc.cmdline()):
+                    return proc
+        return None
 
     # --- shutdown -------------------------------------------------------------------
 

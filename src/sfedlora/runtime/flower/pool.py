@@ -32,7 +32,7 @@ from sfedlora.runtime.pool import AdapterRequest, PoolInfo
 from sfedlora.settings import ConfigError, ExperimentConfig
 
 log = logging.getLogger(__name__)
-PULL_S = 0.1  # how often a deployment's ServerApp asks the SuperLink for replies
+PULL_S = 0.5  # how often a deployment's ServerApp asks the SuperLink for replies
 
 
 class FlowerPool:
