@@ -423,3 +423,32 @@ def test_deploy_local_killed_outright_and_resumed_equals_the_uninterrupted_run(
         assert ours.keys() == theirs.keys()
         for name, tensor in ours.items():
             assert (tensor - theirs[name]).abs().max() <= 1e-5, (cid, name)
+
+
+def test_wait_asks_the_superlink_less_and_less_often_and_at_once_when_the_server_app_ends(
+        monkeypatch):
+    """Each status query is a ``flwr`` process (a second of CPU), so ``wait`` spaces them
+    out, and asks at once when the run's ServerApp process ends (a zombie counts)."""
+    import itertools
+    import types
+
+    from sfedlora.runtime.flower import deploy
+
+    clock, asked = [0.0], []
+    monkeypatch.setattr(deploy, "time", types.SimpleNamespace(
+        monotonic=lambda: clock[0], sleep=lambda s: clock.__setitem__(0, clock[0] + s)))
+    server_app = object()
+    monkeypatch.setattr(deploy, "_ended", lambda proc: proc is server_app and clock[0] >= 300)
+    deployment = object.__new__(deploy.LocalDeployment)
+    deployment.processes = [types.SimpleNamespace(alive=lambda: True)]
+    monkeypatch.setattr(deployment, "_server_app", lambda: server_app, raising=False)
+
+    def status(run_id):
+        asked.append(clock[0])
+        return "finished:completed" if clock[0] >= 300 else "running"
+
+    monkeypatch.setattr(deployment, "status", status, raising=False)
+    assert deployment.wait(7) == "finished:completed"
+    gaps = [b - a for a, b in itertools.pairwise(asked)]
+    assert asked[:3] == [0.0, 2.0, 5.0] and asked[-1] == 300.0  # not at the next poll
+    assert gaps[:-1] == sorted(gaps[:-1]) and max(gaps) <= 60.5 and len(asked) < 14

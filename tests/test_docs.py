@@ -4,6 +4,7 @@ code, and nothing a user reads points outside the repository."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -102,8 +103,24 @@ def test_the_batched_results_tables_regenerate_from_their_saved_rows():
 def test_the_flower_results_tables_regenerate_from_their_saved_rows():
     """docs/results/flower.md shows ``flower_overhead.py --report`` of its saved rows."""
     module = import_benchmark("flower_overhead")
-    saved = [ROOT / "docs/results/flower" / f"{name}.json" for name in ("minilm", "smollm2")]
-    assert module.report(saved) in (ROOT / "docs/results/flower.md").read_text()
+    page = (ROOT / "docs/results/flower.md").read_text()
+    for names in (("minilm", "smollm2"), ("minilm-2026-12-06", "smollm2")):
+        saved = [ROOT / "docs/results/flower" / f"{name}.json" for name in names]
+        assert module.report(saved) in page
+    cpu = import_benchmark("process_cpu")
+    saved = json.loads((ROOT / "docs/results/flower/cpu-deployment.json").read_text())
+    assert cpu.report(saved, (2, 3)) in page
+
+
+def test_process_cpu_counts_each_process_within_the_window_only():
+    """An exact check of the CPU profile's arithmetic on made-up samples."""
+    cpu = import_benchmark("process_cpu")
+    seen = {"1@0": {"kind": "a", "born": 0.0, "first": [5.0, 2.0], "last": [15.0, 12.0]},
+            "2@9": {"kind": "a", "born": 9.0, "first": [9.5, 0.2], "last": [11.0, 1.0]},
+            "3@0": {"kind": "b", "born": 0.0, "first": [1.0, 0.0], "last": [2.0, 1.0]}}
+    # process 1: 10 CPU s over 10 s, 5 s of them in [10, 20]; process 2 counts from its
+    # birth at 9: 1 CPU s over 2 s, 1 s of it in the window; process 3 ended before
+    assert cpu.cpu_by_kind(seen, 10.0, 20.0) == {"a": (5.0 + 0.5, 2)}
 
 
 def test_the_provenance_table_regenerates_from_the_committed_runs():

@@ -11,7 +11,7 @@ on its own message and state); a node alone on its machine leaves the key out.
 
 The slots are ``flock`` locks on K files under ``<state-dir>/workers/slots``: the
 kernel releases a slot whose holder dies, so a killed worker blocks no one. Waiters
-poll every few milliseconds, because ``flock`` can block on one file only; written by
+poll every 20 ms, because ``flock`` can block on one file only; written by
 hand since no maintained library offers a cross-process counting semaphore that frees
 a dead holder's slot.
 """
@@ -28,7 +28,7 @@ from pathlib import Path
 from sfedlora.runtime.flower.worker_channel import state_dir
 
 SLOTS_KEY = "compute-slots"  # node config: nodes sharing this state-dir compute K at a time
-POLL_S = 0.005
+POLL_S = 0.02
 
 
 def slot_count(node_config) -> int | None:
