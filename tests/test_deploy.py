@@ -161,6 +161,7 @@ def test_a_node_killed_mid_round_is_dropped_and_the_run_finishes(config_file, tm
     (["--nodes", "2", "method=fedavg"], "method='fedavg'"),
     (["--nodes", "2", "--resume", "no/such/run"], "no checkpoint at"),
     (["--nodes", "2", "lora.rank=0"], "lora.rank"),
+    (["--nodes", "2", "--compute-slots", "-3"], "--compute-slots) must be at least 1"),
 ])
 def test_deploy_local_refuses_bad_input_before_starting_anything(args, message, capsys,
                                                                 started):
