@@ -328,25 +328,25 @@ class LocalDeployment:
         Each status query is a ``flwr list`` process (about a second of CPU: Flower's
         imports), which on a machine shared with the nodes slows their training. So the
         SuperLink is asked at intervals growing from ``poll`` to ``longest_poll``
-        seconds, and at once when the run's ServerApp process, watched cheaply in
-        between, ends."""
+        seconds, and at once when the run's ServerApp process (found at an ask, then
+        watched every half second) ends."""
         deadline = None if timeout is None else time.monotonic() + timeout
         superlink = self.processes[0]
         gap, asked, server_app = poll, None, None
         while True:
             now = time.monotonic()
-            if server_app is None:
-                server_app = self._server_app()
             ended = server_app is not None and _ended(server_app)
             if ended or asked is None or now - asked >= gap:
                 status = self.status(run_id)
                 if status.split(":")[0] == "finished":
                     return status
-                if asked is not None:
+                if ended:  # ended but not yet finished in the SuperLink's books
+                    gap, server_app = poll, None
+                elif asked is not None:
                     gap = min(gap * 1.5, longest_poll)
                 asked = now
-                if ended:  # ended but not yet finished in the SuperLink's books
-                    server_app, gap = None, poll
+                # look for the ServerApp only when asking: a scan reads every process
+                server_app = server_app or self._server_app()
             if not superlink.alive():
                 raise DeploymentError(f"the SuperLink exited mid-run; see {superlink.log}")
             if deadline is not None and now > deadline:
