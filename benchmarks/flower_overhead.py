@@ -19,12 +19,16 @@ Arms (``--arms``, any of them, in this order):
   model and one core each;
 * ``deployment``: Flower's deployment engine on loopback (``sfedlora deploy-local``: a
   SuperLink and one SuperNode per client, TLS, node authentication), each node's
-  messages served by its long-lived worker; the nodes take turns at the cores, one
-  computing node per core (``deploy-local``'s default ``--compute-slots``);
-* ``deployment-all-at-once``: the same, with every node computing at once, each on
-  ``cores // nodes`` threads (``--compute-slots 0``);
-* ``deployment-no-worker``: the same, every message served in the process Flower
-  starts for it (the model built per message): what a node did before its worker.
+  messages answered by its sfedlora node runtime (one long-lived process that takes the
+  node's tasks itself); the nodes take turns at the cores, one computing node per core
+  (``deploy-local``'s default ``--compute-slots``);
+* ``deployment-worker``: the same, each message taken by Flower's SuperExec, which
+  starts a ClientApp process for it that hands it to the node's long-lived worker
+  (``--serving worker``, the default before the node runtime);
+* ``deployment-all-at-once``: like ``deployment``, with every node computing at once,
+  each on ``cores // nodes`` threads (``--compute-slots 0``);
+* ``deployment-per-message``: every message served in the process Flower starts for
+  it, the model built per message (``--serving per-message``, Flower's own way).
 
 Each arm's steady seconds per round is printed beside its ratio to in-process
 (targets: simulation <= 1.10, deployment <= 1.20). ``--save FILE`` writes the rows,
@@ -72,8 +76,8 @@ def timed(name: str, run_dir: Path, call) -> dict:
     return row
 
 
-ARMS = ("in-process", "simulation", "deployment", "deployment-all-at-once",
-        "deployment-no-worker")
+ARMS = ("in-process", "simulation", "deployment", "deployment-worker",
+        "deployment-all-at-once", "deployment-per-message")
 TARGETS = {"simulation": 1.10, "deployment": 1.20}
 
 
@@ -121,10 +125,10 @@ def main() -> None:
 
     transformers.logging.set_verbosity_error()
 
-    def deploy(name: str, worker: bool, compute_slots: int | None = -1):
+    def deploy(name: str, serving: str = "runtime", compute_slots: int | None = -1):
         return lambda: deploy_local(
             args.config, [*common, f"output_dir={out / name}", "flower.round_timeout=3600"],
-            nodes=nodes, state_dir=out / f"{name}-state", worker=worker,
+            nodes=nodes, state_dir=out / f"{name}-state", serving=serving,
             compute_slots=compute_slots)
 
     calls = {
@@ -133,10 +137,10 @@ def main() -> None:
         "simulation": lambda: run_simulation(
             args.config, [*common, f"output_dir={out / 'simulation'}",
                           "flower.round_timeout=3600"], workers=args.workers),
-        "deployment": deploy("deployment", worker=True),
-        "deployment-all-at-once": deploy("deployment-all-at-once", worker=True,
-                                         compute_slots=None),
-        "deployment-no-worker": deploy("deployment-no-worker", worker=False),
+        "deployment": deploy("deployment"),
+        "deployment-worker": deploy("deployment-worker", serving="worker"),
+        "deployment-all-at-once": deploy("deployment-all-at-once", compute_slots=None),
+        "deployment-per-message": deploy("deployment-per-message", serving="per-message"),
     }
     rows = {name: timed(name, out / name, calls[name]) for name in ARMS if name in arms}
     base = rows.get("in-process")

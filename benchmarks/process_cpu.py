@@ -2,7 +2,8 @@
 
 Runs a command (for example ``sfedlora deploy-local ...``) and samples the CPU time of
 every process on the machine every ``--every`` seconds until it exits, then reports the
-CPU seconds each kind of process (the nodes' workers, Flower's per-message ClientApp
+CPU seconds each kind of process (the nodes' runtimes, serving processes (``--serve``)
+and their supervisors, or the nodes' workers and Flower's per-message ClientApp
 processes, SuperNodes, SuperExecs, the SuperLink, ``flwr`` CLI calls, ...) used during
 chosen rounds of the run, read from its ``timings.jsonl``. A process's CPU time between
 two samples is spread evenly over that interval; a process born between samples counts
@@ -27,7 +28,8 @@ from pathlib import Path
 import psutil
 
 # what a process is, by the first of these its command line contains
-KINDS = ("node_worker", "flwr-clientapp", "flower-superexec", "flower-supernode",
+KINDS = ("node_runtime --serve", "node_runtime", "node_worker", "flwr-clientapp",
+         "flower-superexec", "flower-supernode",
          "flower-superlink", "flwr-serverapp", "flwr ", "sfedlora deploy-local")
 
 

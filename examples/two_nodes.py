@@ -51,8 +51,9 @@ def commands(superlink: str, creds: Path, config: str, port: int = 8000
         node_config = shlex.quote(f'partition-id={k} state-dir="/var/lib/sfedlora"')
         plan[f"node {k} (its own machine; copy {key.private} and {tls.ca_cert} there)"] = [
             f"flower-supernode --superlink {address} --root-certificates {tls.ca_cert} "
-            f"--auth-supernode-private-key {key.private} --isolation subprocess "
-            f"--node-config {node_config}",
+            f"--auth-supernode-private-key {key.private} --isolation process "
+            f"--port 9094 --node-config {node_config}",
+            "sfedlora node-runtime --clientappio-api-address 127.0.0.1:9094   # beside it",
         ]
     plan["submitting machine (the run)"] = [
         f"flwr run {app} cluster -c {shlex.quote(run_config)} --stream",

@@ -121,6 +121,9 @@ def _kill_when_training(node, round_idx: int, stop: threading.Event) -> None:
 
 
 def test_a_node_killed_mid_round_is_dropped_and_the_run_finishes(config_file, tmp_path):
+    """The nodes run Flower's SuperExec, whose per-message ClientApp processes hand the
+    messages to the node's long-lived worker (``serving="worker"``; the other tests
+    run the default, the node runtime)."""
     from sfedlora.runtime.flower.config import as_run_config
     from sfedlora.runtime.flower.credentials import make_node_key
     from sfedlora.runtime.flower.deploy import LocalDeployment, marked_processes
@@ -136,7 +139,7 @@ def test_a_node_killed_mid_round_is_dropped_and_the_run_finishes(config_file, tm
         for cid in range(2):
             key = make_node_key(deployment.workdir / "keys", f"node-{cid}")
             deployment.register(key)
-            deployment.start_node(cid, key)
+            deployment.start_node(cid, key, serving="worker")
         killer = threading.Thread(target=_kill_when_training,
                                   args=(deployment.nodes[1], 1, stop), daemon=True)
         killer.start()
@@ -238,7 +241,7 @@ def test_deploy_local_runs_securely_matches_plain_sums_and_leaves_no_process(
     assert run_dir == tmp_path / "deployed"
     logs = sorted(p.name for p in (run_dir / "deploy").iterdir())
     assert logs == ["serverapp.log", "superlink.log", *(f"supernode-{c}{kind}.log" for c in range(3)
-                                       for kind in ("", ".worker"))]
+                                       for kind in ("", ".runtime"))]
     assert json.loads((run_dir / "summary.json").read_text())["round"] == 1
     # the clients' adapters hold their B and head: saved on their nodes, never sent
     # (SFed-LoRA has no global adapter: its B is per client)
@@ -312,9 +315,9 @@ class _DropsOne:
         return getattr(self.pool, name)
 
 
-def _kill_worker_serving(status_file, train: int, stop, killed: list) -> None:
-    """SIGKILL the worker whose status is ``status_file`` while it serves its
-    ``train``-th training message (it has answered ``train - 1``)."""
+def _kill_serving(status_file, train: int, stop, killed: list) -> None:
+    """SIGKILL the node runtime's serving process whose status is ``status_file`` while
+    it serves its ``train``-th training message (it has answered ``train - 1``)."""
     import os
     import signal
 
@@ -330,21 +333,22 @@ def _kill_worker_serving(status_file, train: int, stop, killed: list) -> None:
         time.sleep(0.01)
 
 
-def test_a_worker_killed_mid_round_drops_its_client_for_that_round_and_loses_no_state(
+def test_a_runtime_killed_mid_round_drops_its_client_for_that_round_and_loses_no_state(
         config_file, tmp_path):
-    """Node 1's worker is killed while it trains round 2: that message fails, client 1
-    counts as dropped in round 2, the node starts a new worker for the next message
-    (the evaluation), which scores client 1 with the state it kept after round 1: the
-    run equals the in-process run in which client 1 drops out of round 2."""
+    """Node 1's serving process is killed while it trains round 2: its supervisor
+    answers that message with an error at once (no wait for Flower's task heartbeat to
+    lapse), client 1 counts as dropped in round 2, and the new serving process answers
+    the next message (the evaluation), scoring client 1 with the state it kept after
+    round 1: the run equals the in-process run in which client 1 drops out of round 2."""
     from sfedlora.runtime.experiment import build_experiment
     from sfedlora.runtime.flower.config import as_run_config
     from sfedlora.runtime.flower.credentials import make_node_key
     from sfedlora.runtime.flower.deploy import LocalDeployment
-    from sfedlora.runtime.flower.worker_channel import endpoint
     from sfedlora.runtime.pool import InProcessPool
 
+    inbox_log = tmp_path / "inbox.jsonl"  # every reply the ServerApp received
     cfg, path = config_file("clients.min_clients=1", "local.steps=20",
-                            f"output_dir={tmp_path / 'run'}")
+                            f"output_dir={tmp_path / 'run'}", f"flower.inbox_log={inbox_log}")
     stop, killed = threading.Event(), []
     with LocalDeployment(tmp_path / "work", state_dir=tmp_path / "state") as deployment:
         deployment.start_superlink()
@@ -352,25 +356,27 @@ def test_a_worker_killed_mid_round_drops_its_client_for_that_round_and_loses_no_
             key = make_node_key(deployment.workdir / "keys", f"node-{cid}")
             deployment.register(key, cid)
             deployment.start_node(cid, key)
-        run_id = deployment.submit(as_run_config(str(path), []))
-        worker = endpoint({"state-dir": str(deployment.state_dir)},
-                          deployment.node_ids[1], run_id)
-        killer = threading.Thread(target=_kill_worker_serving, daemon=True,
-                                  args=(worker.status, 2, stop, killed))
+        killer = threading.Thread(target=_kill_serving, daemon=True,
+                                  args=(deployment.runtime_status(1), 2, stop, killed))
         killer.start()
         try:
-            status = deployment.wait(run_id, 400)
+            status = deployment.wait(deployment.submit(as_run_config(str(path), [])), 400)
         finally:
             stop.set()
-        deployment.copy_logs(tmp_path / "logs", run_id)
+        deployment.copy_logs(tmp_path / "logs", None)
     assert status == "finished:completed" and len(killed) == 1
-    worker_log = (tmp_path / "logs" / "supernode-1.worker.log").read_text()
-    assert worker_log.count(" serves node ") == 2  # the killed worker and its successor
+    runtime_log = (tmp_path / "logs" / "supernode-1.runtime.log").read_text()
+    assert runtime_log.count(" serves the SuperNode at ") == 2  # the killed one, its successor
+    assert "answering its task with an error" in runtime_log
+    # the supervisor's answer, not the one Flower gives when the task's heartbeat lapses
+    received = [json.loads(x) for x in inbox_log.read_text().splitlines()]
+    errors = [m["error"] for m in received if "error" in m]
+    assert errors == ["the node's runtime process died (-9) while serving this message"]
 
     deployed = _lines(tmp_path / "run")
     assert [m.get("dropped") for m in deployed] == [None, [1]]
     assert [m["clients"] for m in deployed] == [[0, 1], [0]]
-    assert deployed[1].get("unscored", []) == []  # the new worker scored client 1
+    assert deployed[1].get("unscored", []) == []  # the new serving process scored client 1
     local_cfg = cfg.model_copy(update={"output_dir": str(tmp_path / "local")})
     Simulation(local_cfg, _DropsOne(InProcessPool(build_experiment(local_cfg)), 1, 2)).run()
     _assert_same_metrics(_lines(tmp_path / "local"), deployed)

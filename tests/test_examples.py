@@ -97,6 +97,10 @@ def test_two_nodes_writes_credentials_and_the_commands_for_each_machine(tmp_path
     nodes = [x for x in lines if x.startswith("flower-supernode")]
     assert len(nodes) == 2 and all("--superlink 10.0.0.5:8000" in x for x in nodes)
     assert [re.search(r"partition-id=(\d)", x).group(1) for x in nodes] == ["0", "1"]
+    # each node's messages answered by its sfedlora runtime, beside its SuperNode
+    assert all("--isolation process --port 9094" in x for x in nodes)
+    assert [x.split("#")[0].strip() for x in lines if "node-runtime" in x] == [
+        "sfedlora node-runtime --clientappio-api-address 127.0.0.1:9094"] * 2
     for k in range(2):  # private keys readable by their owner only
         mode = stat.S_IMODE((tmp_path / "keys" / f"node-{k}").stat().st_mode)
         assert mode == 0o600

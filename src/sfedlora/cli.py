@@ -160,7 +160,7 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
     try:
         run_dir = deploy_local(config, overrides, args.nodes, timeout=args.timeout,
                                resume=args.resume, overwrite=args.overwrite,
-                               state_dir=args.state_dir, worker=not args.no_worker,
+                               state_dir=args.state_dir, serving=args.serving,
                                compute_slots=args.compute_slots or None)
     except DeploymentError as exc:
         print(f"sfedlora: {exc}", file=sys.stderr)
@@ -172,6 +172,14 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
     _print_table(run_files.summary(run_dir), str(run_dir))
     print(f"process logs: {run_dir / 'deploy'}")
     return 0
+
+
+def cmd_node_runtime(args: argparse.Namespace) -> int:
+    _quiet_libraries()
+    from sfedlora.runtime.flower.node_runtime import supervise
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    return supervise(args)
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
@@ -308,13 +316,27 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("--state-dir", help="where the nodes keep their clients' state and "
                         "exported adapters (default: $SFEDLORA_STATE_DIR, else "
                         "~/.cache/sfedlora/flower-state); a resumed run needs the same one")
-    deploy.add_argument("--no-worker", action="store_true",
-                        help="no long-lived worker per node: every message builds the model "
-                        "in the process Flower starts for it (slower; for comparison)")
+    deploy.add_argument("--serving", choices=["runtime", "worker", "per-message"],
+                        default="runtime",
+                        help="what answers a node's messages: runtime (default), the node's "
+                        "sfedlora runtime, one process with the model loaded once, taking "
+                        "tasks from its SuperNode; worker, Flower's per-message ClientApp "
+                        "process handing each message to a long-lived worker; per-message, "
+                        "Flower's default, the model built for every message (slowest; "
+                        "for comparison)")
     deploy.add_argument("--compute-slots", type=int, default=-1, metavar="K",
                         help="at most K nodes compute at once, each with cores/K torch "
                         "threads (default: one per core); 0: every node at once")
     deploy.set_defaults(func=cmd_deploy_local)
+
+    from sfedlora.runtime.flower import node_runtime
+
+    runtime = sub.add_parser(
+        "node-runtime", help="answer a Flower SuperNode's messages (one started with "
+        "--isolation process) in one long-lived process, the model loaded once; restarted "
+        "if it dies")
+    node_runtime.add_arguments(runtime)
+    runtime.set_defaults(func=cmd_node_runtime)
 
     data = sub.add_parser("data", help="the named datasets (data.dataset: NAME): list them, "
                           "or fetch them into the data directory")

@@ -51,6 +51,14 @@ SUPEREXEC_POLL_S = 2.0  # seconds between a node's SuperExec's asks for work (Fl
 MARKER = "SFEDLORA_DEPLOYMENT"  # environment variable naming the deployment a process is in
 CONNECTION = "sfedlora-deployment"  # the SuperLink connection name in FLWR_HOME/config.toml
 STOP_GRACE_S = 10.0
+SERVING = {  # what answers a deployed node's messages
+    "runtime": "the node's sfedlora runtime takes its tasks from the SuperNode itself "
+               "(--isolation process): one process, the model loaded once",
+    "worker": "Flower's SuperExec starts a ClientApp process per message, which hands it "
+              "to the node's long-lived worker",
+    "per-message": "Flower's SuperExec starts a ClientApp process per message, which "
+                   "builds the model and answers it (Flower's default)",
+}
 
 # The Flower app a deployment submits: only its metadata travels (the FAB); every node
 # runs the sfedlora installed in its own environment.
@@ -172,11 +180,13 @@ class LocalDeployment:
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     processes: list[Process] = field(default_factory=list)
     nodes: dict[int, Process] = field(default_factory=dict)
+    runtimes: dict[int, Process] = field(default_factory=dict)  # by client, if any
 
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir).resolve()
         self.logs = self.workdir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
+        (self.workdir / "runtimes").mkdir(exist_ok=True)
         self.state_dir = Path(self.state_dir or self.workdir / "state").resolve()
         self.node_ids: dict[int, int] = {}  # client id -> the SuperLink's node id
         self.tls = make_tls(self.workdir / "tls", [self.host, "localhost"])
@@ -275,31 +285,45 @@ class LocalDeployment:
         return self._flwr("supernode", "list", CONNECTION)["nodes"]
 
     def start_node(self, cid: int, key: NodeKey, *, max_retries: int | None = None,
-                   threads: int | None = None, worker: bool = True,
+                   threads: int | None = None, serving: str = "runtime",
                    compute_slots: int | None = None) -> Process:
         """A SuperNode serving client ``cid`` (its ``partition-id``); its client state
         goes to ``state_dir``. ``threads`` caps torch's threads in the node's
         processes: nodes sharing one machine should share its cores, not each take all
         of them. ``compute_slots``: at most this many of the nodes sharing
         ``state_dir`` handle a message at once (:mod:`~.compute_slots`; None: no
-        limit). ``worker=False``: no long-lived worker, every message is served in
-        the fresh process Flower starts for it (the model built each time)."""
+        limit). ``serving`` (:data:`SERVING`) says which process answers its messages."""
+        if serving not in SERVING:
+            raise ConfigError(f"serving (--serving) must be one of {sorted(SERVING)}; "
+                              f"got {serving!r}")
         node_config = (f'partition-id={cid} state-dir="{self.state_dir}" '
-                       f'{WORKER_KEY}={str(worker).lower()}')
+                       f'{WORKER_KEY}={str(serving == "worker").lower()}')
         if compute_slots is not None:
             node_config += f" {SLOTS_KEY}={compute_slots}"
         command = ["flower-supernode", "--superlink", self.address,
                    "--root-certificates", str(self.tls.ca_cert),
                    "--auth-supernode-private-key", str(key.private),
-                   "--node-config", node_config, "--isolation", "subprocess",
-                   "--host", self.host, "--port", str(free_port(self.host))]
+                   "--node-config", node_config,
+                   # the node's ClientAppIo API, where its messages are taken from
+                   "--host", self.host, "--port", str(appio_port := free_port(self.host)),
+                   # "process": no SuperExec, our runtime takes the node's tasks itself
+                   "--isolation", "process" if serving == "runtime" else "subprocess"]
         if max_retries is not None:
             command += ["--max-retries", str(max_retries)]
         env = None if threads is None else {"OMP_NUM_THREADS": str(threads),
                                              "MKL_NUM_THREADS": str(threads)}
         proc = self._spawn(f"supernode-{cid}", command, env)
         self.nodes[cid] = proc
+        if serving == "runtime":
+            self.runtimes[cid] = self._spawn(f"supernode-{cid}.runtime", [
+                sys.executable, "-m", "sfedlora.runtime.flower.node_runtime",
+                "--clientappio-api-address", f"{self.host}:{appio_port}",
+                "--status", str(self.runtime_status(cid))], env)
         return proc
+
+    def runtime_status(self, cid: int) -> Path:
+        """Client ``cid``'s node runtime's status file (``serving="runtime"``)."""
+        return self.workdir / "runtimes" / f"node-{cid}.json"
 
     # --- runs -----------------------------------------------------------------------
 
@@ -366,8 +390,9 @@ class LocalDeployment:
     def stop(self) -> None:
         """SuperNodes first (all at once) with their workers, then the SuperLink, then
         anything left with our marker."""
-        others = [proc for proc in self.processes if proc not in self.nodes.values()]
-        for group in ([*self.nodes.values()], others):
+        nodes = [*self.nodes.values(), *self.runtimes.values()]
+        others = [proc for proc in self.processes if proc not in nodes]
+        for group in (nodes, others):
             _end([p for proc in group for p in _tree(proc.popen.pid)], STOP_GRACE_S)
             for proc in group:
                 proc.popen.wait()
@@ -394,15 +419,15 @@ def _terminate_as_interrupt(signum, frame) -> None:
 def deploy_local(config_file: str | None, overrides: list[str], nodes: int, *,
                  timeout: float | None = None, resume: str | None = None,
                  overwrite: bool = False, state_dir: str | Path | None = None,
-                 worker: bool = True, compute_slots: int | None = -1) -> Path:
+                 serving: str = "runtime", compute_slots: int | None = -1) -> Path:
     """Run one experiment on a loopback deployment with ``nodes`` SuperNodes (one per
     client); the run directory, with the processes' logs under ``deploy/``. ``resume``
     (a run directory) continues that run from its checkpoint.
 
     The nodes keep their clients' state and exported adapters under ``state_dir``
     (default: ``$SFEDLORA_STATE_DIR``, else ``~/.cache/sfedlora/flower-state``), which
-    outlives the deployment so that a resumed run finds them. ``worker=False`` turns the
-    nodes' long-lived workers off (see :meth:`LocalDeployment.start_node`).
+    outlives the deployment so that a resumed run finds them. ``serving`` chooses what
+    answers the nodes' messages (:data:`SERVING`).
 
     The nodes share this machine's cores as the in-process runtime does: at most
     ``compute_slots`` of them compute at once (default -1: one per core, at most one per
@@ -439,7 +464,7 @@ def deploy_local(config_file: str | None, overrides: list[str], nodes: int, *,
                 for cid in range(nodes):
                     key = make_node_key(deployment.workdir / "keys", f"node-{cid}")
                     deployment.register(key, cid)
-                    deployment.start_node(cid, key, threads=threads, worker=worker,
+                    deployment.start_node(cid, key, threads=threads, serving=serving,
                                           compute_slots=compute_slots)
                 run_id = deployment.submit(run_config)
                 log.info("run %d on %s with %d SuperNodes", run_id, deployment.address, nodes)
