@@ -73,3 +73,20 @@ def test_slot_count_reads_the_node_config(value, count):
 def test_a_bad_slot_count_names_the_key_and_the_fix(value):
     with pytest.raises(ValueError, match=r"compute-slots=.*whole number.*at least 1"):
         slot_count({"compute-slots": value})
+
+
+def test_a_nodes_slots_lie_in_its_private_workers_folder(tmp_path):
+    """The slots' folder is created closed to other accounts, as the node's worker
+    socket (which may share it) requires: a node that computes first in its slot must
+    not leave a folder the worker channel then refuses."""
+    import stat
+
+    from sfedlora.runtime.flower.compute_slots import node_slot
+    from sfedlora.runtime.flower.worker_channel import private_folder
+
+    config = {"state-dir": str(tmp_path / "state"), "compute-slots": "1"}
+    with node_slot(config) as slot:
+        assert slot == 0
+    for folder in (tmp_path / "state/workers", tmp_path / "state/workers/slots"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+    private_folder(tmp_path / "state/workers")  # accepted

@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from sfedlora.runtime.flower.worker_channel import state_dir
+from sfedlora.runtime.flower.worker_channel import private_folder, state_dir
 
 SLOTS_KEY = "compute-slots"  # node config: nodes sharing this state-dir compute K at a time
 POLL_S = 0.02
@@ -77,5 +77,9 @@ def compute_slot(folder: Path, count: int | None) -> Iterator[int | None]:
 
 def node_slot(node_config) -> contextlib.AbstractContextManager[int | None]:
     """The slot this node's message computes in: one of ``compute-slots`` shared by the
-    nodes whose state directory is this node's (none without the key)."""
-    return compute_slot(state_dir(node_config) / "workers" / "slots", slot_count(node_config))
+    nodes whose state directory is this node's (none without the key). The slots lie in
+    the nodes' private ``workers`` folder, which a node's worker socket may share."""
+    count = slot_count(node_config)
+    if count is None:
+        return compute_slot(Path(), None)
+    return compute_slot(private_folder(state_dir(node_config) / "workers") / "slots", count)

@@ -276,6 +276,8 @@ class LocalDeployment:
         if run_id is None:  # no run was submitted: no worker started
             return
         for cid, node_id in self.node_ids.items():
+            if cid in self.runtimes:  # its runtime's log is among the processes' logs
+                continue
             worker_log = endpoint({"state-dir": str(self.state_dir)}, node_id, run_id).log
             if worker_log.is_file():
                 shutil.copyfile(worker_log, folder / f"supernode-{cid}.worker.log")
