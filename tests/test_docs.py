@@ -104,13 +104,15 @@ def test_the_flower_results_tables_regenerate_from_their_saved_rows():
     """docs/results/flower.md shows ``flower_overhead.py --report`` of its saved rows."""
     module = import_benchmark("flower_overhead")
     page = (ROOT / "docs/results/flower.md").read_text()
-    for names in (("minilm", "smollm2"), ("minilm-slots-only", "minilm-less-polling"),
+    for names in (("minilm-runtime", "smollm2-runtime"), ("minilm", "smollm2"),
+                  ("minilm-slots-only", "minilm-less-polling"),
                   ("minilm-2026-12-06", "smollm2-2026-12-06")):
         saved = [ROOT / "docs/results/flower" / f"{name}.json" for name in names]
         assert module.report(saved) in page
     cpu = import_benchmark("process_cpu")
-    saved = json.loads((ROOT / "docs/results/flower/cpu-deployment.json").read_text())
-    assert cpu.report(saved, (2, 3)) in page
+    for name in ("cpu-deployment", "cpu-runtime"):
+        saved = json.loads((ROOT / f"docs/results/flower/{name}.json").read_text())
+        assert cpu.report(saved, (2, 3)) in page
 
 
 def test_process_cpu_counts_each_process_within_the_window_only():
