@@ -91,10 +91,10 @@ def test_the_supervisor_answers_the_task_a_dead_process_held_and_restarts_it(
                         lambda args, fd: [sys.executable, "-c", script, str(fd)])
     answered = []
     monkeypatch.setattr(node_runtime, "answer_abandoned_task",
-                        lambda address, insecure, certs, task, reason:
-                        answered.append((address, insecure, task, reason)))
+                        lambda address, certificates, task, reason:
+                        answered.append((address, certificates, task, reason)))
     assert node_runtime.supervise(_args(tmp_path)) == 1
     assert len(starts.read_text()) == node_runtime.QUICK_DEATHS
-    assert answered == [("127.0.0.1:1", True,
+    assert answered == [("127.0.0.1:1", None,
                          {"token": "t1", "node_id": 7, "run_id": 9, "message": "m"},
                          "the node's runtime process died (-9) while serving this message")]

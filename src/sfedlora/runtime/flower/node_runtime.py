@@ -60,8 +60,10 @@ class RefusedTask(RuntimeError):
     """A task this runtime will not serve; the reason goes back as the error reply."""
 
 
-def _client(address: str, insecure: bool, certificates: bytes | None, component: str,
+def _client(address: str, certificates: bytes | None, component: str,
             token: str | None = None, auth_secret: bytes | None = None):
+    """Flower's client of the SuperNode's runtime API: TLS against ``certificates``, or
+    plain HTTP without them (a loopback address)."""
     from flwr.supercore.interceptors import (
         RuntimeTokenHttpInterceptor,
         RuntimeVersionHttpInterceptor,
@@ -77,9 +79,10 @@ def _client(address: str, insecure: bool, certificates: bytes | None, component:
         interceptors.append(SuperExecAuthHttpInterceptor(
             master_secret=auth_secret, protected_methods=frozenset(
                 {"/flwr.proto.Runtime/AcquireTask"})))
+    plain = certificates is None
     return RuntimeHttpClient.from_server_address(
-        server_address=address, insecure=insecure, root_certificates=certificates,
-        interceptors=interceptors, retry_invoker=make_simple_http_retry_invoker())
+        address, plain, certificates, interceptors,
+        retry_invoker=make_simple_http_retry_invoker())
 
 
 def fab_client_app(fab_content: bytes) -> str:
@@ -105,16 +108,16 @@ def message_kind(message) -> str:
 class NodeRuntime:
     """Serves its SuperNode's ClientApp tasks one at a time, in this process."""
 
-    def __init__(self, address: str, *, insecure: bool = True,
-                 certificates: bytes | None = None, auth_secret: bytes | None = None,
+    def __init__(self, address: str, *, certificates: bytes | None = None,
+                 auth_secret: bytes | None = None,
                  status: Path | None = None, announce=None):
         from sfedlora.runtime.flower import handlers  # torch and the model stack, once
 
         self.handlers = handlers.HANDLERS
-        self.address, self.insecure, self.certificates = address, insecure, certificates
+        self.address, self.certificates = address, certificates
         self.status, self.announce = status, announce or (lambda record: None)
         self.served: dict[str, int] = {}  # messages answered, by kind
-        self.tasks = _client(address, insecure, certificates, "SuperExec",
+        self.tasks = _client(address, certificates, "SuperExec",
                              auth_secret=auth_secret)
         self._write(None)
 
@@ -160,8 +163,7 @@ class NodeRuntime:
             push_task_output,
         )
 
-        client = _client(self.address, self.insecure, self.certificates, "flwr-clientapp",
-                         token=token)
+        client = _client(self.address, self.certificates, "flwr-clientapp", token=token)
         heartbeat = HeartbeatSender(_heartbeat_fn(client))
         heartbeat.start()
         message = context = None
@@ -225,8 +227,8 @@ def _encode_metadata(message) -> str:
     return base64.b64encode(proto.SerializeToString()).decode()
 
 
-def answer_abandoned_task(address: str, insecure: bool, certificates: bytes | None,
-                          task: dict, reason: str) -> None:
+def answer_abandoned_task(address: str, certificates: bytes | None, task: dict,
+                          reason: str) -> None:
     """Reply with an error to the message of a task whose serving process died, and end
     the task: what Flower's ClientApp process does when its app raises."""
     from types import SimpleNamespace
@@ -239,7 +241,7 @@ def answer_abandoned_task(address: str, insecure: bool, certificates: bytes | No
     from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
     message = message_from_proto(ProtoMessage.FromString(base64.b64decode(task["message"])))
-    client = _client(address, insecure, certificates, "flwr-clientapp", token=task["token"])
+    client = _client(address, certificates, "flwr-clientapp", token=task["token"])
     try:
         reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
                         reply_to=message)
@@ -307,8 +309,8 @@ def _restart_until_stopped(args: argparse.Namespace, stopping: threading.Event,
                   "; answering its task with an error" if task else "")
         if task is not None:
             try:
-                answer_abandoned_task(args.clientappio_api_address, _insecure(args),
-                                      _certificates(args), task, reason)
+                answer_abandoned_task(args.clientappio_api_address, _certificates(args),
+                                      task, reason)
             except Exception:  # the task's heartbeat lapses instead: Flower answers it
                 log.exception("could not answer the abandoned task")
         now = time.monotonic()
@@ -318,10 +320,6 @@ def _restart_until_stopped(args: argparse.Namespace, stopping: threading.Event,
                       len(deaths), RESTART_WINDOW_S)
             return 1
     return 0
-
-
-def _insecure(args: argparse.Namespace) -> bool:
-    return args.root_certificates is None
 
 
 def _certificates(args: argparse.Namespace) -> bytes | None:
@@ -366,9 +364,8 @@ def main(argv: list[str] | None = None) -> int:
 
     start_parent_process_monitor(os.getppid())  # a supervisor killed outright takes us along
     secret = load_superexec_auth_secret(args.superexec_auth_secret_file)
-    runtime = NodeRuntime(args.clientappio_api_address, insecure=_insecure(args),
-                          certificates=_certificates(args), auth_secret=secret,
-                          status=args.status, announce=announce)
+    runtime = NodeRuntime(args.clientappio_api_address, certificates=_certificates(args),
+                          auth_secret=secret, status=args.status, announce=announce)
     log.info("node runtime %d serves the SuperNode at %s", os.getpid(),
              args.clientappio_api_address)
     runtime.serve_forever()
