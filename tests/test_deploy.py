@@ -175,6 +175,16 @@ def test_deploy_local_refuses_bad_input_before_starting_anything(args, message, 
     assert started == []
 
 
+def test_an_unknown_serving_mode_is_refused_before_anything_starts(started):
+    from sfedlora.config import ConfigError
+    from sfedlora.runtime.flower.deploy import deploy_local
+
+    with pytest.raises(ConfigError, match=r"serving \(--serving\) must be one of "
+                                          r"\['per-message', 'runtime', 'worker'\]"):
+        deploy_local(None, [], 2, serving="fast")
+    assert started == []
+
+
 def test_sigterm_mid_run_stops_every_process(config_file, tmp_path):
     """What a scheduler (SLURM, Kubernetes) sends; Ctrl-C takes the same path."""
     import signal

@@ -435,6 +435,9 @@ def deploy_local(config_file: str | None, overrides: list[str], nodes: int, *,
     ``compute_slots`` of them compute at once (default -1: one per core, at most one per
     node), each with an equal share of the cores as torch threads; None lets every node
     compute at once with ``cores // nodes`` threads each."""
+    if serving not in SERVING:
+        raise ConfigError(f"serving (--serving) must be one of {sorted(SERVING)}; "
+                          f"got {serving!r}")
     cores = os.cpu_count() or 1
     if compute_slots == -1:
         compute_slots = min(nodes, cores)
