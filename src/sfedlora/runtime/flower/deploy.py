@@ -120,6 +120,12 @@ def _end(procs: list[psutil.Process], grace: float) -> None:
     psutil.wait_procs(alive, timeout=grace)
 
 
+def _check_serving(serving: str) -> None:
+    if serving not in SERVING:
+        raise ConfigError(f"serving (--serving) must be one of {sorted(SERVING)}; "
+                          f"got {serving!r}")
+
+
 def marked_processes(deployment_id: str | None = None) -> list[psutil.Process]:
     """Every live process whose environment carries this deployment's marker (any
     deployment's, when ``deployment_id`` is None)."""
@@ -295,9 +301,7 @@ class LocalDeployment:
         of them. ``compute_slots``: at most this many of the nodes sharing
         ``state_dir`` handle a message at once (:mod:`~.compute_slots`; None: no
         limit). ``serving`` (:data:`SERVING`) says which process answers its messages."""
-        if serving not in SERVING:
-            raise ConfigError(f"serving (--serving) must be one of {sorted(SERVING)}; "
-                              f"got {serving!r}")
+        _check_serving(serving)
         node_config = (f'partition-id={cid} state-dir="{self.state_dir}" '
                        f'{WORKER_KEY}={str(serving == "worker").lower()}')
         if compute_slots is not None:
@@ -435,9 +439,7 @@ def deploy_local(config_file: str | None, overrides: list[str], nodes: int, *,
     ``compute_slots`` of them compute at once (default -1: one per core, at most one per
     node), each with an equal share of the cores as torch threads; None lets every node
     compute at once with ``cores // nodes`` threads each."""
-    if serving not in SERVING:
-        raise ConfigError(f"serving (--serving) must be one of {sorted(SERVING)}; "
-                          f"got {serving!r}")
+    _check_serving(serving)  # before anything starts
     cores = os.cpu_count() or 1
     if compute_slots == -1:
         compute_slots = min(nodes, cores)

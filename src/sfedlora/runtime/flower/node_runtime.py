@@ -153,9 +153,7 @@ class NodeRuntime:
 
     def serve(self, token: str) -> None:
         """Pull the task's message, answer it, push the reply and the task's end."""
-        from flwr.app import Message
-        from flwr.app.error import Error
-        from flwr.common.constant import ErrorCode, SubStatus
+        from flwr.common.constant import SubStatus
         from flwr.supercore.heartbeat import HeartbeatSender
         from flwr.supernode.runtime.run_clientapp import (
             pull_task_input,
@@ -187,9 +185,7 @@ class NodeRuntime:
         except Exception as err:  # Flower's ClientApp process does the same: error reply
             log.exception("%s message failed", kind)
             details = f"{type(err).__name__}: {err}"
-            code = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
-            reply = None if message is None else Message(Error(code=code, reason=details),
-                                                         reply_to=message)
+            reply = None if message is None else _error_reply(message, details)
         try:
             if reply is not None and context is not None:
                 push_message(client, reply, context)
@@ -218,6 +214,16 @@ def _heartbeat_fn(client):
     return beat
 
 
+def _error_reply(message, reason: str):
+    """The reply Flower's ClientApp process sends when its app raises."""
+    from flwr.app import Message
+    from flwr.app.error import Error
+    from flwr.common.constant import ErrorCode
+
+    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
+                   reply_to=message)
+
+
 def _encode_metadata(message) -> str:
     """The message without its content (what an error reply to it needs), as text."""
     from flwr.app.message import remove_content_from_message
@@ -233,9 +239,7 @@ def answer_abandoned_task(address: str, certificates: bytes | None, task: dict,
     the task: what Flower's ClientApp process does when its app raises."""
     from types import SimpleNamespace
 
-    from flwr.app import Message
-    from flwr.app.error import Error
-    from flwr.common.constant import ErrorCode, SubStatus
+    from flwr.common.constant import SubStatus
     from flwr.common.serde import message_from_proto
     from flwr.proto.message_pb2 import Message as ProtoMessage
     from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
@@ -243,10 +247,8 @@ def answer_abandoned_task(address: str, certificates: bytes | None, task: dict,
     message = message_from_proto(ProtoMessage.FromString(base64.b64decode(task["message"])))
     client = _client(address, certificates, "flwr-clientapp", token=task["token"])
     try:
-        reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
-                        reply_to=message)
-        push_message(client, reply, SimpleNamespace(node_id=task["node_id"],
-                                                    run_id=task["run_id"]))
+        push_message(client, _error_reply(message, reason),
+                     SimpleNamespace(node_id=task["node_id"], run_id=task["run_id"]))
         push_task_output(client, None, SubStatus.FAILED, reason)
     finally:
         client.close()
