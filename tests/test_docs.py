@@ -146,6 +146,22 @@ def test_every_planned_studys_report_regenerates_and_follows_its_plan():
         assert "The plan's commit precedes every run's: yes." in text, report
 
 
+QUOTED = re.compile(r"<!-- quoted from (\S+/report\.md) -->\n\n((?:\|.*\n)+)")
+
+
+def test_tables_quoted_from_a_planned_studys_report_are_in_it():
+    """A results page quotes a planned study's tables (arms, verdicts) below a marker
+    ``<!-- quoted from <study>/report.md -->``; each quoted table must be in that report
+    as committed, which the test above regenerates from the runs."""
+    quoted = [(page, m) for page in sorted((ROOT / "docs/results").glob("*.md"))
+              for m in QUOTED.finditer(page.read_text())]
+    assert quoted, "no page quotes a study report; the marker's spelling changed?"
+    for page, match in quoted:
+        report = page.parent / match.group(1)
+        assert match.group(2) in report.read_text(), \
+            f"{page.name}: a table quoted from {match.group(1)} differs from the report"
+
+
 def test_the_overhead_and_gsm8k_tables_regenerate_from_their_records(monkeypatch):
     """docs/results/overhead.md and gsm8k.md show their benchmarks' --report of the
     committed records, and the GSM8K run's table (``demo.py --report``)."""

@@ -111,6 +111,10 @@ def test_a_verdict_is_the_paired_difference_and_its_t_interval():
     assert math.isclose(verdict.mean + verdict.half_width, high, rel_tol=1e-9)
     assert verdict.outcome == "sfed"
     assert "sfed wins" in verdict.sentence() and "Mechanism: m" in verdict.sentence()
+    assert verdict.summary_cells() == [
+        "r", "final personalized_accuracy",
+        f"{verdict.mean:+.4f} ± {verdict.half_width:.4f}", "0.01", "sfed wins"]
+    assert verdict.summary_cells()[2] == "+0.0940 ± 0.0142"  # by hand: 0.094, t 2.776 x sem
     assert decide(rule, control, arm, list(range(5))).outcome == "local"
     wide = Rule(name="r", arm="sfed", control="local", mechanism="m", margin=0.5)
     short = decide(wide, arm, control, list(range(5)))  # 0.09 ± 0.02: below 0.5
@@ -178,10 +182,16 @@ def test_a_ratio_target_reads_the_paired_log_ratio_and_a_line_never_held_misses(
     assert math.isclose(verdict.interval[0], math.exp(low), rel_tol=1e-9)
     assert math.isclose(verdict.interval[1], math.exp(high), rel_tol=1e-9)
     assert verdict.outcome == "met" and "must clear 20x; met" in verdict.sentence()
+    assert verdict.summary_cells() == [
+        "20x", "bytes_to personalized_accuracy",
+        f"{math.exp(sum(logs) / 5):.2f}x ({math.exp(low):.2f}x to {math.exp(high):.2f}x)",
+        "20x", "met"]
     short = {s: v * 2 for s, v in packed.items()}  # 12.5x to 16.7x
     assert decide(rule, short, plain, range(5)).outcome == "missed"
     packed[2] = math.inf  # one seed never reached equal accuracy: the target is missed
     assert decide(rule, packed, plain, range(5)).outcome == "missed"
+    assert decide(rule, packed, plain, range(5)).summary_cells()[2:] == [
+        "1 run(s) of packed never held the line", "20x", "missed"]
     plain[1], packed[2] = math.inf, 40.0  # the control never did: nothing to compare with
     assert decide(rule, packed, plain, range(5)).outcome == "unresolved"
 

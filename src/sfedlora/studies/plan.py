@@ -329,6 +329,21 @@ class Verdict:
                 f"{winner}. Mechanism: {r.mechanism}")
 
 
+    def summary_cells(self) -> list[str]:
+        """The verdict as one row of a summary table: the rule, what was read, the
+        paired figure with its 95% interval, and the outcome."""
+        r = self.rule
+        figures = [f"{n} run(s) of {a} never held the line" for a, n in self.never.items()]
+        if r.compare == "ratio" and not math.isnan(self.mean):
+            low, high = self.interval
+            figures.insert(0, f"{math.exp(self.mean):.2f}x ({low:.2f}x to {high:.2f}x)")
+        elif not math.isnan(self.mean):
+            figures.insert(0, f"{self.mean:+.4f} ± {self.half_width:.4f}")
+        clear = f"{r.target:g}x" if r.compare == "ratio" else f"{r.margin:g}"
+        outcome = f"{self.outcome} wins" if self.outcome in (r.arm, r.control) \
+            else self.outcome
+        return [r.name, f"{r.reading} {r.metric}", "; ".join(figures) or "-", clear, outcome]
+
     def _ratio_sentence(self) -> str:
         r = self.rule
         never = "".join(f"; {n} run(s) of {a} never held the line" for a, n in

@@ -290,8 +290,11 @@ class PlannedStudy:
         lines += [markdown_table(["arm", "chosen", *plan.metrics, "seeds"], rows), "",
                   "Mean ± half-width of the 95% t-interval over the reporting seeds.", "",
                   "## Verdicts", ""]
-        for rule in plan.rules:
-            verdict = self.verdict(rule)
+        verdicts = [self.verdict(rule) for rule in plan.rules]
+        lines += [markdown_table(["rule", "reading", "arm against control, paired (95%)",
+                                  "must clear", "outcome"],
+                                 [v.summary_cells() for v in verdicts]), ""]
+        for rule, verdict in zip(plan.rules, verdicts, strict=True):
             lines += [f"- {verdict.sentence()}", ""]
             lines += [_per_seed_table(self, rule), ""]
         problems = plan_precedes(self.plan_path, self.all_runs())
