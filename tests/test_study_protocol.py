@@ -108,6 +108,15 @@ def test_a_plan_may_choose_on_an_accuracy_where_highest_wins(tmp_path):
     assert rung == {"local.lr": 4e-3} and means[(("local.lr", 4e-3),)] == pytest.approx(0.9)
 
 
+def test_among_rungs_that_tie_exactly_the_lowest_learning_rate_is_chosen(tmp_path):
+    """Accuracy over a few hundred validation examples ties often; the choice must not
+    depend on the order runs finished in. Here the top two rungs tie."""
+    study, _ = _study(tmp_path, lambda arm, lr, seed: {1e-3: 0.7, 4e-3: 0.9, 1.6e-2: 0.9}[lr],
+                      tune_higher_is_better=True)
+    assert study.select("sfed")
+    assert study.choice("sfed")[0] == {"local.lr": 4e-3}
+
+
 def test_a_choice_at_an_end_extends_the_ladder_by_its_ratio_up_to_extend(tmp_path):
     study, runs = _study(tmp_path, lambda arm, lr, seed: lr, extend=1)  # lowest is best
     assert study.select("sfed")

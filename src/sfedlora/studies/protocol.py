@@ -100,8 +100,8 @@ class PlannedStudy:
     def choice(self, arm: str) -> tuple[Rung, dict[tuple, float]]:
         """The chosen rung (the best mean ``tune_on`` over the selection seeds: lowest,
         or highest with ``tune_higher_is_better``; a figure that is not finite counts as
-        worst) and each complete rung's mean; an arm with ``rung_from`` takes that
-        arm's."""
+        worst; among exact ties the smallest rung, so the lowest learning rate) and each
+        complete rung's mean; an arm with ``rung_from`` takes that arm's."""
         if source := self.plan.arms[arm].rung_from:
             return self.choice(source)
         sign = -1.0 if self.plan.tune_higher_is_better else 1.0
