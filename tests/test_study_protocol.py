@@ -117,6 +117,18 @@ def test_among_rungs_that_tie_exactly_the_lowest_learning_rate_is_chosen(tmp_pat
     assert study.choice("sfed")[0] == {"local.lr": 4e-3}
 
 
+def test_status_says_what_has_finished_and_what_is_due_without_running_anything(tmp_path):
+    study, runs = _study(tmp_path, lambda arm, lr, seed: abs(lr - 4e-3))
+    assert study.progress().splitlines()[2:] == [  # the plan's arms in order (yaml sorts)
+        "| local | 0 | 0/5 | - | select: 6 |", "| sfed | 0 | 0/5 | - | select: 6 |"]
+    assert runs.calls == []
+    study.select("sfed")
+    assert study.progress().splitlines()[3] == "| sfed | 6 | 0/5 | local.lr=0.004 | report: 5 |"
+    study.run("all")
+    assert study.progress().splitlines()[2:] == [
+        "| local | 6 | 5/5 | local.lr=0.004 | done |", "| sfed | 6 | 5/5 | local.lr=0.004 | done |"]
+
+
 def test_a_choice_at_an_end_extends_the_ladder_by_its_ratio_up_to_extend(tmp_path):
     study, runs = _study(tmp_path, lambda arm, lr, seed: lr, extend=1)  # lowest is best
     assert study.select("sfed")

@@ -112,6 +112,9 @@ def cmd_study(args: argparse.Namespace) -> int:
 
     try:
         study = PlannedStudy.load(Path(args.plan), shard=args.shard)
+        if args.stage == "status":
+            print(study.progress())
+            return 0
         if args.jobs > 1 and args.batched > 1:
             raise PlanError("--jobs and --batched are two ways to share the machine; "
                             "give one of them")
@@ -272,8 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "each arm's rung on the selection seeds, run the reporting seeds, "
                            "decide the plan's rules (writes report.md beside the plan)")
     study.add_argument("plan", help="the study's plan.yaml")
-    study.add_argument("--stage", choices=["select", "report", "decide", "all"],
-                       default="all")
+    study.add_argument("--stage", choices=["select", "report", "decide", "all", "status"],
+                       default="all", help="status: what has finished and what is due "
+                       "next, per arm (runs nothing)")
     study.add_argument("--arms", nargs="+", help="only these arms (default: every arm; "
                        "run arms in separate processes to share the machine)")
     study.add_argument("--shard", default="0/1", metavar="K/M",

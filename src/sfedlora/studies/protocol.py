@@ -220,6 +220,34 @@ class PlannedStudy:
                 found[load_config(run / "config.yaml").seed] = run
         return found
 
+    def progress(self) -> str:
+        """Where the study stands, from what has finished on disk: per arm, its finished
+        selection and reporting runs, its chosen rung once selection is over, and the
+        runs due next (a ladder's extension is due only once its rungs have finished, so
+        the count covers what is known now). A plan's runs take hours to days; this says
+        what is left without running anything."""
+        rows = []
+        for arm in self.plan.arms:
+            selected = len(self.selection_runs(arm)) if not self.plan.arms[arm].rung_from \
+                else "-"
+            reported = (len(self.reporting_runs(arm)) if self.selection_finished(arm)
+                        else 0)
+            chosen = ", ".join(f"{k}={v:g}" for k, v in self.choice(arm)[0].items()) \
+                if self.selection_finished(arm) else "-"
+            due = self.due(arm)
+            if due is None:
+                left = "waits for " + str(self.plan.arms[arm].rung_from) \
+                    if reported < len(set(self.plan.reporting_seeds)) else "done"
+            else:
+                stage, grid = due
+                folder = self.stage_dir(arm, stage) / "runs"
+                left = f"{stage}: " + str(sum(not run_files.is_finished(folder / r.name)
+                                              for r in expand(grid)))
+            rows.append([arm, selected, f"{reported}/{len(set(self.plan.reporting_seeds))}",
+                         chosen, left])
+        return markdown_table(["arm", "selection runs done", "reporting runs done",
+                               "chosen", "runs due next"], rows)
+
     # --- decide ------------------------------------------------------------------------
 
     def readings(self, rule: Rule, arm: str, lines: dict[int, float] | None = None
