@@ -321,19 +321,20 @@ class Verdict:
         winner = {r.arm: f"{r.arm} wins", r.control: f"{r.control} wins",
                   SHORT: f"the whole interval lies below {r.margin:g}: {r.arm} falls short "
                   "of the margin"}.get(self.outcome, "unresolved")
-        never = "".join(f"; {n} run(s) of {a} never held the line" for a, n in
-                        self.never.items())
+        never = "".join(f"; {note}" for note in self._never_notes())
         return (f"{r.name}: {r.arm} - {r.control} on {r.reading} {r.metric} = "
                 f"{self.mean:+.4f} ± {self.half_width:.4f} (95%, paired over seeds "
                 f"{self.seeds}{never}); rule: the interval must clear {r.margin:g}; "
                 f"{winner}. Mechanism: {r.mechanism}")
 
+    def _never_notes(self) -> list[str]:
+        return [f"{n} run(s) of {a} never held the line" for a, n in self.never.items()]
 
     def summary_cells(self) -> list[str]:
         """The verdict as one row of a summary table: the rule, what was read, the
         paired figure with its 95% interval, and the outcome."""
         r = self.rule
-        figures = [f"{n} run(s) of {a} never held the line" for a, n in self.never.items()]
+        figures = self._never_notes()
         if r.compare == "ratio" and not math.isnan(self.mean):
             low, high = self.interval
             figures.insert(0, f"{math.exp(self.mean):.2f}x ({low:.2f}x to {high:.2f}x)")
@@ -346,8 +347,7 @@ class Verdict:
 
     def _ratio_sentence(self) -> str:
         r = self.rule
-        never = "".join(f"; {n} run(s) of {a} never held the line" for a, n in
-                        self.never.items())
+        never = "".join(f"; {note}" for note in self._never_notes())
         figure = "" if math.isnan(self.mean) else (
             f" = {math.exp(self.mean):.2f}x (95% interval {self.interval[0]:.2f}x to "
             f"{self.interval[1]:.2f}x, geometric mean over seeds {self.seeds})")

@@ -227,24 +227,24 @@ class PlannedStudy:
         the count covers what is known now). A plan's runs take hours to days; this says
         what is left without running anything."""
         rows = []
+        seeds = len(set(self.plan.reporting_seeds))
         for arm in self.plan.arms:
             selected = len(self.selection_runs(arm)) if not self.plan.arms[arm].rung_from \
                 else "-"
-            reported = (len(self.reporting_runs(arm)) if self.selection_finished(arm)
-                        else 0)
+            finished = self.selection_finished(arm)
+            reported = len(self.reporting_runs(arm)) if finished else 0
             chosen = ", ".join(f"{k}={v:g}" for k, v in self.choice(arm)[0].items()) \
-                if self.selection_finished(arm) else "-"
+                if finished else "-"
             due = self.due(arm)
             if due is None:
-                left = "waits for " + str(self.plan.arms[arm].rung_from) \
-                    if reported < len(set(self.plan.reporting_seeds)) else "done"
+                left = f"waits for {self.plan.arms[arm].rung_from}" if reported < seeds \
+                    else "done"
             else:
                 stage, grid = due
                 folder = self.stage_dir(arm, stage) / "runs"
                 left = f"{stage}: " + str(sum(not run_files.is_finished(folder / r.name)
                                               for r in expand(grid)))
-            rows.append([arm, selected, f"{reported}/{len(set(self.plan.reporting_seeds))}",
-                         chosen, left])
+            rows.append([arm, selected, f"{reported}/{seeds}", chosen, left])
         return markdown_table(["arm", "selection runs done", "reporting runs done",
                                "chosen", "runs due next"], rows)
 
