@@ -133,6 +133,18 @@ def _assert_same_adapters(a_dir, b_dir) -> None:
             assert torch.allclose(t, b[key], rtol=0, atol=1e-5), (name, key)
 
 
+def _client_actor_niceness(pid: int) -> list[int]:
+    """The niceness of each Ray worker below ``pid`` that hosts a Flower ClientApp."""
+    import psutil
+
+    niceness = []
+    for proc in psutil.Process(pid).children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if "ClientAppActor" in " ".join(proc.cmdline()):
+                niceness.append(proc.nice())
+    return niceness
+
+
 def _kill_tree(pid: int) -> None:
     """SIGKILL a process, its process group and every descendant (Ray's workers too)."""
     import os
@@ -185,9 +197,13 @@ def test_a_killed_flower_run_resumes_to_the_uninterrupted_result(tiny_config, tm
             time.sleep(0.05)
             with contextlib.suppress(CheckpointError):
                 saved = load_checkpoint(killed / "checkpoint.safetensors").round
+        niceness = _client_actor_niceness(proc.pid)
     finally:
         _kill_tree(proc.pid)
     assert 2 <= saved < 4 and not (killed / "summary.json").exists(), saved
+    # the clients' Ray workers compete for the CPU at the priority of the run itself
+    # (Ray's default, 15, left this test waiting minutes beside a busy test worker)
+    assert niceness and set(niceness) == {0}, niceness
 
     resumed = subprocess.run([sys.executable, "-m", "sfedlora", "flower-sim", "--resume",
                               str(killed), "--workers", "2"], capture_output=True, text=True,
@@ -397,7 +413,8 @@ def two_node_ray_cluster():
     ray = str(Path(sys.executable).parent / "ray")
     # a short path of its own: Ray's socket paths under it must fit in 107 bytes
     port, temp = _free_port(), Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    # workers at the priority of the test (docs/guides/flower.md), not Ray's 15
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_worker_niceness": "0"}
     marks = (str(temp), f":{port}")
     try:
         subprocess.run([ray, "start", "--head", f"--port={port}", "--num-cpus=1",
