@@ -68,7 +68,7 @@ class FakeRuns:
         (run / "config.yaml").write_text(yaml.safe_dump(cfg))
         acc = _accuracy(arm, seed)
         rows = [{"round": r, "personalized_accuracy": acc - 0.1 * (r < 4),
-                 "bytes_total": 100 * r} for r in (2, 4)]
+                 "bytes_total": 100_000 * r} for r in (2, 4)]
         (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         (run / "summary.json").write_text(json.dumps({
             "personalized_val_loss": self.val_loss(arm, lr, seed),
@@ -194,8 +194,8 @@ def test_the_report_waits_for_the_whole_selection(tmp_path):
 
 
 def test_a_line_below_the_control_is_drawn_per_seed_from_its_final_metric(tmp_path):
-    # local's line is its final accuracy minus 0.05: it holds it only at round 4 (400
-    # bytes); sfed is above that line from round 2 (200 bytes): 2x fewer bytes per seed
+    # local's line is its final accuracy minus 0.05: it holds it only at round 4 (0.4
+    # MB); sfed is above that line from round 2 (0.2 MB): 2x fewer bytes per seed
     rule = {"name": "bytes", "arm": "sfed", "control": "local", "reading": "bytes_to",
             "line_below_control": 0.05, "hold": 1, "compare": "ratio", "target": 1.5,
             "mechanism": "m"}
@@ -204,10 +204,12 @@ def test_a_line_below_the_control_is_drawn_per_seed_from_its_final_metric(tmp_pa
     assert study.lines(study.plan.rules[0]) == {
         s: pytest.approx(_accuracy("local", s) - 0.05) for s in range(5)}
     assert study.paired_readings(study.plan.rules[0]) == (
-        {s: 200 for s in range(5)}, {s: 400 for s in range(5)})
+        {s: 200_000 for s in range(5)}, {s: 400_000 for s in range(5)})
     verdict = study.verdict(study.plan.rules[0])
     assert verdict.outcome == "met" and verdict.interval == pytest.approx((2.0, 2.0))
-    assert "| 0 | 0.6500 | 200.0000 | 400.0000 | 2.0000 |" in study.page()
+    page = study.page()  # bytes per seed in MB, under headings that say so
+    assert "| seed | line | sfed (MB) | local (MB) | ratio |" in page
+    assert "| 0 | 0.6500 | 0.2000 | 0.4000 | 2.0000 |" in page
 
 
 def test_a_line_can_be_drawn_below_a_third_arm(tmp_path):
@@ -221,6 +223,8 @@ def test_a_line_can_be_drawn_below_a_third_arm(tmp_path):
     assert study.lines(study.plan.rules[0])[0] == pytest.approx(0.75)
     verdict = study.verdict(study.plan.rules[0])
     assert verdict.never == {"local": 5} and verdict.outcome == "unresolved"
+    # sfed holds it from round 4 (0.4 MB); local's reading is said, and nothing compared
+    assert "| 0 | 0.7500 | 0.4000 | never held | - |" in study.page()
 
 
 

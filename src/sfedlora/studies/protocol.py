@@ -32,6 +32,7 @@ import numpy as np
 from sfedlora.config import load_config
 from sfedlora.studies import runs as run_files
 from sfedlora.studies.plan import (
+    X_OF,
     Plan,
     PlanError,
     Rule,
@@ -309,13 +310,14 @@ class PlannedStudy:
             cells = []
             for metric in plan.metrics:
                 got = [run_files.summary(r).get(metric) for r in runs.values()]
-                got = [g for g in got if g is not None]
+                got = [g / _scale(metric) for g in got if g is not None]
                 cells.append(mean_pm(*mean_ci(got)) if got else "-")
             rung = ", ".join(f"{k}={v:g}" for k, v in chosen.items())
             if source := plan.arms[arm].rung_from:
                 rung += f" ({source}'s)"
             rows.append([arm, rung + (" (ladder end)" if at_end else ""), *cells, len(runs)])
-        lines += [markdown_table(["arm", "chosen", *plan.metrics, "seeds"], rows), "",
+        lines += [markdown_table(["arm", "chosen", *map(_heading, plan.metrics), "seeds"],
+                                 rows), "",
                   "Mean ± half-width of the 95% t-interval over the reporting seeds.", "",
                   "## Verdicts", ""]
         verdicts = [self.verdict(rule) for rule in plan.rules]
@@ -353,21 +355,42 @@ def _per_seed_table(study: PlannedStudy, rule: Rule) -> str:
     lines = study.lines(rule) or {}
 
     def compared(s: int) -> float | None:
-        if s not in arm or s not in control:
-            return None
+        if s not in arm or s not in control or math.isinf(arm[s]) or math.isinf(control[s]):
+            return None  # a line never held leaves nothing to compare
         if rule.compare == "difference":
             return arm[s] - control[s]
         return rule.ratio(arm[s], control[s])
 
-    head = ["seed", *(["line"] if lines else []), rule.arm, rule.control,
+    # a *_to reading is in its x's units (bytes to a line: shown in MB); the others
+    # read the metric
+    scale = _scale(X_OF[rule.reading]) if rule.reading.endswith("_to") else 1
+
+    def read(value: float | None) -> str:
+        """A reading, and a line never held (inf) said in words."""
+        if value is not None and math.isinf(value):
+            return "never held"
+        return _fmt(None if value is None else value / scale)
+
+    unit = " (MB)" if scale != 1 else ""
+    head = ["seed", *(["line"] if lines else []), rule.arm + unit, rule.control + unit,
             "difference" if rule.compare == "difference" else "ratio"]
     return markdown_table(head, [[s, *([_fmt(lines.get(s))] if lines else []),
-                                  _fmt(arm.get(s)), _fmt(control.get(s)), _fmt(compared(s))]
+                                  read(arm.get(s)), read(control.get(s)),
+                                  _fmt(compared(s))]
                                  for s in study.plan.reporting_seeds])
 
 
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
+
+
+def _scale(metric: str) -> float:
+    """What a metric is divided by in a report: byte counts are shown in MB."""
+    return 1e6 if metric.startswith("bytes") else 1
+
+
+def _heading(metric: str) -> str:
+    return f"{metric} (MB)" if _scale(metric) != 1 else metric
 
 
 def _rung(run: Path, ladder: dict[str, list[float]]) -> Rung:
