@@ -128,10 +128,44 @@ def test_examples_per_client_refuses_more_than_the_data_holds():
     from sfedlora.config import ConfigError, load_config
 
     cfg = DataConfig(partition="iid", examples_per_client=60, client_test_examples=20)
-    with pytest.raises(ConfigError, match=r"examples_per_client=60 .* client 5 needs 15 more"):
+    with pytest.raises(ConfigError, match=r"examples_per_client=60 .* client 5 needs 20 "
+                       r"examples of label id 0 \(15 to train, 5 to test\), but only 0 are "
+                       r"left of 100"):
         split_clients(LABELS, 6, cfg, seed=0)  # 6 x 80 > 400
     with pytest.raises(ConfigError, match=r"set data\.partition=iid or dirichlet"):
         load_config(None, ["data.examples_per_client=10", "data.partition=classes"])
+
+
+def test_a_dirichlet_mix_that_does_not_fit_is_drawn_again():
+    """A client whose Dirichlet mix asks for more of a label than the earlier clients
+    left gets the first of its redraws (seeded by seed, client, draw) that fits, and
+    every client before it keeps its first draw: a partition that fit is unchanged."""
+    from sfedlora.config import ConfigError
+    from sfedlora.core import seeds
+    from sfedlora.data.partition import largest_remainder
+
+    cfg = DataConfig(partition="dirichlet", dirichlet_alpha=0.3, examples_per_client=20,
+                     client_test_examples=5)
+    splits = split_clients(LABELS, 14, cfg, seed=3)  # 14 x 25 of 400 examples
+    left, redrawn = np.full(4, 100), []
+    for cid, split in enumerate(splits):  # the rule, step by step, from numpy's draws
+        for draw in range(1000):
+            key = [3, seeds.DIRICHLET_MIX, cid] + ([draw] if draw else [])
+            mix = np.random.default_rng(key).dirichlet(np.full(4, 0.3))
+            train, test = largest_remainder(mix, 20), largest_remainder(mix, 5)
+            if (train + test <= left).all():
+                break
+        redrawn += [cid] if draw else []
+        assert np.bincount(LABELS[split.train], minlength=4).tolist() == train.tolist()
+        assert np.bincount(LABELS[split.test], minlength=4).tolist() == test.tolist()
+        left -= train + test
+    assert redrawn  # the seed exercises the redraw
+    used = np.concatenate([np.concatenate([s.train, s.test]) for s in splits])
+    assert len(used) == len(set(used.tolist()))
+    with pytest.raises(ConfigError, match=r"client 15 needs .* are left of 100, and none "
+                       r"of 999 redraws of its label mix fits; lower clients.num"):
+        split_clients(LABELS, 16, cfg, seed=3)  # 16 x 25 = 400: the last client must fit
+        # the leftovers exactly, which no draw does
 
 
 def test_largest_remainder_counts():
