@@ -115,6 +115,16 @@ def cmd_study(args: argparse.Namespace) -> int:
         if args.stage == "status":
             print(study.progress())
             return 0
+        if args.stage in ("check", "select", "report", "all"):
+            from sfedlora.studies.preflight import check
+
+            if problems := check(study.plan, study.root):
+                raise PlanError("some runs of this plan cannot start, so none was "
+                                "started:\n" + "\n".join(f"- {p}" for p in problems))
+            if args.stage == "check":
+                print(f"every run of {args.plan} can start: each arm's config resolves on "
+                      "every seed and rung, and its clients can be built")
+                return 0
         if args.jobs > 1 and args.batched > 1:
             raise PlanError("--jobs and --batched are two ways to share the machine; "
                             "give one of them")
@@ -275,9 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
                            "each arm's rung on the selection seeds, run the reporting seeds, "
                            "decide the plan's rules (writes report.md beside the plan)")
     study.add_argument("plan", help="the study's plan.yaml")
-    study.add_argument("--stage", choices=["select", "report", "decide", "all", "status"],
+    study.add_argument("--stage", choices=["select", "report", "decide", "all", "status",
+                                           "check"],
                        default="all", help="status: what has finished and what is due "
-                       "next, per arm (runs nothing)")
+                       "next, per arm; check: whether every run's config resolves and its "
+                       "clients can be built (both run nothing; select, report and all "
+                       "check first)")
     study.add_argument("--arms", nargs="+", help="only these arms (default: every arm; "
                        "run arms in separate processes to share the machine)")
     study.add_argument("--shard", default="0/1", metavar="K/M",

@@ -1,5 +1,6 @@
 """Layer 9, studies: experiments over many runs. A study's plan, fixed before its first
-run, its readings and verdicts (:mod:`.plan`); one reader of run directories
+run, its readings and verdicts (:mod:`.plan`), and the check that each of its runs can
+start before any does (:mod:`.preflight`); one reader of run directories
 (:mod:`.runs`), statistics (:mod:`.stats`: 95% t-intervals, paired differences), the
 tuned comparison's learning-rate ladder and rate choice (:mod:`.tuning`, parameterised
 by a :class:`~.tuning.Study`), verdict readings (:mod:`.readings`: time- and
