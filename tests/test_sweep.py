@@ -101,6 +101,12 @@ def test_bad_grid_fails_before_any_run(base_config, tmp_path, monkeypatch):
     monkeypatch.setattr(Simulation, "run", lambda self: pytest.fail("a run started"))
     with pytest.raises(ConfigError, match=r"lora\.rank"):
         run_sweep(base_config, parse_grid(["lora.rank=4,banana"]), tmp_path / "s")
+    # 6 or 7 clients of 20 + 8 examples, of the 192 the tiny data keeps for clients
+    fixed = ["data.partition=iid", "data.examples_per_client=20", "data.client_test_examples=8"]
+    with pytest.raises(ConfigError, match=r"the clients of 1 run\(s\) cannot be built, so "
+                       r"no run was started:\n- clients\.num-7: .* client 6 needs 10 "):
+        run_sweep(base_config, parse_grid(["clients.num=6,7"]), tmp_path / "s", fixed)
+    assert not (tmp_path / "s").exists()
     with pytest.raises(ConfigError, match=r"dotted\.key=v1,v2"):
         parse_grid(["lora.rank"])
     with pytest.raises(ConfigError, match="at least one"):

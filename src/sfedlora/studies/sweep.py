@@ -26,6 +26,7 @@ from sfedlora.config import ConfigError, load_config, parse_value
 from sfedlora.core.records import Metric
 from sfedlora.data.catalog import WHERE_KEYS, same_files
 from sfedlora.studies import runs as run_files
+from sfedlora.studies.preflight import ClientData
 from sfedlora.studies.stats import ci95
 from sfedlora.studies.tables import mean_pm
 
@@ -116,8 +117,9 @@ def run_sweep(config: str | None, grid: dict[str, list], out: Path,
               load: Callable[[list[str]], object] | None = None,
               batched: int = 1) -> bool:
     """Run (or finish) this shard's runs of the grid; once every run of the grid is
-    finished, write the tables and return True. Every config is validated before the
-    first run starts, so a bad value fails in a second. ``load`` builds a run's config
+    finished, write the tables and return True. Every config is validated, and every
+    unfinished run's clients built, before the first run starts, so a bad value or a
+    partition that one seed cannot fill fails in seconds. ``load`` builds a run's config
     from its overrides (default: ``config`` read as a YAML path; the Python API passes
     one that also takes a dict or a config object). ``batched``: how many runs share
     one process at a time, their clients trained in shared passes
@@ -135,6 +137,7 @@ def run_sweep(config: str | None, grid: dict[str, list], out: Path,
     index, count = shard
     todo = [run for run in runs[index::count]
             if not run_files.is_finished(Path(configs[run.name].output_dir))]
+    _refuse_unbuildable({run.name: configs[run.name] for run in todo})
     if batched > 1:
         for start in range(0, len(todo), batched):
             _run_batched(todo[start:start + batched], configs, on_start)
@@ -144,6 +147,18 @@ def run_sweep(config: str | None, grid: dict[str, list], out: Path,
         return False  # other shards are still running; the last one writes the tables
     write_tables(out, runs, grid_keys(grid))
     return True
+
+
+def _refuse_unbuildable(configs: dict) -> None:
+    """Before any run starts: every run's clients can be built (a partition that one
+    seed cannot fill would otherwise fail that run, after the runs before it)."""
+    clients = ClientData()
+    stopped = [f"- {name}: {cause}" for name, cfg in configs.items()
+               if (cause := clients.problem(cfg))]
+    if stopped:
+        raise ConfigError(f"the clients of {len(stopped)} run(s) cannot be built, so no run "
+                          "was started:\n" + "\n".join(stopped[:10]) +
+                          (f"\n- and {len(stopped) - 10} more" if len(stopped) > 10 else ""))
 
 
 def _run_batched(runs: list[SweepRun], configs: dict, on_start) -> None:
