@@ -195,3 +195,15 @@ def test_a_ratio_target_reads_the_paired_log_ratio_and_a_line_never_held_misses(
     plain[1], packed[2] = math.inf, 40.0  # the control never did: nothing to compare with
     assert decide(rule, packed, plain, range(5)).outcome == "unresolved"
 
+
+def test_a_difference_with_a_line_never_held_says_so_instead_of_nan():
+    rule = Rule(name="time", arm="a", control="c", mechanism="m", reading="seconds_to",
+                line=0.8)
+    a = {0: 10.0, 1: math.inf, 2: 12.0, 3: 9.0, 4: 11.0}
+    c = {0: 20.0, 1: 25.0, 2: 22.0, 3: math.inf, 4: 21.0}
+    verdict = decide(rule, a, c, [0, 1, 2, 3, 4])
+    assert verdict.outcome == "unresolved" and "nan" not in verdict.sentence()
+    assert ("time: a - c on seconds_to personalized_accuracy has no paired interval over "
+            "seeds [0, 1, 2, 3, 4]; 1 run(s) of a never held the line; 1 run(s) of c never "
+            "held the line; rule: the interval must clear 0; unresolved.") in verdict.sentence()
+

@@ -322,10 +322,12 @@ class Verdict:
                   SHORT: f"the whole interval lies below {r.margin:g}: {r.arm} falls short "
                   "of the margin"}.get(self.outcome, "unresolved")
         never = "".join(f"; {note}" for note in self._never_notes())
-        return (f"{r.name}: {r.arm} - {r.control} on {r.reading} {r.metric} = "
-                f"{self.mean:+.4f} ± {self.half_width:.4f} (95%, paired over seeds "
-                f"{self.seeds}{never}); rule: the interval must clear {r.margin:g}; "
-                f"{winner}. Mechanism: {r.mechanism}")
+        figure = (f"= {self.mean:+.4f} ± {self.half_width:.4f} (95%, paired over seeds "
+                  f"{self.seeds}{never})") if not math.isnan(self.mean) else (
+                  f"has no paired interval over seeds {self.seeds}{never}")
+        return (f"{r.name}: {r.arm} - {r.control} on {r.reading} {r.metric} {figure}; "
+                f"rule: the interval must clear {r.margin:g}; {winner}. "
+                f"Mechanism: {r.mechanism}")
 
     def _never_notes(self) -> list[str]:
         return [f"{n} run(s) of {a} never held the line" for a, n in self.never.items()]
