@@ -207,3 +207,18 @@ def test_a_difference_with_a_line_never_held_says_so_instead_of_nan():
             "seeds [0, 1, 2, 3, 4]; 1 run(s) of a never held the line; 1 run(s) of c never "
             "held the line; rule: the interval must clear 0; unresolved.") in verdict.sentence()
 
+
+
+def test_a_value_within_float_rounding_of_the_line_is_on_it():
+    """The wireless rerun's dense run at seed 21: 0.8119999999999999 (406/500 as a mean)
+    against the line 0.8220000000000001 - 0.01 held from round 13, not never."""
+    from sfedlora.studies.plan import sustained_crossing
+
+    line = 0.8220000000000001 - 0.01
+    values = [0.8160000000000002, 0.8119999999999999, 0.8160000000000001, 0.808]
+    assert values[1] < line  # what the plain comparison saw
+    points = list(zip([13, 14, 15, 16], values, strict=True))
+    assert sustained_crossing(points, line) == 13
+    assert sustained_crossing(points, line + 0.002) == math.inf  # 1/500 above: not held
+    assert sustained_crossing([(1, 0.30000000000000004)] * 3, 0.3,
+                              higher_is_better=False) == 1
