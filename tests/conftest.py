@@ -144,15 +144,23 @@ def assert_learns(cfg, run_dir: Path) -> None:
 
 
 @pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory) -> Path:
-    """A 2-layer, 32-wide Llama with SmolLM2's tokenizer (and chat template)."""
+def tiny_llama_dir(tmp_path_factory, tiny_math_file) -> Path:
+    """A 2-layer, 32-wide Llama with SmolLM2's tokenizer (and chat template) cut to the
+    tokens the tiny math data and its prompts need (``tiny_tokenizer``): 49,152 output
+    logits per token would cost most of every causal-LM test's time."""
     import torch
+    from tiny_tokenizer import prune
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from sfedlora.modeling.lm import smollm2_path
+    from sfedlora.modeling.lm import prompt_text, smollm2_path
 
     out = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
+    rows = [json.loads(line) for line in tiny_math_file.read_text().splitlines()]
+    full = AutoTokenizer.from_pretrained(smollm2_path())
+    texts = [text for row in rows
+             for text in (prompt_text(full, row["question"]), row["answer"])]
+    prune(Path(smollm2_path()), texts, out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
     torch.manual_seed(4321)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -161,7 +169,6 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
                          pad_token_id=tokenizer.pad_token_id,
                          eos_token_id=tokenizer.eos_token_id)
     LlamaForCausalLM(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
     return out
 
 

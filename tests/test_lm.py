@@ -10,7 +10,14 @@ import torch
 from transformers import AutoTokenizer
 
 from sfedlora.config import ConfigError
-from sfedlora.modeling.lm import EncodedLM, LMCollator, PairDataset, encode_pairs, parse_answer
+from sfedlora.modeling.lm import (
+    EncodedLM,
+    LMCollator,
+    PairDataset,
+    encode_pairs,
+    parse_answer,
+    prompt_text,
+)
 from sfedlora.runtime.experiment import build_experiment
 from sfedlora.runtime.simulation import Simulation
 
@@ -102,15 +109,15 @@ def test_answer_parser(text, expected):
 def test_every_method_lowers_the_training_loss_of_a_tiny_llama(method, tiny_lm_config,
                                                                tmp_path):
     name, *extra = method.split()
-    # scored before training and after the last round only: the evaluations are as
-    # costly as the training here (a 49k-token vocabulary over a 32-wide model)
+    # scored before training and after the last round only: what the thresholds compare
     cfg = tiny_lm_config(f"method={name}", "local.lr=0.02", "eval.generate=0",
                          "eval.at_start=true", "eval.every=3", "rounds=3", *extra)
     summary = Simulation(cfg).run()
     lines = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert [x["round"] for x in lines] == [0, 1, 2, 3]
-    # measured at seed 0 (2026-12-07): training loss after round 3 over round 1's,
-    # 0.67-0.77; perplexity after round 3 over the untrained model's, 0.003-0.026
+    # measured at seed 0 (2026-12-07, the cut tokenizer): training loss after round 3
+    # over round 1's, 0.51-0.69; perplexity after round 3 over the untrained model's,
+    # 0.010-0.033
     assert summary["train_loss"] < 0.9 * lines[1]["train_loss"]
     assert summary["personalized_perplexity"] < 0.1 * lines[0]["personalized_perplexity"]
 
@@ -176,3 +183,22 @@ def test_fixed_padding_is_refused_for_a_language_model(tiny_lm_config):
     with pytest.raises(ConfigError, match=r"model\.padding=max_length applies to "
                                           r"classification"):
         tiny_lm_config("model.padding=max_length")
+
+
+def test_the_tiny_llamas_tokenizer_splits_its_data_as_smollm2s_does(tiny_llama_dir,
+                                                                    tiny_math_file):
+    """The tiny Llama's tokenizer is SmolLM2's cut to what the tiny data needs
+    (``tiny_tokenizer``): the same tokens, the same chat template, a small vocabulary."""
+    from sfedlora.modeling.lm import smollm2_path
+
+    full, tiny = AutoTokenizer.from_pretrained(smollm2_path()), AutoTokenizer.from_pretrained(
+        tiny_llama_dir)
+    rows = [json.loads(line) for line in tiny_math_file.read_text().splitlines()]
+    for row in rows:
+        for text in (prompt_text(full, row["question"]), row["answer"]):
+            assert tiny.tokenize(text) == full.tokenize(text), text
+    assert prompt_text(tiny, "q") == prompt_text(full, "q")
+    assert tiny.eos_token == full.eos_token and tiny.eos_token_id == full.eos_token_id
+    assert len(tiny) < 1000
+    anything = "Ünïcode ☃ and 3,141 eggs\n#### 7"  # not in the data: bytes and kept merges
+    assert tiny.decode(tiny(anything, add_special_tokens=False)["input_ids"]) == anything
