@@ -442,10 +442,11 @@ def test_deploy_local_killed_outright_and_resumed_equals_the_uninterrupted_run(
             assert (tensor - theirs[name]).abs().max() <= 1e-5, (cid, name)
 
 
-def test_wait_asks_the_superlink_less_and_less_often_and_at_once_when_the_server_app_ends(
+def test_wait_asks_the_superlink_less_and_less_often_then_when_the_server_app_ends(
         monkeypatch):
     """Each status query is a ``flwr`` process (a second of CPU), so ``wait`` spaces them
-    out, and asks at once when the run's ServerApp process ends (a zombie counts)."""
+    out until the run's ServerApp process is up, then asks when it ends (a zombie
+    counts), and otherwise only every ``longest_poll`` seconds."""
     import itertools
     import types
 
@@ -454,18 +455,21 @@ def test_wait_asks_the_superlink_less_and_less_often_and_at_once_when_the_server
     clock, asked = [0.0], []
     monkeypatch.setattr(deploy, "time", types.SimpleNamespace(
         monotonic=lambda: clock[0], sleep=lambda s: clock.__setitem__(0, clock[0] + s)))
-    server_app = object()
-    monkeypatch.setattr(deploy, "_ended", lambda proc: proc is server_app and clock[0] >= 300)
+    server_app = object()  # up from 4 s after the submission, ends at 301 s
+    monkeypatch.setattr(deploy, "_ended", lambda proc: proc is server_app and clock[0] >= 301)
     deployment = object.__new__(deploy.LocalDeployment)
     deployment.processes = [types.SimpleNamespace(alive=lambda: True)]
-    monkeypatch.setattr(deployment, "_server_app", lambda: server_app, raising=False)
+    monkeypatch.setattr(deployment, "_server_app",
+                        lambda: server_app if clock[0] >= 4 else None, raising=False)
 
     def status(run_id):
         asked.append(clock[0])
-        return "finished:completed" if clock[0] >= 300 else "running"
+        return "finished:completed" if clock[0] >= 301 else "running"
 
     monkeypatch.setattr(deployment, "status", status, raising=False)
     assert deployment.wait(7) == "finished:completed"
     gaps = [b - a for a, b in itertools.pairwise(asked)]
-    assert asked[:3] == [0.0, 2.0, 5.0] and asked[-1] == 300.0  # not at the next poll
-    assert gaps[:-1] == sorted(gaps[:-1]) and max(gaps) <= 60.5 and len(asked) < 14
+    # 2 s, then 1.5x as long, until the ServerApp is found (at 5 s); then every 60 s,
+    # and at once when it ends, not at the next of those
+    assert asked == [0.0, 2.0, 5.0, 65.0, 125.0, 185.0, 245.0, 301.0], asked
+    assert gaps[2:-1] == [60.0] * 4

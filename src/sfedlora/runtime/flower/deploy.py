@@ -356,10 +356,11 @@ class LocalDeployment:
         """Block until the run finishes; its final status (e.g. ``finished:completed``).
 
         Each status query is a ``flwr list`` process (about a second of CPU: Flower's
-        imports), which on a machine shared with the nodes slows their training. So the
-        SuperLink is asked at intervals growing from ``poll`` to ``longest_poll``
-        seconds, and at once when the run's ServerApp process (found at an ask, then
-        watched every half second) ends."""
+        imports), which on a machine shared with the nodes slows their training. So
+        until the run's ServerApp process is up the SuperLink is asked at intervals
+        growing from ``poll`` to ``longest_poll`` seconds; once it is up (found at an
+        ask, then watched every half second) the SuperLink is asked when it ends, and
+        every ``longest_poll`` seconds in case the run ends while it stays up."""
         deadline = None if timeout is None else time.monotonic() + timeout
         superlink = self.processes[0]
         gap, asked, server_app = poll, None, None
@@ -377,6 +378,8 @@ class LocalDeployment:
                 asked = now
                 # look for the ServerApp only when asking: a scan reads every process
                 server_app = server_app or self._server_app()
+                if server_app is not None:
+                    gap = longest_poll
             if not superlink.alive():
                 raise DeploymentError(f"the SuperLink exited mid-run; see {superlink.log}")
             if deadline is not None and now > deadline:
