@@ -89,6 +89,22 @@ def test_missing_and_malformed_files(tmp_path):
         load_config(bad)
 
 
+def test_config_files_are_read_as_safe_yaml_1_1(tmp_path):
+    """A config file reads as ``yaml.safe_load`` reads it (libyaml's parser is used where
+    PyYAML has it): YAML 1.1's scalars, and no tag that builds a Python object."""
+    import yaml
+
+    from sfedlora.settings.loading import read_yaml
+
+    text = "a: yes\nb: 1e-3\nc: 1.0e-3\nd: ~\ne: [0x1f, '7', 010]\nf: {g: 2026-12-07}\n"
+    assert read_yaml(text) == yaml.safe_load(text)
+    assert read_yaml(text)["a"] is True and read_yaml(text)["b"] == "1e-3"
+    evil = tmp_path / "evil.yaml"
+    evil.write_text("seed: !!python/object/apply:os.getpid []\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(evil)
+
+
 def test_label_column_that_does_not_exist(tiny_config):
     cfg = tiny_config("data.label_column=category")
     with pytest.raises(ConfigError) as err:

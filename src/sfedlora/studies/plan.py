@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from sfedlora.settings.loading import read_yaml
 from sfedlora.studies import stats
 
 MIN_REPORTING_SEEDS = 5
@@ -214,7 +214,7 @@ class Plan(_Model):
 def load_plan(path: Path) -> Plan:
     """The plan in ``path`` (YAML), or a :class:`PlanError` naming what is wrong."""
     try:
-        return Plan.model_validate(yaml.safe_load(Path(path).read_text()))
+        return Plan.model_validate(read_yaml(Path(path).read_text()))
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'plan'}: {e['msg']}"
                              for e in exc.errors())
