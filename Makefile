@@ -36,7 +36,8 @@ demo: setup
 # Flower and deploy tests waiting on processes they started, which the others overlap.
 # Tests are dealt out one by one, except the modules that must run on one worker
 # (tests/conftest.py: pytest_xdist_make_scheduler, ONE_WORKER).
-# Four workers measured slower on a clean clone (15m42 against 14m54, 2026-12-07).
+# Four workers measured slower on a clean clone (15m42 against 14m54, 2026-12-07;
+# the suite has since become cheaper: 12m11 with setup at 3 workers, 2026-12-07).
 TEST_WORKERS ?= 3
 
 test: setup
