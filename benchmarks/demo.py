@@ -5,15 +5,20 @@ The main job's runs are ``make demo``'s command with an output folder (and, for 
 second, the FedSA-LoRA scale):
 
     sfedlora run configs/demo.yaml output_dir=docs/results/demo/runs/sfed progress=false
-    sfedlora run configs/demo.yaml progress=false method=fedsa \
-        output_dir=docs/results/demo/runs/fedsa
-    python benchmarks/demo.py --report docs/results/demo/runs/sfed docs/results/demo/runs/fedsa
+    sfedlora run configs/demo.yaml method=fedsa lora.a_init=independent \
+        output_dir=docs/results/demo/runs/fedsa-independent-a progress=false
+    python benchmarks/demo.py --report docs/results/demo/runs/sfed \
+        docs/results/demo/runs/fedsa-independent-a
+
+(``docs/results/demo.md`` gives the full list, ``make demo`` on a clean clone included.)
 
 The GSM8K run is ``sfedlora run configs/gsm8k_smollm2.yaml
 output_dir=docs/results/gsm8k/runs/smollm2 progress=false``.
 
 ``--report`` prints, per run, the evaluated rounds and where its wall-clock time went
-(``timings.jsonl``), with the commit that ran it. A classification run shows accuracies
+(``timings.jsonl``), with the commit that ran it and the hardware: a CPU's float results
+can differ in their last digits between instruction sets, since torch picks its kernels
+by the one it finds. A classification run shows accuracies
 beside the clients' majority-label baseline, gradient and adapter-output norms and
 cumulative bytes; a causal-LM run shows held-out perplexities and exact match.
 """
@@ -57,10 +62,21 @@ def _cell(fmt: str, value) -> str:
     return "" if value is None else fmt.format(value)
 
 
+def _environment(run: Path) -> dict:
+    return json.loads((run / "environment.jsonl").read_text().splitlines()[0])
+
+
 def commit_of(run: Path) -> str:
-    records = [json.loads(x) for x in (run / "environment.jsonl").read_text().splitlines()]
-    source = records[0].get("source") or {}
+    source = _environment(run).get("source") or {}
     return source.get("commit", "?")[:7] + (" (modified)" if source.get("modified") else "")
+
+
+def hardware_of(run: Path) -> str:
+    """The GPU's name, or the CPU's kernels (torch's CPU capability, e.g. AVX512)."""
+    env = _environment(run)
+    if env.get("cuda_device"):
+        return str(env["cuda_device"])
+    return f"CPU, {env.get('torch_cpu_capability', '?')} kernels"
 
 
 def report(run_dirs: list[Path]) -> str:
@@ -78,7 +94,8 @@ def report(run_dirs: list[Path]) -> str:
         aggregate = sum(t.get("aggregate", 0.0) for t in rounds)
         wall = rounds[-1]["ended_at"] - rounds[0]["started_at"]
         first = f" after an evaluation of the base model ({before:.1f} s)" if before else ""
-        out += [f"**{run.name}** (method {cfg['method']}, `{run}`, commit {commit_of(run)}): "
+        out += [f"**{run.name}** (method {cfg['method']}, `{run}`, commit {commit_of(run)}, "
+                f"{hardware_of(run)}): "
                 f"{len(rounds)} rounds in {wall:.1f} s of wall-clock time{first}: training "
                 f"{train:.1f} s, evaluation {evaluate:.1f} s, aggregation {aggregate:.2f} s.",
                 "", "| " + " | ".join(name for name, _, _ in columns) + " |",

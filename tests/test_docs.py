@@ -88,7 +88,7 @@ def test_the_main_job_tables_regenerate_from_its_committed_runs(monkeypatch):
     module = import_benchmark("demo")
     monkeypatch.chdir(ROOT)
     runs = [ROOT.relative_to(ROOT) / "docs/results/demo/runs" / name
-            for name in ("sfed", "sfed-parallel10", "fedsa-independent-a")]
+            for name in ("sfed", "sfed-parallel10", "fedsa-independent-a", "sfed-clean-clone")]
     assert module.report(runs) in (ROOT / "docs/results/demo.md").read_text()
 
 
