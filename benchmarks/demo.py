@@ -26,7 +26,6 @@ cumulative bytes; a causal-LM run shows held-out perplexities and exact match.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import yaml
@@ -62,21 +61,11 @@ def _cell(fmt: str, value) -> str:
     return "" if value is None else fmt.format(value)
 
 
-def _environment(run: Path) -> dict:
-    return json.loads((run / "environment.jsonl").read_text().splitlines()[0])
-
-
-def commit_of(run: Path) -> str:
-    source = _environment(run).get("source") or {}
-    return source.get("commit", "?")[:7] + (" (modified)" if source.get("modified") else "")
-
-
-def hardware_of(run: Path) -> str:
-    """The GPU's name, or the CPU's kernels (torch's CPU capability, e.g. AVX512)."""
-    env = _environment(run)
-    if env.get("cuda_device"):
-        return str(env["cuda_device"])
-    return f"CPU, {env.get('torch_cpu_capability', '?')} kernels"
+def provenance(run: Path) -> str:
+    """The commit the run's first process ran at, and the hardware it ran on."""
+    first = runs.environments(run)[0]
+    modified = " (modified)" if (first.get("source") or {}).get("modified") else ""
+    return f"commit {(runs.commit(first) or '?')[:7]}{modified}, {runs.hardware(first)}"
 
 
 def report(run_dirs: list[Path]) -> str:
@@ -94,8 +83,7 @@ def report(run_dirs: list[Path]) -> str:
         aggregate = sum(t.get("aggregate", 0.0) for t in rounds)
         wall = rounds[-1]["ended_at"] - rounds[0]["started_at"]
         first = f" after an evaluation of the base model ({before:.1f} s)" if before else ""
-        out += [f"**{run.name}** (method {cfg['method']}, `{run}`, commit {commit_of(run)}, "
-                f"{hardware_of(run)}): "
+        out += [f"**{run.name}** (method {cfg['method']}, `{run}`, {provenance(run)}): "
                 f"{len(rounds)} rounds in {wall:.1f} s of wall-clock time{first}: training "
                 f"{train:.1f} s, evaluation {evaluate:.1f} s, aggregation {aggregate:.2f} s.",
                 "", "| " + " | ".join(name for name, _, _ in columns) + " |",

@@ -17,6 +17,8 @@ import subprocess
 from collections import defaultdict
 from pathlib import Path
 
+from sfedlora.studies import runs
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs/results"
 
@@ -31,11 +33,7 @@ def _study(path: Path) -> str:
 
 
 def _commits_of_run(run: Path) -> set[str | None]:
-    env = run / "environment.jsonl"
-    if not env.is_file():
-        return set()
-    lines = [json.loads(x) for x in env.read_text().splitlines() if x.strip()]
-    return {(line.get("source") or {}).get("commit") for line in lines}
+    return {runs.commit(record) for record in runs.environments(run)}
 
 
 def _commits_of_record(path: Path) -> set[str | None] | None:

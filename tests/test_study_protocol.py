@@ -167,6 +167,44 @@ def test_the_report_names_rule_interval_mechanism_and_the_plans_order(tmp_path):
     assert "not committed" in page  # a plan outside git cannot show it came first
 
 
+def test_the_report_says_which_commits_and_hardware_ran_each_arm(tmp_path):
+    study, _ = _study(tmp_path, lambda arm, lr, seed: abs(lr - 4e-3))
+    study.run("all")  # 6 selection runs and 5 reporting runs per arm
+
+    def record(commit, started, capability=None, gpu=None):
+        return {"source": {"commit": commit}, "started_at": started,
+                "torch_cpu_capability": capability, "cuda_device": gpu}
+
+    late, early = "b" * 40, "c" * 40  # listed by when they first ran, not by name
+    for run in study.arm_runs("sfed"):
+        records = [record(late, 10, "AVX2")]
+        if run.name.endswith("seed-0"):  # resumed: begun on other hardware, at another commit
+            records.insert(0, record(early, 5, "AVX512"))
+        if run.name.endswith("seed-1"):
+            records = [record(late, 11, gpu="NVIDIA H100 80GB HBM3")]
+        if run.name.endswith("seed-2"):  # resumed where it began: still one run
+            records.append(record(late, 12, "AVX2"))
+        (run / "environment.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    page = study.page()  # local's runs recorded no environment
+    assert "| sfed | 11 | ccccccc (1), bbbbbbb (11) | " \
+           "10 on CPU (AVX2 kernels), 1 on CPU (AVX512 kernels), " \
+           "1 on NVIDIA H100 80GB HBM3 |" in page
+    assert "| local | 11 | none (11) | 11 on an unrecorded machine |" in page
+    assert "Every run from one commit: no, 2 commits and runs that recorded none. " \
+           "On one kind of hardware: no, 3 kinds and runs that recorded none." in page
+
+    for run in study.all_runs():
+        (run / "environment.jsonl").write_text(json.dumps(record(late, 1, "AVX2")) + "\n")
+    page = study.page()
+    assert "| local | 11 | bbbbbbb (11) | 11 on CPU (AVX2 kernels) |" in page
+    assert "Every run from one commit: yes. On one kind of hardware: yes." in page
+
+    for run in study.all_runs():  # nothing recorded is not "one commit"
+        (run / "environment.jsonl").unlink()
+    assert "Every run from one commit: no, 0 commits and runs that recorded none. " \
+           "On one kind of hardware: no, 0 kinds and runs that recorded none." in study.page()
+
+
 def test_a_verdict_before_every_reporting_run_has_finished_is_refused(tmp_path):
     study, _ = _study(tmp_path, lambda arm, lr, seed: lr)
     study.run("select")

@@ -21,7 +21,6 @@ ancestor of the commit every run of the study names in its ``environment.jsonl``
 
 from __future__ import annotations
 
-import json
 import math
 import subprocess
 from collections.abc import Sequence
@@ -32,7 +31,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from sfedlora.settings.loading import read_yaml
-from sfedlora.studies import stats
+from sfedlora.studies import runs, stats
 
 MIN_REPORTING_SEEDS = 5
 # what an arm may not set for itself: every arm is evaluated on the same rounds, runs
@@ -405,11 +404,7 @@ def plan_commit(plan_path: Path) -> str | None:
 
 def run_commits(run_dir: Path) -> set[str]:
     """The source commits a run's processes named in ``environment.jsonl``."""
-    path = Path(run_dir) / "environment.jsonl"
-    if not path.is_file():
-        return set()
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {(r.get("source") or {}).get("commit") for r in records} - {None}
+    return {runs.commit(r) for r in runs.environments(run_dir)} - {None}
 
 
 def plan_precedes(plan_path: Path, run_dirs: Sequence[Path]) -> list[str]:

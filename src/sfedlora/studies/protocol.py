@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -280,9 +281,13 @@ class PlannedStudy:
     def verdict(self, rule: Rule) -> Verdict:
         return decide(rule, *self.paired_readings(rule), self.plan.reporting_seeds)
 
-    def all_runs(self) -> list[Path]:
-        return [run for arm in self.plan.arms for stage in ("select", "report")
+    def arm_runs(self, arm: str) -> list[Path]:
+        """The arm's finished runs, selection then reporting."""
+        return [run for stage in ("select", "report")
                 for run in run_files.finished_runs(self.stage_dir(arm, stage) / "runs")]
+
+    def all_runs(self) -> list[Path]:
+        return [run for arm in self.plan.arms for run in self.arm_runs(arm)]
 
     def page(self) -> str:
         """The study's report: the chosen rungs, each metric per arm over the
@@ -327,6 +332,7 @@ class PlannedStudy:
         for rule, verdict in zip(plan.rules, verdicts, strict=True):
             lines += [f"- {verdict.sentence()}", ""]
             lines += [_per_seed_table(self, rule), ""]
+        lines += _what_ran(self)
         problems = plan_precedes(self.plan_path, self.all_runs())
         lines += ["## Order", "", "The plan's commit precedes every run's: " +
                   ("yes." if not problems else "**no**:"), ""]
@@ -348,6 +354,63 @@ class PlannedStudy:
         if stage in ("decide", "all"):
             (self.folder / "report.md").write_text(self.page())
         return True
+
+
+NO_COMMIT = "none"
+
+
+def _run_provenance(run: Path) -> tuple[dict[str, float], set[str]]:
+    """The commits a run's processes name, each with when the first of them started,
+    and the hardware they ran on (a run that recorded nothing: no commit, unrecorded)."""
+    records = run_files.environments(run) or [{}]
+    commits: dict[str, float] = {}
+    for record in records:
+        commit = run_files.commit(record) or NO_COMMIT
+        commits[commit] = min(commits.get(commit, math.inf),
+                              record.get("started_at", math.inf))
+    return commits, {run_files.hardware(record) for record in records}
+
+
+def _all_one(found: set[str], kinds: str, unknown: str) -> str:
+    """"yes." when ``found`` is one recorded value, else how many and whether some runs
+    recorded none (``unknown``)."""
+    if len(found) == 1 and unknown not in found:
+        return "yes."
+    named = f"no, {len(found - {unknown})} {kinds}"
+    return named + (" and runs that recorded none." if unknown in found else ".")
+
+
+def _what_ran(study: PlannedStudy) -> list[str]:
+    """The report's provenance section: per arm, the commits and the hardware its runs'
+    ``environment.jsonl`` name, with how many runs each. A long study on one machine
+    spans commits, and a machine's CPU can change under it; the reader should see both
+    rather than assume one commit and one instruction set."""
+    per_arm, first_seen = {}, {}
+    for arm in study.plan.arms:
+        runs = study.arm_runs(arm)
+        commits, devices = Counter(), Counter()
+        for run in runs:
+            run_commits, run_devices = _run_provenance(run)
+            commits.update(run_commits.keys())
+            devices.update(run_devices)
+            for commit, started in run_commits.items():
+                first_seen[commit] = min(first_seen.get(commit, math.inf), started)
+        per_arm[arm] = (len(runs), commits, devices)
+    rows = []
+    for arm, (count, commits, devices) in per_arm.items():
+        ordered = sorted(commits, key=lambda c: (first_seen[c], c))
+        rows.append([arm, count, ", ".join(f"{c[:7]} ({commits[c]})" for c in ordered),
+                     ", ".join(f"{n} on {d}" for d, n in sorted(devices.items()))])
+    every_device = {d for _, _, devices in per_arm.values() for d in devices}
+    return ["## What ran them", "",
+            "Each arm's finished runs, selection and reporting, by the commit and the "
+            "hardware their `environment.jsonl` names, commits in the order they first "
+            "ran (a run resumed by another process counts once under each commit and "
+            "hardware its processes name).",
+            "", markdown_table(["arm", "runs", "commits", "hardware"], rows), "",
+            f"Every run from one commit: {_all_one(set(first_seen), 'commits', NO_COMMIT)} "
+            "On one kind of hardware: "
+            f"{_all_one(every_device, 'kinds', run_files.hardware({}))}", ""]
 
 
 def _per_seed_table(study: PlannedStudy, rule: Rule) -> str:

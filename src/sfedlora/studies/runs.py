@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 SUMMARY, METRICS, TIMINGS = "summary.json", "metrics.jsonl", "timings.jsonl"
+ENVIRONMENT = "environment.jsonl"
 
 
 def is_finished(run_dir: Path) -> bool:
@@ -46,6 +47,29 @@ def labels(run_dir: Path) -> list[str]:
 def timings(run_dir: Path) -> list[dict]:
     """Every line of the run's ``timings.jsonl`` (wall-clock seconds per round)."""
     return _lines(run_dir, TIMINGS)
+
+
+def environments(run_dir: Path) -> list[dict]:
+    """Every record of the run's ``environment.jsonl``, one per process that ran it (a
+    resumed run has several); empty when the run wrote none."""
+    path = Path(run_dir) / ENVIRONMENT
+    return _lines(run_dir, ENVIRONMENT) if path.is_file() else []
+
+
+def commit(record: dict) -> str | None:
+    """The source commit an environment record names (None: it names none)."""
+    return (record.get("source") or {}).get("commit")
+
+
+def hardware(record: dict) -> str:
+    """What the process computed on, as a report names it: the GPU, or the CPU with the
+    kernels torch chose for it ("CPU (AVX2 kernels)"). Float results can differ in their
+    last digits between instruction sets, so a study says which ran each run."""
+    if not record:
+        return "an unrecorded machine"
+    if device := record.get("cuda_device"):
+        return str(device)
+    return f"CPU ({record.get('torch_cpu_capability', 'unknown')} kernels)"
 
 
 def write_record(path: Path, **payload) -> None:
