@@ -1,14 +1,24 @@
-"""A learning-rate sweep chosen the way our studies choose: on validation loss, never
-on the test part, with several seeds and a 95% interval.
+"""A learning-rate sweep chosen the way our studies choose: some seeds choose the rate
+on validation data and are never reported; other seeds run the chosen rate alone and
+are reported with a 95% interval. The test part never chooses anything.
 
-    .venv/bin/python examples/lr_sweep.py                       # the main job, 3 rates x 2 seeds
+    .venv/bin/python examples/lr_sweep.py                  # the main job: 3 rates, 1 + 2 seeds
     .venv/bin/python examples/lr_sweep.py --config my.yaml --rates 1e-4 4e-4 1.6e-3
 
-Every client holds out a validation part (``data.validation_fraction``); the sweep runs
-every rate with every seed (``sfedlora.sweep``), the rate with the lowest mean
-validation loss is chosen, and its test accuracy is reported as a mean with a 95%
-t-interval over seeds (``sfedlora.studies.stats``). A chosen rate at an end of the
-ladder is flagged: the best rate may lie beyond it.
+Every client holds out a validation part (``data.validation_fraction``). Stage one runs
+every rate on the selection seeds (``sfedlora.sweep``) and chooses the rate with the
+best mean validation accuracy (for a causal-LM config, the lowest validation loss);
+among exact ties, the lowest rate. A rate at an end of the ladder is flagged: the best
+may lie beyond it. Stage two runs the chosen rate on the reporting seeds, and their test
+accuracy is the figure reported, as a mean with a 95% t-interval
+(``sfedlora.studies.stats``).
+
+Why accuracy rather than loss for classification: when each client keeps its own head
+(FedSA-LoRA, SFed-LoRA, ``local``), a head trained on a few dozen examples grows
+overconfident, and the validation loss can then favour a rate whose model predicts
+little beyond the majority label (docs/results/regime.md). To compare methods with a
+plan fixed before the first run, rules paired by seed and a report, use
+``sfedlora study PLAN`` (docs/guides/sweeps.md).
 """
 
 from __future__ import annotations
@@ -17,37 +27,55 @@ import argparse
 from pathlib import Path
 
 import sfedlora
+from sfedlora.config import load_config
 from sfedlora.studies.stats import mean_ci
 
-VALIDATION = "personalized_val_loss"
-TEST = "personalized_accuracy"
+# what chooses (True: higher is better), by task; the test figure that is reported
+VALIDATION = {"classification": ("personalized_val_accuracy", True),
+              "causal-lm": ("personalized_val_loss", False)}
+TEST = {"classification": "personalized_accuracy", "causal-lm": "personalized_perplexity"}
 
 
-def choose(results) -> tuple[float, bool]:
-    """The rate of lowest mean validation loss, and whether it sits at a ladder end."""
-    by_rate = results.groupby("local.lr")[VALIDATION].mean()
-    best = float(by_rate.idxmin())
-    return best, best in (by_rate.index.min(), by_rate.index.max())
+def choose(results, metric: str, higher_is_better: bool) -> tuple[float, bool]:
+    """The rate with the best mean ``metric`` over the selection seeds (the lowest
+    rate among exact ties), and whether it sits at an end of the ladder."""
+    by_rate = results.groupby("local.lr")[metric].mean()
+    sign = -1.0 if higher_is_better else 1.0
+    best = min(by_rate.index, key=lambda lr: (sign * by_rate[lr], lr))
+    return float(best), best in (by_rate.index.min(), by_rate.index.max())
 
 
 def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("--rates", nargs="+", type=float, default=[1.25e-4, 5e-4, 2e-3])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--select-seeds", nargs="+", type=int, default=[100],
+                        help="seeds that choose the rate (never reported)")
+    parser.add_argument("--report-seeds", nargs="+", type=int, default=[0, 1],
+                        help="seeds that run the chosen rate and are reported")
     parser.add_argument("--out", type=Path, default=Path("runs/lr_sweep"))
     parser.add_argument("overrides", nargs="*", help="dotted.key=value for every run")
     args = parser.parse_args(argv)
-    swept = sfedlora.sweep(args.config, {"local.lr": args.rates, "seed": args.seeds},
-                           "data.validation_fraction=0.2", *args.overrides, out=args.out)
-    results = swept.results
-    best, at_end = choose(results)
-    mean, half = mean_ci(results.loc[results["local.lr"] == best, TEST].tolist())
-    print(results[["local.lr", "seed", VALIDATION, TEST]].to_string(index=False))
-    print(f"chosen on validation loss: local.lr={best:g}"
-          f"{' (at an end of the ladder: extend it)' if at_end else ''}; "
-          f"test accuracy {mean:.3f} ± {half:.3f} (95% t-interval, {len(args.seeds)} seeds)")
-    return best, swept
+    if shared := set(args.select_seeds) & set(args.report_seeds):
+        parser.error(f"seeds {sorted(shared)} would both choose and be reported; "
+                     "give --select-seeds and --report-seeds disjoint seeds")
+    overrides = ["data.validation_fraction=0.2", *args.overrides]
+    task = load_config(args.config, overrides).task
+    metric, higher_is_better = VALIDATION[task]
+
+    selection = sfedlora.sweep(args.config, {"local.lr": args.rates, "seed": args.select_seeds},
+                               *overrides, out=args.out / "select")
+    best, at_end = choose(selection.results, metric, higher_is_better)
+    reporting = sfedlora.sweep(args.config, {"local.lr": [best], "seed": args.report_seeds},
+                               *overrides, out=args.out / "report")
+    mean, half = mean_ci(reporting.results[TEST[task]].tolist())
+
+    print(selection.results[["local.lr", "seed", metric]].to_string(index=False))
+    print(f"chosen on {metric}: local.lr={best:g}"
+          f"{' (at an end of the ladder: extend it)' if at_end else ''}")
+    print(f"{TEST[task]} at the chosen rate: {mean:.3f} ± {half:.3f} "
+          f"(95% t-interval over reporting seeds {args.report_seeds})")
+    return best, selection, reporting
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ import re
 import shutil
 import stat
 
+import pytest
+
 import sfedlora
 from sfedlora.cli import main as cli
 from tests.conftest import ROOT, import_benchmark
@@ -61,18 +63,32 @@ def test_causal_lm_sft_fine_tunes_on_a_prompt_response_file(tiny_llama_dir, tmp_
     assert set(result.adapters()) == {f"client_{k}" for k in range(4)}  # sfed: per client
 
 
-def test_lr_sweep_chooses_on_validation_loss_across_seeds(tiny_model_dir, tiny_data_file,
-                                                         tmp_path):
-    best, swept = example("lr_sweep").main([
+def test_lr_sweep_chooses_on_selection_seeds_and_reports_only_others(
+        tiny_model_dir, tiny_data_file, tmp_path):
+    best, selection, reporting = example("lr_sweep").main([
         *tiny_model(tiny_model_dir), *tiny_data(tiny_data_file), "--rates", "1e-3", "1e-1",
-        "--seeds", "0", "1", "--out", str(tmp_path)])
-    # the choice, recomputed from the run directories alone
-    losses: dict[float, list[float]] = {}
-    for run in swept.runs().values():
-        losses.setdefault(run.config.local.lr, []).append(
-            run.summary["personalized_val_loss"])
-    assert sorted(len(v) for v in losses.values()) == [2, 2]
-    assert best == min(losses, key=lambda lr: sum(losses[lr]))
+        "--select-seeds", "100", "101", "--report-seeds", "0", "1", "--out", str(tmp_path)])
+    # the choice, recomputed from the selection runs' directories alone
+    accuracy: dict[float, list[float]] = {}
+    for run in selection.runs().values():
+        assert run.config.seed in (100, 101)
+        accuracy.setdefault(run.config.local.lr, []).append(
+            run.summary["personalized_val_accuracy"])
+    assert sorted(len(v) for v in accuracy.values()) == [2, 2]
+    means = {lr: sum(v) / 2 for lr, v in accuracy.items()}
+    assert best == min(means, key=lambda lr: (-means[lr], lr))
+    # only the chosen rate is reported, and only on the reporting seeds
+    reported = list(reporting.runs().values())
+    assert sorted(r.config.seed for r in reported) == [0, 1]
+    assert {r.config.local.lr for r in reported} == {best}
+
+
+def test_lr_sweep_refuses_a_seed_that_would_both_choose_and_be_reported(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        example("lr_sweep").main(["--select-seeds", "0", "--report-seeds", "0", "1",
+                                  "--out", str(tmp_path)])
+    assert "seeds [0] would both choose and be reported" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # refused before any run
 
 
 def test_load_in_peft_classifies_with_each_clients_adapter(tiny_model_dir, tiny_data_file,
