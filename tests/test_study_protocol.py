@@ -120,13 +120,25 @@ def test_among_rungs_that_tie_exactly_the_lowest_learning_rate_is_chosen(tmp_pat
 def test_status_says_what_has_finished_and_what_is_due_without_running_anything(tmp_path):
     study, runs = _study(tmp_path, lambda arm, lr, seed: abs(lr - 4e-3))
     assert study.progress().splitlines()[2:] == [  # the plan's arms in order (yaml sorts)
-        "| local | 0 | 0/5 | - | select: 6 |", "| sfed | 0 | 0/5 | - | select: 6 |"]
+        "| local | 0 | 0/5 | - | select: 6 |", "| sfed | 0 | 0/5 | - | select: 6 |", "",
+        "At least 22 runs to go (a ladder may still gain a rung past an end)."]
     assert runs.calls == []
     study.select("sfed")
     assert study.progress().splitlines()[3] == "| sfed | 6 | 0/5 | local.lr=0.004 | report: 5 |"
+    # how long is left, from the finished runs' rounds: 2, 4, ... 12 minutes, median 7
+    for k, run in enumerate(study.arm_runs("sfed"), start=1):
+        rounds = [{"round": 0, "eval": 5.0},  # an evaluation before round 1: no round
+                  {"round": 1, "started_at": 1000.0, "ended_at": 1000.0 + 60 * k},
+                  {"round": 2, "started_at": 9000.0, "ended_at": 9000.0 + 60 * k}]
+        (run / "timings.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rounds))
+    assert study.progress().splitlines()[-1] == (
+        "At least 16 runs to go (a ladder may still gain a rung past an end). The 6 "
+        "finished runs took a median of 7.0 minutes each, as they ran: about 1.9 hours "
+        "of runs, shared among `--jobs`.")
     study.run("all")
     assert study.progress().splitlines()[2:] == [
-        "| local | 6 | 5/5 | local.lr=0.004 | done |", "| sfed | 6 | 5/5 | local.lr=0.004 | done |"]
+        "| local | 6 | 5/5 | local.lr=0.004 | done |", "| sfed | 6 | 5/5 | local.lr=0.004 | done |",
+        "", "Every run has finished."]
 
 
 def test_a_choice_at_an_end_extends_the_ladder_by_its_ratio_up_to_extend(tmp_path):

@@ -228,7 +228,7 @@ class PlannedStudy:
         runs due next (a ladder's extension is due only once its rungs have finished, so
         the count covers what is known now). A plan's runs take hours to days; this says
         what is left without running anything."""
-        rows = []
+        rows, to_go = [], 0
         seeds = len(set(self.plan.reporting_seeds))
         for arm in self.plan.arms:
             selected = len(self.selection_runs(arm)) if not self.plan.arms[arm].rung_from \
@@ -244,11 +244,14 @@ class PlannedStudy:
             else:
                 stage, grid = due
                 folder = self.stage_dir(arm, stage) / "runs"
-                left = f"{stage}: " + str(sum(not run_files.is_finished(folder / r.name)
-                                              for r in expand(grid)))
+                count = sum(not run_files.is_finished(folder / r.name) for r in expand(grid))
+                left = f"{stage}: {count}"
+                to_go += count if stage == "select" else 0
+            to_go += seeds - reported
             rows.append([arm, selected, f"{reported}/{seeds}", chosen, left])
-        return markdown_table(["arm", "selection runs done", "reporting runs done",
-                               "chosen", "runs due next"], rows)
+        table = markdown_table(["arm", "selection runs done", "reporting runs done",
+                                "chosen", "runs due next"], rows)
+        return table + "\n\n" + _time_to_go(to_go, self.all_runs())
 
     # --- decide ------------------------------------------------------------------------
 
@@ -378,6 +381,25 @@ def _all_one(found: set[str], kinds: str, unknown: str) -> str:
         return "yes."
     named = f"no, {len(found - {unknown})} {kinds}"
     return named + (" and runs that recorded none." if unknown in found else ".")
+
+
+def _time_to_go(runs_left: int, finished: Sequence[Path]) -> str:
+    """How much is left, in runs and, from the finished runs' own timings, in hours."""
+    if runs_left == 0:
+        return "Every run has finished."
+    said = (f"At least {runs_left} runs to go (a ladder may still gain a rung past an "
+            "end).")
+    minutes = []  # each run's rounds, end to end (a resumed run's pause not counted)
+    for run in finished:
+        if (Path(run) / run_files.TIMINGS).is_file():
+            minutes.append(sum(t["ended_at"] - t["started_at"] for t in
+                               run_files.timings(run) if "started_at" in t) / 60)
+    if not minutes:
+        return said
+    median = float(np.median(minutes))
+    return (f"{said} The {len(minutes)} finished runs took a median of {median:.1f} "
+            f"minutes each, as they ran: about {runs_left * median / 60:.1f} hours of "
+            "runs, shared among `--jobs`.")
 
 
 def _what_ran(study: PlannedStudy) -> list[str]:
