@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 import pytest
 
@@ -154,8 +156,40 @@ def test_best_lr_table_chooses_on_validation_loss_and_reports_intervals(tiny_con
 
     from sfedlora.cli import main
 
+    # the same sweep from the command line, chosen on validation accuracy: no run reruns,
+    # the tables are rewritten (the choice recomputed here from results.csv)
+    assert main(["sweep", str(base), "--grid", "lora.rank=2,4", "--grid",
+                 "local.lr=0.001,0.01,0.1", "--grid", "seed=0,1,2", "--out", str(out),
+                 "--tune-on", "accuracy"]) == 0
+    best = pd.read_csv(out / "best_lr.csv").set_index("lora.rank")
+    for rank in (2, 4):
+        curve = results[results["lora.rank"] == rank].groupby("local.lr")[
+            "personalized_val_accuracy"].mean()
+        assert best.loc[rank, "best_lr"] == curve[curve == curve.max()].index.min()
+    assert "by mean personalized_val_accuracy (the highest)" in (out / "best_lr.md").read_text()
+
     assert main(["plot", "--sweep", str(out), "--lr-transfer"]) == 0
     assert (out / "figures" / "lr_transfer.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_best_lr_chooses_the_lowest_loss_or_the_highest_accuracy_lowest_rate_on_ties():
+    from sfedlora.studies.sweep import best_learning_rates
+
+    rows = [(lr, seed, loss, acc) for lr, loss, acc in
+            [(1e-3, 0.50, 0.70), (1e-2, 0.40, 0.80), (1e-1, 0.90, 0.80)] for seed in (0, 1)]
+    results = pd.DataFrame(rows, columns=["local.lr", "seed", "personalized_val_loss",
+                                          "personalized_val_accuracy"])
+    keys, metrics = ["local.lr", "seed"], ["personalized_val_accuracy"]
+    by_loss, _ = best_learning_rates(results, keys, metrics)
+    by_accuracy, _ = best_learning_rates(results, keys, metrics, tune_on="accuracy")
+    assert by_loss["best_lr"].tolist() == [1e-2]
+    assert by_accuracy["best_lr"].tolist() == [1e-2]  # 1e-1 ties at 0.80: the lower rate
+    results.loc[results["local.lr"] == 1e-3, "personalized_val_accuracy"] = 0.85
+    by_accuracy, _ = best_learning_rates(results, keys, metrics, tune_on="accuracy")
+    assert by_accuracy["best_lr"].tolist() == [1e-3]
+    assert bool(by_accuracy["lr_at_ladder_end"].iloc[0])
+    with pytest.raises(ConfigError, match="tune_on='f1'"):
+        run_sweep(None, {"local.lr": [1e-3]}, Path("unused"), tune_on="f1")
 
 
 def test_best_lr_table_is_refused_without_a_validation_part(base_config, tmp_path, caplog):

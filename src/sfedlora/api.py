@@ -130,7 +130,8 @@ class SweepResult:
 def sweep(config: str | Path | Mapping | ExperimentConfig | None,
           grid: Mapping[str, Sequence], *overrides: str, out: str | Path = "runs/sweep",
           shard: tuple[int, int] = (0, 1),
-          on_start: Callable[[str], None] | None = None, batched: int = 1) -> SweepResult:
+          on_start: Callable[[str], None] | None = None, batched: int = 1,
+          tune_on: str = "loss") -> SweepResult:
     """Run the cross product of ``grid`` over ``config`` (``sfedlora sweep`` makes the
     same runs): ``{"local.lr": [1e-4, 1e-3], "seed": [0, 1]}`` gives four runs; a key
     ``"a+b"`` with tuple values varies two keys together. Each run is an ordinary run
@@ -138,14 +139,17 @@ def sweep(config: str | Path | Mapping | ExperimentConfig | None,
     interrupted ones, and ``shard=(k, m)`` lets m processes share one sweep.
     ``on_start`` is called with each run's name as it starts. ``batched=R`` runs R runs
     at a time in this process, their clients trained in shared passes (each run's
-    directory is what it would be alone, up to the passes' summation order)."""
+    directory is what it would be alone, up to the passes' summation order). A grid
+    with a ``local.lr`` ladder also gets best_lr tables, chosen on the mean validation
+    ``tune_on``: ``"loss"`` (lowest) or ``"accuracy"`` (highest)."""
     from sfedlora.studies.sweep import run_sweep
 
     grid = {key: [tuple(v) if isinstance(v, list) else v for v in values]
             for key, values in grid.items()}
     out = Path(out)
     done = run_sweep(None, dict(grid), out, overrides, shard=shard, on_start=on_start,
-                     load=lambda items: experiment_config(config, items), batched=batched)
+                     load=lambda items: experiment_config(config, items), batched=batched,
+                     tune_on=tune_on)
     return SweepResult(out, done)
 
 

@@ -95,6 +95,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     out = Path(args.out)
     done = api.sweep(config, parse_grid(args.grid), *overrides, out=out,
                      shard=parse_shard(args.shard), batched=args.batched,
+                     tune_on=args.tune_on,
                      on_start=lambda name: print(f"run {name}", file=sys.stderr, flush=True),
                      ).finished
     if done:
@@ -280,6 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run R runs at a time in this process, their clients trained "
                             "in shared passes through the one base model (1: one run "
                             "after another)")
+    sweep.add_argument("--tune-on", choices=["loss", "accuracy"], default="loss",
+                       help="what a learning-rate ladder's best_lr tables choose on: the "
+                            "lowest mean validation loss or the highest mean validation "
+                            "accuracy (better where each client keeps its own head)")
     sweep.set_defaults(func=cmd_sweep)
     study = sub.add_parser("study", help="run a study by its committed plan.yaml: choose "
                            "each arm's rung on the selection seeds, run the reporting seeds, "

@@ -115,7 +115,7 @@ def run_sweep(config: str | None, grid: dict[str, list], out: Path,
               overrides: Sequence[str] = (), on_start: Callable[[str], None] | None = None,
               shard: tuple[int, int] = (0, 1),
               load: Callable[[list[str]], object] | None = None,
-              batched: int = 1) -> bool:
+              batched: int = 1, tune_on: str = "loss") -> bool:
     """Run (or finish) this shard's runs of the grid; once every run of the grid is
     finished, write the tables and return True. Every config is validated, and every
     unfinished run's clients built, before the first run starts, so a bad value or a
@@ -123,7 +123,10 @@ def run_sweep(config: str | None, grid: dict[str, list], out: Path,
     from its overrides (default: ``config`` read as a YAML path; the Python API passes
     one that also takes a dict or a config object). ``batched``: how many runs share
     one process at a time, their clients trained in shared passes
-    (:mod:`sfedlora.runtime.batched.lockstep`; 1: one run after another)."""
+    (:mod:`sfedlora.runtime.batched.lockstep`; 1: one run after another). ``tune_on``:
+    what the best_lr tables choose on, ``"loss"`` or ``"accuracy"`` (:data:`TUNE_ON`)."""
+    if tune_on not in TUNE_ON:
+        raise ConfigError(f"tune_on={tune_on!r}: choose one of {sorted(TUNE_ON)}")
     load = load or (lambda items: load_config(config, items))
     runs = expand(grid)
     out = Path(out)
@@ -145,7 +148,7 @@ def run_sweep(config: str | None, grid: dict[str, list], out: Path,
         _run_one_by_one(todo, configs, on_start)
     if not all(run_files.is_finished(out / "runs" / run.name) for run in runs):
         return False  # other shards are still running; the last one writes the tables
-    write_tables(out, runs, grid_keys(grid))
+    write_tables(out, runs, grid_keys(grid), tune_on)
     return True
 
 
@@ -210,7 +213,8 @@ def same_experiment(run_dir: Path, cfg) -> None:
         )
 
 
-def write_tables(out: Path, runs: Sequence[SweepRun], keys: list[str]) -> None:
+def write_tables(out: Path, runs: Sequence[SweepRun], keys: list[str],
+                 tune_on: str = "loss") -> None:
     import pandas as pd
 
     rows = []
@@ -232,19 +236,30 @@ def write_tables(out: Path, runs: Sequence[SweepRun], keys: list[str]) -> None:
     table.to_csv(out / "table.csv", index=False)
     (out / "table.md").write_text(_markdown(results, group, metrics))
     if LR_KEY in keys:
-        write_best_lr_tables(out, results, keys, metrics)
+        write_best_lr_tables(out, results, keys, metrics, tune_on)
 
 
 LR_KEY = "local.lr"
 SELECT_ON = str(Metric.PERSONALIZED_VAL_LOSS)
+# what a best_lr table may choose on (``--tune-on``): the validation figure, and whether
+# higher is better. Loss by default; accuracy where each client keeps its own head,
+# whose overconfidence can make the loss favour a rate that learns little (regime.md)
+TUNE_ON = {"loss": (SELECT_ON, False),
+           "accuracy": (str(Metric.PERSONALIZED_VAL_ACCURACY), True)}
 
 
-def best_learning_rates(results, keys: list[str], metrics: list[str]):
+def best_learning_rates(results, keys: list[str], metrics: list[str],
+                        tune_on: str = "loss"):
     """Per cell (every grid key but the learning rate and the seed): the learning rate
-    whose mean validation loss over seeds is lowest, whether it sits at an end of the
-    ladder (then the ladder should be extended), and every metric at that learning rate
-    as mean and 95% interval over seeds. Chosen on the validation part only."""
+    whose mean validation loss over seeds is lowest (``tune_on="accuracy"``: whose mean
+    validation accuracy is highest; among exact ties the lowest rate), whether it sits
+    at an end of the ladder (then the ladder should be extended), and every metric at
+    that learning rate as mean and 95% interval over seeds. Chosen on the validation
+    part only."""
     import pandas as pd
+
+    select_on, higher_is_better = TUNE_ON[tune_on]
+    sign = -1.0 if higher_is_better else 1.0
 
     cell = [k for k in keys if k not in ("seed", LR_KEY)]
     ladder = sorted(results[LR_KEY].unique())
@@ -252,12 +267,12 @@ def best_learning_rates(results, keys: list[str], metrics: list[str]):
     groups = results.groupby(cell, sort=False) if cell else [((), results)]
     for key, frame in groups:
         key = key if isinstance(key, tuple) else (key,)
-        curve = frame.groupby(LR_KEY)[SELECT_ON].mean()
-        best = curve.idxmin()
+        curve = frame.groupby(LR_KEY)[select_on].mean()
+        best = min(curve.index, key=lambda lr: (sign * curve[lr], lr))
         chosen = frame[frame[LR_KEY] == best]
         row = dict(zip(cell, key, strict=True))
         row.update({"best_lr": best, "lr_at_ladder_end": best in (ladder[0], ladder[-1]),
-                    "lr_fit": fitted_best_lr(curve), "seeds": len(chosen)})
+                    "lr_fit": fitted_best_lr(sign * curve), "seeds": len(chosen)})
         for m in metrics:
             col = chosen[m].dropna()
             row[f"{m}_mean"] = col.mean() if len(col) else None
@@ -285,30 +300,34 @@ def fitted_best_lr(curve) -> float:
     return float(math.exp(-b / (2 * a))) if a > 0 else math.nan
 
 
-def write_best_lr_tables(out: Path, results, keys: list[str], metrics: list[str]) -> None:
-    """``best_lr.csv`` / ``best_lr.md`` for a grid with a learning-rate ladder; skipped,
-    with a warning, when the runs have no validation part to choose on."""
-    if SELECT_ON not in results or results[SELECT_ON].isna().all():
+def write_best_lr_tables(out: Path, results, keys: list[str], metrics: list[str],
+                         tune_on: str = "loss") -> None:
+    """``best_lr.csv`` / ``best_lr.md`` for a grid with a learning-rate ladder, chosen on
+    ``tune_on`` (:data:`TUNE_ON`); skipped, with a warning, when the runs have no
+    validation part to choose on."""
+    select_on, higher_is_better = TUNE_ON[tune_on]
+    if select_on not in results or results[select_on].isna().all():
         log.warning("%s: the sweep varies %s but its runs have no %s; set "
                     "data.validation_fraction to choose learning rates (never on the test "
-                    "part); best_lr tables not written", out, LR_KEY, SELECT_ON)
+                    "part); best_lr tables not written", out, LR_KEY, select_on)
         return
-    table, cell = best_learning_rates(results, keys, metrics)
+    table, cell = best_learning_rates(results, keys, metrics, tune_on)
     table.to_csv(out / "best_lr.csv", index=False)
-    shown = [m for m in metrics if m != SELECT_ON]
-    lines = ["| " + " | ".join([*cell, "best lr", SELECT_ON, *shown, "seeds"]) + " |",
+    shown = [m for m in metrics if m != select_on]
+    lines = ["| " + " | ".join([*cell, "best lr", select_on, *shown, "seeds"]) + " |",
              "|" + "---|" * (len(cell) + len(shown) + 3)]
     for _, row in table.iterrows():
         cells = [str(row[k]) for k in cell]
         cells.append(f"{row['best_lr']:g}" + (" (ladder end)" if row["lr_at_ladder_end"]
                                              else f" (fit {row['lr_fit']:.2g})"))
-        for m in [SELECT_ON, *shown]:
+        for m in [select_on, *shown]:
             mean, half = row[f"{m}_mean"], row[f"{m}_ci95"]
             cells.append(mean_pm(mean, half, ".4g", ".2g"))
         cells.append(str(row["seeds"]))
         lines.append("| " + " | ".join(cells) + " |")
     (out / "best_lr.md").write_text(
-        f"Best learning rate per cell by mean {SELECT_ON} over seeds; every metric at "
+        f"Best learning rate per cell by mean {select_on}"
+        f"{' (the highest)' if higher_is_better else ''} over seeds; every metric at "
         "that learning rate as mean ± 95% t-interval over seeds.\n\n"
         + "\n".join(lines) + "\n")
 
