@@ -29,20 +29,19 @@ from pathlib import Path
 import sfedlora
 from sfedlora.config import load_config
 from sfedlora.studies.stats import mean_ci
+from sfedlora.studies.sweep import TUNE_ON, best_learning_rates
 
-# what chooses (True: higher is better), by task; the test figure that is reported
-VALIDATION = {"classification": ("personalized_val_accuracy", True),
-              "causal-lm": ("personalized_val_loss", False)}
+# what chooses (a best_lr table's tune_on), by task; the test figure that is reported
+CHOOSE_ON = {"classification": "accuracy", "causal-lm": "loss"}
 TEST = {"classification": "personalized_accuracy", "causal-lm": "personalized_perplexity"}
 
 
-def choose(results, metric: str, higher_is_better: bool) -> tuple[float, bool]:
-    """The rate with the best mean ``metric`` over the selection seeds (the lowest
-    rate among exact ties), and whether it sits at an end of the ladder."""
-    by_rate = results.groupby("local.lr")[metric].mean()
-    sign = -1.0 if higher_is_better else 1.0
-    best = min(by_rate.index, key=lambda lr: (sign * by_rate[lr], lr))
-    return float(best), best in (by_rate.index.min(), by_rate.index.max())
+def choose(results, tune_on: str) -> tuple[float, bool]:
+    """The rate with the best mean validation figure over the selection seeds (the
+    lowest rate among exact ties), and whether it sits at an end of the ladder: the
+    choice ``sfedlora sweep --tune-on`` writes to its best_lr table."""
+    table, _ = best_learning_rates(results, ["local.lr", "seed"], [], tune_on)
+    return float(table["best_lr"].iloc[0]), bool(table["lr_at_ladder_end"].iloc[0])
 
 
 def main(argv: list[str] | None = None):
@@ -61,11 +60,11 @@ def main(argv: list[str] | None = None):
                      "give --select-seeds and --report-seeds disjoint seeds")
     overrides = ["data.validation_fraction=0.2", *args.overrides]
     task = load_config(args.config, overrides).task
-    metric, higher_is_better = VALIDATION[task]
+    metric, _ = TUNE_ON[CHOOSE_ON[task]]
 
     selection = sfedlora.sweep(args.config, {"local.lr": args.rates, "seed": args.select_seeds},
                                *overrides, out=args.out / "select")
-    best, at_end = choose(selection.results, metric, higher_is_better)
+    best, at_end = choose(selection.results, CHOOSE_ON[task])
     reporting = sfedlora.sweep(args.config, {"local.lr": [best], "seed": args.report_seeds},
                                *overrides, out=args.out / "report")
     mean, half = mean_ci(reporting.results[TEST[task]].tolist())
